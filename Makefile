@@ -1,0 +1,42 @@
+# flux-migrate: everything sets itself up in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+SIZE ?= 100000
+REPEAT ?= 3
+KEEP ?=
+
+.PHONY: help install demo test bench lint clean
+
+help:
+	@echo "make demo   - migrate a generated sample database into a real PostgreSQL"
+	@echo "make test   - run the test suite against a real PostgreSQL (throwaway unless TEST_POSTGRES_DSN)"
+	@echo "make bench  - benchmark against the ceiling and the alternatives (SIZE=sessions, REPEAT=n)"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flux-migrate needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flux-migrate demo $(if $(KEEP),--keep-server,)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench --sessions $(SIZE) --repeat $(REPEAT)
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/ruff check pipeline stages memory tests bench
+	$(BIN)/mypy pipeline stages memory
+
+clean:
+	rm -rf $(VENV) .demo .bench .pytest_cache .hypothesis

@@ -1,0 +1,115 @@
+"""The checkpoint store: per target table, how far the source has been loaded.
+
+Checkpoints live in ``flux_migrate.checkpoints`` in the target database and are updated in the
+same transaction as the rows they account for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from pipeline.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA
+
+CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
+
+LOCK_SQL = (
+    f"SELECT last_rowid FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2"
+    " FOR UPDATE"
+)
+ADVANCE_SQL = (
+    f"UPDATE {CHECKPOINTS} SET last_rowid = $3, extracted = extracted + $4, loaded = loaded + $5,"
+    " quarantined = quarantined + $6, skipped = skipped + $7, status = 'loading', run_id = $8,"
+    " updated_at = now() WHERE target_schema = $1 AND source_table = $2"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    target_schema: str
+    source_table: str
+    target_table: str
+    last_rowid: int
+    extracted: int
+    loaded: int
+    quarantined: int
+    skipped: int
+    status: str
+    created_table: bool
+    constraints_pending: bool
+    fingerprint: str
+    run_id: str | None
+    updated_at: datetime
+
+
+async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
+    """Create the flux_migrate schema and its tables when absent."""
+    async with conn.transaction():
+        # Serialize concurrent first runs creating the same objects.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux_migrate.ddl'))")
+        await conn.execute(BOOKKEEPING_DDL)
+
+
+async def bookkeeping_exists(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", CHECKPOINTS))
+
+
+async def read_checkpoints(conn: asyncpg.Connection, target_schema: str) -> dict[str, Checkpoint]:
+    """The checkpoints of one target schema by source table (empty when none exist yet)."""
+    if not await bookkeeping_exists(conn):
+        return {}
+    rows = await conn.fetch(
+        f"SELECT target_schema, source_table, target_table, last_rowid, extracted, loaded,"
+        f" quarantined, skipped, status, created_table, constraints_pending, fingerprint,"
+        f" run_id, updated_at FROM {CHECKPOINTS} WHERE target_schema = $1",
+        target_schema,
+    )
+    return {r["source_table"]: Checkpoint(**dict(r)) for r in rows}
+
+
+async def create_checkpoint(
+    conn: asyncpg.Connection,
+    *,
+    target_schema: str,
+    source_table: str,
+    target_table: str,
+    created_table: bool,
+    constraints_pending: bool,
+    fingerprint: str,
+    run_id: str,
+) -> None:
+    await conn.execute(
+        f"INSERT INTO {CHECKPOINTS} (target_schema, source_table, target_table, created_table,"
+        " constraints_pending, fingerprint, run_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT (target_schema, source_table) DO NOTHING",
+        target_schema,
+        source_table,
+        target_table,
+        created_table,
+        constraints_pending,
+        fingerprint,
+        run_id,
+    )
+
+
+async def set_status(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, status: str, run_id: str
+) -> None:
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET status = $3, run_id = $4, updated_at = now()"
+        " WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+        status,
+        run_id,
+    )
+
+
+async def clear_constraints_pending(conn: asyncpg.Connection, target_schema: str) -> None:
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET constraints_pending = false, updated_at = now()"
+        " WHERE target_schema = $1",
+        target_schema,
+    )

@@ -1,0 +1,208 @@
+"""The command line: parse arguments into settings, call the library, print, exit with a code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from pipeline import errors
+from pipeline.errors import MigrateError, redact
+from pipeline.logs import configure
+from pipeline.progress import BarProgress, NoProgress, Progress
+from pipeline.runner import RunReport
+from pipeline.settings import ON_CONFLICT, Settings, load_settings
+
+T = TypeVar("T")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
+    p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
+    p.add_argument("--postgres-dsn", help="target PostgreSQL DSN (or env POSTGRES_DSN)")
+    p.add_argument("--log-format", choices=("console", "json"), help="default: console on a terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flux-migrate",
+        description="Move the chat app's memory from SQLite to PostgreSQL, exactly once, resumably.",
+        epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
+        " 3 done but some rows were quarantined, 130/143 interrupted.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="migrate (or resume migrating) SQLite into PostgreSQL")
+    _common(run)
+    run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
+    run.add_argument("--report-json", type=Path, help="write the run's report to this file")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--on-conflict", choices=ON_CONFLICT, help="rows already in a table not written by us")
+
+    status = sub.add_parser("status", help="show each table's checkpoint")
+    _common(status)
+
+    verify = sub.add_parser("verify", help="compare source and target row counts")
+    _common(verify)
+
+    demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
+    demo.add_argument("--sessions", type=int, default=20_000)
+    demo.add_argument("--keep-server", action="store_true", help="leave the embedded server running")
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--log-format", choices=("console", "json"))
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(
+        args.config,
+        sqlite_path=args.sqlite_path,
+        postgres_dsn=args.postgres_dsn,
+        **extra,
+    )
+
+
+def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return anyio.run(fn, *args, backend="asyncio")
+
+
+def print_summary(report: RunReport, out: Any = sys.stdout) -> None:
+    rows = [("table", "read", "loaded", "not loaded", "seconds", "rows/s")]
+    for name, t in report.tables.items():
+        rows.append(
+            (
+                name,
+                f"{t.extracted:,}",
+                f"{t.loaded:,}",
+                f"{t.quarantined + t.skipped:,}",
+                f"{t.seconds:.1f}",
+                f"{t.rows_per_second:,.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        out.write("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) + "\n")
+        if i == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+    if report.constraints_seconds:
+        out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")
+
+
+def _write_report(path: Path | None, report: RunReport) -> None:
+    if path is None:
+        return
+    path.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import migrate
+
+    settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    fmt = configure(args.log_format)
+    progress: Progress = NoProgress()
+    if fmt == "console" and not args.no_progress and sys.stderr.isatty():
+        progress = BarProgress()
+    report_holder: list[RunReport] = []
+
+    async def main() -> RunReport:
+        report = await migrate(settings, progress=progress, run_id=None)
+        report_holder.append(report)
+        return report
+
+    try:
+        report = run_async(main)
+    except MigrateError:
+        _write_report(args.report_json, RunReport(run_id="", status="failed"))
+        raise
+    print_summary(report)
+    _write_report(args.report_json, report)
+    if all(t.up_to_date for t in report.tables.values()):
+        print("The target is up to date: no new rows in the source since the last run.")
+    if report.quarantined:
+        print(
+            f"{report.quarantined:,} row(s) were quarantined, not loaded; list them with"
+            " `flux-migrate quarantine`."
+        )
+        return errors.EXIT_QUARANTINED
+    return errors.EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.inspect import status
+
+    settings = _settings(args)
+    configure(args.log_format or "console")
+    rows = run_async(status, settings)
+    if not rows:
+        print(f"No checkpoints in schema {settings.target.schema}: nothing has been migrated yet.")
+        return errors.EXIT_OK
+    header = ("table", "target", "status", "last rowid", "loaded", "quarantined", "skipped", "updated")
+    table = [header] + [
+        (
+            c.source_table,
+            f"{c.target_schema}.{c.target_table}",
+            c.status + (" (keys pending)" if c.constraints_pending else ""),
+            str(c.last_rowid),
+            f"{c.loaded:,}",
+            f"{c.quarantined:,}",
+            f"{c.skipped:,}",
+            c.updated_at.isoformat(timespec="seconds"),
+        )
+        for c in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return errors.EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.inspect import verify_counts
+
+    settings = _settings(args)
+    configure(args.log_format or "console")
+    result = run_async(verify_counts, settings)
+    print(f"{'table':<10}{'source':>12}{'target':>12}{'quarantined':>13}{'skipped':>9}  result")
+    for r in result:
+        print(
+            f"{r.table:<10}{r.source:>12,}{r.target:>12,}{r.quarantined:>13,}{r.skipped:>9,}  "
+            + ("ok" if r.ok else f"MISMATCH ({r.missing:+,} rows unaccounted)")
+        )
+    return errors.EXIT_OK if all(r.ok for r in result) else errors.EXIT_FAILURE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import demo
+
+    configure(args.log_format)
+    return demo(workdir=args.workdir, sessions=args.sessions, keep_server=args.keep_server)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "verify": cmd_verify,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MigrateError as exc:
+        print(f"flux-migrate: error: {redact(exc.message)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("flux-migrate: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return errors.EXIT_SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

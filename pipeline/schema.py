@@ -1,0 +1,262 @@
+"""The one definition of the source and target schemas.
+
+Everything that needs a column list, a type or a DDL statement imports it from here: the
+pipeline stages, the checkpoint store, verify, and the PostgreSQL memory backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+BOOKKEEPING_SCHEMA = "flux_migrate"
+KEY_MAX_LENGTH = 36
+
+
+class Kind(Enum):
+    """How a source column is converted on its way to PostgreSQL."""
+
+    KEY = "key"  # uuid text, NOT NULL, non-empty, at most KEY_MAX_LENGTH characters
+    TEXT = "text"  # text, NOT NULL
+    NULLABLE_TEXT = "nullable_text"  # text, NULL stays NULL
+    TIMESTAMP = "timestamp"  # ISO-8601 text -> timestamptz
+    JSON = "json"  # JSON object text -> jsonb, NULL or empty -> {}
+
+
+PG_TYPES = {
+    Kind.KEY: f"varchar({KEY_MAX_LENGTH})",
+    Kind.TEXT: "text",
+    Kind.NULLABLE_TEXT: "text",
+    Kind.TIMESTAMP: "timestamptz",
+    Kind.JSON: "jsonb",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Kind
+
+    @property
+    def pg_type(self) -> str:
+        return PG_TYPES[self.kind]
+
+    @property
+    def nullable(self) -> bool:
+        return self.kind is Kind.NULLABLE_TEXT
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of the app: the same column names in SQLite and PostgreSQL."""
+
+    name: str
+    columns: tuple[Column, ...]
+    parent: str | None = None  # table referenced by the foreign key column
+    parent_column: str | None = None  # the foreign key column in this table
+    index_columns: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+SESSIONS = Table(
+    name="sessions",
+    columns=(
+        Column("id", Kind.KEY),
+        Column("title", Kind.NULLABLE_TEXT),
+        Column("created_at", Kind.TIMESTAMP),
+        Column("updated_at", Kind.TIMESTAMP),
+        Column("metadata", Kind.JSON),
+    ),
+)
+
+MESSAGES = Table(
+    name="messages",
+    columns=(
+        Column("id", Kind.KEY),
+        Column("session_id", Kind.KEY),
+        Column("role", Kind.TEXT),
+        Column("content", Kind.TEXT),
+        Column("metadata", Kind.JSON),
+        Column("created_at", Kind.TIMESTAMP),
+    ),
+    parent="sessions",
+    parent_column="session_id",
+    index_columns=("session_id", "created_at"),
+)
+
+# Load order: parents before children.
+TABLES: tuple[Table, ...] = (SESSIONS, MESSAGES)
+TABLES_BY_NAME = {t.name: t for t in TABLES}
+
+# The app's SQLite schema, exactly (used by the memory backend and the sample generator).
+SQLITE_DDL = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    title TEXT DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    metadata TEXT DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    metadata TEXT DEFAULT '{}',
+    created_at TEXT NOT NULL,
+    FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_messages_session ON messages(session_id, created_at);
+"""
+
+
+def quote_ident(name: str) -> str:
+    """Quote an SQL identifier so any string is taken literally, never as SQL."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+@dataclass(frozen=True)
+class TargetNames:
+    """Where the app's tables live in PostgreSQL: a schema and a name per table."""
+
+    schema: str = "public"
+    sessions: str = "sessions"
+    messages: str = "messages"
+
+    def table(self, source_table: str) -> str:
+        return str(getattr(self, source_table))
+
+    def qualified(self, source_table: str) -> str:
+        return qualified(self.schema, self.table(source_table))
+
+
+def create_table_sql(table: Table, names: TargetNames) -> str:
+    """CREATE TABLE IF NOT EXISTS without keys or indexes (built after a bulk load)."""
+    cols = []
+    for c in table.columns:
+        null = "" if c.nullable else " NOT NULL"
+        default = " DEFAULT '{}'" if c.kind is Kind.JSON else ""
+        cols.append(f"{quote_ident(c.name)} {c.pg_type}{null}{default}")
+    return f"CREATE TABLE IF NOT EXISTS {names.qualified(table.name)} ({', '.join(cols)})"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A key or index of the target, created by name so that building it can resume."""
+
+    name: str
+    table: str  # source table name
+    sql: str
+    is_index: bool
+
+
+def constraints(names: TargetNames) -> tuple[Constraint, ...]:
+    """Primary keys, then the foreign key, then the index, in the order they must be built."""
+    out: list[Constraint] = []
+    for table in TABLES:
+        target = names.table(table.name)
+        pk = f"{target}_pkey"
+        out.append(
+            Constraint(
+                pk,
+                table.name,
+                f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(pk)}"
+                " PRIMARY KEY (id)",
+                False,
+            )
+        )
+    for table in TABLES:
+        if table.parent is None or table.parent_column is None:
+            continue
+        target = names.table(table.name)
+        fk = f"{target}_{table.parent_column}_fkey"
+        out.append(
+            Constraint(
+                fk,
+                table.name,
+                f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(fk)}"
+                f" FOREIGN KEY ({quote_ident(table.parent_column)})"
+                f" REFERENCES {names.qualified(table.parent)} (id) ON DELETE CASCADE",
+                False,
+            )
+        )
+    for table in TABLES:
+        if not table.index_columns:
+            continue
+        target = names.table(table.name)
+        idx = f"idx_{target}_session"
+        cols = ", ".join(quote_ident(c) for c in table.index_columns)
+        out.append(
+            Constraint(
+                idx,
+                table.name,
+                f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
+                f" ON {names.qualified(table.name)} ({cols})",
+                True,
+            )
+        )
+    return tuple(out)
+
+
+def target_ddl(names: TargetNames) -> list[str]:
+    """Every statement that creates the complete target schema with its keys and index."""
+    stmts = [f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}"]
+    stmts += [create_table_sql(t, names) for t in TABLES]
+    stmts += [c.sql for c in constraints(names)]
+    return stmts
+
+
+BOOKKEEPING_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {BOOKKEEPING_SCHEMA};
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.checkpoints (
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    target_table text NOT NULL,
+    last_rowid bigint NOT NULL DEFAULT 0,
+    extracted bigint NOT NULL DEFAULT 0,
+    loaded bigint NOT NULL DEFAULT 0,
+    quarantined bigint NOT NULL DEFAULT 0,
+    skipped bigint NOT NULL DEFAULT 0,
+    status text NOT NULL DEFAULT 'pending',
+    created_table boolean NOT NULL DEFAULT false,
+    constraints_pending boolean NOT NULL DEFAULT false,
+    fingerprint text NOT NULL DEFAULT '',
+    run_id text,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_schema, source_table)
+);
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.quarantine (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    source_key text,
+    source_rowid bigint NOT NULL,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    stage text NOT NULL,
+    raw jsonb NOT NULL,
+    quarantined_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS quarantine_table_rowid
+    ON {BOOKKEEPING_SCHEMA}.quarantine (target_schema, source_table, source_rowid);
+"""
+
+QUARANTINE_COLUMNS = (
+    "run_id",
+    "target_schema",
+    "source_table",
+    "source_key",
+    "source_rowid",
+    "reason",
+    "detail",
+    "stage",
+    "raw",
+)

@@ -1,0 +1,139 @@
+"""Settings: one frozen object built from the config file, the environment and the CLI."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from datetime import UTC, tzinfo
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pipeline.errors import ConfigError
+from pipeline.schema import TargetNames
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+# 10k rows per batch: measured best in ../shared/DRIVER-FACTS.md and in our bench; see README.
+DEFAULT_BATCH_SIZE = 10_000
+ON_CONFLICT = ("error", "skip", "update")
+
+
+@dataclass(frozen=True)
+class Settings:
+    sqlite_path: Path | None = None
+    postgres_dsn: str | None = None
+    target: TargetNames = field(default_factory=TargetNames)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    buffer_batches: int = 2
+    naive_timezone: str = "UTC"
+    strip_nul: bool = False
+    on_conflict: str = "error"
+    retry_seconds: float = 60.0
+    defer_constraints: bool = True
+
+    @property
+    def naive_tz(self) -> tzinfo:
+        if self.naive_timezone.upper() == "UTC":
+            return UTC
+        return ZoneInfo(self.naive_timezone)
+
+    def require_source(self) -> Path:
+        if self.sqlite_path is None:
+            raise ConfigError("No SQLite file given; pass --sqlite-path PATH.")
+        return self.sqlite_path
+
+    def require_dsn(self) -> str:
+        if not self.postgres_dsn:
+            raise ConfigError(
+                "No PostgreSQL given; pass --postgres-dsn or set POSTGRES_DSN"
+                " (e.g. postgresql://user@host:5432/dbname, password via PGPASSWORD or ~/.pgpass)."
+            )
+        return self.postgres_dsn
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def dsn_location(dsn: str) -> str:
+    """host:port/database of a DSN, without user or password, for messages and logs."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        if parts.query and "host=" in parts.query:
+            host = next(q[5:] for q in parts.query.split("&") if q.startswith("host="))
+        port = f":{parts.port}" if parts.port else ""
+        db = parts.path.lstrip("/") or "(default database)"
+        return f"{host}{port}/{db}"
+    except ValueError:
+        return "(unparseable DSN)"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: defaults < config file < environment < explicit overrides (CLI)."""
+    path = config or DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if config is not None or path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"The config file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
+    values: dict[str, Any] = {}
+    target = data.get("target", {})
+    tables = data.get("tables", {})
+    try:
+        values["target"] = TargetNames(
+            schema=str(target.get("schema", "public")),
+            sessions=str(tables.get("sessions", {}).get("target", "sessions")),
+            messages=str(tables.get("messages", {}).get("target", "messages")),
+        )
+        transform = data.get("transform", {})
+        if "naive_timezone" in transform:
+            values["naive_timezone"] = str(transform["naive_timezone"])
+        if "strip_nul" in transform:
+            values["strip_nul"] = bool(transform["strip_nul"])
+        load = data.get("load", {})
+        for key in ("batch_size", "buffer_batches"):
+            if key in load:
+                values[key] = int(load[key])
+        if "retry_seconds" in load:
+            values["retry_seconds"] = float(load["retry_seconds"])
+        if "defer_constraints" in load:
+            values["defer_constraints"] = bool(load["defer_constraints"])
+        if "on_conflict" in load:
+            values["on_conflict"] = str(load["on_conflict"])
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"The config file {path} has a value of the wrong type: {exc}.") from None
+    env_dsn = os.environ.get("POSTGRES_DSN")
+    if env_dsn:
+        values["postgres_dsn"] = env_dsn
+    env_sqlite = os.environ.get("SQLITE_PATH")
+    if env_sqlite:
+        values["sqlite_path"] = Path(env_sqlite)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {settings.batch_size}.")
+    if not 1 <= settings.buffer_batches <= 16:
+        raise ConfigError("buffer_batches must be between 1 and 16.")
+    if settings.on_conflict not in ON_CONFLICT:
+        raise ConfigError(f"--on-conflict must be one of {', '.join(ON_CONFLICT)}.")
+    for name in (settings.target.schema, settings.target.sessions, settings.target.messages):
+        if not name or len(name.encode()) > 63:
+            raise ConfigError(f"The target name {name!r} must be 1 to 63 bytes long.")
+    if settings.target.sessions == settings.target.messages:
+        raise ConfigError("The sessions and messages target tables must have different names.")
+    try:
+        settings.naive_tz  # noqa: B018 - validates the zone name
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"The time zone {settings.naive_timezone!r} is unknown; use an IANA name like Europe/Berlin."
+        ) from None

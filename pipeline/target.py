@@ -1,0 +1,91 @@
+"""The PostgreSQL side: connecting, reconnecting, and retrying transient failures."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import asyncpg
+import structlog
+
+from pipeline.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error, redact
+from pipeline.settings import dsn_location
+
+T = TypeVar("T")
+log = structlog.get_logger("flux_migrate")
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+    """Open one connection; raises MigrateError with a sentence on failure (no password shown)."""
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout)
+    except Exception as exc:  # translated into one sentence for the user
+        raise describe_connect_error(exc, dsn_location(dsn)) from None
+
+
+class Target:
+    """One connection to the target that can be re-opened after a transient failure."""
+
+    def __init__(self, dsn: str, *, retry_seconds: float = 60.0) -> None:
+        self.dsn = dsn
+        self.retry_seconds = retry_seconds
+        self._conn: asyncpg.Connection | None = None
+        self.location = dsn_location(dsn)
+
+    async def conn(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=10.0)
+        return self._conn
+
+    async def drop(self) -> None:
+        """Forget the current connection (after a failure), closing it without waiting long."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with anyio.move_on_after(5, shield=True):
+                await conn.close()
+            if not conn.is_closed():
+                conn.terminate()
+
+    async def retrying(
+        self,
+        operation: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        what: str,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> T:
+        """Run ``operation`` on a live connection, retrying transient failures with backoff.
+
+        Waits at most ``retry_seconds`` in total, then raises RuntimeFailure. Fatal and data
+        errors propagate at once. Cancellation propagates at once (the failed transaction is
+        rolled back by the server when the connection goes).
+        """
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
+        while True:
+            try:
+                conn = await self.conn()
+                return await operation(conn)
+            except Exception as exc:
+                kind = classify(exc)
+                if kind is not ErrorClass.TRANSIENT:
+                    raise
+                await self.drop()
+                attempt += 1
+                delay = min(0.25 * 2 ** (attempt - 1), 8.0) * (0.75 + random.random() / 2)
+                if time.monotonic() + delay > deadline:
+                    raise RuntimeFailure(
+                        f"PostgreSQL at {self.location} stayed unreachable for"
+                        f" {self.retry_seconds:.0f} s while {what} ({type(exc).__name__}:"
+                        f" {redact(str(exc)) or 'no message'}); rerun the same command to resume."
+                    ) from None
+                if on_retry is not None:
+                    on_retry(attempt, exc, delay)
+                await anyio.sleep(delay)

@@ -1,0 +1,1 @@
+"""The pipeline's stages: extract (SQLite) -> transform (pure converters) -> load (PostgreSQL)."""

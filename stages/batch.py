@@ -1,0 +1,42 @@
+"""The unit that flows between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stages.convert import Raw
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A source row that will not be loaded: where it came from, its raw values, and why."""
+
+    rowid: int
+    key: str | None
+    raw: tuple[Raw, ...]
+    reason: str
+    detail: str
+    stage: str  # "transform" or "load"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One keyset page of a table.
+
+    ``raw`` holds the source rows as read (rowid first, then the table's columns, then for
+    messages a flag saying the session is absent from the source). After transform, ``rows``
+    holds COPY-ready tuples in target column order, ``raw`` the source rows they came from
+    (same positions, kept so a row the server refuses is quarantined with its raw values), and
+    ``rejects`` the rows that were not converted. ``after_rowid`` is the checkpoint the batch
+    starts from and ``last_rowid`` the one it moves the table to once committed.
+    """
+
+    table: str
+    seq: int
+    after_rowid: int
+    last_rowid: int
+    extracted: int
+    raw: list[tuple[Any, ...]] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)

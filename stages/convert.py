@@ -1,0 +1,274 @@
+"""Pure converters from the app's SQLite values to PostgreSQL-ready Python values.
+
+No I/O here. Every converter either returns a value or raises :class:`Rejected` with a stable
+reason code (see :data:`REASONS`) and a one-sentence detail; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+import orjson
+
+from pipeline.schema import KEY_MAX_LENGTH, Column, Kind, Table
+
+# Stable reason codes, documented in the README. Never rename one; add new ones at the end.
+REASONS: dict[str, str] = {
+    "invalid_utf8": "a text value is not valid UTF-8",
+    "nul_character": "a text value contains a NUL character, which PostgreSQL refuses",
+    "null_value": "a required value is NULL",
+    "missing_key": "the primary key is NULL or empty",
+    "key_too_long": f"a key is longer than {KEY_MAX_LENGTH} characters",
+    "invalid_timestamp": "a timestamp is empty or not ISO-8601 text, or names an impossible date",
+    "timestamp_out_of_range": "a timestamp cannot be represented once converted to UTC",
+    "invalid_json": "metadata is not valid JSON (NaN and Infinity included)",
+    "json_not_object": "metadata is valid JSON but not an object",
+    "json_nul_character": "metadata contains \\u0000, which PostgreSQL jsonb refuses",
+    "json_too_deep": "metadata is nested too deeply to parse",
+    "orphan_message": "the message's session does not exist in the source or was quarantined",
+    "rejected_by_server": "PostgreSQL refused the row when loading it",
+}
+
+
+class Rejected(Exception):
+    """A value that cannot be loaded: a reason code from REASONS and a one-sentence detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+Raw = bytes | str | int | float | None
+
+
+def decode_text(raw: Raw, column: str, *, strip_nul: bool = False) -> str | None:
+    """Decode a raw SQLite text value to str (None stays None); refuse bad UTF-8 and NUL."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected(
+                "invalid_utf8", f"column {column} is not valid UTF-8 at byte {exc.start}"
+            ) from None
+    elif isinstance(raw, str):
+        text = raw
+        if _has_surrogate(text):
+            raise Rejected("invalid_utf8", f"column {column} holds a lone surrogate")
+    else:
+        text = str(raw)
+    if "\x00" in text:
+        if not strip_nul:
+            raise Rejected("nul_character", f"column {column} contains a NUL character")
+        text = text.replace("\x00", "")
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+def convert_key(raw: Raw, column: str, *, strip_nul: bool = False) -> str:
+    text = decode_text(raw, column, strip_nul=strip_nul)
+    if text is None or text == "":
+        if column == "id":
+            raise Rejected("missing_key", f"column {column} is NULL or empty")
+        raise Rejected("null_value", f"column {column} is NULL or empty")
+    if len(text) > KEY_MAX_LENGTH:
+        raise Rejected(
+            "key_too_long",
+            f"column {column} has {len(text)} characters, more than {KEY_MAX_LENGTH}",
+        )
+    return text
+
+
+def convert_required_text(raw: Raw, column: str, *, strip_nul: bool = False) -> str:
+    text = decode_text(raw, column, strip_nul=strip_nul)
+    if text is None:
+        raise Rejected("null_value", f"column {column} is NULL")
+    return text
+
+
+def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = UTC) -> datetime:
+    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in ``naive_tz``."""
+    text = decode_text(raw, column)
+    if text is None or text.strip() == "":
+        raise Rejected("invalid_timestamp", f"column {column} is NULL or empty")
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise Rejected(
+            "invalid_timestamp", f"column {column} is not an ISO-8601 timestamp"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=naive_tz)
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise Rejected(
+            "timestamp_out_of_range", f"column {column} falls outside years 1-9999 in UTC"
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _loads_strict(text: str, column: str) -> Any:
+    """Parse JSON, refusing NaN and Infinity; orjson first, the stdlib where orjson is narrower."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses some valid JSON that PostgreSQL takes (numbers beyond a double, deep nesting).
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise Rejected("json_too_deep", f"column {column} is nested too deeply to parse") from None
+    except ValueError:
+        raise Rejected("invalid_json", f"column {column} is not valid JSON") from None
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    return False
+
+
+def _strip_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {k.replace("\x00", ""): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any], str | None]:
+    """Parse JSON object text; return the dict and the text to load (None: re-serialize)."""
+    if raw is None or raw == b"" or raw == "":
+        return {}, "{}"
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected(
+                "invalid_utf8", f"column {column} is not valid UTF-8 at byte {exc.start}"
+            ) from None
+    elif isinstance(raw, str):
+        text = raw
+    else:
+        raise Rejected("json_not_object", f"column {column} is a number, not a JSON object")
+    value = _loads_strict(text, column)
+    if not isinstance(value, dict):
+        raise Rejected("json_not_object", f"column {column} is JSON but not an object")
+    if "\\u0000" in text and _contains_nul(value):
+        if not strip_nul:
+            raise Rejected("json_nul_character", f"column {column} contains \\u0000")
+        return _strip_nul(value), None
+    return value, text
+
+
+def parse_json_object(raw: Raw, column: str = "metadata", *, strip_nul: bool = False) -> dict[str, Any]:
+    """Parse metadata text into a dict: NULL or empty is {}; anything but an object is rejected."""
+    return _parse_object(raw, column, strip_nul)[0]
+
+
+def json_object_text(raw: Raw, column: str = "metadata", *, strip_nul: bool = False) -> str:
+    """Validate metadata like :func:`parse_json_object` and return JSON text for jsonb.
+
+    The validated source text is passed on unchanged (PostgreSQL normalizes jsonb itself), so
+    numbers beyond a double keep every digit and no time is spent re-serializing.
+    """
+    value, text = _parse_object(raw, column, strip_nul)
+    if text is None:
+        return orjson.dumps(value).decode("utf-8")
+    return text
+
+
+Converter = Callable[[Raw], Any]
+
+
+def column_converter(column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False) -> Converter:
+    """The converter for one column of the target schema."""
+    name = column.name
+    kind = column.kind
+    if kind is Kind.KEY:
+        return lambda raw: convert_key(raw, name, strip_nul=strip_nul)
+    if kind is Kind.TEXT:
+        return lambda raw: convert_required_text(raw, name, strip_nul=strip_nul)
+    if kind is Kind.NULLABLE_TEXT:
+        return lambda raw: decode_text(raw, name, strip_nul=strip_nul)
+    if kind is Kind.TIMESTAMP:
+        return lambda raw: parse_timestamp(raw, name, naive_tz=naive_tz)
+    if kind is Kind.JSON:
+        return lambda raw: json_object_text(raw, name, strip_nul=strip_nul)
+    raise AssertionError(kind)
+
+
+def row_converter(
+    table: Table, *, naive_tz: tzinfo = UTC, strip_nul: bool = False
+) -> Callable[[tuple[Raw, ...]], tuple[Any, ...]]:
+    """A function turning one raw source row (target column order) into a COPY-ready tuple."""
+    converters = tuple(column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul) for c in table.columns)
+
+    def convert(raw_row: tuple[Raw, ...]) -> tuple[Any, ...]:
+        return tuple([conv(v) for conv, v in zip(converters, raw_row, strict=True)])
+
+    return convert
+
+
+def raw_to_json(raw_row: tuple[Raw, ...], columns: tuple[str, ...]) -> dict[str, Any]:
+    """Encode raw source values losslessly for the quarantine's jsonb column.
+
+    Valid UTF-8 text without NUL is a JSON string; anything else is {"base64": ...} of its exact
+    bytes; integers are numbers, floats {"float": repr}; NULL is null.
+    """
+    out: dict[str, Any] = {}
+    for name, value in zip(columns, raw_row, strict=True):
+        out[name] = raw_value_to_json(value)
+    return out
+
+
+def raw_value_to_json(value: Raw) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return {"float": repr(value)}
+    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+    if "\x00" in text:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+    return text
+
+
+def raw_value_from_json(value: Any) -> Raw:
+    """Inverse of :func:`raw_value_to_json` (text comes back as bytes, as extract reads it)."""
+    if value is None or isinstance(value, int):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if "float" in value:
+        return float(value["float"])
+    return base64.b64decode(value["base64"])

@@ -1,0 +1,88 @@
+"""Transform: convert raw source rows into COPY-ready tuples, setting aside what cannot load."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from datetime import UTC, tzinfo
+
+from pipeline.schema import Table
+from stages.batch import Batch, Reject
+from stages.convert import Raw, Rejected, decode_text, row_converter
+
+
+def key_of(raw_id: Raw) -> str | None:
+    """The primary key as text for bookkeeping, whatever its bytes (None when NULL)."""
+    if raw_id is None:
+        return None
+    if isinstance(raw_id, bytes):
+        return raw_id.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    return str(raw_id).replace("\x00", "\\x00")
+
+
+def transform_batch(
+    batch: Batch,
+    table: Table,
+    *,
+    naive_tz: tzinfo = UTC,
+    strip_nul: bool = False,
+    missing_parents: Collection[str] = (),
+) -> Batch:
+    """Convert one extracted batch; rows that fail a converter become rejects with a reason."""
+    convert = row_converter(table, naive_tz=naive_tz, strip_nul=strip_nul)
+    ncols = len(table.column_names)
+    child = table.parent_column is not None
+    parent_at = table.column_names.index(table.parent_column) if child else -1
+    rows = []
+    sources = []
+    rejects = []
+    for raw_row in batch.raw:
+        rowid = raw_row[0]
+        values = raw_row[1 : ncols + 1]
+        try:
+            row = convert(values)
+            if child and (raw_row[ncols + 1] or row[parent_at] in missing_parents):
+                raise Rejected(
+                    "orphan_message",
+                    f"column {table.parent_column} names a session that is not loaded",
+                )
+        except Rejected as exc:
+            rejects.append(
+                Reject(rowid, key_of(values[0]), tuple(values), exc.reason, exc.detail, "transform")
+            )
+            continue
+        rows.append(row)
+        sources.append(raw_row)
+    return Batch(
+        table=batch.table,
+        seq=batch.seq,
+        after_rowid=batch.after_rowid,
+        last_rowid=batch.last_rowid,
+        extracted=batch.extracted,
+        raw=sources,
+        rows=rows,
+        rejects=rejects,
+    )
+
+
+async def transform(
+    source: AsyncIterator[Batch],
+    table: Table,
+    *,
+    naive_tz: tzinfo = UTC,
+    strip_nul: bool = False,
+    missing_parents: Collection[str] = (),
+) -> AsyncGenerator[Batch, None]:
+    """Yield each upstream batch converted; closes its upstream when closed or cancelled."""
+    async with contextlib.aclosing(source):  # type: ignore[type-var]
+        async for batch in source:
+            yield transform_batch(
+                batch,
+                table,
+                naive_tz=naive_tz,
+                strip_nul=strip_nul,
+                missing_parents=missing_parents,
+            )
+
+
+__all__ = ["decode_text", "key_of", "transform", "transform_batch"]
