@@ -125,13 +125,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+_LONG_INTEGER = re.compile(r"\d{19}")
+
+
 def _loads_strict(text: str, column: str) -> Any:
     """Parse JSON, refusing NaN and Infinity; orjson first, the stdlib where orjson is narrower."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses some valid JSON that PostgreSQL takes (numbers beyond a double, deep nesting).
+    if _LONG_INTEGER.search(text) is None:  # orjson turns integers beyond 64 bits into floats
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    # The stdlib takes valid JSON that orjson refuses (numbers beyond a double, deep nesting).
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:

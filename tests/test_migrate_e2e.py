@@ -1,0 +1,139 @@
+"""End to end: a generated app database migrates exactly, reruns are idempotent, appends flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.runner import migrate
+from pipeline.settings import load_settings
+from tests.support import cli, fetchval, source_rows, target_rows
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_every_target_row_equals_its_source_row(sample_db: Path, pg_dsn: str) -> None:
+    """After a migration every source row is in PostgreSQL once, equal field by field."""
+    report = await migrate(load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=500))
+    assert "completed" == report.status
+    for table in ("sessions", "messages"):
+        expected = source_rows(sample_db, table)
+        actual = await target_rows(pg_dsn, table)
+        assert len(expected) == report.tables[table].loaded
+        assert expected == actual
+
+
+async def test_keys_and_index_exist_after_a_bulk_load(sample_db: Path, pg_dsn: str) -> None:
+    """Tables the tool created end with their primary keys, foreign key and index."""
+    await migrate(load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn))
+    names = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(name ORDER BY name) FROM (SELECT conname AS name FROM pg_constraint WHERE contype IN ('p', 'f')"
+        " AND connamespace = 'public'::regnamespace UNION SELECT indexname FROM pg_indexes"
+        " WHERE schemaname = 'public') x",
+    )
+    assert ["idx_messages_session", "messages_pkey", "messages_session_id_fkey", "sessions_pkey"] == names
+
+
+async def test_rerun_after_completion_writes_nothing(sample_db: Path, pg_dsn: str) -> None:
+    """A second run finds nothing new, loads nothing and reports the target up to date."""
+    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn)
+    await migrate(settings)
+    before = await fetchval(pg_dsn, "SELECT max(updated_at) FROM flux_migrate.checkpoints")
+    second = await migrate(settings)
+    assert all(t.up_to_date and t.loaded == 0 and t.extracted == 0 for t in second.tables.values())
+    count = await fetchval(pg_dsn, "SELECT count(*) FROM messages")
+    assert len(source_rows(sample_db, "messages")) == count
+    after_loaded = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
+    assert len(source_rows(sample_db, "messages")) + len(source_rows(sample_db, "sessions")) == after_loaded
+    assert before is not None
+
+
+async def test_rows_appended_to_the_source_are_picked_up(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+    """Rows the app adds after a run are loaded by the next run, and only those."""
+    source = tmp_path / "live.sqlite"
+    shutil.copy(sample_db, source)
+    settings = load_settings(None, sqlite_path=source, postgres_dsn=pg_dsn)
+    await migrate(settings)
+    db = sqlite3.connect(source)
+    sid = str(uuid.uuid4())
+    db.execute(
+        "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+        (sid, "new 🚀", "2026-11-26T10:00:00+00:00", "2026-11-26T10:05:00+00:00", json.dumps({"n": 1})),
+    )
+    for i in range(3):
+        db.execute(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+            (str(uuid.uuid4()), sid, "user", f"hello {i} 👋", "{}", f"2026-11-26T10:0{i}:00+00:00"),
+        )
+    db.commit()
+    db.close()
+    third = await migrate(settings)
+    assert 1 == third.tables["sessions"].loaded
+    assert 3 == third.tables["messages"].loaded
+    for table in ("sessions", "messages"):
+        assert source_rows(source, table) == await target_rows(pg_dsn, table)
+
+
+def test_cli_run_writes_the_report_and_summary(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+    """`flux-migrate run` exits 0, prints the summary and writes the report JSON."""
+    report_path = tmp_path / "report.json"
+    done = cli(
+        "run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn,
+        "--report-json", str(report_path), "--log-format", "json", "--no-progress",
+    )
+    assert 0 == done.returncode, done.stderr
+    assert "rows/s" in done.stdout
+    report = json.loads(report_path.read_text())
+    assert "completed" == report["status"]
+    n_messages = len(source_rows(sample_db, "messages"))
+    assert {"extracted": n_messages, "loaded": n_messages, "quarantined": 0} == {
+        k: report["tables"]["messages"][k] for k in ("extracted", "loaded", "quarantined")
+    }
+    again = cli("run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--log-format", "json")
+    assert 0 == again.returncode, again.stderr
+    assert "up to date" in again.stdout
+    status = cli("status", "--postgres-dsn", pg_dsn)
+    assert 0 == status.returncode
+    assert 2 == status.stdout.count("finished")
+    verify = cli("verify", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
+    assert 0 == verify.returncode, verify.stdout
+    assert 2 == verify.stdout.count(" ok")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sqlite-path", "/nonexistent/chat.sqlite"], "does not exist"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_sentence(args: list[str], needle: str, pg_dsn: str, sample_db: Path) -> None:
+    """Bad input exits 2 with one sentence on stderr and no traceback."""
+    base = ["run", "--postgres-dsn", pg_dsn, "--sqlite-path", str(sample_db)]
+    done = cli(*base, *args)
+    assert 2 == done.returncode
+    assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_not_a_database_exits_2(tmp_path: Path, pg_dsn: str) -> None:
+    """A file that is not SQLite is refused up front with exit 2 and nothing written."""
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("hello, I am not a database\n" * 100)
+    done = cli("run", "--sqlite-path", str(bogus), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode
+    assert "not a readable SQLite database" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_dsn_exits_2(sample_db: Path) -> None:
+    """Without a DSN the run stops with exit 2 and says how to give one."""
+    done = cli("run", "--sqlite-path", str(sample_db))
+    assert 2 == done.returncode
+    assert "POSTGRES_DSN" in done.stderr
