@@ -38,6 +38,7 @@ class Checkpoint:
     skipped: int
     status: str
     created_table: bool
+    preexisting_rows: bool
     constraints_pending: bool
     fingerprint: str
     run_id: str | None
@@ -62,7 +63,8 @@ async def read_checkpoints(conn: asyncpg.Connection, target_schema: str) -> dict
         return {}
     rows = await conn.fetch(
         f"SELECT target_schema, source_table, target_table, last_rowid, extracted, loaded,"
-        f" quarantined, skipped, status, created_table, constraints_pending, fingerprint,"
+        f" quarantined, skipped, status, created_table, preexisting_rows, constraints_pending,"
+        f" fingerprint,"
         f" run_id, updated_at FROM {CHECKPOINTS} WHERE target_schema = $1",
         target_schema,
     )
@@ -76,18 +78,21 @@ async def create_checkpoint(
     source_table: str,
     target_table: str,
     created_table: bool,
+    preexisting_rows: bool,
     constraints_pending: bool,
     fingerprint: str,
     run_id: str,
 ) -> None:
     await conn.execute(
         f"INSERT INTO {CHECKPOINTS} (target_schema, source_table, target_table, created_table,"
-        " constraints_pending, fingerprint, run_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " preexisting_rows, constraints_pending, fingerprint, run_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         " ON CONFLICT (target_schema, source_table) DO NOTHING",
         target_schema,
         source_table,
         target_table,
         created_table,
+        preexisting_rows,
         constraints_pending,
         fingerprint,
         run_id,
@@ -113,3 +118,11 @@ async def clear_constraints_pending(conn: asyncpg.Connection, target_schema: str
         " WHERE target_schema = $1",
         target_schema,
     )
+
+
+async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
+    """Forget every checkpoint, quarantined and skipped row of one target schema."""
+    for table in ("checkpoints", "quarantine", "skipped"):
+        await conn.execute(
+            f"DELETE FROM {BOOKKEEPING_SCHEMA}.{table} WHERE target_schema = $1", target_schema
+        )

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import structlog
 
 from pipeline import errors
-from pipeline.errors import MigrateError, redact
+from pipeline.errors import ConfigError, Interrupted, MigrateError, redact
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import RunReport
@@ -43,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report-json", type=Path, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--on-conflict", choices=ON_CONFLICT, help="rows already in a table not written by us")
+    run.add_argument(
+        "--restart", action="store_true", help="clear this tool's checkpoints and the rows it wrote, then start over"
+    )
+    run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
+
+    quarantine = sub.add_parser("quarantine", help="list the rows that were quarantined, with reasons")
+    _common(quarantine)
+    quarantine.add_argument("--table", choices=("sessions", "messages"))
+    quarantine.add_argument("--limit", type=int, default=100, help="rows to show (default 100)")
+    quarantine.add_argument("--all", action="store_true", help="include rows loaded since (resolved)")
 
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
@@ -99,36 +113,98 @@ def _write_report(path: Path | None, report: RunReport) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
 
 
+def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
+    if not args.restart or args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to confirm."
+        )
+    answer = input(
+        f"--restart drops or empties the tables flux-migrate filled in schema {settings.target.schema}"
+        " and forgets its checkpoints. Type 'yes' to continue: "
+    )
+    if answer.strip().lower() != "yes":
+        raise ConfigError("Restart not confirmed; nothing was changed.")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import migrate
+    from pipeline.runner import StopFlag, migrate
 
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    _confirm_restart(args, settings)
     fmt = configure(args.log_format)
     progress: Progress = NoProgress()
     if fmt == "console" and not args.no_progress and sys.stderr.isatty():
         progress = BarProgress()
-    report_holder: list[RunReport] = []
+    stop = StopFlag()
+    report = RunReport(run_id=uuid.uuid4().hex[:12])
+    log = structlog.get_logger("flux_migrate")
 
-    async def main() -> RunReport:
-        report = await migrate(settings, progress=progress, run_id=None)
-        report_holder.append(report)
-        return report
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        if stop.signum is not None:
+                            tg.cancel_scope.cancel()  # a second signal: abandon the open batch
+                            return
+                        stop.request(signum)
+                        log.warning("stop_requested", signal=signal.Signals(signum).name)
+
+            tg.start_soon(watch_signals)
+            try:
+                await migrate(settings, progress=progress, stop=stop, restart=args.restart, report=report)
+            finally:
+                tg.cancel_scope.cancel()
+        stop.check()  # cancelled by a second signal before migrate could say so
 
     try:
-        report = run_async(main)
-    except MigrateError:
-        _write_report(args.report_json, RunReport(run_id="", status="failed"))
+        run_async(main)
+    except MigrateError as exc:
+        report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        report.message = redact(exc.message)
+        if report.tables:
+            print_summary(report)
+        _write_report(args.report_json, report)
         raise
     print_summary(report)
     _write_report(args.report_json, report)
+    requeued = sum(t.requeued for t in report.tables.values())
+    if requeued:
+        print(f"{requeued:,} previously quarantined row(s) were fixed in the source and loaded now.")
     if all(t.up_to_date for t in report.tables.values()):
         print("The target is up to date: no new rows in the source since the last run.")
-    if report.quarantined:
+    if report.open_quarantined:
         print(
-            f"{report.quarantined:,} row(s) were quarantined, not loaded; list them with"
-            " `flux-migrate quarantine`."
+            f"{report.open_quarantined:,} source row(s) are quarantined, not loaded"
+            f" ({report.quarantined:,} in this run); list them with `flux-migrate quarantine`."
         )
         return errors.EXIT_QUARANTINED
+    return errors.EXIT_OK
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from pipeline.inspect import list_quarantine
+
+    settings = _settings(args)
+    configure(args.log_format or "console")
+    total, rows = run_async(list_quarantine, settings, args.table, args.limit, args.all)
+    if not rows:
+        print(f"No quarantined rows in schema {settings.target.schema}.")
+        return errors.EXIT_OK
+    print(f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:")
+    for r in rows:
+        state = f" [{r['resolution']}]" if r["resolution"] else ""
+        print(
+            f"  {r['source_table']:<9} rowid {r['source_rowid']:<9} key {r['source_key']!s:<38}"
+            f" {r['reason']:<22} {r['detail']}{state}"
+        )
+    print(
+        "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
+        " `flux-migrate run`: fixed rows are loaded and marked resolved."
+    )
     return errors.EXIT_OK
 
 
@@ -188,6 +264,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "verify": cmd_verify,
     "demo": cmd_demo,
+    "quarantine": cmd_quarantine,
 }
 
 
@@ -202,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flux-migrate: interrupted; rerun the same command to resume.", file=sys.stderr)
         return errors.EXIT_SIGINT
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("FLUX_DEBUG"):
+            raise
+        print(
+            f"flux-migrate: internal error: {type(exc).__name__}: {redact(str(exc))}"
+            " (set FLUX_DEBUG=1 for the traceback and please report it).",
+            file=sys.stderr,
+        )
+        return errors.EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import checkpoints as ckpt
-from pipeline.runner import check_source, table_exists
+from pipeline.runner import table_exists
+from pipeline.source import check_source
 from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES, quote_ident
 from pipeline.settings import Settings
 from pipeline.target import connect
@@ -71,3 +72,32 @@ async def verify_counts(settings: Settings) -> list[CountCheck]:
         finally:
             await conn.close()
     return out
+
+
+async def list_quarantine(
+    settings: Settings, table: str | None, limit: int, include_resolved: bool
+) -> tuple[int, list[dict[str, object]]]:
+    """The count and the first ``limit`` quarantined rows (table, key, rowid, reason, detail)."""
+    conn = await connect(settings.require_dsn())
+    try:
+        if not await ckpt.bookkeeping_exists(conn):
+            return 0, []
+        where = "target_schema = $1 AND ($2::text IS NULL OR source_table = $2)"
+        if not include_resolved:
+            where += " AND resolved_at IS NULL"
+        total = await conn.fetchval(
+            f"SELECT count(*) FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}",
+            settings.target.schema,
+            table,
+        )
+        rows = await conn.fetch(
+            f"SELECT source_table, source_key, source_rowid, reason, detail, stage, resolution"
+            f" FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}"
+            " ORDER BY source_table DESC, source_rowid LIMIT $3",
+            settings.target.schema,
+            table,
+            limit,
+        )
+    finally:
+        await conn.close()
+    return int(total), [dict(r) for r in rows]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
+import json
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -17,10 +17,16 @@ import structlog
 from anyio.abc import ObjectSendStream
 
 from pipeline import checkpoints as ckpt
-from pipeline.errors import MigrateError, RuntimeFailure, SourceError, TargetError
+from pipeline.errors import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    Interrupted,
+    MigrateError,
+    RuntimeFailure,
+    TargetError,
+)
 from pipeline.progress import NoProgress, Progress
 from pipeline.schema import (
-    BOOKKEEPING_SCHEMA,
     TABLES,
     Table,
     TargetNames,
@@ -28,7 +34,9 @@ from pipeline.schema import (
     create_table_sql,
     quote_ident,
 )
+from pipeline.requeue import requeue, unresolved_keys
 from pipeline.settings import Settings
+from pipeline.source import check_source, count_between, sample_matches, source_snapshot
 from pipeline.target import Target, connect
 from stages.batch import Batch
 from stages.extract import extract, open_source
@@ -49,6 +57,7 @@ class TableReport:
     skipped: int = 0
     seconds: float = 0.0
     up_to_date: bool = False
+    requeued: int = 0  # quarantined rows of earlier runs loaded now (fixed in the source)
 
     @property
     def rows_per_second(self) -> float:
@@ -71,6 +80,7 @@ class RunReport:
     tables: dict[str, TableReport] = field(default_factory=dict)
     message: str = ""
     constraints_seconds: float = 0.0
+    open_quarantined: int = 0  # rows quarantined by any run and not loaded since
 
     @property
     def quarantined(self) -> int:
@@ -81,62 +91,9 @@ class RunReport:
             "run_id": self.run_id,
             "status": self.status,
             "message": self.message,
+            "quarantined_open": self.open_quarantined,
             "tables": {name: t.as_json() for name, t in self.tables.items()},
         }
-
-
-# ---------------------------------------------------------------- source preflight
-
-
-async def check_source(conn: aiosqlite.Connection, path: Path) -> None:
-    """Refuse a source that is not the app's database: tables or columns missing."""
-    try:
-        for table in TABLES:
-            async with conn.execute(f"PRAGMA table_info({quote_ident(table.name)})") as cur:
-                present = {row[1].decode() if isinstance(row[1], bytes) else row[1] for row in await cur.fetchall()}
-            if not present:
-                raise SourceError(
-                    f"The SQLite file {path} has no table {table.name}; is it the app's database?"
-                )
-            missing = [c for c in table.column_names if c not in present]
-            if missing:
-                raise SourceError(
-                    f"Table {table.name} in {path} lacks column(s) {', '.join(missing)};"
-                    " it does not match the app's schema."
-                )
-    except sqlite3.DatabaseError as exc:
-        raise SourceError(f"The file {path} is not a readable SQLite database ({exc}).") from None
-
-
-async def source_bounds(conn: aiosqlite.Connection, path: Path) -> dict[str, int]:
-    """The highest rowid of each table, read in one transaction: the run's consistent upper bound."""
-    try:
-        await conn.execute("BEGIN")
-        try:
-            bounds = {}
-            for table in TABLES:
-                async with conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {quote_ident(table.name)}") as cur:
-                    row = await cur.fetchone()
-                bounds[table.name] = int(row[0]) if row else 0
-        finally:
-            await conn.execute("COMMIT")
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise SourceError(
-                f"The SQLite file {path} stayed locked by another process; retry when the app is idle."
-            ) from None
-        raise SourceError(f"The SQLite file {path} cannot be read ({exc}).") from None
-    except sqlite3.DatabaseError as exc:
-        raise SourceError(f"The file {path} is not a readable SQLite database ({exc}).") from None
-    return bounds
-
-
-async def count_between(conn: aiosqlite.Connection, table: str, after: int, upto: int) -> int:
-    async with conn.execute(
-        f"SELECT count(*) FROM {quote_ident(table)} WHERE rowid > ? AND rowid <= ?", (after, upto)
-    ) as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 # ---------------------------------------------------------------- target preflight
@@ -146,12 +103,24 @@ async def table_exists(conn: asyncpg.Connection, names: TargetNames, table: str)
     return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", names.qualified(table)))
 
 
+def settings_fingerprint(settings: Settings) -> dict[str, Any]:
+    """The settings that shape what lands in the target; a resume must use the same."""
+    t = settings.target
+    return {
+        "target": [t.schema, t.sessions, t.messages],
+        "naive_timezone": settings.naive_timezone,
+        "strip_nul": settings.strip_nul,
+        "on_conflict": settings.on_conflict,
+    }
+
+
 async def prepare_target(
     conn: asyncpg.Connection, settings: Settings, run_id: str, fingerprint: str
 ) -> dict[str, ckpt.Checkpoint]:
     """Create the bookkeeping, the target schema and missing tables with their checkpoints.
 
-    Refuses (TargetError, nothing written) a table that holds rows this tool did not write.
+    Refuses (TargetError, nothing written) a table that holds rows this tool did not write,
+    unless --on-conflict skip|update says what to do with them.
     """
     names = settings.target
     await ckpt.ensure_bookkeeping(conn)
@@ -163,19 +132,22 @@ async def prepare_target(
                 if not await table_exists(conn, names, table.name):
                     raise TargetError(
                         f"Table {names.qualified(table.name)} was dropped after flux-migrate"
-                        " started filling it; rerun with --restart to start over."
+                        " started filling it; rerun with --restart --yes to start over."
                     )
                 continue
             created = not await table_exists(conn, names, table.name)
+            has_rows = False
             if created:
                 await conn.execute(create_table_sql(table, names))
             else:
-                has_rows = await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})")
+                has_rows = bool(
+                    await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})")
+                )
                 if has_rows and settings.on_conflict == "error":
                     raise TargetError(
                         f"Table {names.qualified(table.name)} already holds rows that flux-migrate"
-                        " did not write; empty it, choose another --config target schema, or pass"
-                        " --on-conflict skip|update."
+                        " did not write; empty it, set another target schema in --config, or pass"
+                        " --on-conflict skip (keep them) or --on-conflict update (overwrite them)."
                     )
             await ckpt.create_checkpoint(
                 conn,
@@ -183,6 +155,7 @@ async def prepare_target(
                 source_table=table.name,
                 target_table=names.table(table.name),
                 created_table=created,
+                preexisting_rows=has_rows,
                 constraints_pending=created and settings.defer_constraints,
                 fingerprint=fingerprint,
                 run_id=run_id,
@@ -194,6 +167,62 @@ async def prepare_target(
     return await ckpt.read_checkpoints(conn, names.schema)
 
 
+async def check_fingerprint(
+    src: aiosqlite.Connection,
+    settings: Settings,
+    identity: dict[str, Any],
+    checkpoints: dict[str, ckpt.Checkpoint],
+) -> None:
+    """Refuse to resume into a target filled from another source or with other settings."""
+    for c in checkpoints.values():
+        if not c.fingerprint:
+            continue
+        stored = json.loads(c.fingerprint)
+        theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
+        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        if changed:
+            key = changed[0]
+            raise TargetError(
+                f"This target was filled with {key}={theirs.get(key)!r} but this run uses"
+                f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start over."
+            )
+        source = stored.get("source", {})
+        if source.get("schema") != identity["schema"] or not await sample_matches(
+            src, source.get("sample", [])
+        ):
+            raise TargetError(
+                "This target was filled from a different SQLite database (its schema or first"
+                " sessions differ); point --sqlite-path at the original file, or pass --restart"
+                " --yes to clear what flux-migrate wrote and start over."
+            )
+        return
+
+
+async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
+    """--restart: drop the tables flux-migrate created, empty those it filled, forget checkpoints."""
+    names = settings.target
+    if not await ckpt.bookkeeping_exists(conn):
+        return
+    found = await ckpt.read_checkpoints(conn, names.schema)
+    refused = [c for c in found.values() if c.preexisting_rows]
+    if refused:
+        raise TargetError(
+            f"--restart cannot undo a load into {names.schema}.{refused[0].target_table}, which held"
+            " rows before flux-migrate wrote to it; restore it from a backup instead."
+        )
+    async with conn.transaction():
+        for table in reversed(TABLES):
+            c = found.get(table.name)
+            if c is None or not await table_exists(conn, names, table.name):
+                continue
+            if c.created_table:
+                await conn.execute(f"DROP TABLE {names.qualified(table.name)} CASCADE")
+            else:
+                await conn.execute(f"DELETE FROM {names.qualified(table.name)}")
+        await ckpt.clear_schema(conn, names.schema)
+    log.info("target_cleared", schema=names.schema)
+
+
 async def existing_constraint_names(conn: asyncpg.Connection, schema: str) -> set[str]:
     rows = await conn.fetch(
         "SELECT conname AS name FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
@@ -203,16 +232,19 @@ async def existing_constraint_names(conn: asyncpg.Connection, schema: str) -> se
     return {r["name"] for r in rows}
 
 
-async def build_constraints(conn: asyncpg.Connection, names: TargetNames) -> float:
+async def build_constraints(target: Target, names: TargetNames, stop: StopFlag) -> float:
     """Build the keys and index deferred during the bulk load; each is resumable by name."""
     started = time.monotonic()
-    have = await existing_constraint_names(conn, names.schema)
+    have = await target.retrying(
+        lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
+    )
     for c in constraints(names):
         if c.name in have:
             continue
+        stop.check()
         log.info("constraint_build_started", constraint=c.name)
         try:
-            await conn.execute(c.sql)
+            await target.retrying(lambda conn, c=c: conn.execute(c.sql), what=f"building {c.name}")
         except asyncpg.UniqueViolationError as exc:
             raise RuntimeFailure(
                 f"Building {c.name} found duplicate keys ({exc.detail or exc}); the target holds rows"
@@ -222,11 +254,38 @@ async def build_constraints(conn: asyncpg.Connection, names: TargetNames) -> flo
             raise RuntimeFailure(
                 f"Building {c.name} found messages without a loaded session ({exc.detail or exc})."
             ) from None
-    await ckpt.clear_constraints_pending(conn, names.schema)
+        except asyncpg.DuplicateObjectError:
+            pass  # built by an attempt whose reply was lost
+    await target.retrying(
+        lambda c: ckpt.clear_constraints_pending(c, names.schema), what="recording the keys"
+    )
     return time.monotonic() - started
 
 
 # ---------------------------------------------------------------- the run
+
+
+class StopFlag:
+    """Set by a signal handler; the run stops at the next batch boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            name = "SIGINT" if self.signum == signal.SIGINT else "SIGTERM"
+            code = EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
+            raise Interrupted(
+                f"Stopped by {name} at a batch boundary; checkpoints are consistent,"
+                " rerun the same command to resume.",
+                code,
+            )
 
 
 async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
@@ -236,32 +295,24 @@ async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> 
             await send.send(batch)
 
 
-async def quarantined_keys(conn: asyncpg.Connection, schema: str, table: str) -> set[str]:
-    rows = await conn.fetch(
-        f"SELECT DISTINCT source_key FROM {BOOKKEEPING_SCHEMA}.quarantine"
-        " WHERE target_schema = $1 AND source_table = $2 AND source_key IS NOT NULL",
-        schema,
-        table,
-    )
-    return {r["source_key"] for r in rows}
-
-
 async def migrate_table(
     src: aiosqlite.Connection,
     target: Target,
-    table: Table,
+    ctx: LoadContext,
     *,
     settings: Settings,
-    run_id: str,
     after: int,
     upto: int,
     report: TableReport,
     progress: Progress,
     missing_parents: set[str],
 ) -> None:
-    """Stream one table from its checkpoint to ``upto``; SQLite reading overlaps the COPY."""
-    tlog = log.bind(run_id=run_id, table=table.name)
-    ctx = LoadContext(table=table, names=settings.target, run_id=run_id)
+    """Stream one table from its checkpoint to ``upto``; SQLite reading overlaps the COPY.
+
+    Returns early, after a committed batch, when the stop flag is set.
+    """
+    table = ctx.table
+    tlog = log.bind(run_id=ctx.run_id, table=table.name)
     logged = 0
 
     def on_batch(result: BatchResult) -> None:
@@ -289,6 +340,7 @@ async def migrate_table(
             rows=result.batch.extracted,
             loaded=result.loaded,
             quarantined=len(result.quarantined),
+            skipped=result.skipped,
             last_rowid=result.batch.last_rowid,
         )
         progress.advance(table.name, result.batch.extracted)
@@ -308,36 +360,43 @@ async def migrate_table(
         tg.start_soon(_pump, chain, send)
         async with receive:
             await load(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
+        tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
     if logged > QUARANTINE_LOG_LIMIT:
         tlog.warning("rows_quarantined_not_logged", count=logged - QUARANTINE_LOG_LIMIT)
 
 
-def source_fingerprint(settings: Settings) -> str:
-    """What shapes the output: the target names and the conversion options."""
-    t = settings.target
-    return f"v1|{t.schema}|{t.sessions}|{t.messages}|tz={settings.naive_timezone}|nul={settings.strip_nul}"
-
-
-async def migrate(settings: Settings, *, progress: Progress | None = None, run_id: str | None = None) -> RunReport:
-    """Run one migration to completion (or raise MigrateError with a sentence for the user).
+async def migrate(
+    settings: Settings,
+    *,
+    progress: Progress | None = None,
+    run_id: str | None = None,
+    stop: StopFlag | None = None,
+    restart: bool = False,
+    report: RunReport | None = None,
+) -> RunReport:
+    """Run one migration to completion, or raise MigrateError with a sentence for the user.
 
     Safe to interrupt at any point: every committed batch carries its checkpoint, so rerunning
-    continues after the last committed batch.
+    continues after the last committed batch. With ``stop`` set (by a signal handler) it stops
+    at the next batch boundary and raises Interrupted. ``report`` (if given) is filled in as
+    the run goes, so a caller can print what was done even when the run fails.
     """
     progress = progress or NoProgress()
-    run_id = run_id or uuid.uuid4().hex[:12]
-    report = RunReport(run_id=run_id)
+    stop = stop or StopFlag()
+    report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
+    run_id = report.run_id
     path = settings.require_source()
     dsn = settings.require_dsn()
     structlog.contextvars.bind_contextvars(run_id=run_id)
     names = settings.target
+    target = Target(dsn, retry_seconds=settings.retry_seconds)
     try:
         async with open_source(path) as src:
             await check_source(src, path)
-            bounds = await source_bounds(src, path)
-            control = await connect(dsn)
+            bounds, identity = await source_snapshot(src, path)
+            lock = await connect(dsn)
             try:
-                got_lock = await control.fetchval(
+                got_lock = await lock.fetchval(
                     "SELECT pg_try_advisory_lock(hashtext('flux_migrate:' || $1))", names.schema
                 )
                 if not got_lock:
@@ -345,24 +404,31 @@ async def migrate(settings: Settings, *, progress: Progress | None = None, run_i
                         f"Another flux-migrate run is writing to schema {names.schema} of this"
                         " database; wait for it to finish."
                     )
-                checkpoints = await prepare_target(control, settings, run_id, source_fingerprint(settings))
-                log.info("run_started", target=settings.target.schema, batch_size=settings.batch_size)
-                target = Target(dsn, retry_seconds=settings.retry_seconds)
-                try:
-                    for table in TABLES:
-                        await _run_table(src, control, target, table, settings, run_id, checkpoints, bounds, report, progress)
-                    if any(c.constraints_pending for c in (await ckpt.read_checkpoints(control, names.schema)).values()):
-                        report.constraints_seconds = await build_constraints(control, names)
-                        log.info("constraints_built", seconds=round(report.constraints_seconds, 2))
-                    await check_accounting(control, settings, report)
-                finally:
-                    await target.close()
+                if restart:
+                    await target.retrying(lambda c: clear_target(c, settings), what="clearing the target")
+                fingerprint = json.dumps({"source": identity, "settings": settings_fingerprint(settings)})
+                checkpoints = await target.retrying(
+                    lambda c: prepare_target(c, settings, run_id, fingerprint), what="preparing the target"
+                )
+                await check_fingerprint(src, settings, identity, checkpoints)
+                log.info("run_started", target=names.schema, batch_size=settings.batch_size)
+                for table in TABLES:
+                    stop.check()
+                    await _run_table(src, target, table, settings, run_id, checkpoints, bounds, report, progress, stop)
+                final = await target.retrying(lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints")
+                if any(c.constraints_pending for c in final.values()):
+                    report.constraints_seconds = await build_constraints(target, names, stop)
+                    log.info("constraints_built", seconds=round(report.constraints_seconds, 2))
+                await target.retrying(lambda c: check_accounting(c, settings, report), what="checking the accounting")
+                report.open_quarantined = sum(c.quarantined for c in final.values())
             finally:
-                await control.close()
+                with anyio.CancelScope(shield=True):
+                    await target.close()
+                    lock.terminate() if not lock.is_closed() else None
     except MigrateError as exc:
-        report.status = "failed"
+        report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         report.message = exc.message
-        log.error("run_failed", error=exc.message)
+        log.error("run_failed", error=exc.message, status=report.status)
         raise
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
@@ -378,7 +444,6 @@ async def migrate(settings: Settings, *, progress: Progress | None = None, run_i
 
 async def _run_table(
     src: aiosqlite.Connection,
-    control: asyncpg.Connection,
     target: Target,
     table: Table,
     settings: Settings,
@@ -387,30 +452,45 @@ async def _run_table(
     bounds: dict[str, int],
     report: RunReport,
     progress: Progress,
+    stop: StopFlag,
 ) -> None:
     names = settings.target
     treport = report.tables[table.name] = TableReport()
-    after = checkpoints[table.name].last_rowid
+    checkpoint = checkpoints[table.name]
+    ctx = LoadContext(
+        table=table,
+        names=names,
+        run_id=run_id,
+        on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
+        stop=stop,
+    )
+    missing: set[str] = set()
+    if table.parent is not None:
+        missing = await target.retrying(
+            lambda c: unresolved_keys(c, names.schema, str(table.parent)), what="reading the quarantine"
+        )
+    if checkpoint.quarantined:
+        fixed, gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
+        treport.requeued = fixed
+    after = checkpoint.last_rowid
     upto = bounds[table.name]
     total = await count_between(src, table.name, after, upto)
     if total == 0:
         treport.up_to_date = True
         log.info("table_up_to_date", table=table.name, last_rowid=after)
-        await ckpt.set_status(control, names.schema, table.name, "finished", run_id)
+        await target.retrying(
+            lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id), what="recording status"
+        )
         return
     log.info("table_started", table=table.name, rows=total, after_rowid=after)
-    missing: set[str] = set()
-    if table.parent is not None:
-        missing = await quarantined_keys(control, names.schema, table.parent)
     started = time.monotonic()
     progress.start(table.name, total)
     try:
         await migrate_table(
             src,
             target,
-            table,
+            ctx,
             settings=settings,
-            run_id=run_id,
             after=after,
             upto=upto,
             report=treport,
@@ -420,13 +500,17 @@ async def _run_table(
     finally:
         treport.seconds = time.monotonic() - started
         progress.finish(table.name)
-    await ckpt.set_status(control, names.schema, table.name, "finished", run_id)
+    stop.check()
+    await target.retrying(
+        lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id), what="recording status"
+    )
     log.info(
         "table_completed",
         table=table.name,
         extracted=treport.extracted,
         loaded=treport.loaded,
         quarantined=treport.quarantined,
+        skipped=treport.skipped,
         seconds=round(treport.seconds, 2),
     )
 
@@ -444,7 +528,7 @@ async def check_accounting(conn: asyncpg.Connection, settings: Settings, report:
         c = current[name]
         if c.extracted != c.loaded + c.quarantined + c.skipped:
             raise RuntimeFailure(f"The checkpoint of {name} does not add up; please report this.")
-        if c.created_table and settings.on_conflict == "error":
+        if not c.preexisting_rows:
             in_target = await conn.fetchval(f"SELECT count(*) FROM {names.qualified(name)}")
             if in_target != c.loaded:
                 raise RuntimeFailure(

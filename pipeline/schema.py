@@ -226,6 +226,7 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.checkpoints (
     skipped bigint NOT NULL DEFAULT 0,
     status text NOT NULL DEFAULT 'pending',
     created_table boolean NOT NULL DEFAULT false,
+    preexisting_rows boolean NOT NULL DEFAULT false,
     constraints_pending boolean NOT NULL DEFAULT false,
     fingerprint text NOT NULL DEFAULT '',
     run_id text,
@@ -243,10 +244,20 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.quarantine (
     detail text NOT NULL,
     stage text NOT NULL,
     raw jsonb NOT NULL,
-    quarantined_at timestamptz NOT NULL DEFAULT now()
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    resolution text
 );
 CREATE INDEX IF NOT EXISTS quarantine_table_rowid
     ON {BOOKKEEPING_SCHEMA}.quarantine (target_schema, source_table, source_rowid);
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.skipped (
+    run_id text NOT NULL,
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    source_key text NOT NULL,
+    source_rowid bigint NOT NULL,
+    skipped_at timestamptz NOT NULL DEFAULT now()
+);
 """
 
 QUARANTINE_COLUMNS = (

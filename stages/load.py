@@ -12,7 +12,7 @@ import orjson
 
 from pipeline.checkpoints import ADVANCE_SQL, LOCK_SQL
 from pipeline.errors import ErrorClass, RuntimeFailure, classify
-from pipeline.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Table, TargetNames
+from pipeline.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Table, TargetNames, quote_ident
 from pipeline.target import Target
 from stages.batch import Batch, Reject
 from stages.convert import raw_to_json
@@ -21,9 +21,18 @@ from stages.transform import key_of
 
 @dataclass(frozen=True)
 class LoadContext:
+    """Where a table's batches go. ``on_conflict`` is "error" (plain COPY into the table),
+    "skip" or "update" (COPY into a staging table, then INSERT ... ON CONFLICT on the key)."""
+
     table: Table
     names: TargetNames
     run_id: str
+    on_conflict: str = "error"
+    stop: Callable[[], bool] = lambda: False
+
+    @property
+    def stage_table(self) -> str:
+        return f"flux_stage_{self.table.name}"
 
 
 @dataclass(frozen=True)
@@ -55,23 +64,48 @@ def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[An
     ]
 
 
-async def _copy(conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]]) -> None:
-    await conn.copy_records_to_table(
-        ctx.names.table(ctx.table.name),
-        records=rows,
-        columns=ctx.table.column_names,
-        schema_name=ctx.names.schema,
+async def _copy(conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]]) -> set[str]:
+    """Write ``rows``; return the keys left alone because they already existed (skip mode)."""
+    if ctx.on_conflict == "error":
+        await conn.copy_records_to_table(
+            ctx.names.table(ctx.table.name),
+            records=rows,
+            columns=ctx.table.column_names,
+            schema_name=ctx.names.schema,
+        )
+        return set()
+    stage = quote_ident(ctx.stage_table)
+    target = ctx.names.qualified(ctx.table.name)
+    cols = ", ".join(quote_ident(c) for c in ctx.table.column_names)
+    await conn.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS)"
+        " ON COMMIT DELETE ROWS"
     )
+    await conn.copy_records_to_table(ctx.stage_table, records=rows, columns=ctx.table.column_names)
+    if ctx.on_conflict == "skip":
+        action = "DO NOTHING"
+    else:
+        action = "DO UPDATE SET " + ", ".join(
+            f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in ctx.table.column_names if c != "id"
+        )
+    written = await conn.fetch(
+        f"WITH moved AS (DELETE FROM {stage} RETURNING {cols})"
+        f" INSERT INTO {target} ({cols}) SELECT {cols} FROM moved ON CONFLICT (id) {action}"
+        " RETURNING id"
+    )
+    done = {r["id"] for r in written}
+    return {row[0] for row in rows if row[0] not in done}
 
 
-async def _copy_isolating(
+async def copy_isolating(
     conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]], raw: list[tuple[Any, ...]]
-) -> list[Reject]:
-    """COPY ``rows`` inside savepoints, splitting on refusal; return the refused rows."""
+) -> tuple[list[Reject], set[str]]:
+    """COPY ``rows`` inside savepoints, splitting on refusal; return the refused rows (and the
+    keys skipped as existing)."""
     try:
         async with conn.transaction():  # a savepoint inside the batch transaction
-            await _copy(conn, ctx, rows)
-        return []
+            skipped = await _copy(conn, ctx, rows)
+        return [], skipped
     except Exception as exc:
         if classify(exc) is not ErrorClass.DATA:
             raise
@@ -79,20 +113,19 @@ async def _copy_isolating(
             ncols = len(ctx.table.column_names)
             source = raw[0]
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return [
-                Reject(
-                    source[0],
-                    key_of(source[1]),
-                    tuple(source[1 : ncols + 1]),
-                    "rejected_by_server",
-                    f"PostgreSQL refused the row: {message}",
-                    "load",
-                )
-            ]
+            reject = Reject(
+                source[0],
+                key_of(source[1]),
+                tuple(source[1 : ncols + 1]),
+                "rejected_by_server",
+                f"PostgreSQL refused the row: {message}",
+                "load",
+            )
+            return [reject], set()
     mid = len(rows) // 2
-    left = await _copy_isolating(conn, ctx, rows[:mid], raw[:mid])
-    right = await _copy_isolating(conn, ctx, rows[mid:], raw[mid:])
-    return left + right
+    left, left_skipped = await copy_isolating(conn, ctx, rows[:mid], raw[:mid])
+    right, right_skipped = await copy_isolating(conn, ctx, rows[mid:], raw[mid:])
+    return left + right, left_skipped | right_skipped
 
 
 async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool) -> BatchResult:
@@ -110,11 +143,23 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
                 " run may be writing to this target. Stop it and rerun."
             )
         refused: list[Reject] = []
+        skipped: set[str] = set()
         if batch.rows:
             if isolate:
-                refused = await _copy_isolating(conn, ctx, batch.rows, batch.raw)
+                refused, skipped = await copy_isolating(conn, ctx, batch.rows, batch.raw)
             else:
-                await _copy(conn, ctx, batch.rows)
+                skipped = await _copy(conn, ctx, batch.rows)
+        if skipped:
+            await conn.copy_records_to_table(
+                "skipped",
+                records=[
+                    (ctx.run_id, schema, table, row[0], source[0])
+                    for row, source in zip(batch.rows, batch.raw, strict=True)
+                    if row[0] in skipped
+                ],
+                columns=("run_id", "target_schema", "source_table", "source_key", "source_rowid"),
+                schema_name=BOOKKEEPING_SCHEMA,
+            )
         rejects = batch.rejects + refused
         if rejects:
             await conn.copy_records_to_table(
@@ -123,11 +168,19 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
                 columns=QUARANTINE_COLUMNS,
                 schema_name=BOOKKEEPING_SCHEMA,
             )
-        loaded = len(batch.rows) - len(refused)
+        loaded = len(batch.rows) - len(refused) - len(skipped)
         await conn.execute(
-            ADVANCE_SQL, schema, table, batch.last_rowid, batch.extracted, loaded, len(rejects), 0, ctx.run_id
+            ADVANCE_SQL,
+            schema,
+            table,
+            batch.last_rowid,
+            batch.extracted,
+            loaded,
+            len(rejects),
+            len(skipped),
+            ctx.run_id,
         )
-    return BatchResult(batch, loaded, rejects)
+    return BatchResult(batch, loaded, rejects, skipped=len(skipped))
 
 
 async def load(
@@ -159,3 +212,5 @@ async def load(
                 attempt, what=f"loading {ctx.table.name} batch {batch.seq}", on_retry=on_retry
             )
             on_batch(result)
+            if ctx.stop():
+                return  # stop at a batch boundary: everything reported is committed
