@@ -140,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = StopFlag()
     report = RunReport(run_id=uuid.uuid4().hex[:12])
     log = structlog.get_logger("flux_migrate")
+    failure: list[MigrateError] = []
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -156,8 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             tg.start_soon(watch_signals)
             try:
                 await migrate(settings, progress=progress, stop=stop, restart=args.restart, report=report)
+            except MigrateError as exc:
+                failure.append(exc)  # raised outside the task group, not wrapped in a group
             finally:
                 tg.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
         stop.check()  # cancelled by a second signal before migrate could say so
 
     try:

@@ -129,3 +129,18 @@ def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
         f"PostgreSQL at {where} cannot be reached ({type(exc).__name__}: {redact(str(exc))});"
         " check that it is running and the DSN is right, then rerun to resume."
     )
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real exception inside a task group's exception group (or the group itself)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group

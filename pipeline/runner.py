@@ -24,6 +24,7 @@ from pipeline.errors import (
     MigrateError,
     RuntimeFailure,
     TargetError,
+    single_error,
 )
 from pipeline.progress import NoProgress, Progress
 from pipeline.schema import (
@@ -356,11 +357,14 @@ async def migrate_table(
         missing_parents=missing_parents,
     )
     send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_pump, chain, send)
-        async with receive:
-            await load(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
-        tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump, chain, send)
+            async with receive:
+                await load(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
+            tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
     if logged > QUARANTINE_LOG_LIMIT:
         tlog.warning("rows_quarantined_not_logged", count=logged - QUARANTINE_LOG_LIMIT)
 

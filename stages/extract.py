@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from pipeline.errors import SourceError
+from pipeline.errors import RuntimeFailure, SourceError
 from pipeline.schema import Table, quote_ident
 from stages.batch import Batch
 
@@ -73,8 +73,14 @@ async def extract(
     seq = 0
     last = after_rowid
     while last < upto_rowid:
-        async with conn.execute(sql, (last, upto_rowid, batch_size)) as cursor:
-            rows = await cursor.fetchall()
+        try:
+            async with conn.execute(sql, (last, upto_rowid, batch_size)) as cursor:
+                rows = await cursor.fetchall()
+        except sqlite3.OperationalError as exc:
+            raise RuntimeFailure(
+                f"Reading {table.name} from SQLite failed after rowid {last} ({exc}); if the app"
+                " holds a long write lock, retry when it is idle: the rerun resumes."
+            ) from None
         if not rows:
             return
         seq += 1
