@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
 
-    verify = sub.add_parser("verify", help="compare source and target row counts")
+    verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
+    verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
+    verify.add_argument("--show", type=int, default=10, help="differing keys to show per table (default 10)")
 
     demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
     demo.add_argument("--sessions", type=int, default=20_000)
@@ -243,18 +245,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.inspect import verify_counts
+    from pipeline.verify import verify_quick, verify_rows
 
     settings = _settings(args)
     configure(args.log_format or "console")
-    result = run_async(verify_counts, settings)
-    print(f"{'table':<10}{'source':>12}{'target':>12}{'quarantined':>13}{'skipped':>9}  result")
-    for r in result:
+    if args.quick:
+        quick = run_async(verify_quick, settings)
+        print(f"{'table':<10}{'source':>12}{'target':>12}  checksum  result")
+        for q in quick:
+            same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
+            print(f"{q.table:<10}{q.source_count:>12,}{q.target_count:>12,}  {same:<8}  {'ok' if q.ok else 'MISMATCH'}")
+        return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
+    full = run_async(lambda: verify_rows(settings, limit=args.show))
+    print(f"{'table':<10}{'matched':>10}{'different':>11}{'missing':>9}{'extra':>7}{'quarantined':>13}{'skipped':>9}  result")
+    for t in full:
         print(
-            f"{r.table:<10}{r.source:>12,}{r.target:>12,}{r.quarantined:>13,}{r.skipped:>9,}  "
-            + ("ok" if r.ok else f"MISMATCH ({r.missing:+,} rows unaccounted)")
+            f"{t.table:<10}{t.matched:>10,}{t.different:>11,}{t.missing:>9,}{t.extra:>7,}"
+            f"{t.quarantined:>13,}{t.skipped:>9,}  {'ok' if t.ok else 'MISMATCH'}"
         )
-    return errors.EXIT_OK if all(r.ok for r in result) else errors.EXIT_FAILURE
+    for t in full:
+        for line in t.samples:
+            print(f"  {line}")
+    return errors.EXIT_OK if all(t.ok for t in full) else errors.EXIT_FAILURE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

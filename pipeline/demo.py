@@ -13,11 +13,11 @@ import asyncpg
 
 from pipeline import errors
 from pipeline.errors import redact
-from pipeline.inspect import verify_counts
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import migrate
 from pipeline.sample import generate
 from pipeline.settings import load_settings
+from pipeline.verify import verify_rows
 from pipeline.schema import TargetNames
 
 
@@ -84,14 +84,17 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         report = anyio.run(lambda: migrate(settings, progress=progress), backend="asyncio")
         _say("\nSummary:")
         print_summary(report)
-        _say("\nVerify (row counts, source vs target):")
-        for r in anyio.run(verify_counts, settings, backend="asyncio"):
-            _say(f"  {r.table:<9} source {r.source:>9,}  target {r.target:>9,}  {'ok' if r.ok else 'MISMATCH'}")
+        _say("\nVerify (every row compared, source vs target):")
+        for r in anyio.run(verify_rows, settings, backend="asyncio"):
+            _say(
+                f"  {r.table:<9} matched {r.matched:>9,}  different {r.different}  missing {r.missing}"
+                f"  extra {r.extra}  {'ok' if r.ok else 'MISMATCH'}"
+            )
         _say("\nA few migrated rows read back from PostgreSQL:")
         for row in anyio.run(_show_rows, dsn, names, backend="asyncio"):
             _say(
                 f"  [{row['created_at'].isoformat(timespec='seconds')}] {row['title'][:20]!r:<24}"
-                f" {row['role']:<9} {row['content']!r} metadata={row['metadata']}"
+                f" {row['role']:<9} {row['content']} | metadata={row['metadata']}"
             )
     finally:
         if server is not None and not keep_server:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline import checkpoints as ckpt
-from pipeline.runner import table_exists
-from pipeline.source import check_source
-from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES, quote_ident
+from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES
 from pipeline.settings import Settings
 from pipeline.target import connect
-from stages.extract import open_source
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:
@@ -21,57 +16,6 @@ async def status(settings: Settings) -> list[ckpt.Checkpoint]:
     finally:
         await conn.close()
     return [found[t.name] for t in TABLES if t.name in found]
-
-
-@dataclass(frozen=True)
-class CountCheck:
-    table: str
-    source: int
-    target: int
-    quarantined: int
-    skipped: int
-
-    @property
-    def missing(self) -> int:
-        return self.source - self.target - self.quarantined - self.skipped
-
-    @property
-    def ok(self) -> bool:
-        return self.missing == 0
-
-
-async def verify_counts(settings: Settings) -> list[CountCheck]:
-    """Per table: source rows == target rows + quarantined + skipped."""
-    path = settings.require_source()
-    names = settings.target
-    out = []
-    async with open_source(path) as src:
-        await check_source(src, path)
-        conn = await connect(settings.require_dsn())
-        try:
-            found = await ckpt.read_checkpoints(conn, names.schema)
-            for table in TABLES:
-                async with src.execute(f"SELECT count(*) FROM {quote_ident(table.name)}") as cur:
-                    row = await cur.fetchone()
-                source = int(row[0]) if row else 0
-                target = 0
-                if await table_exists(conn, names, table.name):
-                    target = int(await conn.fetchval(f"SELECT count(*) FROM {names.qualified(table.name)}"))
-                quarantined = 0
-                if found:
-                    quarantined = int(
-                        await conn.fetchval(
-                            f"SELECT count(DISTINCT source_rowid) FROM {BOOKKEEPING_SCHEMA}.quarantine"
-                            " WHERE target_schema = $1 AND source_table = $2",
-                            names.schema,
-                            table.name,
-                        )
-                    )
-                skipped = found[table.name].skipped if table.name in found else 0
-                out.append(CountCheck(table.name, source, target, quarantined, skipped))
-        finally:
-            await conn.close()
-    return out
 
 
 async def list_quarantine(

@@ -115,6 +115,24 @@ def settings_fingerprint(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def refuse_foreign_rows(conn: asyncpg.Connection, settings: Settings) -> None:
+    """Before writing anything: refuse a table holding rows flux-migrate did not write, unless
+    --on-conflict says what to do with them."""
+    if settings.on_conflict != "error":
+        return
+    names = settings.target
+    existing = await ckpt.read_checkpoints(conn, names.schema)
+    for table in TABLES:
+        if table.name in existing or not await table_exists(conn, names, table.name):
+            continue
+        if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})"):
+            raise TargetError(
+                f"Table {names.qualified(table.name)} already holds rows that flux-migrate"
+                " did not write; empty it, set another target schema in --config, or pass"
+                " --on-conflict skip (keep them) or --on-conflict update (overwrite them)."
+            )
+
+
 async def prepare_target(
     conn: asyncpg.Connection, settings: Settings, run_id: str, fingerprint: str
 ) -> dict[str, ckpt.Checkpoint]:
@@ -124,6 +142,7 @@ async def prepare_target(
     unless --on-conflict skip|update says what to do with them.
     """
     names = settings.target
+    await refuse_foreign_rows(conn, settings)
     await ckpt.ensure_bookkeeping(conn)
     existing = await ckpt.read_checkpoints(conn, names.schema)
     async with conn.transaction():
@@ -144,12 +163,6 @@ async def prepare_target(
                 has_rows = bool(
                     await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})")
                 )
-                if has_rows and settings.on_conflict == "error":
-                    raise TargetError(
-                        f"Table {names.qualified(table.name)} already holds rows that flux-migrate"
-                        " did not write; empty it, set another target schema in --config, or pass"
-                        " --on-conflict skip (keep them) or --on-conflict update (overwrite them)."
-                    )
             await ckpt.create_checkpoint(
                 conn,
                 target_schema=names.schema,

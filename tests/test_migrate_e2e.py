@@ -104,6 +104,9 @@ def test_cli_run_writes_the_report_and_summary(sample_db: Path, pg_dsn: str, tmp
     verify = cli("verify", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
     assert 0 == verify.returncode, verify.stdout
     assert 2 == verify.stdout.count(" ok")
+    quick = cli("verify", "--quick", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
+    assert 0 == quick.returncode, quick.stdout
+    assert 2 == quick.stdout.count("same")
 
 
 @pytest.mark.parametrize(
