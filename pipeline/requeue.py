@@ -44,7 +44,7 @@ async def unresolved_keys(conn: asyncpg.Connection, schema: str, table: str) -> 
 
 
 async def _read_rowids(src: aiosqlite.Connection, table: Table, rowids: list[int]) -> list[tuple[Any, ...]]:
-    base = select_sql(table).split(" WHERE ")[0]
+    base = select_sql(table)
     marks = ", ".join("?" for _ in rowids)
     async with src.execute(f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid", rowids) as cur:
         return list(await cur.fetchall())

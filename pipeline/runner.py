@@ -408,7 +408,7 @@ async def migrate(
     names = settings.target
     target = Target(dsn, retry_seconds=settings.retry_seconds)
     try:
-        async with open_source(path) as src:
+        async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
             await check_source(src, path)
             bounds, identity = await source_snapshot(src, path)
             lock = await connect(dsn)

@@ -32,6 +32,7 @@ class Settings:
     on_conflict: str = "error"
     retry_seconds: float = 60.0
     defer_constraints: bool = True
+    sqlite_timeout: float = 10.0
 
     @property
     def naive_tz(self) -> tzinfo:
@@ -95,6 +96,9 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             values["naive_timezone"] = str(transform["naive_timezone"])
         if "strip_nul" in transform:
             values["strip_nul"] = bool(transform["strip_nul"])
+        source = data.get("source", {})
+        if "busy_timeout" in source:
+            values["sqlite_timeout"] = float(source["busy_timeout"])
         load = data.get("load", {})
         for key in ("batch_size", "buffer_batches"):
             if key in load:

@@ -38,21 +38,20 @@ async def open_source(path: Path, *, busy_timeout_s: float = 10.0) -> AsyncGener
         await conn.close()
 
 
-def select_sql(table: Table, parent_table: str | None = None) -> str:
-    """The keyset page query: rowid, the table's columns, and for a child an orphan flag."""
+def select_sql(table: Table) -> str:
+    """SELECT rowid, the table's columns and, for a child table, a flag saying its parent row is
+    absent from the source; without a WHERE clause (callers add theirs on alias ``t``)."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
-    if table.parent is None or table.parent_column is None:
-        return (
-            f"SELECT t.rowid, {cols} FROM {quote_ident(table.name)} AS t"
-            " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
+    orphan = ""
+    if table.parent is not None and table.parent_column is not None:
+        orphan = (
+            f", NOT EXISTS (SELECT 1 FROM {quote_ident(table.parent)} AS p"
+            f" WHERE p.id = t.{quote_ident(table.parent_column)})"
         )
-    parent = quote_ident(parent_table or table.parent)
-    return (
-        f"SELECT t.rowid, {cols}, NOT EXISTS (SELECT 1 FROM {parent} AS p"
-        f" WHERE p.id = t.{quote_ident(table.parent_column)})"
-        f" FROM {quote_ident(table.name)} AS t"
-        " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
-    )
+    return f"SELECT t.rowid, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+
+
+KEYSET = " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
 
 
 async def extract(
@@ -69,7 +68,7 @@ async def extract(
     yielded, so nothing is held open while downstream works. On cancellation or close, no
     cursor or transaction is left open.
     """
-    sql = select_sql(table)
+    sql = select_sql(table) + KEYSET
     seq = 0
     last = after_rowid
     while last < upto_rowid:

@@ -1,0 +1,116 @@
+"""The ``check`` and ``verify --api`` commands: parse arguments, call the library, print.
+
+Wiring into ``pipeline/cli.py``::
+
+    handlers = add_commands(sub)            # adds `check`; returns {"check": cmd_check}
+    add_verify_api_arguments(verify)        # adds --api and --page-size to `verify`
+    # in cmd_verify: if args.api: return cmd_verify_api(args)
+
+Handlers return an exit code (0 healthy/agreeing, 1 not) and raise MigrateError subclasses
+(ConfigError, exit 2) for usage problems; ``pipeline.cli.main`` prints those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from memory.check import check
+from memory.compare import compare_api
+from memory.factory import MemorySettings
+from pipeline import errors
+from pipeline.errors import ConfigError
+from pipeline.logs import configure
+from pipeline.settings import Settings, load_settings, validate
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_commands(subparsers: Any) -> dict[str, Handler]:
+    """Add the ``check`` command to an argparse subparsers object; return its handler by name."""
+    p = subparsers.add_parser(
+        "check",
+        help="check the PostgreSQL the app's memory will use (connect, schema, pool, CRUD)",
+        description="Connect, print server version and latency, compare the target tables with"
+        " the app's schema, open a pool and run a create/read/update/delete and jsonb round"
+        " trip that is rolled back. Exit 0 healthy, 1 unhealthy, 2 usage.",
+    )
+    p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
+    p.add_argument("--postgres-dsn", help="PostgreSQL DSN (or env POSTGRES_DSN)")
+    p.add_argument("--schema", help="target schema (default: from --config, else public)")
+    p.add_argument("--quick", action="store_true", help="only connect: version and latency")
+    p.add_argument("--pool-min", type=int, help="pool minimum (default: MEMORY_POOL_MIN or 2)")
+    p.add_argument("--pool-max", type=int, help="pool maximum (default: MEMORY_POOL_MAX or 10)")
+    p.add_argument("--log-format", choices=("console", "json"))
+    return {"check": cmd_check}
+
+
+def add_verify_api_arguments(verify: argparse.ArgumentParser) -> None:
+    """Add ``--api`` (and its ``--page-size``) to the existing ``verify`` command."""
+    verify.add_argument(
+        "--api",
+        action="store_true",
+        help="compare what the memory API answers on SQLite and PostgreSQL, session by session",
+    )
+    verify.add_argument("--page-size", type=int, default=50, help="get_sessions page size (--api)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Config file < environment < flags, as for every other command; --schema last."""
+    settings = load_settings(
+        getattr(args, "config", None),
+        sqlite_path=getattr(args, "sqlite_path", None),
+        postgres_dsn=args.postgres_dsn,
+    )
+    schema = getattr(args, "schema", None)
+    if schema is not None:
+        settings = settings.with_(target=dataclasses.replace(settings.target, schema=schema))
+        validate(settings)
+    return settings
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``flux-migrate check``: 0 healthy, 1 unhealthy; ConfigError for usage problems."""
+    configure(args.log_format or "console")
+    settings = _settings(args)
+    dsn = settings.require_dsn()
+    env = MemorySettings.from_env()
+    pool_min = env.pool_min if args.pool_min is None else args.pool_min
+    pool_max = env.pool_max if args.pool_max is None else args.pool_max
+    if not 0 <= pool_min <= pool_max or pool_max < 1:
+        raise ConfigError(
+            f"--pool-min and --pool-max need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}."
+        )
+
+    async def run() -> Any:
+        return await check(
+            dsn, names=settings.target, quick=args.quick, pool_min=pool_min, pool_max=pool_max
+        )
+
+    result = anyio.run(run, backend="asyncio")
+    for line in result.lines():
+        print(line)
+    return errors.EXIT_OK if result.healthy else errors.EXIT_FAILURE
+
+
+def cmd_verify_api(args: argparse.Namespace) -> int:
+    """``flux-migrate verify --api``: 0 when both backends agree, 1 on any mismatch."""
+    configure(args.log_format or "console")
+    settings = _settings(args)
+    path = settings.require_source()
+    dsn = settings.require_dsn()
+    if args.page_size < 1:
+        raise ConfigError(f"--page-size must be at least 1, not {args.page_size}.")
+
+    async def run() -> Any:
+        return await compare_api(path, dsn, names=settings.target, page_size=args.page_size)
+
+    result = anyio.run(run, backend="asyncio")
+    for line in result.lines():
+        print(line)
+    return errors.EXIT_OK if result.ok else errors.EXIT_FAILURE

@@ -1,0 +1,218 @@
+"""After a migration: does PostgreSQL answer every API call the way SQLite does?
+
+For every session it compares ``get_session`` and the full ``get_history`` (timestamps as
+instants, metadata as dicts), and the order ``get_sessions`` pages through. Rows the migration
+quarantined (``flux_migrate.quarantine``) are expected differences, counted, not failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from memory.base import Memory
+from memory.postgres import PostgresMemory
+from memory.sqlite import SQLiteMemory
+from pipeline.errors import ConfigError
+from pipeline.runner import check_source
+from pipeline.schema import BOOKKEEPING_SCHEMA, TargetNames
+from pipeline.target import connect
+from stages.extract import open_source
+
+_COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")
+_COMPARED_MESSAGE_FIELDS = ("id", "session_id", "role", "content", "metadata", "created_at")
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One disagreement: which row (``sessions/<id>``, ``messages/<id>``, ``get_sessions``) and how."""
+
+    key: str
+    what: str
+
+
+@dataclass
+class ApiComparison:
+    """Counts of what was compared, the mismatches, and the first ones found."""
+
+    sessions_compared: int = 0
+    messages_compared: int = 0
+    pages_compared: int = 0
+    mismatches: int = 0
+    expected_differences: int = 0  # quarantined rows met while comparing
+    quarantined: int = 0  # rows in the quarantine for this schema
+    first_mismatches: list[Mismatch] = field(default_factory=list)
+    max_reported: int = 20
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+    def add(self, key: str, what: str) -> None:
+        self.mismatches += 1
+        if len(self.first_mismatches) < self.max_reported:
+            self.first_mismatches.append(Mismatch(key, what))
+
+    def lines(self) -> list[str]:
+        """The comparison for people; mentions keys and fields, never chat content."""
+        out = [
+            f"sessions compared: {self.sessions_compared:,}",
+            f"messages compared: {self.messages_compared:,}",
+            f"get_sessions pages compared: {self.pages_compared:,}",
+            f"quarantined rows (expected differences): {self.expected_differences:,}"
+            f" met, {self.quarantined:,} in the quarantine",
+            f"mismatches: {self.mismatches:,}",
+        ]
+        out += [f"  {m.key}: {m.what}" for m in self.first_mismatches]
+        if self.mismatches > len(self.first_mismatches):
+            out.append(f"  ... and {self.mismatches - len(self.first_mismatches):,} more")
+        out.append("the API answers the same on both backends" if self.ok else "MISMATCH")
+        return out
+
+
+async def compare_api(
+    sqlite_path: str | Path,
+    dsn: str,
+    *,
+    schema: str = "public",
+    page_size: int = 50,
+    names: TargetNames | None = None,
+    max_reported: int = 20,
+) -> ApiComparison:
+    """Compare what both backends answer for every session; read-only on both sides.
+
+    Raises SourceError when the SQLite file is missing or not the app's, TargetError when the PostgreSQL tables
+    are, and other MigrateError subclasses when a backend cannot be reached. Blocks for a few
+    queries per session.
+    """
+    if page_size < 1:
+        raise ConfigError(f"The page size must be at least 1, not {page_size}.")
+    path = Path(sqlite_path)
+    async with open_source(path) as src:  # refuses a missing file or another app's database
+        await check_source(src, path)
+    names = names or TargetNames(schema=schema)
+    result = ApiComparison(max_reported=max_reported)
+    quarantined = await _quarantined_keys(dsn, names)
+    result.quarantined = sum(len(keys) for keys in quarantined.values())
+    async with (
+        SQLiteMemory(path) as lite,
+        PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as pg,
+    ):
+        lite_order = await _page_all(lite, page_size, result, "SQLite")
+        pg_order = await _page_all(pg, page_size, result, "PostgreSQL")
+        expected_order = [s for s in lite_order if s not in quarantined["sessions"]]
+        _compare_order(expected_order, pg_order, result)
+        for session_id in lite_order:
+            await _compare_session(lite, pg, session_id, quarantined, result)
+    return result
+
+
+async def _quarantined_keys(dsn: str, names: TargetNames) -> dict[str, set[str | None]]:
+    """The source keys the migration quarantined into this schema, by source table."""
+    out: dict[str, set[str | None]] = {"sessions": set(), "messages": set()}
+    conn = await connect(dsn)
+    try:
+        table = f"{BOOKKEEPING_SCHEMA}.quarantine"
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            return out
+        rows = await conn.fetch(
+            f"SELECT DISTINCT source_table, source_key FROM {table} WHERE target_schema = $1",
+            names.schema,
+        )
+    finally:
+        await conn.close()
+    for r in rows:
+        keys = out.setdefault(r["source_table"], set())
+        keys.add(r["source_key"])
+        if r["source_key"] in (None, ""):
+            keys.update((None, ""))  # a row without a key: whichever way SQLite shows it
+    return out
+
+
+async def _page_all(memory: Memory, page_size: int, result: ApiComparison, side: str) -> list[str]:
+    """Every session id in ``get_sessions`` order, page by page; repeats are mismatches."""
+    order: list[str] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        page = await memory.get_sessions(limit=page_size, offset=offset)
+        result.pages_compared += 1
+        for s in page:
+            if s["id"] in seen:
+                result.add("get_sessions", f"{side} paging returns session {s['id']} twice")
+            seen.add(s["id"])
+            order.append(s["id"])
+        if len(page) < page_size:
+            return order
+        offset += page_size
+
+
+def _compare_order(expected: list[str], actual: list[str], result: ApiComparison) -> None:
+    expected_set, actual_set = set(expected), set(actual)
+    for key in expected:
+        if key not in actual_set:
+            result.add(f"sessions/{key}", "missing in PostgreSQL")
+    for key in actual:
+        if key not in expected_set:
+            result.add(f"sessions/{key}", "in PostgreSQL but not in SQLite")
+    if expected_set == actual_set and expected != actual:
+        at = next(i for i, (a, b) in enumerate(zip(expected, actual)) if a != b)
+        result.add("get_sessions", f"the order differs from position {at}")
+
+
+def _instant(value: Any) -> Any:
+    """A timestamp string as an aware datetime, so offsets do not matter; else as is."""
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _differences(left: dict[str, Any], right: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    out = []
+    for name in fields:
+        a, b = left.get(name), right.get(name)
+        if name.endswith("_at"):
+            a, b = _instant(a), _instant(b)
+        if a != b:
+            out.append(name)
+    return out
+
+
+async def _compare_session(
+    lite: SQLiteMemory,
+    pg: PostgresMemory,
+    session_id: str,
+    quarantined: dict[str, set[str | None]],
+    result: ApiComparison,
+) -> None:
+    mine = await lite.get_session(session_id)
+    if mine is None:
+        return  # deleted while comparing; nothing to compare
+    if session_id in quarantined["sessions"]:
+        result.expected_differences += 1 + int(mine["message_count"])
+        return
+    theirs = await pg.get_session(session_id)
+    if theirs is None:
+        return  # already counted as missing by the paging comparison
+    result.sessions_compared += 1
+    history = await lite.get_history(session_id, limit=int(mine["message_count"]))
+    expected = [m for m in history if m["id"] not in quarantined["messages"]]
+    result.expected_differences += len(history) - len(expected)
+    mine = {**mine, "message_count": len(expected)}
+    if fields := _differences(mine, theirs, _COMPARED_SESSION_FIELDS):
+        result.add(f"sessions/{session_id}", f"get_session differs in {', '.join(fields)}")
+    actual = await pg.get_history(session_id, limit=max(int(theirs["message_count"]), len(expected)))
+    if [m["id"] for m in expected] != [m["id"] for m in actual]:
+        result.add(f"sessions/{session_id}", "get_history returns other messages or another order")
+    by_id = {m["id"]: m for m in actual}
+    for message in expected:
+        other = by_id.get(message["id"])
+        if other is None:
+            result.add(f"messages/{message['id']}", "missing in PostgreSQL")
+            continue
+        result.messages_compared += 1
+        if fields := _differences(message, other, _COMPARED_MESSAGE_FIELDS):
+            result.add(f"messages/{message['id']}", f"get_history differs in {', '.join(fields)}")
