@@ -7,6 +7,7 @@ import re
 import sqlite3
 from enum import Enum
 
+import anyio
 import asyncpg
 
 # Exit codes, documented in the README.
@@ -143,4 +144,9 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    return leaves[0] if len(leaves) == 1 else group
+    # A failing consumer closes the buffer, so the producer's BrokenResourceError is a symptom.
+    causes = [e for e in leaves if not isinstance(e, (anyio.BrokenResourceError, anyio.ClosedResourceError))]
+    for exc in causes:
+        if isinstance(exc, MigrateError):
+            return exc
+    return causes[0] if len(causes) == 1 else group

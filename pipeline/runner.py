@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -304,9 +305,12 @@ class StopFlag:
 
 async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
     """Move batches from the extract/transform chain into the bounded buffer, then close it."""
-    async with send:
-        async for batch in source:
-            await send.send(batch)
+    async with send, contextlib.aclosing(source):  # type: ignore[type-var]
+        try:
+            async for batch in source:
+                await send.send(batch)
+        except anyio.BrokenResourceError:
+            return  # the consumer stopped (at a boundary, or failing: it reports why)
 
 
 async def migrate_table(
@@ -375,7 +379,7 @@ async def migrate_table(
             tg.start_soon(_pump, chain, send)
             async with receive:
                 await load(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
-            tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
+                tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
     except BaseExceptionGroup as group:
         raise single_error(group) from None
     if logged > QUARANTINE_LOG_LIMIT:

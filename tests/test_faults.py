@@ -1,0 +1,178 @@
+"""Faults: lost connections, a restarted or vanished server, signals; the run recovers or stops
+cleanly, and a rerun always ends with each source row exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from pipeline.errors import RuntimeFailure
+from pipeline.runner import migrate
+from pipeline.settings import load_settings
+from tests.proxy import FlakyProxy
+from tests.support import cli, fetchval, source_rows, start_cli, target_rows
+
+pytestmark = pytest.mark.anyio
+
+
+class AfterBatches:
+    """A progress sink that calls ``action`` (in a thread) once ``n`` batches have committed."""
+
+    def __init__(self, n: int, action: Any) -> None:
+        self.n, self.action, self.seen = n, action, 0
+
+    def start(self, table: str, total: int) -> None:
+        pass
+
+    def finish(self, table: str) -> None:
+        pass
+
+    def advance(self, table: str, rows: int) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            threading.Thread(target=self.action, daemon=True).start()
+
+
+async def _exactly_once(source: Path, dsn: str) -> None:
+    for table in ("sessions", "messages"):
+        assert source_rows(source, table) == await target_rows(dsn, table)
+    total = await fetchval(dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
+    assert len(source_rows(source, "sessions")) + len(source_rows(source, "messages")) == total
+
+
+async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(sample_db: Path, pg_dsn: str) -> None:
+    """Every connection dropped in the middle of the messages: the batch is retried with backoff
+    and the run completes by itself with each row once."""
+    proxy = FlakyProxy(pg_dsn)
+
+    def blip() -> None:
+        proxy.cut()
+        time.sleep(1.0)
+        proxy.restore()
+
+    try:
+        settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100)
+        with capture_logs() as logs:
+            report = await migrate(settings, progress=AfterBatches(8, blip))
+    finally:
+        proxy.close()
+    assert "completed" == report.status
+    assert any(e["event"] == "batch_retried" for e in logs)
+    await _exactly_once(sample_db, pg_dsn)
+
+
+async def test_server_restart_mid_run_is_survived(sample_db: Path, pg_dsn: str, restart_server: Any) -> None:
+    """The real test server restarted in the middle of a run: the run carries on by itself.
+    (Against TEST_POSTGRES_DSN, which may not be restarted, the server's connections are cut.)"""
+    proxy = FlakyProxy(pg_dsn)
+
+    def outage() -> None:
+        if restart_server is not None:
+            restart_server()
+        else:
+            proxy.cut()
+            time.sleep(2)
+            proxy.restore()
+
+    try:
+        settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100)
+        with capture_logs() as logs:
+            report = await migrate(settings, progress=AfterBatches(6, outage))
+    finally:
+        proxy.close()
+    assert "completed" == report.status
+    assert any(e["event"] == "batch_retried" for e in logs)
+    await _exactly_once(sample_db, pg_dsn)
+
+
+async def test_postgres_gone_for_good_fails_with_exit_1_and_a_rerun_resumes(sample_db: Path, pg_dsn: str) -> None:
+    """PostgreSQL away longer than the retry budget: one clear RuntimeFailure (exit 1); once it
+    is back, rerunning resumes and ends with each row once."""
+    proxy = FlakyProxy(pg_dsn)
+    try:
+        settings = load_settings(
+            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100, retry_seconds=2.0
+        )
+        with pytest.raises(RuntimeFailure) as info:
+            await migrate(settings, progress=AfterBatches(5, proxy.cut))
+        assert 1 == info.value.exit_code
+        assert "stayed unreachable" in info.value.message
+        assert "rerun" in info.value.message
+        loaded = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
+        assert loaded >= 400
+        proxy.restore()
+        report = await migrate(settings)
+    finally:
+        proxy.close()
+    assert "completed" == report.status
+    await _exactly_once(sample_db, pg_dsn)
+
+
+def test_unreachable_server_exits_1_without_traceback(sample_db: Path) -> None:
+    """A DSN to a port nobody listens on exits 1 with one sentence and no password."""
+    done = cli(
+        "run", "--sqlite-path", str(sample_db),
+        "--postgres-dsn", "postgresql://app:hunter2-secret@127.0.0.1:9/chat", "--log-format", "json",
+    )
+    assert 1 == done.returncode
+    assert "cannot be reached" in done.stderr
+    assert "hunter2-secret" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_signal_stops_at_a_batch_boundary_and_a_rerun_resumes(
+    sample_db: Path, pg_dsn: str, tmp_path: Path, signum: int, code: int
+) -> None:
+    """SIGTERM/SIGINT stop the run at a batch boundary with exit 143/130, print the summary so
+    far, leave consistent checkpoints, and a rerun finishes with each row once."""
+    report_path = tmp_path / "report.json"
+    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--batch-size", "50",
+            "--log-format", "json", "--no-progress", "--report-json", str(report_path)]
+    proc = start_cli(*args)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if '"batch_loaded"' in line:
+            seen += 1
+            if seen == 10:
+                proc.send_signal(signum)
+                break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert code == proc.returncode, rest
+    assert "rerun the same command to resume" in rest
+    assert "Traceback" not in rest
+    report = json.loads(report_path.read_text())
+    assert "interrupted" == report["status"]
+    # Consistent: the rows in the target are exactly what the checkpoints say was loaded.
+    in_target = await fetchval(pg_dsn, "SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM messages)")
+    assert in_target == await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
+    assert report["tables"]["sessions"]["loaded"] + report["tables"].get("messages", {"loaded": 0})["loaded"] == in_target
+    rerun = cli(*args[:-2])
+    assert 0 == rerun.returncode, rerun.stderr
+    await _exactly_once(sample_db, pg_dsn)
+
+
+async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) -> None:
+    """While one run holds the target, a second one stops with a clear sentence (exit 2)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.fetchval("SELECT pg_advisory_lock(hashtext('flux_migrate:' || 'public'))")
+        done = await anyio.to_thread.run_sync(
+            lambda: cli("run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
+        )
+    finally:
+        await conn.close()
+    assert 2 == done.returncode
+    assert "Another flux-migrate run" in done.stderr

@@ -1,0 +1,256 @@
+"""The health check and the after-migration API comparison, against the real test PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+import structlog
+
+from memory import PostgresMemory, SQLiteMemory
+from memory.check import check
+from memory.cli import add_commands, add_verify_api_arguments, cmd_verify_api
+from memory.compare import compare_api
+from pipeline.errors import ConfigError, TargetError
+from pipeline.runner import migrate
+from pipeline.settings import load_settings
+
+UNREACHABLE = "postgresql://alice:s3cret-pw@127.0.0.1:1/app"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI handlers configure structlog for the process; put it back for later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+async def snapshot(dsn: str) -> dict[str, Any]:
+    """Everything a check could leave behind: user schemas, tables, their rows, advisory locks."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        schemas = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'"
+                " AND nspname <> 'information_schema'"
+            )
+        }
+        tables = [
+            (r[0], r[1])
+            for r in await conn.fetch(
+                "SELECT schemaname, tablename FROM pg_tables"
+                " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+            )
+        ]
+        rows = {
+            f"{s}.{t}": await conn.fetchval(f'SELECT count(*) FROM "{s}"."{t}"') for s, t in tables
+        }
+        locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+    finally:
+        await conn.close()
+    return {"schemas": schemas, "tables": tables, "rows": rows, "advisory_locks": locks}
+
+
+# ------------------------------------------------------------------ check
+
+
+@pytest.mark.anyio
+async def test_full_check_on_empty_database_is_healthy_and_leaves_nothing(pg_dsn: str) -> None:
+    """A full check on an empty database passes CRUD and leaves no schema, table or lock."""
+    before = await snapshot(pg_dsn)
+    result = await check(pg_dsn, schema="probe", pool_min=2, pool_max=4)
+    assert result.healthy, result.lines()
+    assert (True, 2, 4) == (result.crud_ok, result.pool_min, result.pool_max)
+    assert result.pool_opened is not None and result.pool_opened >= 2
+    assert result.server_version and result.latency_ms is not None and result.latency_ms > 0
+    assert all(state.startswith("absent") for state in result.tables.values())
+    assert before == await snapshot(pg_dsn)
+    assert "healthy" == result.lines()[-1]
+
+
+@pytest.mark.anyio
+async def test_full_check_on_live_tables_keeps_their_rows(pg_dsn: str) -> None:
+    """With the app's tables in use, the check reports them ok and changes no row."""
+    async with PostgresMemory(pg_dsn) as memory:
+        session_id = await memory.create_session("real", {"keep": True})
+        await memory.add_message(session_id, "user", "hello")
+    before = await snapshot(pg_dsn)
+    result = await check(pg_dsn)
+    assert result.healthy, result.lines()
+    assert {'"public"."sessions"': "ok", '"public"."messages"': "ok"} == result.tables
+    assert before == await snapshot(pg_dsn)
+
+
+@pytest.mark.anyio
+async def test_quick_check_only_connects(pg_dsn: str) -> None:
+    """--quick reports version and latency, and neither inspects tables nor writes."""
+    before = await snapshot(pg_dsn)
+    result = await check(pg_dsn, quick=True)
+    assert result.healthy
+    assert result.server_version and result.latency_ms is not None
+    assert ({}, None, None) == (result.tables, result.crud_ok, result.pool_opened)
+    assert before == await snapshot(pg_dsn)
+
+
+@pytest.mark.anyio
+async def test_check_reports_a_table_that_does_not_match(pg_dsn: str) -> None:
+    """A sessions table with text timestamps makes the check unhealthy, naming the column."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE sessions (id text, title text, created_at text, updated_at text,"
+            " metadata jsonb)"
+        )
+    finally:
+        await conn.close()
+    result = await check(pg_dsn)
+    assert not result.healthy
+    assert "created_at" in result.tables['"public"."sessions"']
+    assert "MISMATCH" in result.tables['"public"."sessions"']
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("quick", [True, False])
+async def test_unreachable_server_is_unhealthy_without_password(quick: bool) -> None:
+    """An unreachable server gives an unhealthy result (no exception) that never shows the password."""
+    result = await check(UNREACHABLE, quick=quick, timeout=3)
+    text = "\n".join(result.lines()) + repr(result)
+    assert (False, False) == (result.healthy, result.connected)
+    assert "127.0.0.1:1/app" in text
+    assert "s3cret" not in text and "alice" not in result.location
+
+
+def run_check_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    handlers = add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return handlers[args.command](args)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_cli_exit_codes(
+    pg_dsn: str, anyio_backend: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`check` exits 0 when healthy, 1 when unreachable, and raises ConfigError (2) without a DSN."""
+    assert 0 == run_check_cli(["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"])
+    healthy = capsys.readouterr().out
+    assert "round-trip latency" in healthy and "pool: min 1, max 2" in healthy
+    assert 1 == run_check_cli(["check", "--postgres-dsn", UNREACHABLE, "--quick"])
+    assert "s3cret" not in capsys.readouterr().out
+    monkeypatch.delenv("POSTGRES_DSN", raising=False)
+    with pytest.raises(ConfigError) as info:
+        run_check_cli(["check"])
+    assert 2 == info.value.exit_code
+    with pytest.raises(ConfigError):
+        run_check_cli(["check", "--postgres-dsn", pg_dsn, "--pool-min", "5", "--pool-max", "2"])
+
+
+# ------------------------------------------------------------------ compare_api
+
+
+async def fill_through_api(path: Path) -> dict[str, list[str]]:
+    """Sessions and messages written by the SQLite backend, as the app writes them."""
+    ids: dict[str, list[str]] = {}
+    async with SQLiteMemory(path) as memory:
+        for i in range(12):
+            session_id = await memory.create_session(f"chat {i} 東京 🙂", {"n": i, "tags": ["a", None]})
+            ids[session_id] = [
+                await memory.add_message(
+                    session_id,
+                    "user" if j % 2 == 0 else "assistant",
+                    f"message {j} مرحبا e\u0301",
+                    {"j": j, "nested": {"ok": True, "x": 1.5}},
+                )
+                for j in range(i % 4)
+            ]
+        await memory.update_session_title(next(iter(ids)), "renamed")
+    return ids
+
+
+@pytest.mark.anyio
+async def test_compare_api_agrees_after_migration(tmp_path: Path, pg_dsn: str) -> None:
+    """Data written through the SQLite API and migrated answers every call the same in PostgreSQL."""
+    path = tmp_path / "app.sqlite"
+    ids = await fill_through_api(path)
+    session_id = next(iter(ids))
+    with sqlite3.connect(path) as conn:  # one row the migration must quarantine
+        conn.execute(
+            "INSERT INTO messages VALUES ('bad-stamp', ?, 'user', 'x', '{}', 'yesterday')", (session_id,)
+        )
+    report = await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    assert 1 == report.quarantined
+    result = await compare_api(path, pg_dsn, page_size=5)
+    assert result.ok, result.lines()
+    assert (12, sum(len(m) for m in ids.values())) == (result.sessions_compared, result.messages_compared)
+    assert (1, 1) == (result.expected_differences, result.quarantined)
+    assert 2 * 3 == result.pages_compared  # 12 sessions in pages of 5, 5, 2 on each side
+
+
+@pytest.mark.anyio
+async def test_compare_api_detects_changed_content(tmp_path: Path, pg_dsn: str) -> None:
+    """A message whose content changed in PostgreSQL after the migration is a mismatch, by key."""
+    path = tmp_path / "app.sqlite"
+    ids = await fill_through_api(path)
+    await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    changed = next(m for messages in ids.values() for m in messages)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE messages SET content = content || '!' WHERE id = $1", changed)
+    finally:
+        await conn.close()
+    result = await compare_api(path, pg_dsn)
+    assert not result.ok
+    assert 1 == result.mismatches
+    assert [(f"messages/{changed}", "get_history differs in content")] == [
+        (m.key, m.what) for m in result.first_mismatches
+    ]
+    assert "MISMATCH" == result.lines()[-1]
+
+
+@pytest.mark.anyio
+async def test_compare_api_refuses_unmigrated_target(tmp_path: Path, pg_dsn: str) -> None:
+    """Comparing before anything was migrated says so instead of creating tables."""
+    path = tmp_path / "app.sqlite"
+    await fill_through_api(path)
+    with pytest.raises(TargetError) as info:
+        await compare_api(path, pg_dsn)
+    assert "migrate first" in str(info.value)
+    assert [] == (await snapshot(pg_dsn))["tables"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_verify_api_cli_exit_codes(
+    tmp_path: Path, pg_dsn: str, anyio_backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`verify --api` exits 0 when both backends agree and 1 after a session vanished."""
+    path = tmp_path / "app.sqlite"
+    ids = anyio.run(fill_through_api, path)
+    anyio.run(migrate, load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--sqlite-path", type=Path)
+    parser.add_argument("--postgres-dsn")
+    parser.add_argument("--log-format")
+    add_verify_api_arguments(parser)
+    args = parser.parse_args(["--api", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn])
+    assert 0 == cmd_verify_api(args)
+    assert "mismatches: 0" in capsys.readouterr().out
+
+    async def drop_one() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("DELETE FROM sessions WHERE id = $1", next(iter(ids)))
+        finally:
+            await conn.close()
+
+    anyio.run(drop_one)
+    assert 1 == cmd_verify_api(args)
+    assert f"sessions/{next(iter(ids))}: missing in PostgreSQL" in capsys.readouterr().out
