@@ -120,7 +120,7 @@ async def test_check_reports_a_table_that_does_not_match(pg_dsn: str) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("quick", [True, False])
 async def test_unreachable_server_is_unhealthy_without_password(quick: bool) -> None:
-    """An unreachable server gives an unhealthy result (no exception) that never shows the password."""
+    """An unreachable server is an unhealthy result, not an exception, and shows no password."""
     result = await check(UNREACHABLE, quick=quick, timeout=3)
     text = "\n".join(result.lines()) + repr(result)
     assert (False, False) == (result.healthy, result.connected)
@@ -137,10 +137,15 @@ def run_check_cli(argv: list[str]) -> int:
 
 @pytest.mark.usefixtures("restore_logging")
 def test_check_cli_exit_codes(
-    pg_dsn: str, anyio_backend: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str,
+    anyio_backend: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`check` exits 0 when healthy, 1 when unreachable, and raises ConfigError (2) without a DSN."""
-    assert 0 == run_check_cli(["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"])
+    """`check` exits 0 healthy, 1 unreachable, and raises ConfigError (exit 2) without a DSN."""
+    assert 0 == run_check_cli(
+        ["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"]
+    )
     healthy = capsys.readouterr().out
     assert "round-trip latency" in healthy and "pool: min 1, max 2" in healthy
     assert 1 == run_check_cli(["check", "--postgres-dsn", UNREACHABLE, "--quick"])
@@ -161,7 +166,9 @@ async def fill_through_api(path: Path) -> dict[str, list[str]]:
     ids: dict[str, list[str]] = {}
     async with SQLiteMemory(path) as memory:
         for i in range(12):
-            session_id = await memory.create_session(f"chat {i} 東京 🙂", {"n": i, "tags": ["a", None]})
+            session_id = await memory.create_session(
+                f"chat {i} 東京 🙂", {"n": i, "tags": ["a", None]}
+            )
             ids[session_id] = [
                 await memory.add_message(
                     session_id,
@@ -177,19 +184,23 @@ async def fill_through_api(path: Path) -> dict[str, list[str]]:
 
 @pytest.mark.anyio
 async def test_compare_api_agrees_after_migration(tmp_path: Path, pg_dsn: str) -> None:
-    """Data written through the SQLite API and migrated answers every call the same in PostgreSQL."""
+    """Data written through the SQLite API and migrated answers every call alike in PostgreSQL."""
     path = tmp_path / "app.sqlite"
     ids = await fill_through_api(path)
     session_id = next(iter(ids))
     with sqlite3.connect(path) as conn:  # one row the migration must quarantine
         conn.execute(
-            "INSERT INTO messages VALUES ('bad-stamp', ?, 'user', 'x', '{}', 'yesterday')", (session_id,)
+            "INSERT INTO messages VALUES ('bad-stamp', ?, 'user', 'x', '{}', 'yesterday')",
+            (session_id,),
         )
     report = await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
     assert 1 == report.quarantined
     result = await compare_api(path, pg_dsn, page_size=5)
     assert result.ok, result.lines()
-    assert (12, sum(len(m) for m in ids.values())) == (result.sessions_compared, result.messages_compared)
+    assert (12, sum(len(m) for m in ids.values())) == (
+        result.sessions_compared,
+        result.messages_compared,
+    )
     assert (1, 1) == (result.expected_differences, result.quarantined)
     assert 2 * 3 == result.pages_compared  # 12 sessions in pages of 5, 5, 2 on each side
 

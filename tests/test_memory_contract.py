@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -21,7 +22,7 @@ from memory import (
     create_memory,
 )
 from pipeline.errors import ConfigError, TargetError
-from pipeline.schema import constraints, TargetNames
+from pipeline.schema import TargetNames, constraints
 
 pytestmark = pytest.mark.anyio
 
@@ -83,18 +84,23 @@ async def force_updated_at(memory: AnyMemory, session_id: str, when: datetime) -
     """Set a session's updated_at behind the API's back, to make ties."""
     if isinstance(memory, SQLiteMemory):
         with sqlite3.connect(memory.path) as conn:
-            conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (when.isoformat(), session_id))
+            conn.execute(
+                "UPDATE sessions SET updated_at = ? WHERE id = ?", (when.isoformat(), session_id)
+            )
         return
     assert memory.pool is not None
     async with memory.pool.acquire() as conn:
         await conn.execute(
-            f"UPDATE {memory.names.qualified('sessions')} SET updated_at = $1 WHERE id = $2", when, session_id
+            f"UPDATE {memory.names.qualified('sessions')} SET updated_at = $1 WHERE id = $2",
+            when,
+            session_id,
         )
 
 
 def parse(ts: str) -> datetime:
     value = datetime.fromisoformat(ts)
-    assert value.utcoffset() is not None and value.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    offset = value.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     return value
 
 
@@ -216,7 +222,9 @@ async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
     for i in range(8):
         await mem.add_message(session_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
     assert ["m5", "m6", "m7"] == [m["content"] for m in await mem.get_history(session_id, limit=3)]
-    assert [f"m{i}" for i in range(8)] == [m["content"] for m in await mem.get_history(session_id, 100)]
+    assert [f"m{i}" for i in range(8)] == [
+        m["content"] for m in await mem.get_history(session_id, 100)
+    ]
     assert [] == await mem.get_history(session_id, limit=0)
     history = await mem.get_history(session_id)
     stamps = [parse(m["created_at"]) for m in history]
@@ -232,9 +240,13 @@ async def test_history_default_limit_from_settings(backend: tuple[str, str]) -> 
         session_id = await memory.create_session()
         for i in range(23):
             await memory.add_message(session_id, "user", f"m{i}")
-        assert [f"m{i}" for i in range(3, 23)] == [m["content"] for m in await memory.get_history(session_id)]
+        assert [f"m{i}" for i in range(3, 23)] == [
+            m["content"] for m in await memory.get_history(session_id)
+        ]
     async with make_memory(backend, default_history_limit=5) as memory:
-        assert [f"m{i}" for i in range(18, 23)] == [m["content"] for m in await memory.get_history(session_id)]
+        assert [f"m{i}" for i in range(18, 23)] == [
+            m["content"] for m in await memory.get_history(session_id)
+        ]
 
 
 async def test_sessions_most_recently_updated_first(mem: AnyMemory) -> None:
@@ -247,7 +259,9 @@ async def test_sessions_most_recently_updated_first(mem: AnyMemory) -> None:
     sessions = await mem.get_sessions()
     assert [first, third, second] == [s["id"] for s in sessions]
     assert [2, 0, 0] == [s["message_count"] for s in sessions]
-    assert {"id", "title", "created_at", "updated_at", "metadata", "message_count"} == set(sessions[0])
+    assert {"id", "title", "created_at", "updated_at", "metadata", "message_count"} == set(
+        sessions[0]
+    )
 
 
 async def test_sessions_paging_with_offset(mem: AnyMemory) -> None:
@@ -375,7 +389,7 @@ async def test_pool_size_never_exceeds_max(pg_dsn: str) -> None:
         async def watch() -> None:
             while not done.is_set():
                 seen.append(memory.pool.get_size())  # type: ignore[union-attr]
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
 
         async def call(i: int) -> None:
             await memory.add_message(session_id, "user", f"m{i}")
@@ -413,7 +427,8 @@ async def test_postgres_creates_schema_with_keys_idempotently(pg_dsn: str) -> No
             r[0]
             for r in await conn.fetch(
                 "SELECT conname FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
-                " WHERE n.nspname = 'app' UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'app'"
+                " WHERE n.nspname = 'app'"
+                " UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'app'"
             )
         }
         types = dict(
@@ -449,7 +464,8 @@ async def test_postgres_stores_metadata_as_jsonb_object(pg_dsn: str) -> None:
         assert memory.pool is not None
         async with memory.pool.acquire() as conn:
             kind, value = await conn.fetchrow(
-                "SELECT jsonb_typeof(metadata), metadata -> 'a' -> 1 FROM sessions WHERE id = $1", session_id
+                "SELECT jsonb_typeof(metadata), metadata -> 'a' -> 1 FROM sessions WHERE id = $1",
+                session_id,
             )
             with pytest.raises(Exception) as info:  # asyncpg wraps the codec's TypeError
                 await conn.execute("UPDATE sessions SET metadata = $1", '{"a": 1}')
@@ -486,7 +502,11 @@ async def test_factory_picks_backend_from_env(
         {"DATABASE_BACKEND": "mysql", "SQLITE_PATH": "x.sqlite"},
         {"DATABASE_BACKEND": "postgres"},
         {"DATABASE_BACKEND": "sqlite"},
-        {"DATABASE_BACKEND": "postgres", "POSTGRES_DSN": "postgresql://h/db", "MEMORY_POOL_MAX": "0"},
+        {
+            "DATABASE_BACKEND": "postgres",
+            "POSTGRES_DSN": "postgresql://h/db",
+            "MEMORY_POOL_MAX": "0",
+        },
         {"MEMORY_POOL_MIN": "two"},
     ],
 )
@@ -501,5 +521,10 @@ async def test_factory_rejects_bad_settings(env: dict[str, str]) -> None:
 async def test_factory_default_is_sqlite(tmp_path: Path) -> None:
     """Without DATABASE_BACKEND the app keeps using SQLite, as before the migration."""
     settings = MemorySettings.from_env({"SQLITE_PATH": str(tmp_path / "a.sqlite")})
-    assert ("sqlite", 2, 10, 20) == (settings.backend, settings.pool_min, settings.pool_max, settings.history_limit)
+    assert ("sqlite", 2, 10, 20) == (
+        settings.backend,
+        settings.pool_min,
+        settings.pool_max,
+        settings.history_limit,
+    )
     assert isinstance(create_memory(settings), SQLiteMemory)

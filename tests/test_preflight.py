@@ -1,0 +1,273 @@
+"""Preflight and policies: conflicts, fingerprints, --restart, source problems, verify, secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pipeline.errors import SourceError, TargetError
+from pipeline.runner import migrate
+from pipeline.schema import TargetNames, target_ddl
+from pipeline.settings import load_settings
+from pipeline.verify import verify_quick, verify_rows
+from tests.dirty import GOOD_TS, app_db, new_id
+from tests.support import cli, fetchval, source_rows, target_rows
+
+pytestmark = pytest.mark.anyio
+
+
+async def _execute(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _prefill_target(dsn: str, session_id: str, title: str) -> None:
+    await _execute(dsn, *target_ddl(TargetNames()))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO sessions (id, title, created_at, updated_at) VALUES ($1, $2, now(), now())",
+            session_id,
+            title,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_foreign_rows_stop_the_run_before_anything_is_written(tmp_path: Path, pg_dsn: str) -> None:
+    """A target table holding rows we did not write stops the run with exit 2 and a sentence
+    naming the table, and nothing (not even the bookkeeping schema) is written."""
+    db = app_db(tmp_path / "app.sqlite")
+    db.write()
+    await _prefill_target(pg_dsn, new_id(), "the app's own row")
+    done = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode
+    assert '"public"."sessions" already holds rows' in done.stderr
+    assert "--on-conflict" in done.stderr
+    assert await fetchval(pg_dsn, "SELECT to_regnamespace('flux_migrate')") is None
+    assert 1 == await fetchval(pg_dsn, "SELECT count(*) FROM sessions")
+
+
+async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(tmp_path: Path, pg_dsn: str) -> None:
+    """--on-conflict skip keeps a row whose key exists, counts it as skipped, loads the rest,
+    and verify accounts for it."""
+    db = app_db(tmp_path / "app.sqlite")
+    clash = db.sessions[0]["id"]
+    db.write()
+    await _prefill_target(pg_dsn, clash, "kept as it was")
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, on_conflict="skip")
+    report = await migrate(settings)
+    assert (1, 1, 2) == (
+        report.tables["sessions"].skipped,
+        report.tables["sessions"].loaded,
+        report.tables["sessions"].extracted,
+    )
+    assert "kept as it was" == await fetchval(pg_dsn, "SELECT title FROM sessions WHERE id = $1", clash)
+    assert 4 == report.tables["messages"].loaded
+    results = await verify_rows(settings)
+    assert all(r.ok for r in results), results
+    assert 1 == results[0].skipped
+
+
+async def test_on_conflict_update_overwrites_existing_rows(tmp_path: Path, pg_dsn: str) -> None:
+    """--on-conflict update overwrites a row whose key exists with the source's values."""
+    db = app_db(tmp_path / "app.sqlite")
+    clash = db.sessions[0]["id"]
+    db.write()
+    await _prefill_target(pg_dsn, clash, "stale title")
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, on_conflict="update")
+    report = await migrate(settings)
+    assert 2 == report.tables["sessions"].loaded
+    assert source_rows(db.path, "sessions") == await target_rows(pg_dsn, "sessions")
+
+
+async def test_resuming_with_another_source_is_refused_and_restart_starts_over(tmp_path: Path, pg_dsn: str) -> None:
+    """A target filled from database A refuses database B (exit 2); --restart --yes clears what
+    flux-migrate wrote and migrates B exactly."""
+    a = app_db(tmp_path / "a.sqlite").write()
+    b = app_db(tmp_path / "b.sqlite", good_sessions=3).write()
+    assert 0 == cli("run", "--sqlite-path", str(a), "--postgres-dsn", pg_dsn).returncode
+    refused = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn)
+    assert 2 == refused.returncode
+    assert "different SQLite database" in refused.stderr
+    no_yes = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn, "--restart")
+    assert 2 == no_yes.returncode
+    assert "--yes" in no_yes.stderr
+    restarted = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn, "--restart", "--yes")
+    assert 0 == restarted.returncode, restarted.stderr
+    for table in ("sessions", "messages"):
+        assert source_rows(b, table) == await target_rows(pg_dsn, table)
+
+
+async def test_resuming_with_other_settings_is_refused(tmp_path: Path, pg_dsn: str) -> None:
+    """Changing a setting that shapes the output (the naive time zone) between runs is refused."""
+    db = app_db(tmp_path / "app.sqlite").write()
+    await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn))
+    with pytest.raises(TargetError) as info:
+        await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, naive_timezone="Europe/Berlin"))
+    assert "naive_timezone" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("ddl", "needle"),
+    [
+        ("CREATE TABLE sessions (id TEXT PRIMARY KEY)", "lacks column(s) title"),
+        ("CREATE TABLE other (x INT)", "has no table sessions"),
+    ],
+)
+def test_source_not_matching_the_app_schema_exits_2(tmp_path: Path, pg_dsn: str, ddl: str, needle: str) -> None:
+    """A source without the app's tables or columns is refused up front with exit 2."""
+    path = tmp_path / "wrong.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(ddl)
+    conn.close()
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode
+    assert needle in done.stderr
+
+
+async def test_locked_source_is_refused_after_the_timeout(tmp_path: Path, pg_dsn: str) -> None:
+    """A source held under an exclusive lock beyond the timeout is refused with exit 2."""
+    db = app_db(tmp_path / "app.sqlite").write()
+    holder = sqlite3.connect(db, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=DELETE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SourceError) as info:
+            await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, sqlite_timeout=0.3))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert 2 == info.value.exit_code
+    assert "locked" in info.value.message
+
+
+async def test_source_file_is_byte_identical_after_a_run(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+    """The SQLite file is opened read-only: its bytes do not change, and no journal is left."""
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(sample_db, copy)
+    before = hashlib.sha256(copy.read_bytes()).hexdigest()
+    await migrate(load_settings(None, sqlite_path=copy, postgres_dsn=pg_dsn))
+    assert before == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert ["copy.sqlite"] == sorted(p.name for p in tmp_path.iterdir())
+
+
+async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str) -> None:
+    """While the app keeps writing (WAL mode), the run migrates the rows that existed at its
+    start and the next run picks up the rest; both end exact."""
+    path = tmp_path / "live.sqlite"
+    db = app_db(path, good_sessions=50, messages_each=20)
+    db.write()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    stop = threading.Event()
+
+    def writer() -> None:
+        w = sqlite3.connect(path, timeout=10)
+        sid = new_id()
+        w.execute("INSERT INTO sessions VALUES (?, 't', ?, ?, '{}')", (sid, GOOD_TS, GOOD_TS))
+        w.commit()
+        while not stop.is_set():
+            w.execute("INSERT INTO messages VALUES (?, ?, 'user', 'live', '{}', ?)", (new_id(), sid, GOOD_TS))
+            w.commit()
+            time.sleep(0.002)
+        w.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        settings = load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn, batch_size=50)
+        first = await migrate(settings)
+    finally:
+        stop.set()
+        thread.join()
+    assert "completed" == first.status
+    await migrate(settings)
+    for table in ("sessions", "messages"):
+        assert source_rows(path, table) == await target_rows(pg_dsn, table)
+
+
+async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(sample_db: Path, pg_dsn: str) -> None:
+    """verify reports one changed character, a deleted target row and an extra target row, and
+    --quick sees the difference too."""
+    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn)
+    await migrate(settings)
+    assert all(r.ok for r in await verify_rows(settings))
+    assert all(q.ok for q in await verify_quick(settings))
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM messages ORDER BY id LIMIT 2")]
+        await conn.execute(
+            "UPDATE messages SET content = overlay(content placing 'Z' from 1 for 1) WHERE id = $1", ids[0]
+        )
+        await conn.execute("DELETE FROM messages WHERE id = $1", ids[1])
+        session = await conn.fetchval("SELECT id FROM sessions LIMIT 1")
+        await conn.execute(
+            "INSERT INTO messages (id, session_id, role, content, created_at) VALUES ($1, $2, 'user', 'x', now())",
+            "ffffffff-0000-4000-8000-000000000000",
+            session,
+        )
+    finally:
+        await conn.close()
+    [sessions, messages] = await verify_rows(settings)
+    assert sessions.ok
+    assert (1, 1, 1) == (messages.different, messages.missing, messages.extra)
+    assert any(ids[0] in line and "content" in line for line in messages.samples)
+    quick = {q.table: q for q in await verify_quick(settings)}
+    assert quick["sessions"].ok and not quick["messages"].ok
+    done = cli("verify", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
+    assert 1 == done.returncode
+    assert "MISMATCH" in done.stdout
+
+
+async def test_identifiers_from_config_are_quoted(tmp_path: Path, pg_dsn: str) -> None:
+    """Schema and table names with quotes, spaces and capitals work: they are never pasted raw."""
+    db = app_db(tmp_path / "app.sqlite").write()
+    config = tmp_path / "odd.toml"
+    config.write_text(
+        '[target]\nschema = "Chat \\"Memory\\"; DROP"\n'
+        '[tables.sessions]\ntarget = "Sessions Table"\n[tables.messages]\ntarget = "msg-log"\n'
+    )
+    done = cli("run", "--config", str(config), "--sqlite-path", str(db), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    names = TargetNames(schema='Chat "Memory"; DROP', sessions="Sessions Table", messages="msg-log")
+    assert source_rows(db, "messages") == await target_rows(pg_dsn, "messages", names)
+    verify = cli("verify", "--config", str(config), "--sqlite-path", str(db), "--postgres-dsn", pg_dsn)
+    assert 0 == verify.returncode, verify.stdout
+
+
+async def test_passwords_never_appear_in_output_report_or_quarantine(tmp_path: Path, pg_dsn: str) -> None:
+    """A password in the DSN appears nowhere: logs, errors, summary, report JSON, quarantine."""
+    secret = "pw-Secret-4242"
+    dsn = pg_dsn.replace("postgres:@", f"postgres:{secret}@")
+    db = app_db(tmp_path / "app.sqlite")
+    db.session(created_at="bad")
+    db.write()
+    report = tmp_path / "report.json"
+    ok = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", dsn, "--report-json", str(report),
+             "--log-format", "json")
+    assert 3 == ok.returncode, ok.stderr
+    bad_db = dsn.replace("/t_", "/missing_t_")
+    failed = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", bad_db, "--log-format", "json")
+    assert 2 == failed.returncode
+    assert "does not exist" in failed.stderr
+    listing = cli("quarantine", "--postgres-dsn", dsn)
+    status = cli("status", "--postgres-dsn", dsn)
+    everything = ok.stdout + ok.stderr + failed.stdout + failed.stderr + listing.stdout + status.stdout
+    everything += report.read_text()
+    everything += json.dumps(await fetchval(pg_dsn, "SELECT json_agg(q) FROM flux_migrate.quarantine q"))
+    assert secret not in everything
+    assert "invalid_timestamp" in listing.stdout
