@@ -49,13 +49,17 @@ class SessionNotFoundError(LookupError):
 class Memory(Protocol):
     """The app's conversation memory; both backends implement exactly this."""
 
-    async def create_session(self, title: str = "", metadata: dict[str, Any] | None = None) -> str: ...
+    async def create_session(
+        self, title: str = "", metadata: dict[str, Any] | None = None
+    ) -> str: ...
 
     async def add_message(
         self, session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None
     ) -> str: ...
 
-    async def get_history(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]: ...
+    async def get_history(
+        self, session_id: str, limit: int | None = None
+    ) -> list[dict[str, Any]]: ...
 
     async def get_sessions(
         self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0

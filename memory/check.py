@@ -52,15 +52,21 @@ class CheckResult:
 
     def lines(self) -> list[str]:
         """The result for people, one fact per line; never contains a password."""
-        out = [f"PostgreSQL at {self.location}: {'reachable' if self.connected else 'NOT reachable'}"]
+        out = [
+            f"PostgreSQL at {self.location}: {'reachable' if self.connected else 'NOT reachable'}"
+        ]
         if self.server_version is not None:
             out.append(f"  server version: {self.server_version}")
         if self.latency_ms is not None:
-            out.append(f"  round-trip latency: {self.latency_ms:.2f} ms (median of {LATENCY_SAMPLES})")
+            out.append(
+                f"  round-trip latency: {self.latency_ms:.2f} ms (median of {LATENCY_SAMPLES})"
+            )
         for table, state in self.tables.items():
             out.append(f"  table {table}: {state}")
         if self.pool_opened is not None:
-            out.append(f"  pool: min {self.pool_min}, max {self.pool_max}, opened {self.pool_opened}")
+            out.append(
+                f"  pool: min {self.pool_min}, max {self.pool_max}, opened {self.pool_opened}"
+            )
         if self.crud_ok is not None:
             outcome = "ok, rolled back" if self.crud_ok else "FAILED, rolled back"
             out.append(f"  create/read/update/delete and jsonb round trip: {outcome}")
@@ -88,7 +94,9 @@ async def check(
     seconds per connection attempt.
     """
     if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigError(f"Pool sizes need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}.")
+        raise ConfigError(
+            f"Pool sizes need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}."
+        )
     names = names or TargetNames(schema=schema)
     result = CheckResult(dsn_location(dsn), names.schema, quick, pool_min, pool_max)
     try:
@@ -102,7 +110,7 @@ async def check(
         result.latency_ms = await _latency_ms(conn)
         if not quick:
             await _check_tables(conn, names, result)
-    except Exception as exc:  # reported, not raised: the check's job is to say what is wrong
+    except Exception as exc:  # noqa: BLE001 - a check reports what is wrong, never raises
         result.problems.append(f"inspecting the server failed: {_describe(exc)}")
     finally:
         await conn.close()
@@ -129,7 +137,8 @@ async def _check_tables(conn: asyncpg.Connection, names: TargetNames, result: Ch
     for table in TABLES:
         qualified = names.qualified(table.name)
         rows = await conn.fetch(
-            "SELECT a.attname AS name, a.atttypid AS oid, format_type(a.atttypid, a.atttypmod) AS type"
+            "SELECT a.attname AS name, a.atttypid AS oid,"
+            " format_type(a.atttypid, a.atttypmod) AS type"
             " FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0"
             " AND NOT a.attisdropped",
             qualified,
@@ -147,7 +156,9 @@ async def _check_tables(conn: asyncpg.Connection, names: TargetNames, result: Ch
             if column.name not in actual:
                 differences.append(f"column {column.name} missing")
             elif actual[column.name][0] != want["oid"]:
-                differences.append(f"column {column.name} is {actual[column.name][1]}, not {column.pg_type}")
+                differences.append(
+                    f"column {column.name} is {actual[column.name][1]}, not {column.pg_type}"
+                )
         if differences:
             result.tables[qualified] = "MISMATCH: " + "; ".join(differences)
             result.problems.append(f"table {qualified} does not match the app's schema")
@@ -170,16 +181,23 @@ def _expect(condition: bool, what: str) -> None:
         raise _Failed(what)
 
 
-async def _check_pool_and_crud(dsn: str, names: TargetNames, result: CheckResult, timeout: float) -> None:
+async def _check_pool_and_crud(
+    dsn: str, names: TargetNames, result: CheckResult, timeout: float
+) -> None:
     try:
-        pool = await pg.open_pool(dsn, min_size=result.pool_min, max_size=result.pool_max, timeout=timeout)
+        pool = await pg.open_pool(
+            dsn, min_size=result.pool_min, max_size=result.pool_max, timeout=timeout
+        )
     except MigrateError as exc:
         result.problems.append(f"opening a pool failed: {exc.message}")
         return
     try:
         result.pool_opened = pool.get_size()
         if result.pool_opened < result.pool_min:
-            result.problems.append(f"the pool opened {result.pool_opened} connections, fewer than min {result.pool_min}")
+            result.problems.append(
+                f"the pool opened {result.pool_opened} connections,"
+                f" fewer than min {result.pool_min}"
+            )
         async with pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
@@ -189,7 +207,7 @@ async def _check_pool_and_crud(dsn: str, names: TargetNames, result: CheckResult
             except _Failed as exc:
                 result.crud_ok = False
                 result.problems.append(f"CRUD round trip: {exc}")
-            except Exception as exc:  # reported: a refused statement is a finding, not a crash
+            except Exception as exc:  # noqa: BLE001 - a refused statement is a finding
                 result.crud_ok = False
                 result.problems.append(f"CRUD round trip failed: {_describe(exc)}")
             finally:
@@ -199,24 +217,37 @@ async def _check_pool_and_crud(dsn: str, names: TargetNames, result: CheckResult
 
 
 async def _crud(conn: asyncpg.Connection, names: TargetNames) -> None:
-    """Every write of the API and a jsonb round trip, on ``conn`` (inside the caller's transaction)."""
+    """Every write of the API and a jsonb round trip on ``conn``, in the caller's transaction."""
     await pg.ensure_schema(conn, names)
     sql = pg.Sql.for_names(names)
     session_id = await pg.create_session(conn, sql, "flux-migrate check", _PROBE_METADATA)
     session = await pg.get_session(conn, sql, session_id)
     _expect(session is not None, "a created session cannot be read back")
     assert session is not None
-    _expect(session["metadata"] == _PROBE_METADATA, "session metadata changed in the jsonb round trip")
-    kind = await conn.fetchval(f"SELECT jsonb_typeof(metadata) FROM {names.qualified('sessions')} WHERE id = $1", session_id)
+    _expect(
+        session["metadata"] == _PROBE_METADATA, "session metadata changed in the jsonb round trip"
+    )
+    kind = await conn.fetchval(
+        f"SELECT jsonb_typeof(metadata) FROM {names.qualified('sessions')} WHERE id = $1",
+        session_id,
+    )
     _expect(kind == "object", f"metadata was stored as a jsonb {kind}, not an object")
     message_id = await pg.add_message(conn, sql, session_id, "user", "ping ✓", _PROBE_METADATA)
     history = await pg.get_history(conn, sql, session_id, 10)
     _expect([m["id"] for m in history] == [message_id], "an added message is not in the history")
-    _expect(history[0]["metadata"] == _PROBE_METADATA, "message metadata changed in the jsonb round trip")
+    _expect(
+        history[0]["metadata"] == _PROBE_METADATA,
+        "message metadata changed in the jsonb round trip",
+    )
     await pg.update_session_title(conn, sql, session_id, "flux-migrate check, renamed")
     session = await pg.get_session(conn, sql, session_id)
-    _expect(session is not None and session["title"] == "flux-migrate check, renamed", "the title update was lost")
+    _expect(
+        session is not None and session["title"] == "flux-migrate check, renamed",
+        "the title update was lost",
+    )
     _expect(await pg.delete_session(conn, sql, session_id), "deleting the session deleted nothing")
     _expect(await pg.get_session(conn, sql, session_id) is None, "a deleted session is still there")
-    left = await conn.fetchval(f"SELECT count(*) FROM {names.qualified('messages')} WHERE session_id = $1", session_id)
+    left = await conn.fetchval(
+        f"SELECT count(*) FROM {names.qualified('messages')} WHERE session_id = $1", session_id
+    )
     _expect(left == 0, "deleting a session left its messages behind (no cascade)")

@@ -84,7 +84,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     pool_max = env.pool_max if args.pool_max is None else args.pool_max
     if not 0 <= pool_min <= pool_max or pool_max < 1:
         raise ConfigError(
-            f"--pool-min and --pool-max need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}."
+            "--pool-min and --pool-max need 0 <= min <= max and max >= 1,"
+            f" not {pool_min}..{pool_max}."
         )
 
     async def run() -> Any:

@@ -16,8 +16,8 @@ from memory.base import Memory
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
 from pipeline.errors import ConfigError
-from pipeline.runner import check_source
 from pipeline.schema import BOOKKEEPING_SCHEMA, TargetNames
+from pipeline.source import check_source
 from pipeline.target import connect
 from stages.extract import open_source
 
@@ -27,7 +27,7 @@ _COMPARED_MESSAGE_FIELDS = ("id", "session_id", "role", "content", "metadata", "
 
 @dataclass(frozen=True)
 class Mismatch:
-    """One disagreement: which row (``sessions/<id>``, ``messages/<id>``, ``get_sessions``) and how."""
+    """One disagreement: where (``sessions/<id>``, ``messages/<id>``, ``get_sessions``), what."""
 
     key: str
     what: str
@@ -61,8 +61,10 @@ class ApiComparison:
             f"sessions compared: {self.sessions_compared:,}",
             f"messages compared: {self.messages_compared:,}",
             f"get_sessions pages compared: {self.pages_compared:,}",
-            f"quarantined rows (expected differences): {self.expected_differences:,}"
-            f" met, {self.quarantined:,} in the quarantine",
+            (
+                f"quarantined rows (expected differences): {self.expected_differences:,}"
+                f" met, {self.quarantined:,} in the quarantine"
+            ),
             f"mismatches: {self.mismatches:,}",
         ]
         out += [f"  {m.key}: {m.what}" for m in self.first_mismatches]
@@ -83,9 +85,9 @@ async def compare_api(
 ) -> ApiComparison:
     """Compare what both backends answer for every session; read-only on both sides.
 
-    Raises SourceError when the SQLite file is missing or not the app's, TargetError when the PostgreSQL tables
-    are, and other MigrateError subclasses when a backend cannot be reached. Blocks for a few
-    queries per session.
+    Raises SourceError when the SQLite file is missing or not the app's, TargetError when the
+    PostgreSQL tables are missing, and other MigrateError subclasses when a backend cannot be
+    reached. Blocks for a few queries per session.
     """
     if page_size < 1:
         raise ConfigError(f"The page size must be at least 1, not {page_size}.")
@@ -204,7 +206,9 @@ async def _compare_session(
     mine = {**mine, "message_count": len(expected)}
     if fields := _differences(mine, theirs, _COMPARED_SESSION_FIELDS):
         result.add(f"sessions/{session_id}", f"get_session differs in {', '.join(fields)}")
-    actual = await pg.get_history(session_id, limit=max(int(theirs["message_count"]), len(expected)))
+    actual = await pg.get_history(
+        session_id, limit=max(int(theirs["message_count"]), len(expected))
+    )
     if [m["id"] for m in expected] != [m["id"] for m in actual]:
         result.add(f"sessions/{session_id}", "get_history returns other messages or another order")
     by_id = {m["id"]: m for m in actual}

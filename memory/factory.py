@@ -44,11 +44,11 @@ class MemorySettings:
     def validate(self) -> None:
         """Raise ConfigError with one sentence if these settings cannot make a memory."""
         if self.backend not in BACKENDS:
-            raise ConfigError(
-                f"DATABASE_BACKEND must be sqlite or postgres, not {self.backend!r}."
-            )
+            raise ConfigError(f"DATABASE_BACKEND must be sqlite or postgres, not {self.backend!r}.")
         if self.backend == "sqlite" and self.sqlite_path is None:
-            raise ConfigError("The sqlite memory backend needs SQLITE_PATH set to the app's database file.")
+            raise ConfigError(
+                "The sqlite memory backend needs SQLITE_PATH set to the app's database file."
+            )
         if self.backend == "postgres" and not self.postgres_dsn:
             raise ConfigError(
                 "The postgres memory backend needs POSTGRES_DSN"

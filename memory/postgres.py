@@ -71,7 +71,9 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def open_pool(dsn: str, *, min_size: int, max_size: int, timeout: float = 10.0) -> asyncpg.Pool:
+async def open_pool(
+    dsn: str, *, min_size: int, max_size: int, timeout: float = 10.0
+) -> asyncpg.Pool:
     """A pool with the jsonb codec on every connection; MigrateError (no password) on failure.
 
     Blocks until ``min_size`` connections are open, or up to ``timeout`` seconds per attempt.
@@ -85,18 +87,19 @@ async def open_pool(dsn: str, *, min_size: int, max_size: int, timeout: float = 
             server_settings={"application_name": APPLICATION_NAME},
             timeout=timeout,
         )
-    except Exception as exc:  # translated into one sentence without the password
+    except Exception as exc:  # noqa: BLE001 - one sentence, no password
         raise describe_connect_error(exc, dsn_location(dsn)) from None
 
 
-def _migration_lock_sql() -> str:
-    # The key pipeline.runner.migrate holds while it loads a schema.
-    return "SELECT pg_try_advisory_xact_lock(hashtext('flux_migrate:' || $1))"
+# The advisory lock pipeline.runner.migrate holds on a schema while it loads it.
+_MIGRATION_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtext('flux_migrate:' || $1))"
 
 
 async def missing_objects(conn: asyncpg.Connection, names: TargetNames) -> list[str]:
     """Names of the target's tables, keys and index that do not exist yet."""
-    missing = [names.qualified(t.name) for t in TABLES if not await table_exists(conn, names, t.name)]
+    missing = [
+        names.qualified(t.name) for t in TABLES if not await table_exists(conn, names, t.name)
+    ]
     have = await existing_constraint_names(conn, names.schema)
     missing += [c.name for c in constraints(names) if c.name not in have]
     return missing
@@ -113,7 +116,7 @@ async def ensure_schema(conn: asyncpg.Connection, names: TargetNames) -> bool:
     by_sql = {c.sql: c.name for c in constraints(names)}
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux_migrate.ddl'))")
-        if not await conn.fetchval(_migration_lock_sql(), names.schema):
+        if not await conn.fetchval(_MIGRATION_LOCK_SQL, names.schema):
             raise TargetError(
                 f"A flux-migrate run is loading schema {names.schema}; wait for it to finish"
                 " before using the PostgreSQL memory."
@@ -206,18 +209,27 @@ async def add_message(
     _, value = prepare_metadata(metadata)
     message_id = new_id()
     stamp: datetime = now()
-    if await conn.fetchval(sql.add_message, message_id, session_id, role, content, stamp, value) is None:
+    if (
+        await conn.fetchval(sql.add_message, message_id, session_id, role, content, stamp, value)
+        is None
+    ):
         raise SessionNotFoundError(session_id)
     return message_id
 
 
-async def get_history(conn: asyncpg.Connection, sql: Sql, session_id: str, limit: int) -> list[dict[str, Any]]:
+async def get_history(
+    conn: asyncpg.Connection, sql: Sql, session_id: str, limit: int
+) -> list[dict[str, Any]]:
     rows = await conn.fetch(sql.read.history, session_id, limit)
     return [message_dict(r, **_DECODERS) for r in rows]
 
 
-async def get_sessions(conn: asyncpg.Connection, sql: Sql, limit: int, offset: int) -> list[dict[str, Any]]:
-    rows = await conn.fetch(sql.read.sessions_page, check_count(limit, "limit"), check_count(offset, "offset"))
+async def get_sessions(
+    conn: asyncpg.Connection, sql: Sql, limit: int, offset: int
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        sql.read.sessions_page, check_count(limit, "limit"), check_count(offset, "offset")
+    )
     return [session_dict(r, **_DECODERS) for r in rows]
 
 
@@ -226,7 +238,9 @@ async def get_session(conn: asyncpg.Connection, sql: Sql, session_id: str) -> di
     return session_dict(row, **_DECODERS) if row is not None else None
 
 
-async def update_session_title(conn: asyncpg.Connection, sql: Sql, session_id: str, title: str) -> None:
+async def update_session_title(
+    conn: asyncpg.Connection, sql: Sql, session_id: str, title: str
+) -> None:
     check_text(title, "title")
     if _affected(await conn.execute(sql.update_title, session_id, title, now())) == 0:
         raise SessionNotFoundError(session_id)
@@ -260,7 +274,10 @@ class PostgresMemory(MemoryBase):
     ) -> None:
         super().__init__(default_history_limit=default_history_limit)
         if not 0 <= min_size <= max_size or max_size < 1:
-            raise ValueError(f"pool sizes need 0 <= min_size <= max_size and max_size >= 1, not {min_size}..{max_size}")
+            raise ValueError(
+                "pool sizes need 0 <= min_size <= max_size and max_size >= 1,"
+                f" not {min_size}..{max_size}"
+            )
         self.dsn = dsn
         self.names = names or TargetNames(schema=schema)
         self.min_size = min_size

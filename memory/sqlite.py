@@ -71,7 +71,9 @@ class SQLiteMemory(MemoryBase):
     ``updated_at`` it implies are never interleaved with another.
     """
 
-    def __init__(self, path: str | Path, default_history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+    def __init__(
+        self, path: str | Path, default_history_limit: int = DEFAULT_HISTORY_LIMIT
+    ) -> None:
         super().__init__(default_history_limit=default_history_limit)
         self.path = Path(path)
         self._conn: aiosqlite.Connection | None = None
@@ -128,9 +130,8 @@ class SQLiteMemory(MemoryBase):
             await conn.execute("COMMIT")
 
     async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        async with self._use() as conn:
-            async with conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+        async with self._use() as conn, conn.execute(sql, params) as cur:
+            return list(await cur.fetchall())
 
     # -------------------------------------------------------------- the API
 
