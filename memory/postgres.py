@@ -35,7 +35,7 @@ from memory.base import (
     session_dict,
 )
 from pipeline.errors import TargetError, describe_connect_error
-from pipeline.runner import existing_constraint_names, table_exists
+from pipeline.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
 from pipeline.schema import TABLES, TargetNames, constraints, target_ddl
 from pipeline.settings import dsn_location
 
@@ -92,7 +92,7 @@ async def open_pool(
 
 
 # The advisory lock pipeline.runner.migrate holds on a schema while it loads it.
-_MIGRATION_LOCK_SQL = "SELECT pg_try_advisory_xact_lock(hashtext('flux_migrate:' || $1))"
+_MIGRATION_LOCK_SQL = f"SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY})"
 
 
 async def missing_objects(conn: asyncpg.Connection, names: TargetNames) -> list[str]:

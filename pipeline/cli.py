@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
+from memory.cli import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline import errors
 from pipeline.errors import ConfigError, Interrupted, MigrateError, redact
 from pipeline.logs import configure
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flux-migrate",
         description="Move the chat app's memory from SQLite to PostgreSQL, exactly once, resumably.",
         epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
-        " 3 done but some rows were quarantined, 130/143 interrupted.",
+        " 3 done but some rows were quarantined, 130/143 interrupted;"
+        " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
     verify.add_argument("--show", type=int, default=10, help="differing keys to show per table (default 10)")
+    add_verify_api_arguments(verify)
+
+    COMMANDS.update(add_commands(sub))
 
     demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
     demo.add_argument("--sessions", type=int, default=20_000)
@@ -247,6 +252,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify_quick, verify_rows
 
+    if args.api:
+        return cmd_verify_api(args)
     settings = _settings(args)
     configure(args.log_format or "console")
     if args.quick:

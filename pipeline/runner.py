@@ -18,6 +18,7 @@ import structlog
 from anyio.abc import ObjectSendStream
 
 from pipeline import checkpoints as ckpt
+from pipeline.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
 from pipeline.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -99,10 +100,6 @@ class RunReport:
 
 
 # ---------------------------------------------------------------- target preflight
-
-
-async def table_exists(conn: asyncpg.Connection, names: TargetNames, table: str) -> bool:
-    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", names.qualified(table)))
 
 
 def settings_fingerprint(settings: Settings) -> dict[str, Any]:
@@ -236,15 +233,6 @@ async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
                 await conn.execute(f"DELETE FROM {names.qualified(table.name)}")
         await ckpt.clear_schema(conn, names.schema)
     log.info("target_cleared", schema=names.schema)
-
-
-async def existing_constraint_names(conn: asyncpg.Connection, schema: str) -> set[str]:
-    rows = await conn.fetch(
-        "SELECT conname AS name FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
-        " WHERE n.nspname = $1 UNION SELECT indexname FROM pg_indexes WHERE schemaname = $1",
-        schema,
-    )
-    return {r["name"] for r in rows}
 
 
 async def build_constraints(target: Target, names: TargetNames, stop: StopFlag) -> float:
@@ -418,7 +406,7 @@ async def migrate(
             lock = await connect(dsn)
             try:
                 got_lock = await lock.fetchval(
-                    "SELECT pg_try_advisory_lock(hashtext('flux_migrate:' || $1))", names.schema
+                    f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})", names.schema
                 )
                 if not got_lock:
                     raise TargetError(

@@ -13,7 +13,7 @@ import aiosqlite
 import asyncpg
 
 from pipeline import checkpoints as ckpt
-from pipeline.runner import table_exists
+from pipeline.catalog import table_exists
 from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
 from pipeline.settings import Settings
 from pipeline.source import check_source

@@ -14,6 +14,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
+from pipeline.catalog import MIGRATION_LOCK_KEY
 from pipeline.errors import RuntimeFailure
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
@@ -168,7 +169,7 @@ async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) 
 
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.fetchval("SELECT pg_advisory_lock(hashtext('flux_migrate:' || 'public'))")
+        await conn.fetchval(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})", "public")
         done = await anyio.to_thread.run_sync(
             lambda: cli("run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
         )
