@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import time
@@ -44,7 +45,7 @@ from pipeline.target import Target, connect
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, LoadContext, load
-from stages.transform import transform
+from stages.transform import transform, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 
@@ -360,6 +361,7 @@ async def migrate_table(
         naive_tz=settings.naive_tz,
         strip_nul=settings.strip_nul,
         missing_parents=missing_parents,
+        text_as_bytes=True,
     )
     send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
     try:
@@ -466,18 +468,25 @@ async def _run_table(
     names = settings.target
     treport = report.tables[table.name] = TableReport()
     checkpoint = checkpoints[table.name]
+    missing: set[str] = set()
+    if table.parent is not None:
+        missing = await target.retrying(
+            lambda c: unresolved_keys(c, names.schema, str(table.parent)), what="reading the quarantine"
+        )
     ctx = LoadContext(
         table=table,
         names=names,
         run_id=run_id,
         on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
         stop=stop,
+        strict=functools.partial(
+            transform_batch,
+            table=table,
+            naive_tz=settings.naive_tz,
+            strip_nul=settings.strip_nul,
+            missing_parents=missing,
+        ),
     )
-    missing: set[str] = set()
-    if table.parent is not None:
-        missing = await target.retrying(
-            lambda c: unresolved_keys(c, names.schema, str(table.parent)), what="reading the quarantine"
-        )
     if checkpoint.quarantined:
         fixed, gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
         treport.requeued = fixed

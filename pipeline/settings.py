@@ -118,6 +118,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if env_sqlite:
         values["sqlite_path"] = Path(env_sqlite)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("sqlite_path") is not None:
+        values["sqlite_path"] = Path(values["sqlite_path"])
     settings = Settings(**values)
     validate(settings)
     return settings

@@ -16,7 +16,7 @@ IDENTITY_SAMPLE = 8
 
 
 def _name(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 async def check_source(conn: aiosqlite.Connection, path: Path) -> None:

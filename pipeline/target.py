@@ -26,6 +26,22 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
         raise describe_connect_error(exc, dsn_location(dsn)) from None
 
 
+def _text_to_wire(value: str | bytes) -> bytes:
+    return value if type(value) is bytes else value.encode("utf-8")  # type: ignore[union-attr]
+
+
+async def accept_text_bytes(conn: asyncpg.Connection) -> None:
+    """Let ``text`` parameters be UTF-8 bytes as read from SQLite, sent without a decode and
+    re-encode; PostgreSQL validates the encoding (a bad value fails its COPY with 22021)."""
+    await conn.set_type_codec(
+        "text",
+        schema="pg_catalog",
+        encoder=_text_to_wire,
+        decoder=lambda data: data.decode("utf-8"),
+        format="binary",
+    )
+
+
 class Target:
     """One connection to the target that can be re-opened after a transient failure."""
 
@@ -37,7 +53,9 @@ class Target:
 
     async def conn(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10.0)
+            conn = await asyncpg.connect(self.dsn, timeout=10.0)
+            await accept_text_bytes(conn)
+            self._conn = conn
         return self._conn
 
     async def drop(self) -> None:

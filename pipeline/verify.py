@@ -21,7 +21,7 @@ from pipeline.target import connect
 from stages.convert import Rejected, row_converter
 from stages.extract import open_source
 
-PAGE = 5000
+PAGE = 5000  # rows per source query and per target cursor fetch
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NULL_MARK = "\x01NULL"
 
@@ -83,7 +83,8 @@ async def _bookkeeping(conn: asyncpg.Connection, schema: str, table: str) -> tup
 
 
 async def _source_pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """Source rows (rowid first) in key order, one short query per page; NULL keys first."""
+    """Source rows (rowid first, text as bytes) in key order, one short query per page; NULL
+    keys first. The connection must return text as bytes."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     name = quote_ident(table.name)
     async with src.execute(f"SELECT rowid, {cols} FROM {name} WHERE id IS NULL") as cur:
@@ -95,7 +96,8 @@ async def _source_pages(src: aiosqlite.Connection, table: Table) -> AsyncIterato
         if last is None:
             sql, args = f"SELECT rowid, {cols} FROM {name} WHERE id IS NOT NULL ORDER BY id LIMIT ?", (PAGE,)
         else:
-            sql, args = f"SELECT rowid, {cols} FROM {name} WHERE id > ? ORDER BY id LIMIT ?", (last, PAGE)
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT) ORDER BY id LIMIT ?"
+            args = (last, PAGE)
         async with src.execute(sql, args) as cur:
             rows = list(await cur.fetchall())
         if not rows:

@@ -209,33 +209,86 @@ def json_object_text(raw: Raw, column: str = "metadata", *, strip_nul: bool = Fa
 Converter = Callable[[Raw], Any]
 
 
-def column_converter(column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False) -> Converter:
-    """The converter for one column of the target schema."""
+def column_converter(
+    column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
+) -> Converter:
+    """The converter for one column of the target schema.
+
+    Each has a fast path for the common case (ASCII keys and timestamps in UTC, text without
+    NUL, empty metadata) and otherwise defers to the full converter, which decides the value or
+    the reason it is rejected. With ``text_as_bytes``, text columns read as bytes are passed on
+    as bytes after the NUL check, unvalidated: PostgreSQL validates UTF-8 on COPY, and the load
+    stage re-converts a refused batch without this option to name the bad rows.
+    """
     name = column.name
     kind = column.kind
+    fromiso = datetime.fromisoformat
+
     if kind is Kind.KEY:
-        return lambda raw: convert_key(raw, name, strip_nul=strip_nul)
-    if kind is Kind.TEXT:
-        return lambda raw: convert_required_text(raw, name, strip_nul=strip_nul)
-    if kind is Kind.NULLABLE_TEXT:
-        return lambda raw: decode_text(raw, name, strip_nul=strip_nul)
+
+        def key(raw: Raw) -> Any:
+            if type(raw) is bytes and 0 < len(raw) <= KEY_MAX_LENGTH and raw.isascii() and b"\x00" not in raw:
+                return raw.decode("ascii")
+            return convert_key(raw, name, strip_nul=strip_nul)
+
+        return key
+    if kind is Kind.TEXT or kind is Kind.NULLABLE_TEXT:
+        nullable = kind is Kind.NULLABLE_TEXT
+
+        def text(raw: Raw) -> Any:
+            if type(raw) is bytes and b"\x00" not in raw:
+                if text_as_bytes or raw.isascii():
+                    return raw if text_as_bytes else raw.decode("ascii")
+            if nullable:
+                return decode_text(raw, name, strip_nul=strip_nul)
+            return convert_required_text(raw, name, strip_nul=strip_nul)
+
+        return text
     if kind is Kind.TIMESTAMP:
-        return lambda raw: parse_timestamp(raw, name, naive_tz=naive_tz)
+
+        def timestamp(raw: Raw) -> Any:
+            if type(raw) is bytes and raw.isascii():
+                try:
+                    value = fromiso(raw.decode("ascii"))
+                except ValueError:
+                    pass
+                else:
+                    if value.tzinfo is UTC:
+                        return value
+            return parse_timestamp(raw, name, naive_tz=naive_tz)
+
+        return timestamp
     if kind is Kind.JSON:
-        return lambda raw: json_object_text(raw, name, strip_nul=strip_nul)
+
+        def metadata(raw: Raw) -> Any:
+            if raw == b"{}":
+                return "{}"
+            return json_object_text(raw, name, strip_nul=strip_nul)
+
+        return metadata
     raise AssertionError(kind)
 
 
 def row_converter(
-    table: Table, *, naive_tz: tzinfo = UTC, strip_nul: bool = False
+    table: Table, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
 ) -> Callable[[tuple[Raw, ...]], tuple[Any, ...]]:
     """A function turning one raw source row (target column order) into a COPY-ready tuple."""
-    converters = tuple(column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul) for c in table.columns)
+    converters = tuple(
+        column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
+        for c in table.columns
+    )
+    ncols = len(converters)
 
     def convert(raw_row: tuple[Raw, ...]) -> tuple[Any, ...]:
-        return tuple([conv(v) for conv, v in zip(converters, raw_row, strict=True)])
+        if len(raw_row) != ncols:
+            raise ValueError(f"expected {ncols} values, got {len(raw_row)}")
+        return tuple(map(_apply, converters, raw_row))
 
     return convert
+
+
+def _apply(convert: Converter, value: Raw) -> Any:
+    return convert(value)
 
 
 def raw_to_json(raw_row: tuple[Raw, ...], columns: tuple[str, ...]) -> dict[str, Any]:

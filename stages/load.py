@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from stages.convert import raw_to_json
 from stages.transform import key_of
 
 
+_COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """Where a table's batches go. ``on_conflict`` is "error" (plain COPY into the table),
@@ -29,6 +33,9 @@ class LoadContext:
     run_id: str
     on_conflict: str = "error"
     stop: Callable[[], bool] = lambda: False
+    # Re-converts a batch strictly (text decoded and validated in Python) when PostgreSQL
+    # refused the optimistic one, so bad rows get their transform reason, not a server error.
+    strict: Callable[[Batch], Batch] | None = None
 
     @property
     def stage_table(self) -> str:
@@ -113,12 +120,14 @@ async def copy_isolating(
             ncols = len(ctx.table.column_names)
             source = raw[0]
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            column = _COLUMN_IN_CONTEXT.search(getattr(exc, "context", None) or "")
+            where = f"column {column.group(1)}" if column else "the row"
             reject = Reject(
                 source[0],
                 key_of(source[1]),
                 tuple(source[1 : ncols + 1]),
                 "rejected_by_server",
-                f"PostgreSQL refused the row: {message}",
+                f"PostgreSQL refused {where}: {message}",
                 "load",
             )
             return [reject], set()
@@ -144,6 +153,8 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
             )
         refused: list[Reject] = []
         skipped: set[str] = set()
+        if isolate and ctx.strict is not None:
+            batch = ctx.strict(batch)
         if batch.rows:
             if isolate:
                 refused, skipped = await copy_isolating(conn, ctx, batch.rows, batch.raw)

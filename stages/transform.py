@@ -27,15 +27,19 @@ def transform_batch(
     naive_tz: tzinfo = UTC,
     strip_nul: bool = False,
     missing_parents: Collection[str] = (),
+    text_as_bytes: bool = False,
 ) -> Batch:
-    """Convert one extracted batch; rows that fail a converter become rejects with a reason."""
-    convert = row_converter(table, naive_tz=naive_tz, strip_nul=strip_nul)
+    """Convert one extracted batch; rows that fail a converter become rejects with a reason.
+
+    Rejects already on the batch are kept (a batch re-converted strictly after a refused COPY).
+    """
+    convert = row_converter(table, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
     ncols = len(table.column_names)
     child = table.parent_column is not None
     parent_at = table.column_names.index(table.parent_column) if child else -1
     rows = []
     sources = []
-    rejects = []
+    rejects = list(batch.rejects)
     for raw_row in batch.raw:
         rowid = raw_row[0]
         values = raw_row[1 : ncols + 1]
@@ -72,6 +76,7 @@ async def transform(
     naive_tz: tzinfo = UTC,
     strip_nul: bool = False,
     missing_parents: Collection[str] = (),
+    text_as_bytes: bool = False,
 ) -> AsyncGenerator[Batch, None]:
     """Yield each upstream batch converted; closes its upstream when closed or cancelled."""
     async with contextlib.aclosing(source):  # type: ignore[type-var]
@@ -82,6 +87,7 @@ async def transform(
                 naive_tz=naive_tz,
                 strip_nul=strip_nul,
                 missing_parents=missing_parents,
+                text_as_bytes=text_as_bytes,
             )
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+import pipeline.verify
+
 from pipeline.errors import SourceError, TargetError
 from pipeline.runner import migrate
 from pipeline.schema import TargetNames, target_ddl
@@ -200,9 +202,12 @@ async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str)
         assert source_rows(path, table) == await target_rows(pg_dsn, table)
 
 
-async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(sample_db: Path, pg_dsn: str) -> None:
-    """verify reports one changed character, a deleted target row and an extra target row, and
-    --quick sees the difference too."""
+async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(
+    sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify reports one changed character, a deleted target row and an extra target row (over
+    many pages on both sides), and --quick sees the difference too."""
+    monkeypatch.setattr(pipeline.verify, "PAGE", 97)
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn)
     await migrate(settings)
     assert all(r.ok for r in await verify_rows(settings))

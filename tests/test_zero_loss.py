@@ -27,6 +27,8 @@ DEEP = "{" + '"a":' * 1 + "[" * 5000 + "]" * 5000 + "}"
 CASES: list[tuple[str, str, Any, str]] = [
     ("sessions", "title", b"caf\xe9 latin-1", "invalid_utf8"),
     ("messages", "content", b"\xff\xfe broken", "invalid_utf8"),
+    ("sessions", "id", b"\xff\xfe-not-utf8-key", "invalid_utf8"),
+    ("messages", "session_id", b"\xc3\x28", "invalid_utf8"),
     ("messages", "content", "nul \x00 inside", "nul_character"),
     ("sessions", "title", "a\x00b", "nul_character"),
     ("messages", "session_id", "", "null_value"),
