@@ -479,6 +479,7 @@ async def _run_table(
         run_id=run_id,
         on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
         stop=stop,
+        single_transaction=settings.single_transaction,
         strict=functools.partial(
             transform_batch,
             table=table,

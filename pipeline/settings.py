@@ -33,6 +33,8 @@ class Settings:
     retry_seconds: float = 60.0
     defer_constraints: bool = True
     sqlite_timeout: float = 10.0
+    # Benchmark only: one transaction per table instead of one commit per batch (no resume).
+    single_transaction: bool = False
 
     @property
     def naive_tz(self) -> tzinfo:
@@ -107,6 +109,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             values["retry_seconds"] = float(load["retry_seconds"])
         if "defer_constraints" in load:
             values["defer_constraints"] = bool(load["defer_constraints"])
+        if "single_transaction" in load:
+            values["single_transaction"] = bool(load["single_transaction"])
         if "on_conflict" in load:
             values["on_conflict"] = str(load["on_conflict"])
     except (TypeError, ValueError, AttributeError) as exc:

@@ -36,6 +36,7 @@ class LoadContext:
     # Re-converts a batch strictly (text decoded and validated in Python) when PostgreSQL
     # refused the optimistic one, so bad rows get their transform reason, not a server error.
     strict: Callable[[Batch], Batch] | None = None
+    single_transaction: bool = False
 
     @property
     def stage_table(self) -> str:
@@ -208,7 +209,10 @@ async def load(
     On cancellation the open transaction is abandoned and rolled back by the server; every
     batch reported through ``on_batch`` is committed.
     """
-    async with contextlib.aclosing(source):  # type: ignore[type-var]
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(contextlib.aclosing(source))  # type: ignore[type-var]
+        if ctx.single_transaction:  # benchmark baseline: batches become savepoints, one commit
+            await stack.enter_async_context((await target.conn()).transaction())
         async for batch in source:
 
             async def attempt(conn: asyncpg.Connection, batch: Batch = batch) -> BatchResult:
