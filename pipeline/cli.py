@@ -140,6 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     _confirm_restart(args, settings)
+    # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
+    # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster, see README).
+    sys.setswitchinterval(0.001)
     fmt = configure(args.log_format)
     progress: Progress = NoProgress()
     if fmt == "console" and not args.no_progress and sys.stderr.isatty():

@@ -53,7 +53,9 @@ class Target:
 
     async def conn(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            conn = await asyncpg.connect(self.dsn, timeout=10.0)
+            conn = await asyncpg.connect(
+                self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
+            )
             await accept_text_bytes(conn)
             self._conn = conn
         return self._conn

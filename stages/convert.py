@@ -270,25 +270,26 @@ def column_converter(
 
 
 def row_converter(
-    table: Table, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
+    table: Table,
+    *,
+    naive_tz: tzinfo = UTC,
+    strip_nul: bool = False,
+    text_as_bytes: bool = False,
+    offset: int = 0,
 ) -> Callable[[tuple[Raw, ...]], tuple[Any, ...]]:
-    """A function turning one raw source row (target column order) into a COPY-ready tuple."""
-    converters = tuple(
-        column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
-        for c in table.columns
-    )
-    ncols = len(converters)
+    """A function turning one raw source row into a COPY-ready tuple in target column order.
 
-    def convert(raw_row: tuple[Raw, ...]) -> tuple[Any, ...]:
-        if len(raw_row) != ncols:
-            raise ValueError(f"expected {ncols} values, got {len(raw_row)}")
-        return tuple(map(_apply, converters, raw_row))
-
+    The row's values for the table's columns start at position ``offset`` (1 when the rowid
+    comes first). The function is unrolled per column: this runs once per source row.
+    """
+    converters = {
+        f"c{i}": column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
+        for i, c in enumerate(table.columns)
+    }
+    calls = ", ".join(f"c{i}(raw[{i + offset}])" for i in range(len(converters)))
+    # Generated from column positions only (no user input): a tuple of direct calls.
+    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(f"lambda raw: ({calls},)", converters)  # noqa: S307
     return convert
-
-
-def _apply(convert: Converter, value: Raw) -> Any:
-    return convert(value)
 
 
 def raw_to_json(raw_row: tuple[Raw, ...], columns: tuple[str, ...]) -> dict[str, Any]:

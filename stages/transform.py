@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from datetime import UTC, tzinfo
+
+import anyio
 
 from pipeline.schema import Table
 from stages.batch import Batch, Reject
@@ -33,7 +36,9 @@ def transform_batch(
 
     Rejects already on the batch are kept (a batch re-converted strictly after a refused COPY).
     """
-    convert = row_converter(table, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
+    convert = row_converter(
+        table, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes, offset=1
+    )
     ncols = len(table.column_names)
     child = table.parent_column is not None
     parent_at = table.column_names.index(table.parent_column) if child else -1
@@ -41,19 +46,16 @@ def transform_batch(
     sources = []
     rejects = list(batch.rejects)
     for raw_row in batch.raw:
-        rowid = raw_row[0]
-        values = raw_row[1 : ncols + 1]
         try:
-            row = convert(values)
-            if child and (raw_row[ncols + 1] or row[parent_at] in missing_parents):
+            row = convert(raw_row)
+            if child and (raw_row[ncols + 1] or (missing_parents and row[parent_at] in missing_parents)):
                 raise Rejected(
                     "orphan_message",
                     f"column {table.parent_column} names a session that is not loaded",
                 )
         except Rejected as exc:
-            rejects.append(
-                Reject(rowid, key_of(values[0]), tuple(values), exc.reason, exc.detail, "transform")
-            )
+            values = tuple(raw_row[1 : ncols + 1])
+            rejects.append(Reject(raw_row[0], key_of(values[0]), values, exc.reason, exc.detail, "transform"))
             continue
         rows.append(row)
         sources.append(raw_row)
@@ -81,14 +83,20 @@ async def transform(
     """Yield each upstream batch converted; closes its upstream when closed or cancelled."""
     async with contextlib.aclosing(source):  # type: ignore[type-var]
         async for batch in source:
-            yield transform_batch(
-                batch,
-                table,
-                naive_tz=naive_tz,
-                strip_nul=strip_nul,
-                missing_parents=missing_parents,
-                text_as_bytes=text_as_bytes,
+            # In a worker thread: the event loop keeps feeding COPY while a batch converts
+            # (the GIL is handed over every few ms), so PostgreSQL does not sit idle.
+            converted = await anyio.to_thread.run_sync(
+                functools.partial(
+                    transform_batch,
+                    batch,
+                    table,
+                    naive_tz=naive_tz,
+                    strip_nul=strip_nul,
+                    missing_parents=missing_parents,
+                    text_as_bytes=text_as_bytes,
+                )
             )
+            yield converted
 
 
 __all__ = ["decode_text", "key_of", "transform", "transform_batch"]
