@@ -435,6 +435,7 @@ async def migrate(
             finally:
                 with anyio.CancelScope(shield=True):
                     await target.close()
+                    await make_durable(lock, names.schema)
                     lock.terminate() if not lock.is_closed() else None
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
@@ -451,6 +452,21 @@ async def migrate(
         quarantined=report.quarantined,
     )
     return report
+
+
+async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
+    """Flush the WAL up to now with one synchronous commit (the loader commits batches without
+    waiting for fsync: a server crash can only lose whole batches together with their
+    checkpoints, which the next run redoes). Best effort, bounded: the server may be gone."""
+    if conn.is_closed():
+        return
+    with anyio.move_on_after(10):
+        try:
+            await conn.execute(
+                f"UPDATE {ckpt.CHECKPOINTS} SET updated_at = updated_at WHERE target_schema = $1", schema
+            )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            pass
 
 
 async def _run_table(
