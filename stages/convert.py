@@ -53,12 +53,7 @@ def decode_text(raw: Raw, column: str, *, strip_nul: bool = False) -> str | None
     if raw is None:
         return None
     if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Rejected(
-                "invalid_utf8", f"column {column} is not valid UTF-8 at byte {exc.start}"
-            ) from None
+        text = _decode_utf8(raw, column)
     elif isinstance(raw, str):
         text = raw
         if _has_surrogate(text):
@@ -70,6 +65,15 @@ def decode_text(raw: Raw, column: str, *, strip_nul: bool = False) -> str | None
             raise Rejected("nul_character", f"column {column} contains a NUL character")
         text = text.replace("\x00", "")
     return text
+
+
+def _decode_utf8(raw: bytes, column: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            "invalid_utf8", f"column {column} is not valid UTF-8 at byte {exc.start}"
+        ) from None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -169,12 +173,7 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
     if raw is None or raw == b"" or raw == "":
         return {}, "{}"
     if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Rejected(
-                "invalid_utf8", f"column {column} is not valid UTF-8 at byte {exc.start}"
-            ) from None
+        text = _decode_utf8(raw, column)
     elif isinstance(raw, str):
         text = raw
     else:
