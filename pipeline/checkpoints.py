@@ -16,13 +16,17 @@ from pipeline.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
 
 LOCK_SQL = (
-    f"SELECT last_rowid FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2"
-    " FOR UPDATE"
+    f"SELECT last_rowid, last_batch FROM {CHECKPOINTS} WHERE target_schema = $1"
+    " AND source_table = $2 FOR UPDATE"
 )
+# last_batch keeps the counts of the batch that moved the checkpoint, so that a retry after an
+# ambiguous commit (reply lost, commit done) can account for the batch it finds committed.
 ADVANCE_SQL = (
     f"UPDATE {CHECKPOINTS} SET last_rowid = $3, extracted = extracted + $4, loaded = loaded + $5,"
     " quarantined = quarantined + $6, skipped = skipped + $7, status = 'loading', run_id = $8,"
-    " updated_at = now() WHERE target_schema = $1 AND source_table = $2"
+    " last_key = $9, last_batch = jsonb_build_object('loaded', $5::bigint, 'quarantined',"
+    " $6::bigint, 'skipped', $7::bigint), updated_at = now()"
+    " WHERE target_schema = $1 AND source_table = $2"
 )
 
 
@@ -32,6 +36,7 @@ class Checkpoint:
     source_table: str
     target_table: str
     last_rowid: int
+    last_key: str | None
     extracted: int
     loaded: int
     quarantined: int
@@ -62,7 +67,7 @@ async def read_checkpoints(conn: asyncpg.Connection, target_schema: str) -> dict
     if not await bookkeeping_exists(conn):
         return {}
     rows = await conn.fetch(
-        f"SELECT target_schema, source_table, target_table, last_rowid, extracted, loaded,"
+        f"SELECT target_schema, source_table, target_table, last_rowid, last_key, extracted, loaded,"
         f" quarantined, skipped, status, created_table, preexisting_rows, constraints_pending,"
         f" fingerprint,"
         f" run_id, updated_at FROM {CHECKPOINTS} WHERE target_schema = $1",

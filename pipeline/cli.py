@@ -17,7 +17,7 @@ import structlog
 
 from memory.cli import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline import errors
-from pipeline.errors import ConfigError, Interrupted, MigrateError, redact
+from pipeline.errors import ConfigError, Interrupted, MigrateError, redact, single_error
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import RunReport
@@ -309,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line for the user, the traceback on request
         if os.environ.get("FLUX_DEBUG"):
             raise
+        if isinstance(exc, BaseExceptionGroup):
+            inner = single_error(exc)
+            if isinstance(inner, MigrateError):
+                print(f"flux-migrate: error: {redact(inner.message)}", file=sys.stderr)
+                return inner.exit_code
+            exc = inner if isinstance(inner, Exception) else exc
         print(
             f"flux-migrate: internal error: {type(exc).__name__}: {redact(str(exc))}"
             " (set FLUX_DEBUG=1 for the traceback and please report it).",

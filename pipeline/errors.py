@@ -150,3 +150,20 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(exc, MigrateError):
             return exc
     return causes[0] if len(causes) == 1 else group
+
+
+def translate(exc: BaseException, where: str) -> MigrateError:
+    """One sentence for a driver error no stage handled (privileges, disk full, SQLite I/O)."""
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return TargetError(
+            f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); the role needs CREATE"
+            " on the database and the target schema, or an administrator must create them."
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return RuntimeFailure(
+            f"PostgreSQL at {where} failed the run: {redact(str(exc))} (SQLSTATE"
+            f" {getattr(exc, 'sqlstate', '?')}); fix the cause and rerun to resume."
+        )
+    if isinstance(exc, sqlite3.Error):
+        return RuntimeFailure(f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume.")
+    return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")

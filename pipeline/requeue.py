@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import aiosqlite
@@ -90,10 +91,21 @@ async def requeue(
 
         async def commit(conn: asyncpg.Connection, batch: Batch = batch, gone_ids: list[int] = gone_ids) -> tuple[int, int]:
             async with conn.transaction():
+                # Only rows still unresolved: a retry after a lost commit reply loads nothing twice.
+                open_rows = await conn.fetch(
+                    f"SELECT id, source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine"
+                    " WHERE id = ANY($1::bigint[]) AND resolved_at IS NULL FOR UPDATE",
+                    [qid for ids in by_rowid.values() for qid in ids],
+                )
+                open_ids = {r["id"] for r in open_rows}
+                open_rowids = {r["source_rowid"] for r in open_rows}
+                keep = [i for i, src_row in enumerate(batch.raw) if src_row[0] in open_rowids]
+                batch = replace(batch, raw=[batch.raw[i] for i in keep], rows=[batch.rows[i] for i in keep])
+                gone_ids = [qid for qid in gone_ids if qid in open_ids]
                 refused, skipped = await copy_isolating(conn, ctx, batch.rows, batch.raw) if batch.rows else ([], set())
                 refused_rowids = {r.rowid for r in refused}
                 loaded_rowids = [src_row[0] for src_row in batch.raw if src_row[0] not in refused_rowids]
-                loaded_ids = [qid for rowid in loaded_rowids for qid in by_rowid[rowid]]
+                loaded_ids = [qid for rowid in loaded_rowids for qid in by_rowid[rowid] if qid in open_ids]
                 await conn.execute(
                     f"UPDATE {BOOKKEEPING_SCHEMA}.quarantine SET resolved_at = now(),"
                     " resolution = $2 WHERE id = ANY($1::bigint[])",

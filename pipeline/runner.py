@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from pipeline.errors import (
     RuntimeFailure,
     TargetError,
     single_error,
+    translate,
 )
 from pipeline.progress import NoProgress, Progress
 from pipeline.schema import (
@@ -45,7 +47,7 @@ from pipeline.target import Target, connect
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, LoadContext, load
-from stages.transform import transform, transform_batch
+from stages.transform import key_of, transform, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 
@@ -101,6 +103,13 @@ class RunReport:
 
 
 # ---------------------------------------------------------------- target preflight
+
+
+UNIQUE_ID_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+    " AND a.attnum = i.indkey[0] WHERE i.indrelid = $1::regclass AND i.indisunique"
+    " AND i.indnkeyatts = 1 AND a.attname = 'id')"
+)
 
 
 def settings_fingerprint(settings: Settings) -> dict[str, Any]:
@@ -162,6 +171,11 @@ async def prepare_target(
                 has_rows = bool(
                     await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})")
                 )
+                if has_rows and not await conn.fetchval(UNIQUE_ID_SQL, names.qualified(table.name)):
+                    raise TargetError(
+                        f"--on-conflict {settings.on_conflict} needs a primary key or unique index on"
+                        f" {names.qualified(table.name)}(id), which it lacks; add one or empty the table."
+                    )
             await ckpt.create_checkpoint(
                 conn,
                 target_schema=names.schema,
@@ -326,10 +340,9 @@ async def migrate_table(
         nonlocal logged
         if result.already:
             tlog.info("batch_already_committed", seq=result.batch.seq, last_rowid=result.batch.last_rowid)
-        else:
-            report.loaded += result.loaded
-            report.quarantined += len(result.quarantined)
-            report.skipped += result.skipped
+        report.loaded += result.loaded
+        report.quarantined += result.quarantined_count
+        report.skipped += result.skipped
         report.extracted += result.batch.extracted
         for reject in result.quarantined:
             if logged < QUARANTINE_LOG_LIMIT:
@@ -346,7 +359,7 @@ async def migrate_table(
             seq=result.batch.seq,
             rows=result.batch.extracted,
             loaded=result.loaded,
-            quarantined=len(result.quarantined),
+            quarantined=result.quarantined_count,
             skipped=result.skipped,
             last_rowid=result.batch.last_rowid,
         )
@@ -435,8 +448,12 @@ async def migrate(
             finally:
                 with anyio.CancelScope(shield=True):
                     await target.close()
-                    await make_durable(lock, names.schema)
                     lock.terminate() if not lock.is_closed() else None
+    except (asyncpg.PostgresError, sqlite3.Error) as exc:
+        error = translate(exc, target.location)
+        report.status, report.message = "failed", error.message
+        log.error("run_failed", error=error.message, status=report.status)
+        raise error from None
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         report.message = exc.message
@@ -454,19 +471,21 @@ async def migrate(
     return report
 
 
-async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
-    """Flush the WAL up to now with one synchronous commit (the loader commits batches without
-    waiting for fsync: a server crash can only lose whole batches together with their
-    checkpoints, which the next run redoes). Best effort, bounded: the server may be gone."""
-    if conn.is_closed():
+async def check_rowids_not_reused(src: aiosqlite.Connection, table: str, c: ckpt.Checkpoint) -> None:
+    """Refuse to resume when the row the checkpoint stopped at is gone or changed key: SQLite
+    hands a deleted newest rowid to the next insert (tables without INTEGER PRIMARY KEY), and
+    VACUUM renumbers rowids, so rows could hide below the checkpoint."""
+    if c.last_rowid == 0 or c.last_key is None:
         return
-    with anyio.move_on_after(10):
-        try:
-            await conn.execute(
-                f"UPDATE {ckpt.CHECKPOINTS} SET updated_at = updated_at WHERE target_schema = $1", schema
-            )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-            pass
+    async with src.execute(f"SELECT id FROM {quote_ident(table)} WHERE rowid = ?", (c.last_rowid,)) as cur:
+        row = await cur.fetchone()
+    if row is None or key_of(row[0]) != c.last_key:
+        raise TargetError(
+            f"Table {table} of the SQLite file changed below the checkpoint since the last run"
+            f" (rowid {c.last_rowid} no longer holds key {c.last_key}: its newest rows were deleted"
+            " or the file was vacuumed), so new rows may reuse old rowids; run `flux-migrate verify`"
+            " to see what differs, or --restart --yes to migrate again from scratch."
+        )
 
 
 async def _run_table(
@@ -508,6 +527,7 @@ async def _run_table(
         fixed, gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
         treport.requeued = fixed
     after = checkpoint.last_rowid
+    await check_rowids_not_reused(src, table.name, checkpoint)
     upto = bounds[table.name]
     total = await count_between(src, table.name, after, upto)
     if total == 0:

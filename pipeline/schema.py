@@ -220,6 +220,8 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.checkpoints (
     source_table text NOT NULL,
     target_table text NOT NULL,
     last_rowid bigint NOT NULL DEFAULT 0,
+    last_key text,
+    last_batch jsonb NOT NULL DEFAULT '{{}}',
     extracted bigint NOT NULL DEFAULT 0,
     loaded bigint NOT NULL DEFAULT 0,
     quarantined bigint NOT NULL DEFAULT 0,

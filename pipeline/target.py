@@ -53,10 +53,7 @@ class Target:
 
     async def conn(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            # Batches commit without waiting for fsync; see runner.make_durable.
-            conn = await asyncpg.connect(
-                self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
-            )
+            conn = await asyncpg.connect(self.dsn, timeout=10.0)
             await accept_text_bytes(conn)
             self._conn = conn
         return self._conn

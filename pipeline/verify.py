@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from decimal import Decimal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -83,20 +84,18 @@ async def _bookkeeping(conn: asyncpg.Connection, schema: str, table: str) -> tup
 
 
 async def _source_pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """Source rows (rowid first, text as bytes) in key order, one short query per page; NULL
-    keys first. The connection must return text as bytes."""
+    """Source rows with a text key (rowid first, text as bytes) in key order, one short query
+    per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     name = quote_ident(table.name)
-    async with src.execute(f"SELECT rowid, {cols} FROM {name} WHERE id IS NULL") as cur:
-        nulls = list(await cur.fetchall())
-    if nulls:
-        yield nulls
     last: Any = None
     while True:
         if last is None:
-            sql, args = f"SELECT rowid, {cols} FROM {name} WHERE id IS NOT NULL ORDER BY id LIMIT ?", (PAGE,)
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE typeof(id) = 'text' ORDER BY id LIMIT ?"
+            args: tuple[Any, ...] = (PAGE,)
         else:
-            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT) ORDER BY id LIMIT ?"
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT) AND typeof(id) = 'text'"
+            sql += " ORDER BY id LIMIT ?"
             args = (last, PAGE)
         async with src.execute(sql, args) as cur:
             rows = list(await cur.fetchall())
@@ -104,6 +103,14 @@ async def _source_pages(src: aiosqlite.Connection, table: Table) -> AsyncIterato
             return
         last = rows[-1][1]
         yield rows
+
+
+async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[Any, ...]]:
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    async with src.execute(
+        f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE typeof(id) != 'text'"
+    ) as cur:
+        return list(await cur.fetchall())
 
 
 async def _target_rows(conn: asyncpg.Connection, settings: Settings, table: Table) -> AsyncIterator[asyncpg.Record]:
@@ -114,23 +121,21 @@ async def _target_rows(conn: asyncpg.Connection, settings: Settings, table: Tabl
             yield record
 
 
+def _json(text: str) -> Any:
+    """JSON with exact numbers: 1e+23 in the source equals 100000000000000000000000 in jsonb."""
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
 def _normalize_target(table: Table, record: asyncpg.Record) -> tuple[Any, ...]:
-    out = []
-    for col in table.columns:
-        value = record[col.name]
-        if col.kind is Kind.JSON:
-            value = json.loads(value)
-        out.append(value)
-    return tuple(out)
+    return tuple(
+        _json(record[c.name]) if c.kind is Kind.JSON else record[c.name] for c in table.columns
+    )
 
 
 def _normalize_source(table: Table, row: tuple[Any, ...]) -> tuple[Any, ...]:
-    out = []
-    for col, value in zip(table.columns, row, strict=True):
-        if col.kind is Kind.JSON:
-            value = json.loads(value)
-        out.append(value)
-    return tuple(out)
+    return tuple(
+        _json(v) if c.kind is Kind.JSON else v for c, v in zip(table.columns, row, strict=True)
+    )
 
 
 def _differing_columns(table: Table, a: tuple[Any, ...], b: tuple[Any, ...]) -> list[str]:
@@ -145,55 +150,78 @@ async def verify_table(
     quarantined, skipped, preexisting = await _bookkeeping(conn, settings.target.schema, table.name)
     result.extra_allowed = preexisting
     convert = row_converter(table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul)
-    targets = (
-        _target_rows(conn, settings, table)
-        if await table_exists(conn, settings.target, table.name)
-        else _empty()
-    )
+    exists = await table_exists(conn, settings.target, table.name)
+
+    def expected_row(raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The target row a source row must become, or None when it is accounted otherwise."""
+        rowid, values = raw[0], raw[1:]
+        if rowid in quarantined:
+            result.quarantined += 1
+            return None
+        try:
+            expected = _normalize_source(table, convert(values))
+        except Rejected as exc:
+            result.missing += 1
+            result.note(f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit)
+            return None
+        if expected[0] in skipped:
+            result.skipped += 1
+            return None
+        return expected
+
+    def judge(expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
+        key = expected[0]
+        if record is None:
+            result.missing += 1
+            result.note(f"{table.name} {key}: in the source but not in PostgreSQL", limit)
+        elif (actual := _normalize_target(table, record)) == expected:
+            result.matched += 1
+        else:
+            result.different += 1
+            cols = ", ".join(_differing_columns(table, expected, actual))
+            result.note(f"{table.name} {key}: differs in {cols}", limit)
+
+    # Keys SQLite stores as NULL, BLOB or numbers sort apart from text: looked up one by one.
+    odd_keys: set[str] = set()
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    for raw in await _odd_key_rows(src, table):
+        if (expected := expected_row(raw)) is not None:
+            odd_keys.add(expected[0])
+            record = None
+            if exists:
+                record = await conn.fetchrow(
+                    f"SELECT {cols} FROM {settings.target.qualified(table.name)} WHERE id = $1", expected[0]
+                )
+            judge(expected, record)
+
+    targets = _target_rows(conn, settings, table) if exists else _empty()
     pending: asyncpg.Record | None = await anext(targets, None)
 
-    def extra(record: asyncpg.Record) -> None:
-        if record["id"] in skipped:
-            return
-        result.extra += 1
-        result.note(f"{table.name} {record['id']}: in PostgreSQL but not in the source", limit)
+    async def advance_past(key: str | None) -> None:
+        """Count target rows before ``key`` (all when None) that no source row claims."""
+        nonlocal pending
+        while pending is not None and (key is None or pending["id"] < key):
+            if pending["id"] not in skipped and pending["id"] not in odd_keys:
+                result.extra += 1
+                result.note(f"{table.name} {pending['id']}: in PostgreSQL but not in the source", limit)
+            pending = await anext(targets, None)
 
     async for page in _source_pages(src, table):
         for raw in page:
-            rowid, values = raw[0], raw[1:]
-            if rowid in quarantined:
-                result.quarantined += 1
+            key = raw[1].decode("utf-8", "surrogateescape") if isinstance(raw[1], bytes) else raw[1]
+            expected = expected_row(raw)
+            await advance_past(key if expected is None else expected[0])
+            if pending is not None and pending["id"] == key and key in skipped:
+                pending = await anext(targets, None)  # a skipped row's target version is not ours
                 continue
-            try:
-                expected = _normalize_source(table, convert(values))
-            except Rejected as exc:
-                result.missing += 1
-                result.note(f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit)
+            if expected is None:
                 continue
-            key = expected[0]
-            while pending is not None and pending["id"] < key:
-                extra(pending)
-                pending = await anext(targets, None)
-            if key in skipped:
-                result.skipped += 1
-                if pending is not None and pending["id"] == key:
-                    pending = await anext(targets, None)
-                continue
-            if pending is None or pending["id"] != key:
-                result.missing += 1
-                result.note(f"{table.name} {key}: in the source but not in PostgreSQL", limit)
-                continue
-            actual = _normalize_target(table, pending)
-            pending = await anext(targets, None)
-            if actual == expected:
-                result.matched += 1
+            if pending is not None and pending["id"] == expected[0]:
+                record, pending = pending, await anext(targets, None)
+                judge(expected, record)
             else:
-                result.different += 1
-                cols = ", ".join(_differing_columns(table, expected, actual))
-                result.note(f"{table.name} {key}: differs in {cols}", limit)
-    while pending is not None:
-        extra(pending)
-        pending = await anext(targets, None)
+                judge(expected, None)
+    await advance_past(None)
     return result
 
 

@@ -29,7 +29,8 @@ class Batch:
     holds COPY-ready tuples in target column order, ``raw`` the source rows they came from
     (same positions, kept so a row the server refuses is quarantined with its raw values), and
     ``rejects`` the rows that were not converted. ``after_rowid`` is the checkpoint the batch
-    starts from and ``last_rowid`` the one it moves the table to once committed.
+    starts from and ``last_rowid`` the one it moves the table to once committed, recorded
+    with ``last_key``.
     """
 
     table: str
@@ -37,6 +38,7 @@ class Batch:
     after_rowid: int
     last_rowid: int
     extracted: int
+    last_key: Any = None  # raw primary key of the row at last_rowid (to detect reused rowids)
     raw: list[tuple[Any, ...]] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)

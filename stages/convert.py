@@ -181,10 +181,14 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
     value = _loads_strict(text, column)
     if not isinstance(value, dict):
         raise Rejected("json_not_object", f"column {column} is JSON but not an object")
-    if "\\u0000" in text and _contains_nul(value):
-        if not strip_nul:
-            raise Rejected("json_nul_character", f"column {column} contains \\u0000")
-        return _strip_nul(value), None
+    if "\\u0000" in text:
+        try:
+            if _contains_nul(value):
+                if not strip_nul:
+                    raise Rejected("json_nul_character", f"column {column} contains \\u0000")
+                return _strip_nul(value), None
+        except RecursionError:
+            raise Rejected("json_too_deep", f"column {column} is nested too deeply to parse") from None
     return value, text
 
 

@@ -91,5 +91,6 @@ async def extract(
             after_rowid=after,
             last_rowid=last,
             extracted=len(rows),
+            last_key=rows[-1][1],
             raw=list(rows),
         )

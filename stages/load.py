@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class BatchResult:
     quarantined: list[Reject]
     skipped: int = 0
     already: bool = False
+    already_quarantined: int = 0  # counted by the attempt that committed it (rejects not kept)
+
+    @property
+    def quarantined_count(self) -> int:
+        return len(self.quarantined) + self.already_quarantined
 
 
 def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
@@ -142,11 +148,20 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
     """One transaction: check the checkpoint, COPY the rows, quarantine rejects, advance."""
     schema, table = ctx.names.schema, ctx.table.name
     async with conn.transaction():
-        current = await conn.fetchval(LOCK_SQL, schema, table)
-        if current is None:
+        state = await conn.fetchrow(LOCK_SQL, schema, table)
+        if state is None:
             raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
-        if current >= batch.last_rowid:
-            return BatchResult(batch, 0, [], already=True)  # an earlier attempt committed it
+        current = state["last_rowid"]
+        if current == batch.last_rowid:  # an earlier attempt committed it; its reply was lost
+            done = json.loads(state["last_batch"])
+            return BatchResult(
+                batch,
+                int(done.get("loaded", 0)),
+                [],
+                skipped=int(done.get("skipped", 0)),
+                already=True,
+                already_quarantined=int(done.get("quarantined", 0)),
+            )
         if current != batch.after_rowid:
             raise RuntimeFailure(
                 f"The checkpoint of table {table} moved during the run; another flux-migrate"
@@ -191,6 +206,7 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
             len(rejects),
             len(skipped),
             ctx.run_id,
+            key_of(batch.last_key),
         )
     return BatchResult(batch, loaded, rejects, skipped=len(skipped))
 

@@ -65,6 +65,7 @@ def transform_batch(
         after_rowid=batch.after_rowid,
         last_rowid=batch.last_rowid,
         extracted=batch.extracted,
+        last_key=batch.last_key,
         raw=sources,
         rows=rows,
         rejects=rejects,

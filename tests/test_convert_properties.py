@@ -203,3 +203,12 @@ def test_raw_row_encoding_names_every_column() -> None:
     assert {"id": "a", "title": None, "content": {"base64": "/w=="}} == raw_to_json(
         (b"a", None, b"\xff"), ("id", "title", "content")
     )
+
+
+@pytest.mark.parametrize("depth", [300, 600, 3000])
+def test_deep_metadata_with_nul_is_rejected_not_crashed(depth: int) -> None:
+    """Deeply nested metadata holding \\u0000 is rejected with a reason, never a RecursionError."""
+    raw = ('{"a": ' + "[" * depth + '"x\\u0000"' + "]" * depth + "}").encode()
+    with pytest.raises(Rejected) as info:
+        json_object_text(raw)
+    assert info.value.reason in {"json_nul_character", "json_too_deep"}

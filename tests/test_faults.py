@@ -177,3 +177,29 @@ async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) 
         await conn.close()
     assert 2 == done.returncode
     assert "Another flux-migrate run" in done.stderr
+
+
+async def test_a_lost_commit_reply_is_accounted_once(sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a batch commits but its reply is lost, the retry finds it committed, loads nothing
+    twice, and the run's accounting still adds up."""
+    import stages.load
+
+    real = stages.load.commit_batch
+    calls = {"n": 0}
+
+    async def commit_then_lose_reply(conn: Any, ctx: Any, batch: Any, *, isolate: bool) -> Any:
+        result = await real(conn, ctx, batch, isolate=isolate)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise ConnectionResetError("reply lost after commit")
+        return result
+
+    monkeypatch.setattr(stages.load, "commit_batch", commit_then_lose_reply)
+    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
+    with capture_logs() as logs:
+        report = await migrate(settings)
+    assert "completed" == report.status
+    assert any(e["event"] == "batch_already_committed" for e in logs)
+    n_messages = len(source_rows(sample_db, "messages"))
+    assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
+    await _exactly_once(sample_db, pg_dsn)

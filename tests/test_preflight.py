@@ -276,3 +276,58 @@ async def test_passwords_never_appear_in_output_report_or_quarantine(tmp_path: P
     everything += json.dumps(await fetchval(pg_dsn, "SELECT json_agg(q) FROM flux_migrate.quarantine q"))
     assert secret not in everything
     assert "invalid_timestamp" in listing.stdout
+
+
+async def test_reused_rowids_below_the_checkpoint_are_refused(tmp_path: Path, pg_dsn: str) -> None:
+    """Deleting the newest message and adding another (which takes its rowid) makes the next run
+    refuse with exit 2 instead of silently skipping the new row."""
+    db = app_db(tmp_path / "app.sqlite")
+    db.write()
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
+    await migrate(settings)
+    conn = sqlite3.connect(db.path)
+    last = conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
+    sid = conn.execute("SELECT session_id FROM messages WHERE rowid = ?", (last,)).fetchone()[0]
+    conn.execute("DELETE FROM messages WHERE rowid = ?", (last,))
+    conn.execute("INSERT INTO messages VALUES (?, ?, 'user', 'new', '{}', ?)", (new_id(), sid, GOOD_TS))
+    assert last == conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
+    conn.commit()
+    conn.close()
+    with pytest.raises(TargetError) as info:
+        await migrate(settings)
+    assert 2 == info.value.exit_code
+    assert f"rowid {last} no longer holds key" in info.value.message
+
+
+async def test_verify_compares_numbers_exactly_and_handles_blob_keys(tmp_path: Path, pg_dsn: str) -> None:
+    """Metadata numbers PostgreSQL prints differently (1e+23) still match, and a key stored as a
+    BLOB is compared without breaking the key-ordered scan."""
+    db = app_db(tmp_path / "app.sqlite")
+    db.session(metadata='{"x": 1e+23, "y": 0.1, "z": 123456789012345678901234567890}')
+    db.write()
+    conn = sqlite3.connect(db.path)
+    conn.execute(
+        "INSERT INTO sessions VALUES (?, 't', ?, ?, '{}')", (new_id().encode(), GOOD_TS, GOOD_TS)
+    )
+    conn.commit()
+    conn.close()
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
+    report = await migrate(settings)
+    assert 4 == report.tables["sessions"].loaded
+    results = await verify_rows(settings)
+    assert all(r.ok for r in results), results
+    assert 4 == results[0].matched
+
+
+async def test_on_conflict_needs_a_unique_key_on_id(tmp_path: Path, pg_dsn: str) -> None:
+    """--on-conflict skip into a table with rows but no unique key on id is refused with exit 2."""
+    db = app_db(tmp_path / "app.sqlite").write()
+    await _execute(
+        pg_dsn,
+        "CREATE TABLE sessions (id varchar(36), title text, created_at timestamptz NOT NULL,"
+        " updated_at timestamptz NOT NULL, metadata jsonb NOT NULL DEFAULT '{}')",
+        "INSERT INTO sessions VALUES ('x', 't', now(), now(), '{}')",
+    )
+    done = cli("run", "--sqlite-path", str(db), "--postgres-dsn", pg_dsn, "--on-conflict", "skip")
+    assert 2 == done.returncode
+    assert "needs a primary key or unique index" in done.stderr
