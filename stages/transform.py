@@ -49,10 +49,8 @@ def transform_batch(
         try:
             row = convert(raw_row)
             if child and (raw_row[ncols + 1] or (missing_parents and row[parent_at] in missing_parents)):
-                raise Rejected(
-                    "orphan_message",
-                    f"column {table.parent_column} names a session that is not loaded",
-                )
+                why = "is not in the source" if raw_row[ncols + 1] else "was quarantined"
+                raise Rejected("orphan_message", f"column {table.parent_column} names a session that {why}")
         except Rejected as exc:
             values = tuple(raw_row[1 : ncols + 1])
             rejects.append(Reject(raw_row[0], key_of(values[0]), values, exc.reason, exc.detail, "transform"))
