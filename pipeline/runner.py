@@ -46,7 +46,7 @@ from pipeline.source import check_source, count_between, sample_matches, source_
 from pipeline.target import Target, connect
 from stages.batch import Batch
 from stages.extract import extract, open_source
-from stages.load import BatchResult, LoadContext, load
+from stages.load import BatchResult, CheckpointRewound, LoadContext, load
 from stages.transform import key_of, transform, transform_batch
 
 log = structlog.get_logger("flux_migrate")
@@ -448,6 +448,7 @@ async def migrate(
             finally:
                 with anyio.CancelScope(shield=True):
                     await target.close()
+                    await make_durable(lock, names.schema)
                     lock.terminate() if not lock.is_closed() else None
     except (asyncpg.PostgresError, sqlite3.Error) as exc:
         error = translate(exc, target.location)
@@ -469,6 +470,25 @@ async def migrate(
         quarantined=report.quarantined,
     )
     return report
+
+
+async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
+    found = await target.retrying(lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints")
+    return found[table]
+
+
+async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
+    """One synchronous commit: flushes the WAL, so every batch committed before is durable
+    (batches commit without waiting for the flush). Best effort and bounded."""
+    if conn.is_closed():
+        return
+    with anyio.move_on_after(10):
+        try:
+            await conn.execute(
+                f"UPDATE {ckpt.CHECKPOINTS} SET updated_at = now() WHERE target_schema = $1", schema
+            )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            pass
 
 
 async def check_rowids_not_reused(src: aiosqlite.Connection, table: str, c: ckpt.Checkpoint) -> None:
@@ -526,6 +546,7 @@ async def _run_table(
     if checkpoint.quarantined:
         fixed, gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
         treport.requeued = fixed
+    start = await _checkpoint(target, names.schema, table.name)
     after = checkpoint.last_rowid
     await check_rowids_not_reused(src, table.name, checkpoint)
     upto = bounds[table.name]
@@ -541,21 +562,33 @@ async def _run_table(
     started = time.monotonic()
     progress.start(table.name, total)
     try:
-        await migrate_table(
-            src,
-            target,
-            ctx,
-            settings=settings,
-            after=after,
-            upto=upto,
-            report=treport,
-            progress=progress,
-            missing_parents=missing,
-        )
+        while True:
+            try:
+                await migrate_table(
+                    src,
+                    target,
+                    ctx,
+                    settings=settings,
+                    after=after,
+                    upto=upto,
+                    report=treport,
+                    progress=progress,
+                    missing_parents=missing,
+                )
+                break
+            except CheckpointRewound as rewound:
+                log.warning("checkpoint_rewound", table=table.name, to_rowid=rewound.rowid)
+                after = rewound.rowid
     finally:
         treport.seconds = time.monotonic() - started
         progress.finish(table.name)
     stop.check()
+    # What the checkpoints say this run did: exact even when lost commits were redone.
+    end = await _checkpoint(target, names.schema, table.name)
+    treport.extracted = end.extracted - start.extracted
+    treport.loaded = end.loaded - start.loaded
+    treport.quarantined = end.quarantined - start.quarantined
+    treport.skipped = end.skipped - start.skipped
     await target.retrying(
         lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id), what="recording status"
     )

@@ -53,7 +53,12 @@ class Target:
 
     async def conn(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            conn = await asyncpg.connect(self.dsn, timeout=10.0)
+            # Batches commit without waiting for the WAL flush: a server crash can only lose
+            # whole batches together with their checkpoints (the load rewinds and redoes them),
+            # and the run ends with one synchronous commit (runner.make_durable).
+            conn = await asyncpg.connect(
+                self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
+            )
             await accept_text_bytes(conn)
             self._conn = conn
         return self._conn

@@ -24,6 +24,15 @@ from stages.transform import key_of
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
 
 
+class CheckpointRewound(Exception):
+    """The checkpoint is behind the batch: the server lost its latest commits (a crash while
+    commits were not yet flushed). The table must be streamed again from ``rowid``."""
+
+    def __init__(self, rowid: int) -> None:
+        super().__init__(f"checkpoint rewound to rowid {rowid}")
+        self.rowid = rowid
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """Where a table's batches go. ``on_conflict`` is "error" (plain COPY into the table),
@@ -162,6 +171,8 @@ async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch,
                 already=True,
                 already_quarantined=int(done.get("quarantined", 0)),
             )
+        if current < batch.after_rowid:
+            raise CheckpointRewound(current)
         if current != batch.after_rowid:
             raise RuntimeFailure(
                 f"The checkpoint of table {table} moved during the run; another flux-migrate"

@@ -203,3 +203,60 @@ async def test_a_lost_commit_reply_is_accounted_once(sample_db: Path, pg_dsn: st
     n_messages = len(source_rows(sample_db, "messages"))
     assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
     await _exactly_once(sample_db, pg_dsn)
+
+
+async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: str) -> None:
+    """If the server loses its latest commits (a crash before they were flushed: batches commit
+    without waiting for the WAL flush), the run rewinds to the checkpoint it finds and streams
+    those rows again: each row ends loaded once and the report still adds up."""
+    import asyncio
+    import sqlite3
+
+    import asyncpg
+
+    async def lose_last_two_batches() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            last = await conn.fetchval(
+                "SELECT last_rowid FROM flux_migrate.checkpoints WHERE source_table = 'messages'"
+            )
+            back = last - 200
+            src = sqlite3.connect(sample_db)
+            ids = [r[0] for r in src.execute("SELECT id FROM messages WHERE rowid > ? AND rowid <= ?", (back, last))]
+            src.close()
+            async with conn.transaction():
+                await conn.execute("DELETE FROM messages WHERE id = ANY($1::text[])", ids)
+                await conn.execute(
+                    "UPDATE flux_migrate.checkpoints SET last_rowid = $1, extracted = extracted - $2,"
+                    " loaded = loaded - $2 WHERE source_table = 'messages'",
+                    back,
+                    len(ids),
+                )
+        finally:
+            await conn.close()
+
+    class LoseCommits:
+        def __init__(self) -> None:
+            self.messages_batches = 0
+
+        def start(self, table: str, total: int) -> None:
+            pass
+
+        def finish(self, table: str) -> None:
+            pass
+
+        def advance(self, table: str, rows: int) -> None:
+            if table == "messages":
+                self.messages_batches += 1
+                if self.messages_batches == 6:  # block the loop: nothing commits meanwhile
+                    worker = threading.Thread(target=lambda: asyncio.run(lose_last_two_batches()))
+                    worker.start()
+                    worker.join()
+
+    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
+    with capture_logs() as logs:
+        report = await migrate(settings, progress=LoseCommits())
+    assert any(e["event"] == "checkpoint_rewound" for e in logs)
+    n_messages = len(source_rows(sample_db, "messages"))
+    assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
+    await _exactly_once(sample_db, pg_dsn)
