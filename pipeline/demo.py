@@ -84,6 +84,8 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         report = anyio.run(lambda: migrate(settings, progress=progress), backend="asyncio")
         _say("\nSummary:")
         print_summary(report)
+        if all(t.up_to_date for t in report.tables.values()):
+            _say("The target was already up to date: nothing new in the source since the last run.")
         _say("\nVerify (every row compared, source vs target):")
         for r in anyio.run(verify_rows, settings, backend="asyncio"):
             _say(
