@@ -105,7 +105,10 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         from pipeline.embedded import psql_path
 
         _say(f"\nThe server keeps running. Connect with:\n  {psql_path()} '{dsn}'")
-        _say(f"Stop it with: {Path(str(psql_path())).parent / 'pg_ctl'} -D {(workdir / 'pgdata').resolve()} stop")
+        stop = f"{Path(str(psql_path())).parent / 'pg_ctl'} -D {(workdir / 'pgdata').resolve()} stop"
+        if os.geteuid() == 0:  # the server runs as its own user; pg_ctl refuses root
+            stop = f"su {server.system_user} -s /bin/sh -c '{stop}'"
+        _say(f"Stop it with: {stop}")
     elif server is not None:
         _say("\nThe throwaway server was stopped (run `make demo KEEP=1` to keep it for psql).")
     return errors.EXIT_QUARANTINED if report.quarantined else errors.EXIT_OK
