@@ -34,8 +34,8 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from pipeline.errors import TargetError, describe_connect_error
 from pipeline.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
+from pipeline.errors import TargetError, describe_connect_error
 from pipeline.schema import TABLES, TargetNames, constraints, target_ddl
 from pipeline.settings import dsn_location
 

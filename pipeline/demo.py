@@ -16,9 +16,9 @@ from pipeline.errors import redact
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import migrate
 from pipeline.sample import generate
+from pipeline.schema import TargetNames
 from pipeline.settings import load_settings
 from pipeline.verify import verify_rows
-from pipeline.schema import TargetNames
 
 
 def _say(text: str) -> None:

@@ -89,7 +89,12 @@ async def requeue(
         if not batch.rows and not gone_ids:
             continue
 
-        async def commit(conn: asyncpg.Connection, batch: Batch = batch, gone_ids: list[int] = gone_ids) -> tuple[int, int]:
+        async def commit(
+            conn: asyncpg.Connection,
+            batch: Batch = batch,
+            gone_ids: list[int] = gone_ids,
+            by_rowid: dict[int, list[int]] = by_rowid,
+        ) -> tuple[int, int]:
             async with conn.transaction():
                 # Only rows still unresolved: a retry after a lost commit reply loads nothing twice.
                 open_rows = await conn.fetch(

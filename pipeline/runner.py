@@ -32,6 +32,7 @@ from pipeline.errors import (
     translate,
 )
 from pipeline.progress import NoProgress, Progress
+from pipeline.requeue import requeue, unresolved_keys
 from pipeline.schema import (
     TABLES,
     Table,
@@ -40,7 +41,6 @@ from pipeline.schema import (
     create_table_sql,
     quote_ident,
 )
-from pipeline.requeue import requeue, unresolved_keys
 from pipeline.settings import Settings
 from pipeline.source import check_source, count_between, sample_matches, source_snapshot
 from pipeline.target import Target, connect
@@ -544,7 +544,7 @@ async def _run_table(
         ),
     )
     if checkpoint.quarantined:
-        fixed, gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
+        fixed, _gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
         treport.requeued = fixed
     start = await _checkpoint(target, names.schema, table.name)
     after = checkpoint.last_rowid

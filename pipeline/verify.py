@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from decimal import Decimal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import aiosqlite

@@ -291,7 +291,7 @@ def row_converter(
     }
     calls = ", ".join(f"c{i}(raw[{i + offset}])" for i in range(len(converters)))
     # Generated from column positions only (no user input): a tuple of direct calls.
-    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(f"lambda raw: ({calls},)", converters)  # noqa: S307
+    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(f"lambda raw: ({calls},)", converters)
     return convert
 
 

@@ -20,7 +20,6 @@ from stages.batch import Batch, Reject
 from stages.convert import raw_to_json
 from stages.transform import key_of
 
-
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
 
 

@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 
 import pipeline.verify
-
 from pipeline.errors import SourceError, TargetError
 from pipeline.runner import migrate
 from pipeline.schema import TargetNames, target_ddl
