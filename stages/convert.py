@@ -7,6 +7,7 @@ reason code (see :data:`REASONS`) and a one-sentence detail; nothing else escape
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -272,6 +273,7 @@ def column_converter(
     raise AssertionError(kind)
 
 
+@functools.lru_cache(maxsize=64)
 def row_converter(
     table: Table,
     *,
@@ -283,7 +285,8 @@ def row_converter(
     """A function turning one raw source row into a COPY-ready tuple in target column order.
 
     The row's values for the table's columns start at position ``offset`` (1 when the rowid
-    comes first). The function is unrolled per column: this runs once per source row.
+    comes first). The function is unrolled per column: this runs once per source row. Built
+    once per set of arguments (cached): every batch of a table shares it.
     """
     converters = {
         f"c{i}": column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)

@@ -11,7 +11,7 @@ import anyio
 
 from pipeline.schema import Table
 from stages.batch import Batch, Reject
-from stages.convert import Raw, Rejected, decode_text, row_converter
+from stages.convert import Raw, Rejected, row_converter
 
 
 def key_of(raw_id: Raw) -> str | None:
@@ -97,5 +97,3 @@ async def transform(
             )
             yield converted
 
-
-__all__ = ["decode_text", "key_of", "transform", "transform_batch"]
