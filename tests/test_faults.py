@@ -25,10 +25,11 @@ pytestmark = pytest.mark.anyio
 
 
 class AfterBatches:
-    """A progress sink that calls ``action`` (in a thread) once ``n`` batches have committed."""
+    """A progress sink that calls ``action`` in a thread once ``n`` batches (of ``table``, or of
+    any table) have committed; with ``wait`` it blocks the run until the action is done."""
 
-    def __init__(self, n: int, action: Any) -> None:
-        self.n, self.action, self.seen = n, action, 0
+    def __init__(self, n: int, action: Any, *, table: str | None = None, wait: bool = False) -> None:
+        self.n, self.action, self.table, self.wait, self.seen = n, action, table, wait, 0
 
     def start(self, table: str, total: int) -> None:
         pass
@@ -37,9 +38,14 @@ class AfterBatches:
         pass
 
     def advance(self, table: str, rows: int) -> None:
+        if self.table not in (None, table):
+            return
         self.seen += 1
         if self.seen == self.n:
-            threading.Thread(target=self.action, daemon=True).start()
+            worker = threading.Thread(target=self.action, daemon=True)
+            worker.start()
+            if self.wait:
+                worker.join()
 
 
 async def _exactly_once(source: Path, dsn: str) -> None:
@@ -235,27 +241,11 @@ async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: st
         finally:
             await conn.close()
 
-    class LoseCommits:
-        def __init__(self) -> None:
-            self.messages_batches = 0
-
-        def start(self, table: str, total: int) -> None:
-            pass
-
-        def finish(self, table: str) -> None:
-            pass
-
-        def advance(self, table: str, rows: int) -> None:
-            if table == "messages":
-                self.messages_batches += 1
-                if self.messages_batches == 6:  # block the loop: nothing commits meanwhile
-                    worker = threading.Thread(target=lambda: asyncio.run(lose_last_two_batches()))
-                    worker.start()
-                    worker.join()
-
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
     with capture_logs() as logs:
-        report = await migrate(settings, progress=LoseCommits())
+        # Blocks the loop while it runs, so nothing commits meanwhile.
+        lose = AfterBatches(6, lambda: asyncio.run(lose_last_two_batches()), table="messages", wait=True)
+        report = await migrate(settings, progress=lose)
     assert any(e["event"] == "checkpoint_rewound" for e in logs)
     n_messages = len(source_rows(sample_db, "messages"))
     assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
