@@ -31,7 +31,7 @@ from typing import Any
 import asyncpg
 
 from pipeline.sample import generate
-from pipeline.schema import TABLES, TargetNames, constraints, create_table_sql
+from core.schema import TABLES, TargetNames, constraints, create_table_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from pipeline.schema import TABLES, TargetNames, constraints, create_table_sql
+from core.schema import TABLES, TargetNames, constraints, create_table_sql
 
 
 async def main(dsn: str, folder: str) -> None:

@@ -1,7 +1,7 @@
 """The chat app's conversation memory on SQLite or PostgreSQL: one API, one factory.
 
 ``from memory import create_memory``; see :mod:`memory.base` for the API and its documented
-behaviour, :mod:`memory.check` and :mod:`memory.compare` for the health check and the
+behaviour, :mod:`pipeline.check` and :mod:`pipeline.verify_api` for the health check and the
 after-migration comparison.
 """
 

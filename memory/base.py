@@ -1,6 +1,6 @@
 """The conversation memory API both backends implement, and what they share.
 
-Results are plain dicts shaped by the one schema in :mod:`pipeline.schema`: a session has
+Results are plain dicts shaped by the one schema in :mod:`core.schema`: a session has
 ``id``, ``title``, ``created_at``, ``updated_at``, ``metadata`` and ``message_count``; a message
 has ``id``, ``session_id``, ``role``, ``content``, ``metadata`` and ``created_at``. Timestamps are
 ISO-8601 strings in UTC with an offset (``datetime.isoformat()``), metadata is a dict.
@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from pipeline.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
+from core.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
 from stages.convert import Rejected, decode_text, parse_json_object
 
 DEFAULT_HISTORY_LIMIT = 20

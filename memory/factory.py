@@ -10,7 +10,7 @@ from pathlib import Path
 from memory.base import DEFAULT_HISTORY_LIMIT
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 BACKENDS = ("sqlite", "postgres")
 

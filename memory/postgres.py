@@ -1,8 +1,8 @@
 """The PostgreSQL backend: asyncpg pool, native timestamptz and jsonb, the pipeline's schema.
 
 Every statement takes its values as parameters ($1, $2); table names come from
-:class:`pipeline.schema.TargetNames` through ``quote_ident``. The operations are module-level
-functions over one connection so that :mod:`memory.check` can run the very same statements
+:class:`core.schema.TargetNames` through ``quote_ident``. The operations are module-level
+functions over one connection so that :mod:`pipeline.check` can run the very same statements
 inside a transaction it rolls back.
 """
 
@@ -34,10 +34,10 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from pipeline.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
-from pipeline.errors import TargetError, describe_connect_error
-from pipeline.schema import TABLES, TargetNames, constraints, target_ddl
-from pipeline.settings import dsn_location
+from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
+from core.errors import TargetError, describe_connect_error
+from core.schema import TABLES, TargetNames, constraints, target_ddl
+from core.dsn import dsn_location
 
 APPLICATION_NAME = "flux-migrate memory"
 JSONB_VERSION = b"\x01"
@@ -108,7 +108,7 @@ async def missing_objects(conn: asyncpg.Connection, names: TargetNames) -> list[
 async def ensure_schema(conn: asyncpg.Connection, names: TargetNames) -> bool:
     """Create the target schema, tables, keys and index that are absent; True if it created any.
 
-    Runs the statements of :func:`pipeline.schema.target_ddl`, skipping each key that already
+    Runs the statements of :func:`core.schema.target_ddl`, skipping each key that already
     exists by name. Raises TargetError, creating nothing, while a migration is loading the schema.
     """
     if not await missing_objects(conn, names):
@@ -257,7 +257,7 @@ class PostgresMemory(MemoryBase):
     """The app's memory in PostgreSQL through an asyncpg pool opened on first use.
 
     Creates the target tables, keys and index when absent (``create_tables=False`` refuses
-    instead). Connection failures raise :class:`pipeline.errors.MigrateError` subclasses with a
+    instead). Connection failures raise :class:`core.errors.MigrateError` subclasses with a
     sentence that names host, port and database, never the password.
     """
 

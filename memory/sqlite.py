@@ -26,7 +26,7 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from pipeline.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
+from core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
 from stages.convert import Rejected, parse_json_object, parse_timestamp
 
 log = structlog.get_logger("flux_migrate.memory")

@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from memory.cli import add_commands, add_verify_api_arguments, cmd_verify_api
-from pipeline import errors
-from pipeline.errors import ConfigError, Interrupted, MigrateError, redact, single_error
+from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
+from core import errors
+from core.dsn import redact
+from core.errors import ConfigError, Interrupted, MigrateError, single_error
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
-from pipeline.runner import RunReport
+from pipeline.report import RunReport, print_summary
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
 
 T = TypeVar("T")
@@ -90,28 +91,6 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return anyio.run(fn, *args, backend="asyncio")
-
-
-def print_summary(report: RunReport, out: Any = sys.stdout) -> None:
-    rows = [("table", "read", "loaded", "not loaded", "seconds", "rows/s")]
-    for name, t in report.tables.items():
-        rows.append(
-            (
-                name,
-                f"{t.extracted:,}",
-                f"{t.loaded:,}",
-                f"{t.quarantined + t.skipped:,}",
-                f"{t.seconds:.1f}",
-                f"{t.rows_per_second:,.0f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        out.write("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) + "\n")
-        if i == 0:
-            out.write("  ".join("-" * w for w in widths) + "\n")
-    if report.constraints_seconds:
-        out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")
 
 
 def _write_report(path: Path | None, report: RunReport) -> None:
@@ -201,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    from pipeline.inspect import list_quarantine
+    from pipeline.status import list_quarantine
 
     settings = _settings(args)
     configure(args.log_format or "console")
@@ -224,7 +203,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.inspect import status
+    from pipeline.status import status
 
     settings = _settings(args)
     configure(args.log_format or "console")

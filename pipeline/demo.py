@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import asyncpg
 
-from pipeline import errors
-from pipeline.errors import redact
+from core import errors
+from core.dsn import redact
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import migrate
 from pipeline.sample import generate
-from pipeline.schema import TargetNames
+from core.schema import TargetNames
 from pipeline.settings import load_settings
 from pipeline.verify import verify_rows
 
@@ -50,7 +50,7 @@ async def _show_rows(dsn: str, names: TargetNames) -> list[Any]:
 
 def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) -> int:
     """Generate (once) a sample app database, migrate it, verify counts, show rows back."""
-    from pipeline.cli import print_summary
+    from pipeline.report import print_summary
 
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / f"chat-{sessions}.sqlite"

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 def start_server(pgdata: Path, *, cleanup_mode: str | None = "stop") -> Any:

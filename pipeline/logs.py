@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from pipeline.errors import redact
+from core.dsn import redact
 
 
 def _redact_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,10 @@ import aiosqlite
 import asyncpg
 import structlog
 
-from pipeline.checkpoints import CHECKPOINTS
-from pipeline.schema import BOOKKEEPING_SCHEMA, Table
+from core.bookkeeping import CHECKPOINTS
+from core.schema import BOOKKEEPING_SCHEMA, Table
 from pipeline.settings import Settings
-from pipeline.target import Target
+from core.target import Target
 from stages.batch import Batch
 from stages.extract import select_sql
 from stages.load import LoadContext, copy_isolating

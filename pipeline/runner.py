@@ -19,9 +19,9 @@ import asyncpg
 import structlog
 from anyio.abc import ObjectSendStream
 
-from pipeline import checkpoints as ckpt
-from pipeline.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
-from pipeline.errors import (
+from core import bookkeeping as ckpt
+from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
+from core.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     Interrupted,
@@ -33,7 +33,7 @@ from pipeline.errors import (
 )
 from pipeline.progress import NoProgress, Progress
 from pipeline.requeue import requeue, unresolved_keys
-from pipeline.schema import (
+from core.schema import (
     TABLES,
     Table,
     TargetNames,
@@ -41,9 +41,10 @@ from pipeline.schema import (
     create_table_sql,
     quote_ident,
 )
+from pipeline.report import RunReport, TableReport
 from pipeline.settings import Settings
-from pipeline.source import check_source, count_between, sample_matches, source_snapshot
-from pipeline.target import Target, connect
+from core.source import check_source, count_between, sample_matches, source_snapshot
+from core.target import Target, connect
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, CheckpointRewound, LoadContext, load
@@ -53,53 +54,6 @@ log = structlog.get_logger("flux_migrate")
 
 # Log at most this many quarantined rows per table and run; the rest are counted.
 QUARANTINE_LOG_LIMIT = 50
-
-
-@dataclass
-class TableReport:
-    extracted: int = 0
-    loaded: int = 0
-    quarantined: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    up_to_date: bool = False
-    requeued: int = 0  # quarantined rows of earlier runs loaded now (fixed in the source)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "extracted": self.extracted,
-            "loaded": self.loaded,
-            "quarantined": self.quarantined,
-            "skipped": self.skipped,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass
-class RunReport:
-    run_id: str
-    status: str = "running"  # running | completed | failed | interrupted
-    tables: dict[str, TableReport] = field(default_factory=dict)
-    message: str = ""
-    constraints_seconds: float = 0.0
-    open_quarantined: int = 0  # rows quarantined by any run and not loaded since
-
-    @property
-    def quarantined(self) -> int:
-        return sum(t.quarantined for t in self.tables.values())
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "status": self.status,
-            "message": self.message,
-            "quarantined_open": self.open_quarantined,
-            "tables": {name: t.as_json() for name, t in self.tables.items()},
-        }
 
 
 # ---------------------------------------------------------------- target preflight

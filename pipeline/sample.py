@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pipeline.schema import SQLITE_DDL
+from core.schema import SQLITE_DDL
 
 _WORDS = (
     "the a to of and in that is for it you with on this be are as can your have not or at "

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pipeline.errors import ConfigError
-from pipeline.schema import TargetNames
+from core.errors import ConfigError
+from core.schema import TargetNames
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 # 10k rows per batch: measured best in ../shared/DRIVER-FACTS.md and in our bench; see README.
@@ -57,20 +56,6 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
-
-
-def dsn_location(dsn: str) -> str:
-    """host:port/database of a DSN, without user or password, for messages and logs."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        if parts.query and "host=" in parts.query:
-            host = next(q[5:] for q in parts.query.split("&") if q.startswith("host="))
-        port = f":{parts.port}" if parts.port else ""
-        db = parts.path.lstrip("/") or "(default database)"
-        return f"{host}{port}/{db}"
-    except ValueError:
-        return "(unparseable DSN)"
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

@@ -13,12 +13,12 @@ from typing import Any
 import aiosqlite
 import asyncpg
 
-from pipeline import checkpoints as ckpt
-from pipeline.catalog import table_exists
-from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
+from core import bookkeeping as ckpt
+from core.catalog import table_exists
+from core.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
 from pipeline.settings import Settings
-from pipeline.source import check_source
-from pipeline.target import connect
+from core.source import check_source
+from core.target import connect
 from stages.convert import Rejected, row_converter
 from stages.extract import open_source
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.schema import KEY_MAX_LENGTH, Column, Kind, Table
+from core.schema import KEY_MAX_LENGTH, Column, Kind, Table
 
 # Stable reason codes, documented in the README. Never rename one; add new ones at the end.
 REASONS: dict[str, str] = {

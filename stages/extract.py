@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from pipeline.errors import RuntimeFailure, SourceError
-from pipeline.schema import Table, quote_ident
+from core.errors import RuntimeFailure, SourceError
+from core.schema import Table, quote_ident
 from stages.batch import Batch
 
 

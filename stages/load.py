@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from pipeline.checkpoints import ADVANCE_SQL, LOCK_SQL
-from pipeline.errors import ErrorClass, RuntimeFailure, classify
-from pipeline.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Table, TargetNames, quote_ident
-from pipeline.target import Target
+from core.bookkeeping import ADVANCE_SQL, LOCK_SQL
+from core.errors import ErrorClass, RuntimeFailure, classify
+from core.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Table, TargetNames, quote_ident
+from core.target import Target
 from stages.batch import Batch, Reject
 from stages.convert import raw_to_json
 from stages.transform import key_of

@@ -9,7 +9,7 @@ from datetime import UTC, tzinfo
 
 import anyio
 
-from pipeline.schema import Table
+from core.schema import Table
 from stages.batch import Batch, Reject
 from stages.convert import Raw, Rejected, row_converter
 

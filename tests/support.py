@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from pipeline.schema import TABLES, TargetNames
+from core.schema import TABLES, TargetNames
 
 ROOT = Path(__file__).resolve().parent.parent
 

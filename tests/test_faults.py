@@ -14,8 +14,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from pipeline.catalog import MIGRATION_LOCK_KEY
-from pipeline.errors import RuntimeFailure
+from core.catalog import MIGRATION_LOCK_KEY
+from core.errors import RuntimeFailure
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from tests.proxy import FlakyProxy

@@ -14,10 +14,10 @@ import pytest
 import structlog
 
 from memory import PostgresMemory, SQLiteMemory
-from memory.check import check
-from memory.cli import add_commands, add_verify_api_arguments, cmd_verify_api
-from memory.compare import compare_api
-from pipeline.errors import ConfigError, TargetError
+from pipeline.check import check
+from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
+from pipeline.verify_api import compare_api
+from core.errors import ConfigError, TargetError
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 

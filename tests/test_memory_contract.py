@@ -21,8 +21,8 @@ from memory import (
     SQLiteMemory,
     create_memory,
 )
-from pipeline.errors import ConfigError, TargetError
-from pipeline.schema import TargetNames, constraints
+from core.errors import ConfigError, TargetError
+from core.schema import TargetNames, constraints
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 
 import pipeline.verify
-from pipeline.errors import SourceError, TargetError
+from core.errors import SourceError, TargetError
 from pipeline.runner import migrate
-from pipeline.schema import TargetNames, target_ddl
+from core.schema import TargetNames, target_ddl
 from pipeline.settings import load_settings
 from pipeline.verify import verify_quick, verify_rows
 from tests.dirty import GOOD_TS, app_db, new_id

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.runner import migrate
-from pipeline.schema import TargetNames
+from core.schema import TargetNames
 from pipeline.settings import load_settings
 from pipeline.verify import verify_rows
 from stages.convert import REASONS, raw_value_from_json

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pipeline import checkpoints as ckpt
-from pipeline.schema import BOOKKEEPING_SCHEMA, TABLES
+from core import bookkeeping as ckpt
+from core.schema import BOOKKEEPING_SCHEMA, TABLES
 from pipeline.settings import Settings
-from pipeline.target import connect
+from core.target import connect
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:

@@ -11,8 +11,9 @@ import anyio
 import asyncpg
 import structlog
 
-from pipeline.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error, redact
-from pipeline.settings import dsn_location
+from core.dsn import redact
+from core.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error
+from core.dsn import dsn_location
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")

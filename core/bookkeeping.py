@@ -11,7 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
-from pipeline.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA
+from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA
 
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
 

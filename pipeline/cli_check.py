@@ -20,11 +20,11 @@ from typing import Any
 
 import anyio
 
-from memory.check import check
-from memory.compare import compare_api
+from pipeline.check import check
+from pipeline.verify_api import compare_api
 from memory.factory import MemorySettings
-from pipeline import errors
-from pipeline.errors import ConfigError
+from core import errors
+from core.errors import ConfigError
 from pipeline.logs import configure
 from pipeline.settings import Settings, load_settings, validate
 

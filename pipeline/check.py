@@ -15,10 +15,11 @@ from typing import Any
 import asyncpg
 
 from memory import postgres as pg
-from pipeline.errors import ConfigError, MigrateError, redact
-from pipeline.schema import TABLES, TargetNames
-from pipeline.settings import dsn_location
-from pipeline.target import connect
+from core.dsn import redact
+from core.errors import ConfigError, MigrateError
+from core.schema import TABLES, TargetNames
+from core.dsn import dsn_location
+from core.target import connect
 
 LATENCY_SAMPLES = 5
 _PROBE_METADATA: dict[str, Any] = {
@@ -89,7 +90,7 @@ async def check(
     """Check the server the PostgreSQL memory would use; never raises for an unhealthy server.
 
     ``quick`` only connects (version and latency). Otherwise it also compares the target
-    tables with :mod:`pipeline.schema`, opens a pool of ``pool_min``..``pool_max`` and runs the
+    tables with :mod:`core.schema`, opens a pool of ``pool_min``..``pool_max`` and runs the
     CRUD round trip. Raises ConfigError for impossible pool sizes. Blocks up to ``timeout``
     seconds per connection attempt.
     """

@@ -15,10 +15,10 @@ from typing import Any
 from memory.base import Memory
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
-from pipeline.errors import ConfigError
-from pipeline.schema import BOOKKEEPING_SCHEMA, TargetNames
-from pipeline.source import check_source
-from pipeline.target import connect
+from core.errors import ConfigError
+from core.schema import BOOKKEEPING_SCHEMA, TargetNames
+from core.source import check_source
+from core.target import connect
 from stages.extract import open_source
 
 _COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")

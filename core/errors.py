@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 from enum import Enum
 
 import anyio
 import asyncpg
+
+from core.dsn import redact
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
@@ -104,16 +105,6 @@ def classify(exc: BaseException) -> ErrorClass:
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return ErrorClass.TRANSIENT
     return ErrorClass.FATAL
-
-
-_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)(\S+)(@)")  # greedy: a raw @ in a password
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Remove passwords from any text that may contain a DSN."""
-    text = _PASSWORD_IN_URI.sub(r"\1***\3", text)
-    return _PASSWORD_KV.sub(r"\1***", text)
 
 
 def describe_connect_error(exc: BaseException, where: str) -> MigrateError:

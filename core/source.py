@@ -9,8 +9,8 @@ from typing import Any
 
 import aiosqlite
 
-from pipeline.errors import SourceError
-from pipeline.schema import TABLES, quote_ident
+from core.errors import SourceError
+from core.schema import TABLES, quote_ident
 
 IDENTITY_SAMPLE = 8
 

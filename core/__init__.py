@@ -1,0 +1,3 @@
+"""The foundation: schema model, errors, source and target connections, bookkeeping.
+
+Imports nothing else of the project."""

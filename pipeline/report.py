@@ -1,0 +1,84 @@
+"""The run report: counts per table, the JSON shape of ``--report-json``, and how both print."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+
+def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
+    """Print rows as aligned columns: the first row is the header, the first column left-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        out.write("  ".join(cells).rstrip() + "\n")
+        if i == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+@dataclass
+class TableReport:
+    extracted: int = 0
+    loaded: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    up_to_date: bool = False
+    requeued: int = 0  # quarantined rows of earlier runs loaded now (fixed in the source)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "extracted": self.extracted,
+            "loaded": self.loaded,
+            "quarantined": self.quarantined,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    status: str = "running"  # running | completed | failed | interrupted
+    tables: dict[str, TableReport] = field(default_factory=dict)
+    message: str = ""
+    constraints_seconds: float = 0.0
+    open_quarantined: int = 0  # rows quarantined by any run and not loaded since
+
+    @property
+    def quarantined(self) -> int:
+        return sum(t.quarantined for t in self.tables.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "message": self.message,
+            "quarantined_open": self.open_quarantined,
+            "tables": {name: t.as_json() for name, t in self.tables.items()},
+        }
+
+
+def print_summary(report: RunReport, out: TextIO = sys.stdout) -> None:
+    """The summary table of a run, and the time the keys took."""
+    rows = [("table", "read", "loaded", "not loaded", "seconds", "rows/s")]
+    for name, t in report.tables.items():
+        rows.append(
+            (
+                name,
+                f"{t.extracted:,}",
+                f"{t.loaded:,}",
+                f"{t.quarantined + t.skipped:,}",
+                f"{t.seconds:.1f}",
+                f"{t.rows_per_second:,.0f}",
+            )
+        )
+    print_table(rows, out)
+    if report.constraints_seconds:
+        out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")
