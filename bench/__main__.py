@@ -30,8 +30,8 @@ from typing import Any
 
 import asyncpg
 
-from pipeline.sample import generate
 from core.schema import TABLES, TargetNames, constraints, create_table_sql
+from pipeline.sample import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -76,7 +76,9 @@ async def _admin(dsn: str, *sql: str) -> None:
 
 
 def fresh_db(admin: str, db: str) -> str:
-    asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)', f'CREATE DATABASE "{db}"'))
+    asyncio.run(
+        _admin(admin, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)', f'CREATE DATABASE "{db}"')
+    )
     return with_db(admin, db)
 
 
@@ -133,15 +135,29 @@ def checksum(dsn: str) -> dict[str, tuple[int, int]]:
 
 
 def flux_cmd(source: Path, dsn: str, *extra: str) -> list[str]:
-    return [PY, "-m", "pipeline", "run", "--sqlite-path", str(source), "--postgres-dsn", dsn,
-            "--no-progress", "--log-format", "json", *extra]
+    return [
+        PY,
+        "-m",
+        "pipeline",
+        "run",
+        "--sqlite-path",
+        str(source),
+        "--postgres-dsn",
+        dsn,
+        "--no-progress",
+        "--log-format",
+        "json",
+        *extra,
+    ]
 
 
 async def _dump_copy_files(dsn: str, folder: Path) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         for table in TABLES:
-            await conn.copy_from_table(table.name, output=folder / f"{table.name}.copy", format="binary")
+            await conn.copy_from_table(
+                table.name, output=folder / f"{table.name}.copy", format="binary"
+            )
     finally:
         await conn.close()
 
@@ -190,8 +206,13 @@ def resume_after_kill(source: Path, admin: str, total_messages: int) -> dict[str
     """Kill flux at ~90% of the messages, rerun, and count what the rerun read."""
     dsn = fresh_db(admin, "bench_resume")
     batch = min(10_000, max(100, total_messages // 20))  # enough batches to stop near 90%
-    proc = subprocess.Popen(flux_cmd(source, dsn, "--batch-size", str(batch)), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        flux_cmd(source, dsn, "--batch-size", str(batch)),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     done = 0
     for line in proc.stderr:
@@ -218,7 +239,11 @@ def resume_after_kill(source: Path, admin: str, total_messages: int) -> dict[str
 async def _loaded(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT loaded FROM flux_migrate.checkpoints WHERE source_table = 'messages'"))
+        return int(
+            await conn.fetchval(
+                "SELECT loaded FROM flux_migrate.checkpoints WHERE source_table = 'messages'"
+            )
+        )
     finally:
         await conn.close()
 
@@ -239,7 +264,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=ROOT / ".bench")
     ap.add_argument("--contenders", default="flux,original,ceiling,pgloader")
-    ap.add_argument("--no-extras", action="store_true", help="skip the checkpoint-cost and resume runs")
+    ap.add_argument(
+        "--no-extras", action="store_true", help="skip the checkpoint-cost and resume runs"
+    )
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -255,8 +282,11 @@ def main() -> None:
     n_messages = src.execute("SELECT count(*) FROM messages").fetchone()[0]
     src.close()
     total = n_sessions + n_messages
-    print(f"source: {n_sessions:,} sessions + {n_messages:,} messages = {total:,} rows,"
-          f" {source.stat().st_size / 1e6:,.0f} MB", flush=True)
+    print(
+        f"source: {n_sessions:,} sessions + {n_messages:,} messages = {total:,} rows,"
+        f" {source.stat().st_size / 1e6:,.0f} MB",
+        flush=True,
+    )
 
     # The ceiling's input: the exact target rows in PostgreSQL's binary COPY format, made once.
     wanted = args.contenders.split(",")
@@ -298,13 +328,18 @@ def main() -> None:
             drop_db(admin, db)
             c.runs.append(m)
             c.rows = total
-            print(f"  run {rep + 1}/{args.repeat} {name:<9} {m.wall:7.1f} s  {total / m.wall:9,.0f} rows/s"
-                  f"  rss {m.rss_mb:6.0f} MB  cpu {m.cpu:6.1f} s", flush=True)
+            print(
+                f"  run {rep + 1}/{args.repeat} {name:<9} {m.wall:7.1f} s  {total / m.wall:9,.0f} rows/s"
+                f"  rss {m.rss_mb:6.0f} MB  cpu {m.cpu:6.1f} s",
+                flush=True,
+            )
 
     reference = next(iter(sums.values())) if sums else {}
     for name, s in sums.items():
         if s != reference:
-            raise SystemExit(f"bench: {name} produced different data ({s} vs {reference}); no figures printed")
+            raise SystemExit(
+                f"bench: {name} produced different data ({s} vs {reference}); no figures printed"
+            )
 
     extras: dict[str, Any] = {}
     if not args.no_extras and "flux" in wanted:
@@ -359,12 +394,23 @@ def main() -> None:
     text = "\n".join(lines)
     print("\n" + text)
     (work / f"results-{args.sessions}.md").write_text(text + "\n")
-    (work / f"results-{args.sessions}.json").write_text(json.dumps({
-        "sessions": n_sessions, "messages": n_messages, "repeat": args.repeat,
-        "contenders": {c.name: {"runs": [m.__dict__ for m in c.runs], "note": c.note} for c in contenders.values()},
-        "extras": extras,
-        "checksums": {k: {t: list(v) for t, v in s.items()} for k, s in sums.items()},
-    }, indent=2) + "\n")
+    (work / f"results-{args.sessions}.json").write_text(
+        json.dumps(
+            {
+                "sessions": n_sessions,
+                "messages": n_messages,
+                "repeat": args.repeat,
+                "contenders": {
+                    c.name: {"runs": [m.__dict__ for m in c.runs], "note": c.note}
+                    for c in contenders.values()
+                },
+                "extras": extras,
+                "checksums": {k: {t: list(v) for t, v in s.items()} for k, s in sums.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwritten: {work / f'results-{args.sessions}.md'} and .json")
     if srv is not None:
         srv.cleanup()

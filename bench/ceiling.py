@@ -18,7 +18,9 @@ async def main(dsn: str, folder: str) -> None:
     for table in TABLES:
         await conn.execute(create_table_sql(table, names))
     for table in TABLES:
-        await conn.copy_to_table(table.name, source=Path(folder) / f"{table.name}.copy", format="binary")
+        await conn.copy_to_table(
+            table.name, source=Path(folder) / f"{table.name}.copy", format="binary"
+        )
     for c in constraints(names):
         await conn.execute(c.sql)
     await conn.close()

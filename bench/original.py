@@ -27,8 +27,12 @@ async def main(sqlite_path: str, dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     for sql in target_ddl(TargetNames()):
         await conn.execute(sql)
-    s_rows = [(i, t, _ts(c), _ts(u), json.dumps(json.loads(m or "{}"))) for i, t, c, u, m in sessions]
-    m_rows = [(i, s, r, c, json.dumps(json.loads(m or "{}")), _ts(t)) for i, s, r, c, m, t in messages]
+    s_rows = [
+        (i, t, _ts(c), _ts(u), json.dumps(json.loads(m or "{}"))) for i, t, c, u, m in sessions
+    ]
+    m_rows = [
+        (i, s, r, c, json.dumps(json.loads(m or "{}")), _ts(t)) for i, s, r, c, m, t in messages
+    ]
     for sql, rows in (
         ("INSERT INTO sessions VALUES ($1, $2, $3, $4, $5)", s_rows),
         ("INSERT INTO messages VALUES ($1, $2, $3, $4, $5, $6)", m_rows),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)(\S+)(@)")  # greedy: a raw @ in a password
+_PASSWORD_IN_URI = re.compile(
+    r"(postgres(?:ql)?://[^:/@\s]*:)(\S+)(@)"
+)  # greedy: a raw @ in a password
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
 
 

@@ -110,9 +110,13 @@ def classify(exc: BaseException) -> ErrorClass:
 def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
     """Turn a failure to connect to PostgreSQL into one sentence with what to do."""
     if isinstance(exc, asyncpg.InvalidPasswordError):
-        return TargetError(f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD.")
+        return TargetError(
+            f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."
+        )
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return TargetError(f"The database named in the DSN does not exist at {where}; create it first.")
+        return TargetError(
+            f"The database named in the DSN does not exist at {where}; create it first."
+        )
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         return TargetError(f"PostgreSQL at {where} refused the user: {redact(str(exc))}.")
     if isinstance(exc, asyncpg.PostgresError):
@@ -136,7 +140,11 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     walk(group)
     # A failing consumer closes the buffer, so the producer's BrokenResourceError is a symptom.
-    causes = [e for e in leaves if not isinstance(e, (anyio.BrokenResourceError, anyio.ClosedResourceError))]
+    causes = [
+        e
+        for e in leaves
+        if not isinstance(e, (anyio.BrokenResourceError, anyio.ClosedResourceError))
+    ]
     for exc in causes:
         if isinstance(exc, MigrateError):
             return exc
@@ -156,5 +164,7 @@ def translate(exc: BaseException, where: str) -> MigrateError:
             f" {getattr(exc, 'sqlstate', '?')}); fix the cause and rerun to resume."
         )
     if isinstance(exc, sqlite3.Error):
-        return RuntimeFailure(f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume.")
+        return RuntimeFailure(
+            f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume."
+        )
     return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")

@@ -50,7 +50,9 @@ def _operational(exc: sqlite3.OperationalError, path: Path) -> SourceError:
     return SourceError(f"The SQLite file {path} cannot be read ({exc}).")
 
 
-async def source_snapshot(conn: aiosqlite.Connection, path: Path) -> tuple[dict[str, int], dict[str, Any]]:
+async def source_snapshot(
+    conn: aiosqlite.Connection, path: Path
+) -> tuple[dict[str, int], dict[str, Any]]:
     """In one read transaction: the highest rowid of each table (the run's upper bound) and
     the source's identity (a hash of its schema and its first session keys)."""
     try:
@@ -73,7 +75,10 @@ async def source_snapshot(conn: aiosqlite.Connection, path: Path) -> tuple[dict[
             async with conn.execute(
                 f"SELECT rowid, id FROM sessions ORDER BY rowid LIMIT {IDENTITY_SAMPLE}"
             ) as cur:
-                sample = [[int(r[0]), _name(r[1]) if r[1] is not None else None] for r in await cur.fetchall()]
+                sample = [
+                    [int(r[0]), _name(r[1]) if r[1] is not None else None]
+                    for r in await cur.fetchall()
+                ]
         finally:
             await conn.execute("COMMIT")
     except sqlite3.OperationalError as exc:

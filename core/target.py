@@ -11,9 +11,8 @@ import anyio
 import asyncpg
 import structlog
 
-from core.dsn import redact
+from core.dsn import dsn_location, redact
 from core.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error
-from core.dsn import dsn_location
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import ConfigError
 from memory.base import DEFAULT_HISTORY_LIMIT
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
-from core.errors import ConfigError
 
 BACKENDS = ("sqlite", "postgres")
 

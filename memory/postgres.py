@@ -19,6 +19,10 @@ import anyio
 import asyncpg
 import orjson
 
+from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
+from core.dsn import dsn_location
+from core.errors import TargetError, describe_connect_error
+from core.schema import TABLES, TargetNames, constraints, target_ddl
 from memory.base import (
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_SESSIONS_LIMIT,
@@ -34,10 +38,6 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
-from core.errors import TargetError, describe_connect_error
-from core.schema import TABLES, TargetNames, constraints, target_ddl
-from core.dsn import dsn_location
 
 APPLICATION_NAME = "flux-migrate memory"
 JSONB_VERSION = b"\x01"

@@ -12,6 +12,7 @@ import aiosqlite
 import anyio
 import structlog
 
+from core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
 from memory.base import (
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_SESSIONS_LIMIT,
@@ -26,7 +27,6 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
 from stages.convert import Rejected, parse_json_object, parse_timestamp
 
 log = structlog.get_logger("flux_migrate.memory")

@@ -14,12 +14,11 @@ from typing import Any
 
 import asyncpg
 
-from memory import postgres as pg
-from core.dsn import redact
+from core.dsn import dsn_location, redact
 from core.errors import ConfigError, MigrateError
 from core.schema import TABLES, TargetNames
-from core.dsn import dsn_location
 from core.target import connect
+from memory import postgres as pg
 
 LATENCY_SAMPLES = 5
 _PROBE_METADATA: dict[str, Any] = {

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from core import errors
 from core.dsn import redact
 from core.errors import ConfigError, Interrupted, MigrateError, single_error
+from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.report import RunReport, print_summary
@@ -31,7 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
     p.add_argument("--postgres-dsn", help="target PostgreSQL DSN (or env POSTGRES_DSN)")
-    p.add_argument("--log-format", choices=("console", "json"), help="default: console on a terminal")
+    p.add_argument(
+        "--log-format", choices=("console", "json"), help="default: console on a terminal"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,17 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
     run.add_argument("--report-json", type=Path, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--on-conflict", choices=ON_CONFLICT, help="rows already in a table not written by us")
     run.add_argument(
-        "--restart", action="store_true", help="clear this tool's checkpoints and the rows it wrote, then start over"
+        "--on-conflict", choices=ON_CONFLICT, help="rows already in a table not written by us"
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="clear this tool's checkpoints and the rows it wrote, then start over",
     )
     run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
 
-    quarantine = sub.add_parser("quarantine", help="list the rows that were quarantined, with reasons")
+    quarantine = sub.add_parser(
+        "quarantine", help="list the rows that were quarantined, with reasons"
+    )
     _common(quarantine)
     quarantine.add_argument("--table", choices=("sessions", "messages"))
     quarantine.add_argument("--limit", type=int, default=100, help="rows to show (default 100)")
-    quarantine.add_argument("--all", action="store_true", help="include rows loaded since (resolved)")
+    quarantine.add_argument(
+        "--all", action="store_true", help="include rows loaded since (resolved)"
+    )
 
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
@@ -67,14 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
-    verify.add_argument("--show", type=int, default=10, help="differing keys to show per table (default 10)")
+    verify.add_argument(
+        "--show", type=int, default=10, help="differing keys to show per table (default 10)"
+    )
     add_verify_api_arguments(verify)
 
     COMMANDS.update(add_commands(sub))
 
     demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
     demo.add_argument("--sessions", type=int, default=20_000)
-    demo.add_argument("--keep-server", action="store_true", help="leave the embedded server running")
+    demo.add_argument(
+        "--keep-server", action="store_true", help="leave the embedded server running"
+    )
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     demo.add_argument("--log-format", choices=("console", "json"))
     return parser
@@ -145,7 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             tg.start_soon(watch_signals)
             try:
-                await migrate(settings, progress=progress, stop=stop, restart=args.restart, report=report)
+                await migrate(
+                    settings, progress=progress, stop=stop, restart=args.restart, report=report
+                )
             except MigrateError as exc:
                 failure.append(exc)  # raised outside the task group, not wrapped in a group
             finally:
@@ -167,7 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _write_report(args.report_json, report)
     requeued = sum(t.requeued for t in report.tables.values())
     if requeued:
-        print(f"{requeued:,} previously quarantined row(s) were fixed in the source and loaded now.")
+        print(
+            f"{requeued:,} previously quarantined row(s) were fixed in the source and loaded now."
+        )
     if all(t.up_to_date for t in report.tables.values()):
         print("The target is up to date: no new rows in the source since the last run.")
     if report.open_quarantined:
@@ -188,7 +206,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     if not rows:
         print(f"No quarantined rows in schema {settings.target.schema}.")
         return errors.EXIT_OK
-    print(f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:")
+    print(
+        f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:"
+    )
     for r in rows:
         state = f" [{r['resolution']}]" if r["resolution"] else ""
         print(
@@ -211,7 +231,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"No checkpoints in schema {settings.target.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK
-    header = ("table", "target", "status", "last rowid", "loaded", "quarantined", "skipped", "updated")
+    header = (
+        "table",
+        "target",
+        "status",
+        "last rowid",
+        "loaded",
+        "quarantined",
+        "skipped",
+        "updated",
+    )
     table = [header] + [
         (
             c.source_table,
@@ -243,10 +272,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{'table':<10}{'source':>12}{'target':>12}  checksum  result")
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
-            print(f"{q.table:<10}{q.source_count:>12,}{q.target_count:>12,}  {same:<8}  {'ok' if q.ok else 'MISMATCH'}")
+            print(
+                f"{q.table:<10}{q.source_count:>12,}{q.target_count:>12,}  {same:<8}  {'ok' if q.ok else 'MISMATCH'}"
+            )
         return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
     full = run_async(lambda: verify_rows(settings, limit=args.show))
-    print(f"{'table':<10}{'matched':>10}{'different':>11}{'missing':>9}{'extra':>7}{'quarantined':>13}{'skipped':>9}  result")
+    print(
+        f"{'table':<10}{'matched':>10}{'different':>11}{'missing':>9}{'extra':>7}{'quarantined':>13}{'skipped':>9}  result"
+    )
     for t in full:
         print(
             f"{t.table:<10}{t.matched:>10,}{t.different:>11,}{t.missing:>9,}{t.extra:>7,}"

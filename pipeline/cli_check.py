@@ -20,13 +20,13 @@ from typing import Any
 
 import anyio
 
-from pipeline.check import check
-from pipeline.verify_api import compare_api
-from memory.factory import MemorySettings
 from core import errors
 from core.errors import ConfigError
+from memory.factory import MemorySettings
+from pipeline.check import check
 from pipeline.logs import configure
 from pipeline.settings import Settings, load_settings, validate
+from pipeline.verify_api import compare_api
 
 Handler = Callable[[argparse.Namespace], int]
 

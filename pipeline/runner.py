@@ -10,7 +10,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
@@ -31,8 +30,6 @@ from core.errors import (
     single_error,
     translate,
 )
-from pipeline.progress import NoProgress, Progress
-from pipeline.requeue import requeue, unresolved_keys
 from core.schema import (
     TABLES,
     Table,
@@ -41,10 +38,12 @@ from core.schema import (
     create_table_sql,
     quote_ident,
 )
-from pipeline.report import RunReport, TableReport
-from pipeline.settings import Settings
 from core.source import check_source, count_between, sample_matches, source_snapshot
 from core.target import Target, connect
+from pipeline.progress import NoProgress, Progress
+from pipeline.report import RunReport, TableReport
+from pipeline.requeue import requeue, unresolved_keys
+from pipeline.settings import Settings
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, CheckpointRewound, LoadContext, load
@@ -123,7 +122,9 @@ async def prepare_target(
                 await conn.execute(create_table_sql(table, names))
             else:
                 has_rows = bool(
-                    await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})")
+                    await conn.fetchval(
+                        f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})"
+                    )
                 )
                 if has_rows and not await conn.fetchval(UNIQUE_ID_SQL, names.qualified(table.name)):
                     raise TargetError(
@@ -293,7 +294,9 @@ async def migrate_table(
     def on_batch(result: BatchResult) -> None:
         nonlocal logged
         if result.already:
-            tlog.info("batch_already_committed", seq=result.batch.seq, last_rowid=result.batch.last_rowid)
+            tlog.info(
+                "batch_already_committed", seq=result.batch.seq, last_rowid=result.batch.last_rowid
+            )
         report.loaded += result.loaded
         report.quarantined += result.quarantined_count
         report.skipped += result.skipped
@@ -320,7 +323,9 @@ async def migrate_table(
         progress.advance(table.name, result.batch.extracted)
 
     def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
-        tlog.warning("batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2))
+        tlog.warning(
+            "batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2)
+        )
 
     chain = transform(
         extract(src, table, after_rowid=after, upto_rowid=upto, batch_size=settings.batch_size),
@@ -383,21 +388,41 @@ async def migrate(
                         " database; wait for it to finish."
                     )
                 if restart:
-                    await target.retrying(lambda c: clear_target(c, settings), what="clearing the target")
-                fingerprint = json.dumps({"source": identity, "settings": settings_fingerprint(settings)})
+                    await target.retrying(
+                        lambda c: clear_target(c, settings), what="clearing the target"
+                    )
+                fingerprint = json.dumps(
+                    {"source": identity, "settings": settings_fingerprint(settings)}
+                )
                 checkpoints = await target.retrying(
-                    lambda c: prepare_target(c, settings, run_id, fingerprint), what="preparing the target"
+                    lambda c: prepare_target(c, settings, run_id, fingerprint),
+                    what="preparing the target",
                 )
                 await check_fingerprint(src, settings, identity, checkpoints)
                 log.info("run_started", target=names.schema, batch_size=settings.batch_size)
                 for table in TABLES:
                     stop.check()
-                    await _run_table(src, target, table, settings, run_id, checkpoints, bounds, report, progress, stop)
-                final = await target.retrying(lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints")
+                    await _run_table(
+                        src,
+                        target,
+                        table,
+                        settings,
+                        run_id,
+                        checkpoints,
+                        bounds,
+                        report,
+                        progress,
+                        stop,
+                    )
+                final = await target.retrying(
+                    lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints"
+                )
                 if any(c.constraints_pending for c in final.values()):
                     report.constraints_seconds = await build_constraints(target, names, stop)
                     log.info("constraints_built", seconds=round(report.constraints_seconds, 2))
-                await target.retrying(lambda c: check_accounting(c, settings, report), what="checking the accounting")
+                await target.retrying(
+                    lambda c: check_accounting(c, settings, report), what="checking the accounting"
+                )
                 report.open_quarantined = sum(c.quarantined for c in final.values())
             finally:
                 with anyio.CancelScope(shield=True):
@@ -427,7 +452,9 @@ async def migrate(
 
 
 async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
-    found = await target.retrying(lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints")
+    found = await target.retrying(
+        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+    )
     return found[table]
 
 
@@ -445,13 +472,17 @@ async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
             pass
 
 
-async def check_rowids_not_reused(src: aiosqlite.Connection, table: str, c: ckpt.Checkpoint) -> None:
+async def check_rowids_not_reused(
+    src: aiosqlite.Connection, table: str, c: ckpt.Checkpoint
+) -> None:
     """Refuse to resume when the row the checkpoint stopped at is gone or changed key: SQLite
     hands a deleted newest rowid to the next insert (tables without INTEGER PRIMARY KEY), and
     VACUUM renumbers rowids, so rows could hide below the checkpoint."""
     if c.last_rowid == 0 or c.last_key is None:
         return
-    async with src.execute(f"SELECT id FROM {quote_ident(table)} WHERE rowid = ?", (c.last_rowid,)) as cur:
+    async with src.execute(
+        f"SELECT id FROM {quote_ident(table)} WHERE rowid = ?", (c.last_rowid,)
+    ) as cur:
         row = await cur.fetchone()
     if row is None or key_of(row[0]) != c.last_key:
         raise TargetError(
@@ -480,7 +511,8 @@ async def _run_table(
     missing: set[str] = set()
     if table.parent is not None:
         missing = await target.retrying(
-            lambda c: unresolved_keys(c, names.schema, str(table.parent)), what="reading the quarantine"
+            lambda c: unresolved_keys(c, names.schema, str(table.parent)),
+            what="reading the quarantine",
         )
     ctx = LoadContext(
         table=table,
@@ -498,7 +530,9 @@ async def _run_table(
         ),
     )
     if checkpoint.quarantined:
-        fixed, _gone = await requeue(src, target, table, settings=settings, ctx=ctx, missing_parents=missing)
+        fixed, _gone = await requeue(
+            src, target, table, settings=settings, ctx=ctx, missing_parents=missing
+        )
         treport.requeued = fixed
     start = await _checkpoint(target, names.schema, table.name)
     after = checkpoint.last_rowid
@@ -509,7 +543,8 @@ async def _run_table(
         treport.up_to_date = True
         log.info("table_up_to_date", table=table.name, last_rowid=after)
         await target.retrying(
-            lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id), what="recording status"
+            lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id),
+            what="recording status",
         )
         return
     log.info("table_started", table=table.name, rows=total, after_rowid=after)
@@ -544,7 +579,8 @@ async def _run_table(
     treport.quarantined = end.quarantined - start.quarantined
     treport.skipped = end.skipped - start.skipped
     await target.retrying(
-        lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id), what="recording status"
+        lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id),
+        what="recording status",
     )
     log.info(
         "table_completed",

@@ -11,14 +11,7 @@ from pathlib import Path
 
 from core.schema import SQLITE_DDL
 
-_WORDS = (
-    "the a to of and in that is for it you with on this be are as can your have not or at "
-    "what how why when will would could should please thanks help migrate database table "
-    "index query python async await message session history context model answer question "
-    "error trace stack memory latency throughput batch commit checkpoint resume server "
-    "naïve café résumé Straße Grüße façade señor déjà-vu 東京 数据库 迁移 会话 消息 "
-    "сообщение база данных مرحبا بالعالم שלום עולם नमस्ते 🙂 🚀 👍🏽 🎉 ✅ 🤖 ❤️ 👩‍💻"
-).split()
+_WORDS = ["the", "a", "to", "of", "and", "in", "that", "is", "for", "it", "you", "with", "on", "this", "be", "are", "as", "can", "your", "have", "not", "or", "at", "what", "how", "why", "when", "will", "would", "could", "should", "please", "thanks", "help", "migrate", "database", "table", "index", "query", "python", "async", "await", "message", "session", "history", "context", "model", "answer", "question", "error", "trace", "stack", "memory", "latency", "throughput", "batch", "commit", "checkpoint", "resume", "server", "naïve", "café", "résumé", "Straße", "Grüße", "façade", "señor", "déjà-vu", "東京", "数据库", "迁移", "会话", "消息", "сообщение", "база", "данных", "مرحبا", "بالعالم", "שלום", "עולם", "नमस्ते", "🙂", "🚀", "👍🏽", "🎉", "✅", "🤖", "❤️", "👩\u200d💻"]
 
 _TITLES = (
     "Trip planning",
@@ -83,7 +76,9 @@ def generate(
 
     for s in range(sessions):
         sid = str(uid(int=rng.getrandbits(128), version=4))
-        created = base + timedelta(seconds=s * 97 + rng.randrange(60), microseconds=rng.randrange(1_000_000))
+        created = base + timedelta(
+            seconds=s * 97 + rng.randrange(60), microseconds=rng.randrange(1_000_000)
+        )
         n = max(1, int(rng.gauss(messages_per_session, messages_per_session / 4)))
         t = created
         for m in range(n):
@@ -94,7 +89,14 @@ def generate(
             content = corpus[start : start + length] or "ok"
             meta = {} if role == "user" else {"model": rng.choice(models), "tokens": length // 4}
             message_rows.append(
-                (str(uid(int=rng.getrandbits(128), version=4)), sid, role, content, json.dumps(meta), _iso(t))
+                (
+                    str(uid(int=rng.getrandbits(128), version=4)),
+                    sid,
+                    role,
+                    content,
+                    json.dumps(meta),
+                    _iso(t),
+                )
             )
         title = rng.choice(_TITLES)
         meta_s = json.dumps({"source": "web", "tags": ["demo"], "user": f"u{rng.randrange(1000)}"})

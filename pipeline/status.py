@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from core import bookkeeping as ckpt
 from core.schema import BOOKKEEPING_SCHEMA, TABLES
-from pipeline.settings import Settings
 from core.target import connect
+from pipeline.settings import Settings
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:

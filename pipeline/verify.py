@@ -16,9 +16,9 @@ import asyncpg
 from core import bookkeeping as ckpt
 from core.catalog import table_exists
 from core.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
-from pipeline.settings import Settings
 from core.source import check_source
 from core.target import connect
+from pipeline.settings import Settings
 from stages.convert import Rejected, row_converter
 from stages.extract import open_source
 
@@ -60,10 +60,14 @@ class QuickVerify:
 
     @property
     def ok(self) -> bool:
-        return self.source_count == self.target_count and self.source_checksum == self.target_checksum
+        return (
+            self.source_count == self.target_count and self.source_checksum == self.target_checksum
+        )
 
 
-async def _bookkeeping(conn: asyncpg.Connection, schema: str, table: str) -> tuple[set[int], set[str], bool]:
+async def _bookkeeping(
+    conn: asyncpg.Connection, schema: str, table: str
+) -> tuple[set[int], set[str], bool]:
     """Unresolved quarantined rowids, skipped keys, and whether the table held rows before."""
     if not await ckpt.bookkeeping_exists(conn):
         return set(), set(), False
@@ -83,7 +87,9 @@ async def _bookkeeping(conn: asyncpg.Connection, schema: str, table: str) -> tup
     return {r["source_rowid"] for r in q}, {r["source_key"] for r in s}, pre
 
 
-async def _source_pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
+async def _source_pages(
+    src: aiosqlite.Connection, table: Table
+) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Source rows with a text key (rowid first, text as bytes) in key order, one short query
     per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
@@ -113,7 +119,9 @@ async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[A
         return list(await cur.fetchall())
 
 
-async def _target_rows(conn: asyncpg.Connection, settings: Settings, table: Table) -> AsyncIterator[asyncpg.Record]:
+async def _target_rows(
+    conn: asyncpg.Connection, settings: Settings, table: Table
+) -> AsyncIterator[asyncpg.Record]:
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     sql = f'SELECT {cols} FROM {settings.target.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
@@ -143,7 +151,12 @@ def _differing_columns(table: Table, a: tuple[Any, ...], b: tuple[Any, ...]) -> 
 
 
 async def verify_table(
-    src: aiosqlite.Connection, conn: asyncpg.Connection, settings: Settings, table: Table, *, limit: int = 10
+    src: aiosqlite.Connection,
+    conn: asyncpg.Connection,
+    settings: Settings,
+    table: Table,
+    *,
+    limit: int = 10,
 ) -> TableVerify:
     """Merge-join source and target by key and compare every field of every row."""
     result = TableVerify(table.name)
@@ -162,7 +175,9 @@ async def verify_table(
             expected = _normalize_source(table, convert(values))
         except Rejected as exc:
             result.missing += 1
-            result.note(f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit)
+            result.note(
+                f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit
+            )
             return None
         if expected[0] in skipped:
             result.skipped += 1
@@ -190,7 +205,8 @@ async def verify_table(
             record = None
             if exists:
                 record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {settings.target.qualified(table.name)} WHERE id = $1", expected[0]
+                    f"SELECT {cols} FROM {settings.target.qualified(table.name)} WHERE id = $1",
+                    expected[0],
                 )
             judge(expected, record)
 
@@ -203,7 +219,9 @@ async def verify_table(
         while pending is not None and (key is None or pending["id"] < key):
             if pending["id"] not in skipped and pending["id"] not in odd_keys:
                 result.extra += 1
-                result.note(f"{table.name} {pending['id']}: in PostgreSQL but not in the source", limit)
+                result.note(
+                    f"{table.name} {pending['id']}: in PostgreSQL but not in the source", limit
+                )
             pending = await anext(targets, None)
 
     async for page in _source_pages(src, table):
@@ -292,8 +310,12 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
         conn = await connect(settings.require_dsn())
         try:
             for table in TABLES:
-                quarantined, skipped, _ = await _bookkeeping(conn, settings.target.schema, table.name)
-                convert = row_converter(table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul)
+                quarantined, skipped, _ = await _bookkeeping(
+                    conn, settings.target.schema, table.name
+                )
+                convert = row_converter(
+                    table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
+                )
                 count = checksum = 0
                 async for page in _source_pages(src, table):
                     for raw in page:
@@ -315,7 +337,9 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                     )
                     t_count, t_sum = int(rec[0]), int(rec[1])
                 out.append(
-                    QuickVerify(table.name, count, t_count, checksum, t_sum, len(quarantined), len(skipped))
+                    QuickVerify(
+                        table.name, count, t_count, checksum, t_sum, len(quarantined), len(skipped)
+                    )
                 )
         finally:
             await conn.close()

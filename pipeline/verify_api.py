@@ -12,13 +12,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from memory.base import Memory
-from memory.postgres import PostgresMemory
-from memory.sqlite import SQLiteMemory
 from core.errors import ConfigError
 from core.schema import BOOKKEEPING_SCHEMA, TargetNames
 from core.source import check_source
 from core.target import connect
+from memory.base import Memory
+from memory.postgres import PostgresMemory
+from memory.sqlite import SQLiteMemory
 from stages.extract import open_source
 
 _COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")
@@ -157,7 +157,9 @@ async def _page_all(memory: Memory, page_size: int, result: ApiComparison, side:
         page = await memory.get_sessions(limit=page_size, offset=offset)
         result.pages_compared += 1
         if [s["id"] for s in page] != order[offset : offset + page_size]:
-            result.add("get_sessions", f"{side} page at offset {offset} disagrees with the full order")
+            result.add(
+                "get_sessions", f"{side} page at offset {offset} disagrees with the full order"
+            )
     return order
 
 

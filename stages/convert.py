@@ -189,11 +189,15 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
                     raise Rejected("json_nul_character", f"column {column} contains \\u0000")
                 return _strip_nul(value), None
         except RecursionError:
-            raise Rejected("json_too_deep", f"column {column} is nested too deeply to parse") from None
+            raise Rejected(
+                "json_too_deep", f"column {column} is nested too deeply to parse"
+            ) from None
     return value, text
 
 
-def parse_json_object(raw: Raw, column: str = "metadata", *, strip_nul: bool = False) -> dict[str, Any]:
+def parse_json_object(
+    raw: Raw, column: str = "metadata", *, strip_nul: bool = False
+) -> dict[str, Any]:
     """Parse metadata text into a dict: NULL or empty is {}; anything but an object is rejected."""
     return _parse_object(raw, column, strip_nul)[0]
 
@@ -231,7 +235,12 @@ def column_converter(
     if kind is Kind.KEY:
 
         def key(raw: Raw) -> Any:
-            if type(raw) is bytes and 0 < len(raw) <= KEY_MAX_LENGTH and raw.isascii() and b"\x00" not in raw:
+            if (
+                type(raw) is bytes
+                and 0 < len(raw) <= KEY_MAX_LENGTH
+                and raw.isascii()
+                and b"\x00" not in raw
+            ):
                 return raw.decode("ascii")
             return convert_key(raw, name, strip_nul=strip_nul)
 
@@ -289,12 +298,16 @@ def row_converter(
     once per set of arguments (cached): every batch of a table shares it.
     """
     converters = {
-        f"c{i}": column_converter(c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
+        f"c{i}": column_converter(
+            c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+        )
         for i, c in enumerate(table.columns)
     }
     calls = ", ".join(f"c{i}(raw[{i + offset}])" for i in range(len(converters)))
     # Generated from column positions only (no user input): a tuple of direct calls.
-    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(f"lambda raw: ({calls},)", converters)
+    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(
+        f"lambda raw: ({calls},)", converters
+    )
     return convert
 
 

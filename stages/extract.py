@@ -20,7 +20,9 @@ def source_uri(path: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_source(path: Path, *, busy_timeout_s: float = 10.0) -> AsyncGenerator[aiosqlite.Connection, None]:
+async def open_source(
+    path: Path, *, busy_timeout_s: float = 10.0
+) -> AsyncGenerator[aiosqlite.Connection, None]:
     """Open the source read-only; text comes back as bytes, so bad UTF-8 is data, not an error
     (and reading skips a decode that COPY would only undo).
 

@@ -86,7 +86,9 @@ def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[An
     ]
 
 
-async def _copy(conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]]) -> set[str]:
+async def _copy(
+    conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]]
+) -> set[str]:
     """Write ``rows``; return the keys left alone because they already existed (skip mode)."""
     if ctx.on_conflict == "error":
         await conn.copy_records_to_table(
@@ -108,7 +110,9 @@ async def _copy(conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any
         action = "DO NOTHING"
     else:
         action = "DO UPDATE SET " + ", ".join(
-            f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in ctx.table.column_names if c != "id"
+            f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}"
+            for c in ctx.table.column_names
+            if c != "id"
         )
     written = await conn.fetch(
         f"WITH moved AS (DELETE FROM {stage} RETURNING {cols})"
@@ -120,7 +124,10 @@ async def _copy(conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any
 
 
 async def copy_isolating(
-    conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]], raw: list[tuple[Any, ...]]
+    conn: asyncpg.Connection,
+    ctx: LoadContext,
+    rows: list[tuple[Any, ...]],
+    raw: list[tuple[Any, ...]],
 ) -> tuple[list[Reject], set[str]]:
     """COPY ``rows`` inside savepoints, splitting on refusal; return the refused rows (and the
     keys skipped as existing)."""
@@ -152,7 +159,9 @@ async def copy_isolating(
     return left + right, left_skipped | right_skipped
 
 
-async def commit_batch(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool) -> BatchResult:
+async def commit_batch(
+    conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool
+) -> BatchResult:
     """One transaction: check the checkpoint, COPY the rows, quarantine rejects, advance."""
     schema, table = ctx.names.schema, ctx.table.name
     async with conn.transaction():

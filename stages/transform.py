@@ -48,12 +48,18 @@ def transform_batch(
     for raw_row in batch.raw:
         try:
             row = convert(raw_row)
-            if child and (raw_row[ncols + 1] or (missing_parents and row[parent_at] in missing_parents)):
+            if child and (
+                raw_row[ncols + 1] or (missing_parents and row[parent_at] in missing_parents)
+            ):
                 why = "is not in the source" if raw_row[ncols + 1] else "was quarantined"
-                raise Rejected("orphan_message", f"column {table.parent_column} names a session that {why}")
+                raise Rejected(
+                    "orphan_message", f"column {table.parent_column} names a session that {why}"
+                )
         except Rejected as exc:
             values = tuple(raw_row[1 : ncols + 1])
-            rejects.append(Reject(raw_row[0], key_of(values[0]), values, exc.reason, exc.detail, "transform"))
+            rejects.append(
+                Reject(raw_row[0], key_of(values[0]), values, exc.reason, exc.detail, "transform")
+            )
             continue
         rows.append(row)
         sources.append(raw_row)
@@ -96,4 +102,3 @@ async def transform(
                 )
             )
             yield converted
-

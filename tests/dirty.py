@@ -26,7 +26,13 @@ class AppDB:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     def session(self, **values: Any) -> dict[str, Any]:
-        row = {"id": new_id(), "title": "hello 👋", "created_at": GOOD_TS, "updated_at": GOOD_TS, "metadata": '{"a": 1}'}
+        row = {
+            "id": new_id(),
+            "title": "hello 👋",
+            "created_at": GOOD_TS,
+            "updated_at": GOOD_TS,
+            "metadata": '{"a": 1}',
+        }
         row.update(values)
         self.sessions.append(row)
         return row
@@ -50,8 +56,13 @@ class AppDB:
         for table, rows in (("sessions", self.sessions), ("messages", self.messages)):
             for row in rows:
                 cols = list(row)
-                marks = ", ".join("CAST(? AS TEXT)" if isinstance(row[c], bytes) else "?" for c in cols)
-                db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", [row[c] for c in cols])
+                marks = ", ".join(
+                    "CAST(? AS TEXT)" if isinstance(row[c], bytes) else "?" for c in cols
+                )
+                db.execute(
+                    f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})",
+                    [row[c] for c in cols],
+                )
         db.commit()
         db.close()
         self.sessions.clear()

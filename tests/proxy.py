@@ -40,7 +40,9 @@ class FlakyProxy:
         parts = urlsplit(self.dsn)
         user = parts.username or "postgres"
         password = f":{parts.password}" if parts.password else ""
-        return urlunsplit(("postgresql", f"{user}{password}@127.0.0.1:{self.port}", parts.path, "", ""))
+        return urlunsplit(
+            ("postgresql", f"{user}{password}@127.0.0.1:{self.port}", parts.path, "", "")
+        )
 
     def _accept(self) -> None:
         while True:

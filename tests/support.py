@@ -41,7 +41,9 @@ def source_rows(path: Path, table: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def target_rows(dsn: str, table: str, names: TargetNames | None = None) -> dict[str, dict[str, Any]]:
+async def target_rows(
+    dsn: str, table: str, names: TargetNames | None = None
+) -> dict[str, dict[str, Any]]:
     """The target rows by id, metadata parsed."""
     names = names or TargetNames()
     conn = await asyncpg.connect(dsn)
@@ -68,7 +70,9 @@ async def fetchval(dsn: str, sql: str, *args: Any) -> Any:
         await conn.close()
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m pipeline ARGS` to completion, capturing output."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("POSTGRES_DSN", None) if env is None or "POSTGRES_DSN" not in env else None

@@ -25,7 +25,9 @@ from stages.convert import (
 
 offsets = st.builds(
     timezone,
-    st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(lambda m: timedelta(minutes=m)),
+    st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+        lambda m: timedelta(minutes=m)
+    ),
 )
 aware = st.datetimes(timezones=offsets)
 naive = st.datetimes()
@@ -49,11 +51,11 @@ def test_aware_isoformat_parses_to_the_same_instant(value: datetime, drop_micros
     if expected is None:
         with pytest.raises(Rejected) as info:
             parse_timestamp(text.encode())
-        assert "timestamp_out_of_range" == info.value.reason
+        assert info.value.reason == "timestamp_out_of_range"
     else:
         parsed = parse_timestamp(text.encode())
         assert expected == parsed
-        assert UTC == parsed.tzinfo
+        assert parsed.tzinfo == UTC
 
 
 @given(naive)
@@ -94,11 +96,21 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=20,
 )
-json_objects = st.dictionaries(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")), json_values, max_size=6)
+json_objects = st.dictionaries(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+    json_values,
+    max_size=6,
+)
 
 
 @given(json_objects)
@@ -114,14 +126,14 @@ def test_json_that_is_not_an_object_is_rejected(value: object) -> None:
     """Valid JSON that is not an object is rejected as json_not_object."""
     with pytest.raises(Rejected) as info:
         parse_json_object(json.dumps(value).encode())
-    assert "json_not_object" == info.value.reason
+    assert info.value.reason == "json_not_object"
 
 
 @pytest.mark.parametrize("raw", [None, b"", ""])
 def test_null_or_empty_metadata_is_an_empty_object(raw: bytes | str | None) -> None:
     """NULL or empty metadata becomes {} (the app reads it that way)."""
-    assert {} == parse_json_object(raw)
-    assert "{}" == json_object_text(raw)
+    assert parse_json_object(raw) == {}
+    assert json_object_text(raw) == "{}"
 
 
 @pytest.mark.parametrize(
@@ -149,7 +161,9 @@ def test_bad_metadata_is_rejected_with_its_reason(raw: bytes, reason: str) -> No
 
 def test_nul_in_metadata_can_be_stripped_when_asked() -> None:
     """With strip_nul, \\u0000 is removed from metadata strings and keys instead of rejecting."""
-    assert {"ab": "xy"} == json.loads(json_object_text(b'{"a\\u0000b": "x\\u0000y"}', strip_nul=True))
+    assert json.loads(
+        json_object_text(b'{"a\\u0000b": "x\\u0000y"}', strip_nul=True)
+    ) == {"ab": "xy"}
 
 
 def test_escaped_backslash_before_u0000_is_not_a_nul() -> None:
@@ -161,12 +175,14 @@ def test_escaped_backslash_before_u0000_is_not_a_nul() -> None:
 def test_integers_beyond_64_bits_keep_every_digit() -> None:
     """A huge integer is parsed exactly and its text passed on unchanged."""
     raw = b'{"n": 123456789012345678901234567890}'
-    assert {"n": 123456789012345678901234567890} == parse_json_object(raw)
+    assert parse_json_object(raw) == {"n": 123456789012345678901234567890}
     assert raw.decode() == json_object_text(raw)
 
 
 @given(st.one_of(st.binary(), st.text(), st.none()))
-def test_any_input_converts_or_is_rejected_with_a_documented_reason(raw: bytes | str | None) -> None:
+def test_any_input_converts_or_is_rejected_with_a_documented_reason(
+    raw: bytes | str | None,
+) -> None:
     """Any value at all either converts or raises Rejected with a documented reason, nothing else."""
     for convert in (
         lambda r: decode_text(r, "content"),
@@ -200,9 +216,9 @@ def test_keys_longer_than_the_column_are_rejected(key: str) -> None:
 
 def test_raw_row_encoding_names_every_column() -> None:
     """raw_to_json maps each column name to its encoded raw value."""
-    assert {"id": "a", "title": None, "content": {"base64": "/w=="}} == raw_to_json(
+    assert raw_to_json(
         (b"a", None, b"\xff"), ("id", "title", "content")
-    )
+    ) == {"id": "a", "title": None, "content": {"base64": "/w=="}}
 
 
 @pytest.mark.parametrize("depth", [300, 600, 3000])

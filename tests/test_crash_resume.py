@@ -32,7 +32,7 @@ def _kill_after(args: list[str], event: str, count: int) -> int:
                     break
     finally:
         proc.wait(timeout=60)
-    assert -signal.SIGKILL == proc.returncode, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     return seen
 
 
@@ -43,9 +43,13 @@ async def _assert_exactly_once(source: Path, dsn: str) -> None:
         assert expected == actual
         count = await fetchval(dsn, f"SELECT count(*) FROM {table}")
         assert len(expected) == count
-    statuses = await fetchval(dsn, "SELECT array_agg(status ORDER BY source_table) FROM flux_migrate.checkpoints")
-    assert ["finished", "finished"] == statuses
-    pending = await fetchval(dsn, "SELECT bool_or(constraints_pending) FROM flux_migrate.checkpoints")
+    statuses = await fetchval(
+        dsn, "SELECT array_agg(status ORDER BY source_table) FROM flux_migrate.checkpoints"
+    )
+    assert statuses == ["finished", "finished"]
+    pending = await fetchval(
+        dsn, "SELECT bool_or(constraints_pending) FROM flux_migrate.checkpoints"
+    )
     assert pending is False
 
 
@@ -60,28 +64,50 @@ async def _assert_exactly_once(source: Path, dsn: str) -> None:
         ("constraint_build_started", 2),  # while building keys after the load
     ],
 )
-async def test_sigkill_then_rerun_loads_each_row_exactly_once(sample_db: Path, pg_dsn: str, event: str, k: int) -> None:
+async def test_sigkill_then_rerun_loads_each_row_exactly_once(
+    sample_db: Path, pg_dsn: str, event: str, k: int
+) -> None:
     """Killed after k committed batches (or during the key build), a rerun ends with each
     source row exactly once and the checkpoints finished."""
-    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--batch-size", "100",
-            "--log-format", "json", "--no-progress"]
+    args = [
+        "run",
+        "--sqlite-path",
+        str(sample_db),
+        "--postgres-dsn",
+        pg_dsn,
+        "--batch-size",
+        "100",
+        "--log-format",
+        "json",
+        "--no-progress",
+    ]
     seen = _kill_after(args, event, k)
     assert k == seen
     if event == "batch_loaded":
         committed = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
         assert committed >= k * 100 if k <= 3 else committed >= 300 + (k - 3) * 100
     rerun = cli(*args)
-    assert 0 == rerun.returncode, rerun.stderr
+    assert rerun.returncode == 0, rerun.stderr
     await _assert_exactly_once(sample_db, pg_dsn)
 
 
 @pytest.mark.anyio
 async def test_two_kills_in_a_row_still_converge(sample_db: Path, pg_dsn: str) -> None:
     """Killing the resumed run too still ends, after a third run, with each row exactly once."""
-    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--batch-size", "100",
-            "--log-format", "json", "--no-progress"]
+    args = [
+        "run",
+        "--sqlite-path",
+        str(sample_db),
+        "--postgres-dsn",
+        pg_dsn,
+        "--batch-size",
+        "100",
+        "--log-format",
+        "json",
+        "--no-progress",
+    ]
     _kill_after(args, "batch_loaded", 5)
     _kill_after(args, "batch_loaded", 5)
     rerun = cli(*args)
-    assert 0 == rerun.returncode, rerun.stderr
+    assert rerun.returncode == 0, rerun.stderr
     await _assert_exactly_once(sample_db, pg_dsn)

@@ -28,7 +28,9 @@ class AfterBatches:
     """A progress sink that calls ``action`` in a thread once ``n`` batches (of ``table``, or of
     any table) have committed; with ``wait`` it blocks the run until the action is done."""
 
-    def __init__(self, n: int, action: Any, *, table: str | None = None, wait: bool = False) -> None:
+    def __init__(
+        self, n: int, action: Any, *, table: str | None = None, wait: bool = False
+    ) -> None:
         self.n, self.action, self.table, self.wait, self.seen = n, action, table, wait, 0
 
     def start(self, table: str, total: int) -> None:
@@ -55,7 +57,9 @@ async def _exactly_once(source: Path, dsn: str) -> None:
     assert len(source_rows(source, "sessions")) + len(source_rows(source, "messages")) == total
 
 
-async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(sample_db: Path, pg_dsn: str) -> None:
+async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(
+    sample_db: Path, pg_dsn: str
+) -> None:
     """Every connection dropped in the middle of the messages: the batch is retried with backoff
     and the run completes by itself with each row once."""
     proxy = FlakyProxy(pg_dsn)
@@ -66,17 +70,21 @@ async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(sample_db
         proxy.restore()
 
     try:
-        settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100)
+        settings = load_settings(
+            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100
+        )
         with capture_logs() as logs:
             report = await migrate(settings, progress=AfterBatches(8, blip))
     finally:
         proxy.close()
-    assert "completed" == report.status
+    assert report.status == "completed"
     assert any(e["event"] == "batch_retried" for e in logs)
     await _exactly_once(sample_db, pg_dsn)
 
 
-async def test_server_restart_mid_run_is_survived(sample_db: Path, pg_dsn: str, restart_server: Any) -> None:
+async def test_server_restart_mid_run_is_survived(
+    sample_db: Path, pg_dsn: str, restart_server: Any
+) -> None:
     """The real test server restarted in the middle of a run: the run carries on by itself.
     (Against TEST_POSTGRES_DSN, which may not be restarted, the server's connections are cut.)"""
     proxy = FlakyProxy(pg_dsn)
@@ -90,27 +98,35 @@ async def test_server_restart_mid_run_is_survived(sample_db: Path, pg_dsn: str, 
             proxy.restore()
 
     try:
-        settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100)
+        settings = load_settings(
+            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100
+        )
         with capture_logs() as logs:
             report = await migrate(settings, progress=AfterBatches(6, outage))
     finally:
         proxy.close()
-    assert "completed" == report.status
+    assert report.status == "completed"
     assert any(e["event"] == "batch_retried" for e in logs)
     await _exactly_once(sample_db, pg_dsn)
 
 
-async def test_postgres_gone_for_good_fails_with_exit_1_and_a_rerun_resumes(sample_db: Path, pg_dsn: str) -> None:
+async def test_postgres_gone_for_good_fails_with_exit_1_and_a_rerun_resumes(
+    sample_db: Path, pg_dsn: str
+) -> None:
     """PostgreSQL away longer than the retry budget: one clear RuntimeFailure (exit 1); once it
     is back, rerunning resumes and ends with each row once."""
     proxy = FlakyProxy(pg_dsn)
     try:
         settings = load_settings(
-            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100, retry_seconds=2.0
+            None,
+            sqlite_path=sample_db,
+            postgres_dsn=proxy.proxied_dsn,
+            batch_size=100,
+            retry_seconds=2.0,
         )
         with pytest.raises(RuntimeFailure) as info:
             await migrate(settings, progress=AfterBatches(5, proxy.cut))
-        assert 1 == info.value.exit_code
+        assert info.value.exit_code == 1
         assert "stayed unreachable" in info.value.message
         assert "rerun" in info.value.message
         loaded = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
@@ -119,17 +135,22 @@ async def test_postgres_gone_for_good_fails_with_exit_1_and_a_rerun_resumes(samp
         report = await migrate(settings)
     finally:
         proxy.close()
-    assert "completed" == report.status
+    assert report.status == "completed"
     await _exactly_once(sample_db, pg_dsn)
 
 
 def test_unreachable_server_exits_1_without_traceback(sample_db: Path) -> None:
     """A DSN to a port nobody listens on exits 1 with one sentence and no password."""
     done = cli(
-        "run", "--sqlite-path", str(sample_db),
-        "--postgres-dsn", "postgresql://app:hunter2-secret@127.0.0.1:9/chat", "--log-format", "json",
+        "run",
+        "--sqlite-path",
+        str(sample_db),
+        "--postgres-dsn",
+        "postgresql://app:hunter2-secret@127.0.0.1:9/chat",
+        "--log-format",
+        "json",
     )
-    assert 1 == done.returncode
+    assert done.returncode == 1
     assert "cannot be reached" in done.stderr
     assert "hunter2-secret" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
@@ -142,8 +163,20 @@ async def test_signal_stops_at_a_batch_boundary_and_a_rerun_resumes(
     """SIGTERM/SIGINT stop the run at a batch boundary with exit 143/130, print the summary so
     far, leave consistent checkpoints, and a rerun finishes with each row once."""
     report_path = tmp_path / "report.json"
-    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--batch-size", "50",
-            "--log-format", "json", "--no-progress", "--report-json", str(report_path)]
+    args = [
+        "run",
+        "--sqlite-path",
+        str(sample_db),
+        "--postgres-dsn",
+        pg_dsn,
+        "--batch-size",
+        "50",
+        "--log-format",
+        "json",
+        "--no-progress",
+        "--report-json",
+        str(report_path),
+    ]
     proc = start_cli(*args)
     assert proc.stderr is not None
     seen = 0
@@ -159,13 +192,19 @@ async def test_signal_stops_at_a_batch_boundary_and_a_rerun_resumes(
     assert "rerun the same command to resume" in rest
     assert "Traceback" not in rest
     report = json.loads(report_path.read_text())
-    assert "interrupted" == report["status"]
+    assert report["status"] == "interrupted"
     # Consistent: the rows in the target are exactly what the checkpoints say was loaded.
-    in_target = await fetchval(pg_dsn, "SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM messages)")
+    in_target = await fetchval(
+        pg_dsn, "SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM messages)"
+    )
     assert in_target == await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
-    assert report["tables"]["sessions"]["loaded"] + report["tables"].get("messages", {"loaded": 0})["loaded"] == in_target
+    assert (
+        report["tables"]["sessions"]["loaded"]
+        + report["tables"].get("messages", {"loaded": 0})["loaded"]
+        == in_target
+    )
     rerun = cli(*args[:-2])
-    assert 0 == rerun.returncode, rerun.stderr
+    assert rerun.returncode == 0, rerun.stderr
     await _exactly_once(sample_db, pg_dsn)
 
 
@@ -181,11 +220,13 @@ async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) 
         )
     finally:
         await conn.close()
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert "Another flux-migrate run" in done.stderr
 
 
-async def test_a_lost_commit_reply_is_accounted_once(sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_lost_commit_reply_is_accounted_once(
+    sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When a batch commits but its reply is lost, the retry finds it committed, loads nothing
     twice, and the run's accounting still adds up."""
     import stages.load
@@ -204,10 +245,13 @@ async def test_a_lost_commit_reply_is_accounted_once(sample_db: Path, pg_dsn: st
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
     with capture_logs() as logs:
         report = await migrate(settings)
-    assert "completed" == report.status
+    assert report.status == "completed"
     assert any(e["event"] == "batch_already_committed" for e in logs)
     n_messages = len(source_rows(sample_db, "messages"))
-    assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
+    assert (n_messages, n_messages) == (
+        report.tables["messages"].extracted,
+        report.tables["messages"].loaded,
+    )
     await _exactly_once(sample_db, pg_dsn)
 
 
@@ -228,7 +272,12 @@ async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: st
             )
             back = last - 200
             src = sqlite3.connect(sample_db)
-            ids = [r[0] for r in src.execute("SELECT id FROM messages WHERE rowid > ? AND rowid <= ?", (back, last))]
+            ids = [
+                r[0]
+                for r in src.execute(
+                    "SELECT id FROM messages WHERE rowid > ? AND rowid <= ?", (back, last)
+                )
+            ]
             src.close()
             async with conn.transaction():
                 await conn.execute("DELETE FROM messages WHERE id = ANY($1::text[])", ids)
@@ -244,9 +293,14 @@ async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: st
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
     with capture_logs() as logs:
         # Blocks the loop while it runs, so nothing commits meanwhile.
-        lose = AfterBatches(6, lambda: asyncio.run(lose_last_two_batches()), table="messages", wait=True)
+        lose = AfterBatches(
+            6, lambda: asyncio.run(lose_last_two_batches()), table="messages", wait=True
+        )
         report = await migrate(settings, progress=lose)
     assert any(e["event"] == "checkpoint_rewound" for e in logs)
     n_messages = len(source_rows(sample_db, "messages"))
-    assert (n_messages, n_messages) == (report.tables["messages"].extracted, report.tables["messages"].loaded)
+    assert (n_messages, n_messages) == (
+        report.tables["messages"].extracted,
+        report.tables["messages"].loaded,
+    )
     await _exactly_once(sample_db, pg_dsn)

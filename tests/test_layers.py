@@ -42,9 +42,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {
-        _module_name(p): p for pkg in PROJECT for p in sorted((ROOT / pkg).rglob("*.py"))
-    }
+    modules = {_module_name(p): p for pkg in PROJECT for p in sorted((ROOT / pkg).rglob("*.py"))}
     return {name: {i for i in _imports(p) if i in modules} for name, p in modules.items()}
 
 
@@ -63,7 +61,7 @@ def test_lower_layers_never_import_higher_ones() -> None:
         for imported in targets
         if not _allowed(importer, imported)
     )
-    assert [] == violations
+    assert violations == []
 
 
 def test_no_import_cycle_between_modules() -> None:
@@ -84,7 +82,7 @@ def test_no_import_cycle_between_modules() -> None:
     for start in sorted(graph):
         if start not in state:
             visit(start, [start])
-    assert [] == cycles
+    assert cycles == []
 
 
 def test_the_checker_sees_a_violation() -> None:

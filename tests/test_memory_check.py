@@ -13,13 +13,13 @@ import asyncpg
 import pytest
 import structlog
 
+from core.errors import ConfigError, TargetError
 from memory import PostgresMemory, SQLiteMemory
 from pipeline.check import check
 from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
-from pipeline.verify_api import compare_api
-from core.errors import ConfigError, TargetError
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
+from pipeline.verify_api import compare_api
 
 UNREACHABLE = "postgresql://alice:s3cret-pw@127.0.0.1:1/app"
 
@@ -68,12 +68,12 @@ async def test_full_check_on_empty_database_is_healthy_and_leaves_nothing(pg_dsn
     before = await snapshot(pg_dsn)
     result = await check(pg_dsn, schema="probe", pool_min=2, pool_max=4)
     assert result.healthy, result.lines()
-    assert (True, 2, 4) == (result.crud_ok, result.pool_min, result.pool_max)
+    assert (result.crud_ok, result.pool_min, result.pool_max) == (True, 2, 4)
     assert result.pool_opened is not None and result.pool_opened >= 2
     assert result.server_version and result.latency_ms is not None and result.latency_ms > 0
     assert all(state.startswith("absent") for state in result.tables.values())
     assert before == await snapshot(pg_dsn)
-    assert "healthy" == result.lines()[-1]
+    assert result.lines()[-1] == "healthy"
 
 
 @pytest.mark.anyio
@@ -85,7 +85,7 @@ async def test_full_check_on_live_tables_keeps_their_rows(pg_dsn: str) -> None:
     before = await snapshot(pg_dsn)
     result = await check(pg_dsn)
     assert result.healthy, result.lines()
-    assert {'"public"."sessions"': "ok", '"public"."messages"': "ok"} == result.tables
+    assert result.tables == {'"public"."sessions"': "ok", '"public"."messages"': "ok"}
     assert before == await snapshot(pg_dsn)
 
 
@@ -96,7 +96,7 @@ async def test_quick_check_only_connects(pg_dsn: str) -> None:
     result = await check(pg_dsn, quick=True)
     assert result.healthy
     assert result.server_version and result.latency_ms is not None
-    assert ({}, None, None) == (result.tables, result.crud_ok, result.pool_opened)
+    assert (result.tables, result.crud_ok, result.pool_opened) == ({}, None, None)
     assert before == await snapshot(pg_dsn)
 
 
@@ -123,7 +123,7 @@ async def test_unreachable_server_is_unhealthy_without_password(quick: bool) -> 
     """An unreachable server is an unhealthy result, not an exception, and shows no password."""
     result = await check(UNREACHABLE, quick=quick, timeout=3)
     text = "\n".join(result.lines()) + repr(result)
-    assert (False, False) == (result.healthy, result.connected)
+    assert (result.healthy, result.connected) == (False, False)
     assert "127.0.0.1:1/app" in text
     assert "s3cret" not in text and "alice" not in result.location
 
@@ -143,17 +143,17 @@ def test_check_cli_exit_codes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`check` exits 0 healthy, 1 unreachable, and raises ConfigError (exit 2) without a DSN."""
-    assert 0 == run_check_cli(
+    assert run_check_cli(
         ["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"]
-    )
+    ) == 0
     healthy = capsys.readouterr().out
     assert "round-trip latency" in healthy and "pool: min 1, max 2" in healthy
-    assert 1 == run_check_cli(["check", "--postgres-dsn", UNREACHABLE, "--quick"])
+    assert run_check_cli(["check", "--postgres-dsn", UNREACHABLE, "--quick"]) == 1
     assert "s3cret" not in capsys.readouterr().out
     monkeypatch.delenv("POSTGRES_DSN", raising=False)
     with pytest.raises(ConfigError) as info:
         run_check_cli(["check"])
-    assert 2 == info.value.exit_code
+    assert info.value.exit_code == 2
     with pytest.raises(ConfigError):
         run_check_cli(["check", "--postgres-dsn", pg_dsn, "--pool-min", "5", "--pool-max", "2"])
 
@@ -194,15 +194,15 @@ async def test_compare_api_agrees_after_migration(tmp_path: Path, pg_dsn: str) -
             (session_id,),
         )
     report = await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
-    assert 1 == report.quarantined
+    assert report.quarantined == 1
     result = await compare_api(path, pg_dsn, page_size=5)
     assert result.ok, result.lines()
     assert (12, sum(len(m) for m in ids.values())) == (
         result.sessions_compared,
         result.messages_compared,
     )
-    assert (1, 1) == (result.expected_differences, result.quarantined)
-    assert 2 * 3 == result.pages_compared  # 12 sessions in pages of 5, 5, 2 on each side
+    assert (result.expected_differences, result.quarantined) == (1, 1)
+    assert result.pages_compared == 2 * 3  # 12 sessions in pages of 5, 5, 2 on each side
 
 
 @pytest.mark.anyio
@@ -219,11 +219,11 @@ async def test_compare_api_detects_changed_content(tmp_path: Path, pg_dsn: str) 
         await conn.close()
     result = await compare_api(path, pg_dsn)
     assert not result.ok
-    assert 1 == result.mismatches
+    assert result.mismatches == 1
     assert [(f"messages/{changed}", "get_history differs in content")] == [
         (m.key, m.what) for m in result.first_mismatches
     ]
-    assert "MISMATCH" == result.lines()[-1]
+    assert result.lines()[-1] == "MISMATCH"
 
 
 @pytest.mark.anyio
@@ -234,7 +234,7 @@ async def test_compare_api_refuses_unmigrated_target(tmp_path: Path, pg_dsn: str
     with pytest.raises(TargetError) as info:
         await compare_api(path, pg_dsn)
     assert "migrate first" in str(info.value)
-    assert [] == (await snapshot(pg_dsn))["tables"]
+    assert (await snapshot(pg_dsn))["tables"] == []
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -252,7 +252,7 @@ def test_verify_api_cli_exit_codes(
     parser.add_argument("--log-format")
     add_verify_api_arguments(parser)
     args = parser.parse_args(["--api", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn])
-    assert 0 == cmd_verify_api(args)
+    assert cmd_verify_api(args) == 0
     assert "mismatches: 0" in capsys.readouterr().out
 
     async def drop_one() -> None:
@@ -263,5 +263,5 @@ def test_verify_api_cli_exit_codes(
             await conn.close()
 
     anyio.run(drop_one)
-    assert 1 == cmd_verify_api(args)
+    assert cmd_verify_api(args) == 1
     assert f"sessions/{next(iter(ids))}: missing in PostgreSQL" in capsys.readouterr().out

@@ -14,6 +14,8 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
+from core.errors import ConfigError, TargetError
+from core.schema import TargetNames, constraints
 from memory import (
     MemorySettings,
     PostgresMemory,
@@ -21,8 +23,6 @@ from memory import (
     SQLiteMemory,
     create_memory,
 )
-from core.errors import ConfigError, TargetError
-from core.schema import TargetNames, constraints
 
 pytestmark = pytest.mark.anyio
 
@@ -130,13 +130,13 @@ async def test_create_session_defaults(mem: AnyMemory) -> None:
     """Without arguments a session has an empty title and empty metadata."""
     session = await mem.get_session(await mem.create_session())
     assert session is not None
-    assert ("", {}) == (session["title"], session["metadata"])
+    assert (session["title"], session["metadata"]) == ("", {})
 
 
 async def test_get_session_missing_is_none(mem: AnyMemory) -> None:
     """Reading a session that does not exist gives None, and its history is empty."""
     assert await mem.get_session(str(uuid.uuid4())) is None
-    assert [] == await mem.get_history(str(uuid.uuid4()))
+    assert await mem.get_history(str(uuid.uuid4())) == []
 
 
 async def test_update_session_title_moves_updated_at(mem: AnyMemory) -> None:
@@ -146,7 +146,7 @@ async def test_update_session_title_moves_updated_at(mem: AnyMemory) -> None:
     await mem.update_session_title(session_id, "new 🙂")
     after = await mem.get_session(session_id)
     assert before is not None and after is not None
-    assert "new 🙂" == after["title"]
+    assert after["title"] == "new 🙂"
     assert before["created_at"] == after["created_at"]
     assert parse(after["updated_at"]) > parse(before["updated_at"])
 
@@ -160,8 +160,8 @@ async def test_missing_session_raises_and_writes_nothing(mem: AnyMemory) -> None
     assert isinstance(info.value, LookupError)
     with pytest.raises(SessionNotFoundError):
         await mem.update_session_title(ghost, "title")
-    assert 0 == await stored_count(mem, "messages")
-    assert 0 == await mem.count_sessions()
+    assert await stored_count(mem, "messages") == 0
+    assert await mem.count_sessions() == 0
 
 
 async def test_delete_session_cascades_to_messages(mem: AnyMemory) -> None:
@@ -173,15 +173,15 @@ async def test_delete_session_cascades_to_messages(mem: AnyMemory) -> None:
     await mem.add_message(kept, "user", "stay")
     assert await mem.delete_session(doomed) is True
     assert await mem.get_session(doomed) is None
-    assert 1 == await stored_count(mem, "messages")
-    assert ["stay"] == [m["content"] for m in await mem.get_history(kept)]
+    assert await stored_count(mem, "messages") == 1
+    assert [m["content"] for m in await mem.get_history(kept)] == ["stay"]
 
 
 async def test_delete_missing_session_returns_false(mem: AnyMemory) -> None:
     """Deleting a session that does not exist is a no-op that returns False."""
     session_id = await mem.create_session()
     assert await mem.delete_session(str(uuid.uuid4())) is False
-    assert 1 == await mem.count_sessions()
+    assert await mem.count_sessions() == 1
     assert await mem.delete_session(session_id) is True
     assert await mem.delete_session(session_id) is False
 
@@ -190,9 +190,9 @@ async def test_count_and_clear_all(mem: AnyMemory) -> None:
     """count_sessions counts sessions; clear_all removes every session and message."""
     for i in range(4):
         await mem.add_message(await mem.create_session(f"s{i}"), "user", "hi")
-    assert 4 == await mem.count_sessions()
+    assert await mem.count_sessions() == 4
     await mem.clear_all()
-    assert (0, 0) == (await mem.count_sessions(), await stored_count(mem, "messages"))
+    assert (await mem.count_sessions(), await stored_count(mem, "messages")) == (0, 0)
 
 
 # ------------------------------------------------------------------ messages and ordering
@@ -221,11 +221,11 @@ async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
     session_id = await mem.create_session()
     for i in range(8):
         await mem.add_message(session_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
-    assert ["m5", "m6", "m7"] == [m["content"] for m in await mem.get_history(session_id, limit=3)]
+    assert [m["content"] for m in await mem.get_history(session_id, limit=3)] == ["m5", "m6", "m7"]
     assert [f"m{i}" for i in range(8)] == [
         m["content"] for m in await mem.get_history(session_id, 100)
     ]
-    assert [] == await mem.get_history(session_id, limit=0)
+    assert await mem.get_history(session_id, limit=0) == []
     history = await mem.get_history(session_id)
     stamps = [parse(m["created_at"]) for m in history]
     assert stamps == sorted(stamps)
@@ -236,7 +236,7 @@ async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
 async def test_history_default_limit_from_settings(backend: tuple[str, str]) -> None:
     """Without a limit, get_history returns the configured default number of messages (20)."""
     async with make_memory(backend) as memory:
-        assert 20 == memory.default_history_limit
+        assert memory.default_history_limit == 20
         session_id = await memory.create_session()
         for i in range(23):
             await memory.add_message(session_id, "user", f"m{i}")
@@ -258,7 +258,7 @@ async def test_sessions_most_recently_updated_first(mem: AnyMemory) -> None:
     await mem.add_message(first, "user", "bump again")
     sessions = await mem.get_sessions()
     assert [first, third, second] == [s["id"] for s in sessions]
-    assert [2, 0, 0] == [s["message_count"] for s in sessions]
+    assert [s["message_count"] for s in sessions] == [2, 0, 0]
     assert {"id", "title", "created_at", "updated_at", "metadata", "message_count"} == set(
         sessions[0]
     )
@@ -270,9 +270,9 @@ async def test_sessions_paging_with_offset(mem: AnyMemory) -> None:
     full = [s["id"] for s in await mem.get_sessions(limit=50)]
     assert list(reversed(ids)) == full
     pages = [[s["id"] for s in await mem.get_sessions(limit=3, offset=o)] for o in (0, 3, 6, 9)]
-    assert [3, 3, 1, 0] == [len(p) for p in pages]
+    assert [len(p) for p in pages] == [3, 3, 1, 0]
     assert full == [i for page in pages for i in page]
-    assert [] == await mem.get_sessions(limit=0)
+    assert await mem.get_sessions(limit=0) == []
     with pytest.raises(ValueError):
         await mem.get_sessions(offset=-1)
 
@@ -310,9 +310,9 @@ async def test_metadata_round_trips_as_dicts(mem: AnyMemory) -> None:
     session = await mem.get_session(session_id)
     [message] = await mem.get_history(session_id)
     assert session is not None
-    assert NESTED_METADATA == session["metadata"]
-    assert NESTED_METADATA == message["metadata"]
-    assert NESTED_METADATA == (await mem.get_sessions())[0]["metadata"]
+    assert session["metadata"] == NESTED_METADATA
+    assert message["metadata"] == NESTED_METADATA
+    assert (await mem.get_sessions())[0]["metadata"] == NESTED_METADATA
 
 
 @pytest.mark.parametrize("bad", ['{"a": 1}', ["a"], 42])
@@ -323,7 +323,7 @@ async def test_metadata_that_is_not_a_dict_is_refused(mem: AnyMemory, bad: Any) 
         await mem.create_session("t", bad)
     with pytest.raises(TypeError):
         await mem.add_message(session_id, "user", "x", bad)
-    assert (1, 0) == (await mem.count_sessions(), await stored_count(mem, "messages"))
+    assert (await mem.count_sessions(), await stored_count(mem, "messages")) == (1, 0)
 
 
 async def test_values_postgres_cannot_store_are_refused_on_both(mem: AnyMemory) -> None:
@@ -337,7 +337,7 @@ async def test_values_postgres_cannot_store_are_refused_on_both(mem: AnyMemory) 
         await mem.create_session("t", {"n": float("nan")})
     with pytest.raises(ValueError):
         await mem.update_session_title(session_id, "a\x00")
-    assert 0 == await stored_count(mem, "messages")
+    assert await stored_count(mem, "messages") == 0
 
 
 # ------------------------------------------------------------------ concurrency and lifecycle
@@ -372,7 +372,7 @@ async def test_close_releases_and_next_call_reopens(backend: tuple[str, str]) ->
     assert memory.is_open is False
     session = await memory.get_session(session_id)
     await memory.close()
-    assert session is not None and "kept" == session["title"]
+    assert session is not None and session["title"] == "kept"
 
 
 # ------------------------------------------------------------------ PostgreSQL only
@@ -409,8 +409,8 @@ async def test_pool_size_never_exceeds_max(pg_dsn: str) -> None:
             )
         finally:
             await admin.close()
-        assert 30 == (await memory.get_session(session_id) or {})["message_count"]
-    assert 3 == max(seen)  # it grew under load, and never past max_size
+        assert (await memory.get_session(session_id) or {})["message_count"] == 30
+    assert max(seen) == 3  # it grew under load, and never past max_size
     assert 1 <= on_server <= 3
 
 
@@ -420,7 +420,7 @@ async def test_postgres_creates_schema_with_keys_idempotently(pg_dsn: str) -> No
     async with PostgresMemory(pg_dsn, names=names) as memory:
         await memory.create_session("one")
     async with PostgresMemory(pg_dsn, schema="app") as memory:
-        assert 1 == await memory.count_sessions()
+        assert await memory.count_sessions() == 1
     conn = await asyncpg.connect(pg_dsn)
     try:
         found = {
@@ -440,7 +440,7 @@ async def test_postgres_creates_schema_with_keys_idempotently(pg_dsn: str) -> No
     finally:
         await conn.close()
     assert {c.name for c in constraints(names)} <= found
-    assert ("jsonb", "timestamp with time zone") == (types["metadata"], types["created_at"])
+    assert (types["metadata"], types["created_at"]) == ("jsonb", "timestamp with time zone")
 
 
 async def test_postgres_waits_for_a_running_migration(pg_dsn: str) -> None:
@@ -454,7 +454,7 @@ async def test_postgres_waits_for_a_running_migration(pg_dsn: str) -> None:
     finally:
         await holder.close()
     async with PostgresMemory(pg_dsn) as memory:
-        assert 0 == await memory.count_sessions()
+        assert await memory.count_sessions() == 0
 
 
 async def test_postgres_stores_metadata_as_jsonb_object(pg_dsn: str) -> None:
@@ -470,7 +470,7 @@ async def test_postgres_stores_metadata_as_jsonb_object(pg_dsn: str) -> None:
             with pytest.raises(Exception) as info:  # asyncpg wraps the codec's TypeError
                 await conn.execute("UPDATE sessions SET metadata = $1", '{"a": 1}')
     assert isinstance(info.value.__cause__, TypeError)
-    assert ("object", {"b": None}) == (kind, value)
+    assert (kind, value) == ("object", {"b": None})
 
 
 # ------------------------------------------------------------------ factory
@@ -492,8 +492,8 @@ async def test_factory_picks_backend_from_env(
     monkeypatch.setenv("MEMORY_POOL_MAX", "4")
     async with create_memory() as memory:
         assert isinstance(memory, PostgresMemory)
-        assert (1, 4) == (memory.min_size, memory.max_size)
-        assert 0 == await memory.count_sessions()
+        assert (memory.min_size, memory.max_size) == (1, 4)
+        assert await memory.count_sessions() == 0
 
 
 @pytest.mark.parametrize(
@@ -521,10 +521,10 @@ async def test_factory_rejects_bad_settings(env: dict[str, str]) -> None:
 async def test_factory_default_is_sqlite(tmp_path: Path) -> None:
     """Without DATABASE_BACKEND the app keeps using SQLite, as before the migration."""
     settings = MemorySettings.from_env({"SQLITE_PATH": str(tmp_path / "a.sqlite")})
-    assert ("sqlite", 2, 10, 20) == (
+    assert (
         settings.backend,
         settings.pool_min,
         settings.pool_max,
         settings.history_limit,
-    )
+    ) == ("sqlite", 2, 10, 20)
     assert isinstance(create_memory(settings), SQLiteMemory)

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.anyio
 
 async def test_every_target_row_equals_its_source_row(sample_db: Path, pg_dsn: str) -> None:
     """After a migration every source row is in PostgreSQL once, equal field by field."""
-    report = await migrate(load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=500))
-    assert "completed" == report.status
+    report = await migrate(
+        load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=500)
+    )
+    assert report.status == "completed"
     for table in ("sessions", "messages"):
         expected = source_rows(sample_db, table)
         actual = await target_rows(pg_dsn, table)
@@ -37,7 +39,12 @@ async def test_keys_and_index_exist_after_a_bulk_load(sample_db: Path, pg_dsn: s
         " AND connamespace = 'public'::regnamespace UNION SELECT indexname FROM pg_indexes"
         " WHERE schemaname = 'public') x",
     )
-    assert ["idx_messages_session", "messages_pkey", "messages_session_id_fkey", "sessions_pkey"] == names
+    assert names == [
+        "idx_messages_session",
+        "messages_pkey",
+        "messages_session_id_fkey",
+        "sessions_pkey",
+    ]
 
 
 async def test_rerun_after_completion_writes_nothing(sample_db: Path, pg_dsn: str) -> None:
@@ -50,11 +57,16 @@ async def test_rerun_after_completion_writes_nothing(sample_db: Path, pg_dsn: st
     count = await fetchval(pg_dsn, "SELECT count(*) FROM messages")
     assert len(source_rows(sample_db, "messages")) == count
     after_loaded = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
-    assert len(source_rows(sample_db, "messages")) + len(source_rows(sample_db, "sessions")) == after_loaded
+    assert (
+        len(source_rows(sample_db, "messages")) + len(source_rows(sample_db, "sessions"))
+        == after_loaded
+    )
     assert before is not None
 
 
-async def test_rows_appended_to_the_source_are_picked_up(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+async def test_rows_appended_to_the_source_are_picked_up(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
     """Rows the app adds after a run are loaded by the next run, and only those."""
     source = tmp_path / "live.sqlite"
     shutil.copy(sample_db, source)
@@ -64,7 +76,13 @@ async def test_rows_appended_to_the_source_are_picked_up(sample_db: Path, pg_dsn
     sid = str(uuid.uuid4())
     db.execute(
         "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
-        (sid, "new 🚀", "2026-11-26T10:00:00+00:00", "2026-11-26T10:05:00+00:00", json.dumps({"n": 1})),
+        (
+            sid,
+            "new 🚀",
+            "2026-11-26T10:00:00+00:00",
+            "2026-11-26T10:05:00+00:00",
+            json.dumps({"n": 1}),
+        ),
     )
     for i in range(3):
         db.execute(
@@ -74,39 +92,51 @@ async def test_rows_appended_to_the_source_are_picked_up(sample_db: Path, pg_dsn
     db.commit()
     db.close()
     third = await migrate(settings)
-    assert 1 == third.tables["sessions"].loaded
-    assert 3 == third.tables["messages"].loaded
+    assert third.tables["sessions"].loaded == 1
+    assert third.tables["messages"].loaded == 3
     for table in ("sessions", "messages"):
         assert source_rows(source, table) == await target_rows(pg_dsn, table)
 
 
-def test_cli_run_writes_the_report_and_summary(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+def test_cli_run_writes_the_report_and_summary(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
     """`flux-migrate run` exits 0, prints the summary and writes the report JSON."""
     report_path = tmp_path / "report.json"
     done = cli(
-        "run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn,
-        "--report-json", str(report_path), "--log-format", "json", "--no-progress",
+        "run",
+        "--sqlite-path",
+        str(sample_db),
+        "--postgres-dsn",
+        pg_dsn,
+        "--report-json",
+        str(report_path),
+        "--log-format",
+        "json",
+        "--no-progress",
     )
-    assert 0 == done.returncode, done.stderr
+    assert done.returncode == 0, done.stderr
     assert "rows/s" in done.stdout
     report = json.loads(report_path.read_text())
-    assert "completed" == report["status"]
+    assert report["status"] == "completed"
     n_messages = len(source_rows(sample_db, "messages"))
     assert {"extracted": n_messages, "loaded": n_messages, "quarantined": 0} == {
         k: report["tables"]["messages"][k] for k in ("extracted", "loaded", "quarantined")
     }
-    again = cli("run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--log-format", "json")
-    assert 0 == again.returncode, again.stderr
+    again = cli(
+        "run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--log-format", "json"
+    )
+    assert again.returncode == 0, again.stderr
     assert "up to date" in again.stdout
     status = cli("status", "--postgres-dsn", pg_dsn)
-    assert 0 == status.returncode
-    assert 2 == status.stdout.count("finished")
+    assert status.returncode == 0
+    assert status.stdout.count("finished") == 2
     verify = cli("verify", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
-    assert 0 == verify.returncode, verify.stdout
-    assert 2 == verify.stdout.count(" ok")
+    assert verify.returncode == 0, verify.stdout
+    assert verify.stdout.count(" ok") == 2
     quick = cli("verify", "--quick", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
-    assert 0 == quick.returncode, quick.stdout
-    assert 2 == quick.stdout.count("same")
+    assert quick.returncode == 0, quick.stdout
+    assert quick.stdout.count("same") == 2
 
 
 @pytest.mark.parametrize(
@@ -116,11 +146,13 @@ def test_cli_run_writes_the_report_and_summary(sample_db: Path, pg_dsn: str, tmp
         (["--batch-size", "0"], "--batch-size"),
     ],
 )
-def test_usage_errors_exit_2_with_one_sentence(args: list[str], needle: str, pg_dsn: str, sample_db: Path) -> None:
+def test_usage_errors_exit_2_with_one_sentence(
+    args: list[str], needle: str, pg_dsn: str, sample_db: Path
+) -> None:
     """Bad input exits 2 with one sentence on stderr and no traceback."""
     base = ["run", "--postgres-dsn", pg_dsn, "--sqlite-path", str(sample_db)]
     done = cli(*base, *args)
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert needle in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -130,7 +162,7 @@ def test_not_a_database_exits_2(tmp_path: Path, pg_dsn: str) -> None:
     bogus = tmp_path / "notes.txt"
     bogus.write_text("hello, I am not a database\n" * 100)
     done = cli("run", "--sqlite-path", str(bogus), "--postgres-dsn", pg_dsn)
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert "not a readable SQLite database" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -138,5 +170,5 @@ def test_not_a_database_exits_2(tmp_path: Path, pg_dsn: str) -> None:
 def test_missing_dsn_exits_2(sample_db: Path) -> None:
     """Without a DSN the run stops with exit 2 and says how to give one."""
     done = cli("run", "--sqlite-path", str(sample_db))
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert "POSTGRES_DSN" in done.stderr

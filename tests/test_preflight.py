@@ -15,8 +15,8 @@ import pytest
 
 import pipeline.verify
 from core.errors import SourceError, TargetError
-from pipeline.runner import migrate
 from core.schema import TargetNames, target_ddl
+from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from pipeline.verify import verify_quick, verify_rows
 from tests.dirty import GOOD_TS, app_db, new_id
@@ -47,21 +47,25 @@ async def _prefill_target(dsn: str, session_id: str, title: str) -> None:
         await conn.close()
 
 
-async def test_foreign_rows_stop_the_run_before_anything_is_written(tmp_path: Path, pg_dsn: str) -> None:
+async def test_foreign_rows_stop_the_run_before_anything_is_written(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """A target table holding rows we did not write stops the run with exit 2 and a sentence
     naming the table, and nothing (not even the bookkeeping schema) is written."""
     db = app_db(tmp_path / "app.sqlite")
     db.write()
     await _prefill_target(pg_dsn, new_id(), "the app's own row")
     done = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", pg_dsn)
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert '"public"."sessions" already holds rows' in done.stderr
     assert "--on-conflict" in done.stderr
     assert await fetchval(pg_dsn, "SELECT to_regnamespace('flux_migrate')") is None
-    assert 1 == await fetchval(pg_dsn, "SELECT count(*) FROM sessions")
+    assert await fetchval(pg_dsn, "SELECT count(*) FROM sessions") == 1
 
 
-async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(tmp_path: Path, pg_dsn: str) -> None:
+async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """--on-conflict skip keeps a row whose key exists, counts it as skipped, loads the rest,
     and verify accounts for it."""
     db = app_db(tmp_path / "app.sqlite")
@@ -70,16 +74,18 @@ async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(tmp_path: P
     await _prefill_target(pg_dsn, clash, "kept as it was")
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, on_conflict="skip")
     report = await migrate(settings)
-    assert (1, 1, 2) == (
+    assert (
         report.tables["sessions"].skipped,
         report.tables["sessions"].loaded,
         report.tables["sessions"].extracted,
-    )
-    assert "kept as it was" == await fetchval(pg_dsn, "SELECT title FROM sessions WHERE id = $1", clash)
-    assert 4 == report.tables["messages"].loaded
+    ) == (1, 1, 2)
+    assert await fetchval(
+        pg_dsn, "SELECT title FROM sessions WHERE id = $1", clash
+    ) == "kept as it was"
+    assert report.tables["messages"].loaded == 4
     results = await verify_rows(settings)
     assert all(r.ok for r in results), results
-    assert 1 == results[0].skipped
+    assert results[0].skipped == 1
 
 
 async def test_on_conflict_update_overwrites_existing_rows(tmp_path: Path, pg_dsn: str) -> None:
@@ -90,24 +96,26 @@ async def test_on_conflict_update_overwrites_existing_rows(tmp_path: Path, pg_ds
     await _prefill_target(pg_dsn, clash, "stale title")
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, on_conflict="update")
     report = await migrate(settings)
-    assert 2 == report.tables["sessions"].loaded
+    assert report.tables["sessions"].loaded == 2
     assert source_rows(db.path, "sessions") == await target_rows(pg_dsn, "sessions")
 
 
-async def test_resuming_with_another_source_is_refused_and_restart_starts_over(tmp_path: Path, pg_dsn: str) -> None:
+async def test_resuming_with_another_source_is_refused_and_restart_starts_over(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """A target filled from database A refuses database B (exit 2); --restart --yes clears what
     flux-migrate wrote and migrates B exactly."""
     a = app_db(tmp_path / "a.sqlite").write()
     b = app_db(tmp_path / "b.sqlite", good_sessions=3).write()
-    assert 0 == cli("run", "--sqlite-path", str(a), "--postgres-dsn", pg_dsn).returncode
+    assert cli("run", "--sqlite-path", str(a), "--postgres-dsn", pg_dsn).returncode == 0
     refused = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn)
-    assert 2 == refused.returncode
+    assert refused.returncode == 2
     assert "different SQLite database" in refused.stderr
     no_yes = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn, "--restart")
-    assert 2 == no_yes.returncode
+    assert no_yes.returncode == 2
     assert "--yes" in no_yes.stderr
     restarted = cli("run", "--sqlite-path", str(b), "--postgres-dsn", pg_dsn, "--restart", "--yes")
-    assert 0 == restarted.returncode, restarted.stderr
+    assert restarted.returncode == 0, restarted.stderr
     for table in ("sessions", "messages"):
         assert source_rows(b, table) == await target_rows(pg_dsn, table)
 
@@ -117,7 +125,9 @@ async def test_resuming_with_other_settings_is_refused(tmp_path: Path, pg_dsn: s
     db = app_db(tmp_path / "app.sqlite").write()
     await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn))
     with pytest.raises(TargetError) as info:
-        await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, naive_timezone="Europe/Berlin"))
+        await migrate(
+            load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, naive_timezone="Europe/Berlin")
+        )
     assert "naive_timezone" in info.value.message
 
 
@@ -128,14 +138,16 @@ async def test_resuming_with_other_settings_is_refused(tmp_path: Path, pg_dsn: s
         ("CREATE TABLE other (x INT)", "has no table sessions"),
     ],
 )
-def test_source_not_matching_the_app_schema_exits_2(tmp_path: Path, pg_dsn: str, ddl: str, needle: str) -> None:
+def test_source_not_matching_the_app_schema_exits_2(
+    tmp_path: Path, pg_dsn: str, ddl: str, needle: str
+) -> None:
     """A source without the app's tables or columns is refused up front with exit 2."""
     path = tmp_path / "wrong.sqlite"
     conn = sqlite3.connect(path)
     conn.execute(ddl)
     conn.close()
     done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert needle in done.stderr
 
 
@@ -147,22 +159,26 @@ async def test_locked_source_is_refused_after_the_timeout(tmp_path: Path, pg_dsn
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(SourceError) as info:
-            await migrate(load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, sqlite_timeout=0.3))
+            await migrate(
+                load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, sqlite_timeout=0.3)
+            )
     finally:
         holder.rollback()
         holder.close()
-    assert 2 == info.value.exit_code
+    assert info.value.exit_code == 2
     assert "locked" in info.value.message
 
 
-async def test_source_file_is_byte_identical_after_a_run(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
+async def test_source_file_is_byte_identical_after_a_run(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
     """The SQLite file is opened read-only: its bytes do not change, and no journal is left."""
     copy = tmp_path / "copy.sqlite"
     shutil.copy(sample_db, copy)
     before = hashlib.sha256(copy.read_bytes()).hexdigest()
     await migrate(load_settings(None, sqlite_path=copy, postgres_dsn=pg_dsn))
     assert before == hashlib.sha256(copy.read_bytes()).hexdigest()
-    assert ["copy.sqlite"] == sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.sqlite"]
 
 
 async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str) -> None:
@@ -182,7 +198,10 @@ async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str)
         w.execute("INSERT INTO sessions VALUES (?, 't', ?, ?, '{}')", (sid, GOOD_TS, GOOD_TS))
         w.commit()
         while not stop.is_set():
-            w.execute("INSERT INTO messages VALUES (?, ?, 'user', 'live', '{}', ?)", (new_id(), sid, GOOD_TS))
+            w.execute(
+                "INSERT INTO messages VALUES (?, ?, 'user', 'live', '{}', ?)",
+                (new_id(), sid, GOOD_TS),
+            )
             w.commit()
             time.sleep(0.002)
         w.close()
@@ -195,7 +214,7 @@ async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str)
     finally:
         stop.set()
         thread.join()
-    assert "completed" == first.status
+    assert first.status == "completed"
     await migrate(settings)
     for table in ("sessions", "messages"):
         assert source_rows(path, table) == await target_rows(pg_dsn, table)
@@ -215,7 +234,8 @@ async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(
     try:
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM messages ORDER BY id LIMIT 2")]
         await conn.execute(
-            "UPDATE messages SET content = overlay(content placing 'Z' from 1 for 1) WHERE id = $1", ids[0]
+            "UPDATE messages SET content = overlay(content placing 'Z' from 1 for 1) WHERE id = $1",
+            ids[0],
         )
         await conn.execute("DELETE FROM messages WHERE id = $1", ids[1])
         session = await conn.fetchval("SELECT id FROM sessions LIMIT 1")
@@ -228,12 +248,12 @@ async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(
         await conn.close()
     [sessions, messages] = await verify_rows(settings)
     assert sessions.ok
-    assert (1, 1, 1) == (messages.different, messages.missing, messages.extra)
+    assert (messages.different, messages.missing, messages.extra) == (1, 1, 1)
     assert any(ids[0] in line and "content" in line for line in messages.samples)
     quick = {q.table: q for q in await verify_quick(settings)}
     assert quick["sessions"].ok and not quick["messages"].ok
     done = cli("verify", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn)
-    assert 1 == done.returncode
+    assert done.returncode == 1
     assert "MISMATCH" in done.stdout
 
 
@@ -246,14 +266,18 @@ async def test_identifiers_from_config_are_quoted(tmp_path: Path, pg_dsn: str) -
         '[tables.sessions]\ntarget = "Sessions Table"\n[tables.messages]\ntarget = "msg-log"\n'
     )
     done = cli("run", "--config", str(config), "--sqlite-path", str(db), "--postgres-dsn", pg_dsn)
-    assert 0 == done.returncode, done.stderr
+    assert done.returncode == 0, done.stderr
     names = TargetNames(schema='Chat "Memory"; DROP', sessions="Sessions Table", messages="msg-log")
     assert source_rows(db, "messages") == await target_rows(pg_dsn, "messages", names)
-    verify = cli("verify", "--config", str(config), "--sqlite-path", str(db), "--postgres-dsn", pg_dsn)
-    assert 0 == verify.returncode, verify.stdout
+    verify = cli(
+        "verify", "--config", str(config), "--sqlite-path", str(db), "--postgres-dsn", pg_dsn
+    )
+    assert verify.returncode == 0, verify.stdout
 
 
-async def test_passwords_never_appear_in_output_report_or_quarantine(tmp_path: Path, pg_dsn: str) -> None:
+async def test_passwords_never_appear_in_output_report_or_quarantine(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """A password in the DSN appears nowhere: logs, errors, summary, report JSON, quarantine."""
     secret = "pw-Secret-4242"
     dsn = pg_dsn.replace("postgres:@", f"postgres:{secret}@")
@@ -261,18 +285,33 @@ async def test_passwords_never_appear_in_output_report_or_quarantine(tmp_path: P
     db.session(created_at="bad")
     db.write()
     report = tmp_path / "report.json"
-    ok = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", dsn, "--report-json", str(report),
-             "--log-format", "json")
-    assert 3 == ok.returncode, ok.stderr
+    ok = cli(
+        "run",
+        "--sqlite-path",
+        str(db.path),
+        "--postgres-dsn",
+        dsn,
+        "--report-json",
+        str(report),
+        "--log-format",
+        "json",
+    )
+    assert ok.returncode == 3, ok.stderr
     bad_db = dsn.replace("/t_", "/missing_t_")
-    failed = cli("run", "--sqlite-path", str(db.path), "--postgres-dsn", bad_db, "--log-format", "json")
-    assert 2 == failed.returncode
+    failed = cli(
+        "run", "--sqlite-path", str(db.path), "--postgres-dsn", bad_db, "--log-format", "json"
+    )
+    assert failed.returncode == 2
     assert "does not exist" in failed.stderr
     listing = cli("quarantine", "--postgres-dsn", dsn)
     status = cli("status", "--postgres-dsn", dsn)
-    everything = ok.stdout + ok.stderr + failed.stdout + failed.stderr + listing.stdout + status.stdout
+    everything = (
+        ok.stdout + ok.stderr + failed.stdout + failed.stderr + listing.stdout + status.stdout
+    )
     everything += report.read_text()
-    everything += json.dumps(await fetchval(pg_dsn, "SELECT json_agg(q) FROM flux_migrate.quarantine q"))
+    everything += json.dumps(
+        await fetchval(pg_dsn, "SELECT json_agg(q) FROM flux_migrate.quarantine q")
+    )
     assert secret not in everything
     assert "invalid_timestamp" in listing.stdout
 
@@ -288,17 +327,21 @@ async def test_reused_rowids_below_the_checkpoint_are_refused(tmp_path: Path, pg
     last = conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
     sid = conn.execute("SELECT session_id FROM messages WHERE rowid = ?", (last,)).fetchone()[0]
     conn.execute("DELETE FROM messages WHERE rowid = ?", (last,))
-    conn.execute("INSERT INTO messages VALUES (?, ?, 'user', 'new', '{}', ?)", (new_id(), sid, GOOD_TS))
+    conn.execute(
+        "INSERT INTO messages VALUES (?, ?, 'user', 'new', '{}', ?)", (new_id(), sid, GOOD_TS)
+    )
     assert last == conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
     conn.commit()
     conn.close()
     with pytest.raises(TargetError) as info:
         await migrate(settings)
-    assert 2 == info.value.exit_code
+    assert info.value.exit_code == 2
     assert f"rowid {last} no longer holds key" in info.value.message
 
 
-async def test_verify_compares_numbers_exactly_and_handles_blob_keys(tmp_path: Path, pg_dsn: str) -> None:
+async def test_verify_compares_numbers_exactly_and_handles_blob_keys(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """Metadata numbers PostgreSQL prints differently (1e+23) still match, and a key stored as a
     BLOB is compared without breaking the key-ordered scan."""
     db = app_db(tmp_path / "app.sqlite")
@@ -312,10 +355,10 @@ async def test_verify_compares_numbers_exactly_and_handles_blob_keys(tmp_path: P
     conn.close()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
     report = await migrate(settings)
-    assert 4 == report.tables["sessions"].loaded
+    assert report.tables["sessions"].loaded == 4
     results = await verify_rows(settings)
     assert all(r.ok for r in results), results
-    assert 4 == results[0].matched
+    assert results[0].matched == 4
 
 
 async def test_on_conflict_needs_a_unique_key_on_id(tmp_path: Path, pg_dsn: str) -> None:
@@ -328,5 +371,5 @@ async def test_on_conflict_needs_a_unique_key_on_id(tmp_path: Path, pg_dsn: str)
         "INSERT INTO sessions VALUES ('x', 't', now(), now(), '{}')",
     )
     done = cli("run", "--sqlite-path", str(db), "--postgres-dsn", pg_dsn, "--on-conflict", "skip")
-    assert 2 == done.returncode
+    assert done.returncode == 2
     assert "needs a primary key or unique index" in done.stderr

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.runner import migrate
 from core.schema import TargetNames
+from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from pipeline.verify import verify_rows
 from stages.convert import REASONS, raw_value_from_json
@@ -69,7 +69,9 @@ def test_every_reason_code_has_a_case() -> None:
     assert set(REASONS) == {c[3] for c in CASES}
 
 
-@pytest.mark.parametrize(("table", "column", "value", "reason"), CASES, ids=[f"{c[3]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("table", "column", "value", "reason"), CASES, ids=[f"{c[3]}-{c[1]}" for c in CASES]
+)
 async def test_bad_value_is_quarantined_with_its_raw_value(
     tmp_path: Path, pg_dsn: str, table: str, column: str, value: Any, reason: str
 ) -> None:
@@ -84,8 +86,8 @@ async def test_bad_value_is_quarantined_with_its_raw_value(
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, batch_size=3)
     report = await migrate(settings)
-    assert 1 == report.open_quarantined
-    assert 1 == report.tables[table].quarantined
+    assert report.open_quarantined == 1
+    assert report.tables[table].quarantined == 1
     assert report.tables[table].extracted == report.tables[table].loaded + 1
     [row] = await _quarantine(pg_dsn)
     assert (table, reason) == (row["source_table"], row["reason"])
@@ -97,10 +99,12 @@ async def test_bad_value_is_quarantined_with_its_raw_value(
     assert set(raw) == set(bad)
     results = await verify_rows(settings)
     assert all(r.ok for r in results), results
-    assert 1 == sum(r.quarantined for r in results)
+    assert sum(r.quarantined for r in results) == 1
 
 
-async def test_a_quarantined_session_makes_its_messages_orphans(tmp_path: Path, pg_dsn: str) -> None:
+async def test_a_quarantined_session_makes_its_messages_orphans(
+    tmp_path: Path, pg_dsn: str
+) -> None:
     """Messages of a quarantined session are quarantined as orphans, never a failed run."""
     db = app_db(tmp_path / "app.sqlite")
     bad = db.session(created_at="not a date")
@@ -108,10 +112,10 @@ async def test_a_quarantined_session_makes_its_messages_orphans(tmp_path: Path, 
         db.message(bad["id"])
     db.write()
     report = await migrate(load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn))
-    assert "completed" == report.status
+    assert report.status == "completed"
     reasons = sorted(r["reason"] for r in await _quarantine(pg_dsn))
-    assert ["invalid_timestamp", "orphan_message", "orphan_message", "orphan_message"] == reasons
-    assert 4 == report.open_quarantined
+    assert reasons == ["invalid_timestamp", "orphan_message", "orphan_message", "orphan_message"]
+    assert report.open_quarantined == 4
 
 
 async def test_fixed_rows_are_loaded_by_a_rerun(tmp_path: Path, pg_dsn: str) -> None:
@@ -124,16 +128,16 @@ async def test_fixed_rows_are_loaded_by_a_rerun(tmp_path: Path, pg_dsn: str) -> 
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
     first = await migrate(settings)
-    assert 3 == first.open_quarantined
+    assert first.open_quarantined == 3
     conn = sqlite3.connect(db.path)
     conn.execute("UPDATE sessions SET created_at = ? WHERE id = ?", (GOOD_TS, bad["id"]))
     conn.execute("UPDATE messages SET content = ? WHERE id = ?", ("good now", bad_msg["id"]))
     conn.commit()
     conn.close()
     second = await migrate(settings)
-    assert 0 == second.open_quarantined
-    assert 1 == second.tables["sessions"].requeued
-    assert 2 == second.tables["messages"].requeued
+    assert second.open_quarantined == 0
+    assert second.tables["sessions"].requeued == 1
+    assert second.tables["messages"].requeued == 2
     assert all(r["resolution"] == "loaded" for r in await _quarantine(pg_dsn))
     results = await verify_rows(settings)
     assert all(r.ok and r.quarantined == 0 for r in results), results
@@ -146,24 +150,30 @@ async def test_nul_stripping_option_loads_instead(tmp_path: Path, pg_dsn: str) -
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, strip_nul=True)
     report = await migrate(settings)
-    assert 0 == report.open_quarantined
+    assert report.open_quarantined == 0
     conn = await asyncpg.connect(pg_dsn)
     try:
         row = await conn.fetchrow("SELECT content, metadata FROM messages WHERE id = $1", msg["id"])
     finally:
         await conn.close()
-    assert ("ab", {"k": "xy"}) == (row["content"], json.loads(row["metadata"]))
+    assert (row["content"], json.loads(row["metadata"])) == ("ab", {"k": "xy"})
 
 
 async def test_valid_unicode_and_large_content_load_byte_exact(tmp_path: Path, pg_dsn: str) -> None:
     """Emoji, CJK, RTL, combining marks and a 5 MB message load byte-exact; NULL title stays NULL."""
     db = app_db(tmp_path / "app.sqlite")
     s = db.session(title=None)
-    texts = ["👩‍💻🚀❤️", "東京の天気 数据库", "مرحبا بالعالم שלום", "e\u0301 a\u0308 \u200d", "x" * 5_000_000 + "🙂"]
+    texts = [
+        "👩‍💻🚀❤️",
+        "東京の天気 数据库",
+        "مرحبا بالعالم שלום",
+        "e\u0301 a\u0308 \u200d",
+        "x" * 5_000_000 + "🙂",
+    ]
     ids = [db.message(s["id"], content=t)["id"] for t in texts]
     db.write()
     report = await migrate(load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn))
-    assert 0 == report.open_quarantined
+    assert report.open_quarantined == 0
     conn = await asyncpg.connect(pg_dsn)
     try:
         got = [await conn.fetchval("SELECT content FROM messages WHERE id = $1", i) for i in ids]
@@ -178,7 +188,9 @@ GOOD = st.sampled_from(["good"])
 BAD = st.sampled_from([c for c in CASES if c[3] not in ("orphan_message",)])
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     kinds=st.lists(st.one_of(GOOD, BAD), min_size=1, max_size=25),
     batch_size=st.integers(min_value=1, max_value=8),
@@ -208,7 +220,11 @@ async def test_any_mix_ends_loaded_or_quarantined_exactly_once(
     db.write()
     schema = f"mix_{new_id()[:8]}"
     settings = load_settings(
-        None, sqlite_path=path, postgres_dsn=pg_dsn, batch_size=batch_size, target=TargetNames(schema=schema)
+        None,
+        sqlite_path=path,
+        postgres_dsn=pg_dsn,
+        batch_size=batch_size,
+        target=TargetNames(schema=schema),
     )
     report = await migrate(settings)
     quarantine = await _quarantine(pg_dsn, schema)
