@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SIZE ?= 100000
 REPEAT ?= 3
 KEEP ?=
+CODE := core pipeline stages memory tests bench
 
 .PHONY: help install demo test bench lint clean
 
@@ -34,9 +35,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench --sessions $(SIZE) --repeat $(REPEAT)
 
 lint: $(STAMP)
-	$(BIN)/python -m pip install --quiet ruff mypy
-	$(BIN)/ruff check pipeline stages memory tests bench
-	$(BIN)/mypy pipeline stages memory
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check --quiet $(CODE)
+	$(BIN)/mypy core pipeline stages memory
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .hypothesis

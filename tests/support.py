@@ -80,6 +80,7 @@ def cli(
         [sys.executable, "-m", "pipeline", *args],
         cwd=ROOT,
         env=full_env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -161,9 +161,9 @@ def test_bad_metadata_is_rejected_with_its_reason(raw: bytes, reason: str) -> No
 
 def test_nul_in_metadata_can_be_stripped_when_asked() -> None:
     """With strip_nul, \\u0000 is removed from metadata strings and keys instead of rejecting."""
-    assert json.loads(
-        json_object_text(b'{"a\\u0000b": "x\\u0000y"}', strip_nul=True)
-    ) == {"ab": "xy"}
+    assert json.loads(json_object_text(b'{"a\\u0000b": "x\\u0000y"}', strip_nul=True)) == {
+        "ab": "xy"
+    }
 
 
 def test_escaped_backslash_before_u0000_is_not_a_nul() -> None:
@@ -183,7 +183,7 @@ def test_integers_beyond_64_bits_keep_every_digit() -> None:
 def test_any_input_converts_or_is_rejected_with_a_documented_reason(
     raw: bytes | str | None,
 ) -> None:
-    """Any value at all either converts or raises Rejected with a documented reason, nothing else."""
+    """Any value at all converts or raises Rejected with a documented reason, nothing else."""
     for convert in (
         lambda r: decode_text(r, "content"),
         lambda r: convert_key(r, "id"),
@@ -200,7 +200,7 @@ def test_any_input_converts_or_is_rejected_with_a_documented_reason(
 
 @given(st.one_of(st.binary(), st.text(), st.none(), st.integers(), st.floats(allow_nan=False)))
 def test_quarantine_raw_encoding_is_lossless(raw: bytes | str | float | None) -> None:
-    """Raw values survive the quarantine's JSON encoding byte for byte (text comes back as bytes)."""
+    """Raw values survive the quarantine's JSON encoding byte for byte (text returns as bytes)."""
     encoded = json.loads(json.dumps(raw_value_to_json(raw)))
     expected = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     assert expected == raw_value_from_json(encoded)
@@ -216,9 +216,11 @@ def test_keys_longer_than_the_column_are_rejected(key: str) -> None:
 
 def test_raw_row_encoding_names_every_column() -> None:
     """raw_to_json maps each column name to its encoded raw value."""
-    assert raw_to_json(
-        (b"a", None, b"\xff"), ("id", "title", "content")
-    ) == {"id": "a", "title": None, "content": {"base64": "/w=="}}
+    assert raw_to_json((b"a", None, b"\xff"), ("id", "title", "content")) == {
+        "id": "a",
+        "title": None,
+        "content": {"base64": "/w=="},
+    }
 
 
 @pytest.mark.parametrize("depth", [300, 600, 3000])

@@ -54,7 +54,7 @@ def _allowed(importer: str, imported: str) -> bool:
 
 
 def test_lower_layers_never_import_higher_ones() -> None:
-    """core imports nothing of the project, stages only core, memory only core and the converters."""
+    """core imports nothing of the project, stages only core, memory core and the converters."""
     violations = sorted(
         f"{importer} imports {imported}"
         for importer, targets in _graph().items()

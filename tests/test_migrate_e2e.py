@@ -35,9 +35,9 @@ async def test_keys_and_index_exist_after_a_bulk_load(sample_db: Path, pg_dsn: s
     await migrate(load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn))
     names = await fetchval(
         pg_dsn,
-        "SELECT array_agg(name ORDER BY name) FROM (SELECT conname AS name FROM pg_constraint WHERE contype IN ('p', 'f')"
-        " AND connamespace = 'public'::regnamespace UNION SELECT indexname FROM pg_indexes"
-        " WHERE schemaname = 'public') x",
+        "SELECT array_agg(name ORDER BY name) FROM (SELECT conname AS name FROM pg_constraint"
+        " WHERE contype IN ('p', 'f') AND connamespace = 'public'::regnamespace"
+        " UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'public') x",
     )
     assert names == [
         "idx_messages_session",

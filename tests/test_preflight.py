@@ -39,7 +39,8 @@ async def _prefill_target(dsn: str, session_id: str, title: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "INSERT INTO sessions (id, title, created_at, updated_at) VALUES ($1, $2, now(), now())",
+            "INSERT INTO sessions (id, title, created_at, updated_at)"
+            " VALUES ($1, $2, now(), now())",
             session_id,
             title,
         )
@@ -79,9 +80,10 @@ async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(
         report.tables["sessions"].loaded,
         report.tables["sessions"].extracted,
     ) == (1, 1, 2)
-    assert await fetchval(
-        pg_dsn, "SELECT title FROM sessions WHERE id = $1", clash
-    ) == "kept as it was"
+    assert (
+        await fetchval(pg_dsn, "SELECT title FROM sessions WHERE id = $1", clash)
+        == "kept as it was"
+    )
     assert report.tables["messages"].loaded == 4
     results = await verify_rows(settings)
     assert all(r.ok for r in results), results
@@ -240,7 +242,8 @@ async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(
         await conn.execute("DELETE FROM messages WHERE id = $1", ids[1])
         session = await conn.fetchval("SELECT id FROM sessions LIMIT 1")
         await conn.execute(
-            "INSERT INTO messages (id, session_id, role, content, created_at) VALUES ($1, $2, 'user', 'x', now())",
+            "INSERT INTO messages (id, session_id, role, content, created_at)"
+            " VALUES ($1, $2, 'user', 'x', now())",
             "ffffffff-0000-4000-8000-000000000000",
             session,
         )

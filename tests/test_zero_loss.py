@@ -160,7 +160,7 @@ async def test_nul_stripping_option_loads_instead(tmp_path: Path, pg_dsn: str) -
 
 
 async def test_valid_unicode_and_large_content_load_byte_exact(tmp_path: Path, pg_dsn: str) -> None:
-    """Emoji, CJK, RTL, combining marks and a 5 MB message load byte-exact; NULL title stays NULL."""
+    """Emoji, CJK, RTL, combining marks and a 5 MB message load byte-exact; NULL title stays."""
     db = app_db(tmp_path / "app.sqlite")
     s = db.session(title=None)
     texts = [
