@@ -131,3 +131,33 @@ async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
         await conn.execute(
             f"DELETE FROM {BOOKKEEPING_SCHEMA}.{table} WHERE target_schema = $1", target_schema
         )
+
+
+# Rows an earlier run quarantined or skipped, by rowid ($3 = bigint[]), with their keys.
+NOTED_ROWS_SQL = (
+    f"SELECT source_rowid, source_key FROM {BOOKKEEPING_SCHEMA}.quarantine"
+    " WHERE target_schema = $1 AND source_table = $2 AND source_rowid = ANY($3::bigint[])"
+    f" UNION ALL SELECT source_rowid, source_key FROM {BOOKKEEPING_SCHEMA}.skipped"
+    " WHERE target_schema = $1 AND source_table = $2 AND source_rowid = ANY($3::bigint[])"
+)
+
+
+async def rewind(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    last_rowid: int,
+    last_key: str | None,
+    expected_rowid: int,
+) -> None:
+    """Move a checkpoint back to ``last_rowid`` (rows above it are to be read again), provided
+    it still stands at ``expected_rowid``."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET last_rowid = $3, last_key = $4, last_batch = '{{}}',"
+        " updated_at = now() WHERE target_schema = $1 AND source_table = $2 AND last_rowid = $5",
+        target_schema,
+        source_table,
+        last_rowid,
+        last_key,
+        expected_rowid,
+    )

@@ -38,16 +38,17 @@ from core.schema import (
     create_table_sql,
     quote_ident,
 )
-from core.source import check_source, count_between, sample_matches, source_snapshot
+from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
 from pipeline.progress import NoProgress, Progress
 from pipeline.report import RunReport, TableReport
 from pipeline.requeue import requeue, unresolved_keys
+from pipeline.resume_point import resume_point, same_source
 from pipeline.settings import Settings
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, CheckpointRewound, LoadContext, load
-from stages.transform import key_of, transform, transform_batch
+from stages.transform import transform, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 
@@ -151,6 +152,7 @@ async def prepare_target(
 
 async def check_fingerprint(
     src: aiosqlite.Connection,
+    target: Target,
     settings: Settings,
     identity: dict[str, Any],
     checkpoints: dict[str, ckpt.Checkpoint],
@@ -169,8 +171,8 @@ async def check_fingerprint(
                 f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start over."
             )
         source = stored.get("source", {})
-        if source.get("schema") != identity["schema"] or not await sample_matches(
-            src, source.get("sample", [])
+        if source.get("schema") != identity["schema"] or not await same_source(
+            src, target, settings.target, source.get("sample", [])
         ):
             raise TargetError(
                 "This target was filled from a different SQLite database (its schema or first"
@@ -398,7 +400,7 @@ async def migrate(
                     lambda c: prepare_target(c, settings, run_id, fingerprint),
                     what="preparing the target",
                 )
-                await check_fingerprint(src, settings, identity, checkpoints)
+                await check_fingerprint(src, target, settings, identity, checkpoints)
                 log.info("run_started", target=names.schema, batch_size=settings.batch_size)
                 for table in TABLES:
                     stop.check()
@@ -472,27 +474,6 @@ async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
             pass
 
 
-async def check_rowids_not_reused(
-    src: aiosqlite.Connection, table: str, c: ckpt.Checkpoint
-) -> None:
-    """Refuse to resume when the row the checkpoint stopped at is gone or changed key: SQLite
-    hands a deleted newest rowid to the next insert (tables without INTEGER PRIMARY KEY), and
-    VACUUM renumbers rowids, so rows could hide below the checkpoint."""
-    if c.last_rowid == 0 or c.last_key is None:
-        return
-    async with src.execute(
-        f"SELECT id FROM {quote_ident(table)} WHERE rowid = ?", (c.last_rowid,)
-    ) as cur:
-        row = await cur.fetchone()
-    if row is None or key_of(row[0]) != c.last_key:
-        raise TargetError(
-            f"Table {table} of the SQLite file changed below the checkpoint since the last run"
-            f" (rowid {c.last_rowid} no longer holds key {c.last_key}: its newest rows were deleted"
-            " or the file was vacuumed), so new rows may reuse old rowids; run `flux-migrate verify`"
-            " to see what differs, or --restart --yes to migrate again from scratch."
-        )
-
-
 async def _run_table(
     src: aiosqlite.Connection,
     target: Target,
@@ -535,8 +516,9 @@ async def _run_table(
         )
         treport.requeued = fixed
     start = await _checkpoint(target, names.schema, table.name)
-    after = checkpoint.last_rowid
-    await check_rowids_not_reused(src, table.name, checkpoint)
+    after = await target.retrying(
+        lambda c: resume_point(src, c, names, checkpoint), what="finding where to resume"
+    )
     upto = bounds[table.name]
     total = await count_between(src, table.name, after, upto)
     if total == 0:

@@ -319,9 +319,11 @@ async def test_passwords_never_appear_in_output_report_or_quarantine(
     assert "invalid_timestamp" in listing.stdout
 
 
-async def test_reused_rowids_below_the_checkpoint_are_refused(tmp_path: Path, pg_dsn: str) -> None:
-    """Deleting the newest message and adding another (which takes its rowid) makes the next run
-    refuse with exit 2 instead of silently skipping the new row."""
+async def test_reused_rowids_below_the_checkpoint_are_loaded_not_skipped(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Deleting the newest message and adding another (which takes its rowid): the next run
+    resumes below the reused rowid and loads the new row once instead of silently skipping it."""
     db = app_db(tmp_path / "app.sqlite")
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
@@ -330,16 +332,19 @@ async def test_reused_rowids_below_the_checkpoint_are_refused(tmp_path: Path, pg
     last = conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
     sid = conn.execute("SELECT session_id FROM messages WHERE rowid = ?", (last,)).fetchone()[0]
     conn.execute("DELETE FROM messages WHERE rowid = ?", (last,))
+    added = new_id()
     conn.execute(
-        "INSERT INTO messages VALUES (?, ?, 'user', 'new', '{}', ?)", (new_id(), sid, GOOD_TS)
+        "INSERT INTO messages VALUES (?, ?, 'user', 'new', '{}', ?)", (added, sid, GOOD_TS)
     )
     assert last == conn.execute("SELECT max(rowid) FROM messages").fetchone()[0]
     conn.commit()
     conn.close()
-    with pytest.raises(TargetError) as info:
-        await migrate(settings)
-    assert info.value.exit_code == 2
-    assert f"rowid {last} no longer holds key" in info.value.message
+    report = await migrate(settings)
+    assert 1 == report.tables["messages"].loaded
+    assert "new" == await fetchval(pg_dsn, "SELECT content FROM messages WHERE id = $1", added)
+    expected = source_rows(db.path, "messages")
+    actual = await target_rows(pg_dsn, "messages")
+    assert expected == {k: v for k, v in actual.items() if k in expected}
 
 
 async def test_verify_compares_numbers_exactly_and_handles_blob_keys(
