@@ -161,3 +161,17 @@ async def rewind(
         last_key,
         expected_rowid,
     )
+
+
+async def rows_written_since(conn: asyncpg.Connection, qualified: str, c: Checkpoint) -> int:
+    """How many rows of the target table ``qualified`` someone else inserted or updated after
+    flux-migrate last wrote to it: its last write updated the checkpoint in the same
+    transaction, so any row whose xmin is newer than the checkpoint row's was written later."""
+    return int(
+        await conn.fetchval(
+            f"SELECT count(*) FROM {qualified} WHERE age(xmin) < (SELECT age(xmin)"
+            f" FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2)",
+            c.target_schema,
+            c.source_table,
+        )
+    )

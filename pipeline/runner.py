@@ -194,6 +194,16 @@ async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
             f"--restart cannot undo a load into {names.schema}.{refused[0].target_table}, which held"
             " rows before flux-migrate wrote to it; restore it from a backup instead."
         )
+    for c in found.values():
+        if await table_exists(conn, names, c.source_table):
+            foreign = await ckpt.rows_written_since(conn, names.qualified(c.source_table), c)
+            if foreign:
+                raise TargetError(
+                    f"--restart would delete {foreign:,} row(s) of"
+                    f" {names.qualified(c.source_table)} that flux-migrate did not write (written"
+                    " after its last run, e.g. by the app); move or back them up first."
+                    " Nothing was changed."
+                )
     async with conn.transaction():
         for table in reversed(TABLES):
             c = found.get(table.name)
