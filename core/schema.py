@@ -32,6 +32,25 @@ PG_TYPES = {
 }
 
 
+# The existing target column types each kind loads into without changing a value. varchar(n)
+# takes text of any length n: a longer value is refused by PostgreSQL and quarantined.
+_HOLDS: dict[Kind, tuple[str, ...]] = {
+    Kind.KEY: ("character varying", "text"),
+    Kind.TEXT: ("character varying", "text"),
+    Kind.NULLABLE_TEXT: ("character varying", "text"),
+    Kind.TIMESTAMP: ("timestamp with time zone", "timestamp(6) with time zone"),
+    Kind.JSON: ("jsonb",),
+}
+
+
+def holds_losslessly(kind: Kind, existing_type: str) -> bool:
+    """Whether an existing column of ``existing_type`` (as format_type prints it) stores every
+    value of ``kind`` unchanged: no truncation, rounding, padding or reinterpretation."""
+    if existing_type.startswith("character varying(") and kind in _HOLDS:
+        return "character varying" in _HOLDS[kind]
+    return existing_type in _HOLDS[kind]
+
+
 @dataclass(frozen=True)
 class Column:
     name: str

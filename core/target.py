@@ -33,13 +33,14 @@ def _text_to_wire(value: str | bytes) -> bytes:
 async def accept_text_bytes(conn: asyncpg.Connection) -> None:
     """Let ``text`` parameters be UTF-8 bytes as read from SQLite, sent without a decode and
     re-encode; PostgreSQL validates the encoding (a bad value fails its COPY with 22021)."""
-    await conn.set_type_codec(
-        "text",
-        schema="pg_catalog",
-        encoder=_text_to_wire,
-        decoder=lambda data: data.decode("utf-8"),
-        format="binary",
-    )
+    for name in ("text", "varchar"):  # varchar(n) of an existing table: the same wire format
+        await conn.set_type_codec(
+            name,
+            schema="pg_catalog",
+            encoder=_text_to_wire,
+            decoder=lambda data: data.decode("utf-8"),
+            format="binary",
+        )
 
 
 class Target:

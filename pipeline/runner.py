@@ -45,6 +45,7 @@ from pipeline.report import RunReport, TableReport
 from pipeline.requeue import requeue, unresolved_keys
 from pipeline.resume_point import resume_point, same_source
 from pipeline.settings import Settings
+from pipeline.target_columns import check_target_columns
 from stages.batch import Batch
 from stages.extract import extract, open_source
 from stages.load import BatchResult, CheckpointRewound, LoadContext, load
@@ -116,8 +117,11 @@ async def prepare_target(
                         f"Table {names.qualified(table.name)} was dropped after flux-migrate"
                         " started filling it; rerun with --restart --yes to start over."
                     )
+                await check_target_columns(conn, names, table)
                 continue
             created = not await table_exists(conn, names, table.name)
+            if not created:
+                await check_target_columns(conn, names, table)
             has_rows = False
             if created:
                 await conn.execute(create_table_sql(table, names))
