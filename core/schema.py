@@ -16,11 +16,20 @@ KEY_MAX_LENGTH = 36
 class Kind(Enum):
     """How a source column is converted on its way to PostgreSQL."""
 
+    # The app's own columns (the app profile).
     KEY = "key"  # uuid text, NOT NULL, non-empty, at most KEY_MAX_LENGTH characters
     TEXT = "text"  # text, NOT NULL
     NULLABLE_TEXT = "nullable_text"  # text, NULL stays NULL
-    TIMESTAMP = "timestamp"  # ISO-8601 text -> timestamptz
+    TIMESTAMP = "timestamp"  # ISO-8601 text -> timestamptz, NOT NULL
     JSON = "json"  # JSON object text -> jsonb, NULL or empty -> {}
+    # Any other table's columns, by declared type (NULL stays NULL unless not_null).
+    INTEGER = "integer"  # SQLite integers -> bigint
+    REAL = "real"  # floats (and integers a double holds exactly) -> double precision
+    NUMERIC = "numeric"  # integers, floats, decimal text -> numeric
+    BOOLEAN = "boolean"  # 0/1, true/false -> boolean
+    BLOB = "blob"  # bytes -> bytea
+    INSTANT = "instant"  # ISO-8601 text, or epoch numbers where the mapping says -> timestamptz
+    JSON_VALUE = "json_value"  # any JSON text -> jsonb, sent as the source's own text
 
 
 PG_TYPES = {
@@ -29,17 +38,32 @@ PG_TYPES = {
     Kind.NULLABLE_TEXT: "text",
     Kind.TIMESTAMP: "timestamptz",
     Kind.JSON: "jsonb",
+    Kind.INTEGER: "bigint",
+    Kind.REAL: "double precision",
+    Kind.NUMERIC: "numeric",
+    Kind.BOOLEAN: "boolean",
+    Kind.BLOB: "bytea",
+    Kind.INSTANT: "timestamptz",
+    Kind.JSON_VALUE: "jsonb",
 }
 
 
 # The existing target column types each kind loads into without changing a value. varchar(n)
 # takes text of any length n: a longer value is refused by PostgreSQL and quarantined.
+_INSTANT = ("timestamp with time zone", "timestamp(6) with time zone")
 _HOLDS: dict[Kind, tuple[str, ...]] = {
     Kind.KEY: ("character varying", "text"),
     Kind.TEXT: ("character varying", "text"),
     Kind.NULLABLE_TEXT: ("character varying", "text"),
-    Kind.TIMESTAMP: ("timestamp with time zone", "timestamp(6) with time zone"),
+    Kind.TIMESTAMP: _INSTANT,
     Kind.JSON: ("jsonb",),
+    Kind.INTEGER: ("bigint", "numeric"),
+    Kind.REAL: ("double precision",),
+    Kind.NUMERIC: ("numeric",),
+    Kind.BOOLEAN: ("boolean",),
+    Kind.BLOB: ("bytea",),
+    Kind.INSTANT: _INSTANT,
+    Kind.JSON_VALUE: ("jsonb",),
 }
 
 
@@ -53,31 +77,73 @@ def holds_losslessly(kind: Kind, existing_type: str) -> bool:
 
 @dataclass(frozen=True)
 class Column:
+    """A column: the same name in SQLite and PostgreSQL, how it converts, and its target type."""
+
     name: str
     kind: Kind
+    type: str | None = None  # the target type; by default the kind's (PG_TYPES)
+    not_null: bool | None = None  # by default the kind's (the app's columns); else nullable
+    default: str | None = None  # the target column's DEFAULT, as SQL
+    epoch: str | None = None  # INSTANT columns holding numbers: "s" or "ms" since 1970 UTC
+    note: str = ""  # why this mapping was chosen (shown by init and the run summary)
+    missing_in_source: str | None = None  # SQL literal read instead, for a source without it
 
     @property
     def pg_type(self) -> str:
-        return PG_TYPES[self.kind]
+        return self.type or PG_TYPES[self.kind]
 
     @property
     def nullable(self) -> bool:
-        return self.kind is Kind.NULLABLE_TEXT
+        if self.not_null is not None:
+            return not self.not_null
+        return self.kind not in (Kind.KEY, Kind.TEXT, Kind.TIMESTAMP, Kind.JSON)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key of a table: its columns reference the parent's (its primary key if empty)."""
+
+    columns: tuple[str, ...]
+    parent: str
+    parent_columns: tuple[str, ...]
+    on_delete: str = "NO ACTION"  # as SQLite and PostgreSQL spell it: CASCADE, SET NULL, ...
+
+
+@dataclass(frozen=True)
+class Index:
+    """An index to build after the load (a partial one with its PostgreSQL WHERE clause)."""
+
+    name: str
+    columns: tuple[str, ...]
+    unique: bool = False
+    where: str | None = None
 
 
 @dataclass(frozen=True)
 class Table:
-    """A table of the app: the same column names in SQLite and PostgreSQL."""
+    """A table: the same name and column names in SQLite and PostgreSQL.
+
+    The app's two tables (the app profile) use ``parent``/``parent_column``/``index_columns``;
+    any other table states its keys in ``primary_key``, ``foreign_keys`` and ``indexes``.
+    """
 
     name: str
     columns: tuple[Column, ...]
     parent: str | None = None  # table referenced by the foreign key column
     parent_column: str | None = None  # the foreign key column in this table
     index_columns: tuple[str, ...] = ()
+    primary_key: tuple[str, ...] = ("id",)  # empty: the table has none
+    foreign_keys: tuple[ForeignKey, ...] = ()
+    indexes: tuple[Index, ...] = ()
+    without_rowid: bool = False  # read in primary-key order instead of rowid order
+    profile: str = "app"  # "app" for the app's own tables, "generic" for any other
 
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
 
 
 SESSIONS = Table(

@@ -1,0 +1,208 @@
+"""Discovery: what a SQLite file holds, read from its own catalog, never assumed.
+
+Every table (columns with declared type, NOT NULL, DEFAULT, primary key, foreign keys with
+their actions, indexes, WITHOUT ROWID, AUTOINCREMENT) and the views, which are listed and not
+migrated. Internal tables (``sqlite_%``) are left out. Pure reads on a ``sqlite3`` connection.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SourceColumn:
+    name: str
+    declared_type: str  # as written in CREATE TABLE ('' when none)
+    not_null: bool
+    default: str | None  # the DEFAULT expression's SQL text
+    pk_position: int  # 1-based position in the primary key, 0 when not part of it
+    generated: bool = False  # a generated column (computed by SQLite, not stored data)
+
+
+@dataclass(frozen=True)
+class SourceForeignKey:
+    columns: tuple[str, ...]
+    parent: str
+    parent_columns: tuple[str, ...]  # empty in SQLite means the parent's primary key
+    on_delete: str  # 'NO ACTION', 'CASCADE', 'SET NULL', 'SET DEFAULT', 'RESTRICT'
+    on_update: str
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    name: str
+    unique: bool
+    columns: tuple[str | None, ...]  # None for an expression term
+    where: str | None  # the partial index's WHERE clause (SQLite SQL)
+    sql: str | None  # the CREATE INDEX text (None for automatic indexes of UNIQUE / PK)
+
+    @property
+    def has_expression(self) -> bool:
+        return any(c is None for c in self.columns)
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    name: str
+    columns: tuple[SourceColumn, ...]
+    foreign_keys: tuple[SourceForeignKey, ...]
+    indexes: tuple[SourceIndex, ...]
+    without_rowid: bool
+    autoincrement: bool
+    sql: str
+
+    @property
+    def primary_key(self) -> tuple[str, ...]:
+        pk = sorted((c.pk_position, c.name) for c in self.columns if c.pk_position)
+        return tuple(name for _, name in pk)
+
+    @property
+    def rowid_alias(self) -> str | None:
+        """The INTEGER PRIMARY KEY column that is the rowid itself, if any."""
+        pk = [c for c in self.columns if c.pk_position]
+        if self.without_rowid or len(pk) != 1:
+            return None
+        return pk[0].name if pk[0].declared_type.strip().upper() == "INTEGER" else None
+
+
+@dataclass(frozen=True)
+class SourceSchema:
+    tables: tuple[SourceTable, ...]
+    views: tuple[str, ...]
+    virtual_tables: tuple[str, ...] = ()
+
+    def table(self, name: str) -> SourceTable:
+        return next(t for t in self.tables if t.name == name)
+
+
+_WITHOUT_ROWID = re.compile(r"\)\s*(?:STRICT\s*,\s*)?WITHOUT\s+ROWID\b", re.IGNORECASE)
+_AUTOINCREMENT = re.compile(r"\bAUTOINCREMENT\b", re.IGNORECASE)
+_WHERE = re.compile(r"\bWHERE\b(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return "" if value is None else str(value)
+
+
+def _pragma(conn: sqlite3.Connection, pragma: str, arg: str) -> list[tuple[Any, ...]]:
+    # PRAGMA arguments cannot be bound; the table-valued function form can.
+    return conn.execute(f"SELECT * FROM pragma_{pragma}(?)", (arg,)).fetchall()
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> tuple[SourceColumn, ...]:
+    out = []
+    # table_xinfo: cid, name, type, notnull, dflt_value, pk, hidden (2, 3 = generated)
+    for row in _pragma(conn, "table_xinfo", table):
+        hidden = int(row[6])
+        if hidden == 1:
+            continue  # a hidden column of a virtual table
+        out.append(
+            SourceColumn(
+                name=_text(row[1]),
+                declared_type=_text(row[2]),
+                not_null=bool(row[3]),
+                default=None if row[4] is None else _text(row[4]),
+                pk_position=int(row[5]),
+                generated=hidden in (2, 3),
+            )
+        )
+    return tuple(out)
+
+
+def _foreign_keys(conn: sqlite3.Connection, table: str) -> tuple[SourceForeignKey, ...]:
+    # foreign_key_list: id, seq, table, from, to, on_update, on_delete, match
+    groups: dict[int, list[tuple[Any, ...]]] = {}
+    for row in _pragma(conn, "foreign_key_list", table):
+        groups.setdefault(int(row[0]), []).append(row)
+    out = []
+    for _, rows in sorted(groups.items()):
+        rows.sort(key=lambda r: int(r[1]))
+        parents = tuple(_text(r[4]) for r in rows if r[4] is not None)
+        out.append(
+            SourceForeignKey(
+                columns=tuple(_text(r[3]) for r in rows),
+                parent=_text(rows[0][2]),
+                parent_columns=parents,
+                on_delete=_text(rows[0][6]).upper(),
+                on_update=_text(rows[0][5]).upper(),
+            )
+        )
+    return tuple(out)
+
+
+def _indexes(conn: sqlite3.Connection, table: str) -> tuple[SourceIndex, ...]:
+    out = []
+    # index_list: seq, name, unique, origin ('c' CREATE INDEX, 'u' UNIQUE, 'pk'), partial
+    for row in _pragma(conn, "index_list", table):
+        name, unique, origin = _text(row[1]), bool(row[2]), _text(row[3])
+        if origin == "pk":
+            continue  # the primary key is migrated as one
+        # index_xinfo: seqno, cid, name, desc, coll, key; cid -2 = expression, -1 = rowid
+        terms = [r for r in _pragma(conn, "index_xinfo", name) if r[5]]
+        columns = tuple(None if r[1] == -2 else _text(r[2]) for r in terms)
+        sql_row = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
+        ).fetchone()
+        sql = _text(sql_row[0]) if sql_row and sql_row[0] is not None else None
+        where = None
+        if sql is not None and int(row[4]):
+            match = _WHERE.search(sql)
+            where = match.group(1).strip() if match else None
+        out.append(SourceIndex(name, unique, columns, where, sql))
+    return tuple(out)
+
+
+def discover(conn: sqlite3.Connection) -> SourceSchema:
+    """Read every table and view of the database on ``conn`` (a read-only connection)."""
+    rows = conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE type IN ('table', 'view')"
+        " AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+    ).fetchall()
+    tables: list[SourceTable] = []
+    views: list[str] = []
+    virtual: list[str] = []
+    for kind, name_raw, sql_raw in rows:
+        name, sql = _text(name_raw), _text(sql_raw)
+        if kind == "view":
+            views.append(name)
+            continue
+        if sql.upper().startswith("CREATE VIRTUAL TABLE"):
+            virtual.append(name)  # FTS and the like: derived data, listed and skipped
+            continue
+        tables.append(
+            SourceTable(
+                name=name,
+                columns=_columns(conn, name),
+                foreign_keys=_foreign_keys(conn, name),
+                indexes=_indexes(conn, name),
+                without_rowid=bool(_WITHOUT_ROWID.search(sql)),
+                autoincrement=bool(_AUTOINCREMENT.search(sql)),
+                sql=sql,
+            )
+        )
+    # A virtual table keeps its data in shadow tables named after it (docs_content, ...).
+    shadow = {t.name for t in tables if any(t.name.startswith(v + "_") for v in virtual)}
+    return SourceSchema(
+        tuple(t for t in tables if t.name not in shadow), tuple(views), tuple(virtual)
+    )
+
+
+def sample_values(
+    conn: sqlite3.Connection, table: str, column: str, limit: int
+) -> list[tuple[str, Any]]:
+    """Up to ``limit`` non-NULL values of one column with their storage class (typeof), in
+    storage order: the evidence for columns whose declared type says little."""
+    t, c = _quote(table), _quote(column)
+    return conn.execute(
+        f"SELECT typeof({c}), {c} FROM {t} WHERE {c} IS NOT NULL LIMIT ?", (limit,)
+    ).fetchall()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,529 @@
+"""The mapping: which source tables and columns go where, as which PostgreSQL type, and why.
+
+Built from discovery (``map_schema``), or read from the TOML that ``flux-migrate init`` writes
+(``read_mapping``); either way every source table and column is placed or explicitly ignored,
+or ``unplaced`` names what is missing. The app's own ``sessions`` and ``messages`` keep the app
+profile (core.schema.SESSIONS / MESSAGES); any other table is mapped from its declared types
+by SQLite's affinity rules, with evidence from a sample of its values where types are vague.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from collections.abc import Mapping as MappingT
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from core.discover import SourceColumn, SourceIndex, SourceSchema, SourceTable
+from core.schema import (
+    MESSAGES,
+    PG_TYPES,
+    SESSIONS,
+    Column,
+    ForeignKey,
+    Index,
+    Kind,
+    Table,
+)
+
+SAMPLE_SIZE = 1000  # values per column read to decide vague types (see docs/mapping.md)
+_MS_THRESHOLD = 100_000_000_000  # epoch numbers above this are milliseconds (after 1973)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a sample of one column's non-NULL values shows (SQLite storage classes)."""
+
+    count: int = 0
+    integers: int = 0
+    reals: int = 0
+    texts: int = 0
+    blobs: int = 0
+    iso_instants: int = 0  # texts that are ISO-8601 date-times
+    json_containers: int = 0  # texts that are JSON objects or arrays
+    largest_number: float = 0.0
+
+    @property
+    def numbers(self) -> int:
+        return self.integers + self.reals
+
+
+def evidence_of(values: Iterable[tuple[str, Any]]) -> Evidence:
+    """Summarize (typeof, value) pairs of a column sample."""
+    counts = dict.fromkeys(("integer", "real", "text", "blob"), 0)
+    iso = containers = 0
+    largest = 0.0
+    n = 0
+    for storage, value in values:
+        n += 1
+        counts[storage] = counts.get(storage, 0) + 1
+        if storage in ("integer", "real"):
+            largest = max(largest, abs(float(value)))
+        elif storage == "text":
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            iso += _is_iso_instant(text)
+            containers += _is_json_container(text)
+    return Evidence(
+        n, counts["integer"], counts["real"], counts["text"], counts["blob"], iso, containers,
+        largest,
+    )  # fmt: skip
+
+
+def _is_iso_instant(text: str) -> bool:
+    if len(text) < 16 or text[4:5] != "-" or text[10:11] not in ("T", " "):
+        return False
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_json_container(text: str) -> bool:
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "{[":
+        return False
+    try:
+        json.loads(stripped)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Every table to load, in load order, and what is deliberately left out."""
+
+    tables: tuple[Table, ...]
+    ignored_tables: tuple[str, ...] = ()
+    ignored_columns: tuple[str, ...] = ()  # "table.column"
+    notes: tuple[str, ...] = ()  # what could not be carried over (expression indexes, ...)
+    views: tuple[str, ...] = ()
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.tables if t.name == name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tables)
+
+    def fingerprint(self) -> str:
+        """A hash of what shapes the target (tables, columns, types, conversions, keys)."""
+        return hashlib.sha256(to_toml(self, comments=False).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ choosing a column's type
+
+
+def _affinity_kind(declared: str) -> Kind | None:
+    """SQLite's affinity rules on the declared type, refined by the names the issue maps."""
+    d = declared.upper()
+    if "BOOL" in d:
+        return Kind.BOOLEAN
+    if "JSON" in d:
+        return Kind.JSON_VALUE
+    if "DATE" in d or "TIMESTAMP" in d:
+        return Kind.INSTANT
+    if "INT" in d:
+        return Kind.INTEGER
+    if "CHAR" in d or "CLOB" in d or "TEXT" in d:
+        return Kind.NULLABLE_TEXT
+    if "BLOB" in d:
+        return Kind.BLOB
+    if "REAL" in d or "FLOA" in d or "DOUB" in d:
+        return Kind.REAL
+    if d.strip() == "":
+        return None  # no type: decided by the values
+    return Kind.NUMERIC
+
+
+def choose_column(sc: SourceColumn, ev: Evidence, *, in_primary_key: bool) -> Column:
+    """The target column for one source column, with the reason as a note."""
+    declared = sc.declared_type or "(no type)"
+    kind = _affinity_kind(sc.declared_type)
+    note = f"{declared} -> {{type}}"
+    epoch: str | None = None
+    if kind is None:
+        if ev.count and ev.blobs == ev.count:
+            kind, note = (
+                Kind.BLOB,
+                f"{declared}, all {ev.count} sampled values are BLOBs -> {{type}}",
+            )
+        else:
+            kind, note = Kind.NULLABLE_TEXT, f"{declared} -> {{type}} (numbers as decimal text)"
+    elif kind is Kind.NUMERIC and ev.count and ev.texts == ev.count:
+        kind = Kind.NULLABLE_TEXT
+        note = f"{declared} (numeric affinity), all {ev.count} sampled values are text -> {{type}}"
+    elif kind is Kind.NULLABLE_TEXT and ev.count and not in_primary_key:
+        if ev.iso_instants == ev.count:
+            kind = Kind.INSTANT
+            note = f"{declared}, all {ev.count} sampled values are ISO-8601 instants -> {{type}}"
+        elif ev.json_containers == ev.count:
+            kind = Kind.JSON_VALUE
+            note = f"{declared}, all {ev.count} sampled values are JSON objects/arrays -> {{type}}"
+    if kind is Kind.INSTANT and ev.numbers:
+        epoch = "ms" if ev.largest_number >= _MS_THRESHOLD else "s"
+        unit = "milliseconds" if epoch == "ms" else "seconds"
+        largest = f"{ev.largest_number:.0f}"
+        note = f"{declared}, numbers read as epoch {unit} (largest {largest}) -> {{type}}"
+    not_null = sc.not_null or in_primary_key
+    if kind is Kind.NULLABLE_TEXT and not_null:
+        kind = Kind.TEXT
+    return Column(
+        name=sc.name,
+        kind=kind,
+        not_null=not_null,
+        default=translate_default(sc.default, kind),
+        epoch=epoch,
+        note=note.format(type=PG_TYPES[kind]),
+    )
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_STRING = re.compile(r"^'((?:[^']|'')*)'$")
+
+
+def translate_default(default: str | None, kind: Kind) -> str | None:
+    """A SQLite DEFAULT as PostgreSQL SQL, where it is a plain literal; else None."""
+    if default is None:
+        return None
+    d = default.strip()
+    while d.startswith("(") and d.endswith(")"):
+        d = d[1:-1].strip()
+    if d.upper() == "NULL":
+        return None
+    if kind in (Kind.INTEGER, Kind.REAL, Kind.NUMERIC) and _NUMBER.match(d):
+        return d
+    if kind is Kind.BOOLEAN and d in ("0", "1"):
+        return "true" if d == "1" else "false"
+    if kind is Kind.BOOLEAN and d.upper() in ("TRUE", "FALSE"):
+        return d.lower()
+    if kind is Kind.INSTANT and d.upper() in ("CURRENT_TIMESTAMP", "CURRENT_DATE"):
+        return "now()"
+    if kind in (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.JSON_VALUE) and _STRING.match(d):
+        return d
+    return None
+
+
+# ------------------------------------------------------------------ tables and keys
+
+
+_SIMPLE_WHERE = re.compile(
+    r'^\s*("(?:[^"]|"")+"|\w+)\s+(IS\s+NOT\s+NULL|IS\s+NULL|(?:=|<>|!=|<|>|<=|>=)\s*'
+    r"(?:'(?:[^']|'')*'|[+-]?\d+(?:\.\d+)?))\s*$",
+    re.IGNORECASE,
+)
+
+
+def _index(si: SourceIndex, table: str, notes: list[str]) -> Index | None:
+    if si.has_expression:
+        notes.append(f"index {si.name} on {table} indexes an expression; not created")
+        return None
+    where = None
+    if si.where is not None:
+        if not _SIMPLE_WHERE.match(si.where):
+            notes.append(f"index {si.name} on {table} has WHERE {si.where}; not created")
+            return None
+        where = si.where.replace("!=", "<>")
+    return Index(si.name, tuple(c for c in si.columns if c is not None), si.unique, where)
+
+
+def map_table(st: SourceTable, evidence: MappingT[str, Evidence], notes: list[str]) -> Table:
+    """A generic table: every column by its declared type and evidence, keys as in SQLite."""
+    pk = st.primary_key
+    columns = tuple(
+        choose_column(c, evidence.get(c.name, Evidence()), in_primary_key=c.name in pk)
+        for c in st.columns
+    )
+    if not pk:
+        notes.append(f"table {st.name} has no primary key: loaded without one, in rowid order")
+    fks = tuple(
+        ForeignKey(fk.columns, fk.parent, fk.parent_columns, fk.on_delete or "NO ACTION")
+        for fk in st.foreign_keys
+    )
+    indexes = tuple(i for i in (_index(si, st.name, notes) for si in st.indexes) if i)
+    return Table(
+        name=st.name,
+        columns=columns,
+        primary_key=pk,
+        foreign_keys=fks,
+        indexes=indexes,
+        without_rowid=st.without_rowid,
+        profile="generic",
+    )
+
+
+_APP_OPTIONAL = {"sessions": {"user_id"}}
+USER_ID = Column("user_id", Kind.TEXT, default="''", note="the app's owner column; '' if absent")
+
+
+def app_table(st: SourceTable) -> Table | None:
+    """The app profile's table for ``st`` when it has the app's shape (either release)."""
+    profile = {"sessions": SESSIONS, "messages": MESSAGES}.get(st.name)
+    if profile is None:
+        return None
+    have = {c.name for c in st.columns}
+    required = set(profile.column_names)
+    optional = _APP_OPTIONAL.get(st.name, set())
+    if not required <= have or not have <= required | optional:
+        return None
+    if st.name == "sessions":
+        user_id = USER_ID if "user_id" in have else replace(USER_ID, missing_in_source="''")
+        return replace(profile, columns=(*profile.columns[:1], user_id, *profile.columns[1:]))
+    return profile
+
+
+def load_order(tables: Sequence[Table]) -> tuple[tuple[Table, ...], tuple[str, ...]]:
+    """Tables with parents before children, and the names of tables in a foreign-key cycle
+    (loaded in name order; their keys are built after the load like every other)."""
+    by_name = {t.name: t for t in tables}
+
+    def parents(t: Table) -> set[str]:
+        named = {fk.parent for fk in t.foreign_keys} | ({t.parent} if t.parent else set())
+        return {p for p in named if p in by_name and p != t.name}
+
+    pending = {t.name: parents(t) for t in tables}
+    order: list[Table] = []
+    while pending:
+        ready = sorted(n for n, ps in pending.items() if not ps)
+        if not ready:
+            break
+        for name in ready:
+            order.append(by_name[name])
+            del pending[name]
+        for ps in pending.values():
+            ps.difference_update(ready)
+    cycle = tuple(sorted(pending))
+    order.extend(by_name[n] for n in cycle)
+    return tuple(order), cycle
+
+
+def map_schema(schema: SourceSchema, evidence: MappingT[str, MappingT[str, Evidence]]) -> Mapping:
+    """The mapping ``run`` uses without --config: every table and column of ``schema``."""
+    notes: list[str] = []
+    tables = []
+    for st in schema.tables:
+        tables.append(app_table(st) or map_table(st, evidence.get(st.name, {}), notes))
+    ordered, cycle = load_order(tables)
+    if cycle:
+        notes.append(f"tables {', '.join(cycle)} reference each other (a foreign-key cycle)")
+    return Mapping(ordered, notes=tuple(notes), views=schema.views + schema.virtual_tables)
+
+
+# ------------------------------------------------------------------ what is not placed
+
+
+def unplaced(schema: SourceSchema, mapping: Mapping) -> list[str]:
+    """One sentence per source table or column the mapping neither places nor ignores, and
+    per mapped table or column the source lacks; empty when the mapping covers the source."""
+    problems = []
+    source = {t.name: t for t in schema.tables}
+    ignored_cols = set(mapping.ignored_columns)
+    for st in schema.tables:
+        if st.name in mapping.ignored_tables:
+            continue
+        if st.name not in mapping.names:
+            problems.append(
+                f"source table {st.name} is not in the mapping: add a [[table]] with"
+                f" name = {_q(st.name)} (flux-migrate init writes one), or add {_q(st.name)}"
+                " to [ignore] tables"
+            )
+            continue
+        placed = set(mapping.table(st.name).column_names)
+        for c in st.columns:
+            if c.name not in placed and f"{st.name}.{c.name}" not in ignored_cols:
+                problems.append(
+                    f"column {c.name} of source table {st.name} is not in the mapping: add"
+                    f' {{ name = {_q(c.name)}, convert = "..." }} to its columns, or add'
+                    f" {_q(st.name + '.' + c.name)} to [ignore] columns"
+                )
+    for t in mapping.tables:
+        found = source.get(t.name)
+        if found is None:
+            problems.append(f"mapped table {t.name} does not exist in the source")
+            continue
+        have = {c.name for c in found.columns}
+        for col in t.columns:
+            if col.name not in have and col.missing_in_source is None:
+                problems.append(f"mapped column {t.name}.{col.name} does not exist in the source")
+    return problems
+
+
+# ------------------------------------------------------------------ the TOML file
+
+
+def _q(value: str) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(_q(v) for v in values) + "]"
+
+
+def to_toml(mapping: Mapping, *, comments: bool = True) -> str:
+    """The mapping as the editable TOML that ``run --config`` reads back."""
+    out = []
+    if comments:
+        out += [
+            "# flux-migrate mapping: tables in load order, each column's PostgreSQL type and",
+            "# converter, with the reason for the choice. Edit and pass with `run --config`.",
+            "# convert: " + ", ".join(k.value for k in Kind),
+        ]
+        out += [f"# note: {n}" for n in mapping.notes]
+        out += [f"# view or virtual table (not migrated): {v}" for v in mapping.views]
+    out += ["", "[ignore]", f"tables = {_list(mapping.ignored_tables)}"]
+    out.append(f"columns = {_list(mapping.ignored_columns)}")
+    for t in mapping.tables:
+        out += ["", "[[table]]", f"name = {_q(t.name)}", f"profile = {_q(t.profile)}"]
+        if t.profile == "app":
+            if comments:
+                out.append("# the app's own table: columns and keys of the app profile")
+            cols = [c for c in t.columns if c.missing_in_source is not None]
+            out.append(f"missing_in_source = {_list(c.name for c in cols)}")
+            continue
+        out.append(f"primary_key = {_list(t.primary_key)}")
+        out.append(f"without_rowid = {'true' if t.without_rowid else 'false'}")
+        for c in t.columns:
+            out += ["", "[[table.column]]"]
+            if comments and c.note:
+                out.append(f"# {c.note}")
+            out += [f"name = {_q(c.name)}", f"convert = {_q(c.kind.value)}"]
+            out.append(f"type = {_q(c.pg_type)}")
+            out.append(f"not_null = {'true' if not c.nullable else 'false'}")
+            if c.default is not None:
+                out.append(f"default = {_q(c.default)}")
+            if c.epoch is not None:
+                out.append(f"epoch = {_q(c.epoch)}")
+        for fk in t.foreign_keys:
+            out += ["", "[[table.foreign_key]]", f"columns = {_list(fk.columns)}"]
+            out += [f"parent = {_q(fk.parent)}", f"parent_columns = {_list(fk.parent_columns)}"]
+            out.append(f"on_delete = {_q(fk.on_delete)}")
+        for ix in t.indexes:
+            out += [
+                "",
+                "[[table.index]]",
+                f"name = {_q(ix.name)}",
+                f"columns = {_list(ix.columns)}",
+            ]
+            out.append(f"unique = {'true' if ix.unique else 'false'}")
+            if ix.where is not None:
+                out.append(f"where = {_q(ix.where)}")
+    return "\n".join(out) + "\n"
+
+
+class MappingError(ValueError):
+    """The mapping file is not a mapping this version understands; the message says where."""
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MappingError(f"{where} must be a list of strings")
+    return tuple(value)
+
+
+def _column(data: MappingT[str, Any], where: str) -> Column:
+    try:
+        kind = Kind(data["convert"])
+        name = data["name"]
+    except KeyError as exc:
+        raise MappingError(f"{where} lacks {exc.args[0]}") from None
+    except ValueError:
+        raise MappingError(
+            f"{where}: convert = {data['convert']!r} is not one of"
+            f" {', '.join(k.value for k in Kind)}"
+        ) from None
+    epoch = data.get("epoch")
+    if epoch not in (None, "s", "ms"):
+        raise MappingError(f'{where}: epoch must be "s" or "ms"')
+    not_null = data.get("not_null", False)
+    if not isinstance(not_null, bool):
+        raise MappingError(f"{where}: not_null must be true or false")
+    return Column(
+        name=str(name),
+        kind=kind,
+        type=str(data.get("type") or PG_TYPES[kind]),
+        not_null=not_null,
+        default=data.get("default"),
+        epoch=epoch,
+    )
+
+
+def _table(data: MappingT[str, Any], where: str) -> Table:
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise MappingError(f"{where} lacks a name")
+    if data.get("profile", "generic") == "app":
+        profile = {"sessions": SESSIONS, "messages": MESSAGES}.get(name)
+        if profile is None:
+            raise MappingError(f"{where}: only sessions and messages have the app profile")
+        if name == "sessions":
+            missing = _str_list(data.get("missing_in_source", []), f"{where} missing_in_source")
+            user_id = replace(USER_ID, missing_in_source="''") if "user_id" in missing else USER_ID
+            return replace(profile, columns=(*profile.columns[:1], user_id, *profile.columns[1:]))
+        return profile
+    columns = tuple(
+        _column(c, f"{where} column {i + 1}") for i, c in enumerate(data.get("column", []))
+    )
+    if not columns:
+        raise MappingError(f"{where} ({name}) has no columns")
+    fks = tuple(
+        ForeignKey(
+            _str_list(f.get("columns"), f"{where} foreign_key columns"),
+            str(f.get("parent")),
+            _str_list(f.get("parent_columns", []), f"{where} foreign_key parent_columns"),
+            str(f.get("on_delete", "NO ACTION")).upper(),
+        )
+        for f in data.get("foreign_key", [])
+    )
+    indexes = tuple(
+        Index(
+            str(i.get("name")),
+            _str_list(i.get("columns"), f"{where} index columns"),
+            bool(i.get("unique", False)),
+            i.get("where"),
+        )
+        for i in data.get("index", [])
+    )
+    return Table(
+        name=name,
+        columns=columns,
+        primary_key=_str_list(data.get("primary_key", []), f"{where} primary_key"),
+        foreign_keys=fks,
+        indexes=indexes,
+        without_rowid=bool(data.get("without_rowid", False)),
+        profile="generic",
+    )
+
+
+def read_mapping(data: MappingT[str, Any]) -> Mapping:
+    """The mapping in a parsed TOML document (raises MappingError naming the problem)."""
+    ignore = data.get("ignore", {})
+    tables = [_table(t, f"[[table]] {i + 1}") for i, t in enumerate(data.get("table", []))]
+    ordered, _ = load_order(tables)
+    return Mapping(
+        ordered,
+        ignored_tables=_str_list(ignore.get("tables", []), "[ignore] tables"),
+        ignored_columns=_str_list(ignore.get("columns", []), "[ignore] columns"),
+    )
+
+
+def summary_lines(mapping: Mapping) -> list[str]:
+    """One line per table (profile, columns, key), then the notes: fits one screen."""
+    out = []
+    for t in mapping.tables:
+        if t.profile == "app":
+            extra = [c.name for c in t.columns if c.missing_in_source is not None]
+            gap = f" ({', '.join(extra)} absent in the source: default)" if extra else ""
+            out.append(f"  {t.name}: app profile, {len(t.columns)} columns{gap}")
+            continue
+        types = ", ".join(f"{c.name} {c.pg_type}" for c in t.columns)
+        key = f"key ({', '.join(t.primary_key)})" if t.primary_key else "no key"
+        line = f"  {t.name}: {key}; {types}"
+        out.append(line if len(line) <= 100 else line[:97] + "...")
+    out += [f"  note: {n}" for n in mapping.notes]
+    return out

@@ -1,0 +1,198 @@
+"""Pure converters for the SQLite types of any table (the app's own columns are in convert.py).
+
+SQLite types are hints: a REAL column can hold 'n/a', an INTEGER column text. Each converter
+takes one raw value as extract reads it (text as UTF-8 bytes, BLOB as bytes, int, float, None)
+and returns the value for COPY, or raises Rejected with a reason code; it never coerces a value
+into something else silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from stages.convert import Raw, Rejected, decode_text, parse_timestamp
+
+Converter = Callable[[Raw], Any]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FLOAT_EXACT = 2**53
+
+
+def _kind_of(raw: Raw) -> str:
+    if isinstance(raw, bytes):
+        return "text or blob"
+    return type(raw).__name__
+
+
+def _mismatch(column: str, raw: Raw, wanted: str) -> Rejected:
+    return Rejected(
+        "type_mismatch", f"column {column} holds a {_kind_of(raw)} value where {wanted} belongs"
+    )
+
+
+def integer(column: str) -> Converter:
+    """INTEGER -> bigint: SQLite integers only (a REAL or text value is not an integer)."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None or (type(raw) is int):
+            return raw
+        raise _mismatch(column, raw, "an integer")
+
+    return convert
+
+
+def real(column: str) -> Converter:
+    """REAL -> double precision: floats, and integers a double holds exactly."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None or type(raw) is float:
+            return raw
+        if type(raw) is int:
+            if abs(raw) <= _FLOAT_EXACT or float(raw) == raw:
+                return float(raw)
+            raise Rejected(
+                "number_out_of_range",
+                f"column {column} holds the integer {raw}, which a double cannot hold exactly",
+            )
+        raise _mismatch(column, raw, "a number")
+
+    return convert
+
+
+def numeric(column: str) -> Converter:
+    """NUMERIC/DECIMAL -> numeric: integers exactly, floats by their shortest exact repr."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None:
+            return None
+        if type(raw) is int:
+            return Decimal(raw)
+        if type(raw) is float:
+            if not math.isfinite(raw):
+                raise Rejected("number_out_of_range", f"column {column} holds {raw!r}")
+            return Decimal(repr(raw))
+        if isinstance(raw, bytes):
+            # NUMERIC affinity keeps text only when it is not a number; a decimal text SQLite
+            # kept (more digits than a double) is still a number: take it exactly.
+            try:
+                value = Decimal(raw.decode("ascii").strip())
+            except (UnicodeDecodeError, InvalidOperation):
+                raise _mismatch(column, raw, "a number") from None
+            if not value.is_finite():
+                raise _mismatch(column, raw, "a number")
+            return value
+        raise _mismatch(column, raw, "a number")
+
+    return convert
+
+
+_TRUE = {b"1", b"true", b"t", b"yes"}
+_FALSE = {b"0", b"false", b"f", b"no"}
+
+
+def boolean(column: str) -> Converter:
+    """BOOLEAN -> boolean: 0/1, and the texts true/false (t/f, yes/no), in any case."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None:
+            return None
+        if type(raw) is int and raw in (0, 1):
+            return bool(raw)
+        if isinstance(raw, bytes):
+            word = raw.strip().lower()
+            if word in _TRUE:
+                return True
+            if word in _FALSE:
+                return False
+        raise _mismatch(column, raw, "a boolean (0/1, true/false)")
+
+    return convert
+
+
+def blob(column: str) -> Converter:
+    """BLOB -> bytea: the bytes as stored (a text value's UTF-8 bytes)."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None or isinstance(raw, bytes):
+            return raw
+        raise _mismatch(column, raw, "bytes")
+
+    return convert
+
+
+def text(column: str, *, strip_nul: bool = False) -> Converter:
+    """TEXT -> text: valid UTF-8 without NUL; numbers an untyped column holds become their
+    exact decimal text (repr for floats, which round-trips)."""
+
+    def convert(raw: Raw) -> Any:
+        if type(raw) is float:
+            return repr(raw)
+        return decode_text(raw, column, strip_nul=strip_nul)
+
+    return convert
+
+
+def epoch_instant(value: int | float, unit: str, column: str) -> datetime:
+    """Seconds or milliseconds since 1970-01-01 UTC as an aware datetime."""
+    try:
+        if type(value) is int:
+            micros = value * (1000 if unit == "ms" else 1_000_000)
+            return _EPOCH + timedelta(microseconds=micros)
+        return _EPOCH + timedelta(seconds=value / (1000 if unit == "ms" else 1))
+    except (OverflowError, ValueError):
+        raise Rejected(
+            "timestamp_out_of_range", f"column {column} holds {value!r}, beyond years 1-9999"
+        ) from None
+
+
+def timestamp(column: str, *, naive_tz: tzinfo = UTC, epoch: str | None = None) -> Converter:
+    """DATE/DATETIME/TIMESTAMP -> timestamptz: ISO-8601 text, and where the mapping says the
+    column holds epoch numbers (``epoch`` = 's' or 'ms'), integers and reals in that unit."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None:
+            return None
+        if type(raw) in (int, float):
+            if epoch is None:
+                raise _mismatch(column, raw, "ISO-8601 text")
+            return epoch_instant(raw, epoch, column)  # type: ignore[arg-type]
+        return parse_timestamp(raw, column, naive_tz=naive_tz)
+
+    return convert
+
+
+def json_value(column: str) -> Converter:
+    """JSON -> jsonb: any JSON text (object, array or scalar), sent as the source's own text."""
+
+    def convert(raw: Raw) -> Any:
+        if raw is None:
+            return None
+        source = decode_text(raw, column)
+        assert source is not None
+        try:
+            orjson.loads(source)
+        except orjson.JSONDecodeError:
+            raise Rejected("invalid_json", f"column {column} is not valid JSON") from None
+        if "\\u0000" in source:
+            raise Rejected("json_nul_character", f"column {column} contains \\u0000")
+        return source
+
+    return convert
+
+
+def not_null(convert: Converter, column: str) -> Converter:
+    """Refuse NULL (the column is NOT NULL in the target)."""
+
+    def checked(raw: Raw) -> Any:
+        value = convert(raw)
+        if value is None:
+            raise Rejected("null_value", f"column {column} is NULL")
+        return value
+
+    return checked
