@@ -33,6 +33,8 @@ REASONS: dict[str, str] = {
     "json_too_deep": "metadata is nested too deeply to parse",
     "orphan_message": "the message's session does not exist in the source or was quarantined",
     "rejected_by_server": "PostgreSQL refused the row when loading it",
+    "type_mismatch": "a value's SQLite storage class does not fit its column (dynamic typing)",
+    "number_out_of_range": "a number cannot be stored exactly in its column's type",
 }
 
 
