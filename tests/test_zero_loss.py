@@ -64,9 +64,14 @@ async def _quarantine(dsn: str, schema: str = "public") -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+# Reasons only a table outside the app profile can give: covered end to end by
+# tests/test_generic_tables.py, value by value by tests/test_values_properties.py.
+GENERIC_ONLY = {"type_mismatch", "number_out_of_range"}
+
+
 def test_every_reason_code_has_a_case() -> None:
-    """The cases below cover every documented reason code."""
-    assert set(REASONS) == {c[3] for c in CASES}
+    """The cases below cover every documented reason code the app's tables can give."""
+    assert set(REASONS) - GENERIC_ONLY == {c[3] for c in CASES}
 
 
 @pytest.mark.parametrize(
