@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import anyio
@@ -22,7 +23,7 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     """Open one connection; raises MigrateError with a sentence on failure (no password shown)."""
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
-    except Exception as exc:  # translated into one sentence for the user
+    except Exception as exc:  # noqa: BLE001 - translated into one sentence for the user
         raise describe_connect_error(exc, dsn_location(dsn)) from None
 
 
@@ -43,6 +44,39 @@ async def accept_text_bytes(conn: asyncpg.Connection) -> None:
         )
 
 
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+_PG_INFINITY = 2**63 - 1
+
+
+def _instant_to_wire(value: datetime) -> tuple[int]:
+    if value.tzinfo is None:
+        raise TypeError("a naive datetime has no instant; flux-migrate sends only aware ones")
+    return ((value - _PG_EPOCH) // _ONE_MICROSECOND,)
+
+
+def _instant_from_wire(value: tuple[int]) -> datetime:
+    (micros,) = value
+    if micros == _PG_INFINITY:
+        return datetime.max.replace(tzinfo=UTC)
+    if micros == -_PG_INFINITY - 1:
+        return datetime.min.replace(tzinfo=UTC)
+    return _PG_EPOCH + timedelta(microseconds=micros)
+
+
+async def send_instants_exactly(conn: asyncpg.Connection) -> None:
+    """Send every timestamptz as its microseconds since 2000-01-01 UTC: asyncpg's own encoder
+    sends datetime.min and datetime.max (0001-01-01T00:00:00Z, 9999-12-31T23:59:59.999999Z,
+    both valid instants) as -infinity and infinity."""
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=_instant_to_wire,
+        decoder=_instant_from_wire,
+        format="tuple",
+    )
+
+
 class Target:
     """One connection to the target that can be re-opened after a transient failure."""
 
@@ -61,6 +95,7 @@ class Target:
                 self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
             )
             await accept_text_bytes(conn)
+            await send_instants_exactly(conn)
             self._conn = conn
         return self._conn
 

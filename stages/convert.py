@@ -11,7 +11,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import orjson
@@ -107,11 +107,33 @@ def convert_required_text(raw: Raw, column: str, *, strip_nul: bool = False) -> 
     return text
 
 
+# An ISO-8601 date in extended format (YYYY-MM-DD), then optionally a time with at least hours
+# and minutes; group 1 is the fraction of a second. PostgreSQL refuses an hour alone ("T05").
+_ISO_SHAPE = re.compile(r"\d{4}-\d\d-\d\d(?:\Z|[T ]\d\d:\d\d(?::\d\d(?:[.,](\d+))?)?(?!\d))")
+
+
 def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = UTC) -> datetime:
-    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in ``naive_tz``."""
+    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in ``naive_tz``.
+
+    Accepted: what both Python and PostgreSQL read as the same instant. A number (SQLite
+    INTEGER or REAL, e.g. ``20240101``) and an hour without minutes are refused; more than six
+    fraction digits are rounded to the microsecond the way PostgreSQL rounds them (so
+    ``9999-12-31T23:59:59.9999999`` becomes year 10000 and is out of range).
+    """
+    if isinstance(raw, int | float):
+        raise Rejected("invalid_timestamp", f"column {column} is a number, not ISO-8601 text")
     text = decode_text(raw, column)
     if text is None or text.strip() == "":
         raise Rejected("invalid_timestamp", f"column {column} is NULL or empty")
+    shape = _ISO_SHAPE.match(text)
+    if shape is None:
+        raise Rejected("invalid_timestamp", f"column {column} is not an ISO-8601 timestamp")
+    fraction = shape.group(1)
+    extra = 0
+    if fraction is not None and len(fraction) > 6:
+        # PostgreSQL: rint(strtod("0.<digits>") * 1e6), ties to even; Python cuts to 6 digits.
+        extra = round(float("0." + fraction) * 1_000_000)
+        text = text[: shape.start(1)] + "0" + text[shape.end(1) :]
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -121,7 +143,7 @@ def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = U
     if value.tzinfo is None:
         value = value.replace(tzinfo=naive_tz)
     try:
-        return value.astimezone(UTC)
+        return value.astimezone(UTC) + timedelta(microseconds=extra)
     except (OverflowError, ValueError):
         raise Rejected(
             "timestamp_out_of_range", f"column {column} falls outside years 1-9999 in UTC"
@@ -218,6 +240,9 @@ def json_object_text(raw: Raw, column: str = "metadata", *, strip_nul: bool = Fa
 
 Converter = Callable[[Raw], Any]
 
+# The UTC shapes isoformat() writes, by length: the fast path of the timestamp converter.
+_FAST_UTC_SUFFIX = {32: b"+00:00", 25: b"+00:00", 27: b"Z", 20: b"Z"}
+
 
 def column_converter(
     column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
@@ -261,10 +286,15 @@ def column_converter(
     if kind is Kind.TIMESTAMP:
 
         def timestamp(raw: Raw) -> Any:
-            if type(raw) is bytes and raw.isascii():
+            # Fast path: YYYY-MM-DDTHH:MM:SS with 0 or 6 fraction digits, then +00:00 or Z.
+            if (
+                type(raw) is bytes
+                and raw.endswith(_FAST_UTC_SUFFIX.get(len(raw), b"-"))
+                and raw[13:14] == raw[16:17] == b":"
+            ):
                 try:
                     value = fromiso(raw.decode("ascii"))
-                except ValueError:
+                except (ValueError, UnicodeDecodeError):
                     pass
                 else:
                     if value.tzinfo is UTC:

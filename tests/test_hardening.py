@@ -1,0 +1,88 @@
+"""Hardening (issue 13): values at the edges, hostile paths, secrets, long names, duplicates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pipeline.runner import migrate
+from pipeline.settings import load_settings
+from pipeline.verify import verify_quick, verify_rows
+from tests.dirty import app_db
+
+pytestmark = pytest.mark.anyio
+
+
+async def _fetch(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET timezone = 'UTC'")
+        return [dict(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+# source text -> the instant PostgreSQL must hold (as its UTC text), or the quarantine reason
+EDGE_TIMESTAMPS: list[tuple[Any, str]] = [
+    ("0001-01-01T00:00:00Z", "0001-01-01 00:00:00+00"),
+    ("0001-01-01T00:00:00", "0001-01-01 00:00:00+00"),
+    ("0001-01-01T01:00:00+01:00", "0001-01-01 00:00:00+00"),
+    ("0001-01-01T00:00:00+00:00", "0001-01-01 00:00:00+00"),
+    ("9999-12-31T23:59:59.999999+00:00", "9999-12-31 23:59:59.999999+00"),
+    ("9999-12-31T23:59:59.999999Z", "9999-12-31 23:59:59.999999+00"),
+    ("9999-12-31T23:59:59.9999994", "9999-12-31 23:59:59.999999+00"),
+    ("2024-01-01T00:00:00.0000015Z", "2024-01-01 00:00:00.000002+00"),
+    ("2024-01-01T00:00:00.0000005Z", "2024-01-01 00:00:00+00"),
+    ("9999-12-31T23:59:59.9999999", "timestamp_out_of_range"),
+    ("9999-12-31T23:59:59.9999995+00:00", "timestamp_out_of_range"),
+    ("0001-01-01T00:00:00+01:00", "timestamp_out_of_range"),
+    (20240101, "invalid_timestamp"),
+    (20240101.5, "invalid_timestamp"),
+    ("2024-01-01T05", "invalid_timestamp"),
+]
+
+
+async def test_instants_at_the_calendars_edges_load_as_themselves_or_are_quarantined(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Year 1 and year 9999 instants load as exactly themselves (never +-infinity), fractions
+    beyond microseconds round as PostgreSQL rounds, and what cannot load is quarantined."""
+    db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
+    ids = {
+        db.session(created_at=text, updated_at=text)["id"]: want for text, want in EDGE_TIMESTAMPS
+    }
+    db.write()
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
+    report = await migrate(settings)
+    rows = await _fetch(
+        pg_dsn, "SELECT id, created_at::text AS c, updated_at::text AS u FROM sessions"
+    )
+    loaded = {r["id"]: r["c"] for r in rows if r["id"] in ids}
+    assert all(r["c"] == r["u"] for r in rows)
+    quarantined = {
+        r["source_key"]: r["reason"]
+        for r in await _fetch(pg_dsn, "SELECT source_key, reason FROM flux_migrate.quarantine")
+    }
+    assert ids == {**loaded, **quarantined}
+    finite = await _fetch(pg_dsn, "SELECT bool_and(isfinite(created_at)) AS ok FROM sessions")
+    expected = (True, "completed")
+    assert expected == (finite[0]["ok"], report.status)
+    assert all(r.ok for r in await verify_rows(settings))
+    assert all(q.ok for q in await verify_quick(settings))
+
+
+def test_rounding_matches_postgresql_for_long_fractions() -> None:
+    """More than six fraction digits round to the microsecond exactly as PostgreSQL does."""
+    from stages.convert import parse_timestamp
+
+    texts = [b".0000015Z", b".00000050001Z", b".99999999Z", b".0000025+00:00"]
+    expected = [
+        "2024-01-01 00:00:00.000002+00:00",
+        "2024-01-01 00:00:00.000001+00:00",
+        "2024-01-01 00:00:01+00:00",
+        "2024-01-01 00:00:00.000002+00:00",
+    ]
+    assert expected == [str(parse_timestamp(b"2024-01-01T00:00:00" + t)) for t in texts]
