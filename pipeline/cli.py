@@ -27,6 +27,17 @@ from pipeline.settings import ON_CONFLICT, Settings, load_settings
 T = TypeVar("T")
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number from 0 up (argparse exits 2 with the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(quarantine)
     quarantine.add_argument("--table", choices=("sessions", "messages"))
-    quarantine.add_argument("--limit", type=int, default=100, help="rows to show (default 100)")
+    quarantine.add_argument("--limit", type=_count, default=100, help="rows to show (default 100)")
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
     )
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
     verify.add_argument(
-        "--show", type=int, default=10, help="differing keys to show per table (default 10)"
+        "--show", type=_count, default=10, help="differing keys to show per table (default 10)"
     )
     add_verify_api_arguments(verify)
 

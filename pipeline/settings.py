@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -67,39 +68,33 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"The config file {path} does not exist.") from None
+        except IsADirectoryError:
+            raise ConfigError(f"The config file {path} is a directory; name a TOML file.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"The config file {path} cannot be read ({reason}).") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
+    get = _TypedConfig(path, data)
     values: dict[str, Any] = {}
-    target = data.get("target", {})
-    tables = data.get("tables", {})
-    try:
-        values["target"] = TargetNames(
-            schema=str(target.get("schema", "public")),
-            sessions=str(tables.get("sessions", {}).get("target", "sessions")),
-            messages=str(tables.get("messages", {}).get("target", "messages")),
-        )
-        transform = data.get("transform", {})
-        if "naive_timezone" in transform:
-            values["naive_timezone"] = str(transform["naive_timezone"])
-        if "strip_nul" in transform:
-            values["strip_nul"] = bool(transform["strip_nul"])
-        source = data.get("source", {})
-        if "busy_timeout" in source:
-            values["sqlite_timeout"] = float(source["busy_timeout"])
-        load = data.get("load", {})
-        for key in ("batch_size", "buffer_batches"):
-            if key in load:
-                values[key] = int(load[key])
-        if "retry_seconds" in load:
-            values["retry_seconds"] = float(load["retry_seconds"])
-        if "defer_constraints" in load:
-            values["defer_constraints"] = bool(load["defer_constraints"])
-        if "single_transaction" in load:
-            values["single_transaction"] = bool(load["single_transaction"])
-        if "on_conflict" in load:
-            values["on_conflict"] = str(load["on_conflict"])
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"The config file {path} has a value of the wrong type: {exc}.") from None
+    values["target"] = TargetNames(
+        schema=get.text("target", "schema", "public"),
+        sessions=get.text("tables.sessions", "target", "sessions"),
+        messages=get.text("tables.messages", "target", "messages"),
+    )
+    for section, key, name, read in (
+        ("transform", "naive_timezone", "naive_timezone", get.text),
+        ("transform", "strip_nul", "strip_nul", get.flag),
+        ("source", "busy_timeout", "sqlite_timeout", get.seconds),
+        ("load", "batch_size", "batch_size", get.integer),
+        ("load", "buffer_batches", "buffer_batches", get.integer),
+        ("load", "retry_seconds", "retry_seconds", get.seconds),
+        ("load", "defer_constraints", "defer_constraints", get.flag),
+        ("load", "single_transaction", "single_transaction", get.flag),
+        ("load", "on_conflict", "on_conflict", get.text),
+    ):
+        if get.has(section, key):
+            values[name] = read(section, key, None)
     env_dsn = os.environ.get("POSTGRES_DSN")
     if env_dsn:
         values["postgres_dsn"] = env_dsn
@@ -114,9 +109,72 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     return settings
 
 
+class _TypedConfig:
+    """Values of a parsed config file, each checked for its TOML type (``"false"`` is text, not
+    a boolean); a wrong type is a ConfigError naming the key."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    def _section(self, section: str) -> dict[str, Any]:
+        found: Any = self.data
+        for part in section.split("."):
+            found = found.get(part, {}) if isinstance(found, dict) else None
+            if not isinstance(found, dict):
+                raise ConfigError(f"[{section}] in the config file {self.path} must be a table.")
+        return found  # type: ignore[no-any-return]
+
+    def has(self, section: str, key: str) -> bool:
+        return key in self._section(section)
+
+    def _wrong(self, section: str, key: str, value: Any, wanted: str) -> ConfigError:
+        return ConfigError(
+            f"{key} in [{section}] of the config file {self.path} must be {wanted}, not {value!r}."
+        )
+
+    def _value(self, section: str, key: str, default: Any) -> Any:
+        return self._section(section).get(key, default)
+
+    def text(self, section: str, key: str, default: str | None) -> str:
+        value = self._value(section, key, default)
+        if not isinstance(value, str):
+            raise self._wrong(section, key, value, "a quoted string")
+        return value
+
+    def flag(self, section: str, key: str, default: bool | None) -> bool:
+        value = self._value(section, key, default)
+        if not isinstance(value, bool):
+            raise self._wrong(section, key, value, "true or false (unquoted)")
+        return value
+
+    def integer(self, section: str, key: str, default: int | None) -> int:
+        value = self._value(section, key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(section, key, value, "a whole number")
+        return value
+
+    def seconds(self, section: str, key: str, default: float | None) -> float:
+        value = self._value(section, key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._wrong(section, key, value, "a number of seconds")
+        return float(value)
+
+
+MAX_BATCH_SIZE = 1_000_000
+
+
 def validate(settings: Settings) -> None:
-    if settings.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {settings.batch_size}.")
+    if not 1 <= settings.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(
+            f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}, not {settings.batch_size}."
+        )
+    for what, seconds in (
+        ("retry_seconds", settings.retry_seconds),
+        ("busy_timeout", settings.sqlite_timeout),
+    ):
+        if not (math.isfinite(seconds) and 0 <= seconds <= 86_400):
+            raise ConfigError(f"{what} must be a number of seconds from 0 to 86400, not {seconds}.")
     if not 1 <= settings.buffer_batches <= 16:
         raise ConfigError("buffer_batches must be between 1 and 16.")
     if settings.on_conflict not in ON_CONFLICT:

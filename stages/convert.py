@@ -183,18 +183,17 @@ def _contains_nul(value: Any) -> bool:
     return False
 
 
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, dict):
-        return {k.replace("\x00", ""): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
+# A real \u0000 escape in JSON text: preceded by an even number of backslashes (``\\u0000`` is
+# an escaped backslash followed by the letters u0000, not a NUL).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any], str | None]:
-    """Parse JSON object text; return the dict and the text to load (None: re-serialize)."""
+def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any], str]:
+    """Parse JSON object text; return the dict and the text to load.
+
+    With ``strip_nul``, ``\\u0000`` escapes are removed from the text itself before it is
+    parsed, so every other character (numbers beyond a double, their digits) stays as written.
+    """
     if raw is None or raw == b"" or raw == "":
         return {}, "{}"
     if isinstance(raw, bytes):
@@ -203,15 +202,15 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
         text = raw
     else:
         raise Rejected("json_not_object", f"column {column} is a number, not a JSON object")
+    if strip_nul and "\\u0000" in text:
+        text = _NUL_ESCAPE.sub(r"\1", text)
     value = _loads_strict(text, column)
     if not isinstance(value, dict):
         raise Rejected("json_not_object", f"column {column} is JSON but not an object")
     if "\\u0000" in text:
         try:
             if _contains_nul(value):
-                if not strip_nul:
-                    raise Rejected("json_nul_character", f"column {column} contains \\u0000")
-                return _strip_nul(value), None
+                raise Rejected("json_nul_character", f"column {column} contains \\u0000")
         except RecursionError:
             raise Rejected(
                 "json_too_deep", f"column {column} is nested too deeply to parse"
@@ -232,10 +231,7 @@ def json_object_text(raw: Raw, column: str = "metadata", *, strip_nul: bool = Fa
     The validated source text is passed on unchanged (PostgreSQL normalizes jsonb itself), so
     numbers beyond a double keep every digit and no time is spent re-serializing.
     """
-    value, text = _parse_object(raw, column, strip_nul)
-    if text is None:
-        return orjson.dumps(value).decode("utf-8")
-    return text
+    return _parse_object(raw, column, strip_nul)[1]
 
 
 Converter = Callable[[Raw], Any]

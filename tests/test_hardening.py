@@ -86,3 +86,89 @@ def test_rounding_matches_postgresql_for_long_fractions() -> None:
         "2024-01-01 00:00:00.000002+00:00",
     ]
     assert expected == [str(parse_timestamp(b"2024-01-01T00:00:00" + t)) for t in texts]
+
+
+async def test_strip_nul_removes_nul_escapes_without_re_encoding_numbers(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """With strip_nul, metadata loses only its \\u0000 escapes: 1e400, long decimals and
+    integers beyond 64 bits keep their digits, and an escaped backslash before u0000 stays."""
+    source = (
+        '{"k\\u0000": "x\\u0000y", "n": 1e400, "p": 3.14159265358979323846,'
+        ' "big": 123456789012345678901234567890, "path": "C:\\\\u0000dir", "e": "\\\\\\u0000"}'
+    )
+    expected_text = (
+        '{"k": "xy", "n": 1e400, "p": 3.14159265358979323846,'
+        ' "big": 123456789012345678901234567890, "path": "C:\\\\u0000dir", "e": "\\\\"}'
+    )
+    db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
+    session = db.session(metadata=source)
+    db.write()
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, strip_nul=True)
+    report = await migrate(settings)
+    [row] = await _fetch(
+        pg_dsn,
+        "SELECT metadata::text AS got, $2::jsonb::text AS want FROM sessions WHERE id = $1",
+        session["id"],
+        expected_text,
+    )
+    assert (row["want"], 0) == (row["got"], report.open_quarantined)
+
+
+CONFIG_ERRORS = [
+    ('[transform]\nstrip_nul = "false"\n', "strip_nul in [transform]"),
+    ("[transform]\nstrip_nul = 1\n", "strip_nul in [transform]"),
+    ("[load]\nretry_seconds = nan\n", "retry_seconds must be"),
+    ("[load]\nretry_seconds = -5\n", "retry_seconds must be"),
+    ("[source]\nbusy_timeout = -1\n", "busy_timeout must be"),
+    ("[source]\nbusy_timeout = inf\n", "busy_timeout must be"),
+    ('[source]\nbusy_timeout = "10"\n', "busy_timeout in [source]"),
+    ("[load]\nbatch_size = 2.5\n", "batch_size in [load]"),
+    ("[load]\nbatch_size = true\n", "batch_size in [load]"),
+    ("[target]\nschema = 5\n", "schema in [target]"),
+    ("load = 3\n", "[load] in the config file"),
+]
+
+
+@pytest.mark.parametrize(("toml", "message"), CONFIG_ERRORS)
+def test_config_values_of_the_wrong_type_exit_2_with_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, message: str
+) -> None:
+    """A config value of the wrong type or out of range exits 2 with one sentence naming it."""
+    from pipeline.cli import main
+
+    config = tmp_path / "bad.toml"
+    config.write_text(toml, encoding="utf-8")
+    code = main(["status", "--config", str(config), "--postgres-dsn", "postgresql://h/db"])
+    err = capsys.readouterr().err
+    expected = (2, True, 1)
+    assert expected == (code, message in err, len(err.strip().splitlines())), err
+    assert "internal error" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--batch-size", "99999999999999999999"], "--batch-size must be between"),
+        (["run", "--batch-size", "0"], "--batch-size must be between"),
+        (["status", "--config", "{tmp}"], "is a directory"),
+        (["quarantine", "--limit", "-1"], "--limit: -1 is negative"),
+        (["verify", "--show", "-3"], "--show: -3 is negative"),
+    ],
+)
+def test_out_of_range_arguments_exit_2_with_a_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Absurd numbers and a directory as --config exit 2 with a sentence, not an internal error."""
+    from pipeline.cli import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv += ["--sqlite-path", str(tmp_path / "x.sqlite"), "--postgres-dsn", "postgresql://h/db"]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refuses the value itself
+        code = exc.code
+    err = capsys.readouterr().err
+    expected = (2, True)
+    assert expected == (code, message in err), err
+    assert "internal error" not in err
