@@ -108,7 +108,16 @@ def classify(exc: BaseException) -> ErrorClass:
 
 
 def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
-    """Turn a failure to connect to PostgreSQL into one sentence with what to do."""
+    """Turn a failure to connect to PostgreSQL into one sentence with what to do.
+
+    A DSN the driver cannot parse is described without the driver's message, which quotes
+    pieces of the DSN (a password with a raw ``#`` or ``/`` shows up as a port number)."""
+    if isinstance(exc, ValueError | TypeError | asyncpg.ClientConfigurationError):
+        return TargetError(
+            f"The PostgreSQL DSN for {where} cannot be parsed; write it as"
+            " postgresql://user:password@host:port/dbname and percent-encode any # / ? @ % or"
+            " space in the user or password (e.g. # as %23)."
+        )
     if isinstance(exc, asyncpg.InvalidPasswordError):
         return TargetError(
             f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."

@@ -91,9 +91,12 @@ class Target:
             # Batches commit without waiting for the WAL flush: a server crash can only lose
             # whole batches together with their checkpoints (the load rewinds and redoes them),
             # and the run ends with one synchronous commit (runner.make_durable).
-            conn = await asyncpg.connect(
-                self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
-            )
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
+                )
+            except (ValueError, TypeError, asyncpg.ClientConfigurationError) as exc:
+                raise describe_connect_error(exc, self.location) from None
             await accept_text_bytes(conn)
             await send_instants_exactly(conn)
             self._conn = conn

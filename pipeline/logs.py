@@ -13,7 +13,7 @@ from core.dsn import redact
 
 def _redact_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     for key, value in event_dict.items():
-        if isinstance(value, str) and ("://" in value or "password" in value.lower()):
+        if isinstance(value, str):
             event_dict[key] = redact(value)
     return event_dict
 

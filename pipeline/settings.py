@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from core.dsn import normalize_dsn
 from core.errors import ConfigError
 from core.schema import TargetNames
 
@@ -53,7 +54,10 @@ class Settings:
                 "No PostgreSQL given; pass --postgres-dsn or set POSTGRES_DSN"
                 " (e.g. postgresql://user@host:5432/dbname, password via PGPASSWORD or ~/.pgpass)."
             )
-        return self.postgres_dsn
+        try:
+            return normalize_dsn(self.postgres_dsn)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

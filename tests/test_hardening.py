@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+import structlog
 
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
@@ -172,3 +175,81 @@ def test_out_of_range_arguments_exit_2_with_a_sentence(
     expected = (2, True)
     assert expected == (code, message in err), err
     assert "internal error" not in err
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures structlog for the process; put it back for later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+# Every form a DSN reaches flux-migrate in, each with a password starting "S3cr" (a raw #, / or
+# ? make the driver quote "S3cr" alone in its parse error); port 9: nobody listens there.
+SECRET_DSNS = [
+    "host=127.0.0.1 port=9 user=app password=S3crtA dbname=x",
+    "host=127.0.0.1 port=9 user=app password='S3cr tB' dbname=x",
+    "'postgresql://app:S3crtC@127.0.0.1:9/db'",
+    '"postgresql://app:S3crtD@127.0.0.1:9/db"',
+    "postgresql:/app:S3crtE@127.0.0.1:9/db",
+    "postgresql:app:S3crtF@127.0.0.1:9/db",
+    "postgresql://app:S3cr#tG@127.0.0.1:9/db",
+    "postgresql://app:S3cr/tH@127.0.0.1:9/db",
+    "postgresql://app:S3cr?tI@127.0.0.1:9/db",
+    "postgresql://app:S3cr@tJ@127.0.0.1:9/db",
+    "postgresql://app@127.0.0.1:9/db?password=S3crtK",
+]
+
+
+def test_redact_and_location_parse_every_dsn_form() -> None:
+    """Redaction and the location shown for a DSN remove the password from every form by
+    parsing it, without having been told the password."""
+    from core.dsn import dsn_location, redact
+
+    texts = [f"error at {dsn}: refused" for dsn in SECRET_DSNS]
+    shown = [redact(t) for t in texts] + [dsn_location(d) for d in SECRET_DSNS]
+    nothing: list[str] = []
+    assert nothing == [t for t in shown if "S3cr" in t or "tG@" in t or "tH@" in t]
+    expected = ["127.0.0.1:9/x", "127.0.0.1:9/db"]
+    assert expected == [dsn_location(SECRET_DSNS[0]), dsn_location(SECRET_DSNS[6])]
+
+
+def _keyword_dsn(dsn: str, password: str) -> str:
+    """The test server's DSN as libpq key=value pairs with a password (trust auth ignores it)."""
+    parts = urlsplit(dsn)
+    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+    port = f" port={parts.port}" if parts.port else ""
+    return f"host={host}{port} user={parts.username} password='{password}' dbname={parts.path[1:]}"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_no_command_prints_a_password_in_any_channel(
+    tmp_path: Path, sample_db: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every DSN form through run, check, verify, status and quarantine: the password never
+    appears on stdout, stderr, the JSON log or the --report-json file, and a key=value DSN
+    connects."""
+    from pipeline.cli import main
+
+    report = tmp_path / "report.json"
+    live = _keyword_dsn(pg_dsn, "S3crt L")
+    codes: dict[str, int] = {}
+    seen: list[str] = []
+    for dsn in [*SECRET_DSNS, live]:
+        for command in ("run", "check", "verify", "status", "quarantine"):
+            argv = [command, "--postgres-dsn", dsn, "--log-format", "json"]
+            if command in ("run", "verify"):
+                argv += ["--sqlite-path", str(sample_db)]
+            if command == "run":
+                argv += ["--report-json", str(report), "--no-progress"]
+            report.unlink(missing_ok=True)
+            codes[f"{command} {dsn}"] = main(argv)
+            out = capsys.readouterr()
+            seen += [out.out, out.err, report.read_text() if report.exists() else ""]
+    nothing: list[str] = []
+    assert nothing == [text for text in seen if "S3cr" in text]
+    commands = ("run", "check", "verify", "status", "quarantine")
+    expected = dict.fromkeys(commands, 0)
+    assert expected == {c: codes[f"{c} {live}"] for c in commands}
+    assert {1, 2} >= {code for key, code in codes.items() if not key.endswith(live)}
