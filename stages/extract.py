@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -15,8 +16,13 @@ from stages.batch import Batch
 
 
 def source_uri(path: Path) -> str:
-    """A read-only SQLite URI for ``path`` (the file is never written, not even a journal)."""
-    return f"file:{path.resolve().as_posix()}?mode=ro"
+    """A read-only SQLite URI for exactly ``path`` (the file is never written nor created).
+
+    The path is percent-encoded: a raw ``#``, ``?`` or ``%xx`` in a file name would otherwise
+    end the path early (opening another file) or drop ``mode=ro``. A WAL-mode source still
+    gets SQLite's ``-wal`` and ``-shm`` files beside it when the directory is writable: every
+    reader needs them (see docs/bad-data.md)."""
+    return "file:" + quote(path.resolve().as_posix()) + "?mode=ro"
 
 
 @contextlib.asynccontextmanager
@@ -28,6 +34,8 @@ async def open_source(
 
     Raises SourceError when the file is missing or is not a SQLite database.
     """
+    if path.is_dir():
+        raise SourceError(f"{path} is a directory, not a SQLite file; check --sqlite-path.")
     if not path.is_file():
         raise SourceError(f"The SQLite file {path} does not exist; check --sqlite-path.")
     try:

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from core.schema import TABLES, TargetNames
+from stages.extract import source_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def _instant(text: str) -> datetime:
 def source_rows(path: Path, table: str) -> dict[str, dict[str, Any]]:
     """The source rows as the app means them (instants, parsed JSON), by id; written
     independently of the pipeline's converters."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(source_uri(path), uri=True)
     db.row_factory = sqlite3.Row
     out = {}
     spec = next(t for t in TABLES if t.name == table)

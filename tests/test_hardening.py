@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 import structlog
 
+from core.schema import TargetNames
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from pipeline.verify import verify_quick, verify_rows
@@ -253,3 +254,39 @@ def test_no_command_prints_a_password_in_any_channel(
     expected = dict.fromkeys(commands, 0)
     assert expected == {c: codes[f"{c} {live}"] for c in commands}
     assert {1, 2} >= {code for key, code in codes.items() if not key.endswith(live)}
+
+
+async def test_sqlite_path_with_uri_characters_opens_exactly_that_file(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A file name holding #, ? or %xx opens exactly that file, read-only, and creates nothing
+    (not the file the unescaped URI would name)."""
+    names = ["chat#2024-11.sqlite", "chat?mode=rwc", "chat%41.sqlite", "chat%2523"]
+    for n, name in enumerate(names, start=1):
+        app_db(tmp_path / name, good_sessions=n, messages_each=0).write()
+    (tmp_path / "chatA.sqlite").write_bytes(b"")  # what chat%41.sqlite decodes to
+    before = sorted(p.name for p in tmp_path.iterdir())
+    loaded = []
+    for n, name in enumerate(names):
+        settings = load_settings(
+            None,
+            sqlite_path=tmp_path / name,
+            postgres_dsn=pg_dsn,
+            target=TargetNames(schema=f"s{n}"),
+        )
+        report = await migrate(settings)
+        loaded.append(report.tables["sessions"].loaded)
+    assert [1, 2, 3, 4] == loaded
+    assert before == sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_directory_as_sqlite_path_says_it_is_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory given as --sqlite-path exits 2 saying it is a directory."""
+    from pipeline.cli import main
+
+    code = main(["run", "--sqlite-path", str(tmp_path), "--postgres-dsn", "postgresql://h:9/x"])
+    err = capsys.readouterr().err
+    expected = (2, True)
+    assert expected == (code, "is a directory, not a SQLite file" in err), err
