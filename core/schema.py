@@ -6,6 +6,7 @@ pipeline stages, the checkpoint store, verify, and the PostgreSQL memory backend
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -242,12 +243,28 @@ class Constraint:
     is_index: bool
 
 
+NAME_MAX_BYTES = 63  # PostgreSQL cuts longer identifiers (NAMEDATALEN - 1)
+
+
+def fitted_name(head: str, tail: str) -> str:
+    """``head + tail`` as PostgreSQL will keep it: unchanged when it fits in 63 bytes, else
+    ``head`` cut (at a character boundary) and a stable hash of the whole name put before
+    ``tail``, so that two long names never collide with each other or with their table."""
+    name = head + tail
+    if len(name.encode()) <= NAME_MAX_BYTES:
+        return name
+    digest = "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    room = NAME_MAX_BYTES - len(tail.encode()) - len(digest)
+    cut = head.encode()[:room].decode("utf-8", "ignore")
+    return cut + digest + tail
+
+
 def constraints(names: TargetNames) -> tuple[Constraint, ...]:
     """Primary keys, then the foreign key, then the index, in the order they must be built."""
     out: list[Constraint] = []
     for table in TABLES:
         target = names.table(table.name)
-        pk = f"{target}_pkey"
+        pk = fitted_name(target, "_pkey")
         out.append(
             Constraint(
                 pk,
@@ -261,7 +278,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
         if table.parent is None or table.parent_column is None:
             continue
         target = names.table(table.name)
-        fk = f"{target}_{table.parent_column}_fkey"
+        fk = fitted_name(target, f"_{table.parent_column}_fkey")
         out.append(
             Constraint(
                 fk,
@@ -276,7 +293,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
         if not table.index_columns:
             continue
         target = names.table(table.name)
-        idx = f"idx_{target}_session"
+        idx = fitted_name(f"idx_{target}", "_session")
         cols = ", ".join(quote_ident(c) for c in table.index_columns)
         out.append(
             Constraint(

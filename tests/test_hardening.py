@@ -290,3 +290,64 @@ def test_a_directory_as_sqlite_path_says_it_is_a_directory(
     err = capsys.readouterr().err
     expected = (2, True)
     assert expected == (code, "is a directory, not a SQLite file" in err), err
+
+
+async def _execute(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("length", [58, 63])
+async def test_target_names_up_to_63_bytes_work_everywhere(
+    tmp_path: Path, pg_dsn: str, length: int
+) -> None:
+    """Tables named with 58 to 63 bytes get keys whose names fit: run, check, the PostgreSQL
+    memory, and a resume with keys pending all work and agree on them."""
+    from core.schema import constraints
+    from memory.postgres import PostgresMemory
+    from pipeline.check import check
+
+    names = TargetNames(
+        schema="long", sessions="s" * (length - 2) + "é", messages="m" * (length - 3) + "東"
+    )
+    assert [length, length] == [len(names.sessions.encode()), len(names.messages.encode())]
+    db = app_db(tmp_path / "app.sqlite")
+    db.write()
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, target=names)
+    first = await migrate(settings)
+    built = await _fetch(
+        pg_dsn,
+        "SELECT conname AS name FROM pg_constraint WHERE connamespace = 'long'::regnamespace"
+        " AND contype <> 'n'"
+        " UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'long'",
+    )
+    expected = {c.name for c in constraints(names)}
+    assert (expected, "completed") == ({r["name"] for r in built}, first.status)
+    assert all(len(n.encode()) <= 63 for n in expected)
+    health = await check(pg_dsn, names=names)
+    assert (True, []) == (health.healthy, health.problems)
+    async with PostgresMemory(pg_dsn, names=names) as memory:
+        listed = await memory.get_sessions()
+    assert 2 == len(listed)
+    # A run stopped during the key build: the primary keys exist, the rest is pending.
+    fk, index = (c.name for c in constraints(names) if not c.name.endswith("_pkey"))
+    await _execute(
+        pg_dsn,
+        f'ALTER TABLE {names.qualified("messages")} DROP CONSTRAINT "{fk}"',
+        f'DROP INDEX long."{index}"',
+        "UPDATE flux_migrate.checkpoints SET constraints_pending = true",
+    )
+    db.session()
+    db.write()
+    second = await migrate(settings)
+    rebuilt = await _fetch(
+        pg_dsn,
+        "SELECT conname AS name FROM pg_constraint WHERE connamespace = 'long'::regnamespace"
+        " AND contype <> 'n'"
+        " UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'long'",
+    )
+    assert (expected, 1) == ({r["name"] for r in rebuilt}, second.tables["sessions"].loaded)
