@@ -87,7 +87,7 @@ def classify(exc: BaseException) -> ErrorClass:
         state = getattr(exc, "sqlstate", "") or ""
         if state in _TRANSIENT_SQLSTATES or state.startswith("08"):
             return ErrorClass.TRANSIENT
-        if state.startswith("22") or state in {"23502", "23503", "23514"}:
+        if state.startswith("22") or state in {"23502", "23503", "23505", "23514"}:
             return ErrorClass.DATA
         return ErrorClass.FATAL
     if isinstance(

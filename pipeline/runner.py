@@ -40,6 +40,7 @@ from core.schema import (
 )
 from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
+from pipeline.duplicates import build_primary_keys
 from pipeline.progress import NoProgress, Progress
 from pipeline.report import RunReport, TableReport
 from pipeline.requeue import requeue, unresolved_keys
@@ -430,6 +431,7 @@ async def migrate(
                         progress,
                         stop,
                     )
+                await build_primary_keys(src, target, settings, run_id, report)
                 final = await target.retrying(
                     lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints"
                 )
@@ -486,6 +488,10 @@ async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
             )
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             pass
+        # Release the run's lock now: a terminated connection frees it only once the server
+        # notices, and a run started right after this one would be refused meanwhile.
+        with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            await conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 async def _run_table(

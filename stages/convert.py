@@ -35,6 +35,7 @@ REASONS: dict[str, str] = {
     "rejected_by_server": "PostgreSQL refused the row when loading it",
     "type_mismatch": "a value's SQLite storage class does not fit its column (dynamic typing)",
     "number_out_of_range": "a number cannot be stored exactly in its column's type",
+    "duplicate_key": "the key, once converted, equals the key of an earlier source row",
 }
 
 

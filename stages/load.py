@@ -144,11 +144,12 @@ async def copy_isolating(
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             column = _COLUMN_IN_CONTEXT.search(getattr(exc, "context", None) or "")
             where = f"column {column.group(1)}" if column else "the row"
+            duplicate = getattr(exc, "sqlstate", None) == "23505"  # the key is loaded already
             reject = Reject(
                 source[0],
                 key_of(source[1]),
                 tuple(source[1 : ncols + 1]),
-                "rejected_by_server",
+                "duplicate_key" if duplicate else "rejected_by_server",
                 f"PostgreSQL refused {where}: {message}",
                 "load",
             )

@@ -29,6 +29,14 @@ async def _fetch(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
         await conn.close()
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures structlog for the process; put it back for later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 # source text -> the instant PostgreSQL must hold (as its UTC text), or the quarantine reason
 EDGE_TIMESTAMPS: list[tuple[Any, str]] = [
     ("0001-01-01T00:00:00Z", "0001-01-01 00:00:00+00"),
@@ -135,6 +143,7 @@ CONFIG_ERRORS = [
 
 
 @pytest.mark.parametrize(("toml", "message"), CONFIG_ERRORS)
+@pytest.mark.usefixtures("restore_logging")
 def test_config_values_of_the_wrong_type_exit_2_with_one_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, message: str
 ) -> None:
@@ -160,6 +169,7 @@ def test_config_values_of_the_wrong_type_exit_2_with_one_sentence(
         (["verify", "--show", "-3"], "--show: -3 is negative"),
     ],
 )
+@pytest.mark.usefixtures("restore_logging")
 def test_out_of_range_arguments_exit_2_with_a_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
@@ -176,14 +186,6 @@ def test_out_of_range_arguments_exit_2_with_a_sentence(
     expected = (2, True)
     assert expected == (code, message in err), err
     assert "internal error" not in err
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures structlog for the process; put it back for later tests."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 # Every form a DSN reaches flux-migrate in, each with a password starting "S3cr" (a raw #, / or
@@ -280,6 +282,7 @@ async def test_sqlite_path_with_uri_characters_opens_exactly_that_file(
     assert before == sorted(p.name for p in tmp_path.iterdir())
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_a_directory_as_sqlite_path_says_it_is_a_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -351,3 +354,82 @@ async def test_target_names_up_to_63_bytes_work_everywhere(
         " UNION SELECT indexname FROM pg_indexes WHERE schemaname = 'long'",
     )
     assert (expected, 1) == ({r["name"] for r in rebuilt}, second.tables["sessions"].loaded)
+
+
+def _insert(path: Path, table: str, row: dict[str, Any]) -> None:
+    """Insert one row exactly as given (bytes stay BLOBs), as another SQLite writer might."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute(
+        f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+        list(row.values()),
+    )
+    db.commit()
+    db.close()
+
+
+def _session_row(key: Any, title: str) -> dict[str, Any]:
+    ts = "2026-11-26T14:14:34+00:00"
+    return {"id": key, "title": title, "created_at": ts, "updated_at": ts, "metadata": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "strip_nul"),
+    [("A", b"A", False), ("ab", "a\x00b", True)],
+    ids=["text-and-blob", "nul-stripped"],
+)
+async def test_keys_equal_once_converted_quarantine_the_second_arrival(
+    tmp_path: Path, pg_dsn: str, first: Any, second: Any, strip_nul: bool
+) -> None:
+    """Two source rows whose keys convert to the same key: the first loads, the second is
+    quarantined as duplicate_key with its raw values, the key is built, and reruns finish."""
+    db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=1)
+    db.write()
+    _insert(db.path, "sessions", _session_row(first, "first"))
+    _insert(db.path, "sessions", _session_row(second, "second"))
+    settings = load_settings(
+        None, sqlite_path=db.path, postgres_dsn=pg_dsn, strip_nul=strip_nul, batch_size=2
+    )
+    report = await migrate(settings)
+    rerun = await migrate(settings)
+    loaded = await _fetch(
+        pg_dsn, "SELECT title FROM sessions WHERE id = $1", "A" if first == "A" else "ab"
+    )
+    [q] = await _fetch(
+        pg_dsn, "SELECT source_rowid, reason, raw::text AS raw FROM flux_migrate.quarantine"
+    )
+    pk = await _fetch(
+        pg_dsn,
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'sessions'::regclass AND contype = 'p'",
+    )
+    expected = ([{"title": "first"}], 3, "duplicate_key", 1, 1, 1)
+    assert expected == (
+        loaded,
+        q["source_rowid"],
+        q["reason"],
+        report.open_quarantined,
+        rerun.open_quarantined,
+        len(pk),
+    )
+    assert ("completed", "completed") == (report.status, rerun.status)
+    assert '"second"' in q["raw"]
+    assert [True, True] == [r.ok for r in await verify_rows(settings)]
+
+
+async def test_a_key_that_arrives_after_the_keys_are_built_is_quarantined(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A row whose converted key is loaded already (primary key in place) is quarantined as
+    duplicate_key instead of failing every rerun."""
+    db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
+    db.write()
+    _insert(db.path, "sessions", _session_row("A", "first"))
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
+    await migrate(settings)
+    _insert(db.path, "sessions", _session_row(b"A", "second"))
+    second = await migrate(settings)
+    third = await migrate(settings)
+    reasons = await _fetch(pg_dsn, "SELECT reason FROM flux_migrate.quarantine")
+    expected = ([{"reason": "duplicate_key"}], 1, 1, "completed")
+    assert expected == (reasons, second.open_quarantined, third.open_quarantined, third.status)

@@ -1,0 +1,243 @@
+"""Keys that collide only once converted: quarantine all but the first arrival, then build the key.
+
+SQLite keeps ``'A'`` (TEXT) and ``X'41'`` (BLOB) as two rows, and with ``strip_nul`` ``'ab'`` and
+``'a\\0b'`` become the same key. The bulk load (keys built after it) loads both, and the primary
+key cannot be built. Before each pending primary key is built, the rows that prevent it are
+found; the first arrival (lowest source rowid) stays, every later one is moved to the
+quarantine as ``duplicate_key`` with its raw source values, in one transaction with the
+checkpoint counts and the key itself. Messages naming a duplicated session key stay with the
+session that was kept (in PostgreSQL a key names one session).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiosqlite
+import asyncpg
+import orjson
+import structlog
+
+from core.bookkeeping import CHECKPOINTS
+from core.catalog import existing_constraint_names
+from core.errors import RuntimeFailure
+from core.schema import (
+    BOOKKEEPING_SCHEMA,
+    QUARANTINE_COLUMNS,
+    TABLES,
+    Kind,
+    Table,
+    constraints,
+    quote_ident,
+)
+from core.target import Target
+from pipeline.report import RunReport
+from pipeline.requeue import unresolved_keys
+from pipeline.settings import Settings
+from stages.batch import Batch
+from stages.convert import raw_to_json
+from stages.extract import select_sql
+from stages.transform import key_of, transform_batch
+
+log = structlog.get_logger("flux_migrate")
+KEYS_PER_QUERY = 500  # host parameters per SQLite query, below every SQLite's limit
+
+
+async def build_primary_keys(
+    src: aiosqlite.Connection, target: Target, settings: Settings, run_id: str, report: RunReport
+) -> None:
+    """Build the pending primary keys; where duplicates prevent one, quarantine all but the
+    first arrival of each key (``duplicate_key``) and build it then. Keys already built are
+    left alone; the rest of the deferred constraints are built by the runner afterwards."""
+    names = settings.target
+    checkpoints = await target.retrying(
+        lambda c: _pending_tables(c, names.schema), what="reading checkpoints"
+    )
+    for table in TABLES:
+        if table.name not in checkpoints:
+            continue
+        pk = next(c for c in constraints(names) if c.table == table.name and not c.is_index)
+        have = await target.retrying(
+            lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
+        )
+        if pk.name in have:
+            continue
+
+        async def build(conn: asyncpg.Connection, sql: str = pk.sql) -> None:
+            await conn.execute(sql)
+
+        try:
+            await target.retrying(build, what=f"building {pk.name}")
+            continue
+        except asyncpg.UniqueViolationError:
+            pass
+        moved = await _quarantine_duplicates(
+            src, target, settings, run_id, table, checkpoints[table.name], pk.sql
+        )
+        if table.name in report.tables:
+            report.tables[table.name].loaded -= moved
+            report.tables[table.name].quarantined += moved
+        log.warning("duplicate_keys_quarantined", table=table.name, rows=moved)
+
+
+async def _pending_tables(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
+    rows = await conn.fetch(
+        f"SELECT source_table, last_rowid FROM {CHECKPOINTS}"
+        " WHERE target_schema = $1 AND constraints_pending",
+        schema,
+    )
+    return {r["source_table"]: int(r["last_rowid"]) for r in rows}
+
+
+async def _source_candidates(
+    src: aiosqlite.Connection, table: Table, keys: list[str], upto: int, strip_nul: bool
+) -> list[tuple[Any, ...]]:
+    """Source rows up to ``upto`` whose key bytes are one of ``keys`` (or, with strip_nul, hold
+    a NUL), in rowid order; the caller converts them to see which keys they really have."""
+    found: list[tuple[Any, ...]] = []
+    nul = " OR instr(CAST(t.id AS BLOB), X'00') > 0" if strip_nul else ""
+    for start in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[start : start + KEYS_PER_QUERY]
+        marks = ", ".join("?" for _ in chunk)
+        sql = (
+            f"{select_sql(table)} WHERE t.rowid <= ?"
+            f" AND (CAST(t.id AS BLOB) IN ({marks}){nul}) ORDER BY t.rowid"
+        )
+        async with src.execute(sql, [upto, *(k.encode() for k in chunk)]) as cur:
+            found += [tuple(row) for row in await cur.fetchall()]
+        nul = ""  # rows with a NUL in their key were fetched with the first chunk
+    found.sort(key=lambda row: int(row[0]))
+    return found
+
+
+def _match_sql(table: Table, qualified: str) -> str:
+    """The physical row (ctid) of the target holding exactly one converted source row."""
+    tests = []
+    for i, column in enumerate(table.columns, start=1):
+        cast = "::jsonb" if column.kind is Kind.JSON else ""
+        tests.append(f"{quote_ident(column.name)} IS NOT DISTINCT FROM ${i}{cast}")
+    return f"SELECT ctid::text FROM {qualified} WHERE {' AND '.join(tests)} ORDER BY ctid LIMIT 1"
+
+
+async def _quarantine_duplicates(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    run_id: str,
+    table: Table,
+    upto: int,
+    pk_sql: str,
+) -> int:
+    names = settings.target
+    qualified = names.qualified(table.name)
+    schema = names.schema
+
+    async def read(conn: asyncpg.Connection) -> tuple[dict[str, int], set[int], set[str]]:
+        counts = await conn.fetch(
+            f"SELECT id, count(*) AS n FROM {qualified} GROUP BY id HAVING count(*) > 1"
+        )
+        quarantined = await conn.fetch(
+            f"SELECT source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE target_schema = $1"
+            " AND source_table = $2 AND resolved_at IS NULL",
+            schema,
+            table.name,
+        )
+        parents: set[str] = set()
+        if table.parent is not None:
+            parents = await unresolved_keys(conn, schema, table.parent)
+        return (
+            {r["id"]: int(r["n"]) for r in counts},
+            {int(r["source_rowid"]) for r in quarantined},
+            parents,
+        )
+
+    duplicated, quarantined, missing = await target.retrying(read, what="finding duplicate keys")
+    raw = await _source_candidates(src, table, sorted(duplicated), upto, settings.strip_nul)
+    batch = transform_batch(
+        Batch(table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw),
+        table,
+        naive_tz=settings.naive_tz,
+        strip_nul=settings.strip_nul,
+        missing_parents=missing,
+    )
+    arrivals: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
+    for row, source in zip(batch.rows, batch.raw, strict=True):
+        if row[0] in duplicated and int(source[0]) not in quarantined:
+            arrivals.setdefault(row[0], []).append((row, source))
+    for key, count in duplicated.items():
+        if len(arrivals.get(key, ())) != count:
+            raise RuntimeFailure(
+                f"Building the primary key of {qualified} found key {key!r} {count} times, but"
+                f" the source holds {len(arrivals.get(key, ()))} loaded row(s) with it; was the"
+                " table written by another tool too?"
+            )
+    ncols = len(table.column_names)
+    records = []
+    for rows in arrivals.values():
+        first_rowid = rows[0][1][0]
+        for _row, source in rows[1:]:
+            detail = (
+                f"column id converts to the key of an earlier source row (rowid {first_rowid}),"
+                " which was loaded"
+            )
+            values = tuple(source[1 : ncols + 1])
+            records.append(
+                (
+                    run_id,
+                    schema,
+                    table.name,
+                    key_of(values[0]),
+                    int(source[0]),
+                    "duplicate_key",
+                    detail,
+                    "load",
+                    orjson.dumps(raw_to_json(values, table.column_names)).decode("utf-8"),
+                )
+            )
+    kept = [rows[0][0] for rows in arrivals.values()]
+
+    async def move(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass"
+                " AND contype = 'p')",
+                qualified,
+            ):
+                return  # an earlier attempt committed; its reply was lost
+            keep = []
+            for row in kept:
+                ctid = await conn.fetchval(_match_sql(table, qualified), *row)
+                if ctid is None:
+                    ctid = await conn.fetchval(
+                        f"SELECT ctid::text FROM {qualified} WHERE id = $1 ORDER BY ctid LIMIT 1",
+                        row[0],
+                    )
+                keep.append(ctid)
+            deleted = await conn.fetchval(
+                f"WITH gone AS (DELETE FROM {qualified} WHERE id = ANY($1::text[])"
+                " AND NOT ctid = ANY($2::text[]::tid[]) RETURNING 1) SELECT count(*) FROM gone",
+                list(arrivals),
+                keep,
+            )
+            if deleted != len(records):
+                raise RuntimeFailure(
+                    f"Removing duplicate keys from {qualified} deleted {deleted} rows, not"
+                    f" {len(records)}; nothing was changed, please report this."
+                )
+            await conn.copy_records_to_table(
+                "quarantine",
+                records=records,
+                columns=QUARANTINE_COLUMNS,
+                schema_name=BOOKKEEPING_SCHEMA,
+            )
+            await conn.execute(
+                f"UPDATE {CHECKPOINTS} SET loaded = loaded - $3, quarantined = quarantined + $3,"
+                " updated_at = now() WHERE target_schema = $1 AND source_table = $2",
+                schema,
+                table.name,
+                len(records),
+            )
+            await conn.execute(pk_sql)
+
+    await target.retrying(move, what=f"quarantining duplicate keys of {table.name}")
+    return len(records)
