@@ -21,7 +21,7 @@ from core.errors import ConfigError, Interrupted, MigrateError, single_error
 from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
-from pipeline.report import RunReport, print_summary
+from pipeline.report import RunReport, check_report_path, print_summary, printable
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
 
 T = TypeVar("T")
@@ -143,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import StopFlag, migrate
 
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    check_report_path(args.report_json)
     _confirm_restart(args, settings)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
     # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster, see README).
@@ -223,8 +224,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     for r in rows:
         state = f" [{r['resolution']}]" if r["resolution"] else ""
         print(
-            f"  {r['source_table']:<9} rowid {r['source_rowid']:<9} key {r['source_key']!s:<38}"
-            f" {r['reason']:<22} {r['detail']}{state}"
+            f"  {r['source_table']:<9} rowid {r['source_rowid']:<9}"
+            f" key {printable(r['source_key']):<38} {r['reason']:<22}"
+            f" {printable(r['detail'])}{state}"
         )
     print(
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"

@@ -5,7 +5,38 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
+
+from core.errors import ConfigError
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe for a terminal: control and other invisible characters (ESC,
+    CR, newlines, bidi overrides) become escapes like ``\\x1b``, so source content cannot
+    forge lines or colours."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def check_report_path(path: Path | None) -> None:
+    """Refuse, before anything runs, a --report-json path that cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"--report-json {path} is a directory; name a file.")
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--report-json {path} cannot be written ({exc.strerror}); nothing was migrated."
+        ) from None
+    if not existed:
+        path.unlink()
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:

@@ -433,3 +433,51 @@ async def test_a_key_that_arrives_after_the_keys_are_built_is_quarantined(
     reasons = await _fetch(pg_dsn, "SELECT reason FROM flux_migrate.quarantine")
     expected = ([{"reason": "duplicate_key"}], 1, 1, "completed")
     assert expected == (reasons, second.open_quarantined, third.open_quarantined, third.status)
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_quarantine_listing_escapes_control_characters(
+    tmp_path: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quarantine` shows keys with control characters escaped, so source content cannot move
+    the cursor, colour the terminal or forge a line."""
+    import anyio
+
+    from pipeline.cli import main
+
+    key = "k\x1b[2J\r\nflux-migrate: ok\u202e"
+    db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
+    db.session(id=key, created_at="not a time")
+    db.write()
+    await migrate(load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn))
+    capsys.readouterr()
+    code = await anyio.to_thread.run_sync(main, ["quarantine", "--postgres-dsn", pg_dsn])
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("  sessions")]
+    expected = (0, False, 3)
+    assert expected == (code, any(c in out for c in "\x1b\r\u202e"), len(out.splitlines()))
+    assert "k\\x1b[2J\\r\\nflux-migrate: ok\\u202e" in line
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_an_unwritable_report_path_is_refused_before_migrating(
+    tmp_path: Path, sample_db: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --report-json path that cannot be written exits 2 before anything is migrated."""
+    import anyio
+
+    from pipeline.cli import main
+
+    argv = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn]
+    missing = [*argv, "--report-json", str(tmp_path / "no" / "such" / "dir" / "r.json")]
+    directory = [*argv, "--report-json", str(tmp_path)]
+    codes = [await anyio.to_thread.run_sync(main, a) for a in (missing, directory)]
+    err = capsys.readouterr().err
+    bookkeeping = await _fetch(pg_dsn, "SELECT to_regnamespace('flux_migrate') AS ns")
+    expected = ([2, 2], None, True, True)
+    assert expected == (
+        codes,
+        bookkeeping[0]["ns"],
+        "cannot be written" in err,
+        "is a directory" in err,
+    )
