@@ -321,6 +321,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code; a Ctrl-C at any moment (also a second one
+    while the first is being reported) exits 130 without a traceback."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        print("flux-migrate: interrupted; rerun the same command to resume.", file=sys.stderr)
+        code = errors.EXIT_SIGINT
+    if argv is None:  # the process itself: what is left is exiting, which Ctrl-C cannot improve
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

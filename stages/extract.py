@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiosqlite
+import anyio
 
 from core.errors import RuntimeFailure, SourceError
 from core.schema import Table, quote_ident
@@ -46,7 +47,11 @@ async def open_source(
         conn.text_factory = bytes
         yield conn
     finally:
-        await conn.close()
+        # Shielded: a cancelled close would leave SQLite's thread finishing its query after
+        # the event loop is gone ("Event loop is closed" on a second Ctrl-C). Bounded by the
+        # busy timeout a query can wait, plus a margin.
+        with anyio.move_on_after(busy_timeout_s + 5, shield=True):
+            await conn.close()
 
 
 def select_sql(table: Table) -> str:

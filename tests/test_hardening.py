@@ -481,3 +481,50 @@ async def test_an_unwritable_report_path_is_refused_before_migrating(
         "cannot be written" in err,
         "is a directory" in err,
     )
+
+
+async def test_two_quick_ctrl_c_exit_130_without_a_traceback(
+    sample_db: Path, pg_server_dsn: str
+) -> None:
+    """Ctrl-C twice in quick succession, at several moments of a run: always exit 130 with
+    one sentence, never a traceback ("Event loop is closed") or a death by SIGINT."""
+    import signal
+    import time
+    import uuid
+
+    from tests.conftest import _admin, with_database
+    from tests.support import start_cli
+
+    outcomes = []
+    for attempt, (batches, pause) in enumerate([(3, 0.0), (8, 0.002), (15, 0.01), (25, 0.03)]):
+        name = f"t_ctrlc_{uuid.uuid4().hex[:8]}"
+        await _admin(pg_server_dsn, f'CREATE DATABASE "{name}"')
+        try:
+            proc = start_cli(
+                "run",
+                "--sqlite-path",
+                str(sample_db),
+                "--postgres-dsn",
+                with_database(pg_server_dsn, name),
+                "--batch-size",
+                "20",
+                "--log-format",
+                "json",
+                "--no-progress",
+            )
+            assert proc.stderr is not None
+            seen = 0
+            for line in proc.stderr:
+                seen += '"batch_loaded"' in line
+                if seen == batches:
+                    break
+            proc.send_signal(signal.SIGINT)
+            time.sleep(pause)
+            proc.send_signal(signal.SIGINT)
+            rest = proc.stderr.read()
+            proc.wait(timeout=60)
+            outcomes.append((attempt, proc.returncode, "Traceback" in rest))
+        finally:
+            await _admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    expected = [(attempt, 130, False) for attempt in range(4)]
+    assert expected == outcomes
