@@ -11,6 +11,7 @@ session that was kept (in PostgreSQL a key names one session).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import aiosqlite
@@ -50,6 +51,7 @@ async def build_primary_keys(
     first arrival of each key (``duplicate_key``) and build it then. Keys already built are
     left alone; the rest of the deferred constraints are built by the runner afterwards."""
     names = settings.target
+    started = time.monotonic()
     checkpoints = await target.retrying(
         lambda c: _pending_tables(c, names.schema), what="reading checkpoints"
     )
@@ -66,6 +68,7 @@ async def build_primary_keys(
         async def build(conn: asyncpg.Connection, sql: str = pk.sql) -> None:
             await conn.execute(sql)
 
+        log.info("constraint_build_started", constraint=pk.name)
         try:
             await target.retrying(build, what=f"building {pk.name}")
             continue
@@ -78,6 +81,8 @@ async def build_primary_keys(
             report.tables[table.name].loaded -= moved
             report.tables[table.name].quarantined += moved
         log.warning("duplicate_keys_quarantined", table=table.name, rows=moved)
+    if checkpoints:
+        report.constraints_seconds = time.monotonic() - started
 
 
 async def _pending_tables(conn: asyncpg.Connection, schema: str) -> dict[str, int]:

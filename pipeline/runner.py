@@ -436,7 +436,7 @@ async def migrate(
                     lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints"
                 )
                 if any(c.constraints_pending for c in final.values()):
-                    report.constraints_seconds = await build_constraints(target, names, stop)
+                    report.constraints_seconds += await build_constraints(target, names, stop)
                     log.info("constraints_built", seconds=round(report.constraints_seconds, 2))
                 await target.retrying(
                     lambda c: check_accounting(c, settings, report), what="checking the accounting"
