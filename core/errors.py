@@ -1,4 +1,5 @@
-"""Errors and the one place that maps driver exceptions to fatal, transient or data errors."""
+"""Errors, and the one module that inspects driver exceptions: it maps them to fatal,
+transient or data (``classify``) and to one sentence for the user (``translate``)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,11 @@ class SourceError(MigrateError):
 
 
 class TargetError(MigrateError):
-    """The target refuses the run before anything is written (auth, conflicts, fingerprints)."""
+    """The target or the source refuses the run: authentication, privileges, rows this tool did
+    not write, a fingerprint from another source or other settings, a source changed below its
+    checkpoint. Raised at preflight, before any row is written, except the last (checked per
+    table, so earlier tables may have loaded in this run) and a missing privilege met later;
+    what was committed stays consistent and a rerun resumes."""
 
     exit_code = EXIT_USAGE
 
@@ -77,54 +82,62 @@ _TRANSIENT_SQLSTATES = {
     "57014",  # query_canceled (statement timeout)
     "53300",  # too_many_connections
 }
+_DATA_SQLSTATES = {"23502", "23503", "23514"}  # not_null, foreign_key, check violations
+UNIQUE_VIOLATION = "23505"
+FOREIGN_KEY_VIOLATION = "23503"
+DUPLICATE_OBJECT = "42710"
+
+# Primary SQLite result codes (an extended code keeps the primary one in its low byte).
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+
+# A connection that failed in the middle of an operation keeps its protocol in that operation
+# ("cannot switch to state N; another operation is in progress"): it is broken, not the query.
+_BROKEN_CONNECTION = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a PostgreSQL error ("" for anything else)."""
+    return (getattr(exc, "sqlstate", "") or "") if isinstance(exc, asyncpg.PostgresError) else ""
+
+
+def sqlite_busy(exc: BaseException) -> bool:
+    """Whether a SQLite error says another connection holds a lock (SQLITE_BUSY or _LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error)
+        and code is not None
+        and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    )
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a database driver or the network under it (not a bug)."""
+    return isinstance(exc, (asyncpg.PostgresError, sqlite3.Error, *_BROKEN_CONNECTION))
 
 
 def classify(exc: BaseException) -> ErrorClass:
-    """Map a driver or OS exception to fatal, transient or data; the only place that looks."""
+    """Map a driver or OS exception to fatal, transient or data, by SQLSTATE or SQLite result
+    code, never by message text. TRANSIENT means: drop the connection, open a new one, retry."""
     if isinstance(exc, asyncpg.exceptions._base.DataError):
         return ErrorClass.DATA  # the driver could not encode a value
     if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", "") or ""
+        state = sqlstate(exc)
         if state in _TRANSIENT_SQLSTATES or state.startswith("08"):
             return ErrorClass.TRANSIENT
-        if state.startswith("22") or state in {"23502", "23503", "23514"}:
+        if state.startswith("22") or state in _DATA_SQLSTATES:
             return ErrorClass.DATA
         return ErrorClass.FATAL
-    if isinstance(
-        exc,
-        (
-            asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.InterfaceError,
-            ConnectionError,
-            TimeoutError,
-            asyncio.TimeoutError,
-            OSError,
-        ),
-    ):
-        return ErrorClass.TRANSIENT
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+    if isinstance(exc, _BROKEN_CONNECTION) or sqlite_busy(exc):
         return ErrorClass.TRANSIENT
     return ErrorClass.FATAL
-
-
-def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
-    """Turn a failure to connect to PostgreSQL into one sentence with what to do."""
-    if isinstance(exc, asyncpg.InvalidPasswordError):
-        return TargetError(
-            f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."
-        )
-    if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return TargetError(
-            f"The database named in the DSN does not exist at {where}; create it first."
-        )
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-        return TargetError(f"PostgreSQL at {where} refused the user: {redact(str(exc))}.")
-    if isinstance(exc, asyncpg.PostgresError):
-        return TargetError(f"PostgreSQL at {where} refused the connection: {redact(str(exc))}.")
-    return RuntimeFailure(
-        f"PostgreSQL at {where} cannot be reached ({type(exc).__name__}: {redact(str(exc))});"
-        " check that it is running and the DSN is right, then rerun to resume."
-    )
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -151,8 +164,12 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return causes[0] if len(causes) == 1 else group
 
 
-def translate(exc: BaseException, where: str) -> MigrateError:
-    """One sentence for a driver error no stage handled (privileges, disk full, SQLite I/O)."""
+def translate(exc: BaseException, where: str, *, connecting: bool = False) -> MigrateError:
+    """The one sentence, with what to do, for a driver error no stage handled: a failure to
+    connect to PostgreSQL at ``where`` (``connecting``), or one during the run (privileges,
+    disk full, SQLite I/O). Decides by exception class and SQLSTATE."""
+    if connecting:
+        return _connect_error(exc, where)
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return TargetError(
             f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); the role needs CREATE"
@@ -161,10 +178,35 @@ def translate(exc: BaseException, where: str) -> MigrateError:
     if isinstance(exc, asyncpg.PostgresError):
         return RuntimeFailure(
             f"PostgreSQL at {where} failed the run: {redact(str(exc))} (SQLSTATE"
-            f" {getattr(exc, 'sqlstate', '?')}); fix the cause and rerun to resume."
+            f" {sqlstate(exc) or '?'}); fix the cause and rerun to resume."
         )
     if isinstance(exc, sqlite3.Error):
         return RuntimeFailure(
             f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume."
         )
     return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
+
+
+def _connect_error(exc: BaseException, where: str) -> MigrateError:
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return TargetError(
+            f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return TargetError(
+            f"The database named in the DSN does not exist at {where}; create it first."
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return TargetError(f"PostgreSQL at {where} refused the user: {redact(str(exc))}.")
+    if isinstance(exc, asyncpg.PostgresError):
+        return TargetError(f"PostgreSQL at {where} refused the connection: {redact(str(exc))}.")
+    return RuntimeFailure(
+        f"PostgreSQL at {where} cannot be reached ({type(exc).__name__}: {redact(str(exc))});"
+        " check that it is running and the DSN is right, then rerun to resume."
+    )
+
+
+def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
+    """``translate(exc, where, connecting=True)``; kept for memory/postgres.py until it
+    switches to translate."""
+    return translate(exc, where, connecting=True)

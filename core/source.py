@@ -9,7 +9,7 @@ from typing import Any
 
 import aiosqlite
 
-from core.errors import SourceError
+from core.errors import SourceError, sqlite_busy
 from core.schema import TABLES, quote_ident
 
 IDENTITY_SAMPLE = 8
@@ -42,7 +42,7 @@ async def check_source(conn: aiosqlite.Connection, path: Path) -> None:
 
 
 def _operational(exc: sqlite3.OperationalError, path: Path) -> SourceError:
-    if "locked" in str(exc) or "busy" in str(exc):
+    if sqlite_busy(exc):
         return SourceError(
             f"The SQLite file {path} stayed locked by another process beyond the timeout;"
             " retry when the app is idle."

@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from core.dsn import dsn_location, redact
-from core.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error
+from core.errors import ErrorClass, RuntimeFailure, classify, translate
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")
@@ -23,7 +23,7 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
     except Exception as exc:  # translated into one sentence for the user
-        raise describe_connect_error(exc, dsn_location(dsn)) from None
+        raise translate(exc, dsn_location(dsn), connecting=True) from None
 
 
 def _text_to_wire(value: str | bytes) -> bytes:
@@ -86,6 +86,9 @@ class Target:
         on_retry: Callable[[int, BaseException, float], None] | None = None,
     ) -> T:
         """Run ``operation`` on a live connection, retrying transient failures with backoff.
+
+        A transient failure (connection lost, server restarted, or a connection left in the
+        middle of a failed operation) terminates the connection; the retry opens a new one.
 
         Waits at most ``retry_seconds`` in total, then raises RuntimeFailure. Fatal and data
         errors propagate at once. Cancellation propagates at once (the failed transaction is
