@@ -188,9 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if all(t.up_to_date for t in report.tables.values()):
         print("The target is up to date: no new rows in the source since the last run.")
-    if report.open_quarantined:
+    if report.quarantined_open:
         print(
-            f"{report.open_quarantined:,} source row(s) are quarantined, not loaded"
+            f"{report.quarantined_open:,} source row(s) are quarantined, not loaded"
             f" ({report.quarantined:,} in this run); list them with `flux-migrate quarantine`."
         )
         return errors.EXIT_QUARANTINED

@@ -49,7 +49,7 @@ class RunReport:
     tables: dict[str, TableReport] = field(default_factory=dict)
     message: str = ""
     constraints_seconds: float = 0.0
-    open_quarantined: int = 0  # rows quarantined by any run and not loaded since
+    quarantined_open: int = 0  # rows quarantined by any run and not loaded since
 
     @property
     def quarantined(self) -> int:
@@ -60,7 +60,7 @@ class RunReport:
             "run_id": self.run_id,
             "status": self.status,
             "message": self.message,
-            "quarantined_open": self.open_quarantined,
+            "quarantined_open": self.quarantined_open,
             "tables": {name: t.as_json() for name, t in self.tables.items()},
         }
 

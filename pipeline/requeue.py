@@ -14,7 +14,7 @@ from core.schema import BOOKKEEPING_SCHEMA, Table
 from core.target import Target
 from pipeline.settings import Settings
 from stages.batch import Batch
-from stages.extract import select_sql
+from stages.extract import select_sql, variable_limit
 from stages.load import LoadContext, copy_isolating
 from stages.transform import transform_batch
 
@@ -46,13 +46,21 @@ async def unresolved_keys(conn: asyncpg.Connection, schema: str, table: str) -> 
     return {r["source_key"] for r in rows}
 
 
-async def _read_rowids(
+async def read_rowids(
     src: aiosqlite.Connection, table: Table, rowids: list[int]
 ) -> list[tuple[Any, ...]]:
+    """The source rows with these (ascending) rowids, in rowid order; binds no more host
+    parameters per query than this SQLite allows."""
     base = select_sql(table)
-    marks = ", ".join("?" for _ in rowids)
-    async with src.execute(f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid", rowids) as cur:
-        return list(await cur.fetchall())
+    size = await variable_limit(src)
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(rowids), size):
+        part = rowids[start : start + size]
+        marks = ", ".join("?" for _ in part)
+        sql = f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid"
+        async with src.execute(sql, part) as cur:
+            rows.extend(await cur.fetchall())
+    return rows
 
 
 async def requeue(
@@ -80,7 +88,7 @@ async def requeue(
         by_rowid: dict[int, list[int]] = {}
         for r in chunk:
             by_rowid.setdefault(r["source_rowid"], []).append(r["id"])
-        raw = await _read_rowids(src, table, list(by_rowid))
+        raw = await read_rowids(src, table, list(by_rowid))
         present = {row[0] for row in raw}
         gone_ids = [qid for rowid, ids in by_rowid.items() if rowid not in present for qid in ids]
         batch = transform_batch(

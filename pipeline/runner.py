@@ -390,7 +390,7 @@ async def migrate(
     names = settings.target
     target = Target(dsn, retry_seconds=settings.retry_seconds)
     try:
-        async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
+        async with open_source(path, busy_timeout=settings.busy_timeout) as src:
             await check_source(src, path)
             bounds, identity = await source_snapshot(src, path)
             lock = await connect(dsn)
@@ -439,7 +439,7 @@ async def migrate(
                 await target.retrying(
                     lambda c: check_accounting(c, settings, report), what="checking the accounting"
                 )
-                report.open_quarantined = sum(c.quarantined for c in final.values())
+                report.quarantined_open = sum(c.quarantined for c in final.values())
             finally:
                 with anyio.CancelScope(shield=True):
                     await target.close()

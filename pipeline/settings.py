@@ -31,7 +31,7 @@ class Settings:
     on_conflict: str = "error"
     retry_seconds: float = 60.0
     defer_constraints: bool = True
-    sqlite_timeout: float = 10.0
+    busy_timeout: float = 10.0  # seconds to wait for a lock the app holds on the SQLite file
     # Benchmark only: one transaction per table instead of one commit per batch (no resume).
     single_transaction: bool = False
 
@@ -85,7 +85,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             values["strip_nul"] = bool(transform["strip_nul"])
         source = data.get("source", {})
         if "busy_timeout" in source:
-            values["sqlite_timeout"] = float(source["busy_timeout"])
+            values["busy_timeout"] = float(source["busy_timeout"])
         load = data.get("load", {})
         for key in ("batch_size", "buffer_batches"):
             if key in load:

@@ -251,7 +251,7 @@ async def _empty() -> AsyncIterator[asyncpg.Record]:
 async def verify_rows(settings: Settings, *, limit: int = 10) -> list[TableVerify]:
     """Compare every row of every table; see TableVerify for the counts."""
     path = settings.require_source()
-    async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         await check_source(src, path)
         conn = await connect(settings.require_dsn())
         try:
@@ -305,7 +305,7 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
     """Per table: row counts and an order-independent checksum of keys, text and timestamps."""
     path = settings.require_source()
     out = []
-    async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         await check_source(src, path)
         conn = await connect(settings.require_dsn())
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 
 import aiosqlite
@@ -21,21 +21,24 @@ def source_uri(path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def open_source(
-    path: Path, *, busy_timeout_s: float = 10.0
+    path: Path, *, busy_timeout: float = 10.0, limits: Mapping[int, int] | None = None
 ) -> AsyncGenerator[aiosqlite.Connection, None]:
     """Open the source read-only; text comes back as bytes, so bad UTF-8 is data, not an error
-    (and reading skips a decode that COPY would only undo).
+    (and reading skips a decode that COPY would only undo). ``limits`` lowers SQLite limits
+    (``sqlite3.SQLITE_LIMIT_*`` -> value), e.g. to behave like an older SQLite.
 
     Raises SourceError when the file is missing or is not a SQLite database.
     """
     if not path.is_file():
         raise SourceError(f"The SQLite file {path} does not exist; check --sqlite-path.")
     try:
-        conn = await aiosqlite.connect(source_uri(path), uri=True, timeout=busy_timeout_s)
+        conn = await aiosqlite.connect(source_uri(path), uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
         raise SourceError(f"The SQLite file {path} cannot be opened ({exc}).") from None
     try:
         conn.text_factory = bytes
+        for category, value in (limits or {}).items():
+            await conn._execute(conn._conn.setlimit, category, value)
         yield conn
     finally:
         await conn.close()
@@ -52,6 +55,12 @@ def select_sql(table: Table) -> str:
             f" WHERE p.id = t.{quote_ident(table.parent_column)})"
         )
     return f"SELECT t.rowid, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+
+
+async def variable_limit(conn: aiosqlite.Connection) -> int:
+    """How many host parameters one statement may bind (999 before SQLite 3.32, 32766 after)."""
+    limit: int = await conn._execute(conn._conn.getlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return limit
 
 
 KEYSET = " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
