@@ -119,8 +119,14 @@ def sqlite_busy(exc: BaseException) -> bool:
 
 
 def is_driver_error(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from a database driver or the network under it (not a bug)."""
-    return isinstance(exc, (asyncpg.PostgresError, sqlite3.Error, *_BROKEN_CONNECTION))
+    """Whether ``exc`` is an error PostgreSQL or SQLite reported (``translate`` has a sentence)."""
+    return isinstance(exc, (asyncpg.PostgresError, sqlite3.Error))
+
+
+def is_lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to PostgreSQL broke (the network, the server gone,
+    or a connection left in the middle of a failed operation)."""
+    return isinstance(exc, _BROKEN_CONNECTION) or sqlstate(exc).startswith("08")
 
 
 def classify(exc: BaseException) -> ErrorClass:
@@ -138,6 +144,27 @@ def classify(exc: BaseException) -> ErrorClass:
     if isinstance(exc, _BROKEN_CONNECTION) or sqlite_busy(exc):
         return ErrorClass.TRANSIENT
     return ErrorClass.FATAL
+
+
+def already_exists(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused to create an object because it exists (SQLSTATE 42710)."""
+    return sqlstate(exc) == DUPLICATE_OBJECT
+
+
+def constraint_failure(exc: BaseException, name: str) -> MigrateError | None:
+    """The sentence for rows that break the key or foreign key ``name`` being built (None when
+    ``exc`` is something else)."""
+    detail = getattr(exc, "detail", None) or exc
+    if sqlstate(exc) == UNIQUE_VIOLATION:
+        return RuntimeFailure(
+            f"Building {name} found duplicate keys ({detail}); the target holds rows"
+            " twice, which flux-migrate never writes: was it loaded by another tool too?"
+        )
+    if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+        return RuntimeFailure(
+            f"Building {name} found messages without a loaded session ({detail})."
+        )
+    return None
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

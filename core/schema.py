@@ -174,7 +174,6 @@ MESSAGES = Table(
 
 # Load order: parents before children.
 TABLES: tuple[Table, ...] = (SESSIONS, MESSAGES)
-TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 # The app's SQLite schema, exactly (used by the memory backend and the sample generator).
 SQLITE_DDL = """
@@ -239,7 +238,6 @@ class Constraint:
     name: str
     table: str  # source table name
     sql: str
-    is_index: bool
 
 
 def constraints(names: TargetNames) -> tuple[Constraint, ...]:
@@ -254,7 +252,6 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 table.name,
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(pk)}"
                 " PRIMARY KEY (id)",
-                False,
             )
         )
     for table in TABLES:
@@ -269,7 +266,6 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(fk)}"
                 f" FOREIGN KEY ({quote_ident(table.parent_column)})"
                 f" REFERENCES {names.qualified(table.parent)} (id) ON DELETE CASCADE",
-                False,
             )
         )
     for table in TABLES:
@@ -284,7 +280,6 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 table.name,
                 f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
                 f" ON {names.qualified(table.name)} ({cols})",
-                True,
             )
         )
     return tuple(out)

@@ -121,7 +121,7 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
             "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to confirm."
         )
     answer = input(
-        f"--restart drops or empties the tables flux-migrate filled in schema {settings.target.schema}"
+        f"--restart drops or empties the tables flux-migrate filled in schema {settings.names.schema}"
         " and forgets its checkpoints. Type 'yes' to continue: "
     )
     if answer.strip().lower() != "yes":
@@ -129,7 +129,8 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import StopFlag, migrate
+    from pipeline.runner import migrate
+    from pipeline.stop import StopFlag
 
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     _confirm_restart(args, settings)
@@ -204,7 +205,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     configure(args.log_format or "console")
     total, rows = run_async(list_quarantine, settings, args.table, args.limit, args.all)
     if not rows:
-        print(f"No quarantined rows in schema {settings.target.schema}.")
+        print(f"No quarantined rows in schema {settings.names.schema}.")
         return errors.EXIT_OK
     print(
         f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:"
@@ -229,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     configure(args.log_format or "console")
     rows = run_async(status, settings)
     if not rows:
-        print(f"No checkpoints in schema {settings.target.schema}: nothing has been migrated yet.")
+        print(f"No checkpoints in schema {settings.names.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK
     header = (
         "table",

@@ -12,7 +12,7 @@ async def status(settings: Settings) -> list[ckpt.Checkpoint]:
     """The checkpoints of the configured target schema, parents first."""
     conn = await connect(settings.require_dsn())
     try:
-        found = await ckpt.read_checkpoints(conn, settings.target.schema)
+        found = await ckpt.read_checkpoints(conn, settings.names.schema)
     finally:
         await conn.close()
     return [found[t.name] for t in TABLES if t.name in found]
@@ -31,14 +31,14 @@ async def list_quarantine(
             where += " AND resolved_at IS NULL"
         total = await conn.fetchval(
             f"SELECT count(*) FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}",
-            settings.target.schema,
+            settings.names.schema,
             table,
         )
         rows = await conn.fetch(
             f"SELECT source_table, source_key, source_rowid, reason, detail, stage, resolution"
             f" FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}"
             " ORDER BY source_table DESC, source_rowid LIMIT $3",
-            settings.target.schema,
+            settings.names.schema,
             table,
             limit,
         )

@@ -123,7 +123,7 @@ async def _target_rows(
     conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> AsyncIterator[asyncpg.Record]:
     cols = ", ".join(quote_ident(c) for c in table.column_names)
-    sql = f'SELECT {cols} FROM {settings.target.qualified(table.name)} ORDER BY id COLLATE "C"'
+    sql = f'SELECT {cols} FROM {settings.names.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, prefetch=PAGE):
             yield record
@@ -160,10 +160,10 @@ async def verify_table(
 ) -> TableVerify:
     """Merge-join source and target by key and compare every field of every row."""
     result = TableVerify(table.name)
-    quarantined, skipped, preexisting = await _bookkeeping(conn, settings.target.schema, table.name)
+    quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
     result.extra_allowed = preexisting
     convert = row_converter(table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul)
-    exists = await table_exists(conn, settings.target, table.name)
+    exists = await table_exists(conn, settings.names, table.name)
 
     def expected_row(raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The target row a source row must become, or None when it is accounted otherwise."""
@@ -205,7 +205,7 @@ async def verify_table(
             record = None
             if exists:
                 record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {settings.target.qualified(table.name)} WHERE id = $1",
+                    f"SELECT {cols} FROM {settings.names.qualified(table.name)} WHERE id = $1",
                     expected[0],
                 )
             judge(expected, record)
@@ -311,7 +311,7 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
         try:
             for table in TABLES:
                 quarantined, skipped, _ = await _bookkeeping(
-                    conn, settings.target.schema, table.name
+                    conn, settings.names.schema, table.name
                 )
                 convert = row_converter(
                     table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
@@ -331,9 +331,9 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                         count += 1
                         checksum += row_digest(table, row)
                 t_count, t_sum = 0, 0
-                if await table_exists(conn, settings.target, table.name):
+                if await table_exists(conn, settings.names, table.name):
                     rec = await conn.fetchrow(
-                        digest_sql(table, settings.target.qualified(table.name)), list(skipped)
+                        digest_sql(table, settings.names.qualified(table.name)), list(skipped)
                     )
                     t_count, t_sum = int(rec[0]), int(rec[1])
                 out.append(

@@ -229,7 +229,7 @@ async def test_any_mix_ends_loaded_or_quarantined_exactly_once(
         sqlite_path=path,
         postgres_dsn=pg_dsn,
         batch_size=batch_size,
-        target=TargetNames(schema=schema),
+        names=TargetNames(schema=schema),
     )
     report = await migrate(settings)
     quarantine = await _quarantine(pg_dsn, schema)
