@@ -22,7 +22,7 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     """Open one connection; raises MigrateError with a sentence on failure (no password shown)."""
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
-    except Exception as exc:  # translated into one sentence for the user
+    except Exception as exc:  # noqa: BLE001 - every failure to connect becomes one sentence
         raise translate(exc, dsn_location(dsn), connecting=True) from None
 
 

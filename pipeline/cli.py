@@ -21,8 +21,9 @@ from core.errors import ConfigError, Interrupted, MigrateError, single_error
 from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
-from pipeline.report import RunReport, print_summary
+from pipeline.report import RunReport, print_summary, print_table
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
+from pipeline.stop import StopFlag
 
 T = TypeVar("T")
 
@@ -39,7 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-migrate",
-        description="Move the chat app's memory from SQLite to PostgreSQL, exactly once, resumably.",
+        description="Move the chat app's memory from SQLite to PostgreSQL, exactly once,"
+        " resumably.",
         epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
         " 3 done but some rows were quarantined, 130/143 interrupted;"
         " check: 0 healthy, 1 unhealthy, 2 usage.",
@@ -118,61 +120,31 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
         return
     if not sys.stdin.isatty():
         raise ConfigError(
-            "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to confirm."
+            "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to"
+            " confirm."
         )
     answer = input(
-        f"--restart drops or empties the tables flux-migrate filled in schema {settings.names.schema}"
-        " and forgets its checkpoints. Type 'yes' to continue: "
+        "--restart drops or empties the tables flux-migrate filled in schema"
+        f" {settings.names.schema} and forgets its checkpoints. Type 'yes' to continue: "
     )
     if answer.strip().lower() != "yes":
         raise ConfigError("Restart not confirmed; nothing was changed.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import migrate
-    from pipeline.stop import StopFlag
-
+    """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     _confirm_restart(args, settings)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
-    # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster, see README).
+    # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster).
     sys.setswitchinterval(0.001)
     fmt = configure(args.log_format)
     progress: Progress = NoProgress()
     if fmt == "console" and not args.no_progress and sys.stderr.isatty():
         progress = BarProgress()
-    stop = StopFlag()
     report = RunReport(run_id=uuid.uuid4().hex[:12])
-    log = structlog.get_logger("flux_migrate")
-    failure: list[MigrateError] = []
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        if stop.signum is not None:
-                            tg.cancel_scope.cancel()  # a second signal: abandon the open batch
-                            return
-                        stop.request(signum)
-                        log.warning("stop_requested", signal=signal.Signals(signum).name)
-
-            tg.start_soon(watch_signals)
-            try:
-                await migrate(
-                    settings, progress=progress, stop=stop, restart=args.restart, report=report
-                )
-            except MigrateError as exc:
-                failure.append(exc)  # raised outside the task group, not wrapped in a group
-            finally:
-                tg.cancel_scope.cancel()
-        if failure:
-            raise failure[0]
-        stop.check()  # cancelled by a second signal before migrate could say so
-
     try:
-        run_async(main)
+        run_async(_migrate_until_signalled, settings, args.restart, progress, report)
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         report.message = redact(exc.message)
@@ -182,6 +154,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     print_summary(report)
     _write_report(args.report_json, report)
+    return _print_outcome(report)
+
+
+async def _migrate_until_signalled(
+    settings: Settings, restart: bool, progress: Progress, report: RunReport
+) -> None:
+    """Run the migration; a first SIGINT/SIGTERM stops it at the next batch boundary, a second
+    one abandons the open batch. Raises MigrateError (Interrupted when stopped)."""
+    from pipeline.runner import migrate
+
+    stop = StopFlag()
+    failure: list[MigrateError] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, stop, tg.cancel_scope)
+        try:
+            await migrate(settings, progress=progress, stop=stop, restart=restart, report=report)
+        except MigrateError as exc:
+            failure.append(exc)  # raised outside the task group, not wrapped in a group
+        finally:
+            tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    stop.check()  # cancelled by a second signal before migrate could say so
+
+
+async def _watch_signals(stop: StopFlag, scope: anyio.CancelScope) -> None:
+    """Set ``stop`` on the first SIGINT/SIGTERM; cancel ``scope`` on the second."""
+    log = structlog.get_logger("flux_migrate")
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if stop.signum is not None:
+                scope.cancel()  # a second signal: abandon the open batch
+                return
+            stop.request(signum)
+            log.warning("stop_requested", signal=signal.Signals(signum).name)
+
+
+def _print_outcome(report: RunReport) -> int:
+    """The sentences after a completed run's summary; the exit code (3: rows quarantined)."""
     requeued = sum(t.requeued for t in report.tables.values())
     if requeued:
         print(
@@ -199,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
+    """`quarantine`: list the quarantined rows with their reasons."""
     from pipeline.status import list_quarantine
 
     settings = _settings(args)
@@ -207,15 +219,20 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     if not rows:
         print(f"No quarantined rows in schema {settings.names.schema}.")
         return errors.EXIT_OK
-    print(
-        f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:"
-    )
-    for r in rows:
-        state = f" [{r['resolution']}]" if r["resolution"] else ""
-        print(
-            f"  {r['source_table']:<9} rowid {r['source_rowid']:<9} key {r['source_key']!s:<38}"
-            f" {r['reason']:<22} {r['detail']}{state}"
+    resolved = " (resolved ones included)" if args.all else ""
+    print(f"{total:,} quarantined row(s){resolved}; showing {len(rows):,}:")
+    header = ("table", "rowid", "key", "reason", "detail")
+    table = [header] + [
+        (
+            str(r["source_table"]),
+            str(r["source_rowid"]),
+            str(r["source_key"]),
+            str(r["reason"]),
+            f"{r['detail']}" + (f" [{r['resolution']}]" if r["resolution"] else ""),
         )
+        for r in rows
+    ]
+    print_table(table, align="lrlll")
     print(
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
         " `flux-migrate run`: fixed rows are loaded and marked resolved."
@@ -224,6 +241,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`status`: each table's checkpoint."""
     from pipeline.status import status
 
     settings = _settings(args)
@@ -232,17 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"No checkpoints in schema {settings.names.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK
-    header = (
-        "table",
-        "target",
-        "status",
-        "last rowid",
-        "loaded",
-        "quarantined",
-        "skipped",
-        "updated",
-    )
-    table = [header] + [
+    header = ("table", "target", "status", "last rowid", "loaded", "quarantined", "skipped")
+    table = [header + ("updated",)] + [
         (
             c.source_table,
             f"{c.target_schema}.{c.target_table}",
@@ -255,13 +264,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for c in rows
     ]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(table, align="lllrrrrl")
     return errors.EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`verify`: compare every row (or, with --quick, counts and checksums); exit 1 on a
+    mismatch."""
     from pipeline.verify import verify_quick, verify_rows
 
     if args.api:
@@ -270,26 +279,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     configure(args.log_format or "console")
     if args.quick:
         quick = run_async(verify_quick, settings)
-        print(f"{'table':<10}{'source':>12}{'target':>12}  checksum  result")
+        rows = [("table", "source", "target", "checksum", "result")]
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
-            print(
-                f"{q.table:<10}{q.source_count:>12,}{q.target_count:>12,}  {same:<8}  {'ok' if q.ok else 'MISMATCH'}"
+            rows.append(
+                (q.table, f"{q.source_count:,}", f"{q.target_count:,}", same, _verdict(q.ok))
             )
+        print_table(rows, align="lrrll")
         return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
     full = run_async(lambda: verify_rows(settings, limit=args.show))
-    print(
-        f"{'table':<10}{'matched':>10}{'different':>11}{'missing':>9}{'extra':>7}{'quarantined':>13}{'skipped':>9}  result"
-    )
+    header = ("table", "matched", "different", "missing", "extra", "quarantined", "skipped")
+    table = [header + ("result",)]
     for t in full:
-        print(
-            f"{t.table:<10}{t.matched:>10,}{t.different:>11,}{t.missing:>9,}{t.extra:>7,}"
-            f"{t.quarantined:>13,}{t.skipped:>9,}  {'ok' if t.ok else 'MISMATCH'}"
-        )
+        counts = (t.matched, t.different, t.missing, t.extra, t.quarantined, t.skipped)
+        table.append((t.table, *(f"{n:,}" for n in counts), _verdict(t.ok)))
+    print_table(table, align="lrrrrrrl")
     for t in full:
         for line in t.samples:
             print(f"  {line}")
     return errors.EXIT_OK if all(t.ok for t in full) else errors.EXIT_FAILURE
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISMATCH"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

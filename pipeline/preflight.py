@@ -159,7 +159,8 @@ async def check_fingerprint(
             key = changed[0]
             raise TargetError(
                 f"This target was filled with {key}={theirs.get(key)!r} but this run uses"
-                f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start over."
+                f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start"
+                " over."
             )
         source = stored.get("source", {})
         if source.get("schema") != identity["schema"] or not await same_source(
@@ -191,7 +192,8 @@ async def _refuse_foreign_writes(
 
 
 async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
-    """--restart: drop the tables flux-migrate created, empty those it filled, forget checkpoints."""
+    """--restart: drop the tables flux-migrate created, empty those it filled, and forget the
+    schema's checkpoints, quarantine and skipped keys."""
     names = settings.names
     if not await ckpt.bookkeeping_exists(conn):
         return

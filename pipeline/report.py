@@ -8,11 +8,18 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 
-def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
-    """Print rows as aligned columns: the first row is the header, the first column left-aligned."""
+def print_table(
+    rows: Sequence[Sequence[str]], out: TextIO = sys.stdout, *, align: str | None = None
+) -> None:
+    """Print rows as aligned columns under a rule: the first row is the header. ``align`` has
+    one letter per column, "l" (left) or "r" (right); by default the first column is left-aligned
+    and the others right-aligned (numbers)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    align = align or "l" + "r" * (len(widths) - 1)
     for i, r in enumerate(rows):
-        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        cells = (
+            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)
+        )
         out.write("  ".join(cells).rstrip() + "\n")
         if i == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")

@@ -15,7 +15,7 @@ import asyncpg
 
 from core import bookkeeping as ckpt
 from core.catalog import table_exists
-from core.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
+from core.schema import TABLES, Kind, Table, quote_ident
 from core.source import check_source
 from core.target import connect
 from pipeline.settings import Settings
@@ -71,20 +71,11 @@ async def _bookkeeping(
     """Unresolved quarantined rowids, skipped keys, and whether the table held rows before."""
     if not await ckpt.bookkeeping_exists(conn):
         return set(), set(), False
-    q = await conn.fetch(
-        f"SELECT source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE target_schema = $1"
-        " AND source_table = $2 AND resolved_at IS NULL",
-        schema,
-        table,
-    )
-    s = await conn.fetch(
-        f"SELECT source_key FROM {BOOKKEEPING_SCHEMA}.skipped WHERE target_schema = $1 AND source_table = $2",
-        schema,
-        table,
-    )
+    quarantined = await ckpt.unresolved_rowids(conn, schema, table)
+    skipped = await ckpt.skipped_keys(conn, schema, table)
     found = await ckpt.read_checkpoints(conn, schema)
     pre = found[table].preexisting_rows if table in found else False
-    return {r["source_rowid"] for r in q}, {r["source_key"] for r in s}, pre
+    return quarantined, skipped, pre
 
 
 async def _source_pages(
@@ -100,8 +91,8 @@ async def _source_pages(
             sql = f"SELECT rowid, {cols} FROM {name} WHERE typeof(id) = 'text' ORDER BY id LIMIT ?"
             args: tuple[Any, ...] = (PAGE,)
         else:
-            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT) AND typeof(id) = 'text'"
-            sql += " ORDER BY id LIMIT ?"
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT)"
+            sql += " AND typeof(id) = 'text' ORDER BY id LIMIT ?"
             args = (last, PAGE)
         async with src.execute(sql, args) as cur:
             rows = list(await cur.fetchall())
@@ -159,88 +150,126 @@ async def verify_table(
     limit: int = 10,
 ) -> TableVerify:
     """Merge-join source and target by key and compare every field of every row."""
-    result = TableVerify(table.name)
     quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
-    result.extra_allowed = preexisting
-    convert = row_converter(table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul)
     exists = await table_exists(conn, settings.names, table.name)
+    check = _TableCheck(settings, table, quarantined, skipped, limit)
+    check.result.extra_allowed = preexisting
+    await check.odd_keys(src, conn if exists else None)
+    await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    return check.result
 
-    def expected_row(raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
+
+class _TableCheck:
+    """One table's comparison: what each source row must become, judged against its target
+    row; counts and samples go into ``result``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: Table,
+        quarantined: set[int],
+        skipped: set[str],
+        limit: int,
+    ) -> None:
+        self.settings, self.table, self.limit = settings, table, limit
+        self.quarantined, self.skipped = quarantined, skipped
+        self.convert = row_converter(
+            table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
+        )
+        self.result = TableVerify(table.name)
+        self.odd: set[str] = set()  # keys stored as NULL, BLOB or numbers, checked one by one
+        self.targets: AsyncIterator[asyncpg.Record] = _empty()
+        self.pending: asyncpg.Record | None = None  # the next target row of the merge
+
+    def note(self, text: str) -> None:
+        self.result.note(f"{self.table.name} {text}", self.limit)
+
+    def expected_row(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The target row a source row must become, or None when it is accounted otherwise."""
         rowid, values = raw[0], raw[1:]
-        if rowid in quarantined:
-            result.quarantined += 1
+        if rowid in self.quarantined:
+            self.result.quarantined += 1
             return None
         try:
-            expected = _normalize_source(table, convert(values))
+            expected = _normalize_source(self.table, self.convert(values))
         except Rejected as exc:
-            result.missing += 1
-            result.note(
-                f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit
-            )
+            self.result.missing += 1
+            self.note(f"rowid {rowid}: not loaded and not quarantined ({exc.reason})")
             return None
-        if expected[0] in skipped:
-            result.skipped += 1
+        if expected[0] in self.skipped:
+            self.result.skipped += 1
             return None
         return expected
 
-    def judge(expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
+    def judge(self, expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
+        """Count the target row of ``expected`` as matched, different or missing."""
         key = expected[0]
         if record is None:
-            result.missing += 1
-            result.note(f"{table.name} {key}: in the source but not in PostgreSQL", limit)
-        elif (actual := _normalize_target(table, record)) == expected:
-            result.matched += 1
+            self.result.missing += 1
+            self.note(f"{key}: in the source but not in PostgreSQL")
+        elif (actual := _normalize_target(self.table, record)) == expected:
+            self.result.matched += 1
         else:
-            result.different += 1
-            cols = ", ".join(_differing_columns(table, expected, actual))
-            result.note(f"{table.name} {key}: differs in {cols}", limit)
+            self.result.different += 1
+            self.note(
+                f"{key}: differs in {', '.join(_differing_columns(self.table, expected, actual))}"
+            )
 
-    # Keys SQLite stores as NULL, BLOB or numbers sort apart from text: looked up one by one.
-    odd_keys: set[str] = set()
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    for raw in await _odd_key_rows(src, table):
-        if (expected := expected_row(raw)) is not None:
-            odd_keys.add(expected[0])
+    async def odd_keys(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
+        """Keys SQLite stores as NULL, BLOB or numbers sort apart from text: look each up
+        (``conn`` None: the target table does not exist)."""
+        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        qualified = self.settings.names.qualified(self.table.name)
+        for raw in await _odd_key_rows(src, self.table):
+            if (expected := self.expected_row(raw)) is None:
+                continue
+            self.odd.add(expected[0])
             record = None
-            if exists:
+            if conn is not None:
                 record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {settings.names.qualified(table.name)} WHERE id = $1",
-                    expected[0],
+                    f"SELECT {cols} FROM {qualified} WHERE id = $1", expected[0]
                 )
-            judge(expected, record)
+            self.judge(expected, record)
 
-    targets = _target_rows(conn, settings, table) if exists else _empty()
-    pending: asyncpg.Record | None = await anext(targets, None)
+    async def merge(
+        self, src: aiosqlite.Connection, targets: AsyncIterator[asyncpg.Record]
+    ) -> None:
+        """Walk the source's text keys and the target rows, both in key order, side by side."""
+        self.targets = targets
+        self.pending = await anext(targets, None)
+        async for page in _source_pages(src, self.table):
+            for raw in page:
+                await self.compare(raw)
+        await self.advance_past(None)
 
-    async def advance_past(key: str | None) -> None:
+    async def compare(self, raw: tuple[Any, ...]) -> None:
+        """Judge one source row against the target row with its key, if any."""
+        key = raw[1].decode("utf-8", "surrogateescape") if isinstance(raw[1], bytes) else raw[1]
+        expected = self.expected_row(raw)
+        await self.advance_past(key if expected is None else expected[0])
+        pending = self.pending
+        if pending is not None and pending["id"] == key and key in self.skipped:
+            await self.next_target()  # a skipped row's target version is not ours
+            return
+        if expected is None:
+            return
+        if pending is not None and pending["id"] == expected[0]:
+            await self.next_target()
+            self.judge(expected, pending)
+        else:
+            self.judge(expected, None)
+
+    async def next_target(self) -> None:
+        self.pending = await anext(self.targets, None)
+
+    async def advance_past(self, key: str | None) -> None:
         """Count target rows before ``key`` (all when None) that no source row claims."""
-        nonlocal pending
-        while pending is not None and (key is None or pending["id"] < key):
-            if pending["id"] not in skipped and pending["id"] not in odd_keys:
-                result.extra += 1
-                result.note(
-                    f"{table.name} {pending['id']}: in PostgreSQL but not in the source", limit
-                )
-            pending = await anext(targets, None)
-
-    async for page in _source_pages(src, table):
-        for raw in page:
-            key = raw[1].decode("utf-8", "surrogateescape") if isinstance(raw[1], bytes) else raw[1]
-            expected = expected_row(raw)
-            await advance_past(key if expected is None else expected[0])
-            if pending is not None and pending["id"] == key and key in skipped:
-                pending = await anext(targets, None)  # a skipped row's target version is not ours
-                continue
-            if expected is None:
-                continue
-            if pending is not None and pending["id"] == expected[0]:
-                record, pending = pending, await anext(targets, None)
-                judge(expected, record)
-            else:
-                judge(expected, None)
-    await advance_past(None)
-    return result
+        while self.pending is not None and (key is None or self.pending["id"] < key):
+            found = self.pending["id"]
+            if found not in self.skipped and found not in self.odd:
+                self.result.extra += 1
+                self.note(f"{found}: in PostgreSQL but not in the source")
+            await self.next_target()
 
 
 async def _empty() -> AsyncIterator[asyncpg.Record]:
