@@ -214,6 +214,19 @@ def translate(exc: BaseException, where: str, *, connecting: bool = False) -> Mi
     return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
 
 
+def source_error(exc: sqlite3.DatabaseError, path: object) -> SourceError:
+    """The sentence for a SQLite file that cannot be read at preflight: locked beyond the busy
+    timeout (by result code), unreadable, or not a database at all."""
+    if sqlite_busy(exc):
+        return SourceError(
+            f"The SQLite file {path} stayed locked by another process beyond the timeout;"
+            " retry when the app is idle."
+        )
+    if isinstance(exc, sqlite3.OperationalError):
+        return SourceError(f"The SQLite file {path} cannot be read ({exc}).")
+    return SourceError(f"The file {path} is not a readable SQLite database ({exc}).")
+
+
 def _connect_error(exc: BaseException, where: str) -> MigrateError:
     if isinstance(exc, asyncpg.InvalidPasswordError):
         return TargetError(

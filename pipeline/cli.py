@@ -289,7 +289,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
     full = run_async(lambda: verify_rows(settings, limit=args.show))
     header = ("table", "matched", "different", "missing", "extra", "quarantined", "skipped")
-    table = [header + ("result",)]
+    table: list[tuple[str, ...]] = [header + ("result",)]
     for t in full:
         counts = (t.matched, t.different, t.missing, t.extra, t.quarantined, t.skipped)
         table.append((t.table, *(f"{n:,}" for n in counts), _verdict(t.ok)))

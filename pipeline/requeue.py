@@ -14,7 +14,7 @@ from core.schema import Table
 from core.target import Target
 from pipeline.settings import Settings
 from stages.batch import Batch
-from stages.extract import select_sql, variable_limit
+from stages.extract import fetch_rows, select_sql, variable_limit
 from stages.load import LoadContext, copy_isolating
 from stages.transform import transform_batch
 
@@ -147,6 +147,5 @@ async def read_rowids(
         part = rowids[start : start + size]
         marks = ", ".join("?" for _ in part)
         sql = f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid"
-        async with src.execute(sql, part) as cur:
-            rows.extend(await cur.fetchall())
+        rows.extend(await fetch_rows(src, sql, part))
     return rows

@@ -20,7 +20,7 @@ from core.source import check_source
 from core.target import connect
 from pipeline.settings import Settings
 from stages.convert import Rejected, row_converter
-from stages.extract import open_source
+from stages.extract import fetch_rows, open_source
 
 PAGE = 5000  # rows per source query and per target cursor fetch
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -94,8 +94,7 @@ async def _source_pages(
             sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT)"
             sql += " AND typeof(id) = 'text' ORDER BY id LIMIT ?"
             args = (last, PAGE)
-        async with src.execute(sql, args) as cur:
-            rows = list(await cur.fetchall())
+        rows = await fetch_rows(src, sql, args)
         if not rows:
             return
         last = rows[-1][1]
@@ -104,10 +103,9 @@ async def _source_pages(
 
 async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[Any, ...]]:
     cols = ", ".join(quote_ident(c) for c in table.column_names)
-    async with src.execute(
-        f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE typeof(id) != 'text'"
-    ) as cur:
-        return list(await cur.fetchall())
+    return await fetch_rows(
+        src, f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE typeof(id) != 'text'"
+    )
 
 
 async def _target_rows(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import aiosqlite
 
@@ -38,7 +39,7 @@ async def open_source(
     try:
         conn.text_factory = bytes
         for category, value in (limits or {}).items():
-            await conn._execute(conn._conn.setlimit, category, value)
+            await conn._execute(conn._conn.setlimit, category, value)  # type: ignore[no-untyped-call]
         yield conn
     finally:
         await conn.close()
@@ -59,8 +60,18 @@ def select_sql(table: Table) -> str:
 
 async def variable_limit(conn: aiosqlite.Connection) -> int:
     """How many host parameters one statement may bind (999 before SQLite 3.32, 32766 after)."""
-    limit: int = await conn._execute(conn._conn.getlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    category = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+    limit: int = await conn._execute(conn._conn.getlimit, category)  # type: ignore[no-untyped-call]
     return limit
+
+
+async def fetch_rows(
+    conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()
+) -> list[tuple[Any, ...]]:
+    """Every row of one query, its cursor closed before returning (rows are plain tuples:
+    no row factory is set on the source)."""
+    async with conn.execute(sql, args) as cursor:
+        return cast("list[tuple[Any, ...]]", list(await cursor.fetchall()))
 
 
 KEYSET = " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
@@ -85,8 +96,7 @@ async def extract(
     last = after_rowid
     while last < upto_rowid:
         try:
-            async with conn.execute(sql, (last, upto_rowid, batch_size)) as cursor:
-                rows = await cursor.fetchall()
+            rows = await fetch_rows(conn, sql, (last, upto_rowid, batch_size))
         except sqlite3.OperationalError as exc:
             raise RuntimeFailure(
                 f"Reading {table.name} from SQLite failed after rowid {last} ({exc}); if the app"
@@ -103,5 +113,5 @@ async def extract(
             last_rowid=last,
             extracted=len(rows),
             last_key=rows[-1][1],
-            raw=list(rows),
+            raw=rows,
         )
