@@ -16,7 +16,7 @@ from core.errors import TargetError
 from core.schema import TABLES, Table, constraints, create_table_sql, quote_ident
 from core.target import Target
 from pipeline.resume_point import same_source
-from pipeline.settings import Settings
+from pipeline.settings import Settings, zone_name
 from pipeline.target_columns import check_target_columns
 
 log = structlog.get_logger("flux_migrate")
@@ -33,7 +33,7 @@ def settings_fingerprint(settings: Settings) -> dict[str, Any]:
     t = settings.names
     return {
         "target": [t.schema, t.sessions, t.messages],
-        "naive_timezone": settings.naive_timezone,
+        "naive_timezone": zone_name(settings.naive_timezone),
         "strip_nul": settings.strip_nul,
         "on_conflict": settings.on_conflict,
     }

@@ -93,7 +93,7 @@ async def read_chunk(
     batch = transform_batch(
         Batch(table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw),
         table,
-        naive_tz=settings.naive_tz,
+        naive_timezone=settings.naive_timezone,
         strip_nul=settings.strip_nul,
         missing_parents=missing_parents,
     )

@@ -294,7 +294,7 @@ def _load_context(
         strict=functools.partial(
             transform_batch,
             table=table,
-            naive_tz=settings.naive_tz,
+            naive_timezone=settings.naive_timezone,
             strip_nul=settings.strip_nul,
             missing_parents=missing,
         ),
@@ -439,7 +439,7 @@ async def migrate_table(
     chain = transform(
         extract(src, ctx.table, after_rowid=after, upto_rowid=upto, batch_size=settings.batch_size),
         ctx.table,
-        naive_tz=settings.naive_tz,
+        naive_timezone=settings.naive_timezone,
         strip_nul=settings.strip_nul,
         missing_parents=missing_parents,
         text_as_bytes=True,

@@ -27,7 +27,7 @@ class Settings:
     names: TargetNames = field(default_factory=TargetNames)  # the target schema and tables
     batch_size: int = DEFAULT_BATCH_SIZE
     buffer_batches: int = 2
-    naive_timezone: str = "UTC"
+    naive_timezone: tzinfo = UTC  # the zone of timestamps written without an offset
     strip_nul: bool = False
     on_conflict: str = "error"
     retry_seconds: float = 60.0
@@ -35,12 +35,6 @@ class Settings:
     busy_timeout: float = 10.0  # seconds to wait for a lock the app holds on the SQLite file
     # Benchmark only: one transaction per table instead of one commit per batch (no resume).
     single_transaction: bool = False
-
-    @property
-    def naive_tz(self) -> tzinfo:
-        if self.naive_timezone.upper() == "UTC":
-            return UTC
-        return ZoneInfo(self.naive_timezone)
 
     def require_source(self) -> Path:
         if self.sqlite_path is None:
@@ -108,6 +102,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if env_sqlite:
         values["sqlite_path"] = Path(env_sqlite)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("naive_timezone"), str):
+        values["naive_timezone"] = parse_zone(values["naive_timezone"])
     if values.get("sqlite_path") is not None:
         values["sqlite_path"] = Path(values["sqlite_path"])
     settings = Settings(**values)
@@ -127,10 +123,20 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"The target name {name!r} must be 1 to 63 bytes long.")
     if settings.names.sessions == settings.names.messages:
         raise ConfigError("The sessions and messages target tables must have different names.")
+
+
+def parse_zone(name: str) -> tzinfo:
+    """The zone named ``name``: UTC (any case) or an IANA name; ConfigError when unknown."""
+    if name.upper() == "UTC":
+        return UTC
     try:
-        settings.naive_tz  # noqa: B018 - validates the zone name
+        return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"The time zone {settings.naive_timezone!r} is unknown;"
-            " use an IANA name like Europe/Berlin."
+            f"The time zone {name!r} is unknown; use an IANA name like Europe/Berlin."
         ) from None
+
+
+def zone_name(zone: tzinfo) -> str:
+    """The name a zone was configured by (as parse_zone reads it)."""
+    return zone.key if isinstance(zone, ZoneInfo) else str(zone)

@@ -172,7 +172,7 @@ class _TableCheck:
         self.settings, self.table, self.limit = settings, table, limit
         self.quarantined, self.skipped = quarantined, skipped
         self.convert = row_converter(
-            table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
+            table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
         )
         self.result = TableVerify(table.name)
         self.odd: set[str] = set()  # keys stored as NULL, BLOB or numbers, checked one by one
@@ -341,7 +341,7 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                     conn, settings.names.schema, table.name
                 )
                 convert = row_converter(
-                    table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
+                    table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
                 )
                 count = checksum = 0
                 async for page in _source_pages(src, table):

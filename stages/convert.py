@@ -107,8 +107,11 @@ def convert_required_text(raw: Raw, column: str, *, strip_nul: bool = False) -> 
     return text
 
 
-def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = UTC) -> datetime:
-    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in ``naive_tz``."""
+def parse_timestamp(
+    raw: Raw, column: str = "timestamp", *, naive_timezone: tzinfo = UTC
+) -> datetime:
+    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in
+    ``naive_timezone``."""
     text = decode_text(raw, column)
     if text is None or text.strip() == "":
         raise Rejected("invalid_timestamp", f"column {column} is NULL or empty")
@@ -119,7 +122,7 @@ def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = U
             "invalid_timestamp", f"column {column} is not an ISO-8601 timestamp"
         ) from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=naive_tz)
+        value = value.replace(tzinfo=naive_timezone)
     try:
         return value.astimezone(UTC)
     except (OverflowError, ValueError):
@@ -220,7 +223,11 @@ Converter = Callable[[Raw], Any]
 
 
 def column_converter(
-    column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
+    column: Column,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    text_as_bytes: bool = False,
 ) -> Converter:
     """The converter for one column of the target schema.
 
@@ -269,7 +276,7 @@ def column_converter(
                 else:
                     if value.tzinfo is UTC:
                         return value
-            return parse_timestamp(raw, name, naive_tz=naive_tz)
+            return parse_timestamp(raw, name, naive_timezone=naive_timezone)
 
         return timestamp
     if kind is Kind.JSON:
@@ -287,7 +294,7 @@ def column_converter(
 def row_converter(
     table: Table,
     *,
-    naive_tz: tzinfo = UTC,
+    naive_timezone: tzinfo = UTC,
     strip_nul: bool = False,
     text_as_bytes: bool = False,
     offset: int = 0,
@@ -300,7 +307,7 @@ def row_converter(
     """
     converters = {
         f"c{i}": column_converter(
-            c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+            c, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
         )
         for i, c in enumerate(table.columns)
     }
