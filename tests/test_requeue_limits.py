@@ -37,19 +37,19 @@ async def test_requeue_of_more_rows_than_host_parameters_works_and_loads_the_fix
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
     first = await migrate(settings)
-    assert BAD_ROWS == first.quarantined_open
+    assert first.quarantined_open == BAD_ROWS
     still_bad = await migrate(settings)  # requeue reads all 1,200 rowids; none converts yet
-    assert ("completed", BAD_ROWS, 0) == (
+    assert (
         still_bad.status,
         still_bad.quarantined_open,
         still_bad.tables["sessions"].requeued,
-    )
+    ) == ("completed", BAD_ROWS, 0)
     conn = sqlite3.connect(db.path)
     conn.execute("UPDATE sessions SET created_at = ? WHERE created_at = 'not a date'", (GOOD_TS,))
     conn.commit()
     conn.close()
     fixed = await migrate(settings)
-    assert (0, BAD_ROWS) == (fixed.quarantined_open, fixed.tables["sessions"].requeued)
+    assert (fixed.quarantined_open, fixed.tables["sessions"].requeued) == (0, BAD_ROWS)
     assert source_rows(db.path, "sessions") == await target_rows(pg_dsn, "sessions")
 
 

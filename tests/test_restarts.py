@@ -118,7 +118,7 @@ async def test_server_restarts_anywhere_in_a_run_are_survived_exactly(
     for worker in faults.threads:
         worker.join(timeout=60)
     monkeypatch.undo()
-    assert "completed" == report.status
+    assert report.status == "completed"
     assert {
         "during COPY",
         "during COPY (async)",
