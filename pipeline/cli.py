@@ -38,6 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (registering the commands' functions)."""
     parser = argparse.ArgumentParser(
         prog="flux-migrate",
         description="Move the chat app's memory from SQLite to PostgreSQL, exactly once,"
@@ -47,7 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
         " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_views(sub)
+    COMMANDS.update(add_commands(sub))
+    demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
+    demo.add_argument("--sessions", type=int, default=20_000)
+    demo.add_argument(
+        "--keep-server", action="store_true", help="leave the embedded server running"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--log-format", choices=("console", "json"))
+    return parser
 
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="migrate (or resume migrating) SQLite into PostgreSQL")
     _common(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
@@ -63,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
 
+
+def _add_views(sub: Any) -> None:
+    """The read-only commands: quarantine, status, verify."""
     quarantine = sub.add_parser(
         "quarantine", help="list the rows that were quarantined, with reasons"
     )
@@ -72,10 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
     )
-
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
-
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
@@ -83,17 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--show", type=int, default=10, help="differing keys to show per table (default 10)"
     )
     add_verify_api_arguments(verify)
-
-    COMMANDS.update(add_commands(sub))
-
-    demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
-    demo.add_argument("--sessions", type=int, default=20_000)
-    demo.add_argument(
-        "--keep-server", action="store_true", help="leave the embedded server running"
-    )
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
-    demo.add_argument("--log-format", choices=("console", "json"))
-    return parser
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:

@@ -1,7 +1,9 @@
 """The runner: preflight, then extract -> transform -> load per table, then keys and accounting.
 
-Target preflight (lock, --restart, tables, fingerprints) lives in pipeline/preflight.py, the
-deferred key build in pipeline/keys.py; this module runs the tables and keeps the report.
+Target preflight (lock, --restart, tables, fingerprints) lives in pipeline/preflight.py, one
+table's stream in pipeline/stream.py, the deferred key build in pipeline/keys.py, the
+accounting and the final durable commit in pipeline/finish.py; this module runs the tables in
+order and keeps the report.
 """
 
 from __future__ import annotations
@@ -17,23 +19,19 @@ from typing import Any
 
 import aiosqlite
 import anyio
-import asyncpg
 import structlog
-from anyio.abc import ObjectSendStream
 
 from core import bookkeeping as ckpt
 from core.errors import (
     Interrupted,
     MigrateError,
-    RuntimeFailure,
     is_driver_error,
-    is_lost_connection,
-    single_error,
     translate,
 )
 from core.schema import TABLES, Table
 from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
+from pipeline.finish import check_accounting, make_durable
 from pipeline.keys import build_constraints
 from pipeline.preflight import (
     check_fingerprint,
@@ -48,10 +46,10 @@ from pipeline.requeue import requeue
 from pipeline.resume_point import resume_point
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
-from stages.batch import Batch
-from stages.extract import extract, open_source
-from stages.load import BatchResult, CheckpointRewound, LoadContext, load
-from stages.transform import transform, transform_batch
+from pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
+from stages.extract import open_source
+from stages.load import CheckpointRewound, LoadContext
+from stages.transform import transform_batch
 
 __all__ = [
     "QUARANTINE_LOG_LIMIT",
@@ -64,9 +62,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("flux_migrate")
-
-# Log at most this many quarantined rows per table and run; the rest are counted.
-QUARANTINE_LOG_LIMIT = 50
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,29 +101,18 @@ async def migrate(
     the run goes, so a caller can print what was done even when the run fails.
     """
     report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
-    path = settings.require_source()
-    dsn = settings.require_dsn()
+    settings.require_source()  # configuration errors first, before anything is opened
+    target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
     structlog.contextvars.bind_contextvars(run_id=report.run_id)
-    target = Target(dsn, retry_seconds=settings.retry_seconds)
     try:
-        async with open_source(path, busy_timeout=settings.busy_timeout) as src:
-            await check_source(src, path)
-            bounds, identity = await source_snapshot(src, path)
-            async with holding_migration_lock(dsn, target, settings.names.schema):
-                checkpoints = await _prepare(src, target, settings, identity, report, restart)
-                run = Run(
-                    src=src,
-                    target=target,
-                    settings=settings,
-                    run_id=report.run_id,
-                    checkpoints=checkpoints,
-                    bounds=bounds,
-                    report=report,
-                    progress=progress or NoProgress(),
-                    stop=stop or StopFlag(),
-                )
-                await _run_tables(run)
-                await _finish(run)
+        await _migrate(
+            settings,
+            target,
+            report=report,
+            progress=progress or NoProgress(),
+            stop=stop or StopFlag(),
+            restart=restart,
+        )
     except Exception as exc:
         error = _failed(report, exc, target.location)
         if error is exc:
@@ -144,6 +128,37 @@ async def migrate(
         quarantined=report.quarantined,
     )
     return report
+
+
+async def _migrate(
+    settings: Settings,
+    target: Target,
+    *,
+    report: RunReport,
+    progress: Progress,
+    stop: StopFlag,
+    restart: bool,
+) -> None:
+    """Source preflight, the lock, target preflight, the tables, then keys and accounting."""
+    path = settings.require_source()
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
+        await check_source(src, path)
+        bounds, identity = await source_snapshot(src, path)
+        async with holding_migration_lock(target.dsn, target, settings.names.schema):
+            checkpoints = await _prepare(src, target, settings, identity, report, restart)
+            run = Run(
+                src=src,
+                target=target,
+                settings=settings,
+                run_id=report.run_id,
+                checkpoints=checkpoints,
+                bounds=bounds,
+                report=report,
+                progress=progress,
+                stop=stop,
+            )
+            await _run_tables(run)
+            await _finish(run)
 
 
 @contextlib.asynccontextmanager
@@ -368,157 +383,3 @@ async def _set_finished(run: Run, table: Table) -> None:
         lambda c: ckpt.set_status(c, run.schema, table.name, "finished", run.run_id),
         what="recording status",
     )
-
-
-# ---------------------------------------------------------------- the stream
-
-
-class BatchLog:
-    """The log and progress of one table's committed batches: each batch's counts (debug),
-    the first QUARANTINE_LOG_LIMIT quarantined rows, retries."""
-
-    def __init__(self, ctx: LoadContext, progress: Progress) -> None:
-        self.table = ctx.table.name
-        self.log = log.bind(run_id=ctx.run_id, table=self.table)
-        self.progress = progress
-        self.quarantined = 0
-
-    def on_batch(self, result: BatchResult) -> None:
-        batch = result.batch
-        if result.already:
-            self.log.info("batch_already_committed", seq=batch.seq, last_rowid=batch.last_rowid)
-        for reject in result.quarantined:
-            if self.quarantined < QUARANTINE_LOG_LIMIT:
-                self.log.warning(
-                    "row_quarantined",
-                    key=reject.key,
-                    rowid=reject.rowid,
-                    reason=reject.reason,
-                    stage=reject.stage,
-                )
-            self.quarantined += 1
-        self.log.debug(
-            "batch_loaded",
-            seq=batch.seq,
-            rows=batch.extracted,
-            loaded=result.loaded,
-            quarantined=result.quarantined_count,
-            skipped=result.skipped,
-            last_rowid=batch.last_rowid,
-        )
-        self.progress.advance(self.table, batch.extracted)
-
-    def on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
-        self.log.warning(
-            "batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2)
-        )
-
-    def close(self) -> None:
-        if self.quarantined > QUARANTINE_LOG_LIMIT:
-            self.log.warning(
-                "rows_quarantined_not_logged", count=self.quarantined - QUARANTINE_LOG_LIMIT
-            )
-
-
-async def migrate_table(
-    src: aiosqlite.Connection,
-    target: Target,
-    ctx: LoadContext,
-    *,
-    settings: Settings,
-    after: int,
-    upto: int,
-    progress: Progress,
-    missing_parents: set[str],
-) -> None:
-    """Stream one table from rowid ``after`` to ``upto``; SQLite reading overlaps the COPY.
-
-    Returns early, after a committed batch, when the stop flag is set. Raises
-    CheckpointRewound when the server lost commits (the caller streams again from there).
-    """
-    chain = transform(
-        extract(src, ctx.table, after_rowid=after, upto_rowid=upto, batch_size=settings.batch_size),
-        ctx.table,
-        naive_timezone=settings.naive_timezone,
-        strip_nul=settings.strip_nul,
-        missing_parents=missing_parents,
-        text_as_bytes=True,
-    )
-    batches = BatchLog(ctx, progress)
-    send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, chain, send)
-            async with receive:
-                await load(
-                    receive, target, ctx, on_batch=batches.on_batch, on_retry=batches.on_retry
-                )
-                tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
-    batches.close()
-
-
-async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
-    """Move batches from the extract/transform chain into the bounded buffer, then close it."""
-    async with send, contextlib.aclosing(source):  # type: ignore[type-var]
-        try:
-            async for batch in source:
-                await send.send(batch)
-        except anyio.BrokenResourceError:
-            return  # the consumer stopped (at a boundary, or failing: it reports why)
-
-
-# ---------------------------------------------------------------- the end of a run
-
-
-async def make_durable(lock: asyncpg.Connection, dsn: str, schema: str) -> None:
-    """One synchronous commit: flushes the WAL, so every batch committed before is durable
-    (batches commit without waiting for the flush). On the lock's connection, or on a new one
-    when that one was lost (a server restart during the run). Best effort and bounded."""
-    with anyio.move_on_after(10):
-        if not lock.is_closed() and await _touch(lock, schema):
-            return
-        try:
-            conn = await asyncpg.connect(dsn, timeout=5)
-        except Exception as exc:
-            if not (is_driver_error(exc) or is_lost_connection(exc)):
-                raise
-            return
-        try:
-            await _touch(conn, schema)
-        finally:
-            conn.terminate()
-
-
-async def _touch(conn: asyncpg.Connection, schema: str) -> bool:
-    """Whether a synchronous commit on ``conn`` succeeded."""
-    try:
-        await ckpt.touch_checkpoints(conn, schema)
-    except Exception as exc:
-        if not (is_driver_error(exc) or is_lost_connection(exc)):
-            raise
-        return False
-    return True
-
-
-async def check_accounting(conn: asyncpg.Connection, settings: Settings, report: RunReport) -> None:
-    """Every row read is loaded, quarantined or skipped; the target holds what was loaded."""
-    names = settings.names
-    current = await ckpt.read_checkpoints(conn, names.schema)
-    for name, t in report.tables.items():
-        if t.extracted != t.loaded + t.quarantined + t.skipped:
-            raise RuntimeFailure(
-                f"Accounting failed for {name}: read {t.extracted} but loaded {t.loaded},"
-                f" quarantined {t.quarantined}, skipped {t.skipped}; please report this."
-            )
-        c = current[name]
-        if c.extracted != c.loaded + c.quarantined + c.skipped:
-            raise RuntimeFailure(f"The checkpoint of {name} does not add up; please report this.")
-        if not c.preexisting_rows:
-            in_target = await conn.fetchval(f"SELECT count(*) FROM {names.qualified(name)}")
-            if in_target != c.loaded:
-                raise RuntimeFailure(
-                    f"Table {names.qualified(name)} holds {in_target} rows but flux-migrate"
-                    f" loaded {c.loaded}; something else wrote to it."
-                )

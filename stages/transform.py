@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from datetime import UTC, tzinfo
@@ -67,17 +68,7 @@ def transform_batch(
             continue
         rows.append(row)
         sources.append(raw_row)
-    return Batch(
-        table=batch.table,
-        seq=batch.seq,
-        after_rowid=batch.after_rowid,
-        last_rowid=batch.last_rowid,
-        extracted=batch.extracted,
-        last_key=batch.last_key,
-        raw=sources,
-        rows=rows,
-        rejects=rejects,
-    )
+    return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects)
 
 
 async def transform(
