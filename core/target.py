@@ -56,7 +56,7 @@ class Target:
         if self._conn is None or self._conn.is_closed():
             # Batches commit without waiting for the WAL flush: a server crash can only lose
             # whole batches together with their checkpoints (the load rewinds and redoes them),
-            # and the run ends with one synchronous commit (runner.make_durable).
+            # and the run ends with one synchronous commit (pipeline.finish.make_durable).
             conn = await asyncpg.connect(
                 self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
             )
