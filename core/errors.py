@@ -44,11 +44,11 @@ class SourceError(MigrateError):
 
 
 class TargetError(MigrateError):
-    """The target or the source refuses the run: authentication, privileges, rows this tool did
-    not write, a fingerprint from another source or other settings, a source changed below its
-    checkpoint. Raised at preflight, before any row is written, except the last (checked per
-    table, so earlier tables may have loaded in this run) and a missing privilege met later;
-    what was committed stays consistent and a rerun resumes."""
+    """The target or the source refuses the run: authentication, a missing privilege, rows this
+    tool did not write, target columns that cannot hold the values, a fingerprint from another
+    source or other settings. Raised at preflight, before any row is written, except a privilege
+    PostgreSQL refuses later in the run: batches committed before it stay committed and
+    consistent, and a rerun resumes after them."""
 
     exit_code = EXIT_USAGE
 

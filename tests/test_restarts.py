@@ -4,6 +4,9 @@ mid-operation is replaced and the run finishes by itself with each source row ex
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,10 +35,12 @@ class Restarts:
         self.copies = self.advances = self.constraints = 0
         self.done: list[str] = []
         self.threads: list[threading.Thread] = []
+        self.one_at_a_time = threading.Lock()
 
     def now(self, where: str) -> None:
-        self.done.append(where)
-        self.restart()
+        with self.one_at_a_time:  # pg_ctl fails when a second restart overlaps the first
+            self.done.append(where)
+            self.restart()
 
     def soon(self, where: str, delay: float = 0.0) -> None:
         def run() -> None:
@@ -103,6 +108,32 @@ class BetweenBatches:
             self.faults.now("between batches")
 
 
+@contextlib.contextmanager
+def ignore_asyncpg_orphaned_waiters() -> Iterator[None]:
+    """A server that goes away while asyncpg is sending COPY data leaves asyncpg's internal
+    waiter future failed and never awaited (the COPY call itself raises, and is retried): the
+    event loop reports it, and the test runner would count that report as the test's error.
+    Only that report is dropped; every other one still fails the test."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        orphaned = context.get("message") == "Future exception was never retrieved"
+        if orphaned and isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+            return
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+
+
 async def test_server_restarts_anywhere_in_a_run_are_survived_exactly(
     sample_db: Path, pg_dsn: str, restart_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,10 +144,11 @@ async def test_server_restarts_anywhere_in_a_run_are_survived_exactly(
     faults = Restarts(restart_server)
     faults.install(monkeypatch)
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=150)
-    with capture_logs() as logs:
+    with ignore_asyncpg_orphaned_waiters(), capture_logs() as logs:
         report = await migrate(settings, progress=BetweenBatches(faults, {2, 10, 21}))
-    for worker in faults.threads:
-        worker.join(timeout=60)
+        for worker in faults.threads:
+            worker.join(timeout=60)
+        gc.collect()  # orphaned waiters are reported when collected: while the filter is on
     monkeypatch.undo()
     assert report.status == "completed"
     assert {
