@@ -97,6 +97,7 @@ async def create_checkpoint(
     fingerprint: str,
     run_id: str,
 ) -> None:
+    """Create a table's checkpoint at rowid 0 (kept when it exists already)."""
     await conn.execute(
         f"INSERT INTO {CHECKPOINTS} (target_schema, source_table, target_table, created_table,"
         " preexisting_rows, constraints_pending, fingerprint, run_id)"
@@ -182,6 +183,7 @@ async def touch_checkpoints(conn: asyncpg.Connection, target_schema: str) -> Non
 async def set_status(
     conn: asyncpg.Connection, target_schema: str, source_table: str, status: str, run_id: str
 ) -> None:
+    """Record a table's status (e.g. "finished") and the run that set it."""
     await conn.execute(
         f"UPDATE {CHECKPOINTS} SET status = $3, run_id = $4, updated_at = now()"
         " WHERE target_schema = $1 AND source_table = $2",

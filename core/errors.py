@@ -228,6 +228,7 @@ def source_error(exc: sqlite3.DatabaseError, path: object) -> SourceError:
 
 
 def _connect_error(exc: BaseException, where: str) -> MigrateError:
+    """The sentence for a failed connection attempt (see translate)."""
     if isinstance(exc, asyncpg.InvalidPasswordError):
         return TargetError(
             f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."

@@ -53,6 +53,7 @@ class Target:
         self.location = dsn_location(dsn)
 
     async def conn(self) -> asyncpg.Connection:
+        """The live connection, opened (with the loader's session settings) when there is none."""
         if self._conn is None or self._conn.is_closed():
             # Batches commit without waiting for the WAL flush: a server crash can only lose
             # whole batches together with their checkpoints (the load rewinds and redoes them),
@@ -71,6 +72,7 @@ class Target:
             conn.terminate()
 
     async def close(self) -> None:
+        """Close the connection, waiting at most 5 s, then terminate it."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             with anyio.move_on_after(5, shield=True):

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """The options every command that touches a database takes."""
     p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
     p.add_argument("--postgres-dsn", help="target PostgreSQL DSN (or env POSTGRES_DSN)")
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(sub: Any) -> None:
+    """The `run` command and its options."""
     run = sub.add_parser("run", help="migrate (or resume migrating) SQLite into PostgreSQL")
     _common(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
@@ -101,6 +103,7 @@ def _add_views(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from --config, the environment and the command line."""
     return load_settings(
         args.config,
         sqlite_path=args.sqlite_path,
@@ -120,6 +123,7 @@ def _write_report(path: Path | None, report: RunReport) -> None:
 
 
 def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
+    """Ask before --restart deletes anything (or require --yes without a terminal)."""
     if not args.restart or args.yes:
         return
     if not sys.stdin.isatty():
@@ -325,6 +329,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; print a MigrateError as one sentence and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

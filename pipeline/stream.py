@@ -37,6 +37,7 @@ class BatchLog:
         self.quarantined = 0
 
     def on_batch(self, result: BatchResult) -> None:
+        """Log a committed batch, its first quarantined rows, and advance the progress."""
         batch = result.batch
         if result.already:
             self.log.info("batch_already_committed", seq=batch.seq, last_rowid=batch.last_rowid)

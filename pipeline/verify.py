@@ -111,6 +111,7 @@ async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[A
 async def _target_rows(
     conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> AsyncIterator[asyncpg.Record]:
+    """The target table's rows in key order (byte order, like SQLite's), through a cursor."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     sql = f'SELECT {cols} FROM {settings.names.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
@@ -312,6 +313,8 @@ def row_digest(table: Table, row: tuple[Any, ...]) -> int:
 
 
 def digest_sql(table: Table, qualified: str) -> str:
+    """The query that sums row_digest over the target table in PostgreSQL (skipped keys
+    excluded)."""
     parts = []
     for col in table.columns:
         name = quote_ident(col.name)

@@ -69,6 +69,7 @@ class BatchResult:
 
 
 def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
+    """Rejected rows as quarantine records (raw values as JSON), in QUARANTINE_COLUMNS order."""
     columns = ctx.table.column_names
     return [
         (
@@ -281,6 +282,7 @@ async def load(
         async for batch in source:
 
             async def attempt(conn: asyncpg.Connection, batch: Batch = batch) -> BatchResult:
+                """Commit the batch; when PostgreSQL refuses a value, again isolating bad rows."""
                 try:
                     return await commit_batch(conn, ctx, batch, isolate=False)
                 except Exception as exc:
