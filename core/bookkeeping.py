@@ -1,19 +1,28 @@
-"""The checkpoint store: per target table, how far the source has been loaded.
+"""The bookkeeping store: checkpoints, quarantine and skipped keys, and every SQL statement
+on them (no other module writes SQL on these tables).
 
-Checkpoints live in ``flux_migrate.checkpoints`` in the target database and are updated in the
-same transaction as the rows they account for.
+Per target table, a checkpoint says how far the source has been loaded; it lives in
+``flux_migrate.checkpoints`` in the target database and is updated in the same transaction as
+the rows it accounts for. ``flux_migrate.quarantine`` keeps the rows that could not be loaded
+(with their reason) until a rerun loads them; ``flux_migrate.skipped`` the keys left alone
+because they already existed (``--on-conflict skip``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
-from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA
+from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS
 
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
+QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
+SKIPPED = f"{BOOKKEEPING_SCHEMA}.skipped"
+SKIPPED_COLUMNS = ("run_id", "target_schema", "source_table", "source_key", "source_rowid")
 
 LOCK_SQL = (
     f"SELECT last_rowid, last_batch FROM {CHECKPOINTS} WHERE target_schema = $1"
@@ -67,10 +76,10 @@ async def read_checkpoints(conn: asyncpg.Connection, target_schema: str) -> dict
     if not await bookkeeping_exists(conn):
         return {}
     rows = await conn.fetch(
-        f"SELECT target_schema, source_table, target_table, last_rowid, last_key, extracted, loaded,"
-        f" quarantined, skipped, status, created_table, preexisting_rows, constraints_pending,"
-        f" fingerprint,"
-        f" run_id, updated_at FROM {CHECKPOINTS} WHERE target_schema = $1",
+        "SELECT target_schema, source_table, target_table, last_rowid, last_key, extracted,"
+        " loaded, quarantined, skipped, status, created_table, preexisting_rows,"
+        f" constraints_pending, fingerprint, run_id, updated_at FROM {CHECKPOINTS}"
+        " WHERE target_schema = $1",
         target_schema,
     )
     return {r["source_table"]: Checkpoint(**dict(r)) for r in rows}
@@ -88,6 +97,7 @@ async def create_checkpoint(
     fingerprint: str,
     run_id: str,
 ) -> None:
+    """Create a table's checkpoint at rowid 0 (kept when it exists already)."""
     await conn.execute(
         f"INSERT INTO {CHECKPOINTS} (target_schema, source_table, target_table, created_table,"
         " preexisting_rows, constraints_pending, fingerprint, run_id)"
@@ -104,9 +114,76 @@ async def create_checkpoint(
     )
 
 
+async def lock_checkpoint(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> asyncpg.Record | None:
+    """The checkpoint's ``last_rowid`` and ``last_batch``, locked until the transaction ends."""
+    return await conn.fetchrow(LOCK_SQL, target_schema, source_table)
+
+
+async def advance_checkpoint(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    *,
+    last_rowid: int,
+    last_key: str | None,
+    extracted: int,
+    loaded: int,
+    quarantined: int,
+    skipped: int,
+    run_id: str,
+) -> None:
+    """Move the checkpoint past a batch and add the batch's counts (in the batch's transaction)."""
+    await conn.execute(
+        ADVANCE_SQL,
+        target_schema,
+        source_table,
+        last_rowid,
+        extracted,
+        loaded,
+        quarantined,
+        skipped,
+        run_id,
+        last_key,
+    )
+
+
+async def account_requeue(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    *,
+    loaded: int,
+    gone: int,
+    skipped: int,
+) -> None:
+    """Move requeued rows' counts: ``loaded`` left the quarantine into the table (``skipped`` of
+    them as existing keys), ``gone`` left it because their source row was deleted."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET loaded = loaded + $3 - $5, quarantined = quarantined - $3 - $4,"
+        " skipped = skipped + $4 + $5, updated_at = now()"
+        " WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+        loaded,
+        gone,
+        skipped,
+    )
+
+
+async def touch_checkpoints(conn: asyncpg.Connection, target_schema: str) -> None:
+    """A small write to the schema's checkpoints (committed with the session's own
+    synchronous_commit: a synchronous commit makes every earlier commit durable)."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET updated_at = now() WHERE target_schema = $1", target_schema
+    )
+
+
 async def set_status(
     conn: asyncpg.Connection, target_schema: str, source_table: str, status: str, run_id: str
 ) -> None:
+    """Record a table's status (e.g. "finished") and the run that set it."""
     await conn.execute(
         f"UPDATE {CHECKPOINTS} SET status = $3, run_id = $4, updated_at = now()"
         " WHERE target_schema = $1 AND source_table = $2",
@@ -125,19 +202,142 @@ async def clear_constraints_pending(conn: asyncpg.Connection, target_schema: str
     )
 
 
+# ---------------------------------------------------------------- quarantine and skipped keys
+
+
+async def write_quarantine(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """Add rejected rows (tuples in QUARANTINE_COLUMNS order) to the quarantine."""
+    await conn.copy_records_to_table(
+        "quarantine", records=records, columns=QUARANTINE_COLUMNS, schema_name=BOOKKEEPING_SCHEMA
+    )
+
+
+async def write_skipped(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """Record keys left alone as existing (tuples in SKIPPED_COLUMNS order)."""
+    await conn.copy_records_to_table(
+        "skipped", records=records, columns=SKIPPED_COLUMNS, schema_name=BOOKKEEPING_SCHEMA
+    )
+
+
+async def open_quarantine(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> list[asyncpg.Record]:
+    """The unresolved quarantined rows of a table (``id``, ``source_rowid``), by source rowid."""
+    return list(
+        await conn.fetch(
+            f"SELECT id, source_rowid FROM {QUARANTINE} WHERE target_schema = $1"
+            " AND source_table = $2 AND resolved_at IS NULL ORDER BY source_rowid",
+            target_schema,
+            source_table,
+        )
+    )
+
+
+async def lock_open_quarantine(conn: asyncpg.Connection, ids: list[int]) -> list[asyncpg.Record]:
+    """Those of the quarantine rows ``ids`` still unresolved (``id``, ``source_rowid``), locked
+    until the transaction ends."""
+    return list(
+        await conn.fetch(
+            f"SELECT id, source_rowid FROM {QUARANTINE}"
+            " WHERE id = ANY($1::bigint[]) AND resolved_at IS NULL FOR UPDATE",
+            ids,
+        )
+    )
+
+
+async def resolve_quarantine(conn: asyncpg.Connection, ids: list[int], resolution: str) -> None:
+    """Mark quarantine rows resolved ("loaded", "source_row_gone")."""
+    await conn.execute(
+        f"UPDATE {QUARANTINE} SET resolved_at = now(), resolution = $2"
+        " WHERE id = ANY($1::bigint[])",
+        ids,
+        resolution,
+    )
+
+
+async def unresolved_keys(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> set[str]:
+    """Keys of a table's rows that are quarantined and not since loaded."""
+    rows = await conn.fetch(
+        f"SELECT DISTINCT source_key FROM {QUARANTINE} WHERE target_schema = $1"
+        " AND source_table = $2 AND source_key IS NOT NULL AND resolved_at IS NULL",
+        target_schema,
+        source_table,
+    )
+    return {r["source_key"] for r in rows}
+
+
+async def unresolved_rowids(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> set[int]:
+    """Source rowids of a table's rows that are quarantined and not since loaded."""
+    rows = await conn.fetch(
+        f"SELECT source_rowid FROM {QUARANTINE} WHERE target_schema = $1"
+        " AND source_table = $2 AND resolved_at IS NULL",
+        target_schema,
+        source_table,
+    )
+    return {r["source_rowid"] for r in rows}
+
+
+async def quarantined_keys(conn: asyncpg.Connection, target_schema: str) -> list[asyncpg.Record]:
+    """Every (``source_table``, ``source_key``) ever quarantined into a schema, resolved or not."""
+    return list(
+        await conn.fetch(
+            f"SELECT DISTINCT source_table, source_key FROM {QUARANTINE} WHERE target_schema = $1",
+            target_schema,
+        )
+    )
+
+
+async def skipped_keys(conn: asyncpg.Connection, target_schema: str, source_table: str) -> set[str]:
+    """Keys of a table's source rows left alone because the target already held them."""
+    rows = await conn.fetch(
+        f"SELECT source_key FROM {SKIPPED} WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+    )
+    return {r["source_key"] for r in rows}
+
+
+async def list_quarantine(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str | None,
+    *,
+    limit: int,
+    include_resolved: bool,
+) -> tuple[int, list[asyncpg.Record]]:
+    """How many rows are quarantined (of one table, or all) and the first ``limit`` of them
+    (table, key, rowid, reason, detail, stage, resolution), children first then by rowid."""
+    where = "target_schema = $1 AND ($2::text IS NULL OR source_table = $2)"
+    if not include_resolved:
+        where += " AND resolved_at IS NULL"
+    total = await conn.fetchval(
+        f"SELECT count(*) FROM {QUARANTINE} WHERE {where}", target_schema, source_table
+    )
+    rows = await conn.fetch(
+        f"SELECT source_table, source_key, source_rowid, reason, detail, stage, resolution"
+        f" FROM {QUARANTINE} WHERE {where} ORDER BY source_table DESC, source_rowid LIMIT $3",
+        target_schema,
+        source_table,
+        limit,
+    )
+    return int(total), list(rows)
+
+
 async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
     """Forget every checkpoint, quarantined and skipped row of one target schema."""
-    for table in ("checkpoints", "quarantine", "skipped"):
-        await conn.execute(
-            f"DELETE FROM {BOOKKEEPING_SCHEMA}.{table} WHERE target_schema = $1", target_schema
-        )
+    for table in (CHECKPOINTS, QUARANTINE, SKIPPED):
+        await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
 
 
 # Rows an earlier run quarantined or skipped, by rowid ($3 = bigint[]), with their keys.
 NOTED_ROWS_SQL = (
-    f"SELECT source_rowid, source_key FROM {BOOKKEEPING_SCHEMA}.quarantine"
+    f"SELECT source_rowid, source_key FROM {QUARANTINE}"
     " WHERE target_schema = $1 AND source_table = $2 AND source_rowid = ANY($3::bigint[])"
-    f" UNION ALL SELECT source_rowid, source_key FROM {BOOKKEEPING_SCHEMA}.skipped"
+    f" UNION ALL SELECT source_rowid, source_key FROM {SKIPPED}"
     " WHERE target_schema = $1 AND source_table = $2 AND source_rowid = ANY($3::bigint[])"
 )
 

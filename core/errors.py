@@ -1,4 +1,5 @@
-"""Errors and the one place that maps driver exceptions to fatal, transient or data errors."""
+"""Errors, and the one module that inspects driver exceptions: it maps them to fatal,
+transient or data (``classify``) and to one sentence for the user (``translate``)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,11 @@ class SourceError(MigrateError):
 
 
 class TargetError(MigrateError):
-    """The target refuses the run before anything is written (auth, conflicts, fingerprints)."""
+    """The target or the source refuses the run: authentication, a missing privilege, rows this
+    tool did not write, target columns that cannot hold the values, a fingerprint from another
+    source or other settings. Raised at preflight, before any row is written, except a privilege
+    PostgreSQL refuses later in the run: batches committed before it stay committed and
+    consistent, and a rerun resumes after them."""
 
     exit_code = EXIT_USAGE
 
@@ -77,38 +82,155 @@ _TRANSIENT_SQLSTATES = {
     "57014",  # query_canceled (statement timeout)
     "53300",  # too_many_connections
 }
+# not_null, foreign_key, unique (a key that arrives after the keys exist: quarantined as
+# duplicate_key), check violations
+_DATA_SQLSTATES = {"23502", "23503", "23505", "23514"}
+UNIQUE_VIOLATION = "23505"
+FOREIGN_KEY_VIOLATION = "23503"
+DUPLICATE_OBJECT = "42710"
+
+# Primary SQLite result codes (an extended code keeps the primary one in its low byte).
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+
+# A connection that failed in the middle of an operation keeps its protocol in that operation
+# ("cannot switch to state N; another operation is in progress"): it is broken, not the query.
+_BROKEN_CONNECTION = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions._base.InternalClientError,
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a PostgreSQL error ("" for anything else)."""
+    return (getattr(exc, "sqlstate", "") or "") if isinstance(exc, asyncpg.PostgresError) else ""
+
+
+def sqlite_busy(exc: BaseException) -> bool:
+    """Whether a SQLite error says another connection holds a lock (SQLITE_BUSY or _LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error)
+        and code is not None
+        and code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    )
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error PostgreSQL or SQLite reported (``translate`` has a sentence)."""
+    return isinstance(exc, (asyncpg.PostgresError, sqlite3.Error))
+
+
+def is_lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to PostgreSQL broke (the network, the server gone,
+    or a connection left in the middle of a failed operation)."""
+    return isinstance(exc, _BROKEN_CONNECTION) or sqlstate(exc).startswith("08")
 
 
 def classify(exc: BaseException) -> ErrorClass:
-    """Map a driver or OS exception to fatal, transient or data; the only place that looks."""
+    """Map a driver or OS exception to fatal, transient or data, by SQLSTATE or SQLite result
+    code, never by message text. TRANSIENT means: drop the connection, open a new one, retry."""
     if isinstance(exc, asyncpg.exceptions._base.DataError):
         return ErrorClass.DATA  # the driver could not encode a value
     if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", "") or ""
+        state = sqlstate(exc)
         if state in _TRANSIENT_SQLSTATES or state.startswith("08"):
             return ErrorClass.TRANSIENT
-        if state.startswith("22") or state in {"23502", "23503", "23505", "23514"}:
+        if state.startswith("22") or state in _DATA_SQLSTATES:
             return ErrorClass.DATA
         return ErrorClass.FATAL
-    if isinstance(
-        exc,
-        (
-            asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.InterfaceError,
-            ConnectionError,
-            TimeoutError,
-            asyncio.TimeoutError,
-            OSError,
-        ),
-    ):
-        return ErrorClass.TRANSIENT
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+    if isinstance(exc, _BROKEN_CONNECTION) or sqlite_busy(exc):
         return ErrorClass.TRANSIENT
     return ErrorClass.FATAL
 
 
-def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
-    """Turn a failure to connect to PostgreSQL into one sentence with what to do.
+def already_exists(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused to create an object because it exists (SQLSTATE 42710)."""
+    return sqlstate(exc) == DUPLICATE_OBJECT
+
+
+def constraint_failure(exc: BaseException, name: str) -> MigrateError | None:
+    """The sentence for rows that break the key or foreign key ``name`` being built (None when
+    ``exc`` is something else)."""
+    detail = getattr(exc, "detail", None) or exc
+    if sqlstate(exc) == UNIQUE_VIOLATION:
+        return RuntimeFailure(
+            f"Building {name} found duplicate keys ({detail}); the target holds rows"
+            " twice, which flux-migrate never writes: was it loaded by another tool too?"
+        )
+    if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+        return RuntimeFailure(
+            f"Building {name} found messages without a loaded session ({detail})."
+        )
+    return None
+
+
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real exception inside a task group's exception group (or the group itself)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    # A failing consumer closes the buffer, so the producer's BrokenResourceError is a symptom.
+    causes = [
+        e
+        for e in leaves
+        if not isinstance(e, (anyio.BrokenResourceError, anyio.ClosedResourceError))
+    ]
+    for exc in causes:
+        if isinstance(exc, MigrateError):
+            return exc
+    return causes[0] if len(causes) == 1 else group
+
+
+def translate(exc: BaseException, where: str, *, connecting: bool = False) -> MigrateError:
+    """The one sentence, with what to do, for a driver error no stage handled: a failure to
+    connect to PostgreSQL at ``where`` (``connecting``), or one during the run (privileges,
+    disk full, SQLite I/O). Decides by exception class and SQLSTATE."""
+    if connecting:
+        return _connect_error(exc, where)
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return TargetError(
+            f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); the role needs CREATE"
+            " on the database and the target schema, or an administrator must create them."
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return RuntimeFailure(
+            f"PostgreSQL at {where} failed the run: {redact(str(exc))} (SQLSTATE"
+            f" {sqlstate(exc) or '?'}); fix the cause and rerun to resume."
+        )
+    if isinstance(exc, sqlite3.Error):
+        return RuntimeFailure(
+            f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume."
+        )
+    return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
+
+
+def source_error(exc: sqlite3.DatabaseError, path: object) -> SourceError:
+    """The sentence for a SQLite file that cannot be read at preflight: locked beyond the busy
+    timeout (by result code), unreadable, or not a database at all."""
+    if sqlite_busy(exc):
+        return SourceError(
+            f"The SQLite file {path} stayed locked by another process beyond the timeout;"
+            " retry when the app is idle."
+        )
+    if isinstance(exc, sqlite3.OperationalError):
+        return SourceError(f"The SQLite file {path} cannot be read ({exc}).")
+    return SourceError(f"The file {path} is not a readable SQLite database ({exc}).")
+
+
+def _connect_error(exc: BaseException, where: str) -> MigrateError:
+    """The sentence for a failed connection attempt (see translate).
 
     A DSN the driver cannot parse is described without the driver's message, which quotes
     pieces of the DSN (a password with a raw ``#`` or ``/`` shows up as a port number)."""
@@ -136,44 +258,7 @@ def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
     )
 
 
-def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real exception inside a task group's exception group (or the group itself)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    # A failing consumer closes the buffer, so the producer's BrokenResourceError is a symptom.
-    causes = [
-        e
-        for e in leaves
-        if not isinstance(e, (anyio.BrokenResourceError, anyio.ClosedResourceError))
-    ]
-    for exc in causes:
-        if isinstance(exc, MigrateError):
-            return exc
-    return causes[0] if len(causes) == 1 else group
-
-
-def translate(exc: BaseException, where: str) -> MigrateError:
-    """One sentence for a driver error no stage handled (privileges, disk full, SQLite I/O)."""
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return TargetError(
-            f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); the role needs CREATE"
-            " on the database and the target schema, or an administrator must create them."
-        )
-    if isinstance(exc, asyncpg.PostgresError):
-        return RuntimeFailure(
-            f"PostgreSQL at {where} failed the run: {redact(str(exc))} (SQLSTATE"
-            f" {getattr(exc, 'sqlstate', '?')}); fix the cause and rerun to resume."
-        )
-    if isinstance(exc, sqlite3.Error):
-        return RuntimeFailure(
-            f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume."
-        )
-    return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
+def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
+    """``translate(exc, where, connecting=True)``; kept for memory/postgres.py until it
+    switches to translate."""
+    return translate(exc, where, connecting=True)

@@ -175,7 +175,6 @@ MESSAGES = Table(
 
 # Load order: parents before children.
 TABLES: tuple[Table, ...] = (SESSIONS, MESSAGES)
-TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 # The app's SQLite schema, exactly (used by the memory backend and the sample generator).
 SQLITE_DDL = """
@@ -240,7 +239,7 @@ class Constraint:
     name: str
     table: str  # source table name
     sql: str
-    is_index: bool
+    primary_key: bool = False  # built first (duplicates are quarantined before it)
 
 
 NAME_MAX_BYTES = 63  # PostgreSQL cuts longer identifiers (NAMEDATALEN - 1)
@@ -271,7 +270,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 table.name,
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(pk)}"
                 " PRIMARY KEY (id)",
-                False,
+                primary_key=True,
             )
         )
     for table in TABLES:
@@ -286,7 +285,6 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(fk)}"
                 f" FOREIGN KEY ({quote_ident(table.parent_column)})"
                 f" REFERENCES {names.qualified(table.parent)} (id) ON DELETE CASCADE",
-                False,
             )
         )
     for table in TABLES:
@@ -301,7 +299,6 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 table.name,
                 f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
                 f" ON {names.qualified(table.name)} ({cols})",
-                True,
             )
         )
     return tuple(out)

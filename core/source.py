@@ -9,7 +9,7 @@ from typing import Any
 
 import aiosqlite
 
-from core.errors import SourceError
+from core.errors import SourceError, source_error
 from core.schema import TABLES, quote_ident
 
 IDENTITY_SAMPLE = 8
@@ -35,19 +35,8 @@ async def check_source(conn: aiosqlite.Connection, path: Path) -> None:
                     f"Table {table.name} in {path} lacks column(s) {', '.join(missing)};"
                     " it does not match the app's schema."
                 )
-    except sqlite3.OperationalError as exc:
-        raise _operational(exc, path) from None
     except sqlite3.DatabaseError as exc:
-        raise SourceError(f"The file {path} is not a readable SQLite database ({exc}).") from None
-
-
-def _operational(exc: sqlite3.OperationalError, path: Path) -> SourceError:
-    if "locked" in str(exc) or "busy" in str(exc):
-        return SourceError(
-            f"The SQLite file {path} stayed locked by another process beyond the timeout;"
-            " retry when the app is idle."
-        )
-    return SourceError(f"The SQLite file {path} cannot be read ({exc}).")
+        raise source_error(exc, path) from None
 
 
 async def source_snapshot(
@@ -81,10 +70,8 @@ async def source_snapshot(
                 ]
         finally:
             await conn.execute("COMMIT")
-    except sqlite3.OperationalError as exc:
-        raise _operational(exc, path) from None
     except sqlite3.DatabaseError as exc:
-        raise SourceError(f"The file {path} is not a readable SQLite database ({exc}).") from None
+        raise source_error(exc, path) from None
     identity = {"schema": hashlib.sha256(ddl).hexdigest()[:16], "sample": sample}
     return bounds, identity
 

@@ -13,7 +13,7 @@ import asyncpg
 import structlog
 
 from core.dsn import dsn_location, redact
-from core.errors import ErrorClass, RuntimeFailure, classify, describe_connect_error
+from core.errors import ErrorClass, RuntimeFailure, classify, translate
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")
@@ -24,7 +24,7 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - translated into one sentence for the user
-        raise describe_connect_error(exc, dsn_location(dsn)) from None
+        raise translate(exc, dsn_location(dsn), connecting=True) from None
 
 
 def _text_to_wire(value: str | bytes) -> bytes:
@@ -87,16 +87,17 @@ class Target:
         self.location = dsn_location(dsn)
 
     async def conn(self) -> asyncpg.Connection:
+        """The live connection, opened (with the loader's session settings) when there is none."""
         if self._conn is None or self._conn.is_closed():
             # Batches commit without waiting for the WAL flush: a server crash can only lose
             # whole batches together with their checkpoints (the load rewinds and redoes them),
-            # and the run ends with one synchronous commit (runner.make_durable).
+            # and the run ends with one synchronous commit (pipeline.finish.make_durable).
             try:
                 conn = await asyncpg.connect(
                     self.dsn, timeout=10.0, server_settings={"synchronous_commit": "off"}
                 )
             except (ValueError, TypeError, asyncpg.ClientConfigurationError) as exc:
-                raise describe_connect_error(exc, self.location) from None
+                raise translate(exc, self.location, connecting=True) from None
             await accept_text_bytes(conn)
             await send_instants_exactly(conn)
             self._conn = conn

@@ -21,8 +21,9 @@ from core.errors import ConfigError, Interrupted, MigrateError, single_error
 from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline.logs import configure
 from pipeline.progress import BarProgress, NoProgress, Progress
-from pipeline.report import RunReport, check_report_path, print_summary, printable
+from pipeline.report import RunReport, check_report_path, print_summary, print_table, printable
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
+from pipeline.stop import StopFlag
 
 T = TypeVar("T")
 
@@ -39,6 +40,7 @@ def _count(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """The options every command that touches a database takes."""
     p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
     p.add_argument("--postgres-dsn", help="target PostgreSQL DSN (or env POSTGRES_DSN)")
@@ -48,15 +50,31 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (registering the commands' functions)."""
     parser = argparse.ArgumentParser(
         prog="flux-migrate",
-        description="Move the chat app's memory from SQLite to PostgreSQL, exactly once, resumably.",
+        description="Move the chat app's memory from SQLite to PostgreSQL, exactly once,"
+        " resumably.",
         epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
         " 3 done but some rows were quarantined, 130/143 interrupted;"
         " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_views(sub)
+    COMMANDS.update(add_commands(sub))
+    demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
+    demo.add_argument("--sessions", type=int, default=20_000)
+    demo.add_argument(
+        "--keep-server", action="store_true", help="leave the embedded server running"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--log-format", choices=("console", "json"))
+    return parser
 
+
+def _add_run(sub: Any) -> None:
+    """The `run` command and its options."""
     run = sub.add_parser("run", help="migrate (or resume migrating) SQLite into PostgreSQL")
     _common(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
@@ -72,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
 
+
+def _add_views(sub: Any) -> None:
+    """The read-only commands: quarantine, status, verify."""
     quarantine = sub.add_parser(
         "quarantine", help="list the rows that were quarantined, with reasons"
     )
@@ -81,10 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
     )
-
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
-
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
@@ -93,19 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_verify_api_arguments(verify)
 
-    COMMANDS.update(add_commands(sub))
-
-    demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
-    demo.add_argument("--sessions", type=int, default=20_000)
-    demo.add_argument(
-        "--keep-server", action="store_true", help="leave the embedded server running"
-    )
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
-    demo.add_argument("--log-format", choices=("console", "json"))
-    return parser
-
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from --config, the environment and the command line."""
     return load_settings(
         args.config,
         sqlite_path=args.sqlite_path,
@@ -125,65 +134,37 @@ def _write_report(path: Path | None, report: RunReport) -> None:
 
 
 def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
+    """Ask before --restart deletes anything (or require --yes without a terminal)."""
     if not args.restart or args.yes:
         return
     if not sys.stdin.isatty():
         raise ConfigError(
-            "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to confirm."
+            "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to"
+            " confirm."
         )
     answer = input(
-        f"--restart drops or empties the tables flux-migrate filled in schema {settings.target.schema}"
-        " and forgets its checkpoints. Type 'yes' to continue: "
+        "--restart drops or empties the tables flux-migrate filled in schema"
+        f" {settings.names.schema} and forgets its checkpoints. Type 'yes' to continue: "
     )
     if answer.strip().lower() != "yes":
         raise ConfigError("Restart not confirmed; nothing was changed.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import StopFlag, migrate
-
+    """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
     settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     check_report_path(args.report_json)
     _confirm_restart(args, settings)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
-    # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster, see README).
+    # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster).
     sys.setswitchinterval(0.001)
     fmt = configure(args.log_format)
     progress: Progress = NoProgress()
     if fmt == "console" and not args.no_progress and sys.stderr.isatty():
         progress = BarProgress()
-    stop = StopFlag()
     report = RunReport(run_id=uuid.uuid4().hex[:12])
-    log = structlog.get_logger("flux_migrate")
-    failure: list[MigrateError] = []
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        if stop.signum is not None:
-                            tg.cancel_scope.cancel()  # a second signal: abandon the open batch
-                            return
-                        stop.request(signum)
-                        log.warning("stop_requested", signal=signal.Signals(signum).name)
-
-            tg.start_soon(watch_signals)
-            try:
-                await migrate(
-                    settings, progress=progress, stop=stop, restart=args.restart, report=report
-                )
-            except MigrateError as exc:
-                failure.append(exc)  # raised outside the task group, not wrapped in a group
-            finally:
-                tg.cancel_scope.cancel()
-        if failure:
-            raise failure[0]
-        stop.check()  # cancelled by a second signal before migrate could say so
-
     try:
-        run_async(main)
+        run_async(_migrate_until_signalled, settings, args.restart, progress, report)
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         report.message = redact(exc.message)
@@ -193,6 +174,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     print_summary(report)
     _write_report(args.report_json, report)
+    return _print_outcome(report)
+
+
+async def _migrate_until_signalled(
+    settings: Settings, restart: bool, progress: Progress, report: RunReport
+) -> None:
+    """Run the migration; a first SIGINT/SIGTERM stops it at the next batch boundary, a second
+    one abandons the open batch. Raises MigrateError (Interrupted when stopped)."""
+    from pipeline.runner import migrate
+
+    stop = StopFlag()
+    failure: list[MigrateError] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, stop, tg.cancel_scope)
+        try:
+            await migrate(settings, progress=progress, stop=stop, restart=restart, report=report)
+        except MigrateError as exc:
+            failure.append(exc)  # raised outside the task group, not wrapped in a group
+        finally:
+            tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    stop.check()  # cancelled by a second signal before migrate could say so
+
+
+async def _watch_signals(stop: StopFlag, scope: anyio.CancelScope) -> None:
+    """Set ``stop`` on the first SIGINT/SIGTERM; cancel ``scope`` on the second."""
+    log = structlog.get_logger("flux_migrate")
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if stop.signum is not None:
+                scope.cancel()  # a second signal: abandon the open batch
+                return
+            stop.request(signum)
+            log.warning("stop_requested", signal=signal.Signals(signum).name)
+
+
+def _print_outcome(report: RunReport) -> int:
+    """The sentences after a completed run's summary; the exit code (3: rows quarantined)."""
     requeued = sum(t.requeued for t in report.tables.values())
     if requeued:
         print(
@@ -200,9 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if all(t.up_to_date for t in report.tables.values()):
         print("The target is up to date: no new rows in the source since the last run.")
-    if report.open_quarantined:
+    if report.quarantined_open:
         print(
-            f"{report.open_quarantined:,} source row(s) are quarantined, not loaded"
+            f"{report.quarantined_open:,} source row(s) are quarantined, not loaded"
             f" ({report.quarantined:,} in this run); list them with `flux-migrate quarantine`."
         )
         return errors.EXIT_QUARANTINED
@@ -210,24 +230,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
+    """`quarantine`: list the quarantined rows with their reasons."""
     from pipeline.status import list_quarantine
 
     settings = _settings(args)
     configure(args.log_format or "console")
     total, rows = run_async(list_quarantine, settings, args.table, args.limit, args.all)
     if not rows:
-        print(f"No quarantined rows in schema {settings.target.schema}.")
+        print(f"No quarantined rows in schema {settings.names.schema}.")
         return errors.EXIT_OK
-    print(
-        f"{total:,} quarantined row(s){' (resolved ones included)' if args.all else ''}; showing {len(rows):,}:"
-    )
-    for r in rows:
-        state = f" [{r['resolution']}]" if r["resolution"] else ""
-        print(
-            f"  {r['source_table']:<9} rowid {r['source_rowid']:<9}"
-            f" key {printable(r['source_key']):<38} {r['reason']:<22}"
-            f" {printable(r['detail'])}{state}"
+    resolved = " (resolved ones included)" if args.all else ""
+    print(f"{total:,} quarantined row(s){resolved}; showing {len(rows):,}:")
+    header = ("table", "rowid", "key", "reason", "detail")
+    table = [header] + [
+        (
+            str(r["source_table"]),
+            str(r["source_rowid"]),
+            printable(str(r["source_key"])),
+            str(r["reason"]),
+            printable(str(r["detail"])) + (f" [{r['resolution']}]" if r["resolution"] else ""),
         )
+        for r in rows
+    ]
+    print_table(table, align="lrlll")
     print(
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
         " `flux-migrate run`: fixed rows are loaded and marked resolved."
@@ -236,25 +261,17 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`status`: each table's checkpoint."""
     from pipeline.status import status
 
     settings = _settings(args)
     configure(args.log_format or "console")
     rows = run_async(status, settings)
     if not rows:
-        print(f"No checkpoints in schema {settings.target.schema}: nothing has been migrated yet.")
+        print(f"No checkpoints in schema {settings.names.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK
-    header = (
-        "table",
-        "target",
-        "status",
-        "last rowid",
-        "loaded",
-        "quarantined",
-        "skipped",
-        "updated",
-    )
-    table = [header] + [
+    header = ("table", "target", "status", "last rowid", "loaded", "quarantined", "skipped")
+    table = [header + ("updated",)] + [
         (
             c.source_table,
             f"{c.target_schema}.{c.target_table}",
@@ -267,13 +284,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for c in rows
     ]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(table, align="lllrrrrl")
     return errors.EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`verify`: compare every row (or, with --quick, counts and checksums); exit 1 on a
+    mismatch."""
     from pipeline.verify import verify_quick, verify_rows
 
     if args.api:
@@ -282,26 +299,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     configure(args.log_format or "console")
     if args.quick:
         quick = run_async(verify_quick, settings)
-        print(f"{'table':<10}{'source':>12}{'target':>12}  checksum  result")
+        rows = [("table", "source", "target", "checksum", "result")]
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
-            print(
-                f"{q.table:<10}{q.source_count:>12,}{q.target_count:>12,}  {same:<8}  {'ok' if q.ok else 'MISMATCH'}"
+            rows.append(
+                (q.table, f"{q.source_count:,}", f"{q.target_count:,}", same, _verdict(q.ok))
             )
+        print_table(rows, align="lrrll")
         return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
     full = run_async(lambda: verify_rows(settings, limit=args.show))
-    print(
-        f"{'table':<10}{'matched':>10}{'different':>11}{'missing':>9}{'extra':>7}{'quarantined':>13}{'skipped':>9}  result"
-    )
+    header = ("table", "matched", "different", "missing", "extra", "quarantined", "skipped")
+    table: list[tuple[str, ...]] = [header + ("result",)]
     for t in full:
-        print(
-            f"{t.table:<10}{t.matched:>10,}{t.different:>11,}{t.missing:>9,}{t.extra:>7,}"
-            f"{t.quarantined:>13,}{t.skipped:>9,}  {'ok' if t.ok else 'MISMATCH'}"
-        )
+        counts = (t.matched, t.different, t.missing, t.extra, t.quarantined, t.skipped)
+        table.append((t.table, *(f"{n:,}" for n in counts), _verdict(t.ok)))
+    print_table(table, align="lrrrrrrl")
     for t in full:
         for line in t.samples:
             print(f"  {line}")
     return errors.EXIT_OK if all(t.ok for t in full) else errors.EXIT_FAILURE
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISMATCH"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -334,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    """Parse arguments and run one command; print a MigrateError as one sentence and return
+    its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

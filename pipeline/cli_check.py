@@ -69,7 +69,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
     schema = getattr(args, "schema", None)
     if schema is not None:
-        settings = settings.with_(target=dataclasses.replace(settings.target, schema=schema))
+        settings = settings.with_(names=dataclasses.replace(settings.names, schema=schema))
         validate(settings)
     return settings
 
@@ -90,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def run() -> Any:
         return await check(
-            dsn, names=settings.target, quick=args.quick, pool_min=pool_min, pool_max=pool_max
+            dsn, names=settings.names, quick=args.quick, pool_min=pool_min, pool_max=pool_max
         )
 
     result = anyio.run(run, backend="asyncio")
@@ -109,7 +109,7 @@ def cmd_verify_api(args: argparse.Namespace) -> int:
         raise ConfigError(f"--page-size must be at least 1, not {args.page_size}.")
 
     async def run() -> Any:
-        return await compare_api(path, dsn, names=settings.target, page_size=args.page_size)
+        return await compare_api(path, dsn, names=settings.names, page_size=args.page_size)
 
     result = anyio.run(run, backend="asyncio")
     for line in result.lines():

@@ -86,7 +86,7 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         names = TargetNames()
         _say(f"  server up; migrating into database flux_demo ({redact(dsn)}).")
 
-    settings = load_settings(None, sqlite_path=source, postgres_dsn=dsn, target=names)
+    settings = load_settings(None, sqlite_path=source, postgres_dsn=dsn, names=names)
     progress: Progress = BarProgress() if sys.stderr.isatty() else NoProgress()
     try:
         report = anyio.run(lambda: migrate(settings, progress=progress), backend="asyncio")

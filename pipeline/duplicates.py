@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 import structlog
 
+from core import bookkeeping as ckpt
 from core.bookkeeping import CHECKPOINTS
 from core.catalog import existing_constraint_names
 from core.errors import RuntimeFailure
@@ -33,7 +34,6 @@ from core.schema import (
 )
 from core.target import Target
 from pipeline.report import RunReport
-from pipeline.requeue import unresolved_keys
 from pipeline.settings import Settings
 from stages.batch import Batch
 from stages.convert import raw_to_json
@@ -50,7 +50,7 @@ async def build_primary_keys(
     """Build the pending primary keys; where duplicates prevent one, quarantine all but the
     first arrival of each key (``duplicate_key``) and build it then. Keys already built are
     left alone; the rest of the deferred constraints are built by the runner afterwards."""
-    names = settings.target
+    names = settings.names
     started = time.monotonic()
     checkpoints = await target.retrying(
         lambda c: _pending_tables(c, names.schema), what="reading checkpoints"
@@ -58,7 +58,7 @@ async def build_primary_keys(
     for table in TABLES:
         if table.name not in checkpoints:
             continue
-        pk = next(c for c in constraints(names) if c.table == table.name and not c.is_index)
+        pk = next(c for c in constraints(names) if c.table == table.name and c.primary_key)
         have = await target.retrying(
             lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
         )
@@ -133,7 +133,7 @@ async def _quarantine_duplicates(
     upto: int,
     pk_sql: str,
 ) -> int:
-    names = settings.target
+    names = settings.names
     qualified = names.qualified(table.name)
     schema = names.schema
 
@@ -149,7 +149,7 @@ async def _quarantine_duplicates(
         )
         parents: set[str] = set()
         if table.parent is not None:
-            parents = await unresolved_keys(conn, schema, table.parent)
+            parents = await ckpt.unresolved_keys(conn, schema, table.parent)
         return (
             {r["id"]: int(r["n"]) for r in counts},
             {int(r["source_rowid"]) for r in quarantined},
@@ -161,7 +161,7 @@ async def _quarantine_duplicates(
     batch = transform_batch(
         Batch(table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw),
         table,
-        naive_tz=settings.naive_tz,
+        naive_timezone=settings.naive_timezone,
         strip_nul=settings.strip_nul,
         missing_parents=missing,
     )

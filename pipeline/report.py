@@ -39,11 +39,19 @@ def check_report_path(path: Path | None) -> None:
         path.unlink()
 
 
-def print_table(rows: Sequence[Sequence[str]], out: TextIO = sys.stdout) -> None:
-    """Print rows as aligned columns: the first row is the header, the first column left-aligned."""
+def print_table(
+    rows: Sequence[Sequence[str]], out: TextIO | None = None, *, align: str | None = None
+) -> None:
+    """Print rows as aligned columns under a rule: the first row is the header. ``align`` has
+    one letter per column, "l" (left) or "r" (right); by default the first column is left-aligned
+    and the others right-aligned (numbers)."""
+    out = out or sys.stdout  # looked up per call: stdout may be redirected after import
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    align = align or "l" + "r" * (len(widths) - 1)
     for i, r in enumerate(rows):
-        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        cells = (
+            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)
+        )
         out.write("  ".join(cells).rstrip() + "\n")
         if i == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
@@ -80,7 +88,7 @@ class RunReport:
     tables: dict[str, TableReport] = field(default_factory=dict)
     message: str = ""
     constraints_seconds: float = 0.0
-    open_quarantined: int = 0  # rows quarantined by any run and not loaded since
+    quarantined_open: int = 0  # rows quarantined by any run and not loaded since
 
     @property
     def quarantined(self) -> int:
@@ -91,13 +99,14 @@ class RunReport:
             "run_id": self.run_id,
             "status": self.status,
             "message": self.message,
-            "quarantined_open": self.open_quarantined,
+            "quarantined_open": self.quarantined_open,
             "tables": {name: t.as_json() for name, t in self.tables.items()},
         }
 
 
-def print_summary(report: RunReport, out: TextIO = sys.stdout) -> None:
+def print_summary(report: RunReport, out: TextIO | None = None) -> None:
     """The summary table of a run, and the time the keys took."""
+    out = out or sys.stdout
     rows = [("table", "read", "loaded", "not loaded", "seconds", "rows/s")]
     for name, t in report.tables.items():
         rows.append(

@@ -1,368 +1,88 @@
-"""The runner: preflight, then extract -> transform -> load per table, then keys and accounting."""
+"""The runner: preflight, then extract -> transform -> load per table, then keys and accounting.
+
+Target preflight (lock, --restart, tables, fingerprints) lives in pipeline/preflight.py, one
+table's stream in pipeline/stream.py, the deferred key build in pipeline/keys.py, the
+accounting and the final durable commit in pipeline/finish.py; this module runs the tables in
+order and keeps the report.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
-import signal
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
 import anyio
-import asyncpg
 import structlog
-from anyio.abc import ObjectSendStream
 
 from core import bookkeeping as ckpt
-from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
 from core.errors import (
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
     Interrupted,
     MigrateError,
-    RuntimeFailure,
-    TargetError,
-    single_error,
+    is_driver_error,
     translate,
 )
-from core.schema import (
-    TABLES,
-    Table,
-    TargetNames,
-    constraints,
-    create_table_sql,
-    quote_ident,
-)
+from core.schema import TABLES, Table
 from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
 from pipeline.duplicates import build_primary_keys
+from pipeline.finish import check_accounting, make_durable
+from pipeline.keys import build_constraints
+from pipeline.preflight import (
+    check_fingerprint,
+    clear_target,
+    prepare_target,
+    settings_fingerprint,
+    take_migration_lock,
+)
 from pipeline.progress import NoProgress, Progress
 from pipeline.report import RunReport, TableReport
-from pipeline.requeue import requeue, unresolved_keys
-from pipeline.resume_point import resume_point, same_source
+from pipeline.requeue import requeue
+from pipeline.resume_point import resume_point
 from pipeline.settings import Settings
-from pipeline.target_columns import check_target_columns
-from stages.batch import Batch
-from stages.extract import extract, open_source
-from stages.load import BatchResult, CheckpointRewound, LoadContext, load
-from stages.transform import transform, transform_batch
+from pipeline.stop import StopFlag
+from pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
+from stages.extract import open_source
+from stages.load import CheckpointRewound, LoadContext
+from stages.transform import transform_batch
+
+__all__ = [
+    "QUARANTINE_LOG_LIMIT",
+    "StopFlag",
+    "check_accounting",
+    "make_durable",
+    "migrate",
+    "migrate_table",
+    "settings_fingerprint",
+]
 
 log = structlog.get_logger("flux_migrate")
 
-# Log at most this many quarantined rows per table and run; the rest are counted.
-QUARANTINE_LOG_LIMIT = 50
 
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """What every table of one run shares: the open source and target, the settings, the
+    checkpoints and source bounds read at the start, and where progress and counts go."""
 
-# ---------------------------------------------------------------- target preflight
+    src: aiosqlite.Connection
+    target: Target
+    settings: Settings
+    run_id: str
+    checkpoints: dict[str, ckpt.Checkpoint]
+    bounds: dict[str, int]  # the highest source rowid of each table when the run started
+    report: RunReport
+    progress: Progress
+    stop: StopFlag
 
-
-UNIQUE_ID_SQL = (
-    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
-    " AND a.attnum = i.indkey[0] WHERE i.indrelid = $1::regclass AND i.indisunique"
-    " AND i.indnkeyatts = 1 AND a.attname = 'id')"
-)
-
-
-def settings_fingerprint(settings: Settings) -> dict[str, Any]:
-    """The settings that shape what lands in the target; a resume must use the same."""
-    t = settings.target
-    return {
-        "target": [t.schema, t.sessions, t.messages],
-        "naive_timezone": settings.naive_timezone,
-        "strip_nul": settings.strip_nul,
-        "on_conflict": settings.on_conflict,
-    }
-
-
-async def refuse_foreign_rows(conn: asyncpg.Connection, settings: Settings) -> None:
-    """Before writing anything: refuse a table holding rows flux-migrate did not write, unless
-    --on-conflict says what to do with them."""
-    if settings.on_conflict != "error":
-        return
-    names = settings.target
-    existing = await ckpt.read_checkpoints(conn, names.schema)
-    for table in TABLES:
-        if table.name in existing or not await table_exists(conn, names, table.name):
-            continue
-        if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})"):
-            raise TargetError(
-                f"Table {names.qualified(table.name)} already holds rows that flux-migrate"
-                " did not write; empty it, set another target schema in --config, or pass"
-                " --on-conflict skip (keep them) or --on-conflict update (overwrite them)."
-            )
-
-
-async def prepare_target(
-    conn: asyncpg.Connection, settings: Settings, run_id: str, fingerprint: str
-) -> dict[str, ckpt.Checkpoint]:
-    """Create the bookkeeping, the target schema and missing tables with their checkpoints.
-
-    Refuses (TargetError, nothing written) a table that holds rows this tool did not write,
-    unless --on-conflict skip|update says what to do with them.
-    """
-    names = settings.target
-    await refuse_foreign_rows(conn, settings)
-    await ckpt.ensure_bookkeeping(conn)
-    existing = await ckpt.read_checkpoints(conn, names.schema)
-    async with conn.transaction():
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}")
-        for table in TABLES:
-            if table.name in existing:
-                if not await table_exists(conn, names, table.name):
-                    raise TargetError(
-                        f"Table {names.qualified(table.name)} was dropped after flux-migrate"
-                        " started filling it; rerun with --restart --yes to start over."
-                    )
-                await check_target_columns(conn, names, table)
-                continue
-            created = not await table_exists(conn, names, table.name)
-            if not created:
-                await check_target_columns(conn, names, table)
-            has_rows = False
-            if created:
-                await conn.execute(create_table_sql(table, names))
-            else:
-                has_rows = bool(
-                    await conn.fetchval(
-                        f"SELECT EXISTS (SELECT 1 FROM {names.qualified(table.name)})"
-                    )
-                )
-                if has_rows and not await conn.fetchval(UNIQUE_ID_SQL, names.qualified(table.name)):
-                    raise TargetError(
-                        f"--on-conflict {settings.on_conflict} needs a primary key or unique index on"
-                        f" {names.qualified(table.name)}(id), which it lacks; add one or empty the table."
-                    )
-            await ckpt.create_checkpoint(
-                conn,
-                target_schema=names.schema,
-                source_table=table.name,
-                target_table=names.table(table.name),
-                created_table=created,
-                preexisting_rows=has_rows,
-                constraints_pending=created and settings.defer_constraints,
-                fingerprint=fingerprint,
-                run_id=run_id,
-            )
-            if created and not settings.defer_constraints:
-                for c in constraints(names):
-                    if c.table == table.name:
-                        await conn.execute(c.sql)
-    return await ckpt.read_checkpoints(conn, names.schema)
-
-
-async def check_fingerprint(
-    src: aiosqlite.Connection,
-    target: Target,
-    settings: Settings,
-    identity: dict[str, Any],
-    checkpoints: dict[str, ckpt.Checkpoint],
-) -> None:
-    """Refuse to resume into a target filled from another source or with other settings."""
-    for c in checkpoints.values():
-        if not c.fingerprint:
-            continue
-        stored = json.loads(c.fingerprint)
-        theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
-        changed = [k for k in ours if theirs.get(k) != ours[k]]
-        if changed:
-            key = changed[0]
-            raise TargetError(
-                f"This target was filled with {key}={theirs.get(key)!r} but this run uses"
-                f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start over."
-            )
-        source = stored.get("source", {})
-        if source.get("schema") != identity["schema"] or not await same_source(
-            src, target, settings.target, source.get("sample", [])
-        ):
-            raise TargetError(
-                "This target was filled from a different SQLite database (its schema or first"
-                " sessions differ); point --sqlite-path at the original file, or pass --restart"
-                " --yes to clear what flux-migrate wrote and start over."
-            )
-        return
-
-
-async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
-    """--restart: drop the tables flux-migrate created, empty those it filled, forget checkpoints."""
-    names = settings.target
-    if not await ckpt.bookkeeping_exists(conn):
-        return
-    found = await ckpt.read_checkpoints(conn, names.schema)
-    refused = [c for c in found.values() if c.preexisting_rows]
-    if refused:
-        raise TargetError(
-            f"--restart cannot undo a load into {names.schema}.{refused[0].target_table}, which held"
-            " rows before flux-migrate wrote to it; restore it from a backup instead."
-        )
-    for c in found.values():
-        if await table_exists(conn, names, c.source_table):
-            foreign = await ckpt.rows_written_since(conn, names.qualified(c.source_table), c)
-            if foreign:
-                raise TargetError(
-                    f"--restart would delete {foreign:,} row(s) of"
-                    f" {names.qualified(c.source_table)} that flux-migrate did not write (written"
-                    " after its last run, e.g. by the app); move or back them up first."
-                    " Nothing was changed."
-                )
-    async with conn.transaction():
-        for table in reversed(TABLES):
-            c = found.get(table.name)
-            if c is None or not await table_exists(conn, names, table.name):
-                continue
-            if c.created_table:
-                await conn.execute(f"DROP TABLE {names.qualified(table.name)} CASCADE")
-            else:
-                await conn.execute(f"DELETE FROM {names.qualified(table.name)}")
-        await ckpt.clear_schema(conn, names.schema)
-    log.info("target_cleared", schema=names.schema)
-
-
-async def build_constraints(target: Target, names: TargetNames, stop: StopFlag) -> float:
-    """Build the keys and index deferred during the bulk load; each is resumable by name."""
-    started = time.monotonic()
-    have = await target.retrying(
-        lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
-    )
-    for c in constraints(names):
-        if c.name in have:
-            continue
-        stop.check()
-        log.info("constraint_build_started", constraint=c.name)
-        try:
-            await target.retrying(lambda conn, c=c: conn.execute(c.sql), what=f"building {c.name}")
-        except asyncpg.UniqueViolationError as exc:
-            raise RuntimeFailure(
-                f"Building {c.name} found duplicate keys ({exc.detail or exc}); the target holds rows"
-                " twice, which flux-migrate never writes: was it loaded by another tool too?"
-            ) from None
-        except asyncpg.ForeignKeyViolationError as exc:
-            raise RuntimeFailure(
-                f"Building {c.name} found messages without a loaded session ({exc.detail or exc})."
-            ) from None
-        except asyncpg.DuplicateObjectError:
-            pass  # built by an attempt whose reply was lost
-    await target.retrying(
-        lambda c: ckpt.clear_constraints_pending(c, names.schema), what="recording the keys"
-    )
-    return time.monotonic() - started
-
-
-# ---------------------------------------------------------------- the run
-
-
-class StopFlag:
-    """Set by a signal handler; the run stops at the next batch boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def request(self, signum: int) -> None:
-        self.signum = signum
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            name = "SIGINT" if self.signum == signal.SIGINT else "SIGTERM"
-            code = EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM
-            raise Interrupted(
-                f"Stopped by {name} at a batch boundary; checkpoints are consistent,"
-                " rerun the same command to resume.",
-                code,
-            )
-
-
-async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
-    """Move batches from the extract/transform chain into the bounded buffer, then close it."""
-    async with send, contextlib.aclosing(source):  # type: ignore[type-var]
-        try:
-            async for batch in source:
-                await send.send(batch)
-        except anyio.BrokenResourceError:
-            return  # the consumer stopped (at a boundary, or failing: it reports why)
-
-
-async def migrate_table(
-    src: aiosqlite.Connection,
-    target: Target,
-    ctx: LoadContext,
-    *,
-    settings: Settings,
-    after: int,
-    upto: int,
-    report: TableReport,
-    progress: Progress,
-    missing_parents: set[str],
-) -> None:
-    """Stream one table from its checkpoint to ``upto``; SQLite reading overlaps the COPY.
-
-    Returns early, after a committed batch, when the stop flag is set.
-    """
-    table = ctx.table
-    tlog = log.bind(run_id=ctx.run_id, table=table.name)
-    logged = 0
-
-    def on_batch(result: BatchResult) -> None:
-        nonlocal logged
-        if result.already:
-            tlog.info(
-                "batch_already_committed", seq=result.batch.seq, last_rowid=result.batch.last_rowid
-            )
-        report.loaded += result.loaded
-        report.quarantined += result.quarantined_count
-        report.skipped += result.skipped
-        report.extracted += result.batch.extracted
-        for reject in result.quarantined:
-            if logged < QUARANTINE_LOG_LIMIT:
-                tlog.warning(
-                    "row_quarantined",
-                    key=reject.key,
-                    rowid=reject.rowid,
-                    reason=reject.reason,
-                    stage=reject.stage,
-                )
-            logged += 1
-        tlog.debug(
-            "batch_loaded",
-            seq=result.batch.seq,
-            rows=result.batch.extracted,
-            loaded=result.loaded,
-            quarantined=result.quarantined_count,
-            skipped=result.skipped,
-            last_rowid=result.batch.last_rowid,
-        )
-        progress.advance(table.name, result.batch.extracted)
-
-    def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
-        tlog.warning(
-            "batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2)
-        )
-
-    chain = transform(
-        extract(src, table, after_rowid=after, upto_rowid=upto, batch_size=settings.batch_size),
-        table,
-        naive_tz=settings.naive_tz,
-        strip_nul=settings.strip_nul,
-        missing_parents=missing_parents,
-        text_as_bytes=True,
-    )
-    send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, chain, send)
-            async with receive:
-                await load(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
-                tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
-    if logged > QUARANTINE_LOG_LIMIT:
-        tlog.warning("rows_quarantined_not_logged", count=logged - QUARANTINE_LOG_LIMIT)
+    @property
+    def schema(self) -> str:
+        return self.settings.names.schema
 
 
 async def migrate(
@@ -381,82 +101,24 @@ async def migrate(
     at the next batch boundary and raises Interrupted. ``report`` (if given) is filled in as
     the run goes, so a caller can print what was done even when the run fails.
     """
-    progress = progress or NoProgress()
-    stop = stop or StopFlag()
     report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
-    run_id = report.run_id
-    path = settings.require_source()
-    dsn = settings.require_dsn()
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    names = settings.target
-    target = Target(dsn, retry_seconds=settings.retry_seconds)
+    settings.require_source()  # configuration errors first, before anything is opened
+    target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
+    structlog.contextvars.bind_contextvars(run_id=report.run_id)
     try:
-        async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
-            await check_source(src, path)
-            bounds, identity = await source_snapshot(src, path)
-            lock = await connect(dsn)
-            try:
-                got_lock = await lock.fetchval(
-                    f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})", names.schema
-                )
-                if not got_lock:
-                    raise TargetError(
-                        f"Another flux-migrate run is writing to schema {names.schema} of this"
-                        " database; wait for it to finish."
-                    )
-                if restart:
-                    await target.retrying(
-                        lambda c: clear_target(c, settings), what="clearing the target"
-                    )
-                fingerprint = json.dumps(
-                    {"source": identity, "settings": settings_fingerprint(settings)}
-                )
-                checkpoints = await target.retrying(
-                    lambda c: prepare_target(c, settings, run_id, fingerprint),
-                    what="preparing the target",
-                )
-                await check_fingerprint(src, target, settings, identity, checkpoints)
-                log.info("run_started", target=names.schema, batch_size=settings.batch_size)
-                for table in TABLES:
-                    stop.check()
-                    await _run_table(
-                        src,
-                        target,
-                        table,
-                        settings,
-                        run_id,
-                        checkpoints,
-                        bounds,
-                        report,
-                        progress,
-                        stop,
-                    )
-                await build_primary_keys(src, target, settings, run_id, report)
-                final = await target.retrying(
-                    lambda c: ckpt.read_checkpoints(c, names.schema), what="reading checkpoints"
-                )
-                if any(c.constraints_pending for c in final.values()):
-                    report.constraints_seconds += await build_constraints(target, names, stop)
-                    log.info("constraints_built", seconds=round(report.constraints_seconds, 2))
-                await target.retrying(
-                    lambda c: check_accounting(c, settings, report), what="checking the accounting"
-                )
-                report.open_quarantined = sum(c.quarantined for c in final.values())
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await target.close()
-                    await make_durable(lock, names.schema)
-                    lock.terminate() if not lock.is_closed() else None
-    except (asyncpg.PostgresError, sqlite3.Error) as exc:
-        error = translate(exc, target.location)
-        report.status, report.message = "failed", error.message
-        log.error("run_failed", error=error.message, status=report.status)
+        await _migrate(
+            settings,
+            target,
+            report=report,
+            progress=progress or NoProgress(),
+            stop=stop or StopFlag(),
+            restart=restart,
+        )
+    except Exception as exc:
+        error = _failed(report, exc, target.location)
+        if error is exc:
+            raise
         raise error from None
-    except MigrateError as exc:
-        report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
-        report.message = exc.message
-        log.error("run_failed", error=exc.message, status=report.status)
-        raise
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
     report.status = "completed"
@@ -469,6 +131,225 @@ async def migrate(
     return report
 
 
+async def _migrate(
+    settings: Settings,
+    target: Target,
+    *,
+    report: RunReport,
+    progress: Progress,
+    stop: StopFlag,
+    restart: bool,
+) -> None:
+    """Source preflight, the lock, target preflight, the tables, then keys and accounting."""
+    path = settings.require_source()
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
+        await check_source(src, path)
+        bounds, identity = await source_snapshot(src, path)
+        async with holding_migration_lock(target.dsn, target, settings.names.schema):
+            checkpoints = await _prepare(src, target, settings, identity, report, restart)
+            run = Run(
+                src=src,
+                target=target,
+                settings=settings,
+                run_id=report.run_id,
+                checkpoints=checkpoints,
+                bounds=bounds,
+                report=report,
+                progress=progress,
+                stop=stop,
+            )
+            await _run_tables(run)
+            await _finish(run)
+
+
+@contextlib.asynccontextmanager
+async def holding_migration_lock(dsn: str, target: Target, schema: str) -> AsyncIterator[None]:
+    """Hold the schema's migration lock on a connection of its own for the run; at the end
+    (shielded) close the target and make every commit of the run durable."""
+    lock = await connect(dsn)
+    try:
+        await take_migration_lock(lock, schema)
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await target.close()
+            await make_durable(lock, target.dsn, schema)
+            if not lock.is_closed():
+                lock.terminate()
+
+
+async def _prepare(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    identity: dict[str, Any],
+    report: RunReport,
+    restart: bool,
+) -> dict[str, ckpt.Checkpoint]:
+    """--restart if asked, then the target's tables and checkpoints, checked against this
+    source and these settings; return the checkpoints."""
+    if restart:
+        await target.retrying(lambda c: clear_target(c, settings), what="clearing the target")
+    fingerprint = json.dumps({"source": identity, "settings": settings_fingerprint(settings)})
+    checkpoints = await target.retrying(
+        lambda c: prepare_target(c, settings, report.run_id, fingerprint),
+        what="preparing the target",
+    )
+    await check_fingerprint(src, target, settings, identity, checkpoints)
+    return checkpoints
+
+
+async def _run_tables(run: Run) -> None:
+    """Each table in load order (parents first), stopping between tables when asked."""
+    log.info("run_started", target=run.schema, batch_size=run.settings.batch_size)
+    for table in TABLES:
+        run.stop.check()
+        await _run_table(run, table)
+
+
+async def _finish(run: Run) -> None:
+    """Build the deferred keys, check that every row is accounted for, count what stays
+    quarantined."""
+    await build_primary_keys(run.src, run.target, run.settings, run.run_id, run.report)
+    final = await run.target.retrying(
+        lambda c: ckpt.read_checkpoints(c, run.schema), what="reading checkpoints"
+    )
+    if any(c.constraints_pending for c in final.values()):
+        run.report.constraints_seconds += await build_constraints(
+            run.target, run.settings.names, run.stop
+        )
+        log.info("constraints_built", seconds=round(run.report.constraints_seconds, 2))
+    await run.target.retrying(
+        lambda c: check_accounting(c, run.settings, run.report), what="checking the accounting"
+    )
+    run.report.quarantined_open = sum(c.quarantined for c in final.values())
+
+
+def _failed(report: RunReport, exc: Exception, where: str) -> Exception:
+    """Record a failed or interrupted run in the report and the log; return the error to raise
+    (a driver error no stage handled becomes one sentence; anything else is a bug, as is)."""
+    if isinstance(exc, MigrateError):
+        error = exc
+    elif is_driver_error(exc):
+        error = translate(exc, where)
+    else:
+        return exc
+    report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
+    report.message = error.message
+    log.error("run_failed", error=error.message, status=report.status)
+    return error
+
+
+# ---------------------------------------------------------------- one table
+
+
+async def _run_table(run: Run, table: Table) -> None:
+    """Retry the table's quarantined rows, then stream its new rows after the checkpoint up to
+    the run's bound, and record what the checkpoint says this run did."""
+    treport = run.report.tables[table.name] = TableReport()
+    checkpoint = run.checkpoints[table.name]
+    missing = await _missing_parents(run, table)
+    ctx = _load_context(run, table, checkpoint, missing)
+    if checkpoint.quarantined:
+        treport.requeued, _gone = await requeue(
+            run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
+        )
+    start = await _checkpoint(run.target, run.schema, table.name)
+    after = await run.target.retrying(
+        lambda c: resume_point(run.src, c, run.settings.names, checkpoint),
+        what="finding where to resume",
+    )
+    total = await count_between(run.src, table.name, after, run.bounds[table.name])
+    if total == 0:
+        treport.up_to_date = True
+        log.info("table_up_to_date", table=table.name, last_rowid=after)
+        await _set_finished(run, table)
+        return
+    log.info("table_started", table=table.name, rows=total, after_rowid=after)
+    try:
+        await _stream_table(run, ctx, after, total, missing)
+    except BaseException:
+        await _count_best_effort(run, table, start)
+        raise
+    await _count_from_checkpoint(run, table, start)
+    run.stop.check()
+    await _set_finished(run, table)
+    t = run.report.tables[table.name]
+    log.info(
+        "table_completed",
+        table=table.name,
+        extracted=t.extracted,
+        loaded=t.loaded,
+        quarantined=t.quarantined,
+        skipped=t.skipped,
+        seconds=round(t.seconds, 2),
+    )
+
+
+async def _missing_parents(run: Run, table: Table) -> set[str]:
+    """For a child table: the parent keys that are quarantined (their children are too)."""
+    if table.parent is None:
+        return set()
+    parent = table.parent
+    return await run.target.retrying(
+        lambda c: ckpt.unresolved_keys(c, run.schema, parent), what="reading the quarantine"
+    )
+
+
+def _load_context(
+    run: Run, table: Table, checkpoint: ckpt.Checkpoint, missing: set[str]
+) -> LoadContext:
+    """Where and how the table's batches load: with --on-conflict only into tables that held
+    rows before, and a strict re-conversion for batches PostgreSQL refuses."""
+    settings = run.settings
+    return LoadContext(
+        table=table,
+        names=settings.names,
+        run_id=run.run_id,
+        on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
+        stop=run.stop,
+        single_transaction=settings.single_transaction,
+        strict=functools.partial(
+            transform_batch,
+            table=table,
+            naive_timezone=settings.naive_timezone,
+            strip_nul=settings.strip_nul,
+            missing_parents=missing,
+        ),
+    )
+
+
+async def _stream_table(
+    run: Run, ctx: LoadContext, after: int, total: int, missing: set[str]
+) -> None:
+    """Stream the table from ``after``; when the server lost commits (the checkpoint is behind
+    a batch), stream again from where the checkpoint stands."""
+    table = ctx.table.name
+    treport = run.report.tables[table]
+    started = time.monotonic()
+    run.progress.start(table, total)
+    try:
+        while True:
+            try:
+                await migrate_table(
+                    run.src,
+                    run.target,
+                    ctx,
+                    settings=run.settings,
+                    after=after,
+                    upto=run.bounds[table],
+                    progress=run.progress,
+                    missing_parents=missing,
+                )
+                return
+            except CheckpointRewound as rewound:
+                log.warning("checkpoint_rewound", table=table, to_rowid=rewound.rowid)
+                after = rewound.rowid
+    finally:
+        treport.seconds = time.monotonic() - started
+        run.progress.finish(table)
+
+
 async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
     found = await target.retrying(
         lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
@@ -476,142 +357,32 @@ async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoin
     return found[table]
 
 
-async def make_durable(conn: asyncpg.Connection, schema: str) -> None:
-    """One synchronous commit: flushes the WAL, so every batch committed before is durable
-    (batches commit without waiting for the flush). Best effort and bounded."""
-    if conn.is_closed():
-        return
-    with anyio.move_on_after(10):
-        try:
-            await conn.execute(
-                f"UPDATE {ckpt.CHECKPOINTS} SET updated_at = now() WHERE target_schema = $1", schema
-            )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-            pass
-        # Release the run's lock now: a terminated connection frees it only once the server
-        # notices, and a run started right after this one would be refused meanwhile.
-        with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-            await conn.execute("SELECT pg_advisory_unlock_all()")
-
-
-async def _run_table(
-    src: aiosqlite.Connection,
-    target: Target,
-    table: Table,
-    settings: Settings,
-    run_id: str,
-    checkpoints: dict[str, ckpt.Checkpoint],
-    bounds: dict[str, int],
-    report: RunReport,
-    progress: Progress,
-    stop: StopFlag,
-) -> None:
-    names = settings.target
-    treport = report.tables[table.name] = TableReport()
-    checkpoint = checkpoints[table.name]
-    missing: set[str] = set()
-    if table.parent is not None:
-        missing = await target.retrying(
-            lambda c: unresolved_keys(c, names.schema, str(table.parent)),
-            what="reading the quarantine",
-        )
-    ctx = LoadContext(
-        table=table,
-        names=names,
-        run_id=run_id,
-        on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
-        stop=stop,
-        single_transaction=settings.single_transaction,
-        strict=functools.partial(
-            transform_batch,
-            table=table,
-            naive_tz=settings.naive_tz,
-            strip_nul=settings.strip_nul,
-            missing_parents=missing,
-        ),
-    )
-    if checkpoint.quarantined:
-        fixed, _gone = await requeue(
-            src, target, table, settings=settings, ctx=ctx, missing_parents=missing
-        )
-        treport.requeued = fixed
-    start = await _checkpoint(target, names.schema, table.name)
-    after = await target.retrying(
-        lambda c: resume_point(src, c, names, checkpoint), what="finding where to resume"
-    )
-    upto = bounds[table.name]
-    total = await count_between(src, table.name, after, upto)
-    if total == 0:
-        treport.up_to_date = True
-        log.info("table_up_to_date", table=table.name, last_rowid=after)
-        await target.retrying(
-            lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id),
-            what="recording status",
-        )
-        return
-    log.info("table_started", table=table.name, rows=total, after_rowid=after)
-    started = time.monotonic()
-    progress.start(table.name, total)
-    try:
-        while True:
-            try:
-                await migrate_table(
-                    src,
-                    target,
-                    ctx,
-                    settings=settings,
-                    after=after,
-                    upto=upto,
-                    report=treport,
-                    progress=progress,
-                    missing_parents=missing,
-                )
-                break
-            except CheckpointRewound as rewound:
-                log.warning("checkpoint_rewound", table=table.name, to_rowid=rewound.rowid)
-                after = rewound.rowid
-    finally:
-        treport.seconds = time.monotonic() - started
-        progress.finish(table.name)
-    stop.check()
-    # What the checkpoints say this run did: exact even when lost commits were redone.
-    end = await _checkpoint(target, names.schema, table.name)
+def _record_counts(treport: TableReport, start: ckpt.Checkpoint, end: ckpt.Checkpoint) -> None:
+    """What the checkpoints say this run did: exact even when lost commits were redone."""
     treport.extracted = end.extracted - start.extracted
     treport.loaded = end.loaded - start.loaded
     treport.quarantined = end.quarantined - start.quarantined
     treport.skipped = end.skipped - start.skipped
-    await target.retrying(
-        lambda c: ckpt.set_status(c, names.schema, table.name, "finished", run_id),
+
+
+async def _count_from_checkpoint(run: Run, table: Table, start: ckpt.Checkpoint) -> None:
+    end = await _checkpoint(run.target, run.schema, table.name)
+    _record_counts(run.report.tables[table.name], start, end)
+
+
+async def _count_best_effort(run: Run, table: Table, start: ckpt.Checkpoint) -> None:
+    """The counts of a table whose run is failing or cancelled, for the summary printed after:
+    one short attempt on a fresh connection, shielded; the counts stay as they are without."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+        await run.target.drop()
+        with contextlib.suppress(Exception):  # the run's own error is what gets raised
+            conn = await run.target.conn()
+            found = await ckpt.read_checkpoints(conn, run.schema)
+            _record_counts(run.report.tables[table.name], start, found[table.name])
+
+
+async def _set_finished(run: Run, table: Table) -> None:
+    await run.target.retrying(
+        lambda c: ckpt.set_status(c, run.schema, table.name, "finished", run.run_id),
         what="recording status",
     )
-    log.info(
-        "table_completed",
-        table=table.name,
-        extracted=treport.extracted,
-        loaded=treport.loaded,
-        quarantined=treport.quarantined,
-        skipped=treport.skipped,
-        seconds=round(treport.seconds, 2),
-    )
-
-
-async def check_accounting(conn: asyncpg.Connection, settings: Settings, report: RunReport) -> None:
-    """Every row read is loaded, quarantined or skipped; the target holds what was loaded."""
-    names = settings.target
-    current = await ckpt.read_checkpoints(conn, names.schema)
-    for name, t in report.tables.items():
-        if t.extracted != t.loaded + t.quarantined + t.skipped:
-            raise RuntimeFailure(
-                f"Accounting failed for {name}: read {t.extracted} but loaded {t.loaded},"
-                f" quarantined {t.quarantined}, skipped {t.skipped}; please report this."
-            )
-        c = current[name]
-        if c.extracted != c.loaded + c.quarantined + c.skipped:
-            raise RuntimeFailure(f"The checkpoint of {name} does not add up; please report this.")
-        if not c.preexisting_rows:
-            in_target = await conn.fetchval(f"SELECT count(*) FROM {names.qualified(name)}")
-            if in_target != c.loaded:
-                raise RuntimeFailure(
-                    f"Table {names.qualified(name)} holds {in_target} rows but flux-migrate"
-                    f" loaded {c.loaded}; something else wrote to it."
-                )

@@ -16,7 +16,8 @@ from core.errors import ConfigError
 from core.schema import TargetNames
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
-# 10k rows per batch: measured best in ../shared/DRIVER-FACTS.md and in our bench; see README.
+# 10k rows per batch: not the fastest measured (50k was about 5% faster) but within 5% of it
+# with about a quarter of the memory; see docs/benchmark.md.
 DEFAULT_BATCH_SIZE = 10_000
 ON_CONFLICT = ("error", "skip", "update")
 
@@ -25,23 +26,17 @@ ON_CONFLICT = ("error", "skip", "update")
 class Settings:
     sqlite_path: Path | None = None
     postgres_dsn: str | None = None
-    target: TargetNames = field(default_factory=TargetNames)
+    names: TargetNames = field(default_factory=TargetNames)  # the target schema and tables
     batch_size: int = DEFAULT_BATCH_SIZE
     buffer_batches: int = 2
-    naive_timezone: str = "UTC"
+    naive_timezone: tzinfo = UTC  # the zone of timestamps written without an offset
     strip_nul: bool = False
     on_conflict: str = "error"
     retry_seconds: float = 60.0
     defer_constraints: bool = True
-    sqlite_timeout: float = 10.0
+    busy_timeout: float = 10.0  # seconds to wait for a lock the app holds on the SQLite file
     # Benchmark only: one transaction per table instead of one commit per batch (no resume).
     single_transaction: bool = False
-
-    @property
-    def naive_tz(self) -> tzinfo:
-        if self.naive_timezone.upper() == "UTC":
-            return UTC
-        return ZoneInfo(self.naive_timezone)
 
     def require_source(self) -> Path:
         if self.sqlite_path is None:
@@ -81,7 +76,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
     get = _TypedConfig(path, data)
     values: dict[str, Any] = {}
-    values["target"] = TargetNames(
+    values["names"] = TargetNames(
         schema=get.text("target", "schema", "public"),
         sessions=get.text("tables.sessions", "target", "sessions"),
         messages=get.text("tables.messages", "target", "messages"),
@@ -89,7 +84,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     for section, key, name, read in (
         ("transform", "naive_timezone", "naive_timezone", get.text),
         ("transform", "strip_nul", "strip_nul", get.flag),
-        ("source", "busy_timeout", "sqlite_timeout", get.seconds),
+        ("source", "busy_timeout", "busy_timeout", get.seconds),
         ("load", "batch_size", "batch_size", get.integer),
         ("load", "buffer_batches", "buffer_batches", get.integer),
         ("load", "retry_seconds", "retry_seconds", get.seconds),
@@ -106,6 +101,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if env_sqlite:
         values["sqlite_path"] = Path(env_sqlite)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("naive_timezone"), str):
+        values["naive_timezone"] = parse_zone(values["naive_timezone"])
     if values.get("sqlite_path") is not None:
         values["sqlite_path"] = Path(values["sqlite_path"])
     settings = Settings(**values)
@@ -175,7 +172,7 @@ def validate(settings: Settings) -> None:
         )
     for what, seconds in (
         ("retry_seconds", settings.retry_seconds),
-        ("busy_timeout", settings.sqlite_timeout),
+        ("busy_timeout", settings.busy_timeout),
     ):
         if not (math.isfinite(seconds) and 0 <= seconds <= 86_400):
             raise ConfigError(f"{what} must be a number of seconds from 0 to 86400, not {seconds}.")
@@ -183,15 +180,25 @@ def validate(settings: Settings) -> None:
         raise ConfigError("buffer_batches must be between 1 and 16.")
     if settings.on_conflict not in ON_CONFLICT:
         raise ConfigError(f"--on-conflict must be one of {', '.join(ON_CONFLICT)}.")
-    for name in (settings.target.schema, settings.target.sessions, settings.target.messages):
+    for name in (settings.names.schema, settings.names.sessions, settings.names.messages):
         if not name or len(name.encode()) > 63:
             raise ConfigError(f"The target name {name!r} must be 1 to 63 bytes long.")
-    if settings.target.sessions == settings.target.messages:
+    if settings.names.sessions == settings.names.messages:
         raise ConfigError("The sessions and messages target tables must have different names.")
+
+
+def parse_zone(name: str) -> tzinfo:
+    """The zone named ``name``: UTC (any case) or an IANA name; ConfigError when unknown."""
+    if name.upper() == "UTC":
+        return UTC
     try:
-        settings.naive_tz  # noqa: B018 - validates the zone name
+        return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"The time zone {settings.naive_timezone!r} is unknown;"
-            " use an IANA name like Europe/Berlin."
+            f"The time zone {name!r} is unknown; use an IANA name like Europe/Berlin."
         ) from None
+
+
+def zone_name(zone: tzinfo) -> str:
+    """The name a zone was configured by (as parse_zone reads it)."""
+    return zone.key if isinstance(zone, ZoneInfo) else str(zone)

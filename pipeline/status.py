@@ -1,9 +1,9 @@
-"""Read-only views of a migration: checkpoints (status) and row-count verification."""
+"""Read-only views of a migration: its checkpoints (status) and its quarantine."""
 
 from __future__ import annotations
 
 from core import bookkeeping as ckpt
-from core.schema import BOOKKEEPING_SCHEMA, TABLES
+from core.schema import TABLES
 from core.target import connect
 from pipeline.settings import Settings
 
@@ -12,7 +12,7 @@ async def status(settings: Settings) -> list[ckpt.Checkpoint]:
     """The checkpoints of the configured target schema, parents first."""
     conn = await connect(settings.require_dsn())
     try:
-        found = await ckpt.read_checkpoints(conn, settings.target.schema)
+        found = await ckpt.read_checkpoints(conn, settings.names.schema)
     finally:
         await conn.close()
     return [found[t.name] for t in TABLES if t.name in found]
@@ -26,22 +26,9 @@ async def list_quarantine(
     try:
         if not await ckpt.bookkeeping_exists(conn):
             return 0, []
-        where = "target_schema = $1 AND ($2::text IS NULL OR source_table = $2)"
-        if not include_resolved:
-            where += " AND resolved_at IS NULL"
-        total = await conn.fetchval(
-            f"SELECT count(*) FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}",
-            settings.target.schema,
-            table,
-        )
-        rows = await conn.fetch(
-            f"SELECT source_table, source_key, source_rowid, reason, detail, stage, resolution"
-            f" FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE {where}"
-            " ORDER BY source_table DESC, source_rowid LIMIT $3",
-            settings.target.schema,
-            table,
-            limit,
+        total, rows = await ckpt.list_quarantine(
+            conn, settings.names.schema, table, limit=limit, include_resolved=include_resolved
         )
     finally:
         await conn.close()
-    return int(total), [dict(r) for r in rows]
+    return total, [dict(r) for r in rows]

@@ -15,12 +15,12 @@ import asyncpg
 
 from core import bookkeeping as ckpt
 from core.catalog import table_exists
-from core.schema import BOOKKEEPING_SCHEMA, TABLES, Kind, Table, quote_ident
+from core.schema import TABLES, Kind, Table, quote_ident
 from core.source import check_source
 from core.target import connect
 from pipeline.settings import Settings
 from stages.convert import Rejected, row_converter
-from stages.extract import open_source
+from stages.extract import fetch_rows, open_source
 
 PAGE = 5000  # rows per source query and per target cursor fetch
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -71,20 +71,11 @@ async def _bookkeeping(
     """Unresolved quarantined rowids, skipped keys, and whether the table held rows before."""
     if not await ckpt.bookkeeping_exists(conn):
         return set(), set(), False
-    q = await conn.fetch(
-        f"SELECT source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE target_schema = $1"
-        " AND source_table = $2 AND resolved_at IS NULL",
-        schema,
-        table,
-    )
-    s = await conn.fetch(
-        f"SELECT source_key FROM {BOOKKEEPING_SCHEMA}.skipped WHERE target_schema = $1 AND source_table = $2",
-        schema,
-        table,
-    )
+    quarantined = await ckpt.unresolved_rowids(conn, schema, table)
+    skipped = await ckpt.skipped_keys(conn, schema, table)
     found = await ckpt.read_checkpoints(conn, schema)
     pre = found[table].preexisting_rows if table in found else False
-    return {r["source_rowid"] for r in q}, {r["source_key"] for r in s}, pre
+    return quarantined, skipped, pre
 
 
 async def _source_pages(
@@ -100,11 +91,10 @@ async def _source_pages(
             sql = f"SELECT rowid, {cols} FROM {name} WHERE typeof(id) = 'text' ORDER BY id LIMIT ?"
             args: tuple[Any, ...] = (PAGE,)
         else:
-            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT) AND typeof(id) = 'text'"
-            sql += " ORDER BY id LIMIT ?"
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT)"
+            sql += " AND typeof(id) = 'text' ORDER BY id LIMIT ?"
             args = (last, PAGE)
-        async with src.execute(sql, args) as cur:
-            rows = list(await cur.fetchall())
+        rows = await fetch_rows(src, sql, args)
         if not rows:
             return
         last = rows[-1][1]
@@ -113,17 +103,17 @@ async def _source_pages(
 
 async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[Any, ...]]:
     cols = ", ".join(quote_ident(c) for c in table.column_names)
-    async with src.execute(
-        f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE typeof(id) != 'text'"
-    ) as cur:
-        return list(await cur.fetchall())
+    return await fetch_rows(
+        src, f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE typeof(id) != 'text'"
+    )
 
 
 async def _target_rows(
     conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> AsyncIterator[asyncpg.Record]:
+    """The target table's rows in key order (byte order, like SQLite's), through a cursor."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
-    sql = f'SELECT {cols} FROM {settings.target.qualified(table.name)} ORDER BY id COLLATE "C"'
+    sql = f'SELECT {cols} FROM {settings.names.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, prefetch=PAGE):
             yield record
@@ -159,88 +149,126 @@ async def verify_table(
     limit: int = 10,
 ) -> TableVerify:
     """Merge-join source and target by key and compare every field of every row."""
-    result = TableVerify(table.name)
-    quarantined, skipped, preexisting = await _bookkeeping(conn, settings.target.schema, table.name)
-    result.extra_allowed = preexisting
-    convert = row_converter(table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul)
-    exists = await table_exists(conn, settings.target, table.name)
+    quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
+    exists = await table_exists(conn, settings.names, table.name)
+    check = _TableCheck(settings, table, quarantined, skipped, limit)
+    check.result.extra_allowed = preexisting
+    await check.odd_keys(src, conn if exists else None)
+    await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    return check.result
 
-    def expected_row(raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
+
+class _TableCheck:
+    """One table's comparison: what each source row must become, judged against its target
+    row; counts and samples go into ``result``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: Table,
+        quarantined: set[int],
+        skipped: set[str],
+        limit: int,
+    ) -> None:
+        self.settings, self.table, self.limit = settings, table, limit
+        self.quarantined, self.skipped = quarantined, skipped
+        self.convert = row_converter(
+            table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+        )
+        self.result = TableVerify(table.name)
+        self.odd: set[str] = set()  # keys stored as NULL, BLOB or numbers, checked one by one
+        self.targets: AsyncIterator[asyncpg.Record] = _empty()
+        self.pending: asyncpg.Record | None = None  # the next target row of the merge
+
+    def note(self, text: str) -> None:
+        self.result.note(f"{self.table.name} {text}", self.limit)
+
+    def expected_row(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The target row a source row must become, or None when it is accounted otherwise."""
         rowid, values = raw[0], raw[1:]
-        if rowid in quarantined:
-            result.quarantined += 1
+        if rowid in self.quarantined:
+            self.result.quarantined += 1
             return None
         try:
-            expected = _normalize_source(table, convert(values))
+            expected = _normalize_source(self.table, self.convert(values))
         except Rejected as exc:
-            result.missing += 1
-            result.note(
-                f"{table.name} rowid {rowid}: not loaded and not quarantined ({exc.reason})", limit
-            )
+            self.result.missing += 1
+            self.note(f"rowid {rowid}: not loaded and not quarantined ({exc.reason})")
             return None
-        if expected[0] in skipped:
-            result.skipped += 1
+        if expected[0] in self.skipped:
+            self.result.skipped += 1
             return None
         return expected
 
-    def judge(expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
+    def judge(self, expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
+        """Count the target row of ``expected`` as matched, different or missing."""
         key = expected[0]
         if record is None:
-            result.missing += 1
-            result.note(f"{table.name} {key}: in the source but not in PostgreSQL", limit)
-        elif (actual := _normalize_target(table, record)) == expected:
-            result.matched += 1
+            self.result.missing += 1
+            self.note(f"{key}: in the source but not in PostgreSQL")
+        elif (actual := _normalize_target(self.table, record)) == expected:
+            self.result.matched += 1
         else:
-            result.different += 1
-            cols = ", ".join(_differing_columns(table, expected, actual))
-            result.note(f"{table.name} {key}: differs in {cols}", limit)
+            self.result.different += 1
+            self.note(
+                f"{key}: differs in {', '.join(_differing_columns(self.table, expected, actual))}"
+            )
 
-    # Keys SQLite stores as NULL, BLOB or numbers sort apart from text: looked up one by one.
-    odd_keys: set[str] = set()
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    for raw in await _odd_key_rows(src, table):
-        if (expected := expected_row(raw)) is not None:
-            odd_keys.add(expected[0])
+    async def odd_keys(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
+        """Keys SQLite stores as NULL, BLOB or numbers sort apart from text: look each up
+        (``conn`` None: the target table does not exist)."""
+        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        qualified = self.settings.names.qualified(self.table.name)
+        for raw in await _odd_key_rows(src, self.table):
+            if (expected := self.expected_row(raw)) is None:
+                continue
+            self.odd.add(expected[0])
             record = None
-            if exists:
+            if conn is not None:
                 record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {settings.target.qualified(table.name)} WHERE id = $1",
-                    expected[0],
+                    f"SELECT {cols} FROM {qualified} WHERE id = $1", expected[0]
                 )
-            judge(expected, record)
+            self.judge(expected, record)
 
-    targets = _target_rows(conn, settings, table) if exists else _empty()
-    pending: asyncpg.Record | None = await anext(targets, None)
+    async def merge(
+        self, src: aiosqlite.Connection, targets: AsyncIterator[asyncpg.Record]
+    ) -> None:
+        """Walk the source's text keys and the target rows, both in key order, side by side."""
+        self.targets = targets
+        self.pending = await anext(targets, None)
+        async for page in _source_pages(src, self.table):
+            for raw in page:
+                await self.compare(raw)
+        await self.advance_past(None)
 
-    async def advance_past(key: str | None) -> None:
+    async def compare(self, raw: tuple[Any, ...]) -> None:
+        """Judge one source row against the target row with its key, if any."""
+        key = raw[1].decode("utf-8", "surrogateescape") if isinstance(raw[1], bytes) else raw[1]
+        expected = self.expected_row(raw)
+        await self.advance_past(key if expected is None else expected[0])
+        pending = self.pending
+        if pending is not None and pending["id"] == key and key in self.skipped:
+            await self.next_target()  # a skipped row's target version is not ours
+            return
+        if expected is None:
+            return
+        if pending is not None and pending["id"] == expected[0]:
+            await self.next_target()
+            self.judge(expected, pending)
+        else:
+            self.judge(expected, None)
+
+    async def next_target(self) -> None:
+        self.pending = await anext(self.targets, None)
+
+    async def advance_past(self, key: str | None) -> None:
         """Count target rows before ``key`` (all when None) that no source row claims."""
-        nonlocal pending
-        while pending is not None and (key is None or pending["id"] < key):
-            if pending["id"] not in skipped and pending["id"] not in odd_keys:
-                result.extra += 1
-                result.note(
-                    f"{table.name} {pending['id']}: in PostgreSQL but not in the source", limit
-                )
-            pending = await anext(targets, None)
-
-    async for page in _source_pages(src, table):
-        for raw in page:
-            key = raw[1].decode("utf-8", "surrogateescape") if isinstance(raw[1], bytes) else raw[1]
-            expected = expected_row(raw)
-            await advance_past(key if expected is None else expected[0])
-            if pending is not None and pending["id"] == key and key in skipped:
-                pending = await anext(targets, None)  # a skipped row's target version is not ours
-                continue
-            if expected is None:
-                continue
-            if pending is not None and pending["id"] == expected[0]:
-                record, pending = pending, await anext(targets, None)
-                judge(expected, record)
-            else:
-                judge(expected, None)
-    await advance_past(None)
-    return result
+        while self.pending is not None and (key is None or self.pending["id"] < key):
+            found = self.pending["id"]
+            if found not in self.skipped and found not in self.odd:
+                self.result.extra += 1
+                self.note(f"{found}: in PostgreSQL but not in the source")
+            await self.next_target()
 
 
 async def _empty() -> AsyncIterator[asyncpg.Record]:
@@ -251,7 +279,7 @@ async def _empty() -> AsyncIterator[asyncpg.Record]:
 async def verify_rows(settings: Settings, *, limit: int = 10) -> list[TableVerify]:
     """Compare every row of every table; see TableVerify for the counts."""
     path = settings.require_source()
-    async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         await check_source(src, path)
         conn = await connect(settings.require_dsn())
         try:
@@ -285,6 +313,8 @@ def row_digest(table: Table, row: tuple[Any, ...]) -> int:
 
 
 def digest_sql(table: Table, qualified: str) -> str:
+    """The query that sums row_digest over the target table in PostgreSQL (skipped keys
+    excluded)."""
     parts = []
     for col in table.columns:
         name = quote_ident(col.name)
@@ -305,16 +335,16 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
     """Per table: row counts and an order-independent checksum of keys, text and timestamps."""
     path = settings.require_source()
     out = []
-    async with open_source(path, busy_timeout_s=settings.sqlite_timeout) as src:
+    async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         await check_source(src, path)
         conn = await connect(settings.require_dsn())
         try:
             for table in TABLES:
                 quarantined, skipped, _ = await _bookkeeping(
-                    conn, settings.target.schema, table.name
+                    conn, settings.names.schema, table.name
                 )
                 convert = row_converter(
-                    table, naive_tz=settings.naive_tz, strip_nul=settings.strip_nul
+                    table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
                 )
                 count = checksum = 0
                 async for page in _source_pages(src, table):
@@ -331,9 +361,9 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                         count += 1
                         checksum += row_digest(table, row)
                 t_count, t_sum = 0, 0
-                if await table_exists(conn, settings.target, table.name):
+                if await table_exists(conn, settings.names, table.name):
                     rec = await conn.fetchrow(
-                        digest_sql(table, settings.target.qualified(table.name)), list(skipped)
+                        digest_sql(table, settings.names.qualified(table.name)), list(skipped)
                     )
                     t_count, t_sum = int(rec[0]), int(rec[1])
                 out.append(

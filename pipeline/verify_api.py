@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from core import bookkeeping
 from core.errors import ConfigError
-from core.schema import BOOKKEEPING_SCHEMA, TargetNames
+from core.schema import TargetNames
 from core.source import check_source
 from core.target import connect
 from memory.base import Memory
@@ -116,13 +117,9 @@ async def _quarantined_keys(dsn: str, names: TargetNames) -> dict[str, set[str |
     out: dict[str, set[str | None]] = {"sessions": set(), "messages": set()}
     conn = await connect(dsn)
     try:
-        table = f"{BOOKKEEPING_SCHEMA}.quarantine"
-        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+        if not await bookkeeping.bookkeeping_exists(conn):
             return out
-        rows = await conn.fetch(
-            f"SELECT DISTINCT source_table, source_key FROM {table} WHERE target_schema = $1",
-            names.schema,
-        )
+        rows = await bookkeeping.quarantined_keys(conn, names.schema)
     finally:
         await conn.close()
     for r in rows:

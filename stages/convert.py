@@ -113,8 +113,11 @@ def convert_required_text(raw: Raw, column: str, *, strip_nul: bool = False) -> 
 _ISO_SHAPE = re.compile(r"\d{4}-\d\d-\d\d(?:\Z|[T ]\d\d:\d\d(?::\d\d(?:[.,](\d+))?)?(?!\d))")
 
 
-def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = UTC) -> datetime:
-    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in ``naive_tz``.
+def parse_timestamp(
+    raw: Raw, column: str = "timestamp", *, naive_timezone: tzinfo = UTC
+) -> datetime:
+    """Parse ISO-8601 text into an aware UTC datetime; naive values are taken in
+    ``naive_timezone``.
 
     Accepted: what both Python and PostgreSQL read as the same instant. A number (SQLite
     INTEGER or REAL, e.g. ``20240101``) and an hour without minutes are refused; more than six
@@ -142,7 +145,7 @@ def parse_timestamp(raw: Raw, column: str = "timestamp", *, naive_tz: tzinfo = U
             "invalid_timestamp", f"column {column} is not an ISO-8601 timestamp"
         ) from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=naive_tz)
+        value = value.replace(tzinfo=naive_timezone)
     try:
         return value.astimezone(UTC) + timedelta(microseconds=extra)
     except (OverflowError, ValueError):
@@ -242,7 +245,11 @@ _FAST_UTC_SUFFIX = {32: b"+00:00", 25: b"+00:00", 27: b"Z", 20: b"Z"}
 
 
 def column_converter(
-    column: Column, *, naive_tz: tzinfo = UTC, strip_nul: bool = False, text_as_bytes: bool = False
+    column: Column,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    text_as_bytes: bool = False,
 ) -> Converter:
     """The converter for one column of the target schema.
 
@@ -296,7 +303,7 @@ def column_converter(
                 else:
                     if value.tzinfo is UTC:
                         return value
-            return parse_timestamp(raw, name, naive_tz=naive_tz)
+            return parse_timestamp(raw, name, naive_timezone=naive_timezone)
 
         return timestamp
     if kind is Kind.JSON:
@@ -314,7 +321,7 @@ def column_converter(
 def row_converter(
     table: Table,
     *,
-    naive_tz: tzinfo = UTC,
+    naive_timezone: tzinfo = UTC,
     strip_nul: bool = False,
     text_as_bytes: bool = False,
     offset: int = 0,
@@ -327,7 +334,7 @@ def row_converter(
     """
     converters = {
         f"c{i}": column_converter(
-            c, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+            c, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
         )
         for i, c in enumerate(table.columns)
     }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiosqlite
@@ -28,10 +29,11 @@ def source_uri(path: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def open_source(
-    path: Path, *, busy_timeout_s: float = 10.0
+    path: Path, *, busy_timeout: float = 10.0, limits: Mapping[int, int] | None = None
 ) -> AsyncGenerator[aiosqlite.Connection, None]:
     """Open the source read-only; text comes back as bytes, so bad UTF-8 is data, not an error
-    (and reading skips a decode that COPY would only undo).
+    (and reading skips a decode that COPY would only undo). ``limits`` lowers SQLite limits
+    (``sqlite3.SQLITE_LIMIT_*`` -> value), e.g. to behave like an older SQLite.
 
     Raises SourceError when the file is missing or is not a SQLite database.
     """
@@ -40,17 +42,19 @@ async def open_source(
     if not path.is_file():
         raise SourceError(f"The SQLite file {path} does not exist; check --sqlite-path.")
     try:
-        conn = await aiosqlite.connect(source_uri(path), uri=True, timeout=busy_timeout_s)
+        conn = await aiosqlite.connect(source_uri(path), uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
         raise SourceError(f"The SQLite file {path} cannot be opened ({exc}).") from None
     try:
         conn.text_factory = bytes
+        for category, value in (limits or {}).items():
+            await conn._execute(conn._conn.setlimit, category, value)  # type: ignore[no-untyped-call]
         yield conn
     finally:
         # Shielded: a cancelled close would leave SQLite's thread finishing its query after
         # the event loop is gone ("Event loop is closed" on a second Ctrl-C). Bounded by the
         # busy timeout a query can wait, plus a margin.
-        with anyio.move_on_after(busy_timeout_s + 5, shield=True):
+        with anyio.move_on_after(busy_timeout + 5, shield=True):
             await conn.close()
 
 
@@ -65,6 +69,22 @@ def select_sql(table: Table) -> str:
             f" WHERE p.id = t.{quote_ident(table.parent_column)})"
         )
     return f"SELECT t.rowid, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+
+
+async def variable_limit(conn: aiosqlite.Connection) -> int:
+    """How many host parameters one statement may bind (999 before SQLite 3.32, 32766 after)."""
+    category = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+    limit: int = await conn._execute(conn._conn.getlimit, category)  # type: ignore[no-untyped-call]
+    return limit
+
+
+async def fetch_rows(
+    conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()
+) -> list[tuple[Any, ...]]:
+    """Every row of one query, its cursor closed before returning (rows are plain tuples:
+    no row factory is set on the source)."""
+    async with conn.execute(sql, args) as cursor:
+        return cast("list[tuple[Any, ...]]", list(await cursor.fetchall()))
 
 
 KEYSET = " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
@@ -89,8 +109,7 @@ async def extract(
     last = after_rowid
     while last < upto_rowid:
         try:
-            async with conn.execute(sql, (last, upto_rowid, batch_size)) as cursor:
-                rows = await cursor.fetchall()
+            rows = await fetch_rows(conn, sql, (last, upto_rowid, batch_size))
         except sqlite3.OperationalError as exc:
             raise RuntimeFailure(
                 f"Reading {table.name} from SQLite failed after rowid {last} ({exc}); if the app"
@@ -107,5 +126,5 @@ async def extract(
             last_rowid=last,
             extracted=len(rows),
             last_key=rows[-1][1],
-            raw=list(rows),
+            raw=rows,
         )

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from core.bookkeeping import ADVANCE_SQL, LOCK_SQL
+from core import bookkeeping
 from core.errors import ErrorClass, RuntimeFailure, classify
-from core.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Table, TargetNames, quote_ident
+from core.schema import Table, TargetNames, quote_ident
 from core.target import Target
 from stages.batch import Batch, Reject
 from stages.convert import raw_to_json
@@ -69,6 +69,7 @@ class BatchResult:
 
 
 def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
+    """Rejected rows as quarantine records (raw values as JSON), in QUARANTINE_COLUMNS order."""
     columns = ctx.table.column_names
     return [
         (
@@ -163,72 +164,102 @@ async def copy_isolating(
 async def commit_batch(
     conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool
 ) -> BatchResult:
-    """One transaction: check the checkpoint, COPY the rows, quarantine rejects, advance."""
-    schema, table = ctx.names.schema, ctx.table.name
+    """One transaction: check the checkpoint, COPY the rows, quarantine rejects, advance.
+
+    With ``isolate`` the batch is first re-converted strictly and rows PostgreSQL refuses are
+    split off into the quarantine; without it, a refused row fails the whole batch.
+    """
     async with conn.transaction():
-        state = await conn.fetchrow(LOCK_SQL, schema, table)
-        if state is None:
-            raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
-        current = state["last_rowid"]
-        if current == batch.last_rowid:  # an earlier attempt committed it; its reply was lost
-            done = json.loads(state["last_batch"])
-            return BatchResult(
-                batch,
-                int(done.get("loaded", 0)),
-                [],
-                skipped=int(done.get("skipped", 0)),
-                already=True,
-                already_quarantined=int(done.get("quarantined", 0)),
-            )
-        if current < batch.after_rowid:
-            raise CheckpointRewound(current)
-        if current != batch.after_rowid:
-            raise RuntimeFailure(
-                f"The checkpoint of table {table} moved during the run; another flux-migrate"
-                " run may be writing to this target. Stop it and rerun."
-            )
-        refused: list[Reject] = []
-        skipped: set[str] = set()
+        committed = await _check_checkpoint(conn, ctx, batch)
+        if committed is not None:
+            return committed
         if isolate and ctx.strict is not None:
             batch = ctx.strict(batch)
-        if batch.rows:
-            if isolate:
-                refused, skipped = await copy_isolating(conn, ctx, batch.rows, batch.raw)
-            else:
-                skipped = await _copy(conn, ctx, batch.rows)
-        if skipped:
-            await conn.copy_records_to_table(
-                "skipped",
-                records=[
-                    (ctx.run_id, schema, table, row[0], source[0])
-                    for row, source in zip(batch.rows, batch.raw, strict=True)
-                    if row[0] in skipped
-                ],
-                columns=("run_id", "target_schema", "source_table", "source_key", "source_rowid"),
-                schema_name=BOOKKEEPING_SCHEMA,
-            )
+        refused, skipped = await _write_rows(conn, ctx, batch, isolate=isolate)
         rejects = batch.rejects + refused
-        if rejects:
-            await conn.copy_records_to_table(
-                "quarantine",
-                records=quarantine_records(ctx, rejects),
-                columns=QUARANTINE_COLUMNS,
-                schema_name=BOOKKEEPING_SCHEMA,
-            )
         loaded = len(batch.rows) - len(refused) - len(skipped)
-        await conn.execute(
-            ADVANCE_SQL,
-            schema,
-            table,
-            batch.last_rowid,
-            batch.extracted,
-            loaded,
-            len(rejects),
-            len(skipped),
-            ctx.run_id,
-            key_of(batch.last_key),
-        )
+        await _write_bookkeeping(conn, ctx, batch, rejects, skipped, loaded)
     return BatchResult(batch, loaded, rejects, skipped=len(skipped))
+
+
+async def _check_checkpoint(
+    conn: asyncpg.Connection, ctx: LoadContext, batch: Batch
+) -> BatchResult | None:
+    """Lock the table's checkpoint; the batch's result when an earlier attempt committed it
+    (its reply was lost), None when the checkpoint stands right before the batch.
+
+    Raises CheckpointRewound when the checkpoint is behind the batch, RuntimeFailure when it is
+    gone or elsewhere (another run writing)."""
+    table = ctx.table.name
+    state = await bookkeeping.lock_checkpoint(conn, ctx.names.schema, table)
+    if state is None:
+        raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
+    current = state["last_rowid"]
+    if current == batch.last_rowid:
+        done = json.loads(state["last_batch"])
+        return BatchResult(
+            batch,
+            int(done.get("loaded", 0)),
+            [],
+            skipped=int(done.get("skipped", 0)),
+            already=True,
+            already_quarantined=int(done.get("quarantined", 0)),
+        )
+    if current < batch.after_rowid:
+        raise CheckpointRewound(current)
+    if current != batch.after_rowid:
+        raise RuntimeFailure(
+            f"The checkpoint of table {table} moved during the run; another flux-migrate"
+            " run may be writing to this target. Stop it and rerun."
+        )
+    return None
+
+
+async def _write_rows(
+    conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool
+) -> tuple[list[Reject], set[str]]:
+    """COPY the batch's rows; return the rows refused (only with ``isolate``) and the keys
+    skipped as existing."""
+    if not batch.rows:
+        return [], set()
+    if isolate:
+        return await copy_isolating(conn, ctx, batch.rows, batch.raw)
+    return [], await _copy(conn, ctx, batch.rows)
+
+
+async def _write_bookkeeping(
+    conn: asyncpg.Connection,
+    ctx: LoadContext,
+    batch: Batch,
+    rejects: list[Reject],
+    skipped: set[str],
+    loaded: int,
+) -> None:
+    """Record the skipped keys and the rejects, and advance the checkpoint past the batch."""
+    schema, table = ctx.names.schema, ctx.table.name
+    if skipped:
+        await bookkeeping.write_skipped(
+            conn,
+            [
+                (ctx.run_id, schema, table, row[0], source[0])
+                for row, source in zip(batch.rows, batch.raw, strict=True)
+                if row[0] in skipped
+            ],
+        )
+    if rejects:
+        await bookkeeping.write_quarantine(conn, quarantine_records(ctx, rejects))
+    await bookkeeping.advance_checkpoint(
+        conn,
+        schema,
+        table,
+        last_rowid=batch.last_rowid,
+        last_key=key_of(batch.last_key),
+        extracted=batch.extracted,
+        loaded=loaded,
+        quarantined=len(rejects),
+        skipped=len(skipped),
+        run_id=ctx.run_id,
+    )
 
 
 async def load(
@@ -252,6 +283,7 @@ async def load(
         async for batch in source:
 
             async def attempt(conn: asyncpg.Connection, batch: Batch = batch) -> BatchResult:
+                """Commit the batch; when PostgreSQL refuses a value, again isolating bad rows."""
                 try:
                     return await commit_batch(conn, ctx, batch, isolate=False)
                 except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from datetime import UTC, tzinfo
@@ -27,7 +28,7 @@ def transform_batch(
     batch: Batch,
     table: Table,
     *,
-    naive_tz: tzinfo = UTC,
+    naive_timezone: tzinfo = UTC,
     strip_nul: bool = False,
     missing_parents: Collection[str] = (),
     text_as_bytes: bool = False,
@@ -37,7 +38,11 @@ def transform_batch(
     Rejects already on the batch are kept (a batch re-converted strictly after a refused COPY).
     """
     convert = row_converter(
-        table, naive_tz=naive_tz, strip_nul=strip_nul, text_as_bytes=text_as_bytes, offset=1
+        table,
+        naive_timezone=naive_timezone,
+        strip_nul=strip_nul,
+        text_as_bytes=text_as_bytes,
+        offset=1,
     )
     ncols = len(table.column_names)
     child = table.parent_column is not None
@@ -63,24 +68,14 @@ def transform_batch(
             continue
         rows.append(row)
         sources.append(raw_row)
-    return Batch(
-        table=batch.table,
-        seq=batch.seq,
-        after_rowid=batch.after_rowid,
-        last_rowid=batch.last_rowid,
-        extracted=batch.extracted,
-        last_key=batch.last_key,
-        raw=sources,
-        rows=rows,
-        rejects=rejects,
-    )
+    return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects)
 
 
 async def transform(
     source: AsyncIterator[Batch],
     table: Table,
     *,
-    naive_tz: tzinfo = UTC,
+    naive_timezone: tzinfo = UTC,
     strip_nul: bool = False,
     missing_parents: Collection[str] = (),
     text_as_bytes: bool = False,
@@ -95,7 +90,7 @@ async def transform(
                     transform_batch,
                     batch,
                     table,
-                    naive_tz=naive_tz,
+                    naive_timezone=naive_timezone,
                     strip_nul=strip_nul,
                     missing_parents=missing_parents,
                     text_as_bytes=text_as_bytes,

@@ -151,7 +151,7 @@ def epoch_instant(value: int | float, unit: str, column: str) -> datetime:
         ) from None
 
 
-def timestamp(column: str, *, naive_tz: tzinfo = UTC, epoch: str | None = None) -> Converter:
+def timestamp(column: str, *, naive_timezone: tzinfo = UTC, epoch: str | None = None) -> Converter:
     """DATE/DATETIME/TIMESTAMP -> timestamptz: ISO-8601 text, and where the mapping says the
     column holds epoch numbers (``epoch`` = 's' or 'ms'), integers and reals in that unit."""
 
@@ -162,7 +162,7 @@ def timestamp(column: str, *, naive_tz: tzinfo = UTC, epoch: str | None = None) 
             if epoch is None:
                 raise _mismatch(column, raw, "ISO-8601 text")
             return epoch_instant(raw, epoch, column)  # type: ignore[arg-type]
-        return parse_timestamp(raw, column, naive_tz=naive_tz)
+        return parse_timestamp(raw, column, naive_timezone=naive_timezone)
 
     return convert
 

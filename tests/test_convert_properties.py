@@ -67,7 +67,7 @@ def test_naive_isoformat_parses_as_utc(value: datetime) -> None:
 def test_naive_timestamp_uses_the_configured_zone() -> None:
     """With another zone configured, a naive timestamp is read in that zone."""
     berlin = ZoneInfo("Europe/Berlin")
-    parsed = parse_timestamp(b"2026-07-01T12:00:00", naive_tz=berlin)
+    parsed = parse_timestamp(b"2026-07-01T12:00:00", naive_timezone=berlin)
     assert datetime(2026, 7, 1, 10, 0, tzinfo=UTC) == parsed
 
 

@@ -124,7 +124,7 @@ async def test_strip_nul_removes_nul_escapes_without_re_encoding_numbers(
         session["id"],
         expected_text,
     )
-    assert (row["want"], 0) == (row["got"], report.open_quarantined)
+    assert (row["want"], 0) == (row["got"], report.quarantined_open)
 
 
 CONFIG_ERRORS = [
@@ -274,7 +274,7 @@ async def test_sqlite_path_with_uri_characters_opens_exactly_that_file(
             None,
             sqlite_path=tmp_path / name,
             postgres_dsn=pg_dsn,
-            target=TargetNames(schema=f"s{n}"),
+            names=TargetNames(schema=f"s{n}"),
         )
         report = await migrate(settings)
         loaded.append(report.tables["sessions"].loaded)
@@ -320,7 +320,7 @@ async def test_target_names_up_to_63_bytes_work_everywhere(
     assert [length, length] == [len(names.sessions.encode()), len(names.messages.encode())]
     db = app_db(tmp_path / "app.sqlite")
     db.write()
-    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, target=names)
+    settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, names=names)
     first = await migrate(settings)
     built = await _fetch(
         pg_dsn,
@@ -408,8 +408,8 @@ async def test_keys_equal_once_converted_quarantine_the_second_arrival(
         loaded,
         q["source_rowid"],
         q["reason"],
-        report.open_quarantined,
-        rerun.open_quarantined,
+        report.quarantined_open,
+        rerun.quarantined_open,
         len(pk),
     )
     assert ("completed", "completed") == (report.status, rerun.status)
@@ -432,7 +432,7 @@ async def test_a_key_that_arrives_after_the_keys_are_built_is_quarantined(
     third = await migrate(settings)
     reasons = await _fetch(pg_dsn, "SELECT reason FROM flux_migrate.quarantine")
     expected = ([{"reason": "duplicate_key"}], 1, 1, "completed")
-    assert expected == (reasons, second.open_quarantined, third.open_quarantined, third.status)
+    assert expected == (reasons, second.quarantined_open, third.quarantined_open, third.status)
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -453,8 +453,8 @@ async def test_quarantine_listing_escapes_control_characters(
     capsys.readouterr()
     code = await anyio.to_thread.run_sync(main, ["quarantine", "--postgres-dsn", pg_dsn])
     out = capsys.readouterr().out
-    [line] = [x for x in out.splitlines() if x.startswith("  sessions")]
-    expected = (0, False, 3)
+    [line] = [x for x in out.splitlines() if x.startswith("sessions")]
+    expected = (0, False, 5)  # count, header, rule, the row, what to do
     assert expected == (code, any(c in out for c in "\x1b\r\u202e"), len(out.splitlines()))
     assert "k\\x1b[2J\\r\\nflux-migrate: ok\\u202e" in line
 

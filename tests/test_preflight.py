@@ -162,7 +162,7 @@ async def test_locked_source_is_refused_after_the_timeout(tmp_path: Path, pg_dsn
     try:
         with pytest.raises(SourceError) as info:
             await migrate(
-                load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, sqlite_timeout=0.3)
+                load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, busy_timeout=0.3)
             )
     finally:
         holder.rollback()

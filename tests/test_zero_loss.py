@@ -92,7 +92,7 @@ async def test_bad_value_is_quarantined_with_its_raw_value(
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, batch_size=3)
     report = await migrate(settings)
-    assert report.open_quarantined == 1
+    assert report.quarantined_open == 1
     assert report.tables[table].quarantined == 1
     assert report.tables[table].extracted == report.tables[table].loaded + 1
     [row] = await _quarantine(pg_dsn)
@@ -121,7 +121,7 @@ async def test_a_quarantined_session_makes_its_messages_orphans(
     assert report.status == "completed"
     reasons = sorted(r["reason"] for r in await _quarantine(pg_dsn))
     assert reasons == ["invalid_timestamp", "orphan_message", "orphan_message", "orphan_message"]
-    assert report.open_quarantined == 4
+    assert report.quarantined_open == 4
 
 
 async def test_fixed_rows_are_loaded_by_a_rerun(tmp_path: Path, pg_dsn: str) -> None:
@@ -134,14 +134,14 @@ async def test_fixed_rows_are_loaded_by_a_rerun(tmp_path: Path, pg_dsn: str) -> 
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn)
     first = await migrate(settings)
-    assert first.open_quarantined == 3
+    assert first.quarantined_open == 3
     conn = sqlite3.connect(db.path)
     conn.execute("UPDATE sessions SET created_at = ? WHERE id = ?", (GOOD_TS, bad["id"]))
     conn.execute("UPDATE messages SET content = ? WHERE id = ?", ("good now", bad_msg["id"]))
     conn.commit()
     conn.close()
     second = await migrate(settings)
-    assert second.open_quarantined == 0
+    assert second.quarantined_open == 0
     assert second.tables["sessions"].requeued == 1
     assert second.tables["messages"].requeued == 2
     assert all(r["resolution"] == "loaded" for r in await _quarantine(pg_dsn))
@@ -156,7 +156,7 @@ async def test_nul_stripping_option_loads_instead(tmp_path: Path, pg_dsn: str) -
     db.write()
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, strip_nul=True)
     report = await migrate(settings)
-    assert report.open_quarantined == 0
+    assert report.quarantined_open == 0
     conn = await asyncpg.connect(pg_dsn)
     try:
         row = await conn.fetchrow("SELECT content, metadata FROM messages WHERE id = $1", msg["id"])
@@ -179,7 +179,7 @@ async def test_valid_unicode_and_large_content_load_byte_exact(tmp_path: Path, p
     ids = [db.message(s["id"], content=t)["id"] for t in texts]
     db.write()
     report = await migrate(load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn))
-    assert report.open_quarantined == 0
+    assert report.quarantined_open == 0
     conn = await asyncpg.connect(pg_dsn)
     try:
         got = [await conn.fetchval("SELECT content FROM messages WHERE id = $1", i) for i in ids]
@@ -230,7 +230,7 @@ async def test_any_mix_ends_loaded_or_quarantined_exactly_once(
         sqlite_path=path,
         postgres_dsn=pg_dsn,
         batch_size=batch_size,
-        target=TargetNames(schema=schema),
+        names=TargetNames(schema=schema),
     )
     report = await migrate(settings)
     quarantine = await _quarantine(pg_dsn, schema)

@@ -1,0 +1,53 @@
+"""The keys and index deferred during the bulk load, built after it (each resumable by name)."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from core import bookkeeping
+from core.catalog import existing_constraint_names
+from core.errors import already_exists, constraint_failure
+from core.schema import Constraint, TargetNames, constraints
+from core.target import Target
+from pipeline.stop import StopFlag
+
+log = structlog.get_logger("flux_migrate")
+
+
+async def build_constraints(target: Target, names: TargetNames, stop: StopFlag) -> float:
+    """Build the keys and index not yet built, then record that none is pending; return the
+    seconds it took. Stops (Interrupted) between two builds when a stop was requested."""
+    started = time.monotonic()
+    have = await target.retrying(
+        lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
+    )
+    for c in constraints(names):
+        if c.name in have:
+            continue
+        stop.check()
+        log.info("constraint_build_started", constraint=c.name)
+        await build_one(target, c)
+    await target.retrying(
+        lambda c: bookkeeping.clear_constraints_pending(c, names.schema), what="recording the keys"
+    )
+    return time.monotonic() - started
+
+
+async def build_one(target: Target, constraint: Constraint) -> None:
+    """Build one key or index; one built by an attempt whose reply was lost counts as built.
+
+    Raises RuntimeFailure when the rows break the key (duplicates, messages without session).
+    """
+    try:
+        await target.retrying(
+            lambda conn: conn.execute(constraint.sql), what=f"building {constraint.name}"
+        )
+    except Exception as exc:
+        if already_exists(exc):
+            return  # built by an attempt whose reply was lost
+        failure = constraint_failure(exc, constraint.name)
+        if failure is None:
+            raise
+        raise failure from None

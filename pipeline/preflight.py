@@ -1,0 +1,218 @@
+"""Target preflight: the migration lock, --restart, the target's tables and checkpoints, and
+the fingerprint that refuses a resume from another source or with other settings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiosqlite
+import asyncpg
+import structlog
+
+from core import bookkeeping as ckpt
+from core.catalog import MIGRATION_LOCK_KEY, table_exists
+from core.errors import TargetError
+from core.schema import TABLES, Table, constraints, create_table_sql, quote_ident
+from core.target import Target
+from pipeline.resume_point import same_source
+from pipeline.settings import Settings, zone_name
+from pipeline.target_columns import check_target_columns
+
+log = structlog.get_logger("flux_migrate")
+
+UNIQUE_ID_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+    " AND a.attnum = i.indkey[0] WHERE i.indrelid = $1::regclass AND i.indisunique"
+    " AND i.indnkeyatts = 1 AND a.attname = 'id')"
+)
+
+
+def settings_fingerprint(settings: Settings) -> dict[str, Any]:
+    """The settings that shape what lands in the target; a resume must use the same."""
+    t = settings.names
+    return {
+        "target": [t.schema, t.sessions, t.messages],
+        "naive_timezone": zone_name(settings.naive_timezone),
+        "strip_nul": settings.strip_nul,
+        "on_conflict": settings.on_conflict,
+    }
+
+
+async def take_migration_lock(lock: asyncpg.Connection, schema: str) -> None:
+    """Hold the session advisory lock of ``schema`` on ``lock``; TargetError when another run
+    holds it."""
+    if not await lock.fetchval(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})", schema):
+        raise TargetError(
+            f"Another flux-migrate run is writing to schema {schema} of this"
+            " database; wait for it to finish."
+        )
+
+
+async def refuse_foreign_rows(conn: asyncpg.Connection, settings: Settings) -> None:
+    """Before writing anything: refuse a table holding rows flux-migrate did not write, unless
+    --on-conflict says what to do with them."""
+    if settings.on_conflict != "error":
+        return
+    names = settings.names
+    existing = await ckpt.read_checkpoints(conn, names.schema)
+    for table in TABLES:
+        if table.name in existing or not await table_exists(conn, names, table.name):
+            continue
+        if await _has_rows(conn, settings, table):
+            raise TargetError(
+                f"Table {names.qualified(table.name)} already holds rows that flux-migrate"
+                " did not write; empty it, set another target schema in --config, or pass"
+                " --on-conflict skip (keep them) or --on-conflict update (overwrite them)."
+            )
+
+
+async def _has_rows(conn: asyncpg.Connection, settings: Settings, table: Table) -> bool:
+    qualified = settings.names.qualified(table.name)
+    return bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {qualified})"))
+
+
+async def prepare_target(
+    conn: asyncpg.Connection, settings: Settings, run_id: str, fingerprint: str
+) -> dict[str, ckpt.Checkpoint]:
+    """Create the bookkeeping, the target schema and missing tables with their checkpoints;
+    return the checkpoints.
+
+    Refuses (TargetError, nothing written) a table that holds rows this tool did not write,
+    unless --on-conflict skip|update says what to do with them.
+    """
+    names = settings.names
+    await refuse_foreign_rows(conn, settings)
+    await ckpt.ensure_bookkeeping(conn)
+    existing = await ckpt.read_checkpoints(conn, names.schema)
+    async with conn.transaction():
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}")
+        for table in TABLES:
+            if table.name in existing:
+                await _require_table(conn, settings, table)
+            else:
+                await _start_table(conn, settings, table, run_id, fingerprint)
+    return await ckpt.read_checkpoints(conn, names.schema)
+
+
+async def _require_table(conn: asyncpg.Connection, settings: Settings, table: Table) -> None:
+    """A table with a checkpoint must still exist, with columns that hold its values."""
+    if not await table_exists(conn, settings.names, table.name):
+        raise TargetError(
+            f"Table {settings.names.qualified(table.name)} was dropped after flux-migrate"
+            " started filling it; rerun with --restart --yes to start over."
+        )
+    await check_target_columns(conn, settings.names, table)
+
+
+async def _start_table(
+    conn: asyncpg.Connection, settings: Settings, table: Table, run_id: str, fingerprint: str
+) -> None:
+    """Create the table (or accept an existing one with a unique id), and its checkpoint; build
+    its keys now unless they are deferred until after the load."""
+    names = settings.names
+    created = not await table_exists(conn, names, table.name)
+    if not created:
+        await check_target_columns(conn, names, table)
+    has_rows = False
+    if created:
+        await conn.execute(create_table_sql(table, names))
+    else:
+        has_rows = await _has_rows(conn, settings, table)
+        if has_rows and not await conn.fetchval(UNIQUE_ID_SQL, names.qualified(table.name)):
+            raise TargetError(
+                f"--on-conflict {settings.on_conflict} needs a primary key or unique index on"
+                f" {names.qualified(table.name)}(id), which it lacks; add one or empty the table."
+            )
+    await ckpt.create_checkpoint(
+        conn,
+        target_schema=names.schema,
+        source_table=table.name,
+        target_table=names.table(table.name),
+        created_table=created,
+        preexisting_rows=has_rows,
+        constraints_pending=created and settings.defer_constraints,
+        fingerprint=fingerprint,
+        run_id=run_id,
+    )
+    if created and not settings.defer_constraints:
+        for c in constraints(names):
+            if c.table == table.name:
+                await conn.execute(c.sql)
+
+
+async def check_fingerprint(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    identity: dict[str, Any],
+    checkpoints: dict[str, ckpt.Checkpoint],
+) -> None:
+    """Refuse to resume into a target filled from another source or with other settings."""
+    for c in checkpoints.values():
+        if not c.fingerprint:
+            continue
+        stored = json.loads(c.fingerprint)
+        theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
+        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        if changed:
+            key = changed[0]
+            raise TargetError(
+                f"This target was filled with {key}={theirs.get(key)!r} but this run uses"
+                f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start"
+                " over."
+            )
+        source = stored.get("source", {})
+        if source.get("schema") != identity["schema"] or not await same_source(
+            src, target, settings.names, source.get("sample", [])
+        ):
+            raise TargetError(
+                "This target was filled from a different SQLite database (its schema or first"
+                " sessions differ); point --sqlite-path at the original file, or pass --restart"
+                " --yes to clear what flux-migrate wrote and start over."
+            )
+        return
+
+
+async def _refuse_foreign_writes(
+    conn: asyncpg.Connection, settings: Settings, found: dict[str, ckpt.Checkpoint]
+) -> None:
+    """--restart refuses to delete rows someone else wrote after flux-migrate's last write."""
+    names = settings.names
+    for c in found.values():
+        if await table_exists(conn, names, c.source_table):
+            foreign = await ckpt.rows_written_since(conn, names.qualified(c.source_table), c)
+            if foreign:
+                raise TargetError(
+                    f"--restart would delete {foreign:,} row(s) of"
+                    f" {names.qualified(c.source_table)} that flux-migrate did not write (written"
+                    " after its last run, e.g. by the app); move or back them up first."
+                    " Nothing was changed."
+                )
+
+
+async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
+    """--restart: drop the tables flux-migrate created, empty those it filled, and forget the
+    schema's checkpoints, quarantine and skipped keys."""
+    names = settings.names
+    if not await ckpt.bookkeeping_exists(conn):
+        return
+    found = await ckpt.read_checkpoints(conn, names.schema)
+    refused = [c for c in found.values() if c.preexisting_rows]
+    if refused:
+        raise TargetError(
+            f"--restart cannot undo a load into {names.schema}.{refused[0].target_table}, which"
+            " held rows before flux-migrate wrote to it; restore it from a backup instead."
+        )
+    await _refuse_foreign_writes(conn, settings, found)
+    async with conn.transaction():
+        for table in reversed(TABLES):
+            c = found.get(table.name)
+            if c is None or not await table_exists(conn, names, table.name):
+                continue
+            if c.created_table:
+                await conn.execute(f"DROP TABLE {names.qualified(table.name)} CASCADE")
+            else:
+                await conn.execute(f"DELETE FROM {names.qualified(table.name)}")
+        await ckpt.clear_schema(conn, names.schema)
+    log.info("target_cleared", schema=names.schema)
