@@ -15,10 +15,11 @@ from typing import Any
 import asyncpg
 
 from core.dsn import dsn_location, redact
-from core.errors import ConfigError, MigrateError
+from core.errors import MigrateError
 from core.schema import TABLES, TargetNames
 from core.target import connect
 from memory import postgres as pg
+from memory.factory import pool_bounds
 
 LATENCY_SAMPLES = 5
 _PROBE_METADATA: dict[str, Any] = {
@@ -93,10 +94,7 @@ async def check(
     CRUD round trip. Raises ConfigError for impossible pool sizes. Blocks up to ``timeout``
     seconds per connection attempt.
     """
-    if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigError(
-            f"Pool sizes need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}."
-        )
+    pool_bounds(pool_min, pool_max, "pool sizes")
     names = names or TargetNames(schema=schema)
     result = CheckResult(dsn_location(dsn), names.schema, quick, pool_min, pool_max)
     try:

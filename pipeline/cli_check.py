@@ -22,7 +22,7 @@ import anyio
 
 from core import errors
 from core.errors import ConfigError
-from memory.factory import MemorySettings
+from memory.factory import MemorySettings, pool_bounds
 from pipeline.check import check
 from pipeline.logs import configure
 from pipeline.settings import Settings, load_settings, validate
@@ -82,11 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     env = MemorySettings.from_env()
     pool_min = env.pool_min if args.pool_min is None else args.pool_min
     pool_max = env.pool_max if args.pool_max is None else args.pool_max
-    if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigError(
-            "--pool-min and --pool-max need 0 <= min <= max and max >= 1,"
-            f" not {pool_min}..{pool_max}."
-        )
+    pool_bounds(pool_min, pool_max, "--pool-min and --pool-max")
 
     async def run() -> Any:
         return await check(
