@@ -40,7 +40,7 @@ log = structlog.get_logger("flux_migrate.memory")
 
 _SESSIONS = quote_ident(SESSIONS.name)
 _MESSAGES = quote_ident(MESSAGES.name)
-_READ = read_sql(_SESSIONS, _MESSAGES, param=lambda _: "?", by_id="id")
+_READ = read_sql(_SESSIONS, _MESSAGES, param=lambda n: f"?{n}", by_id="id")
 
 
 def _decode_text(raw: bytes) -> str:
@@ -98,7 +98,6 @@ class SQLiteMemory(MemoryBase):
         self.waits = WaitStats()
         self._conn: aiosqlite.Connection | None = None
         self._lock = anyio.Lock()
-        self._busy = False
 
     @property
     def is_open(self) -> bool:
@@ -163,10 +162,8 @@ class SQLiteMemory(MemoryBase):
             self.waits.record(time.perf_counter() - started)
             try:
                 self.lifecycle.refuse_if_closing()
-                self._busy = True
                 yield await self._open_locked()
             finally:
-                self._busy = False
                 self._lock.release()
 
     @asynccontextmanager
@@ -189,23 +186,17 @@ class SQLiteMemory(MemoryBase):
     async def health(self) -> dict[str, Any]:
         """``ok``, ``latency_ms``, ``role`` (primary), ``server_version`` and the connection as a
         pool of one; never raises (``ok`` False and ``error`` instead)."""
+        busy = int(self._lock.locked())
+        size = int(self._conn is not None)
         out: dict[str, Any] = {"ok": False, "role": "primary", "backend": "sqlite"}
+        pool = {"size": size, "idle": size - busy, "min": 0, "max": 1, "in_use": busy}
         try:
             started = time.perf_counter()
             rows = await self._fetchall("SELECT sqlite_version()")
             out.update(ok=True, latency_ms=elapsed_ms(started), server_version=str(rows[0][0]))
         except Exception as exc:  # noqa: BLE001 - health reports, never raises
             out["error"] = f"{type(exc).__name__}: {exc}"
-        busy = int(self._busy)
-        size = int(self._conn is not None)
-        out["pool"] = {
-            "size": size,
-            "idle": size - busy,
-            "min": 0,
-            "max": 1,
-            "in_use": busy,
-            "acquire_wait": self.waits.summary(),
-        }
+        out["pool"] = {**pool, "acquire_wait": self.waits.summary()}
         return out
 
     # -------------------------------------------------------------- the API
