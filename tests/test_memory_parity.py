@@ -1,4 +1,6 @@
-"""The app's ConversationMemory table, call by call, and the 13.12 contract gaps, on both backends."""
+"""The app's ConversationMemory table call by call, and the 13.12 gaps, on both backends."""
+
+# ruff: noqa: SIM300  (the house style puts the expected value first)
 
 from __future__ import annotations
 
@@ -354,7 +356,7 @@ async def test_postgres_reads_infinity_and_calendar_edges(pg_dsn: str) -> None:
 async def test_close_while_callers_wait_commits_only_what_returned(
     backend: tuple[str, str],
 ) -> None:
-    """close() lets the running call finish; waiting callers get MemoryClosedError, write nothing."""
+    """close() lets the running call finish; waiting callers get MemoryClosedError, no write."""
     memory = make_memory(backend, max_size=1)
     session_id = await memory.create_session("busy")
     outcomes: list[str] = []
@@ -407,7 +409,7 @@ async def test_call_during_close_does_not_reopen(backend: tuple[str, str]) -> No
 
 
 async def test_acquire_timeout_is_a_clear_error(pg_dsn: str) -> None:
-    """When lock waiters hold every connection, an unrelated read fails fast with PoolTimeoutError."""
+    """With lock waiters holding every connection, an unrelated read gets PoolTimeoutError."""
     async with PostgresMemory(pg_dsn, min_size=1, max_size=2, acquire_timeout=0.5) as memory:
         session_id = await memory.create_session("locked")
         holder = await asyncpg.connect(pg_dsn)
