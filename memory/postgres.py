@@ -384,6 +384,7 @@ class PostgresMemory(MemoryBase):
             else None
         )
         self.last_write_lsn = 0  # pg_current_wal_lsn() after this object's latest write
+        self._schema_ready = False
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -398,35 +399,39 @@ class PostgresMemory(MemoryBase):
         async with self.lifecycle.admit():
             await self._get_pool(self.primary)
 
-    async def _get_pool(self, node: Node) -> asyncpg.Pool:
-        if node.pool is not None:
+    async def _get_pool(self, node: Node, *, prepare: bool = True) -> asyncpg.Pool:
+        """``node``'s pool, opened on first use; on the primary, with ``prepare``, the tables
+        are created (or checked, without ``create_tables``) once before the first call."""
+        if node.pool is not None and (
+            self._schema_ready or not prepare or node is not self.primary
+        ):
             return node.pool
         async with node.open_lock:
             if node.pool is None:
-                node.pool = await self._create_pool(node)
+                minimum = node.min_size if node is self.primary else min(node.min_size, 1)
+                node.pool = await open_pool(
+                    node.dsn, min_size=minimum, max_size=node.max_size, timeout=node.connect_timeout
+                )
+            if prepare and node is self.primary and not self._schema_ready:
+                try:
+                    await self._prepare_schema(node.pool)
+                except BaseException:
+                    pool, node.pool = node.pool, None
+                    with anyio.CancelScope(shield=True):
+                        await pool.close()
+                    raise
+                self._schema_ready = True
         return node.pool
 
-    async def _create_pool(self, node: Node) -> asyncpg.Pool:
-        minimum = node.min_size if node.role == "primary" else min(node.min_size, 1)
-        pool = await open_pool(
-            node.dsn, min_size=minimum, max_size=node.max_size, timeout=node.connect_timeout
-        )
-        if node.role != "primary":
-            return pool  # a standby is read-only: the primary creates and checks the tables
-        try:
-            async with pool.acquire() as conn:
-                if self.create_tables:
-                    await ensure_schema(conn, self.names)
-                elif missing := await missing_objects(conn, self.names):
-                    raise TargetError(
-                        f"PostgreSQL at {self.location} lacks {', '.join(missing)};"
-                        " migrate first or let the memory create its tables."
-                    )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
-            raise
-        return pool
+    async def _prepare_schema(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            if self.create_tables:
+                await ensure_schema(conn, self.names)
+            elif missing := await missing_objects(conn, self.names):
+                raise TargetError(
+                    f"PostgreSQL at {self.location} lacks {', '.join(missing)};"
+                    " migrate first or let the memory create its tables."
+                )
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drain, then close: stop admitting calls, wait up to ``timeout`` s for running ones,
@@ -444,6 +449,7 @@ class PostgresMemory(MemoryBase):
                     continue
                 async with node.open_lock:
                     pool, node.pool = node.pool, None
+                    self._schema_ready = False
                 if pool is None:
                     continue
                 left = max(0.0, timeout - (time.monotonic() - started))
@@ -454,9 +460,11 @@ class PostgresMemory(MemoryBase):
             self.lifecycle.closing = False
 
     @asynccontextmanager
-    async def _acquire(self, node: Node) -> AsyncIterator[asyncpg.Connection]:
+    async def _acquire(
+        self, node: Node, *, prepare: bool = True
+    ) -> AsyncIterator[asyncpg.Connection]:
         """A connection of ``node``'s pool; PoolTimeoutError after the acquire timeout."""
-        pool = await self._get_pool(node)
+        pool = await self._get_pool(node, prepare=prepare)
         started = time.perf_counter()
         try:
             conn = await pool.acquire(timeout=self.acquire_timeout)
@@ -543,7 +551,7 @@ class PostgresMemory(MemoryBase):
     async def _node_health(self, node: Node) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": False, "role": None, "location": dsn_location(node.dsn)}
         try:
-            async with self._acquire(node) as conn:
+            async with self._acquire(node, prepare=False) as conn:
                 started = time.perf_counter()
                 await conn.fetchval("SELECT 1")
                 out["latency_ms"] = elapsed_ms(started)
