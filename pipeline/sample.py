@@ -160,8 +160,7 @@ def generate(
 
     def flush() -> None:
         db.executemany(
-            "INSERT INTO sessions (id, title, created_at, updated_at, metadata)"
-            " VALUES (?,?,?,?,?)",
+            "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?,?,?,?,?)",
             session_rows,
         )
         db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?)", message_rows)

@@ -1,7 +1,5 @@
 """The health check and the after-migration API comparison, against the real test PostgreSQL."""
 
-# ruff: noqa: SIM300  (the house style puts the expected value first)
-
 from __future__ import annotations
 
 import argparse

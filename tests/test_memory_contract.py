@@ -1,7 +1,5 @@
 """One contract for the app's memory, run against SQLite and the real test PostgreSQL."""
 
-# ruff: noqa: SIM300  (the house style puts the expected value first)
-
 from __future__ import annotations
 
 import sqlite3

@@ -1,7 +1,5 @@
 """The app's ConversationMemory table call by call, and the 13.12 gaps, on both backends."""
 
-# ruff: noqa: SIM300  (the house style puts the expected value first)
-
 from __future__ import annotations
 
 import contextlib

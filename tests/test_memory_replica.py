@@ -5,8 +5,6 @@ read that went to it right after a write would miss that write, which is what th
 must prevent.
 """
 
-# ruff: noqa: SIM300  (the house style puts the expected value first)
-
 from __future__ import annotations
 
 import asyncio

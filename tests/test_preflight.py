@@ -198,7 +198,8 @@ async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str)
         w = sqlite3.connect(path, timeout=10)
         sid = new_id()
         w.execute(
-            "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?, 't', ?, ?, '{}')",
+            "INSERT INTO sessions (id, title, created_at, updated_at, metadata)"
+            " VALUES (?, 't', ?, ?, '{}')",
             (sid, GOOD_TS, GOOD_TS),
         )
         w.commit()
@@ -360,7 +361,8 @@ async def test_verify_compares_numbers_exactly_and_handles_blob_keys(
     db.write()
     conn = sqlite3.connect(db.path)
     conn.execute(
-        "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?, 't', ?, ?, '{}')",
+        "INSERT INTO sessions (id, title, created_at, updated_at, metadata)"
+        " VALUES (?, 't', ?, ?, '{}')",
         (new_id().encode(), GOOD_TS, GOOD_TS),
     )
     conn.commit()
