@@ -384,6 +384,7 @@ class PostgresMemory(MemoryBase):
             else None
         )
         self.last_write_lsn = 0  # pg_current_wal_lsn() after this object's latest write
+        self.write_position_unknown = False  # a write committed whose position is unknown
         self._schema_ready = False
 
     @property
@@ -485,9 +486,19 @@ class PostgresMemory(MemoryBase):
         async with self.lifecycle.admit(), self._acquire(self.primary) as conn:
             result = await operation(conn)
             if self.replica is not None:
-                lsn = int(await conn.fetchval("SELECT pg_current_wal_lsn()"))
-                self.last_write_lsn = max(self.last_write_lsn, lsn)
+                await self._note_write_position(conn)
             return result
+
+    async def _note_write_position(self, conn: asyncpg.Connection) -> None:
+        """Remember the WAL position after a committed write; if that cannot be read, send
+        reads to the primary until a later write's position is known (the write stands)."""
+        try:
+            lsn = int(await conn.fetchval("SELECT pg_current_wal_lsn()"))
+        except Exception:  # noqa: BLE001 - the write committed: never report it as failed
+            self.write_position_unknown = True
+            return
+        self.last_write_lsn = max(self.last_write_lsn, lsn)
+        self.write_position_unknown = False
 
     async def _read(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run a read on the standby when it has every write of this object, else the primary."""
@@ -510,6 +521,8 @@ class PostgresMemory(MemoryBase):
 
     async def _replica_is_current(self, node: Node, conn: asyncpg.Connection) -> bool:
         """Whether the standby replayed this object's last write and lags little."""
+        if self.write_position_unknown:
+            return False
         stale_sample = time.monotonic() - node.lag_checked_at >= LAG_SAMPLE_SECONDS
         if node.replay_lsn >= self.last_write_lsn and not stale_sample:
             return node.lag_seconds is None or node.lag_seconds <= self.max_replica_lag

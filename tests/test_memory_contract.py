@@ -508,6 +508,10 @@ async def test_factory_picks_backend_from_env(
             "MEMORY_POOL_MAX": "0",
         },
         {"MEMORY_POOL_MIN": "two"},
+        {"SQLITE_PATH": "x.sqlite", "POSTGRES_POOL_MIN": "5", "POSTGRES_POOL_MAX": "3"},
+        {"SQLITE_PATH": "x.sqlite", "MAX_HISTORY": "-1"},
+        {"SQLITE_PATH": "x.sqlite", "MAX_HISTORY": "ten"},
+        {"SQLITE_PATH": "x.sqlite", "POSTGRES_ACQUIRE_TIMEOUT": "nan"},
     ],
 )
 async def test_factory_rejects_bad_settings(env: dict[str, str]) -> None:

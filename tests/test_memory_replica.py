@@ -7,6 +7,7 @@ must prevent.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -28,6 +29,7 @@ import pytest
 
 from memory import PostgresMemory
 from pipeline.check import check
+from pipeline.cli_check import add_commands
 
 APPLY_DELAY_MS = 300
 STANDBY_PORT = 5433  # names the socket file in the standby's own socket directory
@@ -281,6 +283,24 @@ async def test_check_prints_the_replica_and_refuses_a_primary_as_replica(
     wrong = await check(pg_dsn, read_dsn=pg_dsn, quick=True)
     assert not wrong.healthy
     assert ["POSTGRES_READ_DSN points at a server that is not a standby"] == wrong.problems
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_cli_exit_codes_with_a_replica(
+    pg_dsn: str, read_dsn: str, anyio_backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check --postgres-read-dsn` exits 0 with a standby, 1 with the primary in its place."""
+    parser = argparse.ArgumentParser()
+    handlers = add_commands(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["check", "--postgres-dsn", pg_dsn, *argv])
+        return handlers[args.command](args)
+
+    assert 0 == run("--postgres-read-dsn", read_dsn, "--pool-min", "1", "--pool-max", "2")
+    assert "read replica: ok, role standby" in capsys.readouterr().out
+    assert 1 == run("--postgres-read-dsn", pg_dsn, "--quick")
+    assert "UNHEALTHY" in capsys.readouterr().out
 
 
 async def test_standby_stopped_mid_test_costs_no_errors(
