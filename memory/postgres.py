@@ -409,6 +409,7 @@ class PostgresMemory(MemoryBase):
             return node.pool
         async with node.open_lock:
             if node.pool is None:
+                self.lifecycle.refuse_if_closing()  # a call during close() never reopens
                 minimum = node.min_size if node is self.primary else min(node.min_size, 1)
                 node.pool = await open_pool(
                     node.dsn, min_size=minimum, max_size=node.max_size, timeout=node.connect_timeout

@@ -109,6 +109,7 @@ class SQLiteMemory(MemoryBase):
 
     async def _open_locked(self) -> aiosqlite.Connection:
         if self._conn is None:
+            self.lifecycle.refuse_if_closing()  # a call during close() never reopens
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 conn.text_factory = _decode_text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sqlite3
 import uuid
@@ -380,27 +379,33 @@ async def test_close_while_callers_wait_commits_only_what_returned(
 
 
 async def test_call_during_close_does_not_reopen(backend: tuple[str, str]) -> None:
-    """A call made while close() drains is refused and leaves the memory closed afterwards."""
+    """A call or health() made while close() drains is refused and leaves the memory closed."""
     memory = make_memory(backend, max_size=1)
     await memory.create_session("x")
     refused: list[type[BaseException]] = []
+    health: list[dict[str, Any]] = []
+    release = anyio.Event()
 
-    async def slow_call() -> None:
-        with contextlib.suppress(MemoryClosedError):  # refused if close() came first
-            await memory.count_sessions()
+    async def running_call() -> None:  # stands for a call still running when close() begins
+        async with memory.lifecycle.admit():
+            await release.wait()
 
     async def during() -> None:
-        await anyio.sleep(0)
+        await anyio.sleep(0.01)
         try:
             await memory.create_session("during close")
         except MemoryClosedError as exc:
             refused.append(type(exc))
+        health.append(await memory.health())
+        release.set()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(slow_call)
+        tg.start_soon(running_call)
+        await anyio.sleep(0)
         tg.start_soon(memory.close, 5)
         tg.start_soon(during)
     assert [MemoryClosedError] == refused
+    assert [False] == [h["ok"] for h in health]
     assert memory.is_open is False
     async with memory:
         assert 1 == await memory.count_sessions()
