@@ -193,6 +193,19 @@ async def test_old_sqlite_file_without_user_id_gets_it(tmp_path: Path) -> None:
         assert 1 == len(await memory.get_sessions(user_id="alice"))
 
 
+async def test_old_postgres_tables_without_user_id_get_it(pg_dsn: str) -> None:
+    """Tables made before user_id existed gain the column (default '') and its index on open."""
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        old = await memory.create_session("old")
+        await raw_sql(memory, "ALTER TABLE sessions DROP COLUMN user_id")  # drops the index too
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        await memory.create_session("new", user_id="alice")
+        assert [old] == [s["id"] for s in await memory.get_sessions(user_id="")][1:]
+        assert ["new"] == [s["title"] for s in await memory.get_sessions(user_id="alice")]
+        index = await raw_sql(memory, "SELECT to_regclass('idx_sessions_user') IS NOT NULL")
+    assert [(True,)] == index
+
+
 async def test_update_title_moves_updated_at_and_order(mem: AnyMemory) -> None:
     """Renaming a session puts it first in get_sessions, like a new message does."""
     first = await mem.create_session("first")
@@ -409,6 +422,36 @@ async def test_call_during_close_does_not_reopen(backend: tuple[str, str]) -> No
     assert memory.is_open is False
     async with memory:
         assert 1 == await memory.count_sessions()
+
+
+async def test_close_terminates_what_is_left_after_the_timeout(pg_dsn: str) -> None:
+    """close(timeout) ends a call stuck behind a lock after the timeout; nothing half-written."""
+    memory = PostgresMemory(pg_dsn, min_size=1, max_size=2)
+    session_id = await memory.create_session("locked")
+    holder = await asyncpg.connect(pg_dsn)
+    failures: list[BaseException] = []
+
+    async def stuck() -> None:
+        try:
+            await memory.add_message(session_id, "user", "never")
+        except Exception as exc:  # noqa: BLE001 - the terminated call's error is the finding
+            failures.append(exc)
+
+    try:
+        await holder.execute("BEGIN; SELECT * FROM sessions FOR UPDATE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stuck)
+            await anyio.sleep(0.2)
+            started = anyio.current_time()
+            await memory.close(timeout=0.5)
+            took = anyio.current_time() - started
+        await holder.execute("ROLLBACK")
+        stored = await holder.fetchval("SELECT count(*) FROM messages")
+    finally:
+        await holder.close()
+    assert 0.4 < took < 3
+    assert 1 == len(failures)
+    assert 0 == stored
 
 
 async def test_acquire_timeout_is_a_clear_error(pg_dsn: str) -> None:
