@@ -299,6 +299,7 @@ async def delete_session(conn: asyncpg.Connection, sql: Sql, session_id: str) ->
 
 REPLICA_RETRY_SECONDS = 5.0  # how long a failed standby is skipped before it is tried again
 LAG_SAMPLE_SECONDS = 1.0  # how often the standby's replay lag is measured for routing
+RECHECK_BEHIND_SECONDS = 0.02  # a standby found behind our writes is asked again after this
 
 _LAG_SQL = (
     "SELECT pg_last_wal_replay_lsn(),"
@@ -505,20 +506,30 @@ class PostgresMemory(MemoryBase):
         """Run a read on the standby when it has every write of this object, else the primary."""
         async with self.lifecycle.admit():
             replica = self.replica
-            if replica is not None and time.monotonic() >= replica.down_until:
-                try:
-                    async with self._acquire(replica) as conn:
-                        if await self._replica_is_current(replica, conn):
-                            result = await operation(conn)
-                            replica.reads += 1
-                            return result
-                except MemoryClosedError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a standby's failure costs latency only
-                    self._replica_failed(replica, exc)
+            if replica is not None:
+                if self._worth_asking(replica):
+                    try:
+                        async with self._acquire(replica) as conn:
+                            if await self._replica_is_current(replica, conn):
+                                result = await operation(conn)
+                                replica.reads += 1
+                                return result
+                    except MemoryClosedError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a standby failure costs latency
+                        self._replica_failed(replica, exc)
                 replica.fallbacks += 1
             async with self._acquire(self.primary) as conn:
                 return await operation(conn)
+
+    def _worth_asking(self, node: Node) -> bool:
+        """False while the standby is skipped, or was behind this object's writes moments ago
+        (then the read goes straight to the primary, sparing a round trip to the standby)."""
+        at = time.monotonic()
+        if at < node.down_until:
+            return False
+        behind = self.write_position_unknown or node.replay_lsn < self.last_write_lsn
+        return not (behind and at - node.lag_checked_at < RECHECK_BEHIND_SECONDS)
 
     async def _replica_is_current(self, node: Node, conn: asyncpg.Connection) -> bool:
         """Whether the standby replayed this object's last write and lags little."""
