@@ -327,6 +327,7 @@ class Node:
     lag_seconds: float | None = None
     lag_checked_at: float = 0.0
     open_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    in_use: set[asyncpg.Connection] = field(default_factory=set)  # held by calls right now
 
     def pool_figures(self) -> dict[str, Any]:
         """size, idle, min, max, in_use and the acquire waits (count, p50, p99)."""
@@ -341,6 +342,29 @@ class Node:
             "in_use": size - idle,
             "acquire_wait": self.waits.summary(),
         }
+
+
+async def _end_server_side(node: Node) -> None:
+    """End the server backends of calls still running after the drain timeout, and wait (up
+    to 2 s) until they are gone: a call blocked on a lock must be rolled back, never commit
+    after the client gave up on it (closing the socket alone leaves it waiting, then
+    committing). Best effort: a server that cannot be reached has ended them anyway."""
+    pids = [c.get_server_pid() for c in node.in_use if not c.is_closed()]
+    if not pids:
+        return
+    with anyio.move_on_after(3, shield=True):
+        try:
+            admin = await asyncpg.connect(node.dsn, timeout=2)
+        except Exception:  # noqa: BLE001 - unreachable: its backends are gone with it
+            return
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid, 2000) FROM unnest($1::int[]) pid", pids
+            )
+        except Exception:  # noqa: BLE001 - best effort; the sockets are closed next
+            pass
+        finally:
+            admin.terminate()
 
 
 class PostgresMemory(MemoryBase):
@@ -446,10 +470,12 @@ class PostgresMemory(MemoryBase):
         self.lifecycle.closing = True
         try:
             started = time.monotonic()
-            await self.lifecycle.drain(timeout)
+            drained = await self.lifecycle.drain(timeout)
             for node in (self.primary, self.replica):
                 if node is None:
                     continue
+                if not drained:
+                    await _end_server_side(node)
                 async with node.open_lock:
                     pool, node.pool = node.pool, None
                     self._schema_ready = False
@@ -477,10 +503,12 @@ class PostgresMemory(MemoryBase):
                 f" {self.acquire_timeout:g} s (pool max {node.max_size}); nothing was written"
             ) from None
         node.waits.record(time.perf_counter() - started)
+        node.in_use.add(conn)
         try:
             self.lifecycle.refuse_if_closing()
             yield conn
         finally:
+            node.in_use.discard(conn)
             await pool.release(conn)
 
     async def _write(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
