@@ -323,7 +323,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
             )
         )
     target = names.table(SESSIONS.name)
-    idx = f"idx_{target}_user"
+    idx = fitted_name(f"idx_{target}", "_user")
     cols = ", ".join(quote_ident(c) for c in USER_INDEX_COLUMNS)
     out.append(
         Constraint(
