@@ -28,7 +28,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flux-migrate demo $(if $(KEEP),--keep-server,)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -256,9 +256,3 @@ def _connect_error(exc: BaseException, where: str) -> MigrateError:
         f"PostgreSQL at {where} cannot be reached ({type(exc).__name__}: {redact(str(exc))});"
         " check that it is running and the DSN is right, then rerun to resume."
     )
-
-
-def describe_connect_error(exc: BaseException, where: str) -> MigrateError:
-    """``translate(exc, where, connecting=True)``; kept for memory/postgres.py until it
-    switches to translate."""
-    return translate(exc, where, connecting=True)

@@ -138,6 +138,8 @@ class Table:
     indexes: tuple[Index, ...] = ()
     without_rowid: bool = False  # read in primary-key order instead of rowid order
     profile: str = "app"  # "app" for the app's own tables, "generic" for any other
+    # Target columns the migration does not copy yet (issue 9): created with their default.
+    target_only: tuple[Column, ...] = ()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -156,7 +158,11 @@ SESSIONS = Table(
         Column("updated_at", Kind.TIMESTAMP),
         Column("metadata", Kind.JSON),
     ),
+    target_only=(Column("user_id", Kind.TEXT, default="''"),),
 )
+
+# The memory lists a user's sessions by (user_id, updated_at): one index, both backends.
+USER_INDEX_COLUMNS = ("user_id", "updated_at")
 
 MESSAGES = Table(
     name="messages",
@@ -183,7 +189,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     title TEXT DEFAULT '',
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    metadata TEXT DEFAULT '{}'
+    metadata TEXT DEFAULT '{}',
+    user_id TEXT DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -195,6 +202,7 @@ CREATE TABLE IF NOT EXISTS messages (
     FOREIGN KEY (session_id) REFERENCES sessions(id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS idx_messages_session ON messages(session_id, created_at);
+CREATE INDEX IF NOT EXISTS idx_sessions_user ON sessions(user_id, updated_at);
 """
 
 
@@ -225,11 +233,21 @@ class TargetNames:
 def create_table_sql(table: Table, names: TargetNames) -> str:
     """CREATE TABLE IF NOT EXISTS without keys or indexes (built after a bulk load)."""
     cols = []
-    for c in table.columns:
+    for c in table.columns + table.target_only:
         null = "" if c.nullable else " NOT NULL"
         default = " DEFAULT '{}'" if c.kind is Kind.JSON else ""
+        if c.default is not None:
+            default = f" DEFAULT {c.default}"
         cols.append(f"{quote_ident(c.name)} {c.pg_type}{null}{default}")
     return f"CREATE TABLE IF NOT EXISTS {names.qualified(table.name)} ({', '.join(cols)})"
+
+
+def add_column_sql(table: Table, column: Column, names: TargetNames) -> str:
+    """ALTER TABLE adding a target-only column to a table created before it existed."""
+    return (
+        f"ALTER TABLE {names.qualified(table.name)} ADD COLUMN IF NOT EXISTS"
+        f" {quote_ident(column.name)} {column.pg_type} NOT NULL DEFAULT {column.default}"
+    )
 
 
 @dataclass(frozen=True)
@@ -301,6 +319,18 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 f" ON {names.qualified(table.name)} ({cols})",
             )
         )
+    target = names.table(SESSIONS.name)
+    idx = fitted_name(f"idx_{target}", "_user")
+    cols = ", ".join(quote_ident(c) for c in USER_INDEX_COLUMNS)
+    out.append(
+        Constraint(
+            idx,
+            SESSIONS.name,
+            f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
+            f" ON {names.qualified(SESSIONS.name)} ({cols})",
+            True,
+        )
+    )
     return tuple(out)
 
 
@@ -308,6 +338,7 @@ def target_ddl(names: TargetNames) -> list[str]:
     """Every statement that creates the complete target schema with its keys and index."""
     stmts = [f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}"]
     stmts += [create_table_sql(t, names) for t in TABLES]
+    stmts += [add_column_sql(t, c, names) for t in TABLES for c in t.target_only]
     stmts += [c.sql for c in constraints(names)]
     return stmts
 

@@ -7,14 +7,16 @@ after-migration comparison.
 
 from __future__ import annotations
 
-from memory.base import Memory, SessionNotFoundError
+from memory.base import Memory, MemoryClosedError, PoolTimeoutError, SessionNotFoundError
 from memory.factory import MemorySettings, create_memory
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
 
 __all__ = [
     "Memory",
+    "MemoryClosedError",
     "MemorySettings",
+    "PoolTimeoutError",
     "PostgresMemory",
     "SQLiteMemory",
     "SessionNotFoundError",

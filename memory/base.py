@@ -1,41 +1,74 @@
 """The conversation memory API both backends implement, and what they share.
 
-Results are plain dicts shaped by the one schema in :mod:`core.schema`: a session has
-``id``, ``title``, ``created_at``, ``updated_at``, ``metadata`` and ``message_count``; a message
-has ``id``, ``session_id``, ``role``, ``content``, ``metadata`` and ``created_at``. Timestamps are
-ISO-8601 strings in UTC with an offset (``datetime.isoformat()``), metadata is a dict.
+The API is the app's own SQLite ``ConversationMemory``, call by call (see docs/memory-api.md):
 
-Behaviour the issue left open, decided here and identical on both backends:
+- ``create_session(title="", metadata=None, user_id="") -> str``
+- ``add_message(session_id, role, content, metadata=None) -> str`` (also moves the session's
+  ``updated_at``)
+- ``get_history(session_id, limit=None) -> list[dict]``: the newest ``limit`` messages (default
+  ``max_history * 2``), oldest first, dicts with exactly ``id, role, content, metadata,
+  created_at``
+- ``get_sessions(limit=50, offset=0, user_id="") -> list[dict]``: ``updated_at`` newest first,
+  only that user's when ``user_id`` is non-empty; dicts with exactly ``id, title, created_at,
+  updated_at, metadata, message_count``
+- ``get_session(session_id) -> dict | None``: exactly ``id, title, created_at, updated_at,
+  metadata``
+- ``update_session_title(session_id, title) -> None`` (also moves ``updated_at``; a missing
+  session: nothing happens), ``delete_session(session_id) -> None`` (a missing session: nothing
+  happens), ``count_sessions() -> int``, ``clear_all() -> None``
 
-- ``add_message`` and ``update_session_title`` on a missing session raise
-  :class:`SessionNotFoundError`; ``delete_session`` of a missing session is a no-op that returns
-  ``False`` (``True`` when it deleted one); ``get_session`` returns ``None``; ``get_history``
-  returns ``[]``.
-- ``update_session_title`` also moves the session's ``updated_at`` forward.
-- ``updated_at`` never moves backwards: concurrent writers leave it at the latest timestamp.
+Timestamps are ISO-8601 strings in UTC with an offset (``datetime.isoformat()``), metadata is a
+dict. Deliberate differences from the app's class, identical on both backends:
+
+- ``add_message`` on a missing session raises :class:`SessionNotFoundError` (the app's SQLite
+  wrote an orphan row; PostgreSQL's foreign key refuses it).
+- A ``session_id``, ``title``, ``role``, ``content`` or ``user_id`` that is not a ``str`` is a
+  ``TypeError``; text with NUL or lone surrogates a ``ValueError``. Metadata must be a dict (or
+  ``None``); NaN, Infinity, ``\\u0000``, integers of more than 4300 digits or nesting too deep
+  for ``json.dumps`` are a ``ValueError``.
+- ``limit`` and ``offset`` must be ints from 0 to 2**63 - 1, else ``ValueError`` (``TypeError``
+  for a non-int); ``limit=0`` returns ``[]``.
 - Ties are broken by id (byte order): sessions ``updated_at DESC, id``; messages
-  ``created_at, id``.
-- Text with NUL characters or lone surrogates is refused with ``ValueError`` (PostgreSQL cannot
-  store NUL); metadata must be a dict (or ``None`` for ``{}``): anything else, a ``str`` above all,
-  is refused with ``TypeError``; metadata holding NaN, Infinity or ``\\u0000`` with ``ValueError``.
-- A negative ``limit`` or ``offset`` is refused with ``ValueError``; ``limit=0`` returns ``[]``.
+  ``created_at, id``. ``updated_at`` never moves backwards.
+- A JSON number beyond a double's range (``1e400`` in migrated text) reads as the exact int on
+  both backends (PostgreSQL's jsonb keeps it exactly and cannot tell it from an int).
+- A call while ``close()`` drains raises :class:`MemoryClosedError`, writing nothing; no free
+  connection within the acquire timeout raises :class:`PoolTimeoutError`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import statistics
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from core.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
-from stages.convert import Rejected, decode_text, parse_json_object
+import anyio
+import orjson
 
-DEFAULT_HISTORY_LIMIT = 20
+from core.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
+from stages.convert import Rejected, decode_text
+
+DEFAULT_MAX_HISTORY = 5  # the app's settings.max_history (env MAX_HISTORY)
+DEFAULT_HISTORY_LIMIT = DEFAULT_MAX_HISTORY * 2
 DEFAULT_SESSIONS_LIMIT = 50
+DEFAULT_ACQUIRE_TIMEOUT = 10.0
+MAX_COUNT = 2**63 - 1  # the largest LIMIT / OFFSET both SQLite and PostgreSQL take
+
+# The keys of the app's dicts, exactly.
+MESSAGE_KEYS = ("id", "role", "content", "metadata", "created_at")
+SESSION_KEYS = ("id", "title", "created_at", "updated_at", "metadata")
+SESSION_LIST_KEYS = (*SESSION_KEYS, "message_count")
 
 
 class SessionNotFoundError(LookupError):
@@ -46,11 +79,19 @@ class SessionNotFoundError(LookupError):
         self.session_id = session_id
 
 
+class MemoryClosedError(RuntimeError):
+    """The memory is closing: the call was refused before it wrote anything."""
+
+
+class PoolTimeoutError(TimeoutError):
+    """No connection became free within the acquire timeout; nothing was written."""
+
+
 class Memory(Protocol):
     """The app's conversation memory; both backends implement exactly this."""
 
     async def create_session(
-        self, title: str = "", metadata: dict[str, Any] | None = None
+        self, title: str = "", metadata: dict[str, Any] | None = None, user_id: str = ""
     ) -> str: ...
 
     async def add_message(
@@ -62,20 +103,22 @@ class Memory(Protocol):
     ) -> list[dict[str, Any]]: ...
 
     async def get_sessions(
-        self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0
+        self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0, user_id: str = ""
     ) -> list[dict[str, Any]]: ...
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None: ...
 
     async def update_session_title(self, session_id: str, title: str) -> None: ...
 
-    async def delete_session(self, session_id: str) -> bool: ...
+    async def delete_session(self, session_id: str) -> None: ...
 
     async def count_sessions(self) -> int: ...
 
     async def clear_all(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def health(self) -> dict[str, Any]: ...
+
+    async def close(self, timeout: float = 10.0) -> None: ...
 
     async def __aenter__(self) -> Self: ...
 
@@ -87,13 +130,76 @@ class Memory(Protocol):
     ) -> None: ...
 
 
+class WaitStats:
+    """How long callers waited for a connection: count and percentiles since start."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self.count = 0
+        self._recent: deque[float] = deque(maxlen=keep)
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self._recent.append(seconds * 1000)
+
+    def summary(self) -> dict[str, Any]:
+        """``count``, ``p50_ms`` and ``p99_ms`` (over the last 10,000 waits; None before any)."""
+        if not self._recent:
+            return {"count": self.count, "p50_ms": None, "p99_ms": None}
+        values = sorted(self._recent)
+        p99 = values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
+        return {
+            "count": self.count,
+            "p50_ms": round(statistics.median(values), 3),
+            "p99_ms": round(p99, 3),
+        }
+
+
+class Lifecycle:
+    """Admission of calls, draining on close: what both backends share.
+
+    A call enters with :meth:`admit`; ``close`` stops admitting (later calls raise
+    MemoryClosedError until the close finished, then the memory may open again), waits up to
+    its timeout for admitted calls to finish, then lets the backend terminate what is left.
+    """
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.inflight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        if self.closing:
+            raise MemoryClosedError("the memory is closing; the call was refused")
+        self.inflight += 1
+        self._idle = anyio.Event() if self.inflight == 1 else self._idle
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    def refuse_if_closing(self) -> None:
+        """Raise MemoryClosedError if close() began while this call waited for a connection."""
+        if self.closing:
+            raise MemoryClosedError("the memory closed while the call waited; nothing was written")
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for admitted calls; True if all finished."""
+        with anyio.move_on_after(timeout, shield=True):
+            await self._idle.wait()
+            return True
+        return False
+
+
 class MemoryBase:
     """What both backends share: the history limit and the async context manager."""
 
     def __init__(self, *, default_history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
-        if default_history_limit < 0:
-            raise ValueError("default_history_limit must be 0 or more")
-        self.default_history_limit = default_history_limit
+        self.default_history_limit = check_count(default_history_limit, "default_history_limit")
+        self.lifecycle = Lifecycle()
 
     @property
     def is_open(self) -> bool:
@@ -104,7 +210,7 @@ class MemoryBase:
         """Open the connection or pool now instead of on first use."""
         raise NotImplementedError
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:
@@ -120,7 +226,7 @@ class MemoryBase:
         await self.close()
 
     def history_limit(self, limit: int | None) -> int:
-        """The limit to apply: the default when None; a negative one is refused."""
+        """The limit to apply: the default when None; anything out of range is refused."""
         if limit is None:
             return self.default_history_limit
         return check_count(limit, "limit")
@@ -150,31 +256,58 @@ def check_text(value: str, column: str) -> str:
     return value
 
 
-def check_count(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be 0 or more, not {value}")
+def check_id(value: str) -> str:
+    """A session id must be a str on both backends (an int would match nothing on one)."""
+    if not isinstance(value, str):
+        raise TypeError(f"session_id must be a str, not {type(value).__name__}")
     return value
 
 
-def prepare_metadata(metadata: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    """Validate metadata; return the JSON text the app stored in SQLite and the dict it reads back.
+def check_count(value: int, name: str) -> int:
+    """An int from 0 to 2**63 - 1 (what LIMIT and OFFSET take on both backends)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be from 0 to 2**63 - 1, not {value}")
+    return value
 
-    The text is ``json.dumps(metadata or {})`` exactly as the app wrote it; the dict is that text
-    parsed again, so both backends store the same value (non-str keys become str on both).
+
+def check_pool_bounds(pool_min: int, pool_max: int, what: str = "pool sizes") -> None:
+    """The one check of pool bounds: ValueError unless 0 <= min <= max and max >= 1."""
+    for value in (pool_min, pool_max):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{what} must be whole numbers, not {value!r}")
+    if not 0 <= pool_min <= pool_max or pool_max < 1:
+        raise ValueError(f"{what} need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"metadata holds {name}, which JSON and PostgreSQL cannot store")
+
+
+def prepare_metadata(metadata: dict[str, Any] | None) -> str:
+    """Validate metadata; return ``json.dumps(metadata or {})``, the text the app stored.
+
+    Both backends store exactly this text (PostgreSQL parses it into jsonb), so both accept
+    the same values: non-str keys become str, ints of any size up to 4300 digits, any nesting
+    ``json.dumps`` can write.
     """
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict):
         # A str would be stored as a JSON string, not an object: refuse it on both backends.
         raise TypeError(f"metadata must be a dict or None, not {type(metadata).__name__}")
-    text = json.dumps(metadata)
     try:
-        value = parse_json_object(text)
-    except Rejected as exc:
-        raise ValueError(exc.detail) from None
-    return text, value
+        text = json.dumps(metadata, allow_nan=False)
+    except RecursionError:
+        raise ValueError("metadata is nested too deeply to store") from None
+    except ValueError as exc:  # NaN / Infinity, or an int beyond 4300 digits
+        raise ValueError(f"metadata cannot be stored: {exc}") from None
+    except TypeError as exc:
+        raise TypeError(f"metadata cannot be stored as JSON: {exc}") from None
+    if "\\u0000" in text:
+        raise ValueError("metadata contains \\u0000, which PostgreSQL cannot store")
+    return text
 
 
 # ------------------------------------------------------------------ values out
@@ -183,6 +316,43 @@ def prepare_metadata(metadata: dict[str, Any] | None) -> tuple[str, dict[str, An
 def iso(value: datetime) -> str:
     """The ISO-8601 text the API returns for a timestamp: UTC, with offset."""
     return value.astimezone(UTC).isoformat()
+
+
+def _exact_int(text: str) -> int:
+    return int(text) if len(text) <= 4000 else int(Decimal(text))
+
+
+def _exact_float(text: str) -> float | int:
+    value = float(text)
+    if math.isinf(value):  # beyond a double: as PostgreSQL keeps it, the exact (integral) value
+        return int(Decimal(text))
+    return value
+
+
+_NEEDS_STDLIB = re.compile(rb"\d{19}|[eE][+-]?\d{3}")
+
+
+def loads_metadata(data: str | bytes) -> Any:
+    """Parse stored metadata JSON the same way on both backends.
+
+    orjson where it is exact; else the stdlib, with numbers beyond a double or 4300 digits read
+    as exact ints. Raises ValueError for text that is not JSON (RecursionError included).
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if _NEEDS_STDLIB.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # nesting beyond orjson's 255 levels, or not JSON
+    try:
+        return json.loads(
+            raw,
+            parse_int=_exact_int,
+            parse_float=_exact_float,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError:
+        raise ValueError("metadata is nested too deeply to read") from None
 
 
 def select_list(table: Table, alias: str = "") -> str:
@@ -202,41 +372,49 @@ MetadataDecoder = Callable[[Any, str], "dict[str, Any]"]
 def row_dict(
     table: Table,
     row: Sequence[Any],
+    keys: tuple[str, ...],
     *,
     timestamp: TimestampDecoder,
     metadata: MetadataDecoder,
 ) -> dict[str, Any]:
-    """Turn a row in schema column order (plus extra trailing columns) into the API's dict.
+    """Turn a row in schema column order (plus trailing columns) into the app's dict of ``keys``.
 
     ``timestamp`` and ``metadata`` decode a stored value; a timestamp decoded to a datetime is
     rendered with :func:`iso`, a str is passed through as stored.
     """
-    out: dict[str, Any] = {}
-    for column, value in zip(table.columns, row):
+    values: dict[str, Any] = {}
+    for column, value in zip(table.columns, row, strict=False):  # a count may follow
+        if column.name not in keys:
+            continue
         if column.kind is Kind.TIMESTAMP:
             decoded = timestamp(value, column.name)
-            out[column.name] = iso(decoded) if isinstance(decoded, datetime) else decoded
+            values[column.name] = iso(decoded) if isinstance(decoded, datetime) else decoded
         elif column.kind is Kind.JSON:
-            out[column.name] = metadata(value, column.name)
+            values[column.name] = metadata(value, column.name)
         else:
-            out[column.name] = value
-    return out
+            values[column.name] = value
+    if "message_count" in keys:
+        values["message_count"] = int(row[len(table.columns)])
+    return {k: values[k] for k in keys}
 
 
 def session_dict(
-    row: Sequence[Any], *, timestamp: TimestampDecoder, metadata: MetadataDecoder
+    row: Sequence[Any],
+    *,
+    timestamp: TimestampDecoder,
+    metadata: MetadataDecoder,
+    with_count: bool = False,
 ) -> dict[str, Any]:
-    """A session row (schema columns, then the message count) as the API's dict."""
-    out = row_dict(SESSIONS, row, timestamp=timestamp, metadata=metadata)
-    out["message_count"] = int(row[len(SESSIONS.columns)])
-    return out
+    """A session row (schema columns, then the message count) as the app's dict."""
+    keys = SESSION_LIST_KEYS if with_count else SESSION_KEYS
+    return row_dict(SESSIONS, row, keys, timestamp=timestamp, metadata=metadata)
 
 
 def message_dict(
     row: Sequence[Any], *, timestamp: TimestampDecoder, metadata: MetadataDecoder
 ) -> dict[str, Any]:
-    """A message row (schema columns) as the API's dict."""
-    return row_dict(MESSAGES, row, timestamp=timestamp, metadata=metadata)
+    """A message row (schema columns) as the app's dict."""
+    return row_dict(MESSAGES, row, MESSAGE_KEYS, timestamp=timestamp, metadata=metadata)
 
 
 # ------------------------------------------------------------------ reads, shared by both backends
@@ -248,7 +426,8 @@ class ReadSql:
 
     history: str  # (session_id, limit) -> messages, oldest first
     sessions_page: str  # (limit, offset) -> sessions with their message count
-    session: str  # (session_id,) -> one session with its message count
+    user_sessions_page: str  # (limit, offset, user_id) -> that user's sessions, with counts
+    session: str  # (session_id,) -> one session
     count: str  # () -> number of sessions
 
 
@@ -259,6 +438,8 @@ def read_sql(sessions: str, messages: str, *, param: Callable[[int], str], by_id
     "C"`` in PostgreSQL), so that ties break the same way on both backends.
     """
     message_count = f"(SELECT count(*) FROM {messages} c WHERE c.session_id = s.id)"
+    page = f" ORDER BY s.updated_at DESC, s.{by_id} LIMIT {param(1)} OFFSET {param(2)}"
+    listed = f"SELECT {SESSION_SELECT}, {message_count} AS message_count FROM {sessions} s"
     return ReadSql(
         history=(
             f"SELECT * FROM (SELECT {MESSAGE_SELECT} FROM {messages} m"
@@ -266,13 +447,13 @@ def read_sql(sessions: str, messages: str, *, param: Callable[[int], str], by_id
             f" ORDER BY m.created_at DESC, m.{by_id} DESC LIMIT {param(2)}) h"
             f" ORDER BY h.created_at, h.{by_id}"
         ),
-        sessions_page=(
-            f"SELECT {SESSION_SELECT}, {message_count} AS message_count FROM {sessions} s"
-            f" ORDER BY s.updated_at DESC, s.{by_id} LIMIT {param(1)} OFFSET {param(2)}"
-        ),
-        session=(
-            f"SELECT {SESSION_SELECT}, {message_count} AS message_count FROM {sessions} s"
-            f" WHERE s.id = {param(1)}"
-        ),
+        sessions_page=listed + page,
+        user_sessions_page=f"{listed} WHERE s.user_id = {param(3)}{page}",
+        session=f"SELECT {SESSION_SELECT} FROM {sessions} s WHERE s.id = {param(1)}",
         count=f"SELECT count(*) FROM {sessions}",
     )
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since a ``time.perf_counter()`` reading."""
+    return round((time.perf_counter() - started) * 1000, 3)

@@ -1,14 +1,22 @@
-"""Pick the memory backend from settings: the environment, or an explicit MemorySettings."""
+"""Pick the memory backend from settings: the environment, as the app names it, or explicit.
+
+The app's environment: ``DATABASE_BACKEND`` (sqlite | postgres, default sqlite),
+``POSTGRES_DSN``, ``MAX_HISTORY`` (default 5; ``get_history`` returns ``2 * MAX_HISTORY``
+messages by default), ``POSTGRES_READ_DSN`` (optional standby for reads), ``POSTGRES_POOL_MIN``
+and ``POSTGRES_POOL_MAX`` (default 2 and 10; ``MEMORY_POOL_MIN`` / ``MEMORY_POOL_MAX`` are
+accepted too), ``POSTGRES_ACQUIRE_TIMEOUT`` (seconds, default 10) and ``SQLITE_PATH``.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigError
-from memory.base import DEFAULT_HISTORY_LIMIT
+from memory.base import DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_HISTORY, check_pool_bounds
 from memory.postgres import PostgresMemory
 from memory.sqlite import SQLiteMemory
 
@@ -21,24 +29,33 @@ class MemorySettings:
 
     backend: str = "sqlite"
     postgres_dsn: str | None = None
+    postgres_read_dsn: str | None = None
     sqlite_path: Path | None = None
     schema: str = "public"
     pool_min: int = 2
     pool_max: int = 10
-    history_limit: int = DEFAULT_HISTORY_LIMIT
+    max_history: int = DEFAULT_MAX_HISTORY
+    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT
+
+    @property
+    def history_limit(self) -> int:
+        """get_history's default limit: the app's ``settings.max_history * 2``."""
+        return self.max_history * 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> MemorySettings:
-        """Read ``DATABASE_BACKEND`` (default sqlite), ``POSTGRES_DSN``, ``SQLITE_PATH``,
-        ``MEMORY_POOL_MIN`` and ``MEMORY_POOL_MAX``; unset values keep their defaults."""
+        """Read the app's variables (module docstring); unset values keep their defaults."""
         env = os.environ if environ is None else environ
         sqlite_path = env.get("SQLITE_PATH")
         return cls(
             backend=env.get("DATABASE_BACKEND", "").strip().lower() or cls.backend,
             postgres_dsn=env.get("POSTGRES_DSN") or None,
+            postgres_read_dsn=env.get("POSTGRES_READ_DSN") or None,
             sqlite_path=Path(sqlite_path) if sqlite_path else None,
-            pool_min=_int_env(env, "MEMORY_POOL_MIN", cls.pool_min),
-            pool_max=_int_env(env, "MEMORY_POOL_MAX", cls.pool_max),
+            pool_min=_int_env(env, ("POSTGRES_POOL_MIN", "MEMORY_POOL_MIN"), cls.pool_min),
+            pool_max=_int_env(env, ("POSTGRES_POOL_MAX", "MEMORY_POOL_MAX"), cls.pool_max),
+            max_history=_int_env(env, ("MAX_HISTORY",), cls.max_history),
+            acquire_timeout=_float_env(env, "POSTGRES_ACQUIRE_TIMEOUT", cls.acquire_timeout),
         )
 
     def validate(self) -> None:
@@ -54,23 +71,44 @@ class MemorySettings:
                 "The postgres memory backend needs POSTGRES_DSN"
                 " (e.g. postgresql://user@host:5432/dbname, password via PGPASSWORD or ~/.pgpass)."
             )
-        if not 0 <= self.pool_min <= self.pool_max or self.pool_max < 1:
+        pool_bounds(self.pool_min, self.pool_max, "POSTGRES_POOL_MIN and POSTGRES_POOL_MAX")
+        if self.max_history < 0:
+            raise ConfigError(f"MAX_HISTORY must be 0 or more, not {self.max_history}.")
+        if not (math.isfinite(self.acquire_timeout) and self.acquire_timeout > 0):
             raise ConfigError(
-                f"MEMORY_POOL_MIN ({self.pool_min}) and MEMORY_POOL_MAX ({self.pool_max}) need"
-                " 0 <= min <= max and max >= 1."
+                f"POSTGRES_ACQUIRE_TIMEOUT must be a positive number, not {self.acquire_timeout}."
             )
-        if self.history_limit < 0:
-            raise ConfigError(f"The history limit must be 0 or more, not {self.history_limit}.")
 
 
-def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
+def pool_bounds(pool_min: int, pool_max: int, what: str) -> tuple[int, int]:
+    """The pool bounds, or ConfigError (exit 2) naming ``what`` when they are impossible."""
+    try:
+        check_pool_bounds(pool_min, pool_max, what)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}.") from None
+    return pool_min, pool_max
+
+
+def _int_env(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, not {raw!r}.") from None
+    return default
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return float(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}.") from None
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}.") from None
 
 
 def create_memory(settings: MemorySettings | None = None) -> SQLiteMemory | PostgresMemory:
@@ -85,6 +123,12 @@ def create_memory(settings: MemorySettings | None = None) -> SQLiteMemory | Post
             min_size=settings.pool_min,
             max_size=settings.pool_max,
             default_history_limit=settings.history_limit,
+            read_dsn=settings.postgres_read_dsn,
+            acquire_timeout=settings.acquire_timeout,
         )
     assert settings.sqlite_path is not None
-    return SQLiteMemory(settings.sqlite_path, default_history_limit=settings.history_limit)
+    return SQLiteMemory(
+        settings.sqlite_path,
+        default_history_limit=settings.history_limit,
+        acquire_timeout=settings.acquire_timeout,
+    )

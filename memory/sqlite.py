@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -14,12 +15,18 @@ import structlog
 
 from core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
 from memory.base import (
+    DEFAULT_ACQUIRE_TIMEOUT,
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_SESSIONS_LIMIT,
     MemoryBase,
+    PoolTimeoutError,
     SessionNotFoundError,
+    WaitStats,
     check_count,
+    check_id,
     check_text,
+    elapsed_ms,
+    loads_metadata,
     message_dict,
     new_id,
     now,
@@ -27,13 +34,13 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from stages.convert import Rejected, parse_json_object, parse_timestamp
+from stages.convert import Rejected, parse_timestamp
 
 log = structlog.get_logger("flux_migrate.memory")
 
 _SESSIONS = quote_ident(SESSIONS.name)
 _MESSAGES = quote_ident(MESSAGES.name)
-_READ = read_sql(_SESSIONS, _MESSAGES, param=lambda _: "?", by_id="id")
+_READ = read_sql(_SESSIONS, _MESSAGES, param=lambda n: f"?{n}", by_id="id")
 
 
 def _decode_text(raw: bytes) -> str:
@@ -52,11 +59,17 @@ def _timestamp(raw: Any, column: str) -> datetime | str:
 
 def _metadata(raw: Any, column: str) -> dict[str, Any]:
     """Stored JSON text as a dict: NULL or empty is {}, and so is text that is not an object."""
-    try:
-        return parse_json_object(raw, column)
-    except Rejected as exc:
-        log.warning("value_unreadable", column=column, reason=exc.reason)
+    if raw is None or raw == "":
         return {}
+    try:
+        value = loads_metadata(raw)
+    except ValueError:
+        log.warning("value_unreadable", column=column, reason="invalid_json")
+        return {}
+    if not isinstance(value, dict):
+        log.warning("value_unreadable", column=column, reason="json_not_object")
+        return {}
+    return value
 
 
 _DECODERS: dict[str, Any] = {"timestamp": _timestamp, "metadata": _metadata}
@@ -68,14 +81,21 @@ class SQLiteMemory(MemoryBase):
     Rows are written exactly as the app wrote them: ISO-8601 text from
     ``datetime.now(timezone.utc).isoformat()`` and ``json.dumps(metadata or {})``. One
     connection, opened on first use; operations on it run one at a time, so a write and the
-    ``updated_at`` it implies are never interleaved with another.
+    ``updated_at`` it implies are never interleaved with another. A file made before
+    ``user_id`` existed gets the column (default '') and its index on open.
     """
 
     def __init__(
-        self, path: str | Path, default_history_limit: int = DEFAULT_HISTORY_LIMIT
+        self,
+        path: str | Path,
+        default_history_limit: int = DEFAULT_HISTORY_LIMIT,
+        *,
+        acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
     ) -> None:
         super().__init__(default_history_limit=default_history_limit)
         self.path = Path(path)
+        self.acquire_timeout = acquire_timeout
+        self.waits = WaitStats()
         self._conn: aiosqlite.Connection | None = None
         self._lock = anyio.Lock()
 
@@ -84,16 +104,21 @@ class SQLiteMemory(MemoryBase):
         return self._conn is not None
 
     async def open(self) -> None:
-        async with self._lock:
+        async with self.lifecycle.admit(), self._lock:
             await self._open_locked()
 
     async def _open_locked(self) -> aiosqlite.Connection:
         if self._conn is None:
+            self.lifecycle.refuse_if_closing()  # a call during close() never reopens
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 conn.text_factory = _decode_text
                 await conn.execute("PRAGMA foreign_keys=ON")
                 await conn.execute("PRAGMA busy_timeout=5000")
+                async with conn.execute("PRAGMA table_info(sessions)") as cur:
+                    present = {r[1] for r in await cur.fetchall()}
+                if present and "user_id" not in present:
+                    await conn.execute("ALTER TABLE sessions ADD COLUMN user_id TEXT DEFAULT ''")
                 await conn.executescript(SQLITE_DDL)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -102,19 +127,45 @@ class SQLiteMemory(MemoryBase):
             self._conn = conn
         return self._conn
 
-    async def close(self) -> None:
-        """Close the connection (the next call opens a new one)."""
-        async with self._lock:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                with anyio.CancelScope(shield=True):
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop admitting calls, let the running one finish (up to ``timeout`` s), close.
+
+        Callers still waiting for the connection get MemoryClosedError and write nothing; a
+        call made during the close is refused the same way; the next call after it reopens.
+        """
+        self.lifecycle.closing = True
+        try:
+            await self.lifecycle.drain(timeout)
+            with anyio.CancelScope(shield=True):
+                conn, self._conn = self._conn, None
+                if conn is not None:
                     await conn.close()
+        finally:
+            self.lifecycle.closing = False
 
     @asynccontextmanager
     async def _use(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection, held by this operation alone until the block ends."""
-        async with self._lock:
-            yield await self._open_locked()
+        """The connection, held by this operation alone until the block ends.
+
+        Raises PoolTimeoutError when another operation holds it beyond the acquire timeout,
+        MemoryClosedError when close() began meanwhile.
+        """
+        async with self.lifecycle.admit():
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(self.acquire_timeout):
+                    await self._lock.acquire()
+            except TimeoutError:
+                raise PoolTimeoutError(
+                    f"the SQLite connection stayed busy for {self.acquire_timeout:g} s;"
+                    " nothing was written"
+                ) from None
+            self.waits.record(time.perf_counter() - started)
+            try:
+                self.lifecycle.refuse_if_closing()
+                yield await self._open_locked()
+            finally:
+                self._lock.release()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -133,27 +184,47 @@ class SQLiteMemory(MemoryBase):
         async with self._use() as conn, conn.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
+    async def health(self) -> dict[str, Any]:
+        """``ok``, ``latency_ms``, ``role`` (primary), ``server_version`` and the connection as a
+        pool of one; never raises (``ok`` False and ``error`` instead)."""
+        busy = int(self._lock.locked())
+        size = int(self._conn is not None)
+        out: dict[str, Any] = {"ok": False, "role": "primary", "backend": "sqlite"}
+        pool = {"size": size, "idle": size - busy, "min": 0, "max": 1, "in_use": busy}
+        try:
+            started = time.perf_counter()
+            rows = await self._fetchall("SELECT sqlite_version()")
+            out.update(ok=True, latency_ms=elapsed_ms(started), server_version=str(rows[0][0]))
+        except Exception as exc:  # noqa: BLE001 - health reports, never raises
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        out["pool"] = {**pool, "acquire_wait": self.waits.summary()}
+        return out
+
     # -------------------------------------------------------------- the API
 
-    async def create_session(self, title: str = "", metadata: dict[str, Any] | None = None) -> str:
+    async def create_session(
+        self, title: str = "", metadata: dict[str, Any] | None = None, user_id: str = ""
+    ) -> str:
         check_text(title, "title")
-        text, _ = prepare_metadata(metadata)
+        check_text(user_id, "user_id")
+        text = prepare_metadata(metadata)
         session_id = new_id()
         stamp = now().isoformat()
         async with self._transaction() as conn:
             await conn.execute(
-                f"INSERT INTO {_SESSIONS} (id, title, created_at, updated_at, metadata)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (session_id, title, stamp, stamp, text),
+                f"INSERT INTO {_SESSIONS} (id, title, created_at, updated_at, metadata, user_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, title, stamp, stamp, text, user_id),
             )
         return session_id
 
     async def add_message(
         self, session_id: str, role: str, content: str, metadata: dict[str, Any] | None = None
     ) -> str:
+        check_id(session_id)
         check_text(role, "role")
         check_text(content, "content")
-        text, _ = prepare_metadata(metadata)
+        text = prepare_metadata(metadata)
         message_id = new_id()
         async with self._transaction() as conn:
             stamp = now().isoformat()  # taken inside the lock: later messages get later stamps
@@ -170,34 +241,40 @@ class SQLiteMemory(MemoryBase):
         return message_id
 
     async def get_history(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        check_id(session_id)
         rows = await self._fetchall(_READ.history, (session_id, self.history_limit(limit)))
         return [message_dict(r, **_DECODERS) for r in rows]
 
     async def get_sessions(
-        self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0
+        self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0, user_id: str = ""
     ) -> list[dict[str, Any]]:
-        params = (check_count(limit, "limit"), check_count(offset, "offset"))
-        rows = await self._fetchall(_READ.sessions_page, params)
-        return [session_dict(r, **_DECODERS) for r in rows]
+        params: tuple[Any, ...] = (check_count(limit, "limit"), check_count(offset, "offset"))
+        check_text(user_id, "user_id")
+        sql = _READ.sessions_page
+        if user_id:
+            sql, params = _READ.user_sessions_page, (*params, user_id)
+        rows = await self._fetchall(sql, params)
+        return [session_dict(r, with_count=True, **_DECODERS) for r in rows]
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        check_id(session_id)
         rows = await self._fetchall(_READ.session, (session_id,))
         return session_dict(rows[0], **_DECODERS) if rows else None
 
     async def update_session_title(self, session_id: str, title: str) -> None:
+        check_id(session_id)
         check_text(title, "title")
         async with self._transaction() as conn:
-            cur = await conn.execute(
+            await conn.execute(
                 f"UPDATE {_SESSIONS} SET title = ?, updated_at = ? WHERE id = ?",
                 (title, now().isoformat(), session_id),
             )
-            if cur.rowcount == 0:
-                raise SessionNotFoundError(session_id)
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str) -> None:
+        check_id(session_id)
         async with self._transaction() as conn:
-            cur = await conn.execute(f"DELETE FROM {_SESSIONS} WHERE id = ?", (session_id,))
-            return cur.rowcount > 0
+            await conn.execute(f"DELETE FROM {_MESSAGES} WHERE session_id = ?", (session_id,))
+            await conn.execute(f"DELETE FROM {_SESSIONS} WHERE id = ?", (session_id,))
 
     async def count_sessions(self) -> int:
         rows = await self._fetchall(_READ.count)

@@ -1,5 +1,9 @@
 """Is this PostgreSQL ready for the app's memory? Connect, time, inspect, and try every write.
 
+It also prints the memory's own ``health()`` (role, version, latency, pool figures, acquire
+waits; with a read DSN the standby's section and its replay lag) and is unhealthy when the
+primary or a configured standby does not answer.
+
 The full check runs create/read/update/delete and a jsonb round trip through the backend's own
 statements inside one transaction that it rolls back: nothing is left in the database, not even
 tables it had to create for the purpose.
@@ -15,10 +19,11 @@ from typing import Any
 import asyncpg
 
 from core.dsn import dsn_location, redact
-from core.errors import ConfigError, MigrateError
+from core.errors import MigrateError
 from core.schema import TABLES, TargetNames
 from core.target import connect
 from memory import postgres as pg
+from memory.factory import pool_bounds
 
 LATENCY_SAMPLES = 5
 _PROBE_METADATA: dict[str, Any] = {
@@ -44,6 +49,7 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     pool_opened: int | None = None
     crud_ok: bool | None = None  # None: not run (quick, or it could not start)
+    health: dict[str, Any] | None = None  # PostgresMemory.health(), when it connected
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -70,15 +76,50 @@ class CheckResult:
         if self.crud_ok is not None:
             outcome = "ok, rolled back" if self.crud_ok else "FAILED, rolled back"
             out.append(f"  create/read/update/delete and jsonb round trip: {outcome}")
+        if self.health is not None:
+            out += health_lines(self.health)
         out += [f"  note: {n}" for n in self.notes]
         out += [f"  problem: {redact(p)}" for p in self.problems]
         out.append("healthy" if self.healthy else "UNHEALTHY")
         return out
 
 
+def health_lines(health: dict[str, Any]) -> list[str]:
+    """``PostgresMemory.health()`` for people: the primary, then the standby if any."""
+    out = _node_lines("memory health", health)
+    if (replica := health.get("replica")) is not None:
+        out += _node_lines("read replica", replica)
+        out.append(
+            f"    reads served: {replica['reads']:,}, fell back to the primary:"
+            f" {replica['fallbacks']:,}"
+        )
+    return out
+
+
+def _node_lines(title: str, node: dict[str, Any]) -> list[str]:
+    state = "ok" if node["ok"] else f"NOT ok ({redact(str(node.get('error')))})"
+    out = [f"  {title}: {state}, role {node.get('role')}"]
+    if node["ok"]:
+        out.append(
+            f"    server version {node['server_version']}, latency {node['latency_ms']:.2f} ms"
+        )
+    if "replay_lag_s" in node:
+        out.append(f"    replay lag: {node['replay_lag_s']:.3f} s")
+    pool, waits = node["pool"], node["pool"]["acquire_wait"]
+    out.append(
+        f"    pool: size {pool['size']}, idle {pool['idle']}, in use {pool['in_use']},"
+        f" min {pool['min']}, max {pool['max']}"
+    )
+    p50 = "-" if waits["p50_ms"] is None else f"{waits['p50_ms']:.2f} ms"
+    p99 = "-" if waits["p99_ms"] is None else f"{waits['p99_ms']:.2f} ms"
+    out.append(f"    acquire waits: {waits['count']:,}, p50 {p50}, p99 {p99}")
+    return out
+
+
 async def check(
     dsn: str,
     *,
+    read_dsn: str | None = None,
     schema: str = "public",
     quick: bool = False,
     pool_min: int = 2,
@@ -93,10 +134,7 @@ async def check(
     CRUD round trip. Raises ConfigError for impossible pool sizes. Blocks up to ``timeout``
     seconds per connection attempt.
     """
-    if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigError(
-            f"Pool sizes need 0 <= min <= max and max >= 1, not {pool_min}..{pool_max}."
-        )
+    pool_bounds(pool_min, pool_max, "pool sizes")
     names = names or TargetNames(schema=schema)
     result = CheckResult(dsn_location(dsn), names.schema, quick, pool_min, pool_max)
     try:
@@ -116,7 +154,34 @@ async def check(
         await conn.close()
     if not quick and not result.problems:
         await _check_pool_and_crud(dsn, names, result, timeout)
+    await _memory_health(dsn, read_dsn, names, result, timeout)
     return result
+
+
+async def _memory_health(
+    dsn: str, read_dsn: str | None, names: TargetNames, result: CheckResult, timeout: float
+) -> None:
+    """The memory's own health(), through a pool of the checked sizes; read-only."""
+    memory = pg.PostgresMemory(
+        dsn,
+        names=names,
+        min_size=min(result.pool_min, 1),
+        max_size=result.pool_max,
+        read_dsn=read_dsn,
+        create_tables=False,
+        connect_timeout=timeout,
+    )
+    try:
+        result.health = await memory.health()
+    finally:
+        await memory.close(timeout=timeout)
+    if not result.health["ok"]:
+        result.problems.append("the memory's health check failed on the primary")
+    replica = result.health.get("replica")
+    if replica is not None and not replica["ok"]:
+        result.problems.append("the read replica (POSTGRES_READ_DSN) does not answer")
+    elif replica is not None and replica.get("role") != "standby":
+        result.problems.append("POSTGRES_READ_DSN points at a server that is not a standby")
 
 
 def _describe(exc: BaseException) -> str:

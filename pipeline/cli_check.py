@@ -22,7 +22,7 @@ import anyio
 
 from core import errors
 from core.errors import ConfigError
-from memory.factory import MemorySettings
+from memory.factory import MemorySettings, pool_bounds
 from pipeline.check import check
 from pipeline.logs import configure
 from pipeline.settings import Settings, load_settings, validate
@@ -43,6 +43,7 @@ def add_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--postgres-dsn", help="PostgreSQL DSN (or env POSTGRES_DSN)")
     p.add_argument("--schema", help="target schema (default: from --config, else public)")
+    p.add_argument("--postgres-read-dsn", help="standby DSN for reads (or env POSTGRES_READ_DSN)")
     p.add_argument("--quick", action="store_true", help="only connect: version and latency")
     p.add_argument("--pool-min", type=int, help="pool minimum (default: MEMORY_POOL_MIN or 2)")
     p.add_argument("--pool-max", type=int, help="pool maximum (default: MEMORY_POOL_MAX or 10)")
@@ -80,17 +81,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     dsn = settings.require_dsn()
     env = MemorySettings.from_env()
+    read_dsn = args.postgres_read_dsn or env.postgres_read_dsn
     pool_min = env.pool_min if args.pool_min is None else args.pool_min
     pool_max = env.pool_max if args.pool_max is None else args.pool_max
-    if not 0 <= pool_min <= pool_max or pool_max < 1:
-        raise ConfigError(
-            "--pool-min and --pool-max need 0 <= min <= max and max >= 1,"
-            f" not {pool_min}..{pool_max}."
-        )
+    pool_bounds(pool_min, pool_max, "--pool-min and --pool-max")
 
     async def run() -> Any:
         return await check(
-            dsn, names=settings.names, quick=args.quick, pool_min=pool_min, pool_max=pool_max
+            dsn,
+            read_dsn=read_dsn,
+            names=settings.names,
+            quick=args.quick,
+            pool_min=pool_min,
+            pool_max=pool_max,
         )
 
     result = anyio.run(run, backend="asyncio")

@@ -77,7 +77,6 @@ def resolve_mapping(path: Path, config: Path | None) -> tuple[Mapping, SourceSch
     if problems:
         listed = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
         raise SourceError(
-            f"The mapping does not place everything in {path}, so nothing was written:"
-            f" {listed}."
+            f"The mapping does not place everything in {path}, so nothing was written: {listed}."
         )
     return mapping, schema

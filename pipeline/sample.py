@@ -159,7 +159,10 @@ def generate(
     message_rows: list[tuple[str, ...]] = []
 
     def flush() -> None:
-        db.executemany("INSERT INTO sessions VALUES (?,?,?,?,?)", session_rows)
+        db.executemany(
+            "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?,?,?,?,?)",
+            session_rows,
+        )
         db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?)", message_rows)
         session_rows.clear()
         message_rows.clear()

@@ -47,9 +47,11 @@ async def target_rows(
 ) -> dict[str, dict[str, Any]]:
     """The target rows by id, metadata parsed."""
     names = names or TargetNames()
+    spec = next(t for t in TABLES if t.name == table)
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(f"SELECT * FROM {names.qualified(table)}")
+        cols = ", ".join(spec.column_names)  # the migrated columns (not the target-only ones)
+        rows = await conn.fetch(f"SELECT {cols} FROM {names.qualified(table)}")
     finally:
         await conn.close()
     out = {}

@@ -282,8 +282,9 @@ async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: st
             async with conn.transaction():
                 await conn.execute("DELETE FROM messages WHERE id = ANY($1::text[])", ids)
                 await conn.execute(
-                    "UPDATE flux_migrate.checkpoints SET last_rowid = $1, extracted = extracted - $2,"
-                    " loaded = loaded - $2 WHERE source_table = 'messages'",
+                    "UPDATE flux_migrate.checkpoints SET last_rowid = $1,"
+                    " extracted = extracted - $2, loaded = loaded - $2"
+                    " WHERE source_table = 'messages'",
                     back,
                     len(ids),
                 )

@@ -143,9 +143,10 @@ def test_check_cli_exit_codes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`check` exits 0 healthy, 1 unreachable, and raises ConfigError (exit 2) without a DSN."""
-    assert run_check_cli(
-        ["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"]
-    ) == 0
+    assert (
+        run_check_cli(["check", "--postgres-dsn", pg_dsn, "--pool-min", "1", "--pool-max", "2"])
+        == 0
+    )
     healthy = capsys.readouterr().out
     assert "round-trip latency" in healthy and "pool: min 1, max 2" in healthy
     assert run_check_cli(["check", "--postgres-dsn", UNREACHABLE, "--quick"]) == 1
@@ -265,3 +266,92 @@ def test_verify_api_cli_exit_codes(
     anyio.run(drop_one)
     assert cmd_verify_api(args) == 1
     assert f"sessions/{next(iter(ids))}: missing in PostgreSQL" in capsys.readouterr().out
+
+
+def mix_spellings(path: Path, ids: dict[str, list[str]]) -> None:
+    """Respell timestamps (offsets, Z, a space) so SQLite's text order differs from instants."""
+    sessions = [s for s, messages in ids.items() if len(messages) == 3][:2]
+    with sqlite3.connect(path) as conn:
+        stamps = ["2024-05-01T10:00:00+05:30", "2024-05-01T05:00:00Z", "2024-05-01 06:00:00+00:00"]
+        for message_id, stamp in zip(ids[sessions[0]], stamps, strict=True):
+            conn.execute("UPDATE messages SET created_at = ? WHERE id = ?", (stamp, message_id))
+        for session_id, stamp in zip(
+            sessions, ["2030-01-01T10:00:00+05:30", "2030-01-01T05:00:00Z"], strict=True
+        ):
+            conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (stamp, session_id))
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_verify_api_explains_mixed_timestamp_spellings(
+    tmp_path: Path, pg_dsn: str, anyio_backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Order differences from SQLite's text order of mixed spellings exit 0, counted and shown;
+    one changed title still exits 1."""
+    path = tmp_path / "app.sqlite"
+    ids = anyio.run(fill_through_api, path)
+    mix_spellings(path, ids)
+    anyio.run(migrate, load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    result = anyio.run(compare_api, path, pg_dsn)
+    assert (True, 0, 2) == (result.ok, result.mismatches, result.explained)
+    assert ["get_sessions", f"sessions/{next(s for s, m in ids.items() if len(m) == 3)}"] == [
+        m.key for m in result.first_explained
+    ]
+    args = argparse.Namespace(
+        config=None, sqlite_path=path, postgres_dsn=pg_dsn, log_format=None, page_size=50
+    )
+    assert 0 == cmd_verify_api(args)
+    out = capsys.readouterr().out
+    assert "explained order differences (SQLite orders mixed timestamp spellings as text): 2" in out
+    assert "mismatches: 0" in out
+
+    async def rename_one() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(
+                "UPDATE sessions SET title = 'changed' WHERE id = $1", next(iter(ids))
+            )
+        finally:
+            await conn.close()
+
+    anyio.run(rename_one)
+    assert 1 == cmd_verify_api(args)
+    out = capsys.readouterr().out
+    assert f"sessions/{next(iter(ids))}: get_session differs in title" in out
+    assert "explained order differences (SQLite orders mixed timestamp spellings as text): 2" in out
+
+
+@pytest.mark.anyio
+async def test_verify_api_still_fails_on_an_order_spellings_do_not_explain(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A history order that sorting by instant does not produce is a mismatch, not explained."""
+    path = tmp_path / "app.sqlite"
+    ids = await fill_through_api(path)
+    await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    session_id, messages = next((s, m) for s, m in ids.items() if len(m) == 3)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            "UPDATE messages SET created_at = created_at - interval '1 day' WHERE id = $1",
+            messages[-1],
+        )
+    finally:
+        await conn.close()
+    result = await compare_api(path, pg_dsn)
+    assert (False, 0) == (result.ok, result.explained)
+    assert (f"sessions/{session_id}", "get_history returns other messages or another order") == (
+        result.first_mismatches[0].key,
+        result.first_mismatches[0].what,
+    )
+
+
+@pytest.mark.anyio
+async def test_check_prints_memory_health(pg_dsn: str) -> None:
+    """A full check prints the memory's health: role, pool figures and acquire waits."""
+    result = await check(pg_dsn, pool_min=1, pool_max=3)
+    text = "\n".join(result.lines())
+    assert result.healthy, text
+    assert result.health is not None
+    assert ("primary", 3) == (result.health["role"], result.health["pool"]["max"])
+    assert "memory health: ok, role primary" in text
+    assert "pool: size" in text and "acquire waits: 1, p50" in text

@@ -115,12 +115,10 @@ async def test_create_session_returns_uuid_and_reads_back(mem: AnyMemory) -> Non
     assert uuid.UUID(session_id).version == 4
     session = await mem.get_session(session_id)
     assert session is not None
-    assert {
-        "id": session_id,
-        "title": "Trip planning",
-        "metadata": {"lang": "en"},
-        "message_count": 0,
-    } == {k: session[k] for k in ("id", "title", "metadata", "message_count")}
+    assert {"id": session_id, "title": "Trip planning", "metadata": {"lang": "en"}} == {
+        k: session[k] for k in ("id", "title", "metadata")
+    }
+    assert ["id", "title", "created_at", "updated_at", "metadata"] == list(session)
     assert session["created_at"] == session["updated_at"]
     assert session["created_at"] == parse(session["created_at"]).isoformat()
     assert before <= parse(session["created_at"]) <= after
@@ -151,17 +149,20 @@ async def test_update_session_title_moves_updated_at(mem: AnyMemory) -> None:
     assert parse(after["updated_at"]) > parse(before["updated_at"])
 
 
-async def test_missing_session_raises_and_writes_nothing(mem: AnyMemory) -> None:
-    """add_message and update_session_title on a missing session raise SessionNotFoundError."""
+async def test_orphan_add_message_raises_and_writes_nothing(mem: AnyMemory) -> None:
+    """add_message on a missing session raises SessionNotFoundError and stores no orphan."""
     ghost = str(uuid.uuid4())
     with pytest.raises(SessionNotFoundError) as info:
         await mem.add_message(ghost, "user", "hello")
     assert ghost == info.value.session_id
     assert isinstance(info.value, LookupError)
-    with pytest.raises(SessionNotFoundError):
-        await mem.update_session_title(ghost, "title")
-    assert await stored_count(mem, "messages") == 0
-    assert await mem.count_sessions() == 0
+    assert (0, 0) == (await stored_count(mem, "messages"), await mem.count_sessions())
+
+
+async def test_update_title_of_missing_session_does_nothing(mem: AnyMemory) -> None:
+    """update_session_title on a missing session returns None and creates nothing, as the app."""
+    assert await mem.update_session_title(str(uuid.uuid4()), "title") is None
+    assert 0 == await mem.count_sessions()
 
 
 async def test_delete_session_cascades_to_messages(mem: AnyMemory) -> None:
@@ -171,19 +172,20 @@ async def test_delete_session_cascades_to_messages(mem: AnyMemory) -> None:
     for i in range(3):
         await mem.add_message(doomed, "user", f"m{i}")
     await mem.add_message(kept, "user", "stay")
-    assert await mem.delete_session(doomed) is True
+    assert await mem.delete_session(doomed) is None
     assert await mem.get_session(doomed) is None
     assert await stored_count(mem, "messages") == 1
     assert [m["content"] for m in await mem.get_history(kept)] == ["stay"]
 
 
-async def test_delete_missing_session_returns_false(mem: AnyMemory) -> None:
-    """Deleting a session that does not exist is a no-op that returns False."""
+async def test_delete_missing_session_returns_none(mem: AnyMemory) -> None:
+    """Deleting a session that does not exist is a no-op that returns None, as the app's."""
     session_id = await mem.create_session()
-    assert await mem.delete_session(str(uuid.uuid4())) is False
+    assert await mem.delete_session(str(uuid.uuid4())) is None
     assert await mem.count_sessions() == 1
-    assert await mem.delete_session(session_id) is True
-    assert await mem.delete_session(session_id) is False
+    await mem.delete_session(session_id)
+    assert await mem.delete_session(session_id) is None
+    assert await mem.count_sessions() == 0
 
 
 async def test_count_and_clear_all(mem: AnyMemory) -> None:
@@ -206,14 +208,13 @@ async def test_add_message_reads_back_and_touches_session(mem: AnyMemory) -> Non
     [message] = await mem.get_history(session_id)
     assert {
         "id": message_id,
-        "session_id": session_id,
         "role": "assistant",
         "content": "Hello!",
         "metadata": {"model": "m"},
     } == {k: v for k, v in message.items() if k != "created_at"}
-    session = await mem.get_session(session_id)
-    assert session is not None
-    assert (message["created_at"], 1) == (session["updated_at"], session["message_count"])
+    assert ["id", "role", "content", "metadata", "created_at"] == list(message)
+    [listed] = await mem.get_sessions()
+    assert (message["created_at"], 1) == (listed["updated_at"], listed["message_count"])
 
 
 async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
@@ -234,13 +235,13 @@ async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
 
 
 async def test_history_default_limit_from_settings(backend: tuple[str, str]) -> None:
-    """Without a limit, get_history returns the configured default number of messages (20)."""
+    """Without a limit, get_history returns max_history * 2 = 10 messages, the app's default."""
     async with make_memory(backend) as memory:
-        assert memory.default_history_limit == 20
+        assert memory.default_history_limit == 10
         session_id = await memory.create_session()
         for i in range(23):
             await memory.add_message(session_id, "user", f"m{i}")
-        assert [f"m{i}" for i in range(3, 23)] == [
+        assert [f"m{i}" for i in range(13, 23)] == [
             m["content"] for m in await memory.get_history(session_id)
         ]
     async with make_memory(backend, default_history_limit=5) as memory:
@@ -355,8 +356,7 @@ async def test_concurrent_add_message_keeps_all_and_latest_updated_at(mem: AnyMe
         for i in range(50):
             tg.start_soon(add, i)
     history = await mem.get_history(session_id, limit=100)
-    session = await mem.get_session(session_id)
-    assert session is not None
+    [session] = await mem.get_sessions()
     assert sorted(ids) == sorted(m["id"] for m in history)
     assert 50 == session["message_count"] == await stored_count(mem, "messages")
     latest = max(parse(m["created_at"]) for m in history)
@@ -409,7 +409,7 @@ async def test_pool_size_never_exceeds_max(pg_dsn: str) -> None:
             )
         finally:
             await admin.close()
-        assert (await memory.get_session(session_id) or {})["message_count"] == 30
+        assert (await memory.get_sessions())[0]["message_count"] == 30
     assert max(seen) == 3  # it grew under load, and never past max_size
     assert 1 <= on_server <= 3
 
@@ -508,6 +508,10 @@ async def test_factory_picks_backend_from_env(
             "MEMORY_POOL_MAX": "0",
         },
         {"MEMORY_POOL_MIN": "two"},
+        {"SQLITE_PATH": "x.sqlite", "POSTGRES_POOL_MIN": "5", "POSTGRES_POOL_MAX": "3"},
+        {"SQLITE_PATH": "x.sqlite", "MAX_HISTORY": "-1"},
+        {"SQLITE_PATH": "x.sqlite", "MAX_HISTORY": "ten"},
+        {"SQLITE_PATH": "x.sqlite", "POSTGRES_ACQUIRE_TIMEOUT": "nan"},
     ],
 )
 async def test_factory_rejects_bad_settings(env: dict[str, str]) -> None:
@@ -526,5 +530,5 @@ async def test_factory_default_is_sqlite(tmp_path: Path) -> None:
         settings.pool_min,
         settings.pool_max,
         settings.history_limit,
-    ) == ("sqlite", 2, 10, 20)
+    ) == ("sqlite", 2, 10, 10)
     assert isinstance(create_memory(settings), SQLiteMemory)

@@ -41,6 +41,7 @@ async def test_keys_and_index_exist_after_a_bulk_load(sample_db: Path, pg_dsn: s
     )
     assert names == [
         "idx_messages_session",
+        "idx_sessions_user",
         "messages_pkey",
         "messages_session_id_fkey",
         "sessions_pkey",
@@ -75,7 +76,7 @@ async def test_rows_appended_to_the_source_are_picked_up(
     db = sqlite3.connect(source)
     sid = str(uuid.uuid4())
     db.execute(
-        "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?, ?, ?, ?, ?)",
         (
             sid,
             "new 🚀",

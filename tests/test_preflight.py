@@ -197,7 +197,11 @@ async def test_a_live_writer_does_not_break_the_run(tmp_path: Path, pg_dsn: str)
     def writer() -> None:
         w = sqlite3.connect(path, timeout=10)
         sid = new_id()
-        w.execute("INSERT INTO sessions VALUES (?, 't', ?, ?, '{}')", (sid, GOOD_TS, GOOD_TS))
+        w.execute(
+            "INSERT INTO sessions (id, title, created_at, updated_at, metadata)"
+            " VALUES (?, 't', ?, ?, '{}')",
+            (sid, GOOD_TS, GOOD_TS),
+        )
         w.commit()
         while not stop.is_set():
             w.execute(
@@ -357,7 +361,9 @@ async def test_verify_compares_numbers_exactly_and_handles_blob_keys(
     db.write()
     conn = sqlite3.connect(db.path)
     conn.execute(
-        "INSERT INTO sessions VALUES (?, 't', ?, ?, '{}')", (new_id().encode(), GOOD_TS, GOOD_TS)
+        "INSERT INTO sessions (id, title, created_at, updated_at, metadata)"
+        " VALUES (?, 't', ?, ?, '{}')",
+        (new_id().encode(), GOOD_TS, GOOD_TS),
     )
     conn.commit()
     conn.close()
