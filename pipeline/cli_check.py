@@ -24,7 +24,7 @@ from core import errors
 from core.errors import ConfigError
 from memory.factory import MemorySettings, pool_bounds
 from pipeline.check import check
-from pipeline.logs import configure
+from pipeline.logs import add_log_arguments, configure_for
 from pipeline.settings import Settings, load_settings, validate
 from pipeline.verify_api import compare_api
 
@@ -47,7 +47,7 @@ def add_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--quick", action="store_true", help="only connect: version and latency")
     p.add_argument("--pool-min", type=int, help="pool minimum (default: MEMORY_POOL_MIN or 2)")
     p.add_argument("--pool-max", type=int, help="pool maximum (default: MEMORY_POOL_MAX or 10)")
-    p.add_argument("--log-format", choices=("console", "json"))
+    add_log_arguments(p)
     return {"check": cmd_check}
 
 
@@ -77,7 +77,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``flux-migrate check``: 0 healthy, 1 unhealthy; ConfigError for usage problems."""
-    configure(args.log_format or "console")
+    configure_for(args)
     settings = _settings(args)
     dsn = settings.require_dsn()
     env = MemorySettings.from_env()
@@ -104,7 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_verify_api(args: argparse.Namespace) -> int:
     """``flux-migrate verify --api``: 0 when both backends agree, 1 on any mismatch."""
-    configure(args.log_format or "console")
+    configure_for(args)
     settings = _settings(args)
     path = settings.require_source()
     dsn = settings.require_dsn()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import anyio
 import asyncpg
@@ -14,7 +14,8 @@ import asyncpg
 from core import errors
 from core.dsn import redact
 from core.schema import TargetNames
-from pipeline.progress import BarProgress, NoProgress, Progress
+from pipeline.progress import progress_display
+from pipeline.report import print_summary, print_table, printable
 from pipeline.runner import migrate
 from pipeline.sample import generate
 from pipeline.settings import load_settings
@@ -34,23 +35,49 @@ async def _recreate_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-async def _show_rows(dsn: str, names: TargetNames) -> list[Any]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(
-            await conn.fetch(
-                f"SELECT s.title, m.role, left(m.content, 60) AS content, m.metadata, m.created_at"
-                f" FROM {names.qualified('messages')} m JOIN {names.qualified('sessions')} s"
-                " ON s.id = m.session_id ORDER BY m.created_at LIMIT 4"
-            )
-        )
-    finally:
-        await conn.close()
+async def _read_back(dsn: str, names: TargetNames, sessions: int = 3) -> list[tuple[str, ...]]:
+    """A few sessions and their first messages, read through the app's memory API on
+    PostgreSQL: (title, role, when, message, metadata) each."""
+    from memory.postgres import PostgresMemory
+
+    rows: list[tuple[str, ...]] = []
+    async with PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as mem:
+        for session in await mem.get_sessions(limit=sessions):
+            for message in await mem.get_history(session["id"], limit=2):
+                rows.append(
+                    (
+                        printable(session["title"] or "(untitled)"),
+                        message["role"],
+                        _when(message["created_at"]),
+                        printable(clip(message["content"])),
+                        printable(json.dumps(message["metadata"], ensure_ascii=False)),
+                    )
+                )
+    return rows
 
 
-def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) -> int:
-    """Generate (once) a sample app database, migrate it, verify counts, show rows back."""
-    from pipeline.report import print_summary
+def _when(value: object) -> str:
+    return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value)
+
+
+def clip(text: str, width: int = 60) -> str:
+    """``text`` whole when it fits in ``width`` characters, else its longest prefix of whole
+    words that does, and an ellipsis."""
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", 0, width)
+    return (text[:cut] if cut > 0 else text[: width - 1]).rstrip(" ,.;:") + "…"
+
+
+def demo(
+    *,
+    workdir: Path,
+    sessions: int = 20_000,
+    keep_server: bool = False,
+    show_progress: bool = True,
+) -> int:
+    """Generate (once) a sample app database, migrate it (with the live display on a terminal
+    when ``show_progress``), verify every row, read a few sessions back through the API."""
 
     workdir.mkdir(parents=True, exist_ok=True)
     source = workdir / f"chat-{sessions}.sqlite"
@@ -87,26 +114,24 @@ def demo(*, workdir: Path, sessions: int = 20_000, keep_server: bool = False) ->
         _say(f"  server up; migrating into database flux_demo ({redact(dsn)}).")
 
     settings = load_settings(None, sqlite_path=source, postgres_dsn=dsn, names=names)
-    progress: Progress = BarProgress() if sys.stderr.isatty() else NoProgress()
     try:
-        report = anyio.run(lambda: migrate(settings, progress=progress), backend="asyncio")
+        with progress_display(show_progress) as progress:
+            report = anyio.run(lambda: migrate(settings, progress=progress), backend="asyncio")
         _say("\nSummary:")
         print_summary(report)
         if all(t.up_to_date for t in report.tables.values()):
             _say("The target was already up to date: nothing new in the source since the last run.")
         _say("\nVerify (every row compared, source vs target):")
+        table: list[tuple[str, ...]] = [
+            ("table", "matched", "different", "missing", "extra", "result")
+        ]
         for r in anyio.run(verify_rows, settings, backend="asyncio"):
-            _say(
-                f"  {r.table:<9} matched {r.matched:>9,}  different {r.different}"
-                f"  missing {r.missing}"
-                f"  extra {r.extra}  {'ok' if r.ok else 'MISMATCH'}"
-            )
-        _say("\nA few migrated rows read back from PostgreSQL:")
-        for row in anyio.run(_show_rows, dsn, names, backend="asyncio"):
-            _say(
-                f"  [{row['created_at'].isoformat(timespec='seconds')}] {row['title'][:20]!r:<24}"
-                f" {row['role']:<9} {row['content']} | metadata={row['metadata']}"
-            )
+            counts = (r.matched, r.different, r.missing, r.extra)
+            table.append((r.table, *(f"{n:,}" for n in counts), "ok" if r.ok else "MISMATCH"))
+        print_table(table, align="lrrrrl")
+        _say("\nA few sessions read back from PostgreSQL through the memory API:")
+        header = ("session", "role", "at", "message", "metadata")
+        print_table([header, *anyio.run(_read_back, dsn, names, backend="asyncio")], align="lllll")
     finally:
         if server is not None and not keep_server:
             server.cleanup()

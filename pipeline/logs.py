@@ -1,14 +1,41 @@
-"""Logging: structlog configured once; console on a terminal, JSON lines otherwise or on request."""
+"""Logging: structlog configured once. Human-readable lines through rich's console (above the
+live progress display on a terminal), or JSON lines on request."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Any
 
 import structlog
+from rich.console import Console
+from rich.text import Text
 
 from core.dsn import redact
+
+# Writes to whatever sys.stderr is at the time of each write (rich looks it up per call).
+_CONSOLE = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def console() -> Console:
+    """The one rich console on stderr: log lines and the progress display share it, so that
+    log lines print above the display instead of between its redraws."""
+    return _CONSOLE
+
+
+class ConsoleLogger:
+    """A structlog logger that prints each rendered event through the shared rich console."""
+
+    def msg(self, message: str) -> None:
+        out = console()
+        out.print(Text.from_ansi(message) if out.is_terminal else Text(message))
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = msg
+
+
+def _console_logger(*_: Any) -> ConsoleLogger:
+    return ConsoleLogger()
 
 
 def _redact_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -18,34 +45,68 @@ def _redact_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any
     return event_dict
 
 
-def resolve_format(log_format: str | None) -> str:
-    if log_format in ("console", "json"):
-        return log_format
-    return "console" if sys.stderr.isatty() else "json"
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    """The output options every command takes: --log-format, -v and -q."""
+    p.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        help="console (default): readable lines, info and above; json: every event, debug too",
+    )
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v", "--verbose", action="store_true", help="also log each batch (debug events)"
+    )
+    loud.add_argument("-q", "--quiet", action="store_true", help="log errors only")
 
 
-def configure(log_format: str | None = None) -> str:
+def level_for(log_format: str, *, verbose: bool = False, quiet: bool = False) -> int:
+    """The lowest level logged: errors with ``quiet``; else every event in JSON or with
+    ``verbose``; else info (one line per table and per run, warnings)."""
+    if quiet:
+        return logging.ERROR
+    if verbose or log_format == "json":
+        return logging.DEBUG
+    return logging.INFO
+
+
+def configure_for(args: argparse.Namespace) -> str:
+    """Configure logging from a command's parsed --log-format, -v and -q (each optional)."""
+    return configure(
+        getattr(args, "log_format", None),
+        verbose=getattr(args, "verbose", False),
+        quiet=getattr(args, "quiet", False),
+    )
+
+
+def configure(log_format: str | None = None, *, verbose: bool = False, quiet: bool = False) -> str:
     """Configure structlog for the process; returns the format chosen ("console" or "json").
 
-    Console shows info and above (the progress bar shows batches); JSON shows one event per
-    batch as well. Everything goes to stderr; stdout carries the summary.
+    Console (the default, on a terminal or not) shows info and above (the progress display
+    shows batches), with colours only on a terminal; JSON is one object per line and keeps
+    every event. ``verbose`` adds the debug events, ``quiet`` keeps only errors. Everything
+    goes to stderr; stdout carries the summary.
     """
-    fmt = resolve_format(log_format)
-    level = logging.INFO if fmt == "console" else logging.DEBUG
+    fmt = "json" if log_format == "json" else "console"
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_values,
     ]
+    factory: Any
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer())
+        factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+        colors = console().is_terminal and console().color_system is not None
+        processors.append(structlog.dev.ConsoleRenderer(colors=colors))
+        factory = _console_logger
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            level_for(fmt, verbose=verbose, quiet=quiet)
+        ),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     return fmt

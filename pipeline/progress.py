@@ -1,75 +1,121 @@
-"""Progress on a terminal: one line per table with rows done of total, rows/s and ETA."""
+"""Progress on a terminal: one live rich display with a line per table (rows done of total,
+rows/s, ETA, quarantined so far); log lines print above it."""
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import Protocol, TextIO
+from types import TracebackType
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.text import Text
+
+from pipeline.logs import console
 
 
 class Progress(Protocol):
     def start(self, table: str, total: int) -> None: ...
-    def advance(self, table: str, rows: int) -> None: ...
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None: ...
     def finish(self, table: str) -> None: ...
 
 
 class NoProgress:
+    """No display (not a terminal, ``--no-progress``, or JSON logs)."""
+
     def start(self, table: str, total: int) -> None:
         pass
 
-    def advance(self, table: str, rows: int) -> None:
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
         pass
 
     def finish(self, table: str) -> None:
         pass
 
+    def __enter__(self) -> NoProgress:
+        return self
 
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60:d}:{seconds % 60:02d}"
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
 
 
-class BarProgress:
-    """A redrawn single-line bar per table on a terminal (stderr)."""
+class _Rows(ProgressColumn):
+    """Rows done of total, with thousands separators."""
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30) -> None:
-        self.stream = stream
-        self.width = width
-        self.table = ""
-        self.total = 0
-        self.done = 0
-        self.started = 0.0
-        self._last_draw = 0.0
+    def render(self, task: Task) -> Text:
+        total = f"{task.total:,.0f}" if task.total is not None else "?"
+        return Text(f"{task.completed:>11,.0f} / {total}", style="progress.download")
+
+
+class _Rate(ProgressColumn):
+    """Rows per second over the table's run so far."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed
+        rate = task.completed / elapsed if elapsed else 0.0
+        return Text(f"{rate:>9,.0f} rows/s", style="progress.data.speed")
+
+
+class _Quarantined(ProgressColumn):
+    """Rows quarantined so far in this run; highlighted once there are any."""
+
+    def render(self, task: Task) -> Text:
+        count = int(task.fields.get("quarantined", 0))
+        return Text(f"{count:,} quarantined", style="yellow" if count else "dim")
+
+
+class LiveProgress:
+    """One live display on the shared stderr console, a line per table; use it as a context
+    manager around the run (the display stops, leaving its last state, on exit)."""
+
+    def __init__(self, out: Console | None = None) -> None:
+        self._bars = RichProgress(
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(bar_width=30),
+            _Rows(),
+            _Rate(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            _Quarantined(),
+            console=out or console(),
+            refresh_per_second=8,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self._quarantined: dict[str, int] = {}
+
+    def __enter__(self) -> LiveProgress:
+        self._bars.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._bars.stop()
 
     def start(self, table: str, total: int) -> None:
-        self.table, self.total, self.done = table, total, 0
-        self.started = time.monotonic()
-        self._draw(force=True)
+        self._quarantined[table] = 0
+        self._tasks[table] = self._bars.add_task(table, total=total, quarantined=0)
 
-    def advance(self, table: str, rows: int) -> None:
-        self.done += rows
-        self._draw()
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
+        self._quarantined[table] += quarantined
+        self._bars.update(self._tasks[table], advance=rows, quarantined=self._quarantined[table])
 
     def finish(self, table: str) -> None:
-        self._draw(force=True)
-        self.stream.write("\n")
-        self.stream.flush()
+        self._bars.stop_task(self._tasks[table])
+        self._bars.refresh()
 
-    def _draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        elapsed = max(now - self.started, 1e-9)
-        frac = self.done / self.total if self.total else 1.0
-        filled = int(self.width * min(frac, 1.0))
-        rate = self.done / elapsed
-        eta = (
-            _eta((self.total - self.done) / rate) if rate > 0 and self.done < self.total else "0:00"
-        )
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(
-            f"\r{self.table:<9} [{bar}] {self.done:>10,}/{self.total:<10,}"
-            f" {rate:>9,.0f} rows/s  ETA {eta}"
-        )
-        self.stream.flush()
+
+def progress_display(enabled: bool) -> LiveProgress | NoProgress:
+    """The live display when ``enabled`` and stderr is a terminal, else nothing."""
+    if enabled and console().is_terminal:
+        return LiveProgress()
+    return NoProgress()

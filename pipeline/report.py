@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from core.errors import ConfigError
 
@@ -42,19 +48,28 @@ def check_report_path(path: Path | None) -> None:
 def print_table(
     rows: Sequence[Sequence[str]], out: TextIO | None = None, *, align: str | None = None
 ) -> None:
-    """Print rows as aligned columns under a rule: the first row is the header. ``align`` has
-    one letter per column, "l" (left) or "r" (right); by default the first column is left-aligned
-    and the others right-aligned (numbers)."""
+    """Print rows as a rich table, the first row its header. ``align`` has one letter per
+    column, "l" (left) or "r" (right); by default the first column is left-aligned and the
+    others right-aligned (numbers). Cells are plain text, never markup. On a terminal the
+    table fits its width (long cells wrap); otherwise every cell prints whole, on one line."""
     out = out or sys.stdout  # looked up per call: stdout may be redirected after import
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    align = align or "l" + "r" * (len(widths) - 1)
-    for i, r in enumerate(rows):
-        cells = (
-            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)
-        )
-        out.write("  ".join(cells).rstrip() + "\n")
-        if i == 0:
-            out.write("  ".join("-" * w for w in widths) + "\n")
+    header, *body = rows
+    align = align or "l" + "r" * (len(header) - 1)
+    utf = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") == "utf8"
+    rule = box.SIMPLE_HEAD if utf else box.ASCII2  # no box drawing characters without UTF-8
+    table = Table(box=rule, header_style="bold", pad_edge=False, show_edge=False)
+    for name, a in zip(header, align, strict=True):
+        table.add_column(Text(name), justify="left" if a == "l" else "right")
+    for row in body:
+        table.add_row(*(Text(printable(cell)) for cell in row))
+    console = Console(file=out, highlight=False)
+    if console.is_terminal:
+        console.print(table)
+        return
+    plain = Console(file=io.StringIO(), width=100_000, color_system=None)
+    with plain.capture() as captured:
+        plain.print(table)
+    out.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 @dataclass

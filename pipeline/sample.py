@@ -178,8 +178,10 @@ def generate(
             t = t + timedelta(seconds=rng.randrange(1, 300), microseconds=rng.randrange(1_000_000))
             role = "user" if m % 2 == 0 else "assistant"
             length = int(rng.expovariate(1 / (mean_content * (0.4 if role == "user" else 1.6)))) + 1
-            start = rng.randrange(clen - 1)
-            content = corpus[start : start + length] or "ok"
+            start = corpus.find(" ", rng.randrange(clen - 1)) + 1  # a message starts a word
+            content = corpus[start : start + length]
+            end = content.rfind(" ") if start + length < clen else -1
+            content = (content[:end] if end > 0 else content) or "ok"  # and ends one
             meta = {} if role == "user" else {"model": rng.choice(models), "tokens": length // 4}
             message_rows.append(
                 (

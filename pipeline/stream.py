@@ -60,7 +60,7 @@ class BatchLog:
             skipped=result.skipped,
             last_rowid=batch.last_rowid,
         )
-        self.progress.advance(self.table, batch.extracted)
+        self.progress.advance(self.table, batch.extracted, result.quarantined_count)
 
     def on_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
         self.log.warning(

@@ -39,7 +39,7 @@ class AfterBatches:
     def finish(self, table: str) -> None:
         pass
 
-    def advance(self, table: str, rows: int) -> None:
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
         if self.table not in (None, table):
             return
         self.seen += 1

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.anyio
 
 def _run(path: Path, dsn: str, *extra: str) -> tuple[int, str]:
     """Exit code and the error sentence (or all of stderr) of one `run`."""
-    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", dsn, *extra)
+    done = cli(
+        "run", "--sqlite-path", str(path), "--postgres-dsn", dsn, "--log-format", "json", *extra
+    )
     errors = [
         json.loads(line).get("error") for line in done.stderr.splitlines() if '"error"' in line
     ]

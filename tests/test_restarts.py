@@ -102,7 +102,7 @@ class BetweenBatches:
     def finish(self, table: str) -> None:
         pass
 
-    def advance(self, table: str, rows: int) -> None:
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
         self.seen += 1
         if self.seen in self.at:
             self.faults.now("between batches")

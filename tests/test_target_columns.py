@@ -32,7 +32,7 @@ async def _precreate(dsn: str, table: str, column: str, ddl_type: str) -> None:
 
 
 def _run(path: Path, dsn: str) -> tuple[int, str]:
-    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", dsn)
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", dsn, "--log-format", "json")
     errors = [json.loads(line)["error"] for line in done.stderr.splitlines() if '"error"' in line]
     return done.returncode, errors[-1] if errors else ""
 
