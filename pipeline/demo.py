@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -49,15 +49,27 @@ async def _read_back(dsn: str, names: TargetNames, sessions: int = 3) -> list[tu
                         printable(session["title"] or "(untitled)"),
                         message["role"],
                         _when(message["created_at"]),
-                        printable(clip(message["content"])),
-                        printable(json.dumps(message["metadata"], ensure_ascii=False)),
+                        printable(clip(message["content"], 48)),
+                        printable(
+                            json.dumps(
+                                message["metadata"], ensure_ascii=False, separators=(",", ":")
+                            )
+                        ),
                     )
                 )
     return rows
 
 
 def _when(value: object) -> str:
-    return value.isoformat(timespec="seconds") if isinstance(value, datetime) else str(value)
+    """A message's instant to the second, in UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return str(value)
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
 
 
 def clip(text: str, width: int = 60) -> str:

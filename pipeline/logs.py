@@ -45,6 +45,11 @@ def _redact_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any
     return event_dict
 
 
+def _drop_run_id(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.pop("run_id", None)
+    return event_dict
+
+
 def add_log_arguments(p: argparse.ArgumentParser) -> None:
     """The output options every command takes: --log-format, -v and -q."""
     p.add_argument(
@@ -87,18 +92,22 @@ def configure(log_format: str | None = None, *, verbose: bool = False, quiet: bo
     goes to stderr; stdout carries the summary.
     """
     fmt = "json" if log_format == "json" else "console"
+    on_terminal = fmt == "console" and console().is_terminal
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # On a terminal, where people read as it runs: the time of day, no run id.
+        structlog.processors.TimeStamper(fmt="%H:%M:%S" if on_terminal else "iso", utc=True),
         _redact_values,
     ]
+    if on_terminal:
+        processors.append(_drop_run_id)
     factory: Any
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer())
         factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        colors = console().is_terminal and console().color_system is not None
+        colors = on_terminal and console().color_system is not None
         processors.append(structlog.dev.ConsoleRenderer(colors=colors))
         factory = _console_logger
     structlog.configure(

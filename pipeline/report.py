@@ -24,7 +24,13 @@ def printable(value: object) -> str:
     text = str(value)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "".join(
+        c if c.isprintable() or c in _JOINERS else c.encode("unicode_escape").decode() for c in text
+    )
+
+
+# Invisible but harmless: they join emoji and letters (👩‍💻) and cannot move text around.
+_JOINERS = frozenset("\u200c\u200d")
 
 
 def check_report_path(path: Path | None) -> None:
