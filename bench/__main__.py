@@ -42,6 +42,8 @@ class Measure:
     wall: float
     rss_mb: float
     cpu: float
+    # (seconds since start, resident MB) sampled every 20 ms: the client's memory over time
+    rss_series: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -91,9 +93,13 @@ def measure(cmd: list[str], *, stderr: Any = subprocess.DEVNULL) -> Measure:
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     peak_kb = 0
+    series: list[tuple[float, float]] = []
     while True:
         # ru_maxrss would include the bench's own memory copied at fork; VmHWM is the child's.
-        peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+        hwm_kb, rss_kb = _vm_kb(proc.pid)
+        peak_kb = max(peak_kb, hwm_kb)
+        if rss_kb:
+            series.append((round(time.monotonic() - started, 3), round(rss_kb / 1024, 1)))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
@@ -102,17 +108,20 @@ def measure(cmd: list[str], *, stderr: Any = subprocess.DEVNULL) -> Measure:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode not in (0, 3):
         raise SystemExit(f"bench: {' '.join(cmd[:4])} ... failed with exit {proc.returncode}")
-    return Measure(wall, peak_kb / 1024, usage.ru_utime + usage.ru_stime)
+    return Measure(wall, peak_kb / 1024, usage.ru_utime + usage.ru_stime, series)
 
 
-def _vm_hwm_kb(pid: int) -> int:
+def _vm_kb(pid: int) -> tuple[int, int]:
+    """The process's peak and current resident set (VmHWM, VmRSS) in kB; 0 when gone."""
+    found = {"VmHWM:": 0, "VmRSS:": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+            key = line.split(None, 1)[0] if line else ""
+            if key in found:
+                found[key] = int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return found["VmHWM:"], found["VmRSS:"]
 
 
 async def _checksum(dsn: str) -> dict[str, tuple[int, int]]:
@@ -415,6 +424,14 @@ def main() -> None:
         + "\n"
     )
     print(f"\nwritten: {work / f'results-{args.sessions}.md'} and .json")
+    picture = ROOT / "docs" / "benchmark.png"
+    try:
+        from bench.plot import draw
+    except ImportError:  # matplotlib is in the bench (and dev) extra
+        print("bench: no picture; pip install -e '.[bench]' for matplotlib")
+    else:
+        draw(json.loads((work / f"results-{args.sessions}.json").read_text()), picture)
+        print(f"drawn: {picture}")
     if srv is not None:
         srv.cleanup()
 
