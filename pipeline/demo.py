@@ -43,10 +43,11 @@ async def _read_back(dsn: str, names: TargetNames, sessions: int = 3) -> list[tu
     rows: list[tuple[str, ...]] = []
     async with PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as mem:
         for session in await mem.get_sessions(limit=sessions):
-            for message in await mem.get_history(session["id"], limit=2):
+            title = printable(session["title"] or "(untitled)")
+            for i, message in enumerate(await mem.get_history(session["id"], limit=2)):
                 rows.append(
                     (
-                        printable(session["title"] or "(untitled)"),
+                        title if i == 0 else "",  # a session's title on its first line only
                         message["role"],
                         _when(message["created_at"]),
                         printable(clip(message["content"], 48)),
