@@ -51,14 +51,20 @@ async def _read_back(dsn: str, names: TargetNames, sessions: int = 3) -> list[tu
                         message["role"],
                         _when(message["created_at"]),
                         printable(clip(message["content"], 48)),
-                        printable(
-                            json.dumps(
-                                message["metadata"], ensure_ascii=False, separators=(",", ":")
-                            )
-                        ),
+                        printable(_compact(message["metadata"])),
                     )
                 )
     return rows
+
+
+def _compact(metadata: object) -> str:
+    """Metadata as one short line of JSON (the API may return it parsed or as its text)."""
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError:
+            return str(metadata)
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
 
 
 def _when(value: object) -> str:
