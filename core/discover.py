@@ -167,8 +167,8 @@ def discover(conn: sqlite3.Connection) -> SourceSchema:
     tables: list[SourceTable] = []
     views: list[str] = []
     virtual: list[str] = []
-    for kind, name_raw, sql_raw in rows:
-        name, sql = _text(name_raw), _text(sql_raw)
+    for kind_raw, name_raw, sql_raw in rows:
+        kind, name, sql = _text(kind_raw), _text(name_raw), _text(sql_raw)
         if kind == "view":
             views.append(name)
             continue

@@ -257,24 +257,28 @@ def map_table(st: SourceTable, evidence: MappingT[str, Evidence], notes: list[st
     )
 
 
-_APP_OPTIONAL = {"sessions": {"user_id"}}
-USER_ID = Column("user_id", Kind.TEXT, default="''", note="the app's owner column; '' if absent")
-
-
 def app_table(st: SourceTable) -> Table | None:
-    """The app profile's table for ``st`` when it has the app's shape (either release)."""
+    """The app profile's table for ``st`` when it has the app's shape (either release): a
+    ``sessions`` with ``user_id`` copies it; one from before that release gets it as a
+    target-only column with its default ''."""
     profile = {"sessions": SESSIONS, "messages": MESSAGES}.get(st.name)
     if profile is None:
         return None
     have = {c.name for c in st.columns}
     required = set(profile.column_names)
-    optional = _APP_OPTIONAL.get(st.name, set())
+    optional = {c.name for c in profile.target_only}
     if not required <= have or not have <= required | optional:
         return None
-    if st.name == "sessions":
-        user_id = USER_ID if "user_id" in have else replace(USER_ID, missing_in_source="''")
-        return replace(profile, columns=(*profile.columns[:1], user_id, *profile.columns[1:]))
-    return profile
+    return with_source_columns(profile, have)
+
+
+def with_source_columns(profile: Table, have: set[str]) -> Table:
+    """``profile`` with those of its target-only columns the source has copied like the rest."""
+    copied = tuple(c for c in profile.target_only if c.name in have)
+    if not copied:
+        return profile
+    rest = tuple(c for c in profile.target_only if c.name not in have)
+    return replace(profile, columns=profile.columns + copied, target_only=rest)
 
 
 def load_order(tables: Sequence[Table]) -> tuple[tuple[Table, ...], tuple[str, ...]]:
@@ -302,13 +306,34 @@ def load_order(tables: Sequence[Table]) -> tuple[tuple[Table, ...], tuple[str, .
     return tuple(order), cycle
 
 
+def resolve_foreign_keys(tables: Sequence[Table], notes: list[str]) -> list[Table]:
+    """Foreign keys name their parent columns (the parent's key where SQLite left them out);
+    one whose parent is not loaded, or whose columns do not match, is dropped with a note."""
+    by_name = {t.name: t for t in tables}
+    out = []
+    for t in tables:
+        kept = []
+        for fk in t.foreign_keys:
+            parent = by_name.get(fk.parent)
+            refs = fk.parent_columns or (parent.primary_key if parent else ())
+            if parent is None or len(refs) != len(fk.columns):
+                notes.append(
+                    f"foreign key {t.name}({', '.join(fk.columns)}) -> {fk.parent}: the parent"
+                    " is not loaded or has no matching key; not created"
+                )
+                continue
+            kept.append(replace(fk, parent_columns=tuple(refs)))
+        out.append(replace(t, foreign_keys=tuple(kept)) if t.generic else t)
+    return out
+
+
 def map_schema(schema: SourceSchema, evidence: MappingT[str, MappingT[str, Evidence]]) -> Mapping:
     """The mapping ``run`` uses without --config: every table and column of ``schema``."""
     notes: list[str] = []
     tables = []
     for st in schema.tables:
         tables.append(app_table(st) or map_table(st, evidence.get(st.name, {}), notes))
-    ordered, cycle = load_order(tables)
+    ordered, cycle = load_order(resolve_foreign_keys(tables, notes))
     if cycle:
         notes.append(f"tables {', '.join(cycle)} reference each other (a foreign-key cycle)")
     return Mapping(ordered, notes=tuple(notes), views=schema.views + schema.virtual_tables)
@@ -348,7 +373,7 @@ def unplaced(schema: SourceSchema, mapping: Mapping) -> list[str]:
             continue
         have = {c.name for c in found.columns}
         for col in t.columns:
-            if col.name not in have and col.missing_in_source is None:
+            if col.name not in have:
                 problems.append(f"mapped column {t.name}.{col.name} does not exist in the source")
     return problems
 
@@ -383,8 +408,7 @@ def to_toml(mapping: Mapping, *, comments: bool = True) -> str:
         if t.profile == "app":
             if comments:
                 out.append("# the app's own table: columns and keys of the app profile")
-            cols = [c for c in t.columns if c.missing_in_source is not None]
-            out.append(f"missing_in_source = {_list(c.name for c in cols)}")
+            out.append(f"target_only = {_list(c.name for c in t.target_only)}")
             continue
         out.append(f"primary_key = {_list(t.primary_key)}")
         out.append(f"without_rowid = {'true' if t.without_rowid else 'false'}")
@@ -461,11 +485,8 @@ def _table(data: MappingT[str, Any], where: str) -> Table:
         profile = {"sessions": SESSIONS, "messages": MESSAGES}.get(name)
         if profile is None:
             raise MappingError(f"{where}: only sessions and messages have the app profile")
-        if name == "sessions":
-            missing = _str_list(data.get("missing_in_source", []), f"{where} missing_in_source")
-            user_id = replace(USER_ID, missing_in_source="''") if "user_id" in missing else USER_ID
-            return replace(profile, columns=(*profile.columns[:1], user_id, *profile.columns[1:]))
-        return profile
+        absent = set(_str_list(data.get("target_only", []), f"{where} target_only"))
+        return with_source_columns(profile, {c.name for c in profile.target_only} - absent)
     columns = tuple(
         _column(c, f"{where} column {i + 1}") for i, c in enumerate(data.get("column", []))
     )
@@ -504,7 +525,7 @@ def read_mapping(data: MappingT[str, Any]) -> Mapping:
     """The mapping in a parsed TOML document (raises MappingError naming the problem)."""
     ignore = data.get("ignore", {})
     tables = [_table(t, f"[[table]] {i + 1}") for i, t in enumerate(data.get("table", []))]
-    ordered, _ = load_order(tables)
+    ordered, _ = load_order(resolve_foreign_keys(tables, []))
     return Mapping(
         ordered,
         ignored_tables=_str_list(ignore.get("tables", []), "[ignore] tables"),
@@ -517,7 +538,7 @@ def summary_lines(mapping: Mapping) -> list[str]:
     out = []
     for t in mapping.tables:
         if t.profile == "app":
-            extra = [c.name for c in t.columns if c.missing_in_source is not None]
+            extra = [c.name for c in t.target_only]
             gap = f" ({', '.join(extra)} absent in the source: default)" if extra else ""
             out.append(f"  {t.name}: app profile, {len(t.columns)} columns{gap}")
             continue

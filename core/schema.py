@@ -87,7 +87,6 @@ class Column:
     default: str | None = None  # the target column's DEFAULT, as SQL
     epoch: str | None = None  # INSTANT columns holding numbers: "s" or "ms" since 1970 UTC
     note: str = ""  # why this mapping was chosen (shown by init and the run summary)
-    missing_in_source: str | None = None  # SQL literal read instead, for a source without it
 
     @property
     def pg_type(self) -> str:
@@ -147,6 +146,16 @@ class Table:
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
+
+    @property
+    def key_positions(self) -> tuple[int, ...]:
+        """Positions of the primary-key columns among ``columns`` (empty without a key)."""
+        names = self.column_names
+        return tuple(names.index(c) for c in self.primary_key if c in names)
+
+    @property
+    def generic(self) -> bool:
+        return self.profile != "app"
 
 
 SESSIONS = Table(
@@ -224,7 +233,10 @@ class TargetNames:
     messages: str = "messages"
 
     def table(self, source_table: str) -> str:
-        return str(getattr(self, source_table))
+        """The target table of a source table: the app's two as configured, others the same."""
+        if source_table in ("sessions", "messages"):
+            return str(getattr(self, source_table))
+        return source_table
 
     def qualified(self, source_table: str) -> str:
         return qualified(self.schema, self.table(source_table))
@@ -276,10 +288,10 @@ def fitted_name(head: str, tail: str) -> str:
     return cut + digest + tail
 
 
-def constraints(names: TargetNames) -> tuple[Constraint, ...]:
-    """Primary keys, then the foreign key, then the index, in the order they must be built."""
+def _app_constraints(names: TargetNames, tables: tuple[Table, ...]) -> list[Constraint]:
+    """The app profile's keys, foreign key and indexes."""
     out: list[Constraint] = []
-    for table in TABLES:
+    for table in tables:
         target = names.table(table.name)
         pk = fitted_name(target, "_pkey")
         out.append(
@@ -291,7 +303,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 primary_key=True,
             )
         )
-    for table in TABLES:
+    for table in tables:
         if table.parent is None or table.parent_column is None:
             continue
         target = names.table(table.name)
@@ -305,7 +317,7 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 f" REFERENCES {names.qualified(table.parent)} (id) ON DELETE CASCADE",
             )
         )
-    for table in TABLES:
+    for table in tables:
         if not table.index_columns:
             continue
         target = names.table(table.name)
@@ -319,27 +331,96 @@ def constraints(names: TargetNames) -> tuple[Constraint, ...]:
                 f" ON {names.qualified(table.name)} ({cols})",
             )
         )
-    target = names.table(SESSIONS.name)
-    idx = fitted_name(f"idx_{target}", "_user")
-    cols = ", ".join(quote_ident(c) for c in USER_INDEX_COLUMNS)
-    out.append(
-        Constraint(
-            idx,
-            SESSIONS.name,
-            f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
-            f" ON {names.qualified(SESSIONS.name)} ({cols})",
-            True,
+    if any(t.name == SESSIONS.name for t in tables):
+        target = names.table(SESSIONS.name)
+        idx = fitted_name(f"idx_{target}", "_user")
+        cols = ", ".join(quote_ident(c) for c in USER_INDEX_COLUMNS)
+        out.append(
+            Constraint(
+                idx,
+                SESSIONS.name,
+                f"CREATE INDEX IF NOT EXISTS {quote_ident(idx)}"
+                f" ON {names.qualified(SESSIONS.name)} ({cols})",
+            )
         )
-    )
-    return tuple(out)
+    return out
 
 
-def target_ddl(names: TargetNames) -> list[str]:
-    """Every statement that creates the complete target schema with its keys and index."""
+def _columns_sql(columns: tuple[str, ...]) -> str:
+    return ", ".join(quote_ident(c) for c in columns)
+
+
+def _generic_constraints(
+    names: TargetNames, tables: tuple[Table, ...]
+) -> tuple[list[Constraint], list[Constraint], list[Constraint], list[Constraint]]:
+    """Primary keys, unique indexes, foreign keys and other indexes of generic tables."""
+    by_name = {t.name: t for t in tables}
+    pks: list[Constraint] = []
+    uniques: list[Constraint] = []
+    fks: list[Constraint] = []
+    indexes: list[Constraint] = []
+    for table in tables:
+        target, where = names.table(table.name), names.qualified(table.name)
+        if table.primary_key:
+            pk = fitted_name(target, "_pkey")
+            pks.append(
+                Constraint(
+                    pk,
+                    table.name,
+                    f"ALTER TABLE {where} ADD CONSTRAINT {quote_ident(pk)}"
+                    f" PRIMARY KEY ({_columns_sql(table.primary_key)})",
+                    primary_key=True,
+                )
+            )
+        for ix in table.indexes:
+            name = fitted_name(ix.name, "")
+            unique = "UNIQUE " if ix.unique else ""
+            partial = f" WHERE {ix.where}" if ix.where else ""
+            sql = (
+                f"CREATE {unique}INDEX IF NOT EXISTS {quote_ident(name)} ON {where}"
+                f" ({_columns_sql(ix.columns)}){partial}"
+            )
+            (uniques if ix.unique else indexes).append(Constraint(name, table.name, sql))
+        for n, fk in enumerate(table.foreign_keys):
+            parent = by_name.get(fk.parent)
+            if parent is None:
+                continue  # the mapping notes a foreign key to a table it does not load
+            refs = fk.parent_columns or parent.primary_key
+            name = fitted_name(target, f"_fk{n + 1}" if len(table.foreign_keys) > 1 else "_fkey")
+            action = fk.on_delete if fk.on_delete != "NO ACTION" else ""
+            fks.append(
+                Constraint(
+                    name,
+                    table.name,
+                    f"ALTER TABLE {where} ADD CONSTRAINT {quote_ident(name)}"
+                    f" FOREIGN KEY ({_columns_sql(fk.columns)})"
+                    f" REFERENCES {names.qualified(fk.parent)} ({_columns_sql(refs)})"
+                    + (f" ON DELETE {action}" if action else ""),
+                )
+            )
+    return pks, uniques, fks, indexes
+
+
+def constraints(
+    names: TargetNames, tables: tuple[Table, ...] | None = None
+) -> tuple[Constraint, ...]:
+    """Keys and indexes in the order they must be built: primary keys, unique indexes, foreign
+    keys (which need the keys they reference), then the other indexes."""
+    tables = TABLES if tables is None else tables
+    app = tuple(t for t in tables if not t.generic)
+    out = _app_constraints(names, app) if app else []
+    pks, uniques, fks, indexes = _generic_constraints(names, tuple(t for t in tables if t.generic))
+    app_pks = [c for c in out if c.primary_key]
+    return tuple(app_pks + pks + uniques + [c for c in out if not c.primary_key] + fks + indexes)
+
+
+def target_ddl(names: TargetNames, tables: tuple[Table, ...] | None = None) -> list[str]:
+    """Every statement that creates the complete target schema with its keys and indexes."""
+    tables = TABLES if tables is None else tables
     stmts = [f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}"]
-    stmts += [create_table_sql(t, names) for t in TABLES]
-    stmts += [add_column_sql(t, c, names) for t in TABLES for c in t.target_only]
-    stmts += [c.sql for c in constraints(names)]
+    stmts += [create_table_sql(t, names) for t in tables]
+    stmts += [add_column_sql(t, c, names) for t in tables for c in t.target_only]
+    stmts += [c.sql for c in constraints(names, tables)]
     return stmts
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from core.errors import SourceError, source_error
-from core.schema import TABLES, quote_ident
+from core.schema import TABLES, Table, quote_ident
 
 IDENTITY_SAMPLE = 8
 
@@ -19,10 +20,12 @@ def _name(value: Any) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
-async def check_source(conn: aiosqlite.Connection, path: Path) -> None:
-    """Refuse a source that is not the app's database: not SQLite, tables or columns missing."""
+async def check_source(
+    conn: aiosqlite.Connection, path: Path, tables: Sequence[Table] = TABLES
+) -> None:
+    """Refuse a source that lacks a table or column to load (or is not SQLite at all)."""
     try:
-        for table in TABLES:
+        for table in tables:
             async with conn.execute(f"PRAGMA table_info({quote_ident(table.name)})") as cur:
                 present = {_name(row[1]) for row in await cur.fetchall()}
             if not present:
@@ -33,55 +36,78 @@ async def check_source(conn: aiosqlite.Connection, path: Path) -> None:
             if missing:
                 raise SourceError(
                     f"Table {table.name} in {path} lacks column(s) {', '.join(missing)};"
-                    " it does not match the app's schema."
+                    " it does not match the mapping."
                 )
     except sqlite3.DatabaseError as exc:
         raise source_error(exc, path) from None
 
 
+def identity_table(tables: Sequence[Table]) -> Table | None:
+    """The table whose first keys identify the source: sessions for the app, else the first
+    table read by rowid with a one-column key."""
+    usable = [t for t in tables if not t.without_rowid and len(t.primary_key) == 1]
+    return next((t for t in usable if t.name == "sessions"), usable[0] if usable else None)
+
+
 async def source_snapshot(
-    conn: aiosqlite.Connection, path: Path
+    conn: aiosqlite.Connection, path: Path, tables: Sequence[Table] = TABLES
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """In one read transaction: the highest rowid of each table (the run's upper bound) and
-    the source's identity (a hash of its schema and its first session keys)."""
+    """In one read transaction: the highest rowid of each table (the run's upper bound; the
+    row count for a WITHOUT ROWID table) and the source's identity (a hash of the tables'
+    schema and the first keys of its identity table)."""
+    ident = identity_table(tables)
+    names = [t.name for t in tables]
     try:
         await conn.execute("BEGIN")
         try:
             bounds = {}
-            for table in TABLES:
-                async with conn.execute(
-                    f"SELECT coalesce(max(rowid), 0) FROM {quote_ident(table.name)}"
-                ) as cur:
+            for table in tables:
+                what = "count(*)" if table.without_rowid else "coalesce(max(rowid), 0)"
+                async with conn.execute(f"SELECT {what} FROM {quote_ident(table.name)}") as cur:
                     row = await cur.fetchone()
                 bounds[table.name] = int(row[0]) if row else 0
+            marks = ", ".join("?" * len(names))
             async with conn.execute(
-                "SELECT name, sql FROM sqlite_master WHERE tbl_name IN ('sessions', 'messages')"
-                " ORDER BY type, name"
+                f"SELECT name, sql FROM sqlite_master WHERE tbl_name IN ({marks})"
+                " ORDER BY type, name",
+                names,
             ) as cur:
                 ddl = b"\n".join(
                     (_name(r[0]) + ":" + _name(r[1] or b"")).encode() for r in await cur.fetchall()
                 )
-            async with conn.execute(
-                f"SELECT rowid, id FROM sessions ORDER BY rowid LIMIT {IDENTITY_SAMPLE}"
-            ) as cur:
-                sample = [
-                    [int(r[0]), _name(r[1]) if r[1] is not None else None]
-                    for r in await cur.fetchall()
-                ]
+            sample: list[list[Any]] = []
+            if ident is not None:
+                key = quote_ident(ident.primary_key[0])
+                async with conn.execute(
+                    f"SELECT rowid, {key} FROM {quote_ident(ident.name)} ORDER BY rowid"
+                    f" LIMIT {IDENTITY_SAMPLE}"
+                ) as cur:
+                    sample = [
+                        [int(r[0]), _name(r[1]) if r[1] is not None else None]
+                        for r in await cur.fetchall()
+                    ]
         finally:
             await conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise source_error(exc, path) from None
-    identity = {"schema": hashlib.sha256(ddl).hexdigest()[:16], "sample": sample}
+    identity: dict[str, Any] = {"schema": hashlib.sha256(ddl).hexdigest()[:16], "sample": sample}
+    if ident is not None and ident.name != "sessions":
+        identity["table"] = [ident.name, ident.primary_key[0]]
     return bounds, identity
 
 
-async def sample_matches(conn: aiosqlite.Connection, sample: list[list[Any]]) -> bool:
-    """Whether any recorded (rowid, id) of the first sessions is still in this source."""
+async def sample_matches(
+    conn: aiosqlite.Connection,
+    sample: list[list[Any]],
+    table: str = "sessions",
+    key_column: str = "id",
+) -> bool:
+    """Whether any recorded (rowid, key) of the identity table's first rows is still here."""
     if not sample:
         return True
+    sql = f"SELECT {quote_ident(key_column)} FROM {quote_ident(table)} WHERE rowid = ?"
     for rowid, key in sample:
-        async with conn.execute("SELECT id FROM sessions WHERE rowid = ?", (rowid,)) as cur:
+        async with conn.execute(sql, (rowid,)) as cur:
             row = await cur.fetchone()
         if row is not None and (_name(row[0]) if row[0] is not None else None) == key:
             return True

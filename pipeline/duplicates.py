@@ -26,7 +26,6 @@ from core.errors import RuntimeFailure
 from core.schema import (
     BOOKKEEPING_SCHEMA,
     QUARANTINE_COLUMNS,
-    TABLES,
     Kind,
     Table,
     constraints,
@@ -55,10 +54,19 @@ async def build_primary_keys(
     checkpoints = await target.retrying(
         lambda c: _pending_tables(c, names.schema), what="reading checkpoints"
     )
-    for table in TABLES:
+    for table in settings.tables:
         if table.name not in checkpoints:
             continue
-        pk = next(c for c in constraints(names) if c.table == table.name and c.primary_key)
+        pk = next(
+            (
+                c
+                for c in constraints(names, settings.tables)
+                if c.table == table.name and c.primary_key
+            ),
+            None,
+        )
+        if pk is None:
+            continue  # a table without a primary key
         have = await target.retrying(
             lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
         )

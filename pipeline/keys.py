@@ -9,21 +9,23 @@ import structlog
 from core import bookkeeping
 from core.catalog import existing_constraint_names
 from core.errors import already_exists, constraint_failure
-from core.schema import Constraint, TargetNames, constraints
+from core.schema import Constraint, Table, TargetNames, constraints
 from core.target import Target
 from pipeline.stop import StopFlag
 
 log = structlog.get_logger("flux_migrate")
 
 
-async def build_constraints(target: Target, names: TargetNames, stop: StopFlag) -> float:
+async def build_constraints(
+    target: Target, names: TargetNames, stop: StopFlag, tables: tuple[Table, ...] | None = None
+) -> float:
     """Build the keys and index not yet built, then record that none is pending; return the
     seconds it took. Stops (Interrupted) between two builds when a stop was requested."""
     started = time.monotonic()
     have = await target.retrying(
         lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
     )
-    for c in constraints(names):
+    for c in constraints(names, tables):
         if c.name in have:
             continue
         stop.check()

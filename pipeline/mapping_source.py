@@ -9,29 +9,20 @@ anything is written (exit 2), naming the table, the column and the line to add.
 from __future__ import annotations
 
 import sqlite3
-import tomllib
 from pathlib import Path
-from typing import Any
 
 from core.discover import SourceSchema, discover, sample_values
-from core.errors import ConfigError, SourceError
-from core.mapping import (
-    SAMPLE_SIZE,
-    Evidence,
-    Mapping,
-    MappingError,
-    evidence_of,
-    map_schema,
-    read_mapping,
-    unplaced,
-)
+from core.errors import SourceError, source_error
+from core.mapping import SAMPLE_SIZE, Evidence, Mapping, evidence_of, map_schema, unplaced
 from stages.extract import source_uri
 
 
-def read_source(path: Path) -> tuple[SourceSchema, dict[str, dict[str, Evidence]]]:
+def read_source(
+    path: Path, busy_timeout: float = 10.0
+) -> tuple[SourceSchema, dict[str, dict[str, Evidence]]]:
     """The schema of the SQLite file and a sample of each column's values (read-only)."""
     try:
-        conn = sqlite3.connect(source_uri(path), uri=True)
+        conn = sqlite3.connect(source_uri(path), uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
         raise SourceError(f"The SQLite file {path} cannot be opened ({exc}).") from None
     try:
@@ -45,34 +36,24 @@ def read_source(path: Path) -> tuple[SourceSchema, dict[str, dict[str, Evidence]
             for t in schema.tables
         }
     except sqlite3.DatabaseError as exc:
-        raise SourceError(f"The file {path} is not a readable SQLite database ({exc}).") from None
+        raise source_error(exc, path) from None
     finally:
         conn.close()
     return schema, evidence
 
 
-def config_mapping(config: Path | None) -> Mapping | None:
-    """The mapping in a config file, or None when it has no [[table]] (discover instead)."""
-    if config is None or not config.is_file():
-        return None
-    data: dict[str, Any] = tomllib.loads(config.read_text(encoding="utf-8"))
-    if "table" not in data:
-        return None
-    try:
-        return read_mapping(data)
-    except MappingError as exc:
-        raise ConfigError(f"The mapping in {config} is not usable: {exc}.") from None
-
-
-def resolve_mapping(path: Path, config: Path | None) -> tuple[Mapping, SourceSchema]:
-    """The mapping for a run and the source schema it was checked against.
+def resolve_mapping(
+    path: Path, configured: Mapping | None, busy_timeout: float = 10.0
+) -> tuple[Mapping, SourceSchema]:
+    """The mapping for a run (the configured one, else the discovered one) and the source
+    schema it was checked against.
 
     Raises SourceError (exit 2) naming every table or column the mapping does not place.
     """
-    schema, evidence = read_source(path)
+    schema, evidence = read_source(path, busy_timeout)
     if not schema.tables:
         raise SourceError(f"The SQLite file {path} has no tables to migrate.")
-    mapping = config_mapping(config) or map_schema(schema, evidence)
+    mapping = configured or map_schema(schema, evidence)
     problems = unplaced(schema, mapping)
     if problems:
         listed = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")

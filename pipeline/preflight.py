@@ -13,7 +13,7 @@ import structlog
 from core import bookkeeping as ckpt
 from core.catalog import MIGRATION_LOCK_KEY, table_exists
 from core.errors import TargetError
-from core.schema import TABLES, Table, constraints, create_table_sql, quote_ident
+from core.schema import Table, add_column_sql, constraints, create_table_sql, quote_ident
 from core.target import Target
 from pipeline.resume_point import same_source
 from pipeline.settings import Settings, zone_name
@@ -36,6 +36,7 @@ def settings_fingerprint(settings: Settings) -> dict[str, Any]:
         "naive_timezone": zone_name(settings.naive_timezone),
         "strip_nul": settings.strip_nul,
         "on_conflict": settings.on_conflict,
+        "mapping": settings.mapping.fingerprint() if settings.mapping is not None else None,
     }
 
 
@@ -56,7 +57,7 @@ async def refuse_foreign_rows(conn: asyncpg.Connection, settings: Settings) -> N
         return
     names = settings.names
     existing = await ckpt.read_checkpoints(conn, names.schema)
-    for table in TABLES:
+    for table in settings.tables:
         if table.name in existing or not await table_exists(conn, names, table.name):
             continue
         if await _has_rows(conn, settings, table):
@@ -87,7 +88,7 @@ async def prepare_target(
     existing = await ckpt.read_checkpoints(conn, names.schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(names.schema)}")
-        for table in TABLES:
+        for table in settings.tables:
             if table.name in existing:
                 await _require_table(conn, settings, table)
             else:
@@ -102,7 +103,18 @@ async def _require_table(conn: asyncpg.Connection, settings: Settings, table: Ta
             f"Table {settings.names.qualified(table.name)} was dropped after flux-migrate"
             " started filling it; rerun with --restart --yes to start over."
         )
+    await _add_profile_columns(conn, settings, table)
     await check_target_columns(conn, settings.names, table)
+
+
+async def _add_profile_columns(conn: asyncpg.Connection, settings: Settings, table: Table) -> None:
+    """An app table created by an earlier release (before ``user_id``) gains the profile's
+    added columns, with their default, before it is checked and loaded."""
+    if table.generic:
+        return
+    for column in table.columns + table.target_only:
+        if column.default is not None and column.name == "user_id":
+            await conn.execute(add_column_sql(table, column, settings.names))
 
 
 async def _start_table(
@@ -113,6 +125,7 @@ async def _start_table(
     names = settings.names
     created = not await table_exists(conn, names, table.name)
     if not created:
+        await _add_profile_columns(conn, settings, table)
         await check_target_columns(conn, names, table)
     has_rows = False
     if created:
@@ -136,7 +149,7 @@ async def _start_table(
         run_id=run_id,
     )
     if created and not settings.defer_constraints:
-        for c in constraints(names):
+        for c in constraints(names, settings.tables):
             if c.table == table.name:
                 await conn.execute(c.sql)
 
@@ -154,9 +167,16 @@ async def check_fingerprint(
             continue
         stored = json.loads(c.fingerprint)
         theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
-        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        # A key a target filled by an earlier version does not have is not compared.
+        changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
         if changed:
             key = changed[0]
+            if key == "mapping":
+                raise TargetError(
+                    "This target was filled under another mapping (tables, columns, types or"
+                    " keys differ from this run's); resume with the mapping it was filled with"
+                    " (`flux-migrate init` writes one to pin with --config), or --restart --yes."
+                )
             raise TargetError(
                 f"This target was filled with {key}={theirs.get(key)!r} but this run uses"
                 f" {ours[key]!r}; use the same settings to resume, or --restart --yes to start"
@@ -164,7 +184,7 @@ async def check_fingerprint(
             )
         source = stored.get("source", {})
         if source.get("schema") != identity["schema"] or not await same_source(
-            src, target, settings.names, source.get("sample", [])
+            src, target, settings.names, source
         ):
             raise TargetError(
                 "This target was filled from a different SQLite database (its schema or first"
@@ -206,7 +226,7 @@ async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
         )
     await _refuse_foreign_writes(conn, settings, found)
     async with conn.transaction():
-        for table in reversed(TABLES):
+        for table in reversed(settings.tables):
             c = found.get(table.name)
             if c is None or not await table_exists(conn, names, table.name):
                 continue

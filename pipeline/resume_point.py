@@ -17,31 +17,50 @@ import asyncpg
 import structlog
 
 from core import bookkeeping as ckpt
-from core.schema import TargetNames, quote_ident
+from core.errors import TargetError
+from core.schema import Table, TargetNames, quote_ident
 from core.source import sample_matches
 from core.target import Target
-from stages.transform import key_of
+from stages.transform import key_sql, row_key
 
 SCAN_CHUNK = 500
 log = structlog.get_logger("flux_migrate")
 
 
+def _key_columns(table: Table) -> str:
+    return ", ".join(quote_ident(c) for c in table.primary_key)
+
+
+def _key_only(table: Table) -> Table:
+    """``table`` reduced to its key columns in key order (what _key_columns selects)."""
+    columns = tuple(table.column(c) for c in table.primary_key)
+    return Table(table.name, columns, primary_key=table.primary_key, profile="generic")
+
+
 async def _accounted(
-    conn: asyncpg.Connection, names: TargetNames, table: str, rows: Sequence[tuple[int, Any]]
+    conn: asyncpg.Connection,
+    names: TargetNames,
+    table: Table,
+    rows: Sequence[tuple[int, tuple[Any, ...]]],
 ) -> set[int]:
-    """The rowids among ``rows`` (rowid, raw id) that an earlier run loaded, quarantined or
-    skipped: loaded rows by key in the target table, the others by rowid and key."""
-    keys = [key_of(raw) for _, raw in rows]
+    """The rowids among ``rows`` (rowid, raw key values) that an earlier run loaded,
+    quarantined or skipped: loaded rows by key in the target table, the others by rowid and
+    key."""
+    keyed = _key_only(table)
+    keys = [row_key(keyed, values) for _, values in rows]
     loaded = {
-        r["id"]
+        r["k"]
         for r in await conn.fetch(
-            f"SELECT id::text AS id FROM {names.qualified(table)} WHERE id::text = ANY($1::text[])",
+            f"SELECT {key_sql(table)} AS k FROM {names.qualified(table.name)}"
+            f" WHERE {key_sql(table)} = ANY($1::text[])",
             [k for k in keys if k is not None],
         )
     }
     noted = {
         (r["source_rowid"], r["source_key"])
-        for r in await conn.fetch(ckpt.NOTED_ROWS_SQL, names.schema, table, [r for r, _ in rows])
+        for r in await conn.fetch(
+            ckpt.NOTED_ROWS_SQL, names.schema, table.name, [r for r, _ in rows]
+        )
     }
     return {
         rowid
@@ -51,43 +70,61 @@ async def _accounted(
 
 
 async def resume_point(
-    src: aiosqlite.Connection, conn: asyncpg.Connection, names: TargetNames, c: ckpt.Checkpoint
+    src: aiosqlite.Connection,
+    conn: asyncpg.Connection,
+    names: TargetNames,
+    c: ckpt.Checkpoint,
+    table: Table,
 ) -> int:
     """The rowid to resume ``c``'s table after: the checkpoint itself while the row it stopped
     at still holds its key, else the highest source row at or below it that was accounted for
-    (recorded in the checkpoint, so batches commit against it)."""
-    table = c.source_table
-    if c.last_rowid == 0 or c.last_key is None:
+    (recorded in the checkpoint, so batches commit against it). A table without a primary key
+    cannot tell its rows apart: a changed checkpoint row is refused (TargetError)."""
+    name = table.name
+    if c.last_rowid == 0 or c.last_key is None and table.primary_key:
         return c.last_rowid
+    if not table.primary_key:
+        async with src.execute(
+            f"SELECT 1 FROM {quote_ident(name)} WHERE rowid = ?", (c.last_rowid,)
+        ) as cur:
+            if await cur.fetchone() is not None:
+                return c.last_rowid
+        raise TargetError(
+            f"Table {name} of the SQLite file has no primary key and its rows at the"
+            f" checkpoint (rowid {c.last_rowid}) were deleted since the last run, so new rows"
+            " may reuse their rowids; run --restart --yes to migrate it again."
+        )
+    cols = _key_columns(table)
     async with src.execute(
-        f"SELECT id FROM {quote_ident(table)} WHERE rowid = ?", (c.last_rowid,)
+        f"SELECT {cols} FROM {quote_ident(name)} WHERE rowid = ?", (c.last_rowid,)
     ) as cur:
         row = await cur.fetchone()
-    if row is not None and key_of(row[0]) == c.last_key:
+    keyed = _key_only(table)
+    if row is not None and row_key(keyed, tuple(row)) == c.last_key:
         return c.last_rowid
     below, new_rows = c.last_rowid, 0
     found: tuple[int, str | None] = (0, None)
     while below > 0:
         async with src.execute(
-            f"SELECT rowid, id FROM {quote_ident(table)} WHERE rowid <= ? ORDER BY rowid DESC"
-            f" LIMIT {SCAN_CHUNK}",
+            f"SELECT rowid, {cols} FROM {quote_ident(name)} WHERE rowid <= ?"
+            f" ORDER BY rowid DESC LIMIT {SCAN_CHUNK}",
             (below,),
         ) as cur:
-            chunk = [(int(r[0]), r[1]) for r in await cur.fetchall()]
+            chunk = [(int(r[0]), tuple(r[1:])) for r in await cur.fetchall()]
         if not chunk:
             break
         accounted = await _accounted(conn, names, table, chunk)
         hit = next((i for i, (rowid, _) in enumerate(chunk) if rowid in accounted), None)
         if hit is not None:
-            found = (chunk[hit][0], key_of(chunk[hit][1]))
+            found = (chunk[hit][0], row_key(keyed, chunk[hit][1]))
             new_rows += hit
             break
         new_rows += len(chunk)
         below = chunk[-1][0] - 1
-    await ckpt.rewind(conn, names.schema, table, found[0], found[1], c.last_rowid)
+    await ckpt.rewind(conn, names.schema, name, found[0], found[1], c.last_rowid)
     log.warning(
         "checkpoint_rewound",
-        table=table,
+        table=name,
         from_rowid=c.last_rowid,
         to_rowid=found[0],
         new_rows_below=new_rows,
@@ -97,33 +134,40 @@ async def resume_point(
 
 
 async def loaded_keys_present(
-    src: aiosqlite.Connection, conn: asyncpg.Connection, names: TargetNames, table: str
+    src: aiosqlite.Connection,
+    conn: asyncpg.Connection,
+    names: TargetNames,
+    table: str,
+    key_column: str,
 ) -> bool | None:
     """Whether the source still holds any of a sample of the keys loaded into ``table``
     (None when nothing was loaded yet): the source's identity once its first rows are gone."""
+    key = quote_ident(key_column)
     sample = [
-        r["id"]
+        r["k"]
         for r in await conn.fetch(
-            f"SELECT id::text AS id FROM {names.qualified(table)} ORDER BY random() LIMIT 64"
+            f"SELECT {key}::text AS k FROM {names.qualified(table)} ORDER BY random() LIMIT 64"
         )
     ]
     if not sample:
         return None
     marks = ",".join("?" * len(sample))
     async with src.execute(
-        f"SELECT 1 FROM {quote_ident(table)} WHERE id IN ({marks}) LIMIT 1", sample
+        f"SELECT 1 FROM {quote_ident(table)} WHERE {key} IN ({marks}) LIMIT 1", sample
     ) as cur:
         return await cur.fetchone() is not None
 
 
 async def same_source(
-    src: aiosqlite.Connection, target: Target, names: TargetNames, sample: list[list[Any]]
+    src: aiosqlite.Connection, target: Target, names: TargetNames, source: dict[str, Any]
 ) -> bool:
-    """Whether ``src`` is the file an earlier run loaded: one of its first sessions recorded
-    then is still there, or (after retention deleted those) keys loaded from it still are."""
-    if await sample_matches(src, sample):
+    """Whether ``src`` is the file an earlier run loaded (``source``: the identity recorded
+    then): one of its first keys recorded then is still there, or (after retention deleted
+    those) keys loaded from it still are."""
+    table, key = source.get("table", ["sessions", "id"])
+    if await sample_matches(src, source.get("sample", []), table, key):
         return True
     present = await target.retrying(
-        lambda c: loaded_keys_present(src, c, names, "sessions"), what="comparing sources"
+        lambda c: loaded_keys_present(src, c, names, table, key), what="comparing sources"
     )
     return bool(present)

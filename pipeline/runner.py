@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -25,15 +26,17 @@ from core import bookkeeping as ckpt
 from core.errors import (
     Interrupted,
     MigrateError,
+    SourceError,
     is_driver_error,
     translate,
 )
-from core.schema import TABLES, Table
+from core.schema import Table
 from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
 from pipeline.duplicates import build_primary_keys
 from pipeline.finish import check_accounting, make_durable
 from pipeline.keys import build_constraints
+from pipeline.mapping_source import resolve_mapping
 from pipeline.preflight import (
     check_fingerprint,
     clear_target,
@@ -50,7 +53,7 @@ from pipeline.stop import StopFlag
 from pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
 from stages.extract import open_source
 from stages.load import CheckpointRewound, LoadContext
-from stages.transform import transform_batch
+from stages.transform import parent_key_entry, transform_batch
 
 __all__ = [
     "QUARANTINE_LOG_LIMIT",
@@ -143,8 +146,9 @@ async def _migrate(
     """Source preflight, the lock, target preflight, the tables, then keys and accounting."""
     path = settings.require_source()
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
-        await check_source(src, path)
-        bounds, identity = await source_snapshot(src, path)
+        settings = await resolve_run_mapping(settings, path)
+        await check_source(src, path, settings.tables)
+        bounds, identity = await source_snapshot(src, path, settings.tables)
         async with holding_migration_lock(target.dsn, target, settings.names.schema):
             checkpoints = await _prepare(src, target, settings, identity, report, restart)
             run = Run(
@@ -160,6 +164,23 @@ async def _migrate(
             )
             await _run_tables(run)
             await _finish(run)
+
+
+async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
+    """Settings with the run's mapping: the configured one checked against the source, or the
+    discovered one; its one-screen summary is logged. SourceError names what is not placed."""
+    mapping, _ = await anyio.to_thread.run_sync(
+        resolve_mapping, path, settings.mapping, settings.busy_timeout
+    )
+    unsupported = [t.name for t in mapping.tables if t.without_rowid]
+    if unsupported:
+        raise SourceError(
+            f"Table {unsupported[0]} is a WITHOUT ROWID table, which this version cannot read"
+            " in resumable batches yet; list it under [ignore] tables in a mapping file"
+            " (flux-migrate init writes one) to migrate the rest. Nothing was written."
+        )
+    log.info("mapping_resolved", tables=len(mapping.tables), notes=len(mapping.notes))
+    return settings.with_(mapping=mapping)
 
 
 @contextlib.asynccontextmanager
@@ -202,7 +223,7 @@ async def _prepare(
 async def _run_tables(run: Run) -> None:
     """Each table in load order (parents first), stopping between tables when asked."""
     log.info("run_started", target=run.schema, batch_size=run.settings.batch_size)
-    for table in TABLES:
+    for table in run.settings.tables:
         run.stop.check()
         await _run_table(run, table)
 
@@ -216,7 +237,7 @@ async def _finish(run: Run) -> None:
     )
     if any(c.constraints_pending for c in final.values()):
         run.report.constraints_seconds += await build_constraints(
-            run.target, run.settings.names, run.stop
+            run.target, run.settings.names, run.stop, run.settings.tables
         )
         log.info("constraints_built", seconds=round(run.report.constraints_seconds, 2))
     await run.target.retrying(
@@ -256,7 +277,7 @@ async def _run_table(run: Run, table: Table) -> None:
         )
     start = await _checkpoint(run.target, run.schema, table.name)
     after = await run.target.retrying(
-        lambda c: resume_point(run.src, c, run.settings.names, checkpoint),
+        lambda c: resume_point(run.src, c, run.settings.names, checkpoint, table),
         what="finding where to resume",
     )
     total = await count_between(run.src, table.name, after, run.bounds[table.name])
@@ -287,13 +308,27 @@ async def _run_table(run: Run, table: Table) -> None:
 
 
 async def _missing_parents(run: Run, table: Table) -> set[str]:
-    """For a child table: the parent keys that are quarantined (their children are too)."""
-    if table.parent is None:
-        return set()
-    parent = table.parent
-    return await run.target.retrying(
-        lambda c: ckpt.unresolved_keys(c, run.schema, parent), what="reading the quarantine"
-    )
+    """For a child table: the parent keys that are quarantined (their children are too); for
+    a generic table, per foreign key that references its parent's primary key."""
+    if table.parent is not None:
+        parent = table.parent
+        return await run.target.retrying(
+            lambda c: ckpt.unresolved_keys(c, run.schema, parent), what="reading the quarantine"
+        )
+    missing: set[str] = set()
+    loaded = {t.name: t for t in run.settings.tables}
+    for n, fk in enumerate(table.foreign_keys):
+        parent_table = loaded.get(fk.parent)
+        if parent_table is None or fk.parent_columns != parent_table.primary_key:
+            continue
+        keys = await run.target.retrying(
+            functools.partial(
+                ckpt.unresolved_keys, target_schema=run.schema, source_table=fk.parent
+            ),
+            what="reading the quarantine",
+        )
+        missing.update(parent_key_entry(n, k) for k in keys)
+    return missing
 
 
 def _load_context(

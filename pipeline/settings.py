@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from core.dsn import normalize_dsn
 from core.errors import ConfigError
-from core.schema import TargetNames
+from core.mapping import Mapping, MappingError, read_mapping
+from core.schema import TABLES, Table, TargetNames
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 # 10k rows per batch: not the fastest measured (50k was about 5% faster) but within 5% of it
@@ -37,6 +38,13 @@ class Settings:
     busy_timeout: float = 10.0  # seconds to wait for a lock the app holds on the SQLite file
     # Benchmark only: one transaction per table instead of one commit per batch (no resume).
     single_transaction: bool = False
+    # The tables to load: from the config file's [[table]]s, or discovered when the run starts.
+    mapping: Mapping | None = None
+
+    @property
+    def tables(self) -> tuple[Table, ...]:
+        """The tables of the mapping in load order (the app's two before one is resolved)."""
+        return self.mapping.tables if self.mapping is not None else TABLES
 
     def require_source(self) -> Path:
         if self.sqlite_path is None:
@@ -76,6 +84,11 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
     get = _TypedConfig(path, data)
     values: dict[str, Any] = {}
+    if "table" in data:
+        try:
+            values["mapping"] = read_mapping(data)
+        except MappingError as exc:
+            raise ConfigError(f"The mapping in {path} is not usable: {exc}.") from None
     values["names"] = TargetNames(
         schema=get.text("target", "schema", "public"),
         sessions=get.text("tables.sessions", "target", "sessions"),

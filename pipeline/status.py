@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from core import bookkeeping as ckpt
-from core.schema import TABLES
 from core.target import connect
 from pipeline.settings import Settings
 
@@ -15,7 +14,7 @@ async def status(settings: Settings) -> list[ckpt.Checkpoint]:
         found = await ckpt.read_checkpoints(conn, settings.names.schema)
     finally:
         await conn.close()
-    return [found[t.name] for t in TABLES if t.name in found]
+    return list(found.values())
 
 
 async def list_quarantine(

@@ -19,8 +19,9 @@ from core.schema import TABLES, Kind, Table, quote_ident
 from core.source import check_source
 from core.target import connect
 from pipeline.settings import Settings
-from stages.convert import Rejected, row_converter
+from stages.convert import Rejected
 from stages.extract import fetch_rows, open_source
+from stages.values import row_converter
 
 PAGE = 5000  # rows per source query and per target cursor fetch
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

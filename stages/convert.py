@@ -7,7 +7,6 @@ reason code (see :data:`REASONS`) and a one-sentence detail; nothing else escape
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import re
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from core.schema import KEY_MAX_LENGTH, Column, Kind, Table
+from core.schema import KEY_MAX_LENGTH, Column, Kind
 
 # Stable reason codes, documented in the README. Never rename one; add new ones at the end.
 REASONS: dict[str, str] = {
@@ -36,6 +35,7 @@ REASONS: dict[str, str] = {
     "type_mismatch": "a value's SQLite storage class does not fit its column (dynamic typing)",
     "number_out_of_range": "a number cannot be stored exactly in its column's type",
     "duplicate_key": "the key, once converted, equals the key of an earlier source row",
+    "orphan_row": "a foreign key names a parent row absent from the source or quarantined",
 }
 
 
@@ -315,35 +315,6 @@ def column_converter(
 
         return metadata
     raise AssertionError(kind)
-
-
-@functools.lru_cache(maxsize=64)
-def row_converter(
-    table: Table,
-    *,
-    naive_timezone: tzinfo = UTC,
-    strip_nul: bool = False,
-    text_as_bytes: bool = False,
-    offset: int = 0,
-) -> Callable[[tuple[Raw, ...]], tuple[Any, ...]]:
-    """A function turning one raw source row into a COPY-ready tuple in target column order.
-
-    The row's values for the table's columns start at position ``offset`` (1 when the rowid
-    comes first). The function is unrolled per column: this runs once per source row. Built
-    once per set of arguments (cached): every batch of a table shares it.
-    """
-    converters = {
-        f"c{i}": column_converter(
-            c, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
-        )
-        for i, c in enumerate(table.columns)
-    }
-    calls = ", ".join(f"c{i}(raw[{i + offset}])" for i in range(len(converters)))
-    # Generated from column positions only (no user input): a tuple of direct calls.
-    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(
-        f"lambda raw: ({calls},)", converters
-    )
-    return convert
 
 
 def raw_to_json(raw_row: tuple[Raw, ...], columns: tuple[str, ...]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import aiosqlite
 import anyio
 
 from core.errors import RuntimeFailure, SourceError
-from core.schema import Table, quote_ident
+from core.schema import ForeignKey, Table, quote_ident
 from stages.batch import Batch
+from stages.transform import row_key
 
 
 def source_uri(path: Path) -> str:
@@ -59,8 +60,8 @@ async def open_source(
 
 
 def select_sql(table: Table) -> str:
-    """SELECT rowid, the table's columns and, for a child table, a flag saying its parent row is
-    absent from the source; without a WHERE clause (callers add theirs on alias ``t``)."""
+    """SELECT rowid, the table's columns and, for a child table, a flag saying a parent row it
+    names is absent from the source; without a WHERE clause (callers add theirs on ``t``)."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
     orphan = ""
     if table.parent is not None and table.parent_column is not None:
@@ -68,7 +69,19 @@ def select_sql(table: Table) -> str:
             f", NOT EXISTS (SELECT 1 FROM {quote_ident(table.parent)} AS p"
             f" WHERE p.id = t.{quote_ident(table.parent_column)})"
         )
+    elif table.foreign_keys:
+        orphan = ", " + " OR ".join(_orphan_sql(fk) for fk in table.foreign_keys)
     return f"SELECT t.rowid, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+
+
+def _orphan_sql(fk: ForeignKey) -> str:
+    """True when every column of ``fk`` is set and no parent row matches (MATCH SIMPLE)."""
+    present = " AND ".join(f"t.{quote_ident(c)} IS NOT NULL" for c in fk.columns)
+    match = " AND ".join(
+        f"p.{quote_ident(pc)} = t.{quote_ident(c)}"
+        for c, pc in zip(fk.columns, fk.parent_columns, strict=True)
+    )
+    return f"({present} AND NOT EXISTS (SELECT 1 FROM {quote_ident(fk.parent)} AS p WHERE {match}))"
 
 
 async def variable_limit(conn: aiosqlite.Connection) -> int:
@@ -125,6 +138,6 @@ async def extract(
             after_rowid=after,
             last_rowid=last,
             extracted=len(rows),
-            last_key=rows[-1][1],
+            last_key=row_key(table, rows[-1][1 : len(table.columns) + 1]),
             raw=rows,
         )

@@ -18,7 +18,7 @@ from core.schema import Table, TargetNames, quote_ident
 from core.target import Target
 from stages.batch import Batch, Reject
 from stages.convert import raw_to_json
-from stages.transform import key_of
+from stages.transform import key_of, key_sql, row_key
 
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
 
@@ -102,6 +102,7 @@ async def _copy(
     stage = quote_ident(ctx.stage_table)
     target = ctx.names.qualified(ctx.table.name)
     cols = ", ".join(quote_ident(c) for c in ctx.table.column_names)
+    keys = ", ".join(quote_ident(c) for c in ctx.table.primary_key)
     await conn.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS)"
         " ON COMMIT DELETE ROWS"
@@ -113,15 +114,15 @@ async def _copy(
         action = "DO UPDATE SET " + ", ".join(
             f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}"
             for c in ctx.table.column_names
-            if c != "id"
+            if c not in ctx.table.primary_key
         )
     written = await conn.fetch(
         f"WITH moved AS (DELETE FROM {stage} RETURNING {cols})"
-        f" INSERT INTO {target} ({cols}) SELECT {cols} FROM moved ON CONFLICT (id) {action}"
-        " RETURNING id"
+        f" INSERT INTO {target} ({cols}) SELECT {cols} FROM moved"
+        f" ON CONFLICT ({keys}) {action} RETURNING {key_sql(ctx.table)} AS k"
     )
-    done = {r["id"] for r in written}
-    return {row[0] for row in rows if row[0] not in done}
+    done = {r["k"] for r in written}
+    return {k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done}
 
 
 async def copy_isolating(
@@ -148,7 +149,7 @@ async def copy_isolating(
             duplicate = getattr(exc, "sqlstate", None) == "23505"  # the key is loaded already
             reject = Reject(
                 source[0],
-                key_of(source[1]),
+                row_key(ctx.table, source[1 : ncols + 1]),
                 tuple(source[1 : ncols + 1]),
                 "duplicate_key" if duplicate else "rejected_by_server",
                 f"PostgreSQL refused {where}: {message}",

@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Collection
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from datetime import UTC, tzinfo
 
 import anyio
 
-from core.schema import Table
+from core.schema import Table, quote_ident
 from stages.batch import Batch, Reject
-from stages.convert import Raw, Rejected, row_converter
+from stages.convert import Raw, Rejected
+from stages.values import row_converter
 
 
 def key_of(raw_id: Raw) -> str | None:
@@ -22,6 +24,52 @@ def key_of(raw_id: Raw) -> str | None:
     if isinstance(raw_id, bytes):
         return raw_id.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
     return str(raw_id).replace("\x00", "\\x00")
+
+
+def row_key(table: Table, values: Sequence[Raw]) -> str | None:
+    """The bookkeeping key of one row (its table's columns, raw): the primary key as text, a
+    JSON array of texts for a composite key, None for a table without one."""
+    positions = table.key_positions
+    if len(positions) == 1:
+        return key_of(values[positions[0]])
+    if not positions:
+        return None
+    return json.dumps([key_of(values[i]) for i in positions], ensure_ascii=False)
+
+
+def key_sql(table: Table, alias: str = "") -> str:
+    """The same key computed by PostgreSQL on the target table (see row_key)."""
+    prefix = f"{alias}." if alias else ""
+    cols = [f"{prefix}{quote_ident(c)}::text" for c in table.primary_key]
+    if len(cols) == 1:
+        return cols[0]
+    return f"json_build_array({', '.join(cols)})::text"
+
+
+def parent_key_entry(fk_index: int, key: str) -> str:
+    """How a quarantined parent key of a generic table's foreign key ``fk_index`` is named in
+    ``missing_parents`` (a NUL cannot occur in a key: key_of escapes it)."""
+    return f"{fk_index}\x00{key}"
+
+
+def _check_parents(table: Table, raw_row: Sequence[Raw], missing: Collection[str]) -> None:
+    """Reject a generic row whose foreign key names a parent absent from the source (the flag
+    extract computed) or quarantined (its key in ``missing``)."""
+    ncols = len(table.columns)
+    if raw_row[ncols + 1]:
+        raise Rejected("orphan_row", "a foreign key names a parent row that is not in the source")
+    if not missing:
+        return
+    names = table.column_names
+    for n, fk in enumerate(table.foreign_keys):
+        parts = [key_of(raw_row[1 + names.index(c)]) for c in fk.columns]
+        if any(p is None for p in parts):
+            continue
+        key = parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
+        if parent_key_entry(n, key or "") in missing:
+            raise Rejected(
+                "orphan_row", f"foreign key ({', '.join(fk.columns)}) names a quarantined row"
+            )
 
 
 def transform_batch(
@@ -47,6 +95,7 @@ def transform_batch(
     ncols = len(table.column_names)
     child = table.parent_column is not None
     parent_at = table.column_names.index(table.parent_column) if child else -1
+    generic_child = bool(table.foreign_keys) and not child
     rows = []
     sources = []
     rejects = list(batch.rejects)
@@ -60,11 +109,12 @@ def transform_batch(
                 raise Rejected(
                     "orphan_message", f"column {table.parent_column} names a session that {why}"
                 )
+            if generic_child:
+                _check_parents(table, raw_row, missing_parents)
         except Rejected as exc:
             values = tuple(raw_row[1 : ncols + 1])
-            rejects.append(
-                Reject(raw_row[0], key_of(values[0]), values, exc.reason, exc.detail, "transform")
-            )
+            key = row_key(table, values)
+            rejects.append(Reject(raw_row[0], key, values, exc.reason, exc.detail, "transform"))
             continue
         rows.append(row)
         sources.append(raw_row)

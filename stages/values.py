@@ -8,6 +8,7 @@ into something else silently.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -16,7 +17,8 @@ from typing import Any
 
 import orjson
 
-from stages.convert import Raw, Rejected, decode_text, parse_timestamp
+from core.schema import Column, Kind, Table
+from stages.convert import Raw, Rejected, column_converter, decode_text, parse_timestamp
 
 Converter = Callable[[Raw], Any]
 
@@ -196,3 +198,63 @@ def not_null(convert: Converter, column: str) -> Converter:
         return value
 
     return checked
+
+
+def any_column_converter(
+    column: Column,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    text_as_bytes: bool = False,
+) -> Converter:
+    """The converter for a column of any table: the app's kinds as convert.column_converter
+    builds them, the generic kinds from this module (NOT NULL ones refuse NULL)."""
+    name, kind = column.name, column.kind
+    build: dict[Kind, Callable[[], Converter]] = {
+        Kind.INTEGER: lambda: integer(name),
+        Kind.REAL: lambda: real(name),
+        Kind.NUMERIC: lambda: numeric(name),
+        Kind.BOOLEAN: lambda: boolean(name),
+        Kind.BLOB: lambda: blob(name),
+        Kind.INSTANT: lambda: timestamp(name, naive_timezone=naive_timezone, epoch=column.epoch),
+        Kind.JSON_VALUE: lambda: json_value(name),
+    }
+    if kind not in build:
+        if column.kind in (Kind.TEXT, Kind.NULLABLE_TEXT) and column.not_null is not None:
+            # a generic text column: its nullability is the mapping's, not the kind's
+            kind = Kind.NULLABLE_TEXT if column.nullable else Kind.TEXT
+            column = Column(name, kind)
+        return column_converter(
+            column, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+        )
+    convert = build[kind]()
+    return not_null(convert, name) if not column.nullable else convert
+
+
+@functools.lru_cache(maxsize=64)
+def row_converter(
+    table: Table,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    text_as_bytes: bool = False,
+    offset: int = 0,
+) -> Callable[[tuple[Raw, ...]], tuple[Any, ...]]:
+    """A function turning one raw source row into a COPY-ready tuple in target column order.
+
+    The row's values for the table's columns start at position ``offset`` (1 when the rowid
+    comes first). The function is unrolled per column: this runs once per source row. Built
+    once per set of arguments (cached): every batch of a table shares it.
+    """
+    converters = {
+        f"c{i}": any_column_converter(
+            c, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+        )
+        for i, c in enumerate(table.columns)
+    }
+    calls = ", ".join(f"c{i}(raw[{i + offset}])" for i in range(len(converters)))
+    # Generated from column positions only (no user input): a tuple of direct calls.
+    convert: Callable[[tuple[Raw, ...]], tuple[Any, ...]] = eval(
+        f"lambda raw: ({calls},)", converters
+    )
+    return convert
