@@ -195,7 +195,7 @@ def discover(conn: sqlite3.Connection) -> SourceSchema:
 
 def sample_values(
     conn: sqlite3.Connection, table: str, column: str, limit: int
-) -> list[tuple[str, Any]]:
+) -> list[tuple[str | bytes, Any]]:
     """Up to ``limit`` non-NULL values of one column with their storage class (typeof), in
     storage order: the evidence for columns whose declared type says little."""
     t, c = _quote(table), _quote(column)

@@ -52,13 +52,14 @@ class Evidence:
         return self.integers + self.reals
 
 
-def evidence_of(values: Iterable[tuple[str, Any]]) -> Evidence:
+def evidence_of(values: Iterable[tuple[str | bytes, Any]]) -> Evidence:
     """Summarize (typeof, value) pairs of a column sample."""
     counts = dict.fromkeys(("integer", "real", "text", "blob"), 0)
     iso = containers = 0
     largest = 0.0
     n = 0
-    for storage, value in values:
+    for storage_raw, value in values:
+        storage = storage_raw.decode() if isinstance(storage_raw, bytes) else storage_raw
         n += 1
         counts[storage] = counts.get(storage, 0) + 1
         if storage in ("integer", "real"):

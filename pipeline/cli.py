@@ -18,6 +18,7 @@ import structlog
 from core import errors
 from core.dsn import redact
 from core.errors import ConfigError, Interrupted, MigrateError, single_error
+from core.mapping import Mapping, summary_lines
 from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from pipeline.logs import add_log_arguments, configure_for
 from pipeline.progress import Progress, progress_display
@@ -160,7 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = RunReport(run_id=uuid.uuid4().hex[:12])
     try:
         with progress_display(fmt == "console" and not args.no_progress) as progress:
-            run_async(_migrate_until_signalled, settings, args.restart, progress, report)
+            run_async(
+                _migrate_until_signalled, settings, args.restart, progress, report, args.quiet
+            )
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
         report.message = redact(exc.message)
@@ -173,8 +176,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _print_outcome(report)
 
 
+def show_mapping(mapping: Mapping, configured: bool) -> None:
+    """Print the run's mapping as one screen, before anything loads."""
+    print(f"Mapping ({'from --config' if configured else 'discovered'}), tables in load order:")
+    for line in summary_lines(mapping):
+        print(line)
+
+
 async def _migrate_until_signalled(
-    settings: Settings, restart: bool, progress: Progress, report: RunReport
+    settings: Settings, restart: bool, progress: Progress, report: RunReport, quiet: bool
 ) -> None:
     """Run the migration; a first SIGINT/SIGTERM stops it at the next batch boundary, a second
     one abandons the open batch. Raises MigrateError (Interrupted when stopped)."""
@@ -185,7 +195,14 @@ async def _migrate_until_signalled(
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, stop, tg.cancel_scope)
         try:
-            await migrate(settings, progress=progress, stop=stop, restart=restart, report=report)
+            await migrate(
+                settings,
+                progress=progress,
+                stop=stop,
+                restart=restart,
+                report=report,
+                show_mapping=None if quiet else show_mapping,
+            )
         except MigrateError as exc:
             failure.append(exc)  # raised outside the task group, not wrapped in a group
         finally:

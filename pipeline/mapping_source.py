@@ -14,13 +14,14 @@ from pathlib import Path
 from core.discover import SourceSchema, discover, sample_values
 from core.errors import SourceError, source_error
 from core.mapping import SAMPLE_SIZE, Evidence, Mapping, evidence_of, map_schema, unplaced
-from stages.extract import source_uri
+from stages.extract import require_source_file, source_uri
 
 
 def read_source(
     path: Path, busy_timeout: float = 10.0
 ) -> tuple[SourceSchema, dict[str, dict[str, Evidence]]]:
     """The schema of the SQLite file and a sample of each column's values (read-only)."""
+    require_source_file(path)
     try:
         conn = sqlite3.connect(source_uri(path), uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from core.errors import (
     is_driver_error,
     translate,
 )
+from core.mapping import Mapping
 from core.schema import Table
 from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
@@ -96,6 +97,7 @@ async def migrate(
     stop: StopFlag | None = None,
     restart: bool = False,
     report: RunReport | None = None,
+    show_mapping: Callable[[Mapping, bool], None] | None = None,
 ) -> RunReport:
     """Run one migration to completion, or raise MigrateError with a sentence for the user.
 
@@ -116,6 +118,7 @@ async def migrate(
             progress=progress or NoProgress(),
             stop=stop or StopFlag(),
             restart=restart,
+            show_mapping=show_mapping,
         )
     except Exception as exc:
         error = _failed(report, exc, target.location)
@@ -142,11 +145,15 @@ async def _migrate(
     progress: Progress,
     stop: StopFlag,
     restart: bool,
+    show_mapping: Callable[[Mapping, bool], None] | None,
 ) -> None:
     """Source preflight, the lock, target preflight, the tables, then keys and accounting."""
     path = settings.require_source()
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
+        configured = settings.mapping is not None
         settings = await resolve_run_mapping(settings, path)
+        if show_mapping is not None and settings.mapping is not None:
+            show_mapping(settings.mapping, configured)
         await check_source(src, path, settings.tables)
         bounds, identity = await source_snapshot(src, path, settings.tables)
         async with holding_migration_lock(target.dsn, target, settings.names.schema):
@@ -179,7 +186,6 @@ async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
             " in resumable batches yet; list it under [ignore] tables in a mapping file"
             " (flux-migrate init writes one) to migrate the rest. Nothing was written."
         )
-    log.info("mapping_resolved", tables=len(mapping.tables), notes=len(mapping.notes))
     return settings.with_(mapping=mapping)
 
 
@@ -222,7 +228,12 @@ async def _prepare(
 
 async def _run_tables(run: Run) -> None:
     """Each table in load order (parents first), stopping between tables when asked."""
-    log.info("run_started", target=run.schema, batch_size=run.settings.batch_size)
+    log.info(
+        "run_started",
+        target=run.schema,
+        batch_size=run.settings.batch_size,
+        tables=len(run.settings.tables),
+    )
     for table in run.settings.tables:
         run.stop.check()
         await _run_table(run, table)

@@ -28,6 +28,14 @@ def source_uri(path: Path) -> str:
     return "file:" + quote(path.resolve().as_posix()) + "?mode=ro"
 
 
+def require_source_file(path: Path) -> None:
+    """SourceError unless ``path`` names an existing file (a directory is named as one)."""
+    if path.is_dir():
+        raise SourceError(f"{path} is a directory, not a SQLite file; check --sqlite-path.")
+    if not path.is_file():
+        raise SourceError(f"The SQLite file {path} does not exist; check --sqlite-path.")
+
+
 @contextlib.asynccontextmanager
 async def open_source(
     path: Path, *, busy_timeout: float = 10.0, limits: Mapping[int, int] | None = None
@@ -38,10 +46,7 @@ async def open_source(
 
     Raises SourceError when the file is missing or is not a SQLite database.
     """
-    if path.is_dir():
-        raise SourceError(f"{path} is a directory, not a SQLite file; check --sqlite-path.")
-    if not path.is_file():
-        raise SourceError(f"The SQLite file {path} does not exist; check --sqlite-path.")
+    require_source_file(path)
     try:
         conn = await aiosqlite.connect(source_uri(path), uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
