@@ -90,7 +90,7 @@ def _is_json_container(text: str) -> bool:
         return False
     try:
         json.loads(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deep to parse is not evidence of JSON
         return False
     return True
 

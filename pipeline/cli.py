@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_init(sub)
     _add_views(sub)
     COMMANDS.update(add_commands(sub))
     demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
@@ -70,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     add_log_arguments(demo)
     return parser
+
+
+def _add_init(sub: Any) -> None:
+    """The `init` command: write the mapping a run would use, to edit and pass with --config."""
+    init = sub.add_parser(
+        "init", help="write the mapping of a SQLite file as editable TOML (for run --config)"
+    )
+    init.add_argument("--sqlite-path", type=Path, required=True, help="the SQLite file")
+    init.add_argument("--out", type=Path, help="write here instead of printing it")
+    init.add_argument("--config", type=Path, help="settings file (its mapping, if any, is kept)")
+    add_log_arguments(init)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """`init`: discover the source, print or write the mapping TOML with the reasons."""
+    from core.mapping import to_toml
+    from pipeline.mapping_source import resolve_mapping
+
+    settings = load_settings(args.config, sqlite_path=args.sqlite_path)
+    configure_for(args)
+    mapping, _ = resolve_mapping(settings.require_source(), settings.mapping, settings.busy_timeout)
+    text = to_toml(mapping)
+    if args.out is None:
+        sys.stdout.write(text)
+        return errors.EXIT_OK
+    try:
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the mapping to {args.out} ({exc.strerror}).") from None
+    print(f"Wrote the mapping of {len(mapping.tables)} table(s) to {args.out};"
+          f" edit it and pass it with `flux-migrate run --config {args.out}`.")  # fmt: skip
+    return errors.EXIT_OK
 
 
 def _add_run(sub: Any) -> None:
@@ -351,6 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "init": cmd_init,
     "status": cmd_status,
     "verify": cmd_verify,
     "demo": cmd_demo,

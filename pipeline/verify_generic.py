@@ -1,0 +1,94 @@
+"""Verify a table outside the app profile: the multiset of its rows in the source (under the
+mapping, quarantined rows aside) equals the multiset in PostgreSQL, compared value by value in
+the canonical form of each column's type; rows without a key are compared as wholes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any
+
+import aiosqlite
+import asyncpg
+
+from core.catalog import table_exists
+from core.schema import Kind, Table, quote_ident
+from pipeline.settings import Settings
+from stages.convert import Rejected
+from stages.extract import fetch_rows
+from stages.values import row_converter
+
+PAGE = 5000
+
+
+def canonical(kind: Kind, value: Any) -> Any:
+    """One value as both sides must agree on it: JSON parsed with exact numbers, numbers
+    normalized, text as str."""
+    if value is None:
+        return None
+    if kind in (Kind.JSON, Kind.JSON_VALUE):
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        return json.dumps(
+            json.loads(text, parse_float=Decimal, parse_int=Decimal), sort_keys=True, default=str
+        )
+    if isinstance(value, Decimal):
+        return value.normalize()
+    if isinstance(value, bytes) and kind is not Kind.BLOB:
+        return value.decode("utf-8")
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(canonical(c.kind, v) for c, v in zip(table.columns, values, strict=True))
+
+
+async def source_rows(
+    src: aiosqlite.Connection, settings: Settings, table: Table, quarantined: set[int]
+) -> tuple[Counter[tuple[Any, ...]], int]:
+    """The canonical source rows the target must hold (as a multiset), and how many rows are
+    neither loadable nor quarantined."""
+    convert = row_converter(
+        table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+    )
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    sql = f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE rowid > ?"
+    sql += " ORDER BY rowid LIMIT ?"
+    rows: Counter[tuple[Any, ...]] = Counter()
+    unaccounted, last = 0, 0
+    while page := await fetch_rows(src, sql, (last, PAGE)):
+        last = page[-1][0]
+        for raw in page:
+            if raw[0] in quarantined:
+                continue
+            try:
+                rows[_row(table, convert(raw[1:]))] += 1
+            except Rejected:
+                unaccounted += 1
+    return rows, unaccounted
+
+
+async def target_rows(
+    conn: asyncpg.Connection, settings: Settings, table: Table
+) -> Counter[tuple[Any, ...]]:
+    """The canonical target rows (as a multiset)."""
+    rows: Counter[tuple[Any, ...]] = Counter()
+    if not await table_exists(conn, settings.names, table.name):
+        return rows
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    sql = f"SELECT {cols} FROM {settings.names.qualified(table.name)}"
+    async with conn.transaction(readonly=True):
+        async for record in conn.cursor(sql, prefetch=PAGE):
+            rows[_row(table, record.values())] += 1
+    return rows
+
+
+def describe(table: Table, row: tuple[Any, ...]) -> str:
+    """A row named by its key (or its first values when it has none), for samples."""
+    names = table.column_names
+    if table.primary_key:
+        return ", ".join(f"{c}={row[names.index(c)]!r}" for c in table.primary_key)
+    return ", ".join(f"{c}={v!r}" for c, v in list(zip(names, row, strict=True))[:3])
