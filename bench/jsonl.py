@@ -58,7 +58,7 @@ from pipeline.settings import Settings
 configure("json")
 import logging; logging.disable(logging.INFO)
 dsn, path, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-s = Settings(postgres_dsn=dsn, batch_size=batch, target=TargetNames(schema="flux_bench_jsonl"))
+s = Settings(postgres_dsn=dsn, batch_size=batch, names=TargetNames(schema="flux_bench_jsonl"))
 t0 = time.monotonic()
 report, _ = anyio.run(lambda: migrate_jsonl(s, [JsonlFile.of(path)]), backend="asyncio")
 wall = time.monotonic() - t0
@@ -79,7 +79,9 @@ def main() -> int:
     path = args.workdir / "feedback.jsonl"
     started = time.monotonic()
     size = generate(path, args.lines)
-    print(f"generated {args.lines:,} lines, {size / 1e6:.0f} MB in {time.monotonic() - started:.0f} s")
+    print(
+        f"generated {args.lines:,} lines, {size / 1e6:.0f} MB in {time.monotonic() - started:.0f} s"
+    )
     server = None
     dsn = os.environ.get("POSTGRES_DSN")
     if not dsn:
@@ -88,8 +90,8 @@ def main() -> int:
 
         server = start_server(args.workdir / "pgdata-jsonl", cleanup_mode="stop")
         dsn = dsn_for(server)
-    import asyncpg
     import anyio
+    import asyncpg
 
     async def reset() -> None:
         conn = await asyncpg.connect(dsn)

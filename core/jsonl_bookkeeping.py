@@ -16,12 +16,11 @@ from typing import Any
 
 import asyncpg
 
-from core.bookkeeping import CHECKPOINTS
+from core.bookkeeping import CHECKPOINTS, QUARANTINE
 from core.jsonl_schema import JSONL_DDL, JSONL_SEEN
-from core.schema import BOOKKEEPING_SCHEMA, qualified
+from core.schema import qualified
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
-QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import asyncpg
 import structlog
 
 from core import bookkeeping as ckpt
-from core.catalog import MIGRATION_LOCK_KEY
 from core.errors import MigrateError, RuntimeFailure, TargetError, single_error, translate
 from core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
@@ -36,6 +35,8 @@ from core.jsonl_bookkeeping import (
 from core.jsonl_schema import JSONL_PROFILE, KIND_OF_PG_TYPE, create_jsonl_table_sql, profile_for
 from core.schema import Column, Table, qualified, quote_ident
 from core.target import Target, connect
+from pipeline.finish import make_durable
+from pipeline.preflight import take_migration_lock
 from pipeline.progress import NoProgress, Progress
 from pipeline.report import RunReport, TableReport
 from pipeline.settings import Settings
@@ -251,7 +252,7 @@ async def run_jsonl_table(
     stop: Any,
 ) -> JsonlOutcome:
     """Migrate one JSONL file (the caller holds the schema's lock); fills report.tables."""
-    schema = settings.target.schema
+    schema = settings.names.schema
     outcome = JsonlOutcome()
     treport = report.tables[jf.table] = TableReport()
     tlog = log.bind(run_id=run_id, table=jf.table)
@@ -370,7 +371,7 @@ async def _stream(
     tlog: Any,
 ) -> None:
     ctx = JsonlLoadContext(
-        schema=settings.target.schema,
+        schema=settings.names.schema,
         table=jf.table,
         run_id=run_id,
         reconcile_until=meta.reconcile_until,
@@ -427,7 +428,7 @@ async def _stream(
             batch_size=settings.batch_size,
         ),
         table,
-        naive_tz=settings.naive_tz,
+        naive_timezone=settings.naive_timezone,
     )
     send, receive = anyio.create_memory_object_stream[ConvertedBatch](settings.buffer_batches)
     try:
@@ -492,7 +493,7 @@ async def run_jsonl_tables(
         )
     if not stop():
         await target.retrying(
-            lambda c: check_jsonl_accounting(c, settings.target.schema, files, report),
+            lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
             what="checking the accounting",
         )
     return outcomes
@@ -519,7 +520,7 @@ async def migrate_jsonl(
     progress = progress or NoProgress()
     stop = stop or _never
     dsn = settings.require_dsn()
-    schema = settings.target.schema
+    schema = settings.names.schema
     names = [jf.table for jf in files]
     if len(set(names)) != len(names):
         raise TargetError(f"Two JSONL files map to the same table ({', '.join(names)}).")
@@ -528,13 +529,7 @@ async def migrate_jsonl(
     try:
         lock = await connect(dsn)
         try:
-            if not await lock.fetchval(
-                f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_KEY})", schema
-            ):
-                raise TargetError(
-                    f"Another flux-migrate run is writing to schema {schema} of this database;"
-                    " wait for it to finish."
-                )
+            await take_migration_lock(lock, schema)
             log.info("run_started", target=schema, batch_size=settings.batch_size)
             outcomes = await run_jsonl_tables(
                 target, settings, files, report.run_id, report, progress, stop
@@ -542,15 +537,15 @@ async def migrate_jsonl(
             final = await target.retrying(
                 lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
             )
-            report.open_quarantined = sum(
+            report.quarantined_open = sum(
                 c.quarantined for name, c in final.items() if name in names
             )
         finally:
             with anyio.CancelScope(shield=True):
                 await target.close()
-                with anyio.move_on_after(10), contextlib.suppress(Exception):
-                    await lock.execute("SELECT pg_advisory_unlock_all()")
-                lock.terminate()
+                await make_durable(lock, dsn, schema)
+                if not lock.is_closed():
+                    lock.terminate()
     except asyncpg.PostgresError as exc:
         error = translate(exc, target.location)
         report.status, report.message = "failed", error.message

@@ -257,7 +257,7 @@ def _mismatch(column: str, value: Any, wanted: str) -> Rejected:
     )
 
 
-def json_converter(column: Column, *, naive_tz: tzinfo = UTC) -> Converter:
+def json_converter(column: Column, *, naive_timezone: tzinfo = UTC) -> Converter:
     """The converter from a parsed JSON value to the COPY value of ``column`` (None stays None,
     except in a NOT NULL column); raises Rejected, never coerces."""
     name = column.name
@@ -323,7 +323,7 @@ def json_converter(column: Column, *, naive_tz: tzinfo = UTC) -> Converter:
                 return None
             if type(value) is not str:
                 raise _mismatch(name, value, "an ISO-8601 timestamp")
-            return parse_timestamp(value, name, naive_tz=naive_tz)
+            return parse_timestamp(value, name, naive_timezone=naive_timezone)
 
     elif kind is Kind.JSON_VALUE:
 
@@ -387,7 +387,9 @@ def key_of_record(record: dict[str, Any] | None) -> str | None:
     return str(value).replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
 
 
-def convert_jsonl_batch(batch: Batch, table: Table, *, naive_tz: tzinfo = UTC) -> ConvertedBatch:
+def convert_jsonl_batch(
+    batch: Batch, table: Table, *, naive_timezone: tzinfo = UTC
+) -> ConvertedBatch:
     """Parse and convert one batch of lines for ``table``; keys that are not columns yet become
     new columns (typed from this batch's values), returned in ``added``."""
     records: list[tuple[int, bytes, dict[str, Any]]] = []
@@ -406,7 +408,7 @@ def convert_jsonl_batch(batch: Batch, table: Table, *, naive_tz: tzinfo = UTC) -
     added = tuple(inferred_column(k, vs) for k, vs in new_keys.items())
     if added:
         table = replace(table, columns=table.columns + added)
-    converters = [(c.name, json_converter(c, naive_tz=naive_tz)) for c in table.columns]
+    converters = [(c.name, json_converter(c, naive_timezone=naive_timezone)) for c in table.columns]
     id_at = table.column_names.index("id") if "id" in table.primary_key else None
     rows: list[tuple[Any, ...]] = []
     raw: list[tuple[Any, ...]] = []
@@ -427,7 +429,7 @@ def convert_jsonl_batch(batch: Batch, table: Table, *, naive_tz: tzinfo = UTC) -
 
 
 async def transform_jsonl(
-    source: AsyncGenerator[Batch, None], table: Table, *, naive_tz: tzinfo = UTC
+    source: AsyncGenerator[Batch, None], table: Table, *, naive_timezone: tzinfo = UTC
 ) -> AsyncGenerator[ConvertedBatch, None]:
     """Yield each upstream batch converted (in a worker thread), each for the table as the
     batches before it left it (with the columns they added); closes its upstream when closed or
@@ -435,7 +437,7 @@ async def transform_jsonl(
     async with contextlib.aclosing(source):
         async for batch in source:
             converted = await anyio.to_thread.run_sync(
-                functools.partial(convert_jsonl_batch, batch, table, naive_tz=naive_tz)
+                functools.partial(convert_jsonl_batch, batch, table, naive_timezone=naive_timezone)
             )
             table = converted.table
             yield converted

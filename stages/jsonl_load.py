@@ -18,11 +18,11 @@ import asyncpg
 import orjson
 import structlog
 
-from core.bookkeeping import ADVANCE_SQL, LOCK_SQL
+from core import bookkeeping as ckpt
 from core.errors import ErrorClass, RuntimeFailure, classify
 from core.jsonl_bookkeeping import mark_seen, seen_before
 from core.jsonl_schema import add_column_sql
-from core.schema import BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS, Column, qualified, quote_ident
+from core.schema import Column, qualified, quote_ident
 from core.target import Target
 from stages.batch import Batch, Reject
 from stages.convert import raw_value_to_json
@@ -169,7 +169,7 @@ async def commit_jsonl_batch(
     batch = converted.batch
     schema, table = ctx.schema, ctx.table
     async with conn.transaction():
-        state = await conn.fetchrow(LOCK_SQL, schema, table)
+        state = await ckpt.lock_checkpoint(conn, schema, table)
         if state is None:
             raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
         current = state["last_rowid"]
@@ -223,24 +223,19 @@ async def commit_jsonl_batch(
                 await mark_seen(conn, schema, table, loaded_ids)
         rejects += refused
         if rejects:
-            await conn.copy_records_to_table(
-                "quarantine",
-                records=jsonl_quarantine_records(ctx, rejects),
-                columns=QUARANTINE_COLUMNS,
-                schema_name=BOOKKEEPING_SCHEMA,
-            )
+            await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, rejects))
         loaded = len(rows) - len(refused)
-        await conn.execute(
-            ADVANCE_SQL,
+        await ckpt.advance_checkpoint(
+            conn,
             schema,
             table,
-            batch.last_rowid,
-            batch.extracted,
-            loaded,
-            len(rejects),
-            0,
-            ctx.run_id,
-            batch.last_key,
+            last_rowid=batch.last_rowid,
+            last_key=batch.last_key,
+            extracted=batch.extracted,
+            loaded=loaded,
+            quarantined=len(rejects),
+            skipped=0,
+            run_id=ctx.run_id,
         )
     unchanged = loaded - inserted - updated if reconciling else 0
     return JsonlBatchResult(

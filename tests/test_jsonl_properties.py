@@ -48,7 +48,7 @@ def _content(spec: list[tuple[str, int]]) -> tuple[bytes, set[str], int]:
 
 
 async def _run(dsn: str, schema: str, path: Path) -> None:
-    s = Settings(postgres_dsn=dsn, batch_size=3, target=TargetNames(schema=schema))
+    s = Settings(postgres_dsn=dsn, batch_size=3, names=TargetNames(schema=schema))
     await migrate_jsonl(s, [JsonlFile.of(path)])
 
 
