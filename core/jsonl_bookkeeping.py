@@ -189,3 +189,28 @@ async def finish_reconcile(
         )
         await set_meta(conn, schema, table, done)
     return len(gone), gone[:GONE_SAMPLE]
+
+
+async def clear_jsonl_table(
+    conn: asyncpg.Connection, schema: str, table: str, *, created: bool
+) -> None:
+    """--restart of one JSONL table: drop it (empty it when flux-migrate did not create it) and
+    forget its checkpoint, quarantine and reconcile ids (in the caller's transaction)."""
+    if created:
+        await conn.execute(f"DROP TABLE IF EXISTS {qualified(schema, table)}")
+    elif await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified(schema, table)):
+        await conn.execute(f"DELETE FROM {qualified(schema, table)}")
+    for sql in (
+        f"DELETE FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2",
+        f"DELETE FROM {QUARANTINE} WHERE target_schema = $1 AND source_table = $2",
+        f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
+    ):
+        await conn.execute(sql, schema, table)
+
+
+async def clear_jsonl_tables(conn: asyncpg.Connection, schema: str, checkpoints: Any) -> None:
+    """--restart of a whole schema: clear every JSONL table among ``checkpoints`` (a mapping of
+    source table to Checkpoint), in the caller's transaction."""
+    for name, c in checkpoints.items():
+        if is_jsonl_fingerprint(c.fingerprint):
+            await clear_jsonl_table(conn, schema, name, created=c.created_table)

@@ -9,11 +9,27 @@ Its checkpoint's ``last_rowid`` is the byte offset after the last complete line 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from core.schema import BOOKKEEPING_SCHEMA, Column, Kind, Table, qualified, quote_ident
 
 JSONL_PROFILE = "jsonl"
+
+
+@dataclass(frozen=True)
+class JsonlFile:
+    """One JSONL file to migrate: its path, the target table (default: the file's stem) and
+    whether it is a snapshot (records gone from it are deleted from the table)."""
+
+    path: Path
+    table: str
+    snapshot: bool = False
+
+    @staticmethod
+    def of(path: Path | str, table: str | None = None, *, snapshot: bool = False) -> JsonlFile:
+        return JsonlFile(Path(path), table or Path(path).stem, snapshot)
+
 
 # The target type of each kind a JSONL column can have (text keys have no length limit).
 JSONL_PG_TYPES = {

@@ -23,16 +23,32 @@ import asyncpg
 import structlog
 
 from core import bookkeeping as ckpt
-from core.errors import MigrateError, RuntimeFailure, TargetError, single_error, translate
+from core.errors import (
+    Interrupted,
+    MigrateError,
+    RuntimeFailure,
+    TargetError,
+    is_driver_error,
+    single_error,
+    translate,
+)
 from core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
     JsonlMeta,
     begin_reconcile,
+    clear_jsonl_table,
     ensure_jsonl_bookkeeping,
     finish_reconcile,
+    is_jsonl_fingerprint,
     read_jsonl_columns,
 )
-from core.jsonl_schema import JSONL_PROFILE, KIND_OF_PG_TYPE, create_jsonl_table_sql, profile_for
+from core.jsonl_schema import (
+    JSONL_PROFILE,
+    KIND_OF_PG_TYPE,
+    JsonlFile,
+    create_jsonl_table_sql,
+    profile_for,
+)
 from core.schema import Column, Table, qualified, quote_ident
 from core.target import Target, connect
 from pipeline.finish import make_durable
@@ -40,6 +56,7 @@ from pipeline.preflight import take_migration_lock
 from pipeline.progress import NoProgress, Progress
 from pipeline.report import RunReport, TableReport
 from pipeline.settings import Settings
+from pipeline.stop import StopFlag
 from stages.convert import Rejected
 from stages.jsonl import (
     ConvertedBatch,
@@ -56,20 +73,6 @@ from stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 QUARANTINE_LOG_LIMIT = 50
-
-
-@dataclass(frozen=True)
-class JsonlFile:
-    """One JSONL file to migrate: its path, the target table (default: the file's stem) and
-    whether it is a snapshot (records gone from it are deleted from the table)."""
-
-    path: Path
-    table: str
-    snapshot: bool = False
-
-    @staticmethod
-    def of(path: Path, table: str | None = None, *, snapshot: bool = False) -> JsonlFile:
-        return JsonlFile(Path(path), table or Path(path).stem, snapshot)
 
 
 @dataclass
@@ -138,6 +141,10 @@ def infer_table(path: Path, name: str, *, limit: int, sample_lines: int) -> Tabl
     )
 
 
+def _rename_hint(jf: JsonlFile) -> str:
+    return f'table = "NAME" under [jsonl.{jf.path.stem}] in the config file'
+
+
 async def prepare_jsonl_table(
     conn: asyncpg.Connection,
     schema: str,
@@ -159,7 +166,7 @@ async def prepare_jsonl_table(
         if JsonlMeta.loads(existing.fingerprint) is None:
             raise TargetError(
                 f"Table {target} is filled from a SQLite table of the same name; name the JSONL"
-                f" table otherwise (--jsonl {jf.path}=OTHER_NAME)."
+                f" table otherwise ({_rename_hint(jf)})."
             )
         if not exists:
             raise TargetError(
@@ -171,7 +178,7 @@ async def prepare_jsonl_table(
         if exists and await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {target})"):
             raise TargetError(
                 f"Table {target} already holds rows that flux-migrate did not write; empty it,"
-                f" or name the JSONL table otherwise (--jsonl {jf.path}=OTHER_NAME)."
+                f" or name the JSONL table otherwise ({_rename_hint(jf)})."
             )
         if not exists:
             table = profile_for(jf.path.stem, jf.table) or await anyio.to_thread.run_sync(
@@ -249,7 +256,7 @@ async def run_jsonl_table(
     run_id: str,
     report: RunReport,
     progress: Progress,
-    stop: Any,
+    stop: StopFlag,
 ) -> JsonlOutcome:
     """Migrate one JSONL file (the caller holds the schema's lock); fills report.tables."""
     schema = settings.names.schema
@@ -316,8 +323,7 @@ async def run_jsonl_table(
     else:
         treport.up_to_date = True
         tlog.info("table_up_to_date", last_offset=offset)
-    if stop():
-        return outcome
+    stop.check()
     end = await _checkpoint(target, schema, jf.table)
     if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
         gone, sample = await target.retrying(
@@ -367,7 +373,7 @@ async def _stream(
     outcome: JsonlOutcome,
     treport: TableReport,
     progress: Progress,
-    stop: Any,
+    stop: StopFlag,
     tlog: Any,
 ) -> None:
     ctx = JsonlLoadContext(
@@ -446,6 +452,30 @@ async def _stream(
 # ---------------------------------------------------------------- accounting and whole runs
 
 
+def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
+    """The sentences printed after the summary about one JSONL table."""
+    notes = []
+    if o.columns_added:
+        notes.append(
+            f"{jf.table}: added column(s) {', '.join(o.columns_added)} for keys the file's"
+            " records gained (ALTER TABLE ADD COLUMN)."
+        )
+    if o.rewritten:
+        notes.append(
+            f"{jf.table}: {jf.path.name} was rewritten since the last run (the bytes before its"
+            " checkpoint changed); it is read again whole and reconciled by id."
+        )
+    if o.reconciled:
+        kept = "deleted (snapshot)" if jf.snapshot else "kept in the table"
+        sample = f" ({', '.join(o.gone_sample)}{', ...' if o.gone > len(o.gone_sample) else ''})"
+        gone = f"{o.gone:,} gone from the file, {kept}{sample if o.gone else ''}"
+        notes.append(
+            f"{jf.table}: reconciled by id: {o.inserted:,} new, {o.updated:,} updated,"
+            f" {o.unchanged:,} unchanged, {gone}."
+        )
+    return notes
+
+
 async def check_jsonl_accounting(
     conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile], report: RunReport
 ) -> None:
@@ -481,26 +511,36 @@ async def run_jsonl_tables(
     run_id: str,
     report: RunReport,
     progress: Progress,
-    stop: Any,
+    stop: StopFlag,
 ) -> dict[str, JsonlOutcome]:
     """Migrate each JSONL file in turn, then check the accounting (caller holds the lock)."""
     outcomes: dict[str, JsonlOutcome] = {}
     for jf in files:
-        if stop():
-            break
+        stop.check()
         outcomes[jf.table] = await run_jsonl_table(
             target, settings, jf, run_id, report, progress, stop
         )
-    if not stop():
-        await target.retrying(
-            lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
-            what="checking the accounting",
-        )
+        report.notes += outcome_notes(jf, outcomes[jf.table])
+    await target.retrying(
+        lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
+        what="checking the accounting",
+    )
     return outcomes
 
 
-def _never() -> bool:
-    return False
+async def restart_jsonl_tables(
+    conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile]
+) -> None:
+    """--restart of a JSONL-only run: clear the files' tables and checkpoints, nothing else."""
+    if not await ckpt.bookkeeping_exists(conn):
+        return
+    found = await ckpt.read_checkpoints(conn, schema)
+    async with conn.transaction():
+        for jf in files:
+            c = found.get(jf.table)
+            if c is not None and is_jsonl_fingerprint(c.fingerprint):
+                await clear_jsonl_table(conn, schema, jf.table, created=c.created_table)
+    log.info("target_cleared", schema=schema, tables=[jf.table for jf in files])
 
 
 async def migrate_jsonl(
@@ -510,15 +550,18 @@ async def migrate_jsonl(
     run_id: str | None = None,
     report: RunReport | None = None,
     progress: Progress | None = None,
-    stop: Any = None,
+    stop: StopFlag | None = None,
+    restart: bool = False,
 ) -> tuple[RunReport, dict[str, JsonlOutcome]]:
-    """A whole run of JSONL files only: takes the schema's lock, migrates each file, accounts.
+    """A whole run of JSONL files only: takes the schema's lock, (with ``restart``, clears the
+    files' tables and checkpoints), migrates each file, accounts.
 
-    Safe to interrupt at any point: every committed batch carries its checkpoint.
+    Safe to interrupt at any point: every committed batch carries its checkpoint. With ``stop``
+    set (by a signal handler) it stops at the next batch boundary and raises Interrupted.
     """
     report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
     progress = progress or NoProgress()
-    stop = stop or _never
+    stop = stop or StopFlag()
     dsn = settings.require_dsn()
     schema = settings.names.schema
     names = [jf.table for jf in files]
@@ -530,6 +573,10 @@ async def migrate_jsonl(
         lock = await connect(dsn)
         try:
             await take_migration_lock(lock, schema)
+            if restart:
+                await target.retrying(
+                    lambda c: restart_jsonl_tables(c, schema, files), what="clearing the target"
+                )
             log.info("run_started", target=schema, batch_size=settings.batch_size)
             outcomes = await run_jsonl_tables(
                 target, settings, files, report.run_id, report, progress, stop
@@ -537,23 +584,33 @@ async def migrate_jsonl(
             final = await target.retrying(
                 lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
             )
-            report.quarantined_open = sum(
-                c.quarantined for name, c in final.items() if name in names
-            )
+            report.quarantined_open = sum(c.quarantined for c in final.values())
         finally:
             with anyio.CancelScope(shield=True):
                 await target.close()
                 await make_durable(lock, dsn, schema)
                 if not lock.is_closed():
                     lock.terminate()
-    except asyncpg.PostgresError as exc:
-        error = translate(exc, target.location)
-        report.status, report.message = "failed", error.message
+    except Exception as exc:
+        if isinstance(exc, MigrateError):
+            error = exc
+        elif is_driver_error(exc):
+            error = translate(exc, target.location)
+        else:
+            raise
+        report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
+        report.message = error.message
+        log.error("run_failed", error=error.message, status=report.status)
+        if error is exc:
+            raise
         raise error from None
-    except MigrateError as exc:
-        report.status, report.message = "failed", exc.message
-        raise
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
     report.status = "completed"
+    log.info(
+        "run_completed",
+        extracted=sum(t.extracted for t in report.tables.values()),
+        loaded=sum(t.loaded for t in report.tables.values()),
+        quarantined=report.quarantined,
+    )
     return report, outcomes

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from core import bookkeeping as ckpt
+from core.jsonl_bookkeeping import is_jsonl_fingerprint
 from core.schema import TABLES
 from core.target import connect
 from pipeline.settings import Settings
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:
-    """The checkpoints of the configured target schema, parents first."""
+    """The checkpoints of the configured target schema, parents first, then the JSONL tables
+    (whose ``last_rowid`` is a byte offset)."""
     conn = await connect(settings.require_dsn())
     try:
         found = await ckpt.read_checkpoints(conn, settings.names.schema)
     finally:
         await conn.close()
-    return [found[t.name] for t in TABLES if t.name in found]
+    jsonl = [c for name, c in sorted(found.items()) if is_jsonl_fingerprint(c.fingerprint)]
+    return [found[t.name] for t in TABLES if t.name in found] + jsonl
 
 
 async def list_quarantine(
