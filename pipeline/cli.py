@@ -341,7 +341,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 (q.table, f"{q.source_count:,}", f"{q.target_count:,}", same, _verdict(q.ok))
             )
         print_table(rows, align="lrrll")
-        return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
+        code = errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
+        if settings.jsonl:  # JSONL files have no quick form: compared in full
+            code = max(code, _print_verify(_verify_jsonl(settings, args.show)))
+        return code
     full = run_async(lambda: verify_rows(settings, limit=args.show))
     return _print_verify(full + _verify_jsonl(settings, args.show))
 
