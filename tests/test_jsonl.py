@@ -11,10 +11,60 @@ from typing import Any
 import asyncpg
 import pytest
 
+from core.schema import Column, Kind
 from pipeline.jsonl_run import JsonlFile, JsonlOutcome, migrate_jsonl
 from pipeline.report import RunReport
 from pipeline.settings import Settings
+from stages.convert import Rejected
+from stages.jsonl import json_converter, parse_line
 from tests.support import fetchval
+
+LINE_CASES = [
+    (b'{"id": "a", ', "invalid_json_line"),
+    (b'{"rating": NaN}', "invalid_json_line"),
+    (b"[1, 2]", "not_an_object"),
+    (b'"text"', "not_an_object"),
+    (b"null", "not_an_object"),
+    (b'{"id": "\xed\x95"}', "invalid_utf8"),
+    (b'{"": 1}', "unusable_key_name"),
+    (b'{"' + b"k" * 64 + b'": 1}', "unusable_key_name"),
+    (b'{"a\\u0000b": 1}', "unusable_key_name"),
+    (b'{"\\ud800": 1}', "invalid_utf8"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), LINE_CASES)
+def test_a_line_that_is_not_a_usable_object_is_rejected_with_its_reason(
+    raw: bytes, reason: str
+) -> None:
+    """Each kind of bad JSONL line gets its stable reason code."""
+    with pytest.raises(Rejected) as caught:
+        parse_line(raw)
+    assert reason == caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "reason"),
+    [
+        (Kind.INTEGER, "very good", "type_mismatch"),
+        (Kind.INTEGER, True, "type_mismatch"),
+        (Kind.INTEGER, 2**63, "number_out_of_range"),
+        (Kind.REAL, float("inf"), "number_out_of_range"),
+        (Kind.NULLABLE_TEXT, {"a": 1}, "type_mismatch"),
+        (Kind.NULLABLE_TEXT, "a\x00b", "nul_character"),
+        (Kind.INSTANT, "yesterday", "invalid_timestamp"),
+        (Kind.BOOLEAN, 1, "type_mismatch"),
+        (Kind.JSON_VALUE, {"k": "a\x00"}, "json_nul_character"),
+    ],
+)
+def test_a_value_that_does_not_fit_its_column_is_rejected(
+    kind: Kind, value: Any, reason: str
+) -> None:
+    """A JSON value is converted into its column's type or rejected, never coerced."""
+    with pytest.raises(Rejected) as caught:
+        json_converter(Column("c", kind))(value)
+    assert reason == caught.value.reason
+
 
 pytestmark = pytest.mark.anyio
 
