@@ -24,6 +24,7 @@ import structlog
 
 from core import bookkeeping as ckpt
 from core.errors import (
+    ConfigError,
     Interrupted,
     MigrateError,
     RuntimeFailure,
@@ -528,6 +529,19 @@ async def run_jsonl_tables(
     return outcomes
 
 
+def check_jsonl_sources(settings: Settings) -> None:
+    """Before anything is written: every JSONL file exists, and none goes to a table of the
+    app's SQLite tables in a run that loads them too (SourceError / ConfigError, exit 2)."""
+    app_tables = {settings.names.sessions, settings.names.messages}
+    for jf in settings.jsonl:
+        file_size(jf.path)
+        if settings.sqlite_path is not None and jf.table in app_tables:
+            raise ConfigError(
+                f"The JSONL file {jf.path} would go to table {jf.table}, which the SQLite"
+                f" database fills; name it otherwise ({_rename_hint(jf)})."
+            )
+
+
 async def restart_jsonl_tables(
     conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile]
 ) -> None:
@@ -563,6 +577,7 @@ async def migrate_jsonl(
     progress = progress or NoProgress()
     stop = stop or StopFlag()
     dsn = settings.require_dsn()
+    check_jsonl_sources(settings.with_(jsonl=tuple(files)))
     schema = settings.names.schema
     names = [jf.table for jf in files]
     if len(set(names)) != len(names):

@@ -33,7 +33,7 @@ from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
 from pipeline.duplicates import build_primary_keys
 from pipeline.finish import check_accounting, make_durable
-from pipeline.jsonl_run import migrate_jsonl, run_jsonl_tables
+from pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
 from pipeline.keys import build_constraints
 from pipeline.preflight import (
     check_fingerprint,
@@ -109,6 +109,7 @@ async def migrate(
         )
         return report
     settings.require_source()  # configuration errors first, before anything is opened
+    check_jsonl_sources(settings)
     target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
     structlog.contextvars.bind_contextvars(run_id=report.run_id)
     try:

@@ -140,3 +140,22 @@ async def test_sigkill_mid_file_then_rerun_loads_each_line_once(
     assert sorted(r["id"] for r in records) == ids
     offset = await fetchval(pg_dsn, "SELECT last_rowid FROM flux_migrate.checkpoints")
     assert path.stat().st_size == offset
+
+
+async def test_a_missing_jsonl_file_is_refused_before_anything_is_written(
+    tmp_path: Path, pg_dsn: str, sample_db: Path
+) -> None:
+    """A --jsonl path that does not exist stops the run with exit 2 before the SQLite tables
+    are loaded: the target has no bookkeeping yet."""
+    missing = tmp_path / "feedback.jsonl"
+    done = cli(
+        "run", "--sqlite-path", str(sample_db), "--jsonl", str(missing), "--postgres-dsn", pg_dsn
+    )
+    assert (
+        2,
+        f"flux-migrate: error: The JSONL file {missing} does not exist; check --jsonl.\n",
+    ) == (
+        done.returncode,
+        done.stderr,
+    )
+    assert await fetchval(pg_dsn, "SELECT to_regclass('flux_migrate.checkpoints')") is None
