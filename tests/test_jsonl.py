@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,7 @@ def correction(n: int, status: str = "pending", **extra: Any) -> dict[str, Any]:
         "original": {"text": f"원문 {n}", "tags": [n]},
         "status": status,
         "reviewed_by": None,
-        "created_at": f"2024-06-01T10:00:{n:02d}",
+        "created_at": (datetime(2024, 6, 1, 10) + timedelta(seconds=n)).isoformat(),
         **extra,
     }
 

@@ -159,3 +159,51 @@ async def test_a_missing_jsonl_file_is_refused_before_anything_is_written(
         done.stderr,
     )
     assert await fetchval(pg_dsn, "SELECT to_regclass('flux_migrate.checkpoints')") is None
+
+
+@pytest.mark.slow
+async def test_sigkill_during_a_reconcile_then_rerun_finishes_it(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Killed midway through reconciling a rewritten file, a rerun resumes the pass: every
+    record of the new file once, with its new values, and the gone record reported once."""
+    path = tmp_path / "corrections.jsonl"
+    path.write_bytes(b"".join(line(correction(n)) for n in range(1500)))
+    args = ["run", "--jsonl", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "50"]
+    args += ["--log-format", "json", "--no-progress"]
+    assert 0 == cli(*args).returncode
+    rewritten = [correction(n, "approved" if n % 2 else "pending") for n in range(1, 1600)]
+    path.write_bytes(b"".join(line(r) for r in rewritten))
+    _kill_after_batches(args, 6)
+    rerun = cli(*args)
+    assert 0 == rerun.returncode, rerun.stderr
+    reconciled = [
+        json.loads(raw) for raw in rerun.stderr.splitlines() if '"file_reconciled"' in raw
+    ]
+    assert [1] == [r["gone"] for r in reconciled]
+    statuses = await fetchval(
+        pg_dsn, "SELECT json_object_agg(id, status) FROM corrections WHERE id <> 'c0'"
+    )
+    assert {r["id"]: r["status"] for r in rewritten} == json.loads(statuses)
+    assert 1600 == await fetchval(pg_dsn, "SELECT count(*) FROM corrections")
+    verified = cli("verify", "--jsonl", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == verified.returncode, verified.stdout
+
+
+async def test_restart_drops_the_jsonl_tables_and_loads_again(
+    tmp_path: Path, pg_dsn: str, sample_db: Path
+) -> None:
+    """`run --restart --yes` with SQLite and JSONL sources starts every table over, the JSONL
+    ones included (their records once, the gone ones dropped with the table)."""
+    path = tmp_path / "corrections.jsonl"
+    path.write_bytes(b"".join(line(correction(n)) for n in range(3)))
+    args = ["--sqlite-path", str(sample_db), "--jsonl", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args, "--no-progress").returncode
+    path.write_bytes(line(correction(2)))
+    done = cli("run", *args, "--no-progress", "--restart", "--yes")
+    assert 0 == done.returncode, done.stderr
+    assert ["c2"] == await fetchval(pg_dsn, "SELECT array_agg(id) FROM corrections")
+    loaded = await fetchval(
+        pg_dsn, "SELECT loaded FROM flux_migrate.checkpoints WHERE source_table = 'corrections'"
+    )
+    assert 1 == loaded
