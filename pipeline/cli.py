@@ -290,6 +290,11 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
         " `flux-migrate run`: fixed rows are loaded and marked resolved."
     )
+    if any(r["source_table"] not in ("sessions", "messages") for r in rows):
+        print(
+            "For a JSONL table the rowid is the line's byte offset: fix the line in the file,"
+            " and the rerun reconciles the rewritten file by id."
+        )
     return errors.EXIT_OK
 
 

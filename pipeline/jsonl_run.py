@@ -469,7 +469,7 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
     if o.reconciled:
         kept = "deleted (snapshot)" if jf.snapshot else "kept in the table"
         sample = f" ({', '.join(o.gone_sample)}{', ...' if o.gone > len(o.gone_sample) else ''})"
-        gone = f"{o.gone:,} gone from the file, {kept}{sample if o.gone else ''}"
+        gone = f"{o.gone:,} gone from the file, {kept}{sample}" if o.gone else "none gone"
         notes.append(
             f"{jf.table}: reconciled by id: {o.inserted:,} new, {o.updated:,} updated,"
             f" {o.unchanged:,} unchanged, {gone}."

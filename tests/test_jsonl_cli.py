@@ -207,3 +207,29 @@ async def test_restart_drops_the_jsonl_tables_and_loads_again(
         pg_dsn, "SELECT loaded FROM flux_migrate.checkpoints WHERE source_table = 'corrections'"
     )
     assert 1 == loaded
+
+
+async def test_sigterm_stops_a_jsonl_run_at_a_batch_boundary(tmp_path: Path, pg_dsn: str) -> None:
+    """SIGTERM stops a JSONL run after a committed batch with exit 143 and an `interrupted`
+    report; a rerun finishes with each record once."""
+    path = tmp_path / "feedback.jsonl"
+    path.write_bytes(b"".join(line(feedback_record(n, 4)) for n in range(2000)))
+    report_path = tmp_path / "report.json"
+    args = ["run", "--jsonl", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "50"]
+    args += ["--log-format", "json", "--no-progress", "--report-json", str(report_path)]
+    proc = start_cli(*args)
+    assert proc.stderr is not None
+    seen = 0
+    for raw in proc.stderr:
+        seen += '"batch_loaded"' in raw
+        if seen == 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stderr.read()
+    proc.wait(timeout=60)
+    report = json.loads(report_path.read_text())
+    assert (143, "interrupted") == (proc.returncode, report["status"])
+    assert 0 < report["tables"]["feedback"]["loaded"] < 2000
+    assert 0 == cli(*args).returncode
+    assert 2000 == await fetchval(pg_dsn, "SELECT count(DISTINCT id) FROM feedback")
+    assert 2000 == await fetchval(pg_dsn, "SELECT count(*) FROM feedback")
