@@ -61,6 +61,7 @@ from pipeline.stop import StopFlag
 from stages.convert import Rejected
 from stages.jsonl import (
     ConvertedBatch,
+    count_lines,
     extract_jsonl,
     file_size,
     fingerprint_prefix,
@@ -302,8 +303,9 @@ async def run_jsonl_table(
     start = await _checkpoint(target, schema, jf.table)
     started = time.monotonic()
     if size > offset and last_line_end(jf.path, size) > offset:
-        tlog.info("table_started", after_offset=offset, bytes=size - offset)
-        progress.start(jf.table, size - offset)
+        lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
+        tlog.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
+        progress.start(jf.table, lines)
         try:
             while True:
                 try:
@@ -418,7 +420,7 @@ async def _stream(
             quarantined=result.quarantined_count,
             last_offset=batch.last_rowid,
         )
-        progress.advance(jf.table, batch.last_rowid - batch.after_rowid)
+        progress.advance(jf.table, batch.extracted, result.quarantined_count)
 
     def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
         tlog.warning(

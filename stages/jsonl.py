@@ -57,6 +57,21 @@ def fingerprint_prefix(path: Path, upto: int) -> tuple[Any, int]:
     return digest, seen
 
 
+def count_lines(path: Path, start: int, end: int) -> int:
+    """How many newlines the bytes ``start``..``end`` of ``path`` hold (for progress)."""
+    count = 0
+    with path.open("rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = f.read(min(_READ_CHUNK, left))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
+
+
 def read_complete_lines(
     path: Path, offset: int, *, limit: int, max_lines: int, max_bytes: int = MAX_BATCH_BYTES
 ) -> tuple[bytes, list[tuple[int, bytes]]]:
