@@ -48,6 +48,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_log_arguments(p)
 
 
+def _jsonl_sources(p: argparse.ArgumentParser) -> None:
+    """The JSONL options of `run` and `verify` (issue 12)."""
+    p.add_argument(
+        "--jsonl",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="a JSONL file, into a table named after its stem (repeatable)",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, help="the app's data directory: its memory.db and every *.jsonl"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (registering the commands' functions)."""
     parser = argparse.ArgumentParser(
@@ -109,6 +123,7 @@ def _add_run(sub: Any) -> None:
     """The `run` command and its options."""
     run = sub.add_parser("run", help="migrate (or resume migrating) SQLite into PostgreSQL")
     _common(run)
+    _jsonl_sources(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
     run.add_argument("--report-json", type=Path, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
@@ -129,7 +144,7 @@ def _add_views(sub: Any) -> None:
         "quarantine", help="list the rows that were quarantined, with reasons"
     )
     _common(quarantine)
-    quarantine.add_argument("--table", choices=("sessions", "messages"))
+    quarantine.add_argument("--table", help="only this table (sessions, messages, a JSONL file's)")
     quarantine.add_argument("--limit", type=_count, default=100, help="rows to show (default 100)")
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
@@ -138,6 +153,7 @@ def _add_views(sub: Any) -> None:
     _common(status)
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
+    _jsonl_sources(verify)
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
     verify.add_argument(
         "--show", type=_count, default=10, help="differing keys to show per table (default 10)"
@@ -149,10 +165,31 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     """Settings from --config, the environment and the command line."""
     return load_settings(
         args.config,
-        sqlite_path=args.sqlite_path,
         postgres_dsn=args.postgres_dsn,
+        **_source_overrides(args),
         **extra,
     )
+
+
+def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--sqlite-path and --jsonl, completed from --data-dir where given (issue 12)."""
+    from pipeline.data_dir import scan_data_dir
+
+    sqlite_path: Path | None = args.sqlite_path
+    jsonl: list[Path] | None = getattr(args, "jsonl", None)
+    data_dir: Path | None = getattr(args, "data_dir", None)
+    if data_dir is not None:
+        found = scan_data_dir(data_dir)
+        sqlite_path = sqlite_path or found.memory
+        jsonl = (jsonl or []) + [p for p in found.jsonl if p not in (jsonl or [])]
+        if found.other_dbs:
+            listed = ", ".join(p.name for p in found.other_dbs)
+            print(
+                f"flux-migrate: note: {listed} in {data_dir} not migrated: `run` loads only the"
+                " app's memory.db of the SQLite files so far.",
+                file=sys.stderr,
+            )
+    return {"sqlite_path": sqlite_path, "jsonl": jsonl}
 
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -303,6 +340,11 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
         " `flux-migrate run`: fixed rows are loaded and marked resolved."
     )
+    if any(r["source_table"] not in ("sessions", "messages") for r in rows):
+        print(
+            "For a JSONL table the rowid is the line's byte offset: fix the line in the file,"
+            " and the rerun reconciles the rewritten file by id."
+        )
     return errors.EXIT_OK
 
 
@@ -343,6 +385,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return cmd_verify_api(args)
     settings = _settings(args)
     configure_for(args)
+    if settings.sqlite_path is None and settings.jsonl:
+        return _print_verify(_verify_jsonl(settings, args.show))
     if args.quick:
         quick = run_async(verify_quick, settings)
         rows = [("table", "source", "target", "checksum", "result")]
@@ -352,8 +396,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 (q.table, f"{q.source_count:,}", f"{q.target_count:,}", same, _verdict(q.ok))
             )
         print_table(rows, align="lrrll")
-        return errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
+        code = errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
+        if settings.jsonl:  # JSONL files have no quick form: compared in full
+            code = max(code, _print_verify(_verify_jsonl(settings, args.show)))
+        return code
     full = run_async(lambda: verify_rows(settings, limit=args.show))
+    return _print_verify(full + _verify_jsonl(settings, args.show))
+
+
+def _verify_jsonl(settings: Settings, show: int) -> list[Any]:
+    """The full comparison of the JSONL files of the settings (none: an empty list)."""
+    from pipeline.jsonl_verify import verify_jsonl
+
+    if not settings.jsonl:
+        return []
+    return run_async(lambda: verify_jsonl(settings, limit=show))
+
+
+def _print_verify(full: list[Any]) -> int:
+    """Print the full comparison per table; exit 0 when every table matches, else 1."""
     header = ("table", "matched", "different", "missing", "extra", "quarantined", "skipped")
     table: list[tuple[str, ...]] = [header + ("result",)]
     for t in full:

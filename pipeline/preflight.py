@@ -13,6 +13,7 @@ import structlog
 from core import bookkeeping as ckpt
 from core.catalog import MIGRATION_LOCK_KEY, table_exists
 from core.errors import TargetError
+from core.jsonl_bookkeeping import clear_jsonl_tables, is_jsonl_fingerprint
 from core.schema import Table, add_column_sql, constraints, create_table_sql, quote_ident
 from core.target import Target
 from pipeline.resume_point import same_source
@@ -163,8 +164,8 @@ async def check_fingerprint(
 ) -> None:
     """Refuse to resume into a target filled from another source or with other settings."""
     for c in checkpoints.values():
-        if not c.fingerprint:
-            continue
+        if not c.fingerprint or is_jsonl_fingerprint(c.fingerprint):
+            continue  # JSONL tables are checked by their own fingerprint (pipeline/jsonl_run)
         stored = json.loads(c.fingerprint)
         theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
         # A key a target filled by an earlier version does not have is not compared.
@@ -200,6 +201,8 @@ async def _refuse_foreign_writes(
     """--restart refuses to delete rows someone else wrote after flux-migrate's last write."""
     names = settings.names
     for c in found.values():
+        if is_jsonl_fingerprint(c.fingerprint):
+            continue
         if await table_exists(conn, names, c.source_table):
             foreign = await ckpt.rows_written_since(conn, names.qualified(c.source_table), c)
             if foreign:
@@ -234,5 +237,6 @@ async def clear_target(conn: asyncpg.Connection, settings: Settings) -> None:
                 await conn.execute(f"DROP TABLE {names.qualified(table.name)} CASCADE")
             else:
                 await conn.execute(f"DELETE FROM {names.qualified(table.name)}")
+        await clear_jsonl_tables(conn, names.schema, found)
         await ckpt.clear_schema(conn, names.schema)
     log.info("target_cleared", schema=names.schema)

@@ -110,6 +110,7 @@ class RunReport:
     message: str = ""
     constraints_seconds: float = 0.0
     quarantined_open: int = 0  # rows quarantined by any run and not loaded since
+    notes: list[str] = field(default_factory=list)  # sentences printed after the summary
 
     @property
     def quarantined(self) -> int:
@@ -143,3 +144,5 @@ def print_summary(report: RunReport, out: TextIO | None = None) -> None:
     print_table(rows, out)
     if report.constraints_seconds:
         out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")
+    for note in report.notes:
+        out.write(printable(note) + "\n")

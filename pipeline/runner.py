@@ -36,6 +36,7 @@ from core.source import check_source, count_between, source_snapshot
 from core.target import Target, connect
 from pipeline.duplicates import build_primary_keys
 from pipeline.finish import check_accounting, make_durable
+from pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
 from pipeline.keys import build_constraints
 from pipeline.mapping_source import resolve_mapping
 from pipeline.preflight import (
@@ -107,7 +108,13 @@ async def migrate(
     the run goes, so a caller can print what was done even when the run fails.
     """
     report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
+    if settings.sqlite_path is None and settings.jsonl:
+        await migrate_jsonl(
+            settings, settings.jsonl, report=report, progress=progress, stop=stop, restart=restart
+        )
+        return report
     settings.require_source()  # configuration errors first, before anything is opened
+    check_jsonl_sources(settings)
     target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
     structlog.contextvars.bind_contextvars(run_id=report.run_id)
     try:
@@ -171,6 +178,7 @@ async def _migrate(
             )
             await _run_tables(run)
             await _finish(run)
+            await _run_jsonl(run)
 
 
 async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
@@ -253,6 +261,21 @@ async def _finish(run: Run) -> None:
         log.info("constraints_built", seconds=round(run.report.constraints_seconds, 2))
     await run.target.retrying(
         lambda c: check_accounting(c, run.settings, run.report), what="checking the accounting"
+    )
+    run.report.quarantined_open = sum(c.quarantined for c in final.values())
+
+
+async def _run_jsonl(run: Run) -> None:
+    """The run's JSONL files (issue 12), after the SQLite tables, under the same lock; then
+    the open quarantine counted again over every table."""
+    if not run.settings.jsonl:
+        return
+    await run_jsonl_tables(
+        run.target, run.settings, run.settings.jsonl, run.run_id, run.report, run.progress,
+        run.stop,
+    )  # fmt: skip
+    final = await run.target.retrying(
+        lambda c: ckpt.read_checkpoints(c, run.schema), what="reading checkpoints"
     )
     run.report.quarantined_open = sum(c.quarantined for c in final.values())
 

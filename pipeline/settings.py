@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from core.dsn import normalize_dsn
 from core.errors import ConfigError
+from core.jsonl_schema import JsonlFile
 from core.mapping import Mapping, MappingError, read_mapping
 from core.schema import TABLES, Table, TargetNames
 
@@ -45,6 +46,8 @@ class Settings:
     def tables(self) -> tuple[Table, ...]:
         """The tables of the mapping in load order (the app's two before one is resolved)."""
         return self.mapping.tables if self.mapping is not None else TABLES
+
+    jsonl: tuple[JsonlFile, ...] = ()  # JSONL files, each into a table (issue 12)
 
     def require_source(self) -> Path:
         if self.sqlite_path is None:
@@ -113,6 +116,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     env_sqlite = os.environ.get("SQLITE_PATH")
     if env_sqlite:
         values["sqlite_path"] = Path(env_sqlite)
+    jsonl_paths = overrides.pop("jsonl", None)
+    values["jsonl"] = jsonl_settings(get, jsonl_paths)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values.get("naive_timezone"), str):
         values["naive_timezone"] = parse_zone(values["naive_timezone"])
@@ -121,6 +126,28 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     settings = Settings(**values)
     validate(settings)
     return settings
+
+
+def jsonl_settings(get: _TypedConfig, paths: list[Path] | None) -> tuple[JsonlFile, ...]:
+    """The JSONL files of a run: ``--jsonl`` paths (else ``files`` under [jsonl]), each named
+    and flagged by its ``[jsonl.<file stem>]`` table (``table = "name"``, ``snapshot = true``)."""
+    if paths is None:
+        listed = get.data.get("jsonl", {}).get("files", []) if get.has("jsonl", "files") else []
+        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+            raise ConfigError(f"files in [jsonl] of the config file {get.path} must be paths.")
+        paths = [Path(p) for p in listed]
+    out = []
+    for path in paths:
+        section = f"jsonl.{Path(path).stem}"
+        table = get.text(section, "table", Path(path).stem)
+        out.append(JsonlFile(Path(path), table, get.flag(section, "snapshot", False)))
+    names = [f.table for f in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"Two JSONL files go to the same table {name!r}; name one otherwise.")
+        if not name or len(name.encode()) > 63:
+            raise ConfigError(f"The JSONL table name {name!r} must be 1 to 63 bytes long.")
+    return tuple(out)
 
 
 class _TypedConfig:

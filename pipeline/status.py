@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from core import bookkeeping as ckpt
+from core.jsonl_bookkeeping import is_jsonl_fingerprint
 from core.target import connect
 from pipeline.settings import Settings
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:
-    """The checkpoints of the configured target schema, parents first."""
+    """The checkpoints of the configured target schema, parents first, then the JSONL tables
+    (whose ``last_rowid`` is a byte offset)."""
     conn = await connect(settings.require_dsn())
     try:
         found = await ckpt.read_checkpoints(conn, settings.names.schema)
     finally:
         await conn.close()
-    return list(found.values())
+    jsonl = [c for name, c in sorted(found.items()) if is_jsonl_fingerprint(c.fingerprint)]
+    return [c for c in found.values() if not is_jsonl_fingerprint(c.fingerprint)] + jsonl
 
 
 async def list_quarantine(

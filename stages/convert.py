@@ -32,10 +32,13 @@ REASONS: dict[str, str] = {
     "json_too_deep": "metadata is nested too deeply to parse",
     "orphan_message": "the message's session does not exist in the source or was quarantined",
     "rejected_by_server": "PostgreSQL refused the row when loading it",
-    "type_mismatch": "a value's SQLite storage class does not fit its column (dynamic typing)",
+    "type_mismatch": "a value's SQLite storage class or JSON type does not fit its column",
     "number_out_of_range": "a number cannot be stored exactly in its column's type",
     "duplicate_key": "the key, once converted, equals the key of an earlier source row",
     "orphan_row": "a foreign key names a parent row absent from the source or quarantined",
+    "invalid_json_line": "a line of a JSONL file is not valid JSON (NaN and Infinity included)",
+    "not_an_object": "a line of a JSONL file is valid JSON but not an object",
+    "unusable_key_name": "a JSONL key cannot be a column name (empty, with NUL, over 63 bytes)",
 }
 
 

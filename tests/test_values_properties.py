@@ -53,7 +53,8 @@ def _expected(kind: Kind, raw: Raw) -> Any:
             return Decimal(raw.decode())
         return Decimal(repr(raw)) if isinstance(raw, float) else Decimal(raw)
     if kind is Kind.BOOLEAN:
-        return raw in (1, b"1") or (isinstance(raw, bytes) and raw.lower() in (b"true", b"t"))
+        words = (b"1", b"true", b"t", b"yes")  # as documented: 0/1, true/false, t/f, yes/no
+        return raw == 1 or (isinstance(raw, bytes) and raw.strip().lower() in words)
     if kind is Kind.BLOB:
         return raw
     if kind is Kind.NULLABLE_TEXT:

@@ -1,0 +1,216 @@
+"""Bookkeeping of JSONL tables: their checkpoint's meta, the rewrite reset and the reconcile.
+
+A JSONL table's checkpoint is a row of ``flux_migrate.checkpoints`` like any other:
+``last_rowid`` is the byte offset after the last complete line committed, ``last_key`` the
+sha256 (hex) of every byte before it, and ``fingerprint`` a JSON object (:class:`JsonlMeta`)
+saying it is a JSONL table, until which offset a reconcile pass runs, and how many records gone
+from the file the table keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import asyncpg
+
+from core.bookkeeping import CHECKPOINTS, QUARANTINE
+from core.jsonl_schema import JSONL_DDL, JSONL_SEEN
+from core.schema import qualified
+
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class JsonlMeta:
+    """What a JSONL checkpoint's ``fingerprint`` holds."""
+
+    file: str
+    reconcile_until: int | None = None  # a reconcile pass runs while last_rowid < this
+    retained: int = 0  # records gone from the file and kept in the table (not a snapshot)
+    rewrites: int = 0
+    kind: str = "jsonl"
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def loads(text: str) -> JsonlMeta | None:
+        """The meta in a checkpoint's fingerprint; None when it is not a JSONL checkpoint."""
+        try:
+            data: Any = json.loads(text) if text else {}
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("kind") != "jsonl":
+            return None
+        return JsonlMeta(**{k: data[k] for k in data if k in JsonlMeta.__dataclass_fields__})
+
+
+def is_jsonl_fingerprint(text: str) -> bool:
+    """Whether a checkpoint's fingerprint is a JSONL table's (the SQLite checks skip those)."""
+    return JsonlMeta.loads(text) is not None
+
+
+async def ensure_jsonl_bookkeeping(conn: asyncpg.Connection) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux_migrate.ddl'))")
+        await conn.execute(JSONL_DDL)
+
+
+async def set_meta(conn: asyncpg.Connection, schema: str, table: str, meta: JsonlMeta) -> None:
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET fingerprint = $3, updated_at = now()"
+        " WHERE target_schema = $1 AND source_table = $2",
+        schema,
+        table,
+        meta.dumps(),
+    )
+
+
+async def begin_reconcile(
+    conn: asyncpg.Connection, schema: str, table: str, meta: JsonlMeta
+) -> None:
+    """The file was rewritten: the checkpoint starts over at offset 0 with zero counts (the
+    table keeps its rows, to be reconciled by id), the ids met are forgotten, and open
+    quarantined lines of the old file are resolved as ``file_rewritten`` (offsets changed; the
+    pass quarantines again whatever is still bad). One transaction."""
+    async with conn.transaction():
+        await conn.execute(
+            f"UPDATE {CHECKPOINTS} SET last_rowid = 0, last_key = $3, extracted = 0, loaded = 0,"
+            " quarantined = 0, skipped = 0, last_batch = '{}', fingerprint = $4,"
+            " status = 'reconciling', updated_at = now()"
+            " WHERE target_schema = $1 AND source_table = $2",
+            schema,
+            table,
+            EMPTY_DIGEST,
+            meta.dumps(),
+        )
+        await conn.execute(
+            f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
+            schema,
+            table,
+        )
+        await conn.execute(
+            f"UPDATE {QUARANTINE} SET resolved_at = now(), resolution = 'file_rewritten'"
+            " WHERE target_schema = $1 AND source_table = $2 AND resolved_at IS NULL",
+            schema,
+            table,
+        )
+
+
+async def seen_before(
+    conn: asyncpg.Connection, schema: str, table: str, ids: list[str]
+) -> set[str]:
+    """Which of ``ids`` the reconcile pass loaded from an earlier batch."""
+    rows = await conn.fetch(
+        f"SELECT id FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2"
+        " AND id = ANY($3::text[])",
+        schema,
+        table,
+        ids,
+    )
+    return {r["id"] for r in rows}
+
+
+async def mark_seen(conn: asyncpg.Connection, schema: str, table: str, ids: list[str]) -> None:
+    """Record ``ids`` as loaded by the reconcile pass (in the batch's transaction)."""
+    await conn.execute(
+        f"INSERT INTO {JSONL_SEEN} (target_schema, source_table, id)"
+        " SELECT $1, $2, unnest($3::text[]) ON CONFLICT DO NOTHING",
+        schema,
+        table,
+        ids,
+    )
+
+
+async def read_jsonl_columns(
+    conn: asyncpg.Connection, schema: str, table: str
+) -> tuple[list[tuple[str, str, bool]], tuple[str, ...]]:
+    """The columns of an existing table (name, type as format_type prints it, NOT NULL) in
+    order, and its primary key's columns."""
+    rel = qualified(schema, table)
+    cols = await conn.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) AS type, attnotnull FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        rel,
+    )
+    pk = await conn.fetch(
+        "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY"
+        " AS k(attnum, n) ON true JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = k.attnum WHERE i.indrelid = $1::regclass AND i.indisprimary"
+        " ORDER BY k.n",
+        rel,
+    )
+    return [(r["attname"], r["type"], r["attnotnull"]) for r in cols], tuple(
+        r["attname"] for r in pk
+    )
+
+
+GONE_SAMPLE = 10
+
+
+async def finish_reconcile(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    meta: JsonlMeta,
+    *,
+    snapshot: bool,
+) -> tuple[int, list[str]]:
+    """End a reconcile pass: the table's records whose id the file no longer holds are counted
+    (and deleted when the file is a snapshot); return their count and the first few ids. One
+    transaction, which also clears the pass's ids and its mark in the meta."""
+    target = qualified(schema, table)
+    gone_where = (
+        f"NOT EXISTS (SELECT 1 FROM {JSONL_SEEN} s WHERE s.target_schema = $1"
+        " AND s.source_table = $2 AND s.id = t.id::text)"
+    )
+    async with conn.transaction():
+        rows = await conn.fetch(
+            f"SELECT t.id::text AS id FROM {target} t WHERE {gone_where} ORDER BY 1",
+            schema,
+            table,
+        )
+        gone = [r["id"] for r in rows]
+        if snapshot and gone:
+            await conn.execute(f"DELETE FROM {target} t WHERE {gone_where}", schema, table)
+        await conn.execute(
+            f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
+            schema,
+            table,
+        )
+        done = JsonlMeta(
+            file=meta.file,
+            reconcile_until=None,
+            retained=0 if snapshot else len(gone),
+            rewrites=meta.rewrites,
+        )
+        await set_meta(conn, schema, table, done)
+    return len(gone), gone[:GONE_SAMPLE]
+
+
+async def clear_jsonl_table(
+    conn: asyncpg.Connection, schema: str, table: str, *, created: bool
+) -> None:
+    """--restart of one JSONL table: drop it (empty it when flux-migrate did not create it) and
+    forget its checkpoint, quarantine and reconcile ids (in the caller's transaction)."""
+    if created:
+        await conn.execute(f"DROP TABLE IF EXISTS {qualified(schema, table)}")
+    elif await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified(schema, table)):
+        await conn.execute(f"DELETE FROM {qualified(schema, table)}")
+    for sql in (
+        f"DELETE FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2",
+        f"DELETE FROM {QUARANTINE} WHERE target_schema = $1 AND source_table = $2",
+        f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
+    ):
+        await conn.execute(sql, schema, table)
+
+
+async def clear_jsonl_tables(conn: asyncpg.Connection, schema: str, checkpoints: Any) -> None:
+    """--restart of a whole schema: clear every JSONL table among ``checkpoints`` (a mapping of
+    source table to Checkpoint), in the caller's transaction."""
+    for name, c in checkpoints.items():
+        if is_jsonl_fingerprint(c.fingerprint):
+            await clear_jsonl_table(conn, schema, name, created=c.created_table)

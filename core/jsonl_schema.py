@@ -1,0 +1,150 @@
+"""The one definition of the JSONL tables: the app's built-in profiles and their DDL.
+
+A JSONL file becomes a :class:`core.schema.Table` with ``profile="jsonl"``: one column per key
+of its records (the profile's for the app's ``feedback`` and ``error_reports``, else inferred
+from the values), every column nullable except the primary key ``id`` where records have one.
+Its checkpoint's ``last_rowid`` is the byte offset after the last complete line committed and
+``last_key`` the fingerprint of the bytes before it (see docs/bad-data.md, JSONL files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from core.schema import BOOKKEEPING_SCHEMA, Column, Kind, Table, qualified, quote_ident
+
+JSONL_PROFILE = "jsonl"
+
+
+@dataclass(frozen=True)
+class JsonlFile:
+    """One JSONL file to migrate: its path, the target table (default: the file's stem) and
+    whether it is a snapshot (records gone from it are deleted from the table)."""
+
+    path: Path
+    table: str
+    snapshot: bool = False
+
+    @staticmethod
+    def of(path: Path | str, table: str | None = None, *, snapshot: bool = False) -> JsonlFile:
+        return JsonlFile(Path(path), table or Path(path).stem, snapshot)
+
+
+# The target type of each kind a JSONL column can have (text keys have no length limit).
+JSONL_PG_TYPES = {
+    Kind.TEXT: "text",
+    Kind.NULLABLE_TEXT: "text",
+    Kind.INTEGER: "bigint",
+    Kind.REAL: "double precision",
+    Kind.NUMERIC: "numeric",
+    Kind.BOOLEAN: "boolean",
+    Kind.INSTANT: "timestamptz",
+    Kind.JSON_VALUE: "jsonb",
+}
+
+# Existing column types read back from the catalog, and the kind that converts into them.
+KIND_OF_PG_TYPE = {
+    "text": Kind.NULLABLE_TEXT,
+    "character varying": Kind.NULLABLE_TEXT,
+    "bigint": Kind.INTEGER,
+    "integer": Kind.INTEGER,
+    "smallint": Kind.INTEGER,
+    "double precision": Kind.REAL,
+    "numeric": Kind.NUMERIC,
+    "boolean": Kind.BOOLEAN,
+    "timestamp with time zone": Kind.INSTANT,
+    "jsonb": Kind.JSON_VALUE,
+}
+
+
+def _text(name: str, note: str = "") -> Column:
+    return Column(name, Kind.NULLABLE_TEXT, type="text", note=note)
+
+
+def _key() -> Column:
+    return Column("id", Kind.TEXT, type="text", not_null=True, note="uuid4 text, primary key")
+
+
+_CREATED_AT = Column(
+    "created_at",
+    Kind.INSTANT,
+    type="timestamptz",
+    note="utcnow().isoformat() without offset (taken as UTC), or with +00:00",
+)
+
+# feedback.jsonl, all four record formats of the app in one table (keys a format lacks: NULL).
+FEEDBACK = Table(
+    name="feedback",
+    columns=(
+        _key(),
+        _text("message_id", "no foreign key: may name messages that do not exist"),
+        _text("session_id", "no foreign key: may name sessions that do not exist"),
+        Column("rating", Kind.INTEGER, type="bigint", note="-1, 0 or 1"),
+        _text("comment"),
+        _text("corrected_answer", "string or null"),
+        _CREATED_AT,
+        _text("rating_label", "format 3+: accurate / partial / inaccurate / unknown"),
+        _text("query", "format 4"),
+        _text("answer", "format 4"),
+        _text("username", "format 4; anonymous when not logged in"),
+    ),
+    primary_key=("id",),
+    profile=JSONL_PROFILE,
+)
+
+ERROR_REPORTS = Table(
+    name="error_reports",
+    columns=(
+        _key(),
+        _text("message_id", "no foreign key"),
+        _text("session_id", "no foreign key"),
+        _text("error_type"),
+        _text("description"),
+        _text("expected_answer"),
+        _text("reporter"),
+        _CREATED_AT,
+        _text("status", "pending, ..."),
+    ),
+    primary_key=("id",),
+    profile=JSONL_PROFILE,
+)
+
+PROFILES: dict[str, Table] = {t.name: t for t in (FEEDBACK, ERROR_REPORTS)}
+
+
+def profile_for(stem: str, target_table: str) -> Table | None:
+    """The built-in profile of a file named ``stem``.jsonl, named ``target_table``; or None."""
+    found = PROFILES.get(stem)
+    return None if found is None else replace(found, name=target_table)
+
+
+def column_sql(column: Column) -> str:
+    null = " NOT NULL" if not column.nullable else ""
+    pg_type = column.type or JSONL_PG_TYPES[column.kind]
+    return f"{quote_ident(column.name)} {pg_type}{null}"
+
+
+def create_jsonl_table_sql(schema: str, table: Table) -> str:
+    """CREATE TABLE IF NOT EXISTS with the primary key (built up front: rows are upserted)."""
+    cols = [column_sql(c) for c in table.columns]
+    if table.primary_key:
+        cols.append(f"PRIMARY KEY ({', '.join(quote_ident(c) for c in table.primary_key)})")
+    return f"CREATE TABLE IF NOT EXISTS {qualified(schema, table.name)} ({', '.join(cols)})"
+
+
+def add_column_sql(schema: str, table: str, column: Column) -> str:
+    return f"ALTER TABLE {qualified(schema, table)} ADD COLUMN IF NOT EXISTS {column_sql(column)}"
+
+
+# The ids a reconcile pass has met so far, committed with each batch (resumable after a kill):
+# an id met twice is a duplicate, an id of the table never met is gone from the file.
+JSONL_SEEN = f"{BOOKKEEPING_SCHEMA}.jsonl_seen"
+JSONL_DDL = f"""
+CREATE TABLE IF NOT EXISTS {JSONL_SEEN} (
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    id text NOT NULL,
+    PRIMARY KEY (target_schema, source_table, id)
+);
+"""

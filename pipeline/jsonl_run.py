@@ -1,0 +1,633 @@
+"""Migrate JSONL files: each file a table, resumed by byte offset, reconciled after a rewrite.
+
+Per file: prepare the table (profile, or columns inferred from the first lines) and its
+checkpoint; compare the fingerprint of the bytes before the checkpoint with the file; on a
+match stream the lines appended since, else reconcile the whole file by ``id``; then account.
+``run_jsonl_tables`` runs inside a run that holds the schema's lock (the runner's);
+``migrate_jsonl`` is a whole run of JSONL files only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import structlog
+
+from core import bookkeeping as ckpt
+from core.errors import (
+    ConfigError,
+    Interrupted,
+    MigrateError,
+    RuntimeFailure,
+    TargetError,
+    is_driver_error,
+    single_error,
+    translate,
+)
+from core.jsonl_bookkeeping import (
+    EMPTY_DIGEST,
+    JsonlMeta,
+    begin_reconcile,
+    clear_jsonl_table,
+    ensure_jsonl_bookkeeping,
+    finish_reconcile,
+    is_jsonl_fingerprint,
+    read_jsonl_columns,
+)
+from core.jsonl_schema import (
+    JSONL_PROFILE,
+    KIND_OF_PG_TYPE,
+    JsonlFile,
+    create_jsonl_table_sql,
+    profile_for,
+)
+from core.schema import Column, Table, qualified, quote_ident
+from core.target import Target, connect
+from pipeline.finish import make_durable
+from pipeline.preflight import take_migration_lock
+from pipeline.progress import NoProgress, Progress
+from pipeline.report import RunReport, TableReport
+from pipeline.settings import Settings
+from pipeline.stop import StopFlag
+from stages.convert import Rejected
+from stages.jsonl import (
+    ConvertedBatch,
+    count_lines,
+    extract_jsonl,
+    file_size,
+    fingerprint_prefix,
+    inferred_column,
+    parse_line,
+    read_complete_lines,
+    transform_jsonl,
+)
+from stages.jsonl_load import JsonlBatchResult, JsonlLoadContext, load_jsonl
+from stages.load import CheckpointRewound
+
+log = structlog.get_logger("flux_migrate")
+QUARANTINE_LOG_LIMIT = 50
+
+
+@dataclass
+class JsonlOutcome:
+    """What a run did to one JSONL table beyond the counts of its TableReport."""
+
+    columns_added: list[str] = field(default_factory=list)
+    rewritten: bool = False
+    reconciled: bool = False
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    gone: int = 0
+    gone_sample: list[str] = field(default_factory=list)
+    deleted: int = 0
+
+
+# ---------------------------------------------------------------- the table
+
+
+def table_from_catalog(
+    name: str, columns: list[tuple[str, str, bool]], primary_key: tuple[str, ...]
+) -> Table:
+    """The JSONL Table of an existing target table, its kinds read from its column types."""
+    out = []
+    for col, pg_type, not_null in columns:
+        base = pg_type.split("(")[0]
+        kind = KIND_OF_PG_TYPE.get(base)
+        if kind is None:
+            raise TargetError(
+                f"Column {col} of table {name} has type {pg_type}, which flux-migrate does not"
+                " load JSON values into; use text, bigint, double precision, numeric, boolean,"
+                " timestamptz or jsonb."
+            )
+        out.append(Column(col, kind, type=pg_type, not_null=not_null))
+    return Table(name=name, columns=tuple(out), primary_key=primary_key, profile=JSONL_PROFILE)
+
+
+def infer_table(path: Path, name: str, *, limit: int, sample_lines: int) -> Table | None:
+    """A table for a file without a profile, from the keys and values of its first complete
+    lines; None while it has no complete record. The primary key is ``id`` when every sampled
+    record has one."""
+    _, lines = read_complete_lines(path, 0, limit=limit, max_lines=sample_lines)
+    records = []
+    for _, line in lines:
+        with contextlib.suppress(Rejected):
+            records.append(parse_line(line))
+    if not records:
+        return None
+    values: dict[str, list[Any]] = {}
+    for record in records:
+        for key, value in record.items():
+            values.setdefault(key, []).append(value)
+    columns = [inferred_column(k, vs) for k, vs in values.items()]
+    keyed = all(isinstance(r.get("id"), str | int) and r.get("id") != "" for r in records)
+    if keyed:
+        columns = [
+            replace(c, not_null=True) if c.name == "id" else c for c in columns
+        ]  # fmt: skip
+        columns.sort(key=lambda c: c.name != "id")
+    return Table(
+        name=name,
+        columns=tuple(columns),
+        primary_key=("id",) if keyed else (),
+        profile=JSONL_PROFILE,
+    )
+
+
+def _rename_hint(jf: JsonlFile) -> str:
+    return f'table = "NAME" under [jsonl.{jf.path.stem}] in the config file'
+
+
+async def prepare_jsonl_table(
+    conn: asyncpg.Connection,
+    schema: str,
+    jf: JsonlFile,
+    run_id: str,
+    *,
+    limit: int,
+    sample_lines: int,
+) -> tuple[ckpt.Checkpoint, Table] | None:
+    """The checkpoint and table of one JSONL file, created when absent (None while a file
+    without a profile has no complete record). Refuses (TargetError) a table of that name that
+    holds rows flux-migrate did not write, or a SQLite table's checkpoint of that name."""
+    await ckpt.ensure_bookkeeping(conn)
+    await ensure_jsonl_bookkeeping(conn)
+    target = qualified(schema, jf.table)
+    existing = (await ckpt.read_checkpoints(conn, schema)).get(jf.table)
+    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target))
+    if existing is not None:
+        if JsonlMeta.loads(existing.fingerprint) is None:
+            raise TargetError(
+                f"Table {target} is filled from a SQLite table of the same name; name the JSONL"
+                f" table otherwise ({_rename_hint(jf)})."
+            )
+        if not exists:
+            raise TargetError(
+                f"Table {target} was dropped after flux-migrate started filling it from"
+                f" {jf.path}; rerun with --restart --yes to start over."
+            )
+    else:
+        table: Table | None = None
+        if exists and await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {target})"):
+            raise TargetError(
+                f"Table {target} already holds rows that flux-migrate did not write; empty it,"
+                f" or name the JSONL table otherwise ({_rename_hint(jf)})."
+            )
+        if not exists:
+            table = profile_for(jf.path.stem, jf.table) or await anyio.to_thread.run_sync(
+                lambda: infer_table(jf.path, jf.table, limit=limit, sample_lines=sample_lines)
+            )
+            if table is None:
+                return None
+        async with conn.transaction():
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            if not exists and table is not None:
+                await conn.execute(create_jsonl_table_sql(schema, table))
+            await ckpt.create_checkpoint(
+                conn,
+                target_schema=schema,
+                source_table=jf.table,
+                target_table=jf.table,
+                created_table=not exists,
+                preexisting_rows=False,
+                constraints_pending=False,
+                fingerprint=JsonlMeta(file=jf.path.name).dumps(),
+                run_id=run_id,
+            )
+            await conn.execute(
+                f"UPDATE {ckpt.CHECKPOINTS} SET last_key = $3"
+                " WHERE target_schema = $1 AND source_table = $2 AND last_key IS NULL",
+                schema,
+                jf.table,
+                EMPTY_DIGEST,
+            )
+    checkpoint = (await ckpt.read_checkpoints(conn, schema))[jf.table]
+    columns, pk = await read_jsonl_columns(conn, schema, jf.table)
+    return checkpoint, table_from_catalog(jf.table, columns, pk)
+
+
+# ---------------------------------------------------------------- one file
+
+
+def last_line_end(path: Path, size: int) -> int:
+    """The offset after the last newline in the first ``size`` bytes (0 when none)."""
+    with path.open("rb") as f:
+        pos = size
+        while pos > 0:
+            start = max(0, pos - 1024 * 1024)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                return start + nl + 1
+            pos = start
+    return 0
+
+
+async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
+    found = await target.retrying(
+        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+    )
+    return found[table]
+
+
+async def _pump(
+    source: AsyncIterator[ConvertedBatch], send: anyio.abc.ObjectSendStream[ConvertedBatch]
+) -> None:
+    async with send, contextlib.aclosing(source):  # type: ignore[type-var]
+        try:
+            async for item in source:
+                await send.send(item)
+        except anyio.BrokenResourceError:
+            return
+
+
+async def run_jsonl_table(
+    target: Target,
+    settings: Settings,
+    jf: JsonlFile,
+    run_id: str,
+    report: RunReport,
+    progress: Progress,
+    stop: StopFlag,
+) -> JsonlOutcome:
+    """Migrate one JSONL file (the caller holds the schema's lock); fills report.tables."""
+    schema = settings.names.schema
+    outcome = JsonlOutcome()
+    treport = report.tables[jf.table] = TableReport()
+    tlog = log.bind(run_id=run_id, table=jf.table)
+    size = file_size(jf.path)
+    prepared = await target.retrying(
+        lambda c: prepare_jsonl_table(
+            c, schema, jf, run_id, limit=size, sample_lines=settings.batch_size
+        ),
+        what=f"preparing table {jf.table}",
+    )
+    if prepared is None:
+        treport.up_to_date = True
+        tlog.info("table_up_to_date", reason="no complete record yet")
+        return outcome
+    checkpoint, table = prepared
+    meta = JsonlMeta.loads(checkpoint.fingerprint) or JsonlMeta(file=jf.path.name)
+    offset = checkpoint.last_rowid
+    digest, seen = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
+    if seen < offset or digest.hexdigest() != (checkpoint.last_key or EMPTY_DIGEST):
+        if table.primary_key != ("id",):
+            raise TargetError(
+                f"The JSONL file {jf.path} was rewritten (its first {offset:,} bytes changed"
+                " since the last run) and its records have no id to reconcile by; rerun with"
+                " --restart --yes to load it again from the start."
+            )
+        until = await anyio.to_thread.run_sync(last_line_end, jf.path, size)
+        meta = JsonlMeta(
+            file=jf.path.name,
+            reconcile_until=until,
+            retained=meta.retained,
+            rewrites=meta.rewrites + 1,
+        )
+        tlog.warning("file_rewritten", before_offset=offset, reconcile_until=until)
+        await target.retrying(
+            lambda c: begin_reconcile(c, schema, jf.table, meta), what="starting a reconcile"
+        )
+        outcome.rewritten = True
+        offset, digest = 0, hashlib.sha256()
+    start = await _checkpoint(target, schema, jf.table)
+    started = time.monotonic()
+    if size > offset and last_line_end(jf.path, size) > offset:
+        lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
+        tlog.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
+        progress.start(jf.table, lines)
+        try:
+            while True:
+                try:
+                    await _stream(target, settings, jf, table, run_id, meta, offset, digest,
+                                  size, outcome, treport, progress, stop, tlog)  # fmt: skip
+                    break
+                except CheckpointRewound as rewound:
+                    tlog.warning("checkpoint_rewound", to_offset=rewound.rowid)
+                    offset = rewound.rowid
+                    digest, _ = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
+                    columns, pk = await target.retrying(
+                        lambda c: read_jsonl_columns(c, schema, jf.table), what="reading columns"
+                    )
+                    table = table_from_catalog(jf.table, columns, pk)
+        finally:
+            treport.seconds = time.monotonic() - started
+            progress.finish(jf.table)
+    else:
+        treport.up_to_date = True
+        tlog.info("table_up_to_date", last_offset=offset)
+    stop.check()
+    end = await _checkpoint(target, schema, jf.table)
+    if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
+        gone, sample = await target.retrying(
+            lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot),
+            what="finishing the reconcile",
+        )
+        outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
+        outcome.deleted = gone if jf.snapshot else 0
+        tlog.info(
+            "file_reconciled",
+            inserted=outcome.inserted,
+            updated=outcome.updated,
+            unchanged=outcome.unchanged,
+            gone=gone,
+            deleted=outcome.deleted,
+        )
+        treport.up_to_date = False
+        end = await _checkpoint(target, schema, jf.table)
+    treport.extracted = end.extracted - start.extracted
+    treport.loaded = end.loaded - start.loaded
+    treport.quarantined = end.quarantined - start.quarantined
+    treport.skipped = end.skipped - start.skipped
+    await target.retrying(
+        lambda c: ckpt.set_status(c, schema, jf.table, "finished", run_id),
+        what="recording status",
+    )
+    tlog.info(
+        "table_completed",
+        extracted=treport.extracted,
+        loaded=treport.loaded,
+        quarantined=treport.quarantined,
+        seconds=round(treport.seconds, 2),
+    )
+    return outcome
+
+
+async def _stream(
+    target: Target,
+    settings: Settings,
+    jf: JsonlFile,
+    table: Table,
+    run_id: str,
+    meta: JsonlMeta,
+    offset: int,
+    digest: Any,
+    size: int,
+    outcome: JsonlOutcome,
+    treport: TableReport,
+    progress: Progress,
+    stop: StopFlag,
+    tlog: Any,
+) -> None:
+    ctx = JsonlLoadContext(
+        schema=settings.names.schema,
+        table=jf.table,
+        run_id=run_id,
+        reconcile_until=meta.reconcile_until,
+        stop=stop,
+    )
+    logged = 0
+
+    def on_batch(result: JsonlBatchResult) -> None:
+        nonlocal logged
+        batch = result.batch
+        if result.already:
+            tlog.info("batch_already_committed", seq=batch.seq, last_offset=batch.last_rowid)
+        for column in result.added:
+            outcome.columns_added.append(column.name)
+            tlog.warning("column_added", column=column.name, type=column.pg_type)
+        outcome.inserted += result.inserted
+        outcome.updated += result.updated
+        outcome.unchanged += result.unchanged
+        treport.loaded += result.loaded
+        treport.quarantined += result.quarantined_count
+        treport.extracted += batch.extracted
+        for reject in result.quarantined:
+            if logged < QUARANTINE_LOG_LIMIT:
+                tlog.warning(
+                    "row_quarantined",
+                    key=reject.key,
+                    offset=reject.rowid,
+                    reason=reject.reason,
+                    stage=reject.stage,
+                )
+            logged += 1
+        tlog.debug(
+            "batch_loaded",
+            seq=batch.seq,
+            rows=batch.extracted,
+            loaded=result.loaded,
+            quarantined=result.quarantined_count,
+            last_offset=batch.last_rowid,
+        )
+        progress.advance(jf.table, batch.extracted, result.quarantined_count)
+
+    def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+        tlog.warning(
+            "batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2)
+        )
+
+    chain = transform_jsonl(
+        extract_jsonl(
+            jf.path,
+            jf.table,
+            after_offset=offset,
+            digest=digest,
+            limit=size,
+            batch_size=settings.batch_size,
+        ),
+        table,
+        naive_timezone=settings.naive_timezone,
+    )
+    send, receive = anyio.create_memory_object_stream[ConvertedBatch](settings.buffer_batches)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_pump, chain, send)
+            async with receive:
+                await load_jsonl(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
+    if logged > QUARANTINE_LOG_LIMIT:
+        tlog.warning("rows_quarantined_not_logged", count=logged - QUARANTINE_LOG_LIMIT)
+
+
+# ---------------------------------------------------------------- accounting and whole runs
+
+
+def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
+    """The sentences printed after the summary about one JSONL table."""
+    notes = []
+    if o.columns_added:
+        notes.append(
+            f"{jf.table}: added column(s) {', '.join(o.columns_added)} for keys the file's"
+            " records gained (ALTER TABLE ADD COLUMN)."
+        )
+    if o.rewritten:
+        notes.append(
+            f"{jf.table}: {jf.path.name} was rewritten since the last run (the bytes before its"
+            " checkpoint changed); it is read again whole and reconciled by id."
+        )
+    if o.reconciled:
+        kept = "deleted (snapshot)" if jf.snapshot else "kept in the table"
+        sample = f" ({', '.join(o.gone_sample)}{', ...' if o.gone > len(o.gone_sample) else ''})"
+        gone = f"{o.gone:,} gone from the file, {kept}{sample}" if o.gone else "none gone"
+        notes.append(
+            f"{jf.table}: reconciled by id: {o.inserted:,} new, {o.updated:,} updated,"
+            f" {o.unchanged:,} unchanged, {gone}."
+        )
+    return notes
+
+
+async def check_jsonl_accounting(
+    conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile], report: RunReport
+) -> None:
+    """Every line read is loaded or quarantined; the table holds the loaded records plus the
+    ones gone from the file that it keeps."""
+    current = await ckpt.read_checkpoints(conn, schema)
+    for jf in files:
+        t = report.tables.get(jf.table)
+        c = current.get(jf.table)
+        if t is None or c is None:
+            continue
+        if t.extracted != t.loaded + t.quarantined + t.skipped:
+            raise RuntimeFailure(
+                f"Accounting failed for {jf.table}: read {t.extracted} but loaded {t.loaded},"
+                f" quarantined {t.quarantined}; please report this."
+            )
+        meta = JsonlMeta.loads(c.fingerprint)
+        if meta is None or meta.reconcile_until is not None:
+            continue  # a reconcile pass not finished yet (a torn last line): checked after it
+        in_target = await conn.fetchval(f"SELECT count(*) FROM {qualified(schema, jf.table)}")
+        if in_target != c.loaded + meta.retained:
+            raise RuntimeFailure(
+                f"Table {qualified(schema, jf.table)} holds {in_target} rows but flux-migrate"
+                f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); something"
+                " else wrote to it."
+            )
+
+
+async def run_jsonl_tables(
+    target: Target,
+    settings: Settings,
+    files: Sequence[JsonlFile],
+    run_id: str,
+    report: RunReport,
+    progress: Progress,
+    stop: StopFlag,
+) -> dict[str, JsonlOutcome]:
+    """Migrate each JSONL file in turn, then check the accounting (caller holds the lock)."""
+    outcomes: dict[str, JsonlOutcome] = {}
+    for jf in files:
+        stop.check()
+        outcomes[jf.table] = await run_jsonl_table(
+            target, settings, jf, run_id, report, progress, stop
+        )
+        report.notes += outcome_notes(jf, outcomes[jf.table])
+    await target.retrying(
+        lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
+        what="checking the accounting",
+    )
+    return outcomes
+
+
+def check_jsonl_sources(settings: Settings) -> None:
+    """Before anything is written: every JSONL file exists, and none goes to a table of the
+    app's SQLite tables in a run that loads them too (SourceError / ConfigError, exit 2)."""
+    app_tables = {settings.names.sessions, settings.names.messages}
+    for jf in settings.jsonl:
+        file_size(jf.path)
+        if settings.sqlite_path is not None and jf.table in app_tables:
+            raise ConfigError(
+                f"The JSONL file {jf.path} would go to table {jf.table}, which the SQLite"
+                f" database fills; name it otherwise ({_rename_hint(jf)})."
+            )
+
+
+async def restart_jsonl_tables(
+    conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile]
+) -> None:
+    """--restart of a JSONL-only run: clear the files' tables and checkpoints, nothing else."""
+    if not await ckpt.bookkeeping_exists(conn):
+        return
+    found = await ckpt.read_checkpoints(conn, schema)
+    async with conn.transaction():
+        for jf in files:
+            c = found.get(jf.table)
+            if c is not None and is_jsonl_fingerprint(c.fingerprint):
+                await clear_jsonl_table(conn, schema, jf.table, created=c.created_table)
+    log.info("target_cleared", schema=schema, tables=[jf.table for jf in files])
+
+
+async def migrate_jsonl(
+    settings: Settings,
+    files: Sequence[JsonlFile],
+    *,
+    run_id: str | None = None,
+    report: RunReport | None = None,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
+    restart: bool = False,
+) -> tuple[RunReport, dict[str, JsonlOutcome]]:
+    """A whole run of JSONL files only: takes the schema's lock, (with ``restart``, clears the
+    files' tables and checkpoints), migrates each file, accounts.
+
+    Safe to interrupt at any point: every committed batch carries its checkpoint. With ``stop``
+    set (by a signal handler) it stops at the next batch boundary and raises Interrupted.
+    """
+    report = report or RunReport(run_id=run_id or uuid.uuid4().hex[:12])
+    progress = progress or NoProgress()
+    stop = stop or StopFlag()
+    dsn = settings.require_dsn()
+    check_jsonl_sources(settings.with_(jsonl=tuple(files)))
+    schema = settings.names.schema
+    names = [jf.table for jf in files]
+    if len(set(names)) != len(names):
+        raise TargetError(f"Two JSONL files map to the same table ({', '.join(names)}).")
+    target = Target(dsn, retry_seconds=settings.retry_seconds)
+    structlog.contextvars.bind_contextvars(run_id=report.run_id)
+    try:
+        lock = await connect(dsn)
+        try:
+            await take_migration_lock(lock, schema)
+            if restart:
+                await target.retrying(
+                    lambda c: restart_jsonl_tables(c, schema, files), what="clearing the target"
+                )
+            log.info("run_started", target=schema, batch_size=settings.batch_size)
+            outcomes = await run_jsonl_tables(
+                target, settings, files, report.run_id, report, progress, stop
+            )
+            final = await target.retrying(
+                lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+            )
+            report.quarantined_open = sum(c.quarantined for c in final.values())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await target.close()
+                await make_durable(lock, dsn, schema)
+                if not lock.is_closed():
+                    lock.terminate()
+    except Exception as exc:
+        if isinstance(exc, MigrateError):
+            error = exc
+        elif is_driver_error(exc):
+            error = translate(exc, target.location)
+        else:
+            raise
+        report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
+        report.message = error.message
+        log.error("run_failed", error=error.message, status=report.status)
+        if error is exc:
+            raise
+        raise error from None
+    finally:
+        structlog.contextvars.unbind_contextvars("run_id")
+    report.status = "completed"
+    log.info(
+        "run_completed",
+        extracted=sum(t.extracted for t in report.tables.values()),
+        loaded=sum(t.loaded for t in report.tables.values()),
+        quarantined=report.quarantined,
+    )
+    return report, outcomes

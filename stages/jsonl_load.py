@@ -1,0 +1,308 @@
+"""Load a JSONL table: one transaction per batch holds the new columns, the rows, the rejects
+and the checkpoint advance (the load stage's protocol, with byte offsets for rowids).
+
+Appended lines are COPied; during a reconcile pass (the file was rewritten) rows are upserted
+by ``id`` through a staging table, and an id met twice in the file is quarantined as
+``duplicate_key`` (the first arrival loads, as on append).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from core import bookkeeping as ckpt
+from core.errors import ErrorClass, RuntimeFailure, classify
+from core.jsonl_bookkeeping import mark_seen, seen_before
+from core.jsonl_schema import add_column_sql
+from core.schema import Column, qualified, quote_ident
+from core.target import Target
+from stages.batch import Batch, Reject
+from stages.convert import raw_value_to_json
+from stages.jsonl import ConvertedBatch
+from stages.load import CheckpointRewound
+
+log = structlog.get_logger("flux_migrate")
+
+
+@dataclass(frozen=True)
+class JsonlLoadContext:
+    """Where a JSONL table's batches go; batches starting before ``reconcile_until`` belong to
+    a reconcile pass (upserted by id)."""
+
+    schema: str
+    table: str
+    run_id: str
+    reconcile_until: int | None = None
+    stop: Callable[[], bool] = lambda: False
+
+    def reconciling(self, batch: Batch) -> bool:
+        return self.reconcile_until is not None and batch.after_rowid < self.reconcile_until
+
+
+@dataclass
+class JsonlBatchResult:
+    """What one committed batch did; ``already`` means an earlier attempt had committed it."""
+
+    batch: Batch
+    loaded: int
+    quarantined: list[Reject]
+    added: tuple[Column, ...] = ()
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    already: bool = False
+    already_quarantined: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def quarantined_count(self) -> int:
+        return len(self.quarantined) + self.already_quarantined
+
+
+def jsonl_quarantine_records(ctx: JsonlLoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
+    """Quarantine rows of rejected lines: the key when known, the offset as rowid, and the raw
+    line bytes (``{"line": text}``, or ``{"line": {"base64": ...}}`` when not UTF-8)."""
+    return [
+        (
+            ctx.run_id,
+            ctx.schema,
+            ctx.table,
+            r.key,
+            r.rowid,
+            r.reason,
+            r.detail,
+            r.stage,
+            orjson.dumps({"line": raw_value_to_json(r.raw[0])}).decode("utf-8"),
+        )
+        for r in rejects
+    ]
+
+
+def _refused(exc: BaseException, offset: int, line: bytes, key: str | None) -> Reject:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    duplicate = getattr(exc, "sqlstate", None) == "23505"
+    return Reject(
+        offset,
+        key,
+        (line,),
+        "duplicate_key" if duplicate else "rejected_by_server",
+        f"PostgreSQL refused the line: {message}",
+        "load",
+    )
+
+
+Apply = Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Any]
+
+
+async def _isolating(
+    conn: asyncpg.Connection,
+    apply: Apply,
+    rows: list[tuple[Any, ...]],
+    raw: list[tuple[Any, ...]],
+    ids: list[str | None],
+) -> tuple[list[Reject], list[Any]]:
+    """Run ``apply`` on ``rows`` in a savepoint, splitting on refusal; return the refused rows
+    and the results of the parts that went through."""
+    try:
+        async with conn.transaction():
+            return [], [await apply(conn, rows)]
+    except Exception as exc:
+        if classify(exc) is not ErrorClass.DATA:
+            raise
+        if len(rows) == 1:
+            return [_refused(exc, raw[0][0], raw[0][1], ids[0])], []
+    mid = len(rows) // 2
+    left, lres = await _isolating(conn, apply, rows[:mid], raw[:mid], ids[:mid])
+    right, rres = await _isolating(conn, apply, rows[mid:], raw[mid:], ids[mid:])
+    return left + right, lres + rres
+
+
+def _copy_into(ctx: JsonlLoadContext, columns: tuple[str, ...]) -> Apply:
+    async def copy(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+        await conn.copy_records_to_table(
+            ctx.table, records=rows, columns=columns, schema_name=ctx.schema
+        )
+        return len(rows), 0
+
+    return copy
+
+
+def _upsert_into(ctx: JsonlLoadContext, columns: tuple[str, ...], stage: str) -> Apply:
+    target = qualified(ctx.schema, ctx.table)
+    cols = ", ".join(quote_ident(c) for c in columns)
+    others = [c for c in columns if c != "id"]
+    if others:
+        sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
+        old = ", ".join(f"t.{quote_ident(c)}" for c in others)
+        new = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in others)
+        action = f"DO UPDATE SET {sets} WHERE ROW({old}) IS DISTINCT FROM ROW({new})"
+    else:
+        action = "DO NOTHING"
+    sql = (
+        f"WITH moved AS (DELETE FROM {quote_ident(stage)} RETURNING {cols})"
+        f" INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM moved"
+        f" ON CONFLICT (id) {action} RETURNING (xmax = 0) AS inserted"
+    )
+
+    async def upsert(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+        await conn.copy_records_to_table(stage, records=rows, columns=columns)
+        written = await conn.fetch(sql)
+        inserted = sum(1 for r in written if r["inserted"])
+        return inserted, len(written) - inserted
+
+    return upsert
+
+
+async def commit_jsonl_batch(
+    conn: asyncpg.Connection, ctx: JsonlLoadContext, converted: ConvertedBatch
+) -> JsonlBatchResult:
+    """One transaction: check the checkpoint, add new columns, write the rows (COPY, or upsert
+    in a reconcile pass), quarantine rejects, advance the checkpoint to the batch's offset."""
+    batch = converted.batch
+    schema, table = ctx.schema, ctx.table
+    async with conn.transaction():
+        state = await ckpt.lock_checkpoint(conn, schema, table)
+        if state is None:
+            raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
+        current = state["last_rowid"]
+        if current == batch.last_rowid:  # an earlier attempt committed it; its reply was lost
+            done = json.loads(state["last_batch"])
+            return JsonlBatchResult(
+                batch,
+                int(done.get("loaded", 0)),
+                [],
+                already=True,
+                already_quarantined=int(done.get("quarantined", 0)),
+            )
+        if current < batch.after_rowid:
+            raise CheckpointRewound(current)
+        if current != batch.after_rowid:
+            raise RuntimeFailure(
+                f"The checkpoint of table {table} moved during the run; another flux-migrate"
+                " run may be writing to this target. Stop it and rerun."
+            )
+        for column in converted.added:
+            await conn.execute(add_column_sql(schema, table, column))
+        columns = converted.table.column_names
+        rows, raw, ids = batch.rows, batch.raw, converted.ids
+        rejects = list(batch.rejects)
+        reconciling = ctx.reconciling(batch)
+        if reconciling and rows:
+            rows, raw, ids, duplicates = await _drop_duplicates(conn, ctx, rows, raw, ids)
+            rejects += duplicates
+        refused: list[Reject] = []
+        inserted = updated = 0
+        if rows:
+            if reconciling:
+                stage = f"flux_stage_jsonl_{batch.seq}"
+                await conn.execute(
+                    f"CREATE TEMP TABLE {quote_ident(stage)}"
+                    f" (LIKE {qualified(schema, table)}) ON COMMIT DROP"
+                )
+                apply = _upsert_into(ctx, columns, stage)
+            else:
+                apply = _copy_into(ctx, columns)
+            refused, results = await _isolating(conn, apply, rows, raw, ids)
+            inserted = sum(r[0] for r in results)
+            updated = sum(r[1] for r in results)
+            if reconciling:
+                not_loaded = {r.rowid for r in refused}
+                loaded_ids = [
+                    key
+                    for key, source in zip(ids, raw, strict=True)
+                    if key is not None and source[0] not in not_loaded
+                ]
+                await mark_seen(conn, schema, table, loaded_ids)
+        rejects += refused
+        if rejects:
+            await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, rejects))
+        loaded = len(rows) - len(refused)
+        await ckpt.advance_checkpoint(
+            conn,
+            schema,
+            table,
+            last_rowid=batch.last_rowid,
+            last_key=batch.last_key,
+            extracted=batch.extracted,
+            loaded=loaded,
+            quarantined=len(rejects),
+            skipped=0,
+            run_id=ctx.run_id,
+        )
+    unchanged = loaded - inserted - updated if reconciling else 0
+    return JsonlBatchResult(
+        batch, loaded, rejects, converted.added, inserted, updated if reconciling else 0, unchanged
+    )
+
+
+async def _drop_duplicates(
+    conn: asyncpg.Connection,
+    ctx: JsonlLoadContext,
+    rows: list[tuple[Any, ...]],
+    raw: list[tuple[Any, ...]],
+    ids: list[str | None],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[str | None], list[Reject]]:
+    """Set aside the rows whose id the reconcile pass loaded before (earlier in this batch or
+    in an earlier one)."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(ids):
+        if key is not None and key not in first:
+            first[key] = i
+    before = await seen_before(conn, ctx.schema, ctx.table, list(first))
+    keep: list[int] = []
+    duplicates: list[Reject] = []
+    for i, key in enumerate(ids):
+        if key is not None and (key in before or first[key] != i):
+            duplicates.append(
+                Reject(
+                    raw[i][0],
+                    key,
+                    (raw[i][1],),
+                    "duplicate_key",
+                    "the id appears on an earlier line of the file, which was loaded",
+                    "load",
+                )
+            )
+        else:
+            keep.append(i)
+    return [rows[i] for i in keep], [raw[i] for i in keep], [ids[i] for i in keep], duplicates
+
+
+async def load_jsonl(
+    source: AsyncIterator[ConvertedBatch],
+    target: Target,
+    ctx: JsonlLoadContext,
+    *,
+    on_batch: Callable[[JsonlBatchResult], None],
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> None:
+    """Consume converted batches and commit each with its checkpoint; returns when the source
+    is done, or after a committed batch once ``ctx.stop()`` says so.
+
+    Transient failures retry the batch (safe: the checkpoint says whether it committed). On
+    cancellation the open transaction is abandoned and rolled back by the server.
+    """
+    async with contextlib.aclosing(source):  # type: ignore[type-var]
+        async for converted in source:
+
+            async def attempt(
+                conn: asyncpg.Connection, converted: ConvertedBatch = converted
+            ) -> JsonlBatchResult:
+                return await commit_jsonl_batch(conn, ctx, converted)
+
+            result = await target.retrying(
+                attempt,
+                what=f"loading {ctx.table} batch {converted.batch.seq}",
+                on_retry=on_retry,
+            )
+            on_batch(result)
+            if ctx.stop():
+                return
