@@ -194,6 +194,29 @@ async def set_status(
     )
 
 
+async def pending_key_tables(conn: asyncpg.Connection, target_schema: str) -> dict[str, int]:
+    """The tables whose keys are still to be built, with their last loaded rowid."""
+    rows = await conn.fetch(
+        f"SELECT source_table, last_rowid FROM {CHECKPOINTS}"
+        " WHERE target_schema = $1 AND constraints_pending",
+        target_schema,
+    )
+    return {r["source_table"]: int(r["last_rowid"]) for r in rows}
+
+
+async def move_to_quarantined(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, rows: int
+) -> None:
+    """Count ``rows`` loaded rows of a table as quarantined instead (duplicates moved out)."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET loaded = loaded - $3, quarantined = quarantined + $3,"
+        " updated_at = now() WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+        rows,
+    )
+
+
 async def clear_constraints_pending(conn: asyncpg.Connection, target_schema: str) -> None:
     await conn.execute(
         f"UPDATE {CHECKPOINTS} SET constraints_pending = false, updated_at = now()"

@@ -148,6 +148,11 @@ def classify(exc: BaseException) -> ErrorClass:
     return ErrorClass.FATAL
 
 
+def is_unique_violation(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a row or a key because a key value repeats (SQLSTATE 23505)."""
+    return sqlstate(exc) == UNIQUE_VIOLATION
+
+
 def already_exists(exc: BaseException) -> bool:
     """Whether PostgreSQL refused to create an object because it exists (SQLSTATE 42710)."""
     return sqlstate(exc) == DUPLICATE_OBJECT

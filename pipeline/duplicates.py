@@ -20,12 +20,9 @@ import orjson
 import structlog
 
 from core import bookkeeping as ckpt
-from core.bookkeeping import CHECKPOINTS
 from core.catalog import existing_constraint_names
-from core.errors import RuntimeFailure
+from core.errors import RuntimeFailure, constraint_failure, is_unique_violation
 from core.schema import (
-    BOOKKEEPING_SCHEMA,
-    QUARANTINE_COLUMNS,
     Kind,
     Table,
     constraints,
@@ -52,7 +49,7 @@ async def build_primary_keys(
     names = settings.names
     started = time.monotonic()
     checkpoints = await target.retrying(
-        lambda c: _pending_tables(c, names.schema), what="reading checkpoints"
+        lambda c: ckpt.pending_key_tables(c, names.schema), what="reading checkpoints"
     )
     for table in settings.tables:
         if table.name not in checkpoints:
@@ -80,8 +77,11 @@ async def build_primary_keys(
         try:
             await target.retrying(build, what=f"building {pk.name}")
             continue
-        except asyncpg.UniqueViolationError:
-            pass
+        except Exception as exc:
+            if not is_unique_violation(exc):
+                raise
+            if table.generic:  # only the app's uuid keys can collide once converted
+                raise constraint_failure(exc, pk.name) or exc from None
         moved = await _quarantine_duplicates(
             src, target, settings, run_id, table, checkpoints[table.name], pk.sql
         )
@@ -91,15 +91,6 @@ async def build_primary_keys(
         log.warning("duplicate_keys_quarantined", table=table.name, rows=moved)
     if checkpoints:
         report.constraints_seconds = time.monotonic() - started
-
-
-async def _pending_tables(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
-    rows = await conn.fetch(
-        f"SELECT source_table, last_rowid FROM {CHECKPOINTS}"
-        " WHERE target_schema = $1 AND constraints_pending",
-        schema,
-    )
-    return {r["source_table"]: int(r["last_rowid"]) for r in rows}
 
 
 async def _source_candidates(
@@ -132,6 +123,9 @@ def _match_sql(table: Table, qualified: str) -> str:
     return f"SELECT ctid::text FROM {qualified} WHERE {' AND '.join(tests)} ORDER BY ctid LIMIT 1"
 
 
+Arrivals = dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]]
+
+
 async def _quarantine_duplicates(
     src: aiosqlite.Connection,
     target: Target,
@@ -141,30 +135,13 @@ async def _quarantine_duplicates(
     upto: int,
     pk_sql: str,
 ) -> int:
-    names = settings.names
-    qualified = names.qualified(table.name)
-    schema = names.schema
-
-    async def read(conn: asyncpg.Connection) -> tuple[dict[str, int], set[int], set[str]]:
-        counts = await conn.fetch(
-            f"SELECT id, count(*) AS n FROM {qualified} GROUP BY id HAVING count(*) > 1"
-        )
-        quarantined = await conn.fetch(
-            f"SELECT source_rowid FROM {BOOKKEEPING_SCHEMA}.quarantine WHERE target_schema = $1"
-            " AND source_table = $2 AND resolved_at IS NULL",
-            schema,
-            table.name,
-        )
-        parents: set[str] = set()
-        if table.parent is not None:
-            parents = await ckpt.unresolved_keys(conn, schema, table.parent)
-        return (
-            {r["id"]: int(r["n"]) for r in counts},
-            {int(r["source_rowid"]) for r in quarantined},
-            parents,
-        )
-
-    duplicated, quarantined, missing = await target.retrying(read, what="finding duplicate keys")
+    """Quarantine every later arrival of a duplicated key, then build the key; return how many
+    rows moved. Reads the duplicates, matches them with their source rows, then moves them in
+    one transaction with the checkpoint counts and the key."""
+    qualified = settings.names.qualified(table.name)
+    duplicated, quarantined, missing = await target.retrying(
+        lambda c: _read_duplicates(c, settings, table), what="finding duplicate keys"
+    )
     raw = await _source_candidates(src, table, sorted(duplicated), upto, settings.strip_nul)
     batch = transform_batch(
         Batch(table=table.name, seq=0, after_rowid=0, last_rowid=0, extracted=len(raw), raw=raw),
@@ -173,7 +150,7 @@ async def _quarantine_duplicates(
         strip_nul=settings.strip_nul,
         missing_parents=missing,
     )
-    arrivals: dict[str, list[tuple[tuple[Any, ...], tuple[Any, ...]]]] = {}
+    arrivals: Arrivals = {}
     for row, source in zip(batch.rows, batch.raw, strict=True):
         if row[0] in duplicated and int(source[0]) not in quarantined:
             arrivals.setdefault(row[0], []).append((row, source))
@@ -184,6 +161,37 @@ async def _quarantine_duplicates(
                 f" the source holds {len(arrivals.get(key, ()))} loaded row(s) with it; was the"
                 " table written by another tool too?"
             )
+    records = _later_arrivals(arrivals, table, settings.names.schema, run_id)
+    kept = [rows[0][0] for rows in arrivals.values()]
+    await target.retrying(
+        lambda c: _move(
+            c, settings.names.schema, table, qualified, arrivals, kept, records, pk_sql
+        ),
+        what=f"quarantining duplicate keys of {table.name}",
+    )
+    return len(records)
+
+
+async def _read_duplicates(
+    conn: asyncpg.Connection, settings: Settings, table: Table
+) -> tuple[dict[str, int], set[int], set[str]]:
+    """The keys loaded more than once (with their counts), the rowids quarantined already, and
+    the quarantined parent keys (their children are quarantined too)."""
+    qualified, schema = settings.names.qualified(table.name), settings.names.schema
+    counts = await conn.fetch(
+        f"SELECT id, count(*) AS n FROM {qualified} GROUP BY id HAVING count(*) > 1"
+    )
+    quarantined = await ckpt.unresolved_rowids(conn, schema, table.name)
+    parents: set[str] = set()
+    if table.parent is not None:
+        parents = await ckpt.unresolved_keys(conn, schema, table.parent)
+    return {r["id"]: int(r["n"]) for r in counts}, quarantined, parents
+
+
+def _later_arrivals(
+    arrivals: Arrivals, table: Table, schema: str, run_id: str
+) -> list[tuple[Any, ...]]:
+    """Quarantine records for every arrival of a key after its first, with raw values."""
     ncols = len(table.column_names)
     records = []
     for rows in arrivals.values():
@@ -194,63 +202,53 @@ async def _quarantine_duplicates(
                 " which was loaded"
             )
             values = tuple(source[1 : ncols + 1])
+            raw = orjson.dumps(raw_to_json(values, table.column_names)).decode("utf-8")
             records.append(
-                (
-                    run_id,
-                    schema,
-                    table.name,
-                    key_of(values[0]),
-                    int(source[0]),
-                    "duplicate_key",
-                    detail,
-                    "load",
-                    orjson.dumps(raw_to_json(values, table.column_names)).decode("utf-8"),
-                )
-            )
-    kept = [rows[0][0] for rows in arrivals.values()]
+                (run_id, schema, table.name, key_of(values[0]), int(source[0]),
+                 "duplicate_key", detail, "load", raw)
+            )  # fmt: skip
+    return records
 
-    async def move(conn: asyncpg.Connection) -> None:
-        async with conn.transaction():
-            if await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass"
-                " AND contype = 'p')",
-                qualified,
-            ):
-                return  # an earlier attempt committed; its reply was lost
-            keep = []
-            for row in kept:
-                ctid = await conn.fetchval(_match_sql(table, qualified), *row)
-                if ctid is None:
-                    ctid = await conn.fetchval(
-                        f"SELECT ctid::text FROM {qualified} WHERE id = $1 ORDER BY ctid LIMIT 1",
-                        row[0],
-                    )
-                keep.append(ctid)
-            deleted = await conn.fetchval(
-                f"WITH gone AS (DELETE FROM {qualified} WHERE id = ANY($1::text[])"
-                " AND NOT ctid = ANY($2::text[]::tid[]) RETURNING 1) SELECT count(*) FROM gone",
-                list(arrivals),
-                keep,
-            )
-            if deleted != len(records):
-                raise RuntimeFailure(
-                    f"Removing duplicate keys from {qualified} deleted {deleted} rows, not"
-                    f" {len(records)}; nothing was changed, please report this."
-                )
-            await conn.copy_records_to_table(
-                "quarantine",
-                records=records,
-                columns=QUARANTINE_COLUMNS,
-                schema_name=BOOKKEEPING_SCHEMA,
-            )
-            await conn.execute(
-                f"UPDATE {CHECKPOINTS} SET loaded = loaded - $3, quarantined = quarantined + $3,"
-                " updated_at = now() WHERE target_schema = $1 AND source_table = $2",
-                schema,
-                table.name,
-                len(records),
-            )
-            await conn.execute(pk_sql)
 
-    await target.retrying(move, what=f"quarantining duplicate keys of {table.name}")
-    return len(records)
+async def _move(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: Table,
+    qualified: str,
+    arrivals: Arrivals,
+    kept: list[tuple[Any, ...]],
+    records: list[tuple[Any, ...]],
+    pk_sql: str,
+) -> None:
+    """One transaction: delete the later arrivals (keeping the row that matches each first
+    arrival), quarantine them, move their count from loaded to quarantined, build the key."""
+    async with conn.transaction():
+        if await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass"
+            " AND contype = 'p')",
+            qualified,
+        ):
+            return  # an earlier attempt committed; its reply was lost
+        keep = []
+        for row in kept:
+            ctid = await conn.fetchval(_match_sql(table, qualified), *row)
+            if ctid is None:
+                ctid = await conn.fetchval(
+                    f"SELECT ctid::text FROM {qualified} WHERE id = $1 ORDER BY ctid LIMIT 1",
+                    row[0],
+                )
+            keep.append(ctid)
+        deleted = await conn.fetchval(
+            f"WITH gone AS (DELETE FROM {qualified} WHERE id = ANY($1::text[])"
+            " AND NOT ctid = ANY($2::text[]::tid[]) RETURNING 1) SELECT count(*) FROM gone",
+            list(arrivals),
+            keep,
+        )
+        if deleted != len(records):
+            raise RuntimeFailure(
+                f"Removing duplicate keys from {qualified} deleted {deleted} rows, not"
+                f" {len(records)}; nothing was changed, please report this."
+            )
+        await ckpt.write_quarantine(conn, records)
+        await ckpt.move_to_quarantined(conn, schema, table.name, len(records))
+        await conn.execute(pk_sql)
