@@ -251,6 +251,71 @@ async def _pump(
             return
 
 
+async def _resume_or_reconcile(
+    target: Target,
+    schema: str,
+    jf: JsonlFile,
+    table: Table,
+    checkpoint: ckpt.Checkpoint,
+    meta: JsonlMeta,
+    size: int,
+    outcome: JsonlOutcome,
+    tlog: Any,
+) -> tuple[int, Any, JsonlMeta]:
+    """Where to read from: the checkpoint's offset while the bytes before it are unchanged;
+    else (the file was rewritten) offset 0 with a reconcile by id begun (TargetError when the
+    records have no id). Returns the offset, the running digest of the bytes before it, and
+    the file's bookkeeping."""
+    offset = checkpoint.last_rowid
+    digest, seen = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
+    if seen >= offset and digest.hexdigest() == (checkpoint.last_key or EMPTY_DIGEST):
+        return offset, digest, meta
+    if table.primary_key != ("id",):
+        raise TargetError(
+            f"The JSONL file {jf.path} was rewritten (its first {offset:,} bytes changed"
+            " since the last run) and its records have no id to reconcile by; rerun with"
+            " --restart --yes to load it again from the start."
+        )
+    until = await anyio.to_thread.run_sync(last_line_end, jf.path, size)
+    meta = JsonlMeta(
+        file=jf.path.name,
+        reconcile_until=until,
+        retained=meta.retained,
+        rewrites=meta.rewrites + 1,
+    )
+    tlog.warning("file_rewritten", before_offset=offset, reconcile_until=until)
+    await target.retrying(
+        lambda c: begin_reconcile(c, schema, jf.table, meta), what="starting a reconcile"
+    )
+    outcome.rewritten = True
+    return 0, hashlib.sha256(), meta
+
+
+async def _finish_reconcile(
+    target: Target,
+    schema: str,
+    jf: JsonlFile,
+    meta: JsonlMeta,
+    outcome: JsonlOutcome,
+    tlog: Any,
+) -> None:
+    """The whole rewritten file is read: report (and for a snapshot delete) records gone."""
+    gone, sample = await target.retrying(
+        lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot),
+        what="finishing the reconcile",
+    )
+    outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
+    outcome.deleted = gone if jf.snapshot else 0
+    tlog.info(
+        "file_reconciled",
+        inserted=outcome.inserted,
+        updated=outcome.updated,
+        unchanged=outcome.unchanged,
+        gone=gone,
+        deleted=outcome.deleted,
+    )
+
+
 async def run_jsonl_table(
     target: Target,
     settings: Settings,
@@ -278,28 +343,9 @@ async def run_jsonl_table(
         return outcome
     checkpoint, table = prepared
     meta = JsonlMeta.loads(checkpoint.fingerprint) or JsonlMeta(file=jf.path.name)
-    offset = checkpoint.last_rowid
-    digest, seen = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
-    if seen < offset or digest.hexdigest() != (checkpoint.last_key or EMPTY_DIGEST):
-        if table.primary_key != ("id",):
-            raise TargetError(
-                f"The JSONL file {jf.path} was rewritten (its first {offset:,} bytes changed"
-                " since the last run) and its records have no id to reconcile by; rerun with"
-                " --restart --yes to load it again from the start."
-            )
-        until = await anyio.to_thread.run_sync(last_line_end, jf.path, size)
-        meta = JsonlMeta(
-            file=jf.path.name,
-            reconcile_until=until,
-            retained=meta.retained,
-            rewrites=meta.rewrites + 1,
-        )
-        tlog.warning("file_rewritten", before_offset=offset, reconcile_until=until)
-        await target.retrying(
-            lambda c: begin_reconcile(c, schema, jf.table, meta), what="starting a reconcile"
-        )
-        outcome.rewritten = True
-        offset, digest = 0, hashlib.sha256()
+    offset, digest, meta = await _resume_or_reconcile(
+        target, schema, jf, table, checkpoint, meta, size, outcome, tlog
+    )
     start = await _checkpoint(target, schema, jf.table)
     started = time.monotonic()
     if size > offset and last_line_end(jf.path, size) > offset:
@@ -329,20 +375,7 @@ async def run_jsonl_table(
     stop.check()
     end = await _checkpoint(target, schema, jf.table)
     if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
-        gone, sample = await target.retrying(
-            lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot),
-            what="finishing the reconcile",
-        )
-        outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
-        outcome.deleted = gone if jf.snapshot else 0
-        tlog.info(
-            "file_reconciled",
-            inserted=outcome.inserted,
-            updated=outcome.updated,
-            unchanged=outcome.unchanged,
-            gone=gone,
-            deleted=outcome.deleted,
-        )
+        await _finish_reconcile(target, schema, jf, meta, outcome, tlog)
         treport.up_to_date = False
         end = await _checkpoint(target, schema, jf.table)
     treport.extracted = end.extracted - start.extracted
