@@ -160,7 +160,8 @@ def generate(
 
     def flush() -> None:
         db.executemany(
-            "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES (?,?,?,?,?)",
+            "INSERT INTO sessions (id, title, created_at, updated_at, metadata, user_id)"
+            " VALUES (?,?,?,?,?,?)",
             session_rows,
         )
         db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?)", message_rows)
@@ -194,8 +195,11 @@ def generate(
                 )
             )
         title = rng.choice(_TITLES)
-        meta_s = json.dumps({"source": "web", "tags": ["demo"], "user": f"u{rng.randrange(1000)}"})
-        session_rows.append((sid, title, _iso(created), _iso(t), meta_s))
+        user = rng.randrange(1000)
+        meta_s = json.dumps({"source": "web", "tags": ["demo"], "user": f"u{user}"})
+        # the app's owner column (today's release); one session in ten is anonymous ('')
+        user_id = f"u{user}" if user % 10 else ""
+        session_rows.append((sid, title, _iso(created), _iso(t), meta_s, user_id))
         if len(message_rows) >= 50_000:
             flush()
     flush()
