@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import structlog
@@ -25,6 +25,9 @@ from pipeline.progress import Progress, progress_display
 from pipeline.report import RunReport, check_report_path, print_summary, print_table, printable
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
 from pipeline.stop import StopFlag
+
+if TYPE_CHECKING:
+    from pipeline.data_dir import Database
 
 T = TypeVar("T")
 
@@ -58,7 +61,10 @@ def _jsonl_sources(p: argparse.ArgumentParser) -> None:
         help="a JSONL file, into a table named after its stem (repeatable)",
     )
     p.add_argument(
-        "--data-dir", type=Path, help="the app's data directory: its memory.db and every *.jsonl"
+        "--data-dir",
+        type=Path,
+        help="the app's data directory: its memory.db, every *.jsonl, and every other *.db"
+        " into the schema named after its file",
     )
 
 
@@ -182,14 +188,25 @@ def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
         found = scan_data_dir(data_dir)
         sqlite_path = sqlite_path or found.memory
         jsonl = (jsonl or []) + [p for p in found.jsonl if p not in (jsonl or [])]
-        if found.other_dbs:
-            listed = ", ".join(p.name for p in found.other_dbs)
-            print(
-                f"flux-migrate: note: {listed} in {data_dir} not migrated: `run` loads only the"
-                " app's memory.db of the SQLite files so far.",
-                file=sys.stderr,
-            )
     return {"sqlite_path": sqlite_path, "jsonl": jsonl}
+
+
+def _sources(args: argparse.Namespace, **extra: Any) -> tuple[Settings, tuple[Database, ...]]:
+    """The settings of the main migration and, with --data-dir, the directory's other SQLite
+    files, each into the schema named after it; ConfigError when there is nothing to do."""
+    from pipeline.data_dir import has_main, other_databases, scan_data_dir
+
+    settings = _settings(args, **extra)
+    data_dir: Path | None = getattr(args, "data_dir", None)
+    if data_dir is None:
+        return settings, ()
+    databases = other_databases(scan_data_dir(data_dir), settings)
+    if not databases and not has_main(settings):
+        raise ConfigError(
+            f"--data-dir {data_dir} holds no memory.db, other *.db or *.jsonl file; name the"
+            " app's data directory."
+        )
+    return settings, databases
 
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -202,7 +219,9 @@ def _write_report(path: Path | None, report: RunReport) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
 
 
-def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
+def _confirm_restart(
+    args: argparse.Namespace, settings: Settings, databases: Sequence[Database] = ()
+) -> None:
     """Ask before --restart deletes anything (or require --yes without a terminal)."""
     if not args.restart or args.yes:
         return
@@ -211,9 +230,10 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
             "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to"
             " confirm."
         )
+    schemas = ", ".join([settings.names.schema] + [db.schema for db in databases])
     answer = input(
-        "--restart drops or empties the tables flux-migrate filled in schema"
-        f" {settings.names.schema} and forgets its checkpoints. Type 'yes' to continue: "
+        "--restart drops or empties the tables flux-migrate filled in schema(s)"
+        f" {schemas} and forgets its checkpoints. Type 'yes' to continue: "
     )
     if answer.strip().lower() != "yes":
         raise ConfigError("Restart not confirmed; nothing was changed.")
@@ -221,9 +241,9 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
-    settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     check_report_path(args.report_json)
-    _confirm_restart(args, settings)
+    _confirm_restart(args, settings, databases)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
     # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster).
     sys.setswitchinterval(0.001)
@@ -232,7 +252,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with progress_display(fmt == "console" and not args.no_progress) as progress:
             run_async(
-                _migrate_until_signalled, settings, args.restart, progress, report, args.quiet
+                _migrate_until_signalled,
+                settings,
+                databases,
+                args.restart,
+                progress,
+                report,
+                args.quiet,
             )
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
@@ -246,27 +272,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _print_outcome(report)
 
 
-def show_mapping(mapping: Mapping, configured: bool) -> None:
-    """Print the run's mapping as one screen, before anything loads."""
-    print(f"Mapping ({'from --config' if configured else 'discovered'}), tables in load order:")
+def show_mapping(mapping: Mapping, configured: bool, where: str = "") -> None:
+    """Print the run's mapping as one screen, before anything loads (``where``: of which file
+    into which schema, for the other databases of --data-dir)."""
+    of = f" of {where}" if where else ""
+    print(f"Mapping{of} ({'from --config' if configured else 'discovered'}), tables in load order:")
     for line in summary_lines(mapping):
         print(line)
 
 
 async def _migrate_until_signalled(
-    settings: Settings, restart: bool, progress: Progress, report: RunReport, quiet: bool
+    settings: Settings,
+    databases: Sequence[Database],
+    restart: bool,
+    progress: Progress,
+    report: RunReport,
+    quiet: bool,
 ) -> None:
-    """Run the migration; a first SIGINT/SIGTERM stops it at the next batch boundary, a second
-    one abandons the open batch. Raises MigrateError (Interrupted when stopped)."""
-    from pipeline.runner import migrate
+    """Run the migration (and those of --data-dir's other databases); a first SIGINT/SIGTERM
+    stops it at the next batch boundary, a second one abandons the open batch. Raises
+    MigrateError (Interrupted when stopped)."""
+    from pipeline.data_dir import migrate_all
 
     stop = StopFlag()
     failure: list[MigrateError] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, stop, tg.cancel_scope)
         try:
-            await migrate(
+            await migrate_all(
                 settings,
+                databases,
                 progress=progress,
                 stop=stop,
                 restart=restart,
@@ -383,12 +418,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.api:
         return cmd_verify_api(args)
-    settings = _settings(args)
+    from pipeline.data_dir import verify_all, verify_all_quick
+
+    settings, databases = _sources(args)
     configure_for(args)
-    if settings.sqlite_path is None and settings.jsonl:
-        return _print_verify(_verify_jsonl(settings, args.show))
+    if settings.sqlite_path is None and (settings.jsonl or databases):
+        others = run_async(lambda: verify_all(databases, limit=args.show))
+        return _print_verify(_verify_jsonl(settings, args.show) + others)
     if args.quick:
-        quick = run_async(verify_quick, settings)
+        quick = run_async(verify_quick, settings) + run_async(verify_all_quick, databases)
         rows = [("table", "source", "target", "checksum", "result")]
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
@@ -401,7 +439,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             code = max(code, _print_verify(_verify_jsonl(settings, args.show)))
         return code
     full = run_async(lambda: verify_rows(settings, limit=args.show))
-    return _print_verify(full + _verify_jsonl(settings, args.show))
+    others = run_async(lambda: verify_all(databases, limit=args.show))
+    return _print_verify(full + _verify_jsonl(settings, args.show) + others)
 
 
 def _verify_jsonl(settings: Settings, show: int) -> list[Any]:
