@@ -60,6 +60,11 @@ def _jsonl_sources(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a JSONL file, into a table named after its stem (repeatable)",
     )
+    _data_dir_option(p)
+
+
+def _data_dir_option(p: argparse.ArgumentParser) -> None:
+    """--data-dir (issue 12): the app's data directory, for `run`, `verify` and the views."""
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -155,8 +160,10 @@ def _add_views(sub: Any) -> None:
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
     )
+    _data_dir_option(quarantine)
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
+    _data_dir_option(status)
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
     _jsonl_sources(verify)
@@ -351,11 +358,23 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     """`quarantine`: list the quarantined rows with their reasons."""
     from pipeline.status import list_quarantine
 
-    settings = _settings(args)
+    settings, databases = _sources(args)
     configure_for(args)
-    total, rows = run_async(list_quarantine, settings, args.table, args.limit, args.all)
+    total, rows = 0, list[dict[str, object]]()
+    prefixes = [f"{db.schema}." for db in databases]  # --data-dir's other databases
+    for prefix, where in [("", settings)] + [(f"{db.schema}.", db.settings) for db in databases]:
+        table = args.table
+        if table is not None:
+            if next((p for p in prefixes if table.startswith(p)), "") != prefix:
+                continue  # --table names a table of another schema
+            table = table.removeprefix(prefix)
+        limit = max(args.limit - len(rows), 0)
+        count, found = run_async(list_quarantine, where, table, limit, args.all)
+        total += count
+        rows += [{**r, "source_table": prefix + str(r["source_table"])} for r in found]
     if not rows:
-        print(f"No quarantined rows in schema {settings.names.schema}.")
+        schemas = [settings.names.schema] + [db.schema for db in databases]
+        print(f"No quarantined rows in schema{'s' * (len(schemas) > 1)} {', '.join(schemas)}.")
         return errors.EXIT_OK
     resolved = " (resolved ones included)" if args.all else ""
     print(f"{total:,} quarantined row(s){resolved}; showing {len(rows):,}:")
@@ -387,9 +406,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`status`: each table's checkpoint."""
     from pipeline.status import status
 
-    settings = _settings(args)
+    settings, databases = _sources(args)
     configure_for(args)
     rows = run_async(status, settings)
+    for db in databases:
+        rows += run_async(status, db.settings)
     if not rows:
         print(f"No checkpoints in schema {settings.names.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK

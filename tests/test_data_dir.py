@@ -110,3 +110,33 @@ async def test_a_database_without_a_usable_schema_name_is_refused(
     done = cli("run", "--data-dir", str(data), "--postgres-dsn", pg_dsn, "--no-progress")
     assert (2, True) == (done.returncode, why in done.stderr), done.stderr
     assert await fetchval(pg_dsn, "SELECT to_regclass('flux_migrate.checkpoints')") is None
+
+
+async def test_quarantined_rows_of_another_database_exit_3_and_show_under_its_schema(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Rows of audit.db that fit no column make `run --data-dir` exit 3, counted in the report,
+    and `quarantine`/`status --data-dir` show them under schema audit."""
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data / "memory.db", sessions=3, messages_per_session=2, seed=2)
+    varied_db(data / "audit.db", bad=True)
+    report_path = tmp_path / "report.json"
+    args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args, "--no-progress", "--report-json", str(report_path))
+    assert 3 == done.returncode, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    assert (2, 2) == (
+        report["quarantined_open"],
+        report["tables"]['audit.we"ird table']["quarantined"],
+    )
+    listed = cli("quarantine", *args)
+    assert 0 == listed.returncode, listed.stderr
+    assert ['audit.we"ird', 'audit.we"ird'] == [
+        ln.split()[0] for ln in listed.stdout.splitlines() if ln.startswith("audit.")
+    ]
+    only = cli("quarantine", *args, "--table", "sessions")
+    assert "No quarantined rows in schemas public, audit.\n" == only.stdout
+    status = cli("status", *args)
+    targets = {ln.split()[1] for ln in status.stdout.splitlines()[2:] if "." in ln}
+    assert {"public.sessions", "public.messages", "audit.orgs", "audit.log"} <= targets
