@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 from pipeline.sample import generate
 from tests.generic_db import compare_table, varied_db
-from tests.support import cli, fetchval, source_rows, target_rows
+from tests.support import cli, fetchval, source_rows, start_cli, target_rows
 from tests.test_jsonl import correction, feedback_record, line
 
 pytestmark = pytest.mark.anyio
@@ -140,3 +141,37 @@ async def test_quarantined_rows_of_another_database_exit_3_and_show_under_its_sc
     status = cli("status", *args)
     targets = {ln.split()[1] for ln in status.stdout.splitlines()[2:] if "." in ln}
     assert {"public.sessions", "public.messages", "audit.orgs", "audit.log"} <= targets
+
+
+async def test_sigint_in_another_database_stops_at_a_batch_boundary_and_rerun_resumes(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """SIGINT while audit.db loads exits 130 with an `interrupted` report, starts no further
+    database, and a rerun finishes every database with each row once."""
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data / "memory.db", sessions=2, messages_per_session=1, seed=3)
+    generate(data / "audit.db", sessions=1500, messages_per_session=1, seed=4)
+    varied_db(data / "zlog.db", bad=False)
+    report_path = tmp_path / "report.json"
+    args = ["run", "--data-dir", str(data), "--postgres-dsn", pg_dsn, "--batch-size", "50"]
+    args += ["--log-format", "json", "--no-progress", "--report-json", str(report_path)]
+    proc = start_cli(*args)
+    assert proc.stderr is not None
+    seen = 0
+    for raw in proc.stderr:
+        seen += '"batch_loaded"' in raw
+        if seen == 8:  # memory.db is two batches: these are audit.db's
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stderr.read()
+    proc.wait(timeout=60)
+    report = json.loads(report_path.read_text())
+    assert (130, "interrupted") == (proc.returncode, report["status"])
+    assert 0 < report["tables"]["audit.sessions"]["loaded"] < 1500
+    assert await fetchval(pg_dsn, "SELECT to_regnamespace('zlog')") is None
+    rerun = cli(*args)
+    assert 0 == rerun.returncode, rerun.stderr
+    assert 1500 == await fetchval(pg_dsn, "SELECT count(DISTINCT id) FROM audit.sessions")
+    assert 1500 == await fetchval(pg_dsn, "SELECT count(*) FROM audit.sessions")
+    assert 40 == await fetchval(pg_dsn, "SELECT count(*) FROM zlog.members")
