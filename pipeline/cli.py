@@ -276,7 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     print_summary(report)
     _write_report(args.report_json, report)
-    return _print_outcome(report)
+    data_dir = f" --data-dir {args.data_dir}" if args.data_dir is not None else ""
+    return _print_outcome(report, f"flux-migrate quarantine{data_dir}")
 
 
 def show_mapping(mapping: Mapping, configured: bool, where: str = "") -> None:
@@ -336,8 +337,9 @@ async def _watch_signals(stop: StopFlag, scope: anyio.CancelScope) -> None:
             log.warning("stop_requested", signal=signal.Signals(signum).name)
 
 
-def _print_outcome(report: RunReport) -> int:
-    """The sentences after a completed run's summary; the exit code (3: rows quarantined)."""
+def _print_outcome(report: RunReport, listing: str = "flux-migrate quarantine") -> int:
+    """The sentences after a completed run's summary (``listing``: the command that lists the
+    quarantined rows); the exit code (3: rows quarantined)."""
     requeued = sum(t.requeued for t in report.tables.values())
     if requeued:
         print(
@@ -348,7 +350,7 @@ def _print_outcome(report: RunReport) -> int:
     if report.quarantined_open:
         print(
             f"{report.quarantined_open:,} source row(s) are quarantined, not loaded"
-            f" ({report.quarantined:,} in this run); list them with `flux-migrate quarantine`."
+            f" ({report.quarantined:,} in this run); list them with `{listing}`."
         )
         return errors.EXIT_QUARANTINED
     return errors.EXIT_OK

@@ -126,6 +126,7 @@ async def test_quarantined_rows_of_another_database_exit_3_and_show_under_its_sc
     args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn]
     done = cli("run", *args, "--no-progress", "--report-json", str(report_path))
     assert 3 == done.returncode, done.stdout + done.stderr
+    assert f"list them with `flux-migrate quarantine --data-dir {data}`." in done.stdout
     report = json.loads(report_path.read_text())
     assert (2, 2) == (
         report["quarantined_open"],
