@@ -176,3 +176,24 @@ async def test_sigint_in_another_database_stops_at_a_batch_boundary_and_rerun_re
     assert 1500 == await fetchval(pg_dsn, "SELECT count(DISTINCT id) FROM audit.sessions")
     assert 1500 == await fetchval(pg_dsn, "SELECT count(*) FROM audit.sessions")
     assert 40 == await fetchval(pg_dsn, "SELECT count(*) FROM zlog.members")
+
+
+async def test_a_failing_database_does_not_keep_the_others_from_migrating(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A *.db that is no SQLite file fails with its name in the error and a `failed` report,
+    while memory.db and the database after it are migrated."""
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data / "memory.db", sessions=3, messages_per_session=1, seed=3)
+    (data / "broken.db").write_bytes(b"not a database at all" * 100)
+    varied_db(data / "zlog.db", bad=False)
+    report_path = tmp_path / "report.json"
+    args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn, "--report-json", str(report_path)]
+    done = cli("run", *args, "--no-progress")
+    report = json.loads(report_path.read_text())
+    assert (2, "failed") == (done.returncode, report["status"]), done.stderr
+    assert done.stderr.splitlines()[-1].startswith("flux-migrate: error: broken.db: "), done.stderr
+    assert 3 == await fetchval(pg_dsn, "SELECT count(*) FROM public.sessions")
+    assert 40 == await fetchval(pg_dsn, "SELECT count(*) FROM zlog.members")
+    assert 40 == report["tables"]["zlog.members"]["loaded"]
