@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import structlog
@@ -25,6 +25,9 @@ from pipeline.progress import Progress, progress_display
 from pipeline.report import RunReport, check_report_path, print_summary, print_table, printable
 from pipeline.settings import ON_CONFLICT, Settings, load_settings
 from pipeline.stop import StopFlag
+
+if TYPE_CHECKING:
+    from pipeline.data_dir import Database
 
 T = TypeVar("T")
 
@@ -57,8 +60,16 @@ def _jsonl_sources(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a JSONL file, into a table named after its stem (repeatable)",
     )
+    _data_dir_option(p)
+
+
+def _data_dir_option(p: argparse.ArgumentParser) -> None:
+    """--data-dir (issue 12): the app's data directory, for `run`, `verify` and the views."""
     p.add_argument(
-        "--data-dir", type=Path, help="the app's data directory: its memory.db and every *.jsonl"
+        "--data-dir",
+        type=Path,
+        help="the app's data directory: its memory.db, every *.jsonl, and every other *.db"
+        " into the schema named after its file",
     )
 
 
@@ -149,8 +160,10 @@ def _add_views(sub: Any) -> None:
     quarantine.add_argument(
         "--all", action="store_true", help="include rows loaded since (resolved)"
     )
+    _data_dir_option(quarantine)
     status = sub.add_parser("status", help="show each table's checkpoint")
     _common(status)
+    _data_dir_option(status)
     verify = sub.add_parser("verify", help="compare every source row with its target row")
     _common(verify)
     _jsonl_sources(verify)
@@ -182,14 +195,25 @@ def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
         found = scan_data_dir(data_dir)
         sqlite_path = sqlite_path or found.memory
         jsonl = (jsonl or []) + [p for p in found.jsonl if p not in (jsonl or [])]
-        if found.other_dbs:
-            listed = ", ".join(p.name for p in found.other_dbs)
-            print(
-                f"flux-migrate: note: {listed} in {data_dir} not migrated: `run` loads only the"
-                " app's memory.db of the SQLite files so far.",
-                file=sys.stderr,
-            )
     return {"sqlite_path": sqlite_path, "jsonl": jsonl}
+
+
+def _sources(args: argparse.Namespace, **extra: Any) -> tuple[Settings, tuple[Database, ...]]:
+    """The settings of the main migration and, with --data-dir, the directory's other SQLite
+    files, each into the schema named after it; ConfigError when there is nothing to do."""
+    from pipeline.data_dir import has_main, other_databases, scan_data_dir
+
+    settings = _settings(args, **extra)
+    data_dir: Path | None = getattr(args, "data_dir", None)
+    if data_dir is None:
+        return settings, ()
+    databases = other_databases(scan_data_dir(data_dir), settings)
+    if not databases and not has_main(settings):
+        raise ConfigError(
+            f"--data-dir {data_dir} holds no memory.db, other *.db or *.jsonl file; name the"
+            " app's data directory."
+        )
+    return settings, databases
 
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -202,7 +226,9 @@ def _write_report(path: Path | None, report: RunReport) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
 
 
-def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
+def _confirm_restart(
+    args: argparse.Namespace, settings: Settings, databases: Sequence[Database] = ()
+) -> None:
     """Ask before --restart deletes anything (or require --yes without a terminal)."""
     if not args.restart or args.yes:
         return
@@ -211,9 +237,10 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
             "--restart deletes the rows flux-migrate wrote and its checkpoints; pass --yes to"
             " confirm."
         )
+    schemas = ", ".join([settings.names.schema] + [db.schema for db in databases])
     answer = input(
-        "--restart drops or empties the tables flux-migrate filled in schema"
-        f" {settings.names.schema} and forgets its checkpoints. Type 'yes' to continue: "
+        "--restart drops or empties the tables flux-migrate filled in schema(s)"
+        f" {schemas} and forgets its checkpoints. Type 'yes' to continue: "
     )
     if answer.strip().lower() != "yes":
         raise ConfigError("Restart not confirmed; nothing was changed.")
@@ -221,9 +248,9 @@ def _confirm_restart(args: argparse.Namespace, settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
-    settings = _settings(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     check_report_path(args.report_json)
-    _confirm_restart(args, settings)
+    _confirm_restart(args, settings, databases)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
     # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster).
     sys.setswitchinterval(0.001)
@@ -232,7 +259,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with progress_display(fmt == "console" and not args.no_progress) as progress:
             run_async(
-                _migrate_until_signalled, settings, args.restart, progress, report, args.quiet
+                _migrate_until_signalled,
+                settings,
+                databases,
+                args.restart,
+                progress,
+                report,
+                args.quiet,
             )
     except MigrateError as exc:
         report.status = "interrupted" if isinstance(exc, Interrupted) else "failed"
@@ -243,30 +276,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     print_summary(report)
     _write_report(args.report_json, report)
-    return _print_outcome(report)
+    data_dir = f" --data-dir {args.data_dir}" if args.data_dir is not None else ""
+    return _print_outcome(report, f"flux-migrate quarantine{data_dir}")
 
 
-def show_mapping(mapping: Mapping, configured: bool) -> None:
-    """Print the run's mapping as one screen, before anything loads."""
-    print(f"Mapping ({'from --config' if configured else 'discovered'}), tables in load order:")
+def show_mapping(mapping: Mapping, configured: bool, where: str = "") -> None:
+    """Print the run's mapping as one screen, before anything loads (``where``: of which file
+    into which schema, for the other databases of --data-dir)."""
+    of = f" of {where}" if where else ""
+    print(f"Mapping{of} ({'from --config' if configured else 'discovered'}), tables in load order:")
     for line in summary_lines(mapping):
         print(line)
 
 
 async def _migrate_until_signalled(
-    settings: Settings, restart: bool, progress: Progress, report: RunReport, quiet: bool
+    settings: Settings,
+    databases: Sequence[Database],
+    restart: bool,
+    progress: Progress,
+    report: RunReport,
+    quiet: bool,
 ) -> None:
-    """Run the migration; a first SIGINT/SIGTERM stops it at the next batch boundary, a second
-    one abandons the open batch. Raises MigrateError (Interrupted when stopped)."""
-    from pipeline.runner import migrate
+    """Run the migration (and those of --data-dir's other databases); a first SIGINT/SIGTERM
+    stops it at the next batch boundary, a second one abandons the open batch. Raises
+    MigrateError (Interrupted when stopped)."""
+    from pipeline.data_dir import migrate_all
 
     stop = StopFlag()
     failure: list[MigrateError] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, stop, tg.cancel_scope)
         try:
-            await migrate(
+            await migrate_all(
                 settings,
+                databases,
                 progress=progress,
                 stop=stop,
                 restart=restart,
@@ -294,8 +337,9 @@ async def _watch_signals(stop: StopFlag, scope: anyio.CancelScope) -> None:
             log.warning("stop_requested", signal=signal.Signals(signum).name)
 
 
-def _print_outcome(report: RunReport) -> int:
-    """The sentences after a completed run's summary; the exit code (3: rows quarantined)."""
+def _print_outcome(report: RunReport, listing: str = "flux-migrate quarantine") -> int:
+    """The sentences after a completed run's summary (``listing``: the command that lists the
+    quarantined rows); the exit code (3: rows quarantined)."""
     requeued = sum(t.requeued for t in report.tables.values())
     if requeued:
         print(
@@ -306,7 +350,7 @@ def _print_outcome(report: RunReport) -> int:
     if report.quarantined_open:
         print(
             f"{report.quarantined_open:,} source row(s) are quarantined, not loaded"
-            f" ({report.quarantined:,} in this run); list them with `flux-migrate quarantine`."
+            f" ({report.quarantined:,} in this run); list them with `{listing}`."
         )
         return errors.EXIT_QUARANTINED
     return errors.EXIT_OK
@@ -316,11 +360,23 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     """`quarantine`: list the quarantined rows with their reasons."""
     from pipeline.status import list_quarantine
 
-    settings = _settings(args)
+    settings, databases = _sources(args)
     configure_for(args)
-    total, rows = run_async(list_quarantine, settings, args.table, args.limit, args.all)
+    total, rows = 0, list[dict[str, object]]()
+    prefixes = [f"{db.schema}." for db in databases]  # --data-dir's other databases
+    for prefix, where in [("", settings)] + [(f"{db.schema}.", db.settings) for db in databases]:
+        table = args.table
+        if table is not None:
+            if next((p for p in prefixes if table.startswith(p)), "") != prefix:
+                continue  # --table names a table of another schema
+            table = table.removeprefix(prefix)
+        limit = max(args.limit - len(rows), 0)
+        count, found = run_async(list_quarantine, where, table, limit, args.all)
+        total += count
+        rows += [{**r, "source_table": prefix + str(r["source_table"])} for r in found]
     if not rows:
-        print(f"No quarantined rows in schema {settings.names.schema}.")
+        schemas = [settings.names.schema] + [db.schema for db in databases]
+        print(f"No quarantined rows in schema{'s' * (len(schemas) > 1)} {', '.join(schemas)}.")
         return errors.EXIT_OK
     resolved = " (resolved ones included)" if args.all else ""
     print(f"{total:,} quarantined row(s){resolved}; showing {len(rows):,}:")
@@ -352,9 +408,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`status`: each table's checkpoint."""
     from pipeline.status import status
 
-    settings = _settings(args)
+    settings, databases = _sources(args)
     configure_for(args)
     rows = run_async(status, settings)
+    for db in databases:
+        rows += run_async(status, db.settings)
     if not rows:
         print(f"No checkpoints in schema {settings.names.schema}: nothing has been migrated yet.")
         return errors.EXIT_OK
@@ -383,12 +441,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.api:
         return cmd_verify_api(args)
-    settings = _settings(args)
+    from pipeline.data_dir import verify_all, verify_all_quick
+
+    settings, databases = _sources(args)
     configure_for(args)
-    if settings.sqlite_path is None and settings.jsonl:
-        return _print_verify(_verify_jsonl(settings, args.show))
+    if settings.sqlite_path is None and (settings.jsonl or databases):
+        others = run_async(lambda: verify_all(databases, limit=args.show))
+        return _print_verify(_verify_jsonl(settings, args.show) + others)
     if args.quick:
-        quick = run_async(verify_quick, settings)
+        quick = run_async(verify_quick, settings) + run_async(verify_all_quick, databases)
         rows = [("table", "source", "target", "checksum", "result")]
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
@@ -401,7 +462,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             code = max(code, _print_verify(_verify_jsonl(settings, args.show)))
         return code
     full = run_async(lambda: verify_rows(settings, limit=args.show))
-    return _print_verify(full + _verify_jsonl(settings, args.show))
+    others = run_async(lambda: verify_all(databases, limit=args.show))
+    return _print_verify(full + _verify_jsonl(settings, args.show) + others)
 
 
 def _verify_jsonl(settings: Settings, show: int) -> list[Any]:

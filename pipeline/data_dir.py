@@ -1,13 +1,30 @@
-"""The app's data directory: which of its files `run --data-dir` migrates, and how."""
+"""The app's data directory: which of its files `run --data-dir` migrates, and how.
+
+``memory.db`` and every ``*.jsonl`` go to the main target schema (one migration, as with
+``--sqlite-path`` and ``--jsonl``); every other ``*.db`` is a migration of its own into the
+schema named after its file (``audit.db`` -> schema ``audit``), under its own checkpoints and
+lock. One report holds them all, the extra databases' tables named ``schema.table``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from core.errors import ConfigError
+from core.errors import ConfigError, Interrupted, MigrateError
+from core.schema import BOOKKEEPING_SCHEMA, TargetNames
+from pipeline.progress import NoProgress, Progress
+from pipeline.report import RunReport
+from pipeline.settings import Settings
+from pipeline.stop import StopFlag
+from pipeline.verify import QuickVerify, TableVerify
 
 MEMORY_DB = "memory.db"
+# A schema name usable unquoted: lower-case letters, digits and underscores, not a digit first.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -31,3 +48,169 @@ def scan_data_dir(path: Path) -> DataDir:
         jsonl=tuple(p for p in files if p.suffix == ".jsonl"),
         other_dbs=tuple(p for p in files if p.suffix == ".db" and p.name != MEMORY_DB),
     )
+
+
+@dataclass(frozen=True)
+class Database:
+    """One more SQLite file of the data directory and the settings of its own migration."""
+
+    path: Path
+    settings: Settings
+
+    @property
+    def schema(self) -> str:
+        return self.settings.names.schema
+
+
+def other_databases(found: DataDir, main: Settings) -> tuple[Database, ...]:
+    """The data directory's other ``*.db`` files (not the main source), each with the settings
+    that migrate it into the schema named after its stem (discovered mapping, no JSONL).
+
+    ConfigError, before anything runs, when a stem is no usable schema name or names a schema
+    already taken (the main schema, the bookkeeping schema, another file's)."""
+    main_source = main.sqlite_path.resolve() if main.sqlite_path is not None else None
+    taken = {main.names.schema: "the main target schema", BOOKKEEPING_SCHEMA: "flux-migrate's"}
+    out = []
+    for path in found.other_dbs:
+        if path.resolve() == main_source:
+            continue
+        schema = path.stem
+        if not _SCHEMA_NAME.fullmatch(schema) or len(schema.encode()) > 63:
+            raise ConfigError(
+                f"{path.name} in --data-dir would go to schema {schema!r}, which is not a plain"
+                " PostgreSQL name (lower-case letters, digits and _, not a digit first, at most"
+                " 63 bytes); rename the file or migrate it with --sqlite-path and a [target]"
+                " schema in --config. Nothing was migrated."
+            )
+        if schema.startswith("pg_") or schema == "information_schema" or schema in taken:
+            owner = taken.get(schema, "a PostgreSQL system schema")
+            raise ConfigError(
+                f"{path.name} in --data-dir would go to schema {schema!r}, which is {owner};"
+                " rename the file or migrate it with --sqlite-path and a [target] schema in"
+                " --config. Nothing was migrated."
+            )
+        taken[schema] = f"the schema of {path.name}"
+        names = TargetNames(schema=schema)
+        out.append(
+            Database(path, main.with_(sqlite_path=path, names=names, mapping=None, jsonl=()))
+        )
+    return tuple(out)
+
+
+def has_main(settings: Settings) -> bool:
+    """Whether the main migration has a source: a SQLite file or JSONL files."""
+    return settings.sqlite_path is not None or bool(settings.jsonl)
+
+
+class _Prefixed:
+    """A progress display that shows an extra database's tables as ``schema.table``."""
+
+    def __init__(self, inner: Progress, schema: str) -> None:
+        self.inner, self.schema = inner, schema
+
+    def start(self, table: str, total: int) -> None:
+        self.inner.start(f"{self.schema}.{table}", total)
+
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
+        self.inner.advance(f"{self.schema}.{table}", rows, quarantined)
+
+    def finish(self, table: str) -> None:
+        self.inner.finish(f"{self.schema}.{table}")
+
+
+async def migrate_all(
+    main: Settings,
+    databases: Sequence[Database],
+    *,
+    report: RunReport,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
+    restart: bool = False,
+    show_mapping: Callable[..., None] | None = None,
+) -> RunReport:
+    """The main migration (when it has a source), then each other database into its schema;
+    ``report`` gets every table (``schema.table`` for the other databases).
+
+    A database that fails does not keep the others from running; at the end the first failure
+    is raised, naming its file. Interrupted (``stop`` set by a signal: at the next batch
+    boundary) is raised at once, and no further database starts.
+    """
+    from pipeline.runner import migrate
+
+    progress = progress or NoProgress()
+    stop = stop or StopFlag()
+    failures: list[MigrateError] = []
+    if has_main(main):
+        try:
+            await migrate(
+                main, progress=progress, stop=stop, restart=restart, report=report,
+                show_mapping=show_mapping,
+            )  # fmt: skip
+        except Interrupted:
+            raise
+        except MigrateError as exc:
+            failures.append(exc)
+    for db in databases:
+        stop.check()
+        part = RunReport(run_id=report.run_id)
+        shown = None
+        if show_mapping is not None:
+            shown = _titled(show_mapping, f"{db.path.name} into schema {db.schema}")
+        try:
+            await migrate(
+                db.settings, progress=_Prefixed(progress, db.schema), stop=stop,
+                restart=restart, report=part, show_mapping=shown,
+            )  # fmt: skip
+        except Interrupted:
+            raise
+        except MigrateError as exc:
+            failures.append(type(exc)(f"{db.path.name}: {exc.message}"))
+        finally:
+            _merge(report, part, db.schema)
+    if failures:
+        report.status = "failed"
+        report.message = " ".join(f.message for f in failures)
+        raise failures[0]
+    report.status = "completed"
+    return report
+
+
+def _titled(show: Callable[..., None], where: str) -> Callable[..., None]:
+    def show_titled(*args: Any) -> None:
+        show(*args, where=where)
+
+    return show_titled
+
+
+def _merge(report: RunReport, part: RunReport, schema: str) -> None:
+    """Add an extra database's run to the report: its tables as ``schema.table``."""
+    for name, table in part.tables.items():
+        report.tables[f"{schema}.{name}"] = table
+    report.quarantined_open += part.quarantined_open
+    report.constraints_seconds += part.constraints_seconds
+    report.notes += [f"{schema}: {note}" for note in part.notes]
+    if part.status in ("failed", "interrupted"):
+        report.status = part.status
+        report.message = f"{schema}: {part.message}"
+
+
+async def verify_all(databases: Sequence[Database], *, limit: int) -> list[TableVerify]:
+    """The full comparison of every other database, its tables named ``schema.table``."""
+    from pipeline.verify import verify_rows
+
+    out = []
+    for db in databases:
+        for t in await verify_rows(db.settings, limit=limit):
+            t.table = f"{db.schema}.{t.table}"
+            out.append(t)
+    return out
+
+
+async def verify_all_quick(databases: Sequence[Database]) -> list[QuickVerify]:
+    """Counts and checksums of every other database, its tables named ``schema.table``."""
+    from pipeline.verify import verify_quick
+
+    out = []
+    for db in databases:
+        out += [replace(q, table=f"{db.schema}.{q.table}") for q in await verify_quick(db.settings)]
+    return out

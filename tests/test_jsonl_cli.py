@@ -45,14 +45,14 @@ def _data_dir(root: Path, sample_db: Path) -> Path:
 async def test_data_dir_migrates_memory_and_every_jsonl_store(
     tmp_path: Path, pg_dsn: str, sample_db: Path
 ) -> None:
-    """One `run --data-dir` loads memory.db and the three JSONL files, reports them in the
-    summary and the report JSON, exits 3 for the bad line, and `verify`/`status` cover all."""
+    """One `run --data-dir` loads memory.db, audit.db (into schema audit) and the three JSONL
+    files, reports them in the summary and the report JSON, exits 3 for the bad line, and
+    `verify`/`status` cover all."""
     data = _data_dir(tmp_path, sample_db)
     report_path = tmp_path / "report.json"
     args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn]
     done = cli("run", *args, "--no-progress", "--report-json", str(report_path))
     assert 3 == done.returncode, done.stderr
-    assert "audit.db" in done.stderr
     tables = json.loads(report_path.read_text())["tables"]
     assert {
         "sessions": (_count(sample_db, "sessions"), 0),
@@ -60,13 +60,15 @@ async def test_data_dir_migrates_memory_and_every_jsonl_store(
         "corrections": (4, 0),
         "error_reports": (1, 1),
         "feedback": (50, 0),
+        "audit.sessions": (3, 0),
+        "audit.messages": (3, 0),
     } == {name: (t["loaded"], t["quarantined"]) for name, t in tables.items()}
     assert 1 == json.loads(report_path.read_text())["quarantined_open"]
     verified = cli("verify", *args)
     assert 0 == verified.returncode, verified.stdout + verified.stderr
-    assert ["corrections", "error_reports", "feedback"] == sorted(
+    assert set(tables) == {
         ln.split()[0] for ln in verified.stdout.splitlines() if ln.endswith(" ok")
-    )[:3]
+    }
     status = cli("status", "--postgres-dsn", pg_dsn)
     assert {"sessions", "messages", "feedback", "error_reports", "corrections"} <= {
         ln.split()[0] for ln in status.stdout.splitlines()[2:]
