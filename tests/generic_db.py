@@ -140,3 +140,33 @@ async def compare_table(
     equal = sum(1 for r in want if repr(r) in have_set)
     assert len(want) == equal, (table, [r for r in want if repr(r) not in have_set])
     return equal, len(have)
+
+
+def chain_db(path: Path, *, without_rowid: bool = False) -> Path:
+    """Three tables in a foreign-key chain (parent 200 rows, child 800, grandchild 1600); with
+    ``without_rowid`` the grandchild, keyed by (child_id, tag), is a WITHOUT ROWID table."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY, name TEXT NOT NULL, born DATE);"
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL"
+        " REFERENCES parent(id), score REAL, doc JSON);"
+        "CREATE TABLE grandchild (child_id INTEGER NOT NULL REFERENCES child(id),"
+        " tag TEXT NOT NULL, payload BLOB, PRIMARY KEY (child_id, tag))"
+        + (" WITHOUT ROWID;" if without_rowid else ";")
+    )
+    db.executemany(
+        "INSERT INTO parent VALUES (?, ?, ?)",
+        [(i, f"p{i}", f"2000-01-{1 + i % 28:02d}") for i in range(1, 201)],
+    )
+    db.executemany(
+        "INSERT INTO child VALUES (?, ?, ?, ?)",
+        [(i, 1 + i % 200, i / 7, f'{{"i": {i}}}') for i in range(1, 801)],
+    )
+    # Inserted in an order unlike the key order, so rowid order and key order differ.
+    db.executemany(
+        "INSERT INTO grandchild VALUES (?, ?, ?)",
+        [(c, tag, bytes([c % 256, len(tag)])) for tag in ("b", "a") for c in range(800, 0, -1)],
+    )
+    db.commit()
+    db.close()
+    return path
