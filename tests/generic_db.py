@@ -28,6 +28,7 @@ CREATE TABLE a (id INTEGER PRIMARY KEY, b_id INT REFERENCES b(id));
 CREATE TABLE b (id INTEGER PRIMARY KEY, a_id INT REFERENCES a(id));
 CREATE TABLE empty (id TEXT PRIMARY KEY, v INT);
 CREATE TABLE log (at TEXT, level TEXT, msg TEXT);
+CREATE TABLE "ünï ""q"" tbl" ("a""b" TEXT PRIMARY KEY, "order" INTEGER, "ключ" TEXT);
 CREATE VIEW v_members AS SELECT * FROM members;
 """
 
@@ -58,6 +59,10 @@ def varied_db(path: Path, *, bad: bool = True) -> Path:
     db.executemany(
         "INSERT INTO log VALUES (?, ?, ?)",
         [(f"2024-05-0{d}T10:00:00+02:00", "info", f"line {d}") for d in range(1, 8)] * 3,
+    )
+    db.executemany(
+        'INSERT INTO "ünï ""q"" tbl" VALUES (?, ?, ?)',
+        [("k 1", 1, "знач"), ('k"2', None, None), ("ключ", 3, "")],
     )
     db.commit()
     db.close()

@@ -15,7 +15,9 @@ from tests.support import cli, fetchval
 
 pytestmark = pytest.mark.anyio
 
-TABLES = ('we"ird table', "orgs", "teams", "members", "a", "b", "empty", "log")
+TABLES = (
+    'we"ird table', "orgs", "teams", "members", "a", "b", "empty", "log", 'ünï "q" tbl',
+)  # fmt: skip
 
 
 def _error(stderr: str) -> str:
@@ -45,6 +47,13 @@ async def test_a_varied_database_arrives_whole_and_verifies(tmp_path: Path, pg_d
     )
     assert "p:teams" in keys and "f:members" in keys and "f:a" in keys and "f:b" in keys
     assert "p:log" not in keys
+    columns = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0",
+        'public."ünï ""q"" tbl"',
+    )
+    assert ['a"b', "order", "ключ"] == columns
     partial = await fetchval(
         pg_dsn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'members_user'"
     )
