@@ -26,7 +26,6 @@ from core import bookkeeping as ckpt
 from core.errors import (
     Interrupted,
     MigrateError,
-    SourceError,
     is_driver_error,
     translate,
 )
@@ -53,7 +52,7 @@ from pipeline.resume_point import resume_point
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
-from stages.extract import open_source
+from stages.extract import count_after_key, open_source
 from stages.load import CheckpointRewound, LoadContext
 from stages.transform import parent_key_entry, transform_batch
 
@@ -80,7 +79,9 @@ class Run:
     settings: Settings
     run_id: str
     checkpoints: dict[str, ckpt.Checkpoint]
-    bounds: dict[str, int]  # the highest source rowid of each table when the run started
+    # The highest source rowid of each table when the run started; for a WITHOUT ROWID table
+    # the position its checkpoint reaches once the rows after its key are read.
+    bounds: dict[str, int]
     report: RunReport
     progress: Progress
     stop: StopFlag
@@ -187,13 +188,6 @@ async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
     mapping, _ = await anyio.to_thread.run_sync(
         resolve_mapping, path, settings.mapping, settings.busy_timeout
     )
-    unsupported = [t.name for t in mapping.tables if t.without_rowid]
-    if unsupported:
-        raise SourceError(
-            f"Table {unsupported[0]} is a WITHOUT ROWID table, which this version cannot read"
-            " in resumable batches yet; list it under [ignore] tables in a mapping file"
-            " (flux-migrate init writes one) to migrate the rest. Nothing was written."
-        )
     return settings.with_(mapping=mapping)
 
 
@@ -310,11 +304,14 @@ async def _run_table(run: Run, table: Table) -> None:
             run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
         )
     start = await _checkpoint(run.target, run.schema, table.name)
-    after = await run.target.retrying(
-        lambda c: resume_point(run.src, c, run.settings.names, checkpoint, table),
-        what="finding where to resume",
-    )
-    total = await count_between(run.src, table.name, after, run.bounds[table.name])
+    if table.without_rowid:  # keyset on the key: no rowid to be reused, see _key_bound
+        after, total = await _key_bound(run, start)
+    else:
+        after = await run.target.retrying(
+            lambda c: resume_point(run.src, c, run.settings.names, checkpoint, table),
+            what="finding where to resume",
+        )
+        total = await count_between(run.src, table.name, after, run.bounds[table.name])
     if total == 0:
         treport.up_to_date = True
         log.info("table_up_to_date", table=table.name, last_rowid=after)
@@ -339,6 +336,15 @@ async def _run_table(run: Run, table: Table) -> None:
         skipped=t.skipped,
         seconds=round(t.seconds, 2),
     )
+
+
+async def _key_bound(run: Run, c: ckpt.Checkpoint) -> tuple[int, int]:
+    """Where a WITHOUT ROWID table resumes (its checkpoint's position, the rows read so far)
+    and how many rows follow the checkpoint's key; the table's bound is their sum."""
+    table = next(t for t in run.settings.tables if t.name == c.source_table)
+    total = await count_after_key(run.src, table, c.last_key)
+    run.bounds[table.name] = c.last_rowid + total
+    return c.last_rowid, total
 
 
 async def _missing_parents(run: Run, table: Table) -> set[str]:
@@ -398,6 +404,9 @@ async def _stream_table(
     started = time.monotonic()
     run.progress.start(table, total)
     try:
+        after_key = None
+        if ctx.table.without_rowid:
+            after_key = (await _checkpoint(run.target, run.schema, table)).last_key
         while True:
             try:
                 await migrate_table(
@@ -407,6 +416,7 @@ async def _stream_table(
                     settings=run.settings,
                     after=after,
                     upto=run.bounds[table],
+                    after_key=after_key,
                     progress=run.progress,
                     missing_parents=missing,
                 )
@@ -414,6 +424,10 @@ async def _stream_table(
             except CheckpointRewound as rewound:
                 log.warning("checkpoint_rewound", table=table, to_rowid=rewound.rowid)
                 after = rewound.rowid
+                if ctx.table.without_rowid:  # the key the checkpoint went back to
+                    c = await _checkpoint(run.target, run.schema, table)
+                    after, _ = await _key_bound(run, c)
+                    after_key = c.last_key
     finally:
         treport.seconds = time.monotonic() - started
         run.progress.finish(table)

@@ -82,16 +82,25 @@ async def migrate_table(
     settings: Settings,
     after: int,
     upto: int,
+    after_key: str | None = None,
     progress: Progress,
     missing_parents: set[str],
 ) -> None:
-    """Stream one table from rowid ``after`` to ``upto``; SQLite reading overlaps the COPY.
+    """Stream one table from rowid ``after`` to ``upto`` (a WITHOUT ROWID table: from the
+    position ``after`` at key ``after_key``); SQLite reading overlaps the COPY.
 
     Returns early, after a committed batch, when the stop flag is set. Raises
     CheckpointRewound when the server lost commits (the caller streams again from there).
     """
     chain = transform(
-        extract(src, ctx.table, after_rowid=after, upto_rowid=upto, batch_size=settings.batch_size),
+        extract(
+            src,
+            ctx.table,
+            after_rowid=after,
+            upto_rowid=upto,
+            batch_size=settings.batch_size,
+            after_key=after_key,
+        ),
         ctx.table,
         naive_timezone=settings.naive_timezone,
         strip_nul=settings.strip_nul,

@@ -84,6 +84,13 @@ async def _bookkeeping(
     return quarantined, skipped, pre
 
 
+async def _quarantined_keys(conn: asyncpg.Connection, schema: str, table: Table) -> set[str]:
+    """A WITHOUT ROWID table's unresolved quarantined keys (its rowids are only positions)."""
+    if not table.without_rowid or not await ckpt.bookkeeping_exists(conn):
+        return set()
+    return await ckpt.unresolved_keys(conn, schema, table.name)
+
+
 async def _source_pages(
     src: aiosqlite.Connection, table: Table
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
@@ -293,7 +300,8 @@ async def verify_generic_table(
     """Compare the multisets of canonical rows; rows on one side only that share a key with a
     row on the other side count as different, the rest as missing or extra."""
     quarantined, _, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
-    want, unaccounted = await generic.source_rows(src, settings, table, quarantined)
+    keys = await _quarantined_keys(conn, settings.names.schema, table)
+    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, keys)
     have = await generic.target_rows(conn, settings, table)
     result = TableVerify(table.name, quarantined=len(quarantined), extra_allowed=preexisting)
     result.matched = sum((want & have).values())
@@ -359,7 +367,8 @@ async def _quick_generic(
     quarantined: set[int],
 ) -> QuickVerify:
     """Counts and an order-independent checksum of the canonical rows of a generic table."""
-    want, unaccounted = await generic.source_rows(src, settings, table, quarantined)
+    keys = await _quarantined_keys(conn, settings.names.schema, table)
+    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, keys)
     have = await generic.target_rows(conn, settings, table)
 
     def checksum(rows: Counter[tuple[Any, ...]]) -> int:

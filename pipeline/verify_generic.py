@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +17,8 @@ from core.catalog import table_exists
 from core.schema import Kind, Table, quote_ident
 from pipeline.settings import Settings
 from stages.convert import Rejected
-from stages.extract import fetch_rows
+from stages.extract import fetch_rows, key_pages, key_types_sql
+from stages.transform import row_key
 from stages.values import row_converter
 
 PAGE = 5000
@@ -46,23 +47,43 @@ def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(canonical(c.kind, v) for c, v in zip(table.columns, values, strict=True))
 
 
+async def _pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """The source rows (rowid, or a WITHOUT ROWID table's key types, first), a page a query."""
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    if table.without_rowid:
+        sql = f"SELECT {key_types_sql(table)}, {cols} FROM {quote_ident(table.name)} AS t"
+        async for page, _ in key_pages(src, table, sql, after_key=None, page=PAGE):
+            yield page
+        return
+    sql = f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE rowid > ?"
+    sql += " ORDER BY rowid LIMIT ?"
+    last = 0
+    while page := await fetch_rows(src, sql, (last, PAGE)):
+        last = page[-1][0]
+        yield page
+
+
 async def source_rows(
-    src: aiosqlite.Connection, settings: Settings, table: Table, quarantined: set[int]
+    src: aiosqlite.Connection,
+    settings: Settings,
+    table: Table,
+    quarantined: set[int],
+    quarantined_keys: Collection[str] = (),
 ) -> tuple[Counter[tuple[Any, ...]], int]:
     """The canonical source rows the target must hold (as a multiset), and how many rows are
-    neither loadable nor quarantined."""
+    neither loadable nor quarantined. Quarantined rows are known by rowid, or by key in a
+    WITHOUT ROWID table (``quarantined_keys``)."""
     convert = row_converter(
         table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
     )
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    sql = f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE rowid > ?"
-    sql += " ORDER BY rowid LIMIT ?"
     rows: Counter[tuple[Any, ...]] = Counter()
-    unaccounted, last = 0, 0
-    while page := await fetch_rows(src, sql, (last, PAGE)):
-        last = page[-1][0]
+    unaccounted = 0
+    async for page in _pages(src, table):
         for raw in page:
-            if raw[0] in quarantined:
+            if table.without_rowid:
+                if row_key(table, raw[1:]) in quarantined_keys:
+                    continue
+            elif raw[0] in quarantined:
                 continue
             try:
                 rows[_row(table, convert(raw[1:]))] += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
@@ -66,7 +67,10 @@ async def open_source(
 
 def select_sql(table: Table) -> str:
     """SELECT rowid, the table's columns and, for a child table, a flag saying a parent row it
-    names is absent from the source; without a WHERE clause (callers add theirs on ``t``)."""
+    names is absent from the source; without a WHERE clause (callers add theirs on ``t``).
+
+    A WITHOUT ROWID table has no rowid: its first column is instead the storage classes of its
+    key columns (``key_types_sql``), which extract replaces by the row's position."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
     orphan = ""
     if table.parent is not None and table.parent_column is not None:
@@ -76,7 +80,79 @@ def select_sql(table: Table) -> str:
         )
     elif table.foreign_keys:
         orphan = ", " + " OR ".join(_orphan_sql(fk) for fk in table.foreign_keys)
-    return f"SELECT t.rowid, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+    first = key_types_sql(table) if table.without_rowid else "t.rowid"
+    return f"SELECT {first}, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+
+
+# ---------------------------------------------------------------- WITHOUT ROWID keysets
+
+
+def key_types_sql(table: Table) -> str:
+    """The storage classes of a row's key columns, comma-separated (e.g. 'integer,text')."""
+    return " || ',' || ".join(f"typeof(t.{quote_ident(c)})" for c in table.primary_key)
+
+
+def key_order_sql(table: Table) -> str:
+    """ORDER BY the primary key, in SQLite's order of its index."""
+    return " ORDER BY " + ", ".join(f"t.{quote_ident(c)}" for c in table.primary_key)
+
+
+def encode_key(types: bytes | str, values: Sequence[Any]) -> str:
+    """A row's primary key as JSON that keeps each value's storage class, so that a keyset can
+    start after it again exactly (text as its bytes, which need not be UTF-8)."""
+    names = types.decode() if isinstance(types, bytes) else types
+    parts: list[list[Any]] = []
+    for kind, value in zip(names.split(","), values, strict=True):
+        if kind in ("text", "blob"):
+            parts.append([kind, bytes(value).hex()])
+        else:
+            parts.append([kind, value])
+    return json.dumps(parts)
+
+
+def key_after_sql(table: Table, encoded: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) of the rows after the key ``encoded`` in key
+    order; no clause for None. Text is compared as text and blobs as blobs, as stored."""
+    if encoded is None:
+        return "", []
+    marks, args = [], []
+    for kind, value in json.loads(encoded):
+        if kind == "text":
+            marks.append("CAST(? AS TEXT)")
+            args.append(bytes.fromhex(value))
+        elif kind == "blob":
+            marks.append("?")
+            args.append(bytes.fromhex(value))
+        else:
+            marks.append("?")
+            args.append(value)
+    cols = ", ".join(f"t.{quote_ident(c)}" for c in table.primary_key)
+    return f" WHERE ({cols}) > ({', '.join(marks)})", args
+
+
+async def count_after_key(conn: aiosqlite.Connection, table: Table, encoded: str | None) -> int:
+    """How many rows of a WITHOUT ROWID table come after the key ``encoded`` (all for None)."""
+    where, args = key_after_sql(table, encoded)
+    rows = await fetch_rows(
+        conn, f"SELECT count(*) FROM {quote_ident(table.name)} AS t{where}", args
+    )
+    return int(rows[0][0])
+
+
+async def key_pages(
+    conn: aiosqlite.Connection, table: Table, sql: str, *, after_key: str | None, page: int
+) -> AsyncGenerator[tuple[list[tuple[Any, ...]], str], None]:
+    """Pages of ``sql`` (a select_sql of a WITHOUT ROWID table) in key order after
+    ``after_key``, each with the encoded key of its last row; one short query per page."""
+    order = key_order_sql(table) + " LIMIT ?"
+    while True:
+        where, args = key_after_sql(table, after_key)
+        rows = await fetch_rows(conn, sql + where + order, [*args, page])
+        if not rows:
+            return
+        last = rows[-1]
+        after_key = encode_key(last[0], [last[1 + i] for i in table.key_positions])
+        yield rows, after_key
 
 
 def _orphan_sql(fk: ForeignKey) -> str:
@@ -115,13 +191,22 @@ async def extract(
     after_rowid: int,
     upto_rowid: int,
     batch_size: int,
+    after_key: str | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """Yield the rows with ``after_rowid < rowid <= upto_rowid`` in pages of ``batch_size``.
 
+    A WITHOUT ROWID table is read in key order after ``after_key`` (the checkpoint's encoded
+    key) instead; its rowids are positions, the rows read so far, up to ``upto_rowid``.
     Each page is one short query, fully fetched and its cursor closed before the page is
     yielded, so nothing is held open while downstream works. On cancellation or close, no
     cursor or transaction is left open.
     """
+    if table.without_rowid:
+        pages = _key_batches(conn, table, after_rowid, upto_rowid, batch_size, after_key)
+        async with contextlib.aclosing(pages):
+            async for batch in pages:
+                yield batch
+        return
     sql = select_sql(table) + KEYSET
     seq = 0
     last = after_rowid
@@ -146,3 +231,43 @@ async def extract(
             last_key=row_key(table, rows[-1][1 : len(table.columns) + 1]),
             raw=rows,
         )
+
+
+async def _key_batches(
+    conn: aiosqlite.Connection,
+    table: Table,
+    after: int,
+    upto: int,
+    batch_size: int,
+    after_key: str | None,
+) -> AsyncGenerator[Batch, None]:
+    """The batches of a WITHOUT ROWID table in key order: each row's rowid slot holds its
+    position (rows read before it plus one), the batch's ``last_key`` the encoded key."""
+    pages = key_pages(conn, table, select_sql(table), after_key=after_key, page=batch_size)
+    seq, last = 0, after
+    async with contextlib.aclosing(pages):
+        while last < upto:
+            try:
+                found = await anext(pages, None)
+            except sqlite3.OperationalError as exc:
+                raise RuntimeFailure(
+                    f"Reading {table.name} from SQLite failed after row {last} ({exc}); if the"
+                    " app holds a long write lock, retry when it is idle: the rerun resumes."
+                ) from None
+            if found is None:
+                return
+            rows = found[0][: upto - last]  # rows past the bound wait for the next run
+            key = encode_key(rows[-1][0], [rows[-1][1 + i] for i in table.key_positions])
+            seq += 1
+            start = last
+            rows = [(start + i, *row[1:]) for i, row in enumerate(rows, start=1)]
+            last = start + len(rows)
+            yield Batch(
+                table=table.name,
+                seq=seq,
+                after_rowid=start,
+                last_rowid=last,
+                extracted=len(rows),
+                last_key=key,
+                raw=rows,
+            )

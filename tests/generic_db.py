@@ -20,7 +20,7 @@ CREATE TABLE "we""ird table" ("select" INTEGER PRIMARY KEY AUTOINCREMENT,
     amount NUMERIC, born DATE, seen_ms TIMESTAMP, doc JSON, note VARCHAR(20));
 CREATE TABLE orgs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE teams (org_id INTEGER NOT NULL REFERENCES orgs(id) ON DELETE CASCADE,
-    code TEXT NOT NULL, title TEXT, PRIMARY KEY (org_id, code));
+    code TEXT NOT NULL, title TEXT, PRIMARY KEY (org_id, code)) WITHOUT ROWID;
 CREATE TABLE members (id INTEGER PRIMARY KEY, org_id INTEGER, code TEXT, "user" TEXT,
     FOREIGN KEY (org_id, code) REFERENCES teams(org_id, code));
 CREATE INDEX members_user ON members("user") WHERE "user" IS NOT NULL;

@@ -31,6 +31,10 @@ async def _assert_chain_exactly_once(path: Path, dsn: str) -> None:
         dsn, "SELECT array_agg(status ORDER BY source_table) FROM flux_migrate.checkpoints"
     )
     assert ["finished", "finished", "finished"] == statuses
+    read = await fetchval(
+        dsn, "SELECT array_agg(extracted ORDER BY source_table) FROM flux_migrate.checkpoints"
+    )
+    assert [800, 1600, 200] == read  # child, grandchild, parent: each row counted once
     assert False is await fetchval(
         dsn, "SELECT bool_or(constraints_pending) FROM flux_migrate.checkpoints"
     )
@@ -45,7 +49,7 @@ async def _assert_chain_exactly_once(path: Path, dsn: str) -> None:
     assert 0 == verified.returncode, verified.stdout + verified.stderr
 
 
-@pytest.mark.parametrize("without_rowid", [False], ids=["rowid"])
+@pytest.mark.parametrize("without_rowid", [False, True], ids=["rowid", "without_rowid"])
 @pytest.mark.parametrize("k", [1, 6, 15], ids=["in_parent", "in_child", "in_grandchild"])
 async def test_sigkill_of_a_generic_run_then_rerun_loads_each_row_once(
     tmp_path: Path, pg_dsn: str, k: int, without_rowid: bool
