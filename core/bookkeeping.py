@@ -245,10 +245,11 @@ async def write_skipped(conn: asyncpg.Connection, records: Sequence[tuple[Any, .
 async def open_quarantine(
     conn: asyncpg.Connection, target_schema: str, source_table: str
 ) -> list[asyncpg.Record]:
-    """The unresolved quarantined rows of a table (``id``, ``source_rowid``), by source rowid."""
+    """The unresolved quarantined rows of a table (``id``, ``source_rowid``, ``source_key``),
+    by source rowid."""
     return list(
         await conn.fetch(
-            f"SELECT id, source_rowid FROM {QUARANTINE} WHERE target_schema = $1"
+            f"SELECT id, source_rowid, source_key FROM {QUARANTINE} WHERE target_schema = $1"
             " AND source_table = $2 AND resolved_at IS NULL ORDER BY source_rowid",
             target_schema,
             source_table,

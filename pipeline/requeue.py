@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -10,16 +11,17 @@ import asyncpg
 import structlog
 
 from core import bookkeeping
-from core.schema import Table
+from core.schema import Table, quote_ident
 from core.target import Target
 from pipeline.settings import Settings
 from stages.batch import Batch
 from stages.extract import fetch_rows, select_sql, variable_limit
 from stages.load import LoadContext, copy_isolating
-from stages.transform import transform_batch
+from stages.transform import row_key, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 CHUNK = 1000  # quarantined rows retried per transaction
+KEYS_PER_QUERY = 100  # keys matched per query (an OR of as many terms: kept shallow)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,11 @@ async def read_chunk(
     by_rowid: dict[int, list[int]] = {}
     for r in quarantined:
         by_rowid.setdefault(r["source_rowid"], []).append(r["id"])
-    raw = await read_rowids(src, table, list(by_rowid))
+    if table.without_rowid:
+        at = {r["source_key"]: r["source_rowid"] for r in quarantined}
+        raw = await read_keys(src, table, at)
+    else:
+        raw = await read_rowids(src, table, list(by_rowid))
     present = {row[0] for row in raw}
     gone_ids = [qid for rowid, ids in by_rowid.items() if rowid not in present for qid in ids]
     batch = transform_batch(
@@ -148,4 +154,29 @@ async def read_rowids(
         marks = ", ".join("?" for _ in part)
         sql = f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid"
         rows.extend(await fetch_rows(src, sql, part))
+    return rows
+
+
+async def read_keys(
+    src: aiosqlite.Connection, table: Table, at: dict[str, int]
+) -> list[tuple[Any, ...]]:
+    """The rows of a WITHOUT ROWID table with these bookkeeping keys (row_key), each with the
+    quarantine's position for its key in the rowid slot. Keys are matched as text, so a key
+    whose bytes are not UTF-8 is not found (its quarantined row counts as gone)."""
+    base = select_sql(table)
+    width = len(table.primary_key)
+    match = "(" + " AND ".join(f"t.{quote_ident(c)} = ?" for c in table.primary_key) + ")"
+    size = max(1, min(KEYS_PER_QUERY, await variable_limit(src) // width))
+    keys = list(at)
+    ncols = len(table.columns)
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(keys), size):
+        part = keys[start : start + size]
+        args = [v for k in part for v in ([k] if width == 1 else json.loads(k))]
+        sql = f"{base} WHERE {' OR '.join(match for _ in part)}"
+        for row in await fetch_rows(src, sql, args):
+            key = row_key(table, row[1 : ncols + 1])
+            if key in at:
+                rows.append((at[key], *row[1:]))
+    rows.sort(key=lambda row: int(row[0]))
     return rows
