@@ -32,6 +32,11 @@ CREATE TABLE "ünï ""q"" tbl" ("a""b" TEXT PRIMARY KEY, "order" INTEGER, "кл�
 CREATE VIEW v_members AS SELECT * FROM members;
 """
 
+# The tables of VARIED_DDL (the view aside).
+VARIED_TABLES = (
+    'we"ird table', "orgs", "teams", "members", "a", "b", "empty", "log", 'ünï "q" tbl',
+)  # fmt: skip
+
 
 def varied_db(path: Path, *, bad: bool = True) -> Path:
     """The varied database; with ``bad``, two dynamically typed values that fit no column."""

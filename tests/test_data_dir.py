@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.sample import generate
-from tests.generic_db import compare_table, varied_db
+from tests.generic_db import VARIED_TABLES, compare_table, varied_db
 from tests.support import cli, fetchval, source_rows, start_cli, target_rows
 from tests.test_jsonl import correction, feedback_record, line
 
 pytestmark = pytest.mark.anyio
 
 # The tables of tests.generic_db.varied_db, the audit.db of the data directory.
-AUDIT_TABLES = ('we"ird table', "orgs", "teams", "members", "a", "b", "empty", "log")
+AUDIT_TABLES = VARIED_TABLES
 JSONL_LINES = {"feedback": 40, "error_reports": 3, "corrections": 5}
 
 

@@ -12,14 +12,12 @@ import pytest
 
 from pipeline.mapping_source import resolve_mapping
 from stages.extract import extract, open_source
-from tests.generic_db import compare_table, varied_db
+from tests.generic_db import VARIED_TABLES, compare_table, varied_db
 from tests.support import cli, fetchval
 
 pytestmark = pytest.mark.anyio
 
-TABLES = (
-    'we"ird table', "orgs", "teams", "members", "a", "b", "empty", "log", 'ünï "q" tbl',
-)  # fmt: skip
+TABLES = VARIED_TABLES
 
 
 def _error(stderr: str) -> str:
