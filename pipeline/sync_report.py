@@ -1,0 +1,57 @@
+"""How a sync's outcome prints, and the exit code it maps to."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from core import errors
+from pipeline.report import print_table, printable
+from pipeline.sync import SyncReport
+
+
+def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None) -> int:
+    """Print per table what sync did (or would do), then the conflicts by name; return the
+    number of rows this sync quarantined."""
+    out = out or sys.stdout
+    if report.dry_run:
+        rows = [("table", "scanned", "would insert", "would update", "would delete")]
+        for name, p in report.plans.items():
+            rows.append(
+                (
+                    name,
+                    f"{p.scanned:,}",
+                    f"{len(p.inserts):,}",
+                    f"{len(p.updates):,}",
+                    f"{len(p.deletes):,}",
+                )
+            )
+        print_table(rows, out)
+        out.write("Dry run: nothing was written.\n")
+        return 0
+    header = ("table", "scanned", "inserted", "updated", "deleted", "conflicts", "quarantined")
+    table = [header + ("seconds",)]
+    for name, t in report.tables.items():
+        counts = (t.scanned, t.inserted, t.updated, t.deleted, len(t.conflicts), t.quarantined)
+        table.append((name, *(f"{n:,}" for n in counts), f"{t.seconds:.1f}"))
+    print_table(table, out)
+    if report.idle:
+        out.write("The target is up to date: nothing changed in the source since the last sync.\n")
+    conflicts = report.conflicts
+    if conflicts:
+        out.write(
+            f"{len(conflicts):,} row(s) changed both in the source and in PostgreSQL were left as"
+            " PostgreSQL has them (recorded in flux_migrate.conflicts):\n"
+        )
+        for name, key, kind in conflicts[:show]:
+            out.write(f"  {name} {printable(key)}: {kind}\n")
+    return sum(t.quarantined for t in report.tables.values())
+
+
+def sync_exit_code(report: SyncReport, quarantined: int) -> int:
+    """4 when rows are in conflict, 3 when this sync quarantined rows, else 0."""
+    if report.conflicts:
+        return errors.EXIT_CONFLICTS
+    if quarantined:
+        return errors.EXIT_QUARANTINED
+    return errors.EXIT_OK
