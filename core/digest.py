@@ -23,7 +23,7 @@ def row_digest(values: Sequence[Any]) -> int:
     return int.from_bytes(_BLAKE2B(data, digest_size=8).digest(), "big", signed=True)
 
 
-def digests(raw_rows: Iterable[Sequence[Any]], ncols: int) -> list[int]:
+def digests(raw_rows: Iterable[tuple[Any, ...]], ncols: int) -> list[int]:
     """The digests of raw rows laid out as extract reads them (rowid first, then ``ncols``
     column values, then possibly more): one per row, in order."""
     end = ncols + 1

@@ -9,6 +9,7 @@ never overwritten, and a row someone else inserted there is never deleted.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class SyncReport:
     dry_run: bool = False
     tables: dict[str, TableSync] = field(default_factory=dict)
     plans: dict[str, TablePlan] = field(default_factory=dict)
+    quarantined_open: int = 0  # source rows quarantined (by any run or sync), not loaded
 
     @property
     def conflicts(self) -> list[tuple[str, str, str]]:
@@ -89,6 +91,11 @@ async def sync(
                     )
                 if not dry_run:
                     await _apply(src, target, settings, report, tables, stop)
+                final = await target.retrying(
+                    lambda c: ckpt.read_checkpoints(c, settings.names.schema),
+                    what="reading checkpoints",
+                )
+                report.quarantined_open = sum(final[t.name].quarantined for t in tables)
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
     log.info(
@@ -127,7 +134,8 @@ async def _preflight(
         c = checkpoints[table.name]
         name = table.name
         has = await target.retrying(
-            lambda conn, name=name: ckpt.has_digests(conn, schema, name), what="reading digests"
+            functools.partial(ckpt.has_digests, target_schema=schema, source_table=name),
+            what="reading digests",
         )
         if c.loaded and not has:
             raise TargetError(
@@ -153,7 +161,9 @@ async def _apply(
             parent = table.parent
             missing = frozenset(
                 await target.retrying(
-                    lambda c, p=parent: ckpt.unresolved_keys(c, schema, p),
+                    functools.partial(
+                        ckpt.unresolved_keys, target_schema=schema, source_table=parent
+                    ),
                     what="reading the quarantine",
                 )
             )
@@ -166,7 +176,7 @@ async def _apply(
         )
         started = time.monotonic()
         await target.retrying(
-            lambda c, n=table.name: ckpt.clear_conflicts(c, schema, n),
+            functools.partial(ckpt.clear_conflicts, target_schema=schema, source_table=table.name),
             what="clearing conflicts",
         )
         changed = plan.inserts + plan.updates
@@ -185,8 +195,13 @@ async def _apply(
             await appliers[table.name].delete(plan.deletes[i : i + size], treport)
         name, last_rowid, last_key = table.name, plan.last_rowid, plan.last_key
         await target.retrying(
-            lambda c, n=name, r=last_rowid, k=last_key: ckpt.sync_checkpoint(
-                c, schema, n, last_rowid=r, last_key=k, run_id=report.run_id
+            functools.partial(
+                ckpt.sync_checkpoint,
+                target_schema=schema,
+                source_table=name,
+                last_rowid=last_rowid,
+                last_key=last_key,
+                run_id=report.run_id,
             ),
             what="recording the checkpoint",
         )

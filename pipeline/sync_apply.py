@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 import asyncpg
+import structlog
 
 from core import bookkeeping
 from core.digest import digests, key_position
@@ -28,6 +29,8 @@ from stages.batch import Batch
 from stages.extract import fetch_rows, variable_limit
 from stages.load import LoadContext, quarantine_records
 from stages.transform import key_of, transform_batch
+
+log = structlog.get_logger("flux_migrate")
 
 # Conflict kinds recorded in flux_migrate.conflicts (stable names, documented).
 CHANGED_IN_BOTH = "changed_in_both"  # source changed, PostgreSQL row changed by someone else
@@ -113,6 +116,7 @@ class Applier:
                 return await self._upsert(conn, batch)
 
         done = await self.target.retrying(commit, what=f"syncing {self.table.name}")
+        log.info("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
         report.inserted += done.inserted
         report.updated += done.updated
         report.quarantined += done.quarantined
@@ -235,6 +239,7 @@ class Applier:
         deleted, conflicts = await self.target.retrying(
             commit, what=f"deleting from {self.table.name}"
         )
+        log.info("sync_batch", table=self.table.name, rows=len(keys), kind="delete")
         report.deleted += deleted
         report.conflicts += conflicts
 

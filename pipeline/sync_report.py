@@ -12,10 +12,12 @@ from pipeline.sync import SyncReport
 
 def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None) -> int:
     """Print per table what sync did (or would do), then the conflicts by name; return the
-    number of rows this sync quarantined."""
+    number of source rows quarantined and not loaded."""
     out = out or sys.stdout
     if report.dry_run:
-        rows = [("table", "scanned", "would insert", "would update", "would delete")]
+        rows: list[tuple[str, ...]] = [
+            ("table", "scanned", "would insert", "would update", "would delete")
+        ]
         for name, p in report.plans.items():
             rows.append(
                 (
@@ -30,7 +32,7 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
         out.write("Dry run: nothing was written.\n")
         return 0
     header = ("table", "scanned", "inserted", "updated", "deleted", "conflicts", "quarantined")
-    table = [header + ("seconds",)]
+    table: list[tuple[str, ...]] = [header + ("seconds",)]
     for name, t in report.tables.items():
         counts = (t.scanned, t.inserted, t.updated, t.deleted, len(t.conflicts), t.quarantined)
         table.append((name, *(f"{n:,}" for n in counts), f"{t.seconds:.1f}"))
@@ -45,11 +47,16 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
         )
         for name, key, kind in conflicts[:show]:
             out.write(f"  {name} {printable(key)}: {kind}\n")
-    return sum(t.quarantined for t in report.tables.values())
+    if report.quarantined_open:
+        out.write(
+            f"{report.quarantined_open:,} source row(s) are quarantined, not loaded; list them"
+            " with `flux-migrate quarantine`, fix them in the source and sync again.\n"
+        )
+    return report.quarantined_open
 
 
 def sync_exit_code(report: SyncReport, quarantined: int) -> int:
-    """4 when rows are in conflict, 3 when this sync quarantined rows, else 0."""
+    """4 when rows are in conflict, 3 when source rows stay quarantined, else 0."""
     if report.conflicts:
         return errors.EXIT_CONFLICTS
     if quarantined:
