@@ -83,7 +83,12 @@ async def sync(
                     stop.check()
                     started = time.monotonic()
                     report.plans[table.name] = await plan_table(
-                        src, target, settings.names.schema, table
+                        src,
+                        target,
+                        settings.names.schema,
+                        table,
+                        path=path,
+                        busy_timeout=settings.busy_timeout,
                     )
                     report.tables[table.name] = TableSync(
                         scanned=report.plans[table.name].scanned,

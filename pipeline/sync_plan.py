@@ -12,21 +12,29 @@ only make the common case (nothing moved) one comparison per row.
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import sqlite3
+from array import array
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import aiosqlite
-import anyio
 import asyncpg
 
 from core import bookkeeping
 from core.digest import digests, key_position
 from core.schema import Table, quote_ident
 from core.target import Target
-from stages.extract import fetch_rows
+from stages.extract import fetch_rows, source_uri
 from stages.transform import key_of
 
-WINDOW = 20_000  # source rows per window of the merge
+CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
+WORKERS = 2
+PAGE = 5_000  # rows a worker holds at a time
+_SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
 
 
 @dataclass
@@ -48,13 +56,110 @@ class TablePlan:
         return len(self.inserts) + len(self.updates) + len(self.deletes)
 
 
-def source_sql(table: Table) -> str:
-    """The source rows of a rowid window, rowid first then the table's columns."""
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    return (
-        f"SELECT rowid, {cols} FROM {quote_ident(table.name)}"
-        " WHERE rowid > ? ORDER BY rowid LIMIT ?"
+def scan_range(
+    uri: str, sql: str, lo: int, hi: int, ncols: int, at: int, busy_timeout: float
+) -> tuple[bytes, bytes, list[str]]:
+    """In a worker process: the rowids, digests (both as int64 arrays) and keys of the source
+    rows with ``lo <= rowid <= hi``, in rowid order, read on a read-only connection of its own."""
+    rowids, values = array("q"), array("q")
+    keys: list[str] = []
+    db = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
+    try:
+        db.text_factory = bytes
+        cursor = db.execute(sql, (lo, hi))
+        while rows := cursor.fetchmany(PAGE):  # a page at a time: the worker's memory is small
+            rowids.extend(r[0] for r in rows)
+            values.extend(digests(rows, ncols))
+            keys.extend(key_of(r[at + 1]) or "" for r in rows)
+    finally:
+        db.close()
+    return rowids.tobytes(), values.tobytes(), keys
+
+
+async def _ranges(src: aiosqlite.Connection, table: Table, chunk: int) -> list[tuple[int, int]]:
+    """The table's rowids cut into consecutive ranges of about ``chunk`` rows (by value, so as
+    many ranges as ``chunk``-row pieces; none for an empty table)."""
+    rows = await fetch_rows(
+        src,
+        f"SELECT count(*), min(rowid), max(rowid) FROM {quote_ident(table.name)}",
     )
+    count, low, high = rows[0]
+    if not count:
+        return []
+    pieces = -(-int(count) // chunk)
+    span = -(-(int(high) - int(low) + 1) // pieces)
+    return [(lo, min(lo + span - 1, int(high))) for lo in range(int(low), int(high) + 1, span)]
+
+
+async def plan_table(
+    src: aiosqlite.Connection,
+    target: Target,
+    schema: str,
+    table: Table,
+    *,
+    path: Path,
+    busy_timeout: float = 10.0,
+    chunk: int = CHUNK,
+) -> TablePlan:
+    """Merge the table's source rows with its stored digests; return what changed.
+
+    The source is read and digested in worker processes (one rowid range each, on a read-only
+    connection of its own: with the app stopped, one consistent state; with a live app, each
+    range as it was when read, and what changed meanwhile is left to the next sync), while this
+    process reads the stored digests of the same range and merges. Blocks until the whole table
+    is read; writes nothing. Cancellation leaves nothing behind (it only reads).
+    """
+    at = key_position(table.column_names, table.primary_key)
+    assert at is not None, table.name
+    ncols = len(table.column_names)
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    sql = (
+        f"SELECT rowid, {cols} FROM {quote_ident(table.name)}"
+        " WHERE rowid >= ? AND rowid <= ? ORDER BY rowid"
+    )
+    plan = TablePlan(table)
+    src_odd: dict[str, tuple[int, int]] = {}  # key -> (rowid, digest), not matched by rowid
+    stored_odd: dict[str, tuple[int, int]] = {}
+    ranges = await _ranges(src, table, chunk)
+    uri, timeout = source_uri(path), busy_timeout
+    loop = asyncio.get_running_loop()
+    # A table of one range is read in a thread: starting worker processes costs more.
+    pool: Executor = (
+        ProcessPoolExecutor(max_workers=WORKERS, mp_context=_SPAWN)
+        if len(ranges) > 1
+        else ThreadPoolExecutor(max_workers=1)
+    )
+    with pool:
+        jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
+
+        def submit(k: int) -> None:
+            if k < len(ranges):
+                lo, hi = ranges[k]
+                jobs[k] = loop.run_in_executor(
+                    pool, scan_range, uri, sql, lo, hi, ncols, at, timeout
+                )
+
+        for k in range(WORKERS):  # at most WORKERS ranges read ahead: memory stays bounded
+            submit(k)
+        after = -(2**63)  # the first window takes every digest below it too
+        for n, (_lo, hi) in enumerate(ranges):
+            last = n == len(ranges) - 1
+            stored = await _stored_window(target, schema, table.name, after, None if last else hi)
+            rowids_b, values_b, keys = await jobs.pop(n)
+            submit(n + WORKERS)
+            rowids, values = array("q"), array("q")
+            rowids.frombytes(rowids_b)
+            values.frombytes(values_b)
+            _merge_window(rowids, values, keys, stored, plan, src_odd, stored_odd)
+            plan.scanned += len(rowids)
+            if len(rowids):
+                plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
+            after = hi
+    if not ranges:  # an empty source table: every stored digest is a delete
+        stored = await _stored_window(target, schema, table.name, -(2**63), None)
+        _merge_window(array("q"), array("q"), [], stored, plan, src_odd, stored_odd)
+    _resolve_by_key(plan, src_odd, stored_odd)
+    return plan
 
 
 async def _stored_window(
@@ -68,44 +173,11 @@ async def _stored_window(
     return await target.retrying(fetch, what=f"reading the digests of {table}")
 
 
-async def plan_table(
-    src: aiosqlite.Connection, target: Target, schema: str, table: Table, *, window: int = WINDOW
-) -> TablePlan:
-    """Merge the table's source rows with its stored digests; return what changed.
-
-    Blocks for one read of the whole source table and of its digests; holds no transaction
-    open between windows. Cancellation leaves nothing behind (it only reads).
-    """
-    at = key_position(table.column_names, table.primary_key)
-    assert at is not None, table.name
-    ncols = len(table.column_names)
-    sql = source_sql(table)
-    plan = TablePlan(table)
-    src_odd: dict[str, tuple[int, int]] = {}  # key -> (rowid, digest), not matched by rowid
-    stored_odd: dict[str, tuple[int, int]] = {}
-    after = 0
-    while True:
-        rows = await fetch_rows(src, sql, (after, window))
-        upto = rows[-1][0] if len(rows) == window else None
-        stored = await _stored_window(target, schema, table.name, after, upto)
-        values = await anyio.to_thread.run_sync(digests, rows, ncols)
-        _merge_window(rows, values, stored, at, plan, src_odd, stored_odd)
-        plan.scanned += len(rows)
-        if rows:
-            plan.last_rowid = rows[-1][0]
-            plan.last_key = key_of(rows[-1][at + 1])
-        if upto is None:
-            break
-        after = upto
-    _resolve_by_key(plan, src_odd, stored_odd)
-    return plan
-
-
 def _merge_window(
-    rows: list[tuple[Any, ...]],
-    values: list[int],
+    rowids: Sequence[int],
+    values: Sequence[int],
+    keys: Sequence[str],
     stored: list[asyncpg.Record],
-    at: int,
     plan: TablePlan,
     src_odd: dict[str, tuple[int, int]],
     stored_odd: dict[str, tuple[int, int]],
@@ -113,25 +185,23 @@ def _merge_window(
     """Compare one window: same rowid and digest is unchanged, same rowid and key with another
     digest is an update; everything else is set aside to be matched by key."""
     i = j = 0
-    n, m = len(rows), len(stored)
+    n, m = len(rowids), len(stored)
     updates = plan.updates
     while i < n or j < m:
-        if j >= m or (i < n and rows[i][0] < stored[j][0]):
-            row = rows[i]
-            src_odd[key_of(row[at + 1]) or ""] = (row[0], values[i])
+        if j >= m or (i < n and rowids[i] < stored[j][0]):
+            src_odd[keys[i]] = (rowids[i], values[i])
             i += 1
-        elif i >= n or rows[i][0] > stored[j][0]:
+        elif i >= n or rowids[i] > stored[j][0]:
             rec = stored[j]
             stored_odd[rec[1]] = (rec[0], rec[2])
             j += 1
         else:
-            row, rec = rows[i], stored[j]
+            rec = stored[j]
             if values[i] != rec[2]:
-                key = key_of(row[at + 1]) or ""
-                if key == rec[1]:
-                    updates.append(row[0])
+                if keys[i] == rec[1]:
+                    updates.append(rowids[i])
                 else:
-                    src_odd[key] = (row[0], values[i])
+                    src_odd[keys[i]] = (rowids[i], values[i])
                     stored_odd[rec[1]] = (rec[0], rec[2])
             i += 1
             j += 1
