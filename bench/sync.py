@@ -17,6 +17,7 @@ RENAMED = 1_000
 APPENDED = 1_000
 DELETED = 100
 NEW = 1_000
+NEW_SESSION = "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES"
 
 
 def app_changes(path: Path, *, seed: int = 11) -> dict[str, int]:
@@ -46,7 +47,7 @@ def app_changes(path: Path, *, seed: int = 11) -> dict[str, int]:
             db.execute("DELETE FROM sessions WHERE id = ?", (k,))
         for i in range(NEW):
             k = str(uuid.uuid4())
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, '{}')", (k, f"new {i}", now, now))
+            db.execute(NEW_SESSION + " (?, ?, ?, ?, '{}')", (k, f"new {i}", now, now))
             db.execute(
                 "INSERT INTO messages VALUES (?, ?, 'user', 'hello', '{}', ?)",
                 (str(uuid.uuid4()), k, now),

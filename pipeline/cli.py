@@ -172,7 +172,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pipeline.sync import sync
 
     settings = _settings(args, batch_size=args.batch_size)
-    configure(args.log_format)
+    configure_for(args)
     report = run_async(lambda: sync(settings, dry_run=args.dry_run))
     quarantined = print_sync(report, show=args.show)
     return sync_exit_code(report, quarantined)

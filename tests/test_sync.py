@@ -22,6 +22,7 @@ from pipeline.sync import sync
 from tests.support import cli, source_rows, start_cli, target_rows
 
 NOW = "2026-01-02T03:04:05+00:00"
+NEW_SESSION = "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES"
 
 
 def _copy(sample_db: Path, tmp_path: Path) -> Path:
@@ -48,7 +49,7 @@ def _app_changes(path: Path) -> None:
     db.execute("DELETE FROM messages WHERE session_id = ?", (ids[2],))
     db.execute("DELETE FROM sessions WHERE id = ?", (ids[2],))
     new = str(uuid.uuid4())
-    db.execute("INSERT INTO sessions VALUES (?, 'new', ?, ?, '{}')", (new, NOW, NOW))
+    db.execute(NEW_SESSION + " (?, 'new', ?, ?, '{}')", (new, NOW, NOW))
     for who in (new, ids[3]):
         db.execute(
             "INSERT INTO messages VALUES (?, ?, 'user', 'hello', '{}', ?)",
@@ -116,7 +117,7 @@ async def test_conflict_rules(sample_db: Path, pg_dsn: str, tmp_path: Path) -> N
     app_row = str(uuid.uuid4())
     await _pg(
         pg_dsn,
-        "INSERT INTO sessions VALUES ($1, 'app', now(), now(), '{}')",
+        "INSERT INTO sessions (id, title, created_at, updated_at) VALUES ($1, 'app', now(), now())",
         app_row,
     )
     db.execute("UPDATE sessions SET title = 'sqlite side' WHERE id = ?", (b,))
@@ -192,7 +193,7 @@ async def test_quarantined_row_fixed_later_is_resolved(
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid DESC LIMIT 1").fetchone()[0]
     new = str(uuid.uuid4())
-    db.execute("INSERT INTO sessions VALUES (?, 'bad', 'not a time', ?, '{}')", (new, NOW))
+    db.execute(NEW_SESSION + " (?, 'bad', 'not a time', ?, '{}')", (new, NOW))
     db.execute("UPDATE sessions SET title = 'ok' WHERE id = ?", (key,))
     db.commit()
     args = ["sync", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
@@ -289,7 +290,7 @@ async def test_any_source_changes_then_sync_yield_target_equal_source(
         sessions = [r[0] for r in db.execute("SELECT id FROM sessions")]
         messages = [r[0] for r in db.execute("SELECT id FROM messages")]
         if op == "insert":
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, '{}')", (str(n), str(n), NOW, NOW))
+            db.execute(NEW_SESSION + " (?, ?, ?, ?, '{}')", (str(n), str(n), NOW, NOW))
         elif op == "update" and messages:
             db.execute(
                 "UPDATE messages SET content = ? WHERE id = ?",
