@@ -8,10 +8,14 @@ each); the first sessions (the source's identity) are left alone.
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
+import subprocess
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 RENAMED = 1_000
 APPENDED = 1_000
@@ -79,3 +83,36 @@ def sync_cmd(py: str, source: Path, dsn: str, *extra: str) -> list[str]:
         "json",
         *extra,
     ]
+
+
+def sync_figures(
+    source: Path, dsn: str, py: str, measure: Callable[[list[str]], Any], run_cmd: list[str]
+) -> dict[str, Any]:
+    """In one database: the bulk run of a copy of ``source``, an idle sync, the stated app
+    changes, the final sync, then `verify --quick`; wall seconds and peak RSS of each."""
+    live = source.with_name(source.stem + "-live.sqlite")
+    shutil.copy(source, live)
+    try:
+        bulk = measure(run_cmd)
+        idle = measure(sync_cmd(py, live, dsn))
+        changes = app_changes(live)
+        final = measure(sync_cmd(py, live, dsn))
+        verified = subprocess.run(
+            [py, "-m", "pipeline", "verify", "--quick", "--sqlite-path", str(live)]
+            + ["--postgres-dsn", dsn],
+            capture_output=True,
+            check=False,
+        ).returncode
+    finally:
+        live.unlink(missing_ok=True)
+    return {
+        "changes": changes,
+        "bulk_run_wall_s": round(bulk.wall, 2),
+        "bulk_run_rss_mb": round(bulk.rss_mb),
+        "idle_sync_wall_s": round(idle.wall, 2),
+        "idle_sync_rss_mb": round(idle.rss_mb),
+        "final_sync_wall_s": round(final.wall, 2),
+        "final_sync_rss_mb": round(final.rss_mb),
+        "final_vs_bulk_pct": round(100 * final.wall / bulk.wall, 1),
+        "verify_quick_exit": verified,
+    }

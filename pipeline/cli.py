@@ -168,8 +168,8 @@ def _add_sync(sub: Any) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     """`sync`: catch the target up with the source; exit 0, 3 (rows quarantined) or 4
     (conflicts: rows changed in both, left as PostgreSQL has them)."""
-    from pipeline.sync_report import print_sync, sync_exit_code
     from pipeline.sync import sync
+    from pipeline.sync_report import print_sync, sync_exit_code
 
     settings = _settings(args, batch_size=args.batch_size)
     configure_for(args)
