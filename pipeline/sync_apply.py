@@ -11,8 +11,10 @@ plan, so a sync killed at any moment and rerun converges.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiosqlite
@@ -21,7 +23,7 @@ import structlog
 
 from core import bookkeeping
 from core.digest import digests, key_position
-from core.schema import TABLES, Table, TargetNames, quote_ident
+from core.schema import TABLES, Kind, Table, TargetNames, quote_ident
 from core.target import Target
 from pipeline.requeue import read_rowids
 from pipeline.settings import Settings
@@ -149,6 +151,12 @@ class Applier:
             if keys[i] not in inserted:
                 out.conflicts.append((keys[i], INSERTED_IN_BOTH))
         done = [i for i in inserts if keys[i] in inserted]
+        adopted = await self._adopt_equal(conn, batch, keys, out.conflicts)
+        adopted_keys = {keys[i] for i in adopted}
+        out.conflicts = [c for c in out.conflicts if c[0] not in adopted_keys]
+        new_digests = [i for i in adopted if own.get(keys[i]) is None]
+        done += new_digests
+        updates += [i for i in adopted if own.get(keys[i]) is not None]
         await bookkeeping.write_digests(
             conn, [(schema, name, keys[i], batch.raw[i][0], values[i]) for i in done]
         )
@@ -214,6 +222,41 @@ class Applier:
             [keys[i] for i in inserts],
         )
         return {r["key"] for r in written}
+
+    async def _adopt_equal(
+        self,
+        conn: asyncpg.Connection,
+        batch: Batch,
+        keys: list[str],
+        conflicts: list[tuple[str, str]],
+    ) -> list[int]:
+        """Of the rows in conflict whose PostgreSQL row holds exactly what the source row
+        converts to (both sides made the same change): make them flux-migrate's again (the
+        target row is rewritten unchanged, so its xmin pairs with the digest written with it)
+        and return their positions."""
+        wanted = {k for k, kind in conflicts if kind in (CHANGED_IN_BOTH, INSERTED_IN_BOTH)}
+        if not wanted:
+            return []
+        pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
+        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        found = {
+            r[0] if isinstance(r[0], str) else str(r[0]): tuple(r)
+            for r in await conn.fetch(
+                f"SELECT {cols} FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+                sorted(wanted),
+            )
+        }
+        equal = [
+            i
+            for i, key in enumerate(keys)
+            if key in found and _same(self.table, found[key], batch.rows[i])
+        ]
+        if equal:
+            await conn.execute(
+                f"UPDATE {target} SET {pk} = {pk} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+                [keys[i] for i in equal],
+            )
+        return equal
 
     async def _quarantine(self, conn: asyncpg.Connection, batch: Batch) -> int:
         """Quarantine the batch's rejects not already quarantined (by key); return how many."""
@@ -323,3 +366,22 @@ class _Upserted:
     quarantined: int = 0
     resolved: int = 0
     conflicts: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _same(table: Table, target_row: tuple[Any, ...], source_row: tuple[Any, ...]) -> bool:
+    """Whether a target row holds the values a converted source row would write (JSON
+    compared parsed, with exact numbers; everything else as PostgreSQL returns it)."""
+    for column, a, b in zip(table.columns, target_row, source_row, strict=True):
+        if column.kind in (Kind.JSON, Kind.JSON_VALUE) and a is not None and b is not None:
+            if _json(a) != _json(b):
+                return False
+        elif isinstance(b, bytes) and isinstance(a, str):
+            if a.encode() != b:
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def _json(text: str | bytes) -> Any:
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)

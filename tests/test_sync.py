@@ -162,6 +162,28 @@ def _renumber_messages(db: sqlite3.Connection) -> None:
 
 
 @pytest.mark.anyio
+async def test_same_change_on_both_sides_is_adopted(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A row changed identically in SQLite and PostgreSQL is no conflict: sync adopts it, and
+    the source's next change to it is applied again."""
+    path = _copy(sample_db, tmp_path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 5").fetchone()[0]
+    await _pg(pg_dsn, "UPDATE sessions SET title = 'same' WHERE id = $1", key)
+    db.execute("UPDATE sessions SET title = 'same' WHERE id = ?", (key,))
+    db.commit()
+    assert [] == (await sync(_settings(path, pg_dsn))).conflicts
+    db.execute("UPDATE sessions SET title = 'later' WHERE id = ?", (key,))
+    db.commit()
+    db.close()
+    again = await sync(_settings(path, pg_dsn))
+    assert ([], 1) == (again.conflicts, again.tables["sessions"].updated)
+    await _equal(path, pg_dsn)
+
+
+@pytest.mark.anyio
 async def test_vacuum_between_run_and_sync_converges(
     sample_db: Path, pg_dsn: str, tmp_path: Path
 ) -> None:
