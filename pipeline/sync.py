@@ -191,6 +191,7 @@ async def _apply(
             await applier.upsert(changed[i : i + size], treport)
         for i in range(0, len(plan.moves), size):
             await applier.move(plan.moves[i : i + size], treport)
+        await applier.resolve_gone(treport)
         treport.seconds += time.monotonic() - started
     for table in reversed(tables):
         plan, treport = report.plans[table.name], report.tables[table.name]

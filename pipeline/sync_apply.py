@@ -118,7 +118,7 @@ class Applier:
                 return await self._upsert(conn, batch)
 
         done = await self.target.retrying(commit, what=f"syncing {self.table.name}")
-        log.info("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
+        log.debug("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
         report.inserted += done.inserted
         report.updated += done.updated
         report.quarantined += done.quarantined
@@ -173,7 +173,7 @@ class Applier:
             conn,
             schema,
             name,
-            loaded=len(done) + out.resolved,
+            loaded=len(done),
             quarantined=out.quarantined - out.resolved,
         )
         out.inserted, out.updated = len(done), len(updates)
@@ -282,7 +282,7 @@ class Applier:
         deleted, conflicts = await self.target.retrying(
             commit, what=f"deleting from {self.table.name}"
         )
-        log.info("sync_batch", table=self.table.name, rows=len(keys), kind="delete")
+        log.debug("sync_batch", table=self.table.name, rows=len(keys), kind="delete")
         report.deleted += deleted
         report.conflicts += conflicts
 
@@ -345,6 +345,31 @@ class Applier:
             )
             found |= {key_of(r[0]) or "" for r in rows}
         return found
+
+    # ------------------------------------------------------------ quarantined rows gone
+
+    async def resolve_gone(self, report: TableSync) -> None:
+        """Mark resolved the quarantined rows whose key the source no longer holds."""
+        schema, name = self.names.schema, self.table.name
+        open_keys = await self.target.retrying(
+            lambda c: bookkeeping.unresolved_keys(c, schema, name), what="reading the quarantine"
+        )
+        present = await self._in_source(sorted(open_keys))
+        gone = sorted(open_keys - present)
+        if not gone:
+            return
+
+        async def commit(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                n = await bookkeeping.resolve_quarantine_keys(
+                    conn, schema, name, gone, "source_row_gone"
+                )
+                await bookkeeping.account_sync(
+                    conn, schema, name, loaded=0, quarantined=-n, skipped=n
+                )
+                return n
+
+        report.resolved += await self.target.retrying(commit, what="resolving the quarantine")
 
     # ------------------------------------------------------------ moved rowids
 

@@ -80,6 +80,8 @@ async def test_sync_applies_every_kind_of_change_then_idles(
     second = await sync(_settings(path, pg_dsn))
     assert second.idle
     assert [] == second.conflicts
+    rerun = await migrate(_settings(path, pg_dsn))  # a run after sync: nothing new, counts add up
+    assert all(t.up_to_date for t in rerun.tables.values())
 
 
 @pytest.mark.anyio
@@ -216,12 +218,14 @@ async def test_quarantined_row_fixed_later_is_resolved(
     key = db.execute("SELECT id FROM sessions ORDER BY rowid DESC LIMIT 1").fetchone()[0]
     new = str(uuid.uuid4())
     db.execute(NEW_SESSION + " (?, 'bad', 'not a time', ?, '{}')", (new, NOW))
+    db.execute(NEW_SESSION + " ('doomed', 'bad', 'never', ?, '{}')", (NOW,))
     db.execute("UPDATE sessions SET title = 'ok' WHERE id = ?", (key,))
     db.commit()
     args = ["sync", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
     assert 3 == cli(*args).returncode
     assert 3 == cli(*args).returncode  # still quarantined, not quarantined twice
     db.execute("UPDATE sessions SET created_at = ? WHERE id = ?", (NOW, new))
+    db.execute("DELETE FROM sessions WHERE id = 'doomed'")
     db.commit()
     db.close()
     assert EXIT_OK == cli(*args).returncode
@@ -231,7 +235,9 @@ async def test_quarantined_row_fixed_later_is_resolved(
         states = await conn.fetch("SELECT resolution FROM flux_migrate.quarantine")
     finally:
         await conn.close()
-    assert ["loaded"] == [r["resolution"] for r in states]
+    assert ["loaded", "source_row_gone"] == sorted(r["resolution"] for r in states)
+    rerun = await migrate(_settings(path, pg_dsn))  # the run's accounting agrees with sync's
+    assert all(t.up_to_date for t in rerun.tables.values())
 
 
 def _kill_after(args: list[str], event: str, count: int) -> None:
