@@ -419,10 +419,15 @@ async def write_digests(conn: asyncpg.Connection, records: Sequence[tuple[Any, .
 
 
 async def ensure_digest_index(conn: asyncpg.Connection) -> None:
-    """The index by key of the row digests, built once after a bulk load (not during it)."""
+    """The indexes of the row digests, by key and by source rowid, built once after a bulk
+    load (a load into an unindexed table is cheaper than keeping them up to date)."""
     await conn.execute(
         f"CREATE INDEX IF NOT EXISTS row_digests_key ON {DIGESTS}"
         " (target_schema, source_table, key)"
+    )
+    await conn.execute(
+        f"CREATE INDEX IF NOT EXISTS row_digests_rowid ON {DIGESTS}"
+        " (target_schema, source_table, source_rowid)"
     )
 
 

@@ -464,14 +464,12 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.quarantine (
 CREATE INDEX IF NOT EXISTS quarantine_table_rowid
     ON {BOOKKEEPING_SCHEMA}.quarantine (target_schema, source_table, source_rowid);
 CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.row_digests (
-    target_schema text NOT NULL,
-    source_table text NOT NULL,
-    key text NOT NULL,
+    target_schema text COLLATE "C" NOT NULL,
+    source_table text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
     source_rowid bigint NOT NULL,
     digest bigint NOT NULL
 );
-CREATE INDEX IF NOT EXISTS row_digests_rowid
-    ON {BOOKKEEPING_SCHEMA}.row_digests (target_schema, source_table, source_rowid);
 CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.conflicts (
     target_schema text NOT NULL,
     source_table text NOT NULL,

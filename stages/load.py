@@ -89,16 +89,21 @@ def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[An
 
 
 def digest_records(
-    ctx: LoadContext, raw: list[tuple[Any, ...]], skipped: set[str] | None = None
+    ctx: LoadContext,
+    raw: list[tuple[Any, ...]],
+    skipped: set[str] | None = None,
+    values: list[int] | None = None,
 ) -> list[tuple[Any, ...]]:
     """The row_digests records of the source rows ``raw`` written to the target (all but the
-    ``skipped`` keys), in DIGEST_COLUMNS order; none for a table without a one-column key."""
+    ``skipped`` keys), in DIGEST_COLUMNS order; none for a table without a one-column key.
+    ``values`` are the rows' digests when transform computed them already."""
     table = ctx.table
     at = key_position(table.column_names, table.primary_key)
     if at is None:
         return []
     schema, name = ctx.names.schema, table.name
-    values = digests(raw, len(table.column_names))
+    if values is None:
+        values = digests(raw, len(table.column_names))
     records = [(schema, name, key_of(r[at + 1]), r[0], d) for r, d in zip(raw, values, strict=True)]
     if skipped:
         records = [r for r in records if r[2] not in skipped]
@@ -110,10 +115,11 @@ async def _copy(
     ctx: LoadContext,
     rows: list[tuple[Any, ...]],
     raw: list[tuple[Any, ...]],
+    values: list[int] | None = None,
 ) -> set[str]:
-    """Write ``rows`` and the digests of their source rows ``raw`` (same positions), in the
-    current (sub)transaction; return the keys left alone because they already existed (skip
-    mode)."""
+    """Write ``rows`` and the digests of their source rows ``raw`` (same positions; ``values``
+    when computed already), in the current (sub)transaction; return the keys left alone
+    because they already existed (skip mode)."""
     if ctx.on_conflict == "error":
         await conn.copy_records_to_table(
             ctx.names.table(ctx.table.name),
@@ -121,7 +127,7 @@ async def _copy(
             columns=ctx.table.column_names,
             schema_name=ctx.names.schema,
         )
-        await bookkeeping.write_digests(conn, digest_records(ctx, raw))
+        await bookkeeping.write_digests(conn, digest_records(ctx, raw, values=values))
         return set()
     stage = quote_ident(ctx.stage_table)
     target = ctx.names.qualified(ctx.table.name)
@@ -149,7 +155,7 @@ async def _copy(
     skipped = {
         k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done
     }
-    await bookkeeping.write_digests(conn, digest_records(ctx, raw, skipped))
+    await bookkeeping.write_digests(conn, digest_records(ctx, raw, skipped, values))
     return skipped
 
 
@@ -253,7 +259,7 @@ async def _write_rows(
         return [], set()
     if isolate:
         return await copy_isolating(conn, ctx, batch.rows, batch.raw)
-    return [], await _copy(conn, ctx, batch.rows, batch.raw)
+    return [], await _copy(conn, ctx, batch.rows, batch.raw, batch.digests)
 
 
 async def _write_bookkeeping(
