@@ -448,7 +448,8 @@ def ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
     the digest row's: both were written in one transaction and nobody rewrote the target row
     since). Locks the digest rows until the transaction ends."""
     return (
-        f"SELECT d.key, d.digest, t.{pk} IS NOT NULL AS present, t.xmin = d.xmin AS ours"
+        f"SELECT d.key, d.digest, t.{pk} IS NOT NULL AS present,"
+        " t.xmin = coalesce(d.written_xmin, d.xmin) AS ours"
         f" FROM {DIGESTS} d LEFT JOIN {qualified} t ON t.{pk} = d.key::{pk_type}"
         " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = ANY($3::text[])"
         " FOR UPDATE OF d"
@@ -460,13 +461,21 @@ async def set_digests(
     target_schema: str,
     source_table: str,
     rows: Sequence[tuple[str, int, int]],
+    *,
+    rewritten: bool,
 ) -> None:
-    """Point the digests of keys (key, source rowid, digest) at their new rowid and digest."""
+    """Point the digests of keys (key, source rowid, digest) at their new rowid and digest.
+
+    ``rewritten``: their target rows were written in this transaction too (the digest row's
+    own xmin pairs with them again); otherwise only the bookkeeping moves, and the xmin it was
+    paired with is kept in ``written_xmin``."""
     if not rows:
         return
     keys, rowids, values = zip(*rows, strict=True)
+    pairing = "NULL" if rewritten else "coalesce(d.written_xmin, d.xmin)"
     await conn.execute(
-        f"UPDATE {DIGESTS} d SET source_rowid = u.rowid, digest = u.digest"
+        f"UPDATE {DIGESTS} d SET source_rowid = u.rowid, digest = u.digest,"
+        f" written_xmin = {pairing}"
         " FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(key, rowid, digest)"
         " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = u.key",
         target_schema,

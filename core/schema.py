@@ -468,7 +468,8 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.row_digests (
     source_table text COLLATE "C" NOT NULL,
     key text COLLATE "C" NOT NULL,
     source_rowid bigint NOT NULL,
-    digest bigint NOT NULL
+    digest bigint NOT NULL,
+    written_xmin xid
 );
 CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.conflicts (
     target_schema text NOT NULL,

@@ -160,8 +160,13 @@ class Applier:
         await bookkeeping.write_digests(
             conn, [(schema, name, keys[i], batch.raw[i][0], values[i]) for i in done]
         )
+        await bookkeeping.set_digests(conn, schema, name, moved, rewritten=False)
         await bookkeeping.set_digests(
-            conn, schema, name, moved + [(keys[i], batch.raw[i][0], values[i]) for i in updates]
+            conn,
+            schema,
+            name,
+            [(keys[i], batch.raw[i][0], values[i]) for i in updates],
+            rewritten=True,
         )
         written = [keys[i] for i in done + updates]
         out.resolved = await bookkeeping.resolve_quarantine_keys(
@@ -378,7 +383,7 @@ class Applier:
         schema, name = self.names.schema, self.table.name
 
         async def commit(conn: asyncpg.Connection) -> None:
-            await bookkeeping.set_digests(conn, schema, name, moves)
+            await bookkeeping.set_digests(conn, schema, name, moves, rewritten=False)
 
         await self.target.retrying(commit, what=f"recording moved rows of {name}")
         report.moved += len(moves)

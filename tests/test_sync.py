@@ -204,6 +204,13 @@ async def test_vacuum_between_run_and_sync_converges(
     await _equal(path, pg_dsn)
     assert report.tables["messages"].moved > 1000
     assert (await sync(_settings(path, pg_dsn))).idle
+    db = sqlite3.connect(path)
+    db.execute("UPDATE messages SET content = 'after the move' WHERE rowid = 1000")
+    db.commit()
+    db.close()
+    later = await sync(_settings(path, pg_dsn))  # a moved row is still flux-migrate's to update
+    assert ([], 1) == (later.conflicts, later.tables["messages"].updated)
+    await _equal(path, pg_dsn)
 
 
 @pytest.mark.anyio
