@@ -21,11 +21,11 @@ import structlog
 from core import bookkeeping as ckpt
 from core.digest import key_position
 from core.errors import TargetError
-from core.schema import TABLES, Table
+from core.schema import Table
 from core.source import check_source, source_snapshot
 from core.target import Target
 from pipeline.preflight import check_fingerprint
-from pipeline.runner import holding_migration_lock
+from pipeline.runner import holding_migration_lock, resolve_run_mapping
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from pipeline.sync_apply import Applier, TableSync
@@ -59,23 +59,27 @@ async def sync(
     *,
     dry_run: bool = False,
     stop: StopFlag | None = None,
-    tables: Sequence[Table] = TABLES,
+    tables: Sequence[Table] | None = None,
     run_id: str | None = None,
 ) -> SyncReport:
     """Bring the target up to date with the source; raise MigrateError with a sentence.
 
-    ``tables`` in load order (parents first), each keyed by its one-column primary key. Safe to
+    ``tables`` in load order (parents first; default: the settings' mapping, as `run` loads),
+    each keyed by its one-column primary key. Safe to
     kill at any point: each batch commits with its digests, and a rerun plans again from them.
     """
     report = SyncReport(run_id=run_id or uuid.uuid4().hex[:12], dry_run=dry_run)
     stop = stop or StopFlag()
     path = settings.require_source()
+    if tables is None:
+        settings = await resolve_run_mapping(settings, path)  # the tables `run` loads
+    tables = tuple(tables if tables is not None else settings.tables)
     target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
     structlog.contextvars.bind_contextvars(run_id=report.run_id)
     try:
         async with open_source(path, busy_timeout=settings.busy_timeout) as src:
-            await check_source(src, path)
-            _bounds, identity = await source_snapshot(src, path)
+            await check_source(src, path, tables)
+            _bounds, identity = await source_snapshot(src, path, tables)
             async with holding_migration_lock(target.dsn, target, settings.names.schema):
                 await _preflight(src, target, settings, identity, tables)
                 log.info("sync_started", target=settings.names.schema, dry_run=dry_run)
@@ -172,7 +176,9 @@ async def _apply(
                     what="reading the quarantine",
                 )
             )
-        appliers[table.name] = Applier(src, target, settings, table, report.run_id, missing)
+        appliers[table.name] = Applier(
+            src, target, settings, table, report.run_id, missing, children=_children(table, tables)
+        )
     for table in tables:
         plan, treport, applier = (
             report.plans[table.name],
@@ -220,3 +226,17 @@ async def _apply(
             deleted=treport.deleted,
             conflicts=len(treport.conflicts),
         )
+
+
+def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str], ...]:
+    """The (table, column) pairs whose one-column foreign key references ``parent``."""
+    out: list[tuple[Table, str]] = []
+    for t in tables:
+        if t.parent == parent.name and t.parent_column is not None:
+            out.append((t, t.parent_column))
+        out += [
+            (t, fk.columns[0])
+            for fk in t.foreign_keys
+            if fk.parent == parent.name and len(fk.columns) == 1
+        ]
+    return tuple(out)

@@ -23,7 +23,7 @@ import structlog
 
 from core import bookkeeping
 from core.digest import digests, key_position
-from core.schema import TABLES, Kind, Table, TargetNames, quote_ident
+from core.schema import Kind, Table, TargetNames, quote_ident
 from core.target import Target
 from pipeline.requeue import read_rowids
 from pipeline.settings import Settings
@@ -71,6 +71,7 @@ class Applier:
     table: Table
     run_id: str
     missing_parents: frozenset[str] = frozenset()
+    children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
 
     @property
     def names(self) -> TargetNames:
@@ -323,10 +324,8 @@ class Applier:
         found: set[str] = set()
         if not keys:
             return found
-        for child in TABLES:
-            if child.parent != self.table.name or child.parent_column is None:
-                continue
-            column = quote_ident(child.parent_column)
+        for child, name in self.children:
+            column = quote_ident(name)
             rows = await conn.fetch(
                 f"SELECT DISTINCT {column}::text AS key FROM {self.names.qualified(child.name)}"
                 f" WHERE {column} = ANY($1::text[]::{self.pk_type}[])",
