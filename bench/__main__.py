@@ -258,6 +258,18 @@ async def _loaded(dsn: str) -> int:
         await conn.close()
 
 
+def sync_bench(source: Path, admin: str) -> dict[str, Any]:
+    """Bulk run, idle sync, the stated app changes and the final sync, in one database."""
+    from bench.sync import sync_figures
+
+    dsn = fresh_db(admin, "bench_sync")
+    try:
+        live = source.with_name(source.stem + "-live.sqlite")
+        return sync_figures(source, dsn, PY, measure, flux_cmd(live, dsn))
+    finally:
+        drop_db(admin, "bench_sync")
+
+
 def server(workdir: Path) -> tuple[str, Any]:
     dsn = os.environ.get("POSTGRES_DSN")
     if dsn:
@@ -368,6 +380,8 @@ def main() -> None:
             "cost_pct": round(100 * (per_batch / statistics.median(single) - 1), 1),
         }
         extras["resume_after_kill_at_90pct"] = resume_after_kill(source, admin, n_messages)
+    if not args.no_extras and "flux" in wanted:
+        extras["sync"] = sync_bench(source, admin)
 
     ceiling = contenders.get("ceiling")
     ceiling_rate = total / ceiling.median("wall") if ceiling and ceiling.runs else None
@@ -391,7 +405,21 @@ def main() -> None:
             f"| {c.name} | {c.median('wall'):.1f} ({lo:.1f}-{hi:.1f}) | {rate:,.0f} | {ratio} |"
             f" {c.median('rss_mb'):.0f} ({rlo:.0f}-{rhi:.0f}) | {c.median('cpu'):.1f} |"
         )
-    if extras:
+    if "sync" in extras:
+        sy = extras["sync"]
+        ch = sy["changes"]
+        lines += [
+            "",
+            f"Sync (app changes: {ch['sessions_renamed']:,} sessions renamed,"
+            f" {ch['messages_appended']:,} messages appended to old sessions,"
+            f" {ch['sessions_deleted']:,} sessions deleted with"
+            f" {ch['messages_deleted_with_them']:,} messages, {ch['sessions_new']:,} new"
+            f" sessions): bulk run {sy['bulk_run_wall_s']} s, idle sync {sy['idle_sync_wall_s']} s,"
+            f" final sync {sy['final_sync_wall_s']} s = {sy['final_vs_bulk_pct']}% of the bulk"
+            f" run; peak RSS {sy['final_sync_rss_mb']} MB (main process); verify --quick exit"
+            f" {sy['verify_quick_exit']}.",
+        ]
+    if "checkpoint_cost" in extras:
         cc = extras["checkpoint_cost"]
         rs = extras["resume_after_kill_at_90pct"]
         lines += [

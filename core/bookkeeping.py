@@ -1,11 +1,16 @@
-"""The bookkeeping store: checkpoints, quarantine and skipped keys, and every SQL statement
-on them (no other module writes SQL on these tables).
+"""The bookkeeping store: checkpoints, quarantine, skipped keys, row digests and conflicts, and
+every SQL statement on them (no other module writes SQL on these tables).
 
 Per target table, a checkpoint says how far the source has been loaded; it lives in
 ``flux_migrate.checkpoints`` in the target database and is updated in the same transaction as
 the rows it accounts for. ``flux_migrate.quarantine`` keeps the rows that could not be loaded
 (with their reason) until a rerun loads them; ``flux_migrate.skipped`` the keys left alone
-because they already existed (``--on-conflict skip``).
+because they already existed (``--on-conflict skip``). ``flux_migrate.row_digests`` keeps, per
+row flux-migrate wrote, its key, source rowid and the digest of the source values it came from,
+written in the same (sub)transaction as the row itself: the digest row's ``xmin`` equals the
+target row's for as long as nobody else writes that row (see pipeline/sync.py).
+``flux_migrate.conflicts`` names the rows changed both in the source and by someone else in
+PostgreSQL, which sync left alone.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS
+from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, DIGEST_COLUMNS, QUARANTINE_COLUMNS
 
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
 QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
 SKIPPED = f"{BOOKKEEPING_SCHEMA}.skipped"
+DIGESTS = f"{BOOKKEEPING_SCHEMA}.row_digests"
+CONFLICTS = f"{BOOKKEEPING_SCHEMA}.conflicts"
 SKIPPED_COLUMNS = ("run_id", "target_schema", "source_table", "source_key", "source_rowid")
 
 LOCK_SQL = (
@@ -353,7 +360,7 @@ async def list_quarantine(
 
 async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
     """Forget every checkpoint, quarantined and skipped row of one target schema."""
-    for table in (CHECKPOINTS, QUARANTINE, SKIPPED):
+    for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGESTS, CONFLICTS):
         await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
 
 
@@ -399,3 +406,232 @@ async def rows_written_since(conn: asyncpg.Connection, qualified: str, c: Checkp
             c.source_table,
         )
     )
+
+
+# ---------------------------------------------------------------- row digests and conflicts
+
+
+async def write_digests(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """Record the digests of rows just written (tuples in DIGEST_COLUMNS order), in the same
+    (sub)transaction as the rows."""
+    await conn.copy_records_to_table(
+        "row_digests", records=records, columns=DIGEST_COLUMNS, schema_name=BOOKKEEPING_SCHEMA
+    )
+
+
+async def ensure_digest_index(conn: asyncpg.Connection) -> None:
+    """The indexes of the row digests, by key and by source rowid, built once after a bulk
+    load (a load into an unindexed table is cheaper than keeping them up to date)."""
+    await conn.execute(
+        f"CREATE INDEX IF NOT EXISTS row_digests_key ON {DIGESTS}"
+        " (target_schema, source_table, key)"
+    )
+    await conn.execute(
+        f"CREATE INDEX IF NOT EXISTS row_digests_rowid ON {DIGESTS}"
+        " (target_schema, source_table, source_rowid)"
+    )
+
+
+async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {DIGESTS} WHERE target_schema = $1"
+            " AND source_table = $2)",
+            target_schema,
+            source_table,
+        )
+    )
+
+
+def ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
+    """Per key ($3 text[]): the digest flux-migrate recorded, whether the target row
+    ``qualified`` exists, and whether it is still the version flux-migrate wrote (its xmin is
+    the digest row's: both were written in one transaction and nobody rewrote the target row
+    since). Locks the digest rows until the transaction ends."""
+    return (
+        f"SELECT d.key, d.digest, t.{pk} IS NOT NULL AS present,"
+        " t.xmin = coalesce(d.written_xmin, d.xmin) AS ours"
+        f" FROM {DIGESTS} d LEFT JOIN {qualified} t ON t.{pk} = d.key::{pk_type}"
+        " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = ANY($3::text[])"
+        " FOR UPDATE OF d"
+    )
+
+
+async def set_digests(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    rows: Sequence[tuple[str, int, int]],
+    *,
+    rewritten: bool,
+) -> None:
+    """Point the digests of keys (key, source rowid, digest) at their new rowid and digest.
+
+    ``rewritten``: their target rows were written in this transaction too (the digest row's
+    own xmin pairs with them again); otherwise only the bookkeeping moves, and the xmin it was
+    paired with is kept in ``written_xmin``."""
+    if not rows:
+        return
+    keys, rowids, values = zip(*rows, strict=True)
+    pairing = "NULL" if rewritten else "coalesce(d.written_xmin, d.xmin)"
+    await conn.execute(
+        f"UPDATE {DIGESTS} d SET source_rowid = u.rowid, digest = u.digest,"
+        f" written_xmin = {pairing}"
+        " FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(key, rowid, digest)"
+        " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = u.key",
+        target_schema,
+        source_table,
+        list(keys),
+        list(rowids),
+        list(values),
+    )
+
+
+async def delete_digests(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, keys: Sequence[str]
+) -> None:
+    """Forget the digests of keys flux-migrate no longer answers for (deleted rows)."""
+    if keys:
+        await conn.execute(
+            f"DELETE FROM {DIGESTS} WHERE target_schema = $1 AND source_table = $2"
+            " AND key = ANY($3::text[])",
+            target_schema,
+            source_table,
+            list(keys),
+        )
+
+
+async def record_conflicts(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    conflicts: Sequence[tuple[str, str]],
+    run_id: str,
+) -> None:
+    """Record rows (key, kind) changed both in the source and by someone else in PostgreSQL."""
+    if not conflicts:
+        return
+    keys, kinds = zip(*conflicts, strict=True)
+    await conn.execute(
+        f"INSERT INTO {CONFLICTS} (target_schema, source_table, key, kind, run_id)"
+        " SELECT $1, $2, c.key, c.kind, $5 FROM unnest($3::text[], $4::text[]) AS c(key, kind)"
+        " ON CONFLICT (target_schema, source_table, key) DO UPDATE SET kind = EXCLUDED.kind,"
+        " run_id = EXCLUDED.run_id, last_seen = now()",
+        target_schema,
+        source_table,
+        list(keys),
+        list(kinds),
+        run_id,
+    )
+
+
+async def clear_conflicts(conn: asyncpg.Connection, target_schema: str, source_table: str) -> None:
+    """Forget a table's recorded conflicts (each sync finds and records the current ones)."""
+    await conn.execute(
+        f"DELETE FROM {CONFLICTS} WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+    )
+
+
+async def list_conflicts(conn: asyncpg.Connection, target_schema: str) -> list[asyncpg.Record]:
+    """Every recorded conflict of a schema (``source_table``, ``key``, ``kind``)."""
+    if not await bookkeeping_exists(conn):
+        return []
+    return list(
+        await conn.fetch(
+            f"SELECT source_table, key, kind FROM {CONFLICTS} WHERE target_schema = $1"
+            " ORDER BY source_table, key",
+            target_schema,
+        )
+    )
+
+
+async def account_sync(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    *,
+    loaded: int,
+    quarantined: int,
+    skipped: int = 0,
+) -> None:
+    """Move a table's counts by what one sync batch did (each may be negative): rows loaded or
+    deleted, quarantined or resolved, skipped as gone; ``extracted`` follows their sum."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET loaded = loaded + $3, quarantined = quarantined + $4,"
+        " skipped = skipped + $5, extracted = extracted + $3 + $4 + $5, updated_at = now()"
+        " WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+        loaded,
+        quarantined,
+        skipped,
+    )
+
+
+async def sync_checkpoint(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    *,
+    last_rowid: int,
+    last_key: str | None,
+    run_id: str,
+) -> None:
+    """After a sync of a table: the checkpoint stands at the source's last row, so a later run
+    loads only rows added after it."""
+    await conn.execute(
+        f"UPDATE {CHECKPOINTS} SET last_rowid = $3, last_key = $4, last_batch = '{{}}',"
+        " status = 'finished', run_id = $5, updated_at = now()"
+        " WHERE target_schema = $1 AND source_table = $2",
+        target_schema,
+        source_table,
+        last_rowid,
+        last_key,
+        run_id,
+    )
+
+
+async def digests_between(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    after_rowid: int,
+    upto_rowid: int | None,
+) -> list[asyncpg.Record]:
+    """The digests (``source_rowid``, ``key``, ``digest``) of a table with ``after_rowid <
+    source_rowid <= upto_rowid`` (no upper bound when None), in rowid order."""
+    return list(
+        await conn.fetch(
+            f"SELECT source_rowid, key, digest FROM {DIGESTS} WHERE target_schema = $1"
+            " AND source_table = $2 AND source_rowid > $3"
+            " AND ($4::bigint IS NULL OR source_rowid <= $4) ORDER BY source_rowid, key",
+            target_schema,
+            source_table,
+            after_rowid,
+            upto_rowid,
+        )
+    )
+
+
+async def resolve_quarantine_keys(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    keys: Sequence[str],
+    resolution: str,
+) -> int:
+    """Mark the unresolved quarantine rows of these keys resolved; return how many were."""
+    if not keys:
+        return 0
+    rows = await conn.fetch(
+        f"UPDATE {QUARANTINE} SET resolved_at = now(), resolution = $4"
+        " WHERE target_schema = $1 AND source_table = $2 AND source_key = ANY($3::text[])"
+        " AND resolved_at IS NULL RETURNING id",
+        target_schema,
+        source_table,
+        list(keys),
+        resolution,
+    )
+    return len(rows)

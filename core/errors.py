@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_QUARANTINED = 3
+EXIT_CONFLICTS = 4  # sync: rows changed both in the source and in PostgreSQL, left alone
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

@@ -463,6 +463,24 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.quarantine (
 );
 CREATE INDEX IF NOT EXISTS quarantine_table_rowid
     ON {BOOKKEEPING_SCHEMA}.quarantine (target_schema, source_table, source_rowid);
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.row_digests (
+    target_schema text COLLATE "C" NOT NULL,
+    source_table text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    source_rowid bigint NOT NULL,
+    digest bigint NOT NULL,
+    written_xmin xid
+);
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.conflicts (
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    key text NOT NULL,
+    kind text NOT NULL,
+    run_id text NOT NULL,
+    first_seen timestamptz NOT NULL DEFAULT now(),
+    last_seen timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_schema, source_table, key)
+);
 CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.skipped (
     run_id text NOT NULL,
     target_schema text NOT NULL,
@@ -484,3 +502,5 @@ QUARANTINE_COLUMNS = (
     "stage",
     "raw",
 )
+
+DIGEST_COLUMNS = ("target_schema", "source_table", "key", "source_rowid", "digest")

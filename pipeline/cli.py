@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_init(sub)
+    _add_sync(sub)
     _add_views(sub)
     COMMANDS.update(add_commands(sub))
     demo = sub.add_parser("demo", help="generate a sample database and migrate it (make demo)")
@@ -147,6 +148,34 @@ def _add_run(sub: Any) -> None:
         help="clear this tool's checkpoints and the rows it wrote, then start over",
     )
     run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
+
+
+def _add_sync(sub: Any) -> None:
+    """The `sync` command and its options."""
+    sync = sub.add_parser(
+        "sync", help="after a run: apply the source's inserts, updates and deletes since"
+    )
+    _common(sync)
+    sync.add_argument("--batch-size", type=int, help="changes per transaction (default 10000)")
+    sync.add_argument(
+        "--dry-run", action="store_true", help="print what would change per table, write nothing"
+    )
+    sync.add_argument(
+        "--show", type=_count, default=20, help="conflicting keys to name (default 20)"
+    )
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """`sync`: catch the target up with the source; exit 0, 3 (rows quarantined) or 4
+    (conflicts: rows changed in both, left as PostgreSQL has them)."""
+    from pipeline.sync import sync
+    from pipeline.sync_report import print_sync, sync_exit_code
+
+    settings = _settings(args, batch_size=args.batch_size)
+    configure_for(args)
+    report = run_async(lambda: sync(settings, dry_run=args.dry_run))
+    quarantined = print_sync(report, show=args.show)
+    return sync_exit_code(report, quarantined)
 
 
 def _add_views(sub: Any) -> None:
@@ -508,6 +537,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "init": cmd_init,
+    "sync": cmd_sync,
     "status": cmd_status,
     "verify": cmd_verify,
     "demo": cmd_demo,

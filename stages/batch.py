@@ -42,3 +42,4 @@ class Batch:
     raw: list[tuple[Any, ...]] = field(default_factory=list)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    digests: list[int] | None = None  # of ``raw`` (core.digest), when transform computed them

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 
 from core import bookkeeping
+from core.digest import digests, key_position
 from core.errors import ErrorClass, RuntimeFailure, classify
 from core.schema import Table, TargetNames, quote_ident
 from core.target import Target
@@ -87,10 +88,38 @@ def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[An
     ]
 
 
+def digest_records(
+    ctx: LoadContext,
+    raw: list[tuple[Any, ...]],
+    skipped: set[str] | None = None,
+    values: list[int] | None = None,
+) -> list[tuple[Any, ...]]:
+    """The row_digests records of the source rows ``raw`` written to the target (all but the
+    ``skipped`` keys), in DIGEST_COLUMNS order; none for a table without a one-column key.
+    ``values`` are the rows' digests when transform computed them already."""
+    table = ctx.table
+    at = key_position(table.column_names, table.primary_key)
+    if at is None:
+        return []
+    schema, name = ctx.names.schema, table.name
+    if values is None:
+        values = digests(raw, len(table.column_names))
+    records = [(schema, name, key_of(r[at + 1]), r[0], d) for r, d in zip(raw, values, strict=True)]
+    if skipped:
+        records = [r for r in records if r[2] not in skipped]
+    return records
+
+
 async def _copy(
-    conn: asyncpg.Connection, ctx: LoadContext, rows: list[tuple[Any, ...]]
+    conn: asyncpg.Connection,
+    ctx: LoadContext,
+    rows: list[tuple[Any, ...]],
+    raw: list[tuple[Any, ...]],
+    values: list[int] | None = None,
 ) -> set[str]:
-    """Write ``rows``; return the keys left alone because they already existed (skip mode)."""
+    """Write ``rows`` and the digests of their source rows ``raw`` (same positions; ``values``
+    when computed already), in the current (sub)transaction; return the keys left alone
+    because they already existed (skip mode)."""
     if ctx.on_conflict == "error":
         await conn.copy_records_to_table(
             ctx.names.table(ctx.table.name),
@@ -98,6 +127,7 @@ async def _copy(
             columns=ctx.table.column_names,
             schema_name=ctx.names.schema,
         )
+        await bookkeeping.write_digests(conn, digest_records(ctx, raw, values=values))
         return set()
     stage = quote_ident(ctx.stage_table)
     target = ctx.names.qualified(ctx.table.name)
@@ -122,7 +152,11 @@ async def _copy(
         f" ON CONFLICT ({keys}) {action} RETURNING {key_sql(ctx.table)} AS k"
     )
     done = {r["k"] for r in written}
-    return {k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done}
+    skipped = {
+        k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done
+    }
+    await bookkeeping.write_digests(conn, digest_records(ctx, raw, skipped, values))
+    return skipped
 
 
 async def copy_isolating(
@@ -135,7 +169,7 @@ async def copy_isolating(
     keys skipped as existing)."""
     try:
         async with conn.transaction():  # a savepoint inside the batch transaction
-            skipped = await _copy(conn, ctx, rows)
+            skipped = await _copy(conn, ctx, rows, raw)
         return [], skipped
     except Exception as exc:
         if classify(exc) is not ErrorClass.DATA:
@@ -225,7 +259,7 @@ async def _write_rows(
         return [], set()
     if isolate:
         return await copy_isolating(conn, ctx, batch.rows, batch.raw)
-    return [], await _copy(conn, ctx, batch.rows)
+    return [], await _copy(conn, ctx, batch.rows, batch.raw, batch.digests)
 
 
 async def _write_bookkeeping(

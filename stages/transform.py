@@ -11,6 +11,7 @@ from datetime import UTC, tzinfo
 
 import anyio
 
+from core.digest import digests
 from core.schema import Table, quote_ident
 from stages.batch import Batch, Reject
 from stages.convert import Raw, Rejected
@@ -118,7 +119,8 @@ def transform_batch(
             continue
         rows.append(row)
         sources.append(raw_row)
-    return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects)
+    digested = digests(sources, ncols)  # here, in the worker thread, not in the load loop
+    return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects, digests=digested)
 
 
 async def transform(

@@ -19,7 +19,14 @@ from core.errors import RuntimeFailure
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from tests.proxy import FlakyProxy
-from tests.support import cli, fetchval, source_rows, start_cli, target_rows
+from tests.support import (
+    cli,
+    fetchval,
+    ignore_asyncpg_orphaned_waiters,
+    source_rows,
+    start_cli,
+    target_rows,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +108,7 @@ async def test_server_restart_mid_run_is_survived(
         settings = load_settings(
             None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100
         )
-        with capture_logs() as logs:
+        with ignore_asyncpg_orphaned_waiters(), capture_logs() as logs:
             report = await migrate(settings, progress=AfterBatches(6, outage))
     finally:
         proxy.close()

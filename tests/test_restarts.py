@@ -4,8 +4,6 @@ mid-operation is replaced and the run finishes by itself with each source row ex
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import threading
 import time
@@ -20,7 +18,7 @@ from structlog.testing import capture_logs
 from core.bookkeeping import ADVANCE_SQL
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
-from tests.support import fetchval, source_rows, target_rows
+from tests.support import fetchval, ignore_asyncpg_orphaned_waiters, source_rows, target_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -106,32 +104,6 @@ class BetweenBatches:
         self.seen += 1
         if self.seen in self.at:
             self.faults.now("between batches")
-
-
-@contextlib.contextmanager
-def ignore_asyncpg_orphaned_waiters() -> Iterator[None]:
-    """A server that goes away while asyncpg is sending COPY data leaves asyncpg's internal
-    waiter future failed and never awaited (the COPY call itself raises, and is retried): the
-    event loop reports it, and the test runner would count that report as the test's error.
-    Only that report is dropped; every other one still fails the test."""
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        orphaned = context.get("message") == "Future exception was never retrieved"
-        if orphaned and isinstance(exc, asyncpg.ConnectionDoesNotExistError):
-            return
-        if previous is None:
-            loop.default_exception_handler(context)
-        else:
-            previous(loop, context)
-
-    loop.set_exception_handler(handler)
-    try:
-        yield
-    finally:
-        loop.set_exception_handler(previous)
 
 
 async def test_server_restarts_anywhere_in_a_run_are_survived_exactly(

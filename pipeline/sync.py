@@ -1,0 +1,242 @@
+"""`flux-migrate sync`: make the target equal to the source again after a run, while the app
+keeps writing to SQLite; then cut over (docs/cut-over.md).
+
+Per table (parents first): plan by merging the source with the row digests kept from the load
+(pipeline/sync_plan.py), then apply in checkpointed batches (pipeline/sync_apply.py): inserts
+and updates parents first, deletes children first. Rows someone else changed in PostgreSQL are
+never overwritten, and a row someone else inserted there is never deleted.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosqlite
+import structlog
+
+from core import bookkeeping as ckpt
+from core.digest import key_position
+from core.errors import TargetError
+from core.schema import Table
+from core.source import check_source, source_snapshot
+from core.target import Target
+from pipeline.preflight import check_fingerprint
+from pipeline.runner import holding_migration_lock, resolve_run_mapping
+from pipeline.settings import Settings
+from pipeline.stop import StopFlag
+from pipeline.sync_apply import Applier, TableSync
+from pipeline.sync_plan import TablePlan, plan_table
+from stages.extract import open_source
+
+log = structlog.get_logger("flux_migrate")
+
+
+@dataclass
+class SyncReport:
+    """What one sync did (or, with ``dry_run``, would do), per table."""
+
+    run_id: str
+    dry_run: bool = False
+    tables: dict[str, TableSync] = field(default_factory=dict)
+    plans: dict[str, TablePlan] = field(default_factory=dict)
+    quarantined_open: int = 0  # source rows quarantined (by any run or sync), not loaded
+
+    @property
+    def conflicts(self) -> list[tuple[str, str, str]]:
+        return [(name, k, kind) for name, t in self.tables.items() for k, kind in t.conflicts]
+
+    @property
+    def idle(self) -> bool:
+        return all(p.changes == 0 and not p.moves for p in self.plans.values())
+
+
+async def sync(
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    stop: StopFlag | None = None,
+    tables: Sequence[Table] | None = None,
+    run_id: str | None = None,
+) -> SyncReport:
+    """Bring the target up to date with the source; raise MigrateError with a sentence.
+
+    ``tables`` in load order (parents first; default: the settings' mapping, as `run` loads),
+    each keyed by its one-column primary key. Safe to
+    kill at any point: each batch commits with its digests, and a rerun plans again from them.
+    """
+    report = SyncReport(run_id=run_id or uuid.uuid4().hex[:12], dry_run=dry_run)
+    stop = stop or StopFlag()
+    path = settings.require_source()
+    if tables is None:
+        settings = await resolve_run_mapping(settings, path)  # the tables `run` loads
+    tables = tuple(tables if tables is not None else settings.tables)
+    target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
+    structlog.contextvars.bind_contextvars(run_id=report.run_id)
+    try:
+        async with open_source(path, busy_timeout=settings.busy_timeout) as src:
+            await check_source(src, path, tables)
+            _bounds, identity = await source_snapshot(src, path, tables)
+            async with holding_migration_lock(target.dsn, target, settings.names.schema):
+                await _preflight(src, target, settings, identity, tables)
+                log.info("sync_started", target=settings.names.schema, dry_run=dry_run)
+                for table in tables:
+                    stop.check()
+                    started = time.monotonic()
+                    report.plans[table.name] = await plan_table(
+                        src,
+                        target,
+                        settings.names.schema,
+                        table,
+                        path=path,
+                        busy_timeout=settings.busy_timeout,
+                    )
+                    report.tables[table.name] = TableSync(
+                        scanned=report.plans[table.name].scanned,
+                        seconds=time.monotonic() - started,
+                    )
+                if not dry_run:
+                    await _apply(src, target, settings, report, tables, stop)
+                final = await target.retrying(
+                    lambda c: ckpt.read_checkpoints(c, settings.names.schema),
+                    what="reading checkpoints",
+                )
+                report.quarantined_open = sum(final[t.name].quarantined for t in tables)
+    finally:
+        structlog.contextvars.unbind_contextvars("run_id")
+    log.info(
+        "sync_completed",
+        changed=sum(t.changed for t in report.tables.values()),
+        conflicts=len(report.conflicts),
+        idle=report.idle,
+    )
+    return report
+
+
+async def _preflight(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    identity: dict[str, object],
+    tables: Sequence[Table],
+) -> None:
+    """Sync needs a completed run of this source with these settings, with row digests."""
+    schema = settings.names.schema
+    checkpoints = await target.retrying(
+        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+    )
+    for table in tables:
+        c = checkpoints.get(table.name)
+        if c is None or c.constraints_pending or c.status != "finished":
+            raise TargetError(
+                f"Table {table.name} has no completed run in schema {schema}; run"
+                " `flux-migrate run` to completion first, then sync."
+            )
+        if key_position(table.column_names, table.primary_key) is None:
+            raise TargetError(f"Table {table.name} has no one-column primary key to sync by.")
+    await check_fingerprint(src, target, settings, dict(identity), checkpoints)
+    await target.retrying(ckpt.ensure_digest_index, what="indexing the row digests")
+    for table in tables:
+        c = checkpoints[table.name]
+        name = table.name
+        has = await target.retrying(
+            functools.partial(ckpt.has_digests, target_schema=schema, source_table=name),
+            what="reading digests",
+        )
+        if c.loaded and not has:
+            raise TargetError(
+                f"Table {name} was loaded by a flux-migrate without row digests, so sync cannot"
+                " tell its rows from the app's; reload it with `run --restart --yes` first."
+            )
+
+
+async def _apply(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    report: SyncReport,
+    tables: Sequence[Table],
+    stop: StopFlag,
+) -> None:
+    """Inserts and updates parents first, then deletes children first, in batches."""
+    schema, size = settings.names.schema, settings.batch_size
+    appliers: dict[str, Applier] = {}
+    for table in tables:
+        missing: frozenset[str] = frozenset()
+        if table.parent is not None:
+            parent = table.parent
+            missing = frozenset(
+                await target.retrying(
+                    functools.partial(
+                        ckpt.unresolved_keys, target_schema=schema, source_table=parent
+                    ),
+                    what="reading the quarantine",
+                )
+            )
+        appliers[table.name] = Applier(
+            src, target, settings, table, report.run_id, missing, children=_children(table, tables)
+        )
+    for table in tables:
+        plan, treport, applier = (
+            report.plans[table.name],
+            report.tables[table.name],
+            appliers[table.name],
+        )
+        started = time.monotonic()
+        await target.retrying(
+            functools.partial(ckpt.clear_conflicts, target_schema=schema, source_table=table.name),
+            what="clearing conflicts",
+        )
+        changed = plan.inserts + plan.updates
+        changed.sort()
+        for i in range(0, len(changed), size):
+            stop.check()
+            await applier.upsert(changed[i : i + size], treport)
+        for i in range(0, len(plan.moves), size):
+            await applier.move(plan.moves[i : i + size], treport)
+        await applier.resolve_gone(treport)
+        treport.seconds += time.monotonic() - started
+    for table in reversed(tables):
+        plan, treport = report.plans[table.name], report.tables[table.name]
+        started = time.monotonic()
+        for i in range(0, len(plan.deletes), size):
+            stop.check()
+            await appliers[table.name].delete(plan.deletes[i : i + size], treport)
+        name, last_rowid, last_key = table.name, plan.last_rowid, plan.last_key
+        await target.retrying(
+            functools.partial(
+                ckpt.sync_checkpoint,
+                target_schema=schema,
+                source_table=name,
+                last_rowid=last_rowid,
+                last_key=last_key,
+                run_id=report.run_id,
+            ),
+            what="recording the checkpoint",
+        )
+        treport.seconds += time.monotonic() - started
+        log.info(
+            "table_synced",
+            table=name,
+            inserted=treport.inserted,
+            updated=treport.updated,
+            deleted=treport.deleted,
+            conflicts=len(treport.conflicts),
+        )
+
+
+def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str], ...]:
+    """The (table, column) pairs whose one-column foreign key references ``parent``."""
+    out: list[tuple[Table, str]] = []
+    for t in tables:
+        if t.parent == parent.name and t.parent_column is not None:
+            out.append((t, t.parent_column))
+        out += [
+            (t, fk.columns[0])
+            for fk in t.foreign_keys
+            if fk.parent == parent.name and len(fk.columns) == 1
+        ]
+    return tuple(out)

@@ -1,0 +1,416 @@
+"""Apply a table's sync plan in batches, each one transaction with its bookkeeping.
+
+Each batch reads its source rows again (by rowid) and decides per key, inside the transaction,
+against the digest rows it locks: a target row is flux-migrate's to change only while its
+``xmin`` equals its digest row's (both were written in the same transaction, and any later
+write by someone else gives the target row a new xmin). Rows someone else changed are left
+alone: if the source changed them too, they are recorded in ``flux_migrate.conflicts``. The
+digests written with the rows are the checkpoint: a batch that committed is not in the next
+plan, so a sync killed at any moment and rerun converges.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiosqlite
+import asyncpg
+import structlog
+
+from core import bookkeeping
+from core.digest import digests, key_position
+from core.schema import Kind, Table, TargetNames, quote_ident
+from core.target import Target
+from pipeline.requeue import read_rowids
+from pipeline.settings import Settings
+from stages.batch import Batch
+from stages.extract import fetch_rows, variable_limit
+from stages.load import LoadContext, quarantine_records
+from stages.transform import key_of, transform_batch
+
+log = structlog.get_logger("flux_migrate")
+
+# Conflict kinds recorded in flux_migrate.conflicts (stable names, documented).
+CHANGED_IN_BOTH = "changed_in_both"  # source changed, PostgreSQL row changed by someone else
+DELETED_IN_POSTGRES = "deleted_in_postgres"  # source changed, PostgreSQL row deleted
+DELETED_IN_SOURCE = "deleted_in_source"  # source deleted, PostgreSQL row changed by someone else
+INSERTED_IN_BOTH = "inserted_in_both"  # a new source key someone else inserted in PostgreSQL
+CHILD_ROWS_KEPT = "child_rows_kept"  # source deleted, but rows not deleted by sync reference it
+
+
+@dataclass
+class TableSync:
+    """What sync did to one table."""
+
+    scanned: int = 0
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    moved: int = 0
+    quarantined: int = 0
+    resolved: int = 0
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # key, kind
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> int:
+        return self.inserted + self.updated + self.deleted
+
+
+@dataclass(frozen=True)
+class Applier:
+    """Where one table's changes go, and how its rows convert."""
+
+    src: aiosqlite.Connection
+    target: Target
+    settings: Settings
+    table: Table
+    run_id: str
+    missing_parents: frozenset[str] = frozenset()
+    children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
+
+    @property
+    def names(self) -> TargetNames:
+        return self.settings.names
+
+    @property
+    def pk(self) -> str:
+        return self.table.primary_key[0]
+
+    @property
+    def pk_type(self) -> str:
+        return self.table.column(self.pk).pg_type
+
+    @property
+    def at(self) -> int:
+        at = key_position(self.table.column_names, self.table.primary_key)
+        assert at is not None
+        return at
+
+    def context(self) -> LoadContext:
+        return LoadContext(table=self.table, names=self.names, run_id=self.run_id)
+
+    async def ownership(self, conn: asyncpg.Connection, keys: list[str]) -> dict[str, Any]:
+        sql = bookkeeping.ownership_sql(
+            self.names.qualified(self.table.name), quote_ident(self.pk), self.pk_type
+        )
+        rows = await conn.fetch(sql, self.names.schema, self.table.name, keys)
+        return {r["key"]: r for r in rows}
+
+    # ------------------------------------------------------------ inserts and updates
+
+    async def upsert(self, rowids: Sequence[int], report: TableSync) -> None:
+        """Insert or update the source rows at ``rowids`` (read again now), one transaction."""
+        raw = await read_rowids(self.src, self.table, list(rowids))
+        batch = transform_batch(
+            Batch(self.table.name, 0, 0, 0, len(raw), raw=raw),
+            self.table,
+            naive_timezone=self.settings.naive_timezone,
+            strip_nul=self.settings.strip_nul,
+            missing_parents=self.missing_parents,
+        )
+
+        async def commit(conn: asyncpg.Connection) -> _Upserted:
+            async with conn.transaction():
+                return await self._upsert(conn, batch)
+
+        done = await self.target.retrying(commit, what=f"syncing {self.table.name}")
+        log.debug("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
+        report.inserted += done.inserted
+        report.updated += done.updated
+        report.quarantined += done.quarantined
+        report.resolved += done.resolved
+        report.conflicts += done.conflicts
+
+    async def _upsert(self, conn: asyncpg.Connection, batch: Batch) -> _Upserted:
+        schema, name, at = self.names.schema, self.table.name, self.at
+        keys = [key_of(r[at + 1]) or "" for r in batch.raw]
+        values = digests(batch.raw, len(self.table.column_names))
+        own = await self.ownership(conn, keys)
+        inserts: list[int] = []
+        updates: list[int] = []
+        moved: list[tuple[str, int, int]] = []
+        out = _Upserted()
+        for i, key in enumerate(keys):
+            rec = own.get(key)
+            if rec is None:
+                inserts.append(i)
+            elif rec["digest"] == values[i]:
+                moved.append((key, batch.raw[i][0], values[i]))  # done by an earlier attempt
+            elif not rec["present"]:
+                out.conflicts.append((key, DELETED_IN_POSTGRES))
+            elif not rec["ours"]:
+                out.conflicts.append((key, CHANGED_IN_BOTH))
+            else:
+                updates.append(i)
+        inserted = await self._write(conn, batch.rows, inserts, updates, keys)
+        for i in inserts:
+            if keys[i] not in inserted:
+                out.conflicts.append((keys[i], INSERTED_IN_BOTH))
+        done = [i for i in inserts if keys[i] in inserted]
+        adopted = await self._adopt_equal(conn, batch, keys, out.conflicts)
+        adopted_keys = {keys[i] for i in adopted}
+        out.conflicts = [c for c in out.conflicts if c[0] not in adopted_keys]
+        new_digests = [i for i in adopted if own.get(keys[i]) is None]
+        done += new_digests
+        updates += [i for i in adopted if own.get(keys[i]) is not None]
+        await bookkeeping.write_digests(
+            conn, [(schema, name, keys[i], batch.raw[i][0], values[i]) for i in done]
+        )
+        await bookkeeping.set_digests(conn, schema, name, moved, rewritten=False)
+        await bookkeeping.set_digests(
+            conn,
+            schema,
+            name,
+            [(keys[i], batch.raw[i][0], values[i]) for i in updates],
+            rewritten=True,
+        )
+        written = [keys[i] for i in done + updates]
+        out.resolved = await bookkeeping.resolve_quarantine_keys(
+            conn, schema, name, written, "loaded"
+        )
+        out.quarantined = await self._quarantine(conn, batch)
+        await bookkeeping.record_conflicts(conn, schema, name, out.conflicts, self.run_id)
+        await bookkeeping.account_sync(
+            conn,
+            schema,
+            name,
+            loaded=len(done),
+            quarantined=out.quarantined - out.resolved,
+        )
+        out.inserted, out.updated = len(done), len(updates)
+        return out
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        rows: list[tuple[Any, ...]],
+        inserts: list[int],
+        updates: list[int],
+        keys: list[str],
+    ) -> set[str]:
+        """Update rows ``updates`` and insert rows ``inserts`` (positions in ``rows``) through a
+        staging table; return the keys inserted (others already existed in PostgreSQL)."""
+        if not inserts and not updates:
+            return set()
+        table, pk = self.table, quote_ident(self.pk)
+        stage = quote_ident(f"flux_sync_{table.name}")
+        target = self.names.qualified(table.name)
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS)"
+            " ON COMMIT DELETE ROWS"
+        )
+        await conn.copy_records_to_table(
+            f"flux_sync_{table.name}",
+            records=[rows[i] for i in inserts + updates],
+            columns=table.column_names,
+        )
+        if updates:
+            sets = ", ".join(
+                f"{quote_ident(c)} = s.{quote_ident(c)}" for c in table.column_names if c != self.pk
+            )
+            await conn.execute(
+                f"UPDATE {target} AS t SET {sets} FROM {stage} AS s WHERE t.{pk} = s.{pk}"
+                f" AND s.{pk} = ANY($1::text[]::{self.pk_type}[])",
+                [keys[i] for i in updates],
+            )
+        if not inserts:
+            return set()
+        cols = ", ".join(quote_ident(c) for c in table.column_names)
+        written = await conn.fetch(
+            f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"
+            f" WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) ON CONFLICT ({pk}) DO NOTHING"
+            f" RETURNING {pk}::text AS key",
+            [keys[i] for i in inserts],
+        )
+        return {r["key"] for r in written}
+
+    async def _adopt_equal(
+        self,
+        conn: asyncpg.Connection,
+        batch: Batch,
+        keys: list[str],
+        conflicts: list[tuple[str, str]],
+    ) -> list[int]:
+        """Of the rows in conflict whose PostgreSQL row holds exactly what the source row
+        converts to (both sides made the same change): make them flux-migrate's again (the
+        target row is rewritten unchanged, so its xmin pairs with the digest written with it)
+        and return their positions."""
+        wanted = {k for k, kind in conflicts if kind in (CHANGED_IN_BOTH, INSERTED_IN_BOTH)}
+        if not wanted:
+            return []
+        pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
+        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        found = {
+            r[0] if isinstance(r[0], str) else str(r[0]): tuple(r)
+            for r in await conn.fetch(
+                f"SELECT {cols} FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+                sorted(wanted),
+            )
+        }
+        equal = [
+            i
+            for i, key in enumerate(keys)
+            if key in found and _same(self.table, found[key], batch.rows[i])
+        ]
+        if equal:
+            await conn.execute(
+                f"UPDATE {target} SET {pk} = {pk} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+                [keys[i] for i in equal],
+            )
+        return equal
+
+    async def _quarantine(self, conn: asyncpg.Connection, batch: Batch) -> int:
+        """Quarantine the batch's rejects not already quarantined (by key); return how many."""
+        if not batch.rejects:
+            return 0
+        open_keys = await bookkeeping.unresolved_keys(conn, self.names.schema, self.table.name)
+        new = [r for r in batch.rejects if r.key not in open_keys]
+        if new:
+            await bookkeeping.write_quarantine(conn, quarantine_records(self.context(), new))
+        return len(new)
+
+    # ------------------------------------------------------------ deletes
+
+    async def delete(self, keys: Sequence[str], report: TableSync) -> None:
+        """Delete the target rows of keys gone from the source (checked again now)."""
+        present = await self._in_source(list(keys))
+        gone = [k for k in keys if k not in present]
+
+        async def commit(conn: asyncpg.Connection) -> tuple[int, list[tuple[str, str]]]:
+            async with conn.transaction():
+                return await self._delete(conn, gone)
+
+        deleted, conflicts = await self.target.retrying(
+            commit, what=f"deleting from {self.table.name}"
+        )
+        log.debug("sync_batch", table=self.table.name, rows=len(keys), kind="delete")
+        report.deleted += deleted
+        report.conflicts += conflicts
+
+    async def _delete(
+        self, conn: asyncpg.Connection, keys: list[str]
+    ) -> tuple[int, list[tuple[str, str]]]:
+        schema, name = self.names.schema, self.table.name
+        own = await self.ownership(conn, keys)
+        ours = [k for k, r in own.items() if r["present"] and r["ours"]]
+        conflicts = [
+            (k, DELETED_IN_SOURCE) for k, r in own.items() if r["present"] and not r["ours"]
+        ]
+        kept = await self._referenced(conn, ours)
+        conflicts += [(k, CHILD_ROWS_KEPT) for k in sorted(kept)]
+        ours = [k for k in ours if k not in kept]
+        already_gone = [k for k, r in own.items() if not r["present"]]
+        pk = quote_ident(self.pk)
+        await conn.execute(
+            f"DELETE FROM {self.names.qualified(name)}"
+            f" WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+            ours,
+        )
+        await bookkeeping.delete_digests(conn, schema, name, ours + already_gone)
+        await bookkeeping.record_conflicts(conn, schema, name, conflicts, self.run_id)
+        await bookkeeping.account_sync(
+            conn, schema, name, loaded=-len(ours) - len(already_gone), quarantined=0
+        )
+        return len(ours), conflicts
+
+    async def _referenced(self, conn: asyncpg.Connection, keys: list[str]) -> set[str]:
+        """Those of ``keys`` that rows of a child table still reference (rows sync did not
+        delete: written by someone else, or kept in conflict); deleting them would cascade."""
+        found: set[str] = set()
+        if not keys:
+            return found
+        for child, name in self.children:
+            column = quote_ident(name)
+            rows = await conn.fetch(
+                f"SELECT DISTINCT {column}::text AS key FROM {self.names.qualified(child.name)}"
+                f" WHERE {column} = ANY($1::text[]::{self.pk_type}[])",
+                keys,
+            )
+            found |= {r["key"] for r in rows}
+        return found
+
+    async def _in_source(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` the source holds now (a live app may have written them again)."""
+        size = await variable_limit(self.src)
+        found: set[str] = set()
+        column = quote_ident(self.pk)
+        for start in range(0, len(keys), size):
+            part = keys[start : start + size]
+            marks = ", ".join("?" for _ in part)
+            rows = await fetch_rows(
+                self.src,
+                f"SELECT {column} FROM {quote_ident(self.table.name)} WHERE {column} IN ({marks})",
+                part,
+            )
+            found |= {key_of(r[0]) or "" for r in rows}
+        return found
+
+    # ------------------------------------------------------------ quarantined rows gone
+
+    async def resolve_gone(self, report: TableSync) -> None:
+        """Mark resolved the quarantined rows whose key the source no longer holds."""
+        schema, name = self.names.schema, self.table.name
+        open_keys = await self.target.retrying(
+            lambda c: bookkeeping.unresolved_keys(c, schema, name), what="reading the quarantine"
+        )
+        present = await self._in_source(sorted(open_keys))
+        gone = sorted(open_keys - present)
+        if not gone:
+            return
+
+        async def commit(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                n = await bookkeeping.resolve_quarantine_keys(
+                    conn, schema, name, gone, "source_row_gone"
+                )
+                await bookkeeping.account_sync(
+                    conn, schema, name, loaded=0, quarantined=-n, skipped=n
+                )
+                return n
+
+        report.resolved += await self.target.retrying(commit, what="resolving the quarantine")
+
+    # ------------------------------------------------------------ moved rowids
+
+    async def move(self, moves: Sequence[tuple[str, int, int]], report: TableSync) -> None:
+        """Point digests at the rowids their rows have now (after a VACUUM); bookkeeping only."""
+        schema, name = self.names.schema, self.table.name
+
+        async def commit(conn: asyncpg.Connection) -> None:
+            await bookkeeping.set_digests(conn, schema, name, moves, rewritten=False)
+
+        await self.target.retrying(commit, what=f"recording moved rows of {name}")
+        report.moved += len(moves)
+
+
+@dataclass
+class _Upserted:
+    inserted: int = 0
+    updated: int = 0
+    quarantined: int = 0
+    resolved: int = 0
+    conflicts: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _same(table: Table, target_row: tuple[Any, ...], source_row: tuple[Any, ...]) -> bool:
+    """Whether a target row holds the values a converted source row would write (JSON
+    compared parsed, with exact numbers; everything else as PostgreSQL returns it)."""
+    for column, a, b in zip(table.columns, target_row, source_row, strict=True):
+        if column.kind in (Kind.JSON, Kind.JSON_VALUE) and a is not None and b is not None:
+            if _json(a) != _json(b):
+                return False
+        elif isinstance(b, bytes) and isinstance(a, str):
+            if a.encode() != b:
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def _json(text: str | bytes) -> Any:
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)

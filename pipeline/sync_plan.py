@@ -1,0 +1,224 @@
+"""Find what changed in the source since flux-migrate last wrote a table: a merge of the source
+(in rowid order, each row digested) with the row digests kept in the bookkeeping schema.
+
+The source and the digests are read in windows of rowids, one short query each (nothing is held
+open between windows). Within a window a source row and a digest with the same rowid and the
+same digest are the same row, unchanged (the digest covers the key). Any other row is set aside
+and matched by key once the whole table is read: a key on both sides with another digest is an
+update, one with the same digest moved rowid (a VACUUM), a key only in the source is an insert,
+a key only in the digests a delete. So correctness never depends on rowids staying put; they
+only make the common case (nothing moved) one comparison per row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sqlite3
+from array import array
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+import asyncpg
+
+from core import bookkeeping
+from core.digest import digests, key_position
+from core.schema import Table, quote_ident
+from core.target import Target
+from stages.extract import fetch_rows, source_uri
+from stages.transform import key_of
+
+CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
+WORKERS = 2
+PAGE = 5_000  # rows a worker holds at a time
+_SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
+
+
+@dataclass
+class TablePlan:
+    """What sync will do to one table: source rowids to insert or update, keys to delete, and
+    digests whose rowid moved (bookkeeping only)."""
+
+    table: Table
+    scanned: int = 0
+    inserts: list[int] = field(default_factory=list)
+    updates: list[int] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    moves: list[tuple[str, int, int]] = field(default_factory=list)  # key, new rowid, digest
+    last_rowid: int = 0
+    last_key: str | None = None
+
+    @property
+    def changes(self) -> int:
+        return len(self.inserts) + len(self.updates) + len(self.deletes)
+
+
+def scan_range(
+    uri: str, sql: str, lo: int, hi: int, ncols: int, at: int, busy_timeout: float
+) -> tuple[bytes, bytes, list[str]]:
+    """In a worker process: the rowids, digests (both as int64 arrays) and keys of the source
+    rows with ``lo <= rowid <= hi``, in rowid order, read on a read-only connection of its own."""
+    rowids, values = array("q"), array("q")
+    keys: list[str] = []
+    db = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
+    try:
+        db.text_factory = bytes
+        cursor = db.execute(sql, (lo, hi))
+        while rows := cursor.fetchmany(PAGE):  # a page at a time: the worker's memory is small
+            rowids.extend(r[0] for r in rows)
+            values.extend(digests(rows, ncols))
+            keys.extend(key_of(r[at + 1]) or "" for r in rows)
+    finally:
+        db.close()
+    return rowids.tobytes(), values.tobytes(), keys
+
+
+async def _ranges(src: aiosqlite.Connection, table: Table, chunk: int) -> list[tuple[int, int]]:
+    """The table's rowids cut into consecutive ranges of about ``chunk`` rows (by value, so as
+    many ranges as ``chunk``-row pieces; none for an empty table)."""
+    rows = await fetch_rows(
+        src,
+        f"SELECT count(*), min(rowid), max(rowid) FROM {quote_ident(table.name)}",
+    )
+    count, low, high = rows[0]
+    if not count:
+        return []
+    pieces = -(-int(count) // chunk)
+    span = -(-(int(high) - int(low) + 1) // pieces)
+    return [(lo, min(lo + span - 1, int(high))) for lo in range(int(low), int(high) + 1, span)]
+
+
+async def plan_table(
+    src: aiosqlite.Connection,
+    target: Target,
+    schema: str,
+    table: Table,
+    *,
+    path: Path,
+    busy_timeout: float = 10.0,
+    chunk: int = CHUNK,
+) -> TablePlan:
+    """Merge the table's source rows with its stored digests; return what changed.
+
+    The source is read and digested in worker processes (one rowid range each, on a read-only
+    connection of its own: with the app stopped, one consistent state; with a live app, each
+    range as it was when read, and what changed meanwhile is left to the next sync), while this
+    process reads the stored digests of the same range and merges. Blocks until the whole table
+    is read; writes nothing. Cancellation leaves nothing behind (it only reads).
+    """
+    at = key_position(table.column_names, table.primary_key)
+    assert at is not None, table.name
+    ncols = len(table.column_names)
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    sql = (
+        f"SELECT rowid, {cols} FROM {quote_ident(table.name)}"
+        " WHERE rowid >= ? AND rowid <= ? ORDER BY rowid"
+    )
+    plan = TablePlan(table)
+    src_odd: dict[str, tuple[int, int]] = {}  # key -> (rowid, digest), not matched by rowid
+    stored_odd: dict[str, tuple[int, int]] = {}
+    ranges = await _ranges(src, table, chunk)
+    uri, timeout = source_uri(path), busy_timeout
+    loop = asyncio.get_running_loop()
+    # A table of one range is read in a thread: starting worker processes costs more.
+    pool: Executor = (
+        ProcessPoolExecutor(max_workers=WORKERS, mp_context=_SPAWN)
+        if len(ranges) > 1
+        else ThreadPoolExecutor(max_workers=1)
+    )
+    with pool:
+        jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
+
+        def submit(k: int) -> None:
+            if k < len(ranges):
+                lo, hi = ranges[k]
+                jobs[k] = loop.run_in_executor(
+                    pool, scan_range, uri, sql, lo, hi, ncols, at, timeout
+                )
+
+        for k in range(WORKERS):  # at most WORKERS ranges read ahead: memory stays bounded
+            submit(k)
+        after = -(2**63)  # the first window takes every digest below it too
+        for n, (_lo, hi) in enumerate(ranges):
+            last = n == len(ranges) - 1
+            stored = await _stored_window(target, schema, table.name, after, None if last else hi)
+            rowids_b, values_b, keys = await jobs.pop(n)
+            submit(n + WORKERS)
+            rowids, values = array("q"), array("q")
+            rowids.frombytes(rowids_b)
+            values.frombytes(values_b)
+            _merge_window(rowids, values, keys, stored, plan, src_odd, stored_odd)
+            plan.scanned += len(rowids)
+            if len(rowids):
+                plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
+            after = hi
+    if not ranges:  # an empty source table: every stored digest is a delete
+        stored = await _stored_window(target, schema, table.name, -(2**63), None)
+        _merge_window(array("q"), array("q"), [], stored, plan, src_odd, stored_odd)
+    _resolve_by_key(plan, src_odd, stored_odd)
+    return plan
+
+
+async def _stored_window(
+    target: Target, schema: str, table: str, after: int, upto: int | None
+) -> list[asyncpg.Record]:
+    """The digests with ``after < source_rowid <= upto`` (no upper bound when None)."""
+
+    async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        return await bookkeeping.digests_between(conn, schema, table, after, upto)
+
+    return await target.retrying(fetch, what=f"reading the digests of {table}")
+
+
+def _merge_window(
+    rowids: Sequence[int],
+    values: Sequence[int],
+    keys: Sequence[str],
+    stored: list[asyncpg.Record],
+    plan: TablePlan,
+    src_odd: dict[str, tuple[int, int]],
+    stored_odd: dict[str, tuple[int, int]],
+) -> None:
+    """Compare one window: same rowid and digest is unchanged, same rowid and key with another
+    digest is an update; everything else is set aside to be matched by key."""
+    i = j = 0
+    n, m = len(rowids), len(stored)
+    updates = plan.updates
+    while i < n or j < m:
+        if j >= m or (i < n and rowids[i] < stored[j][0]):
+            src_odd[keys[i]] = (rowids[i], values[i])
+            i += 1
+        elif i >= n or rowids[i] > stored[j][0]:
+            rec = stored[j]
+            stored_odd[rec[1]] = (rec[0], rec[2])
+            j += 1
+        else:
+            rec = stored[j]
+            if values[i] != rec[2]:
+                if keys[i] == rec[1]:
+                    updates.append(rowids[i])
+                else:
+                    src_odd[keys[i]] = (rowids[i], values[i])
+                    stored_odd[rec[1]] = (rec[0], rec[2])
+            i += 1
+            j += 1
+
+
+def _resolve_by_key(
+    plan: TablePlan, src_odd: dict[str, tuple[int, int]], stored_odd: dict[str, tuple[int, int]]
+) -> None:
+    """Match the rows set aside by key: moved, updated, inserted or deleted."""
+    for key, (rowid, digest) in src_odd.items():
+        old = stored_odd.pop(key, None)
+        if old is None:
+            plan.inserts.append(rowid)
+        elif old[1] == digest:
+            plan.moves.append((key, rowid, digest))
+        else:
+            plan.updates.append(rowid)
+    plan.deletes.extend(stored_odd)
+    plan.inserts.sort()
+    plan.updates.sort()

@@ -1,0 +1,64 @@
+"""How a sync's outcome prints, and the exit code it maps to."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from core import errors
+from pipeline.report import print_table, printable
+from pipeline.sync import SyncReport
+
+
+def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None) -> int:
+    """Print per table what sync did (or would do), then the conflicts by name; return the
+    number of source rows quarantined and not loaded."""
+    out = out or sys.stdout
+    if report.dry_run:
+        rows: list[tuple[str, ...]] = [
+            ("table", "scanned", "would insert", "would update", "would delete")
+        ]
+        for name, p in report.plans.items():
+            rows.append(
+                (
+                    name,
+                    f"{p.scanned:,}",
+                    f"{len(p.inserts):,}",
+                    f"{len(p.updates):,}",
+                    f"{len(p.deletes):,}",
+                )
+            )
+        print_table(rows, out)
+        out.write("Dry run: nothing was written.\n")
+        return 0
+    header = ("table", "scanned", "inserted", "updated", "deleted", "conflicts", "quarantined")
+    table: list[tuple[str, ...]] = [header + ("seconds",)]
+    for name, t in report.tables.items():
+        counts = (t.scanned, t.inserted, t.updated, t.deleted, len(t.conflicts), t.quarantined)
+        table.append((name, *(f"{n:,}" for n in counts), f"{t.seconds:.1f}"))
+    print_table(table, out)
+    if report.idle:
+        out.write("The target is up to date: nothing changed in the source since the last sync.\n")
+    conflicts = report.conflicts
+    if conflicts:
+        out.write(
+            f"{len(conflicts):,} row(s) changed both in the source and in PostgreSQL were left as"
+            " PostgreSQL has them (recorded in flux_migrate.conflicts):\n"
+        )
+        for name, key, kind in conflicts[:show]:
+            out.write(f"  {name} {printable(key)}: {kind}\n")
+    if report.quarantined_open:
+        out.write(
+            f"{report.quarantined_open:,} source row(s) are quarantined, not loaded; list them"
+            " with `flux-migrate quarantine`, fix them in the source and sync again.\n"
+        )
+    return report.quarantined_open
+
+
+def sync_exit_code(report: SyncReport, quarantined: int) -> int:
+    """4 when rows are in conflict, 3 when source rows stay quarantined, else 0."""
+    if report.conflicts:
+        return errors.EXIT_CONFLICTS
+    if quarantined:
+        return errors.EXIT_QUARANTINED
+    return errors.EXIT_OK
