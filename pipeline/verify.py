@@ -1,14 +1,15 @@
-"""Verify: compare every source row (through the same converters) with its target row."""
+"""Verify: compare every source row with its target row.
+
+The source's raw values are read by verification's own reference (pipeline/reference.py), not
+by the load's converters, so a converter that changes a value cannot hide it from verify.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,13 @@ from core.catalog import table_exists
 from core.schema import Kind, Table, quote_ident
 from core.source import check_source
 from core.target import connect
+from pipeline import reference as ref
 from pipeline import verify_generic as generic
 from pipeline.mapping_source import resolve_mapping
 from pipeline.settings import Settings
-from stages.convert import Rejected
 from stages.extract import fetch_rows, open_source
-from stages.values import row_converter
 
 PAGE = 5000  # rows per source query and per target cursor fetch
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NULL_MARK = "\x01NULL"
 
 
@@ -117,29 +116,20 @@ async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[A
 async def _target_rows(
     conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> AsyncIterator[asyncpg.Record]:
-    """The target table's rows in key order (byte order, like SQLite's), through a cursor."""
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    """The target table's rows in key order (byte order, like SQLite's), through a cursor, in
+    the reference's raw shape (see reference.target_select)."""
+    cols = ref.target_select(table)
     sql = f'SELECT {cols} FROM {settings.names.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, prefetch=PAGE):
             yield record
 
 
-def _json(text: str) -> Any:
-    """JSON with exact numbers: 1e+23 in the source equals 100000000000000000000000 in jsonb."""
-    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
-
-
-def _normalize_target(table: Table, record: asyncpg.Record) -> tuple[Any, ...]:
-    return tuple(
-        _json(record[c.name]) if c.kind is Kind.JSON else record[c.name] for c in table.columns
-    )
-
-
-def _normalize_source(table: Table, row: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        _json(v) if c.kind is Kind.JSON else v for c, v in zip(table.columns, row, strict=True)
-    )
+async def open_target(settings: Settings) -> asyncpg.Connection:
+    """A connection printing instants in UTC and ISO style, as the reference expects them."""
+    conn = await connect(settings.require_dsn())
+    await conn.execute(ref.SESSION_SETTINGS)
+    return conn
 
 
 def _differing_columns(table: Table, a: tuple[Any, ...], b: tuple[Any, ...]) -> list[str]:
@@ -178,9 +168,10 @@ class _TableCheck:
     ) -> None:
         self.settings, self.table, self.limit = settings, table, limit
         self.quarantined, self.skipped = quarantined, skipped
-        self.convert = row_converter(
-            table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+        self.read = ref.source_row_reader(
+            table, zone=settings.naive_timezone, strip_nul=settings.strip_nul
         )
+        self.unreadable = ""  # why the reference could not read the last source row
         self.result = TableVerify(table.name)
         self.odd: set[str] = set()  # keys stored as NULL, BLOB or numbers, checked one by one
         self.targets: AsyncIterator[asyncpg.Record] = _empty()
@@ -190,21 +181,32 @@ class _TableCheck:
         self.result.note(f"{self.table.name} {text}", self.limit)
 
     def expected_row(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """The target row a source row must become, or None when it is accounted otherwise."""
+        """The target row a source row must become, or None when it is accounted otherwise
+        (quarantined, skipped, or unreadable: ``self.unreadable`` then says why)."""
         rowid, values = raw[0], raw[1:]
+        self.unreadable = ""
         if rowid in self.quarantined:
             self.result.quarantined += 1
             return None
         try:
-            expected = _normalize_source(self.table, self.convert(values))
-        except Rejected as exc:
-            self.result.missing += 1
-            self.note(f"rowid {rowid}: not loaded and not quarantined ({exc.reason})")
+            expected = self.read(values)
+        except ref.Unreadable as exc:
+            self.unreadable = str(exc)
             return None
         if expected[0] in self.skipped:
             self.result.skipped += 1
             return None
         return expected
+
+    def judge_unreadable(self, rowid: int, key: Any, record: asyncpg.Record | None) -> None:
+        """A source row the reference cannot read must have been quarantined: loaded, it is
+        different; absent, it is missing."""
+        if record is None:
+            self.result.missing += 1
+            self.note(f"rowid {rowid}: not loaded and not quarantined ({self.unreadable})")
+        else:
+            self.result.different += 1
+            self.note(f"{key}: loaded, but the source value is unreadable ({self.unreadable})")
 
     def judge(self, expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
         """Count the target row of ``expected`` as matched, different or missing."""
@@ -212,7 +214,7 @@ class _TableCheck:
         if record is None:
             self.result.missing += 1
             self.note(f"{key}: in the source but not in PostgreSQL")
-        elif (actual := _normalize_target(self.table, record)) == expected:
+        elif (actual := ref.target_row(self.table, record.values())) == expected:
             self.result.matched += 1
         else:
             self.result.different += 1
@@ -223,18 +225,25 @@ class _TableCheck:
     async def odd_keys(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
         """Keys SQLite stores as NULL, BLOB or numbers sort apart from text: look each up
         (``conn`` None: the target table does not exist)."""
-        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        cols = ref.target_select(self.table)
         qualified = self.settings.names.qualified(self.table.name)
         for raw in await _odd_key_rows(src, self.table):
-            if (expected := self.expected_row(raw)) is None:
+            if (expected := self.expected_row(raw)) is None and not self.unreadable:
                 continue
-            self.odd.add(expected[0])
-            record = None
-            if conn is not None:
-                record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {qualified} WHERE id = $1", expected[0]
-                )
-            self.judge(expected, record)
+            key = expected[0] if expected is not None else _text_key(raw[1])
+            if key is None:
+                record = None
+            else:
+                self.odd.add(key)
+                record = None
+                if conn is not None:
+                    record = await conn.fetchrow(
+                        f"SELECT {cols} FROM {qualified} WHERE id = $1", key
+                    )
+            if expected is None:
+                self.judge_unreadable(raw[0], key, record)
+            else:
+                self.judge(expected, record)
 
     async def merge(
         self, src: aiosqlite.Connection, targets: AsyncIterator[asyncpg.Record]
@@ -257,6 +266,11 @@ class _TableCheck:
             await self.next_target()  # a skipped row's target version is not ours
             return
         if expected is None:
+            if self.unreadable:
+                loaded = pending is not None and pending["id"] == key
+                if loaded:
+                    await self.next_target()
+                self.judge_unreadable(raw[0], key, pending if loaded else None)
             return
         if pending is not None and pending["id"] == expected[0]:
             await self.next_target()
@@ -275,6 +289,15 @@ class _TableCheck:
                 self.result.extra += 1
                 self.note(f"{found}: in PostgreSQL but not in the source")
             await self.next_target()
+
+
+def _text_key(raw: Any) -> str | None:
+    """An odd key (NULL, BLOB, number) as the text the target would hold, None for NULL."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "surrogateescape")
+    return repr(raw) if isinstance(raw, float) else str(raw)
 
 
 async def _empty() -> AsyncIterator[asyncpg.Record]:
@@ -336,7 +359,7 @@ async def verify_rows(settings: Settings, *, limit: int = 10) -> list[TableVerif
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         tables = await _tables(settings, path)
         await check_source(src, path, tables)
-        conn = await connect(settings.require_dsn())
+        conn = await open_target(settings)
         try:
             return [
                 await (verify_generic_table if t.generic else verify_table)(
@@ -376,21 +399,16 @@ async def _quick_generic(
     )
 
 
-def _micros(value: datetime) -> str:
-    return str((value - EPOCH) // timedelta(microseconds=1))
-
-
 def _md5(text: str) -> str:
     return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
 def row_digest(table: Table, row: tuple[Any, ...]) -> int:
-    """A 60-bit digest of a converted row's key, text and timestamps (metadata excluded)."""
+    """A 60-bit digest of a row's key, text and timestamps (metadata excluded), the row in the
+    reference's canonical form (timestamps as PostgreSQL's UTC text)."""
     parts = []
     for col, value in zip(table.columns, row, strict=True):
-        if col.kind is Kind.TIMESTAMP:
-            parts.append(_micros(value))
-        elif col.kind is Kind.KEY:
+        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
             parts.append(value)
         elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
             parts.append(_md5(NULL_MARK if value is None else value))
@@ -399,13 +417,11 @@ def row_digest(table: Table, row: tuple[Any, ...]) -> int:
 
 def digest_sql(table: Table, qualified: str) -> str:
     """The query that sums row_digest over the target table in PostgreSQL (skipped keys
-    excluded)."""
+    excluded; the connection prints instants as the reference does, see open_target)."""
     parts = []
     for col in table.columns:
         name = quote_ident(col.name)
-        if col.kind is Kind.TIMESTAMP:
-            parts.append(f"((extract(epoch FROM {name}) * 1000000)::bigint)::text")
-        elif col.kind is Kind.KEY:
+        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
             parts.append(f"{name}::text")
         elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
             parts.append(f"md5(coalesce({name}, E'\\x01NULL'))")
@@ -423,7 +439,7 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         tables = await _tables(settings, path)
         await check_source(src, path, tables)
-        conn = await connect(settings.require_dsn())
+        conn = await open_target(settings)
         try:
             for table in tables:
                 quarantined, skipped, _ = await _bookkeeping(
@@ -432,8 +448,8 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                 if table.generic:
                     out.append(await _quick_generic(src, conn, settings, table, quarantined))
                     continue
-                convert = row_converter(
-                    table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+                read = ref.source_row_reader(
+                    table, zone=settings.naive_timezone, strip_nul=settings.strip_nul
                 )
                 count = checksum = 0
                 async for page in _source_pages(src, table):
@@ -441,8 +457,8 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                         if raw[0] in quarantined:
                             continue
                         try:
-                            row = convert(raw[1:])
-                        except Rejected:
+                            row = read(raw[1:])
+                        except ref.Unreadable:
                             count += 1  # unaccounted: counted so that the counts differ
                             continue
                         if row[0] in skipped:
