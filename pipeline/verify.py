@@ -87,7 +87,11 @@ async def _source_pages(
     src: aiosqlite.Connection, table: Table
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Source rows with a text key (rowid first, text as bytes) in key order, one short query
-    per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows."""
+    per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows.
+
+    The last key is bound as text (SQLite converts it to the file's encoding); only a key that
+    is not UTF-8, which a UTF-8 file alone can hold, is bound as its bytes cast to text: in a
+    UTF-16 file that cast would read UTF-8 bytes as UTF-16, and the pages would never end."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     name = quote_ident(table.name)
     last: Any = None
@@ -96,9 +100,13 @@ async def _source_pages(
             sql = f"SELECT rowid, {cols} FROM {name} WHERE typeof(id) = 'text' ORDER BY id LIMIT ?"
             args: tuple[Any, ...] = (PAGE,)
         else:
-            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT)"
+            try:
+                bound, mark = last.decode("utf-8"), "?"
+            except UnicodeDecodeError:
+                bound, mark = last, "CAST(? AS TEXT)"
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > {mark}"
             sql += " AND typeof(id) = 'text' ORDER BY id LIMIT ?"
-            args = (last, PAGE)
+            args = (bound, PAGE)
         rows = await fetch_rows(src, sql, args)
         if not rows:
             return
@@ -144,13 +152,17 @@ async def verify_table(
     *,
     limit: int = 10,
 ) -> TableVerify:
-    """Merge-join source and target by key and compare every field of every row."""
+    """Merge-join source and target by key and compare every field of every row (a source not
+    in UTF-8 orders its keys otherwise than PostgreSQL: its rows are looked up by key)."""
     quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
     exists = await table_exists(conn, settings.names, table.name)
     check = _TableCheck(settings, table, quarantined, skipped, limit)
     check.result.extra_allowed = preexisting
     await check.odd_keys(src, conn if exists else None)
-    await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    if await _encoding(src) == "UTF-8":
+        await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    else:
+        await check.lookup(src, conn if exists else None)
     return check.result
 
 
@@ -245,6 +257,53 @@ class _TableCheck:
             else:
                 self.judge(expected, record)
 
+    async def lookup(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
+        """Judge each page of source rows against the target rows with their keys, then count
+        the target rows whose key the source does not hold (``conn`` None: no target table)."""
+        qualified = self.settings.names.qualified(self.table.name)
+        select = f"SELECT {ref.target_select(self.table)} FROM {qualified}"
+        async for page in _source_pages(src, self.table):
+            keys = [_text_key(raw[1]) or "" for raw in page]
+            wanted = set(keys) | {k.replace("\x00", "") for k in keys}  # strip_nul keys
+            found: dict[str, asyncpg.Record] = {}
+            if conn is not None:
+                rows = await conn.fetch(f"{select} WHERE id = ANY($1::text[])", list(wanted))
+                found = {r["id"]: r for r in rows}
+            for raw, key in zip(page, keys, strict=True):
+                if (row := self.expected_row(raw)) is not None:
+                    self.judge(row, found.get(row[0]))
+                elif self.unreadable:
+                    self.judge_unreadable(raw[0], key, found.get(key))
+        if conn is not None:
+            await self.count_extra(src, conn)
+
+    async def count_extra(self, src: aiosqlite.Connection, conn: asyncpg.Connection) -> None:
+        """Count target rows, page by page in key order, whose key no source row holds."""
+        qualified = self.settings.names.qualified(self.table.name)
+        name = quote_ident(self.table.name)
+        last = ""
+        while keys := [
+            r["id"]
+            for r in await conn.fetch(
+                f'SELECT id FROM {qualified} WHERE id COLLATE "C" > $1'
+                f' ORDER BY id COLLATE "C" LIMIT {PAGE}',
+                last,
+            )
+        ]:
+            last = keys[-1]
+            held: set[str] = set()
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for (key,) in await fetch_rows(
+                    src, f"SELECT id FROM {name} WHERE id IN ({marks})", chunk
+                ):
+                    held.add(_text_key(key) or "")
+            for key in keys:
+                if key not in held and key not in self.skipped and key not in self.odd:
+                    self.result.extra += 1
+                    self.note(f"{key}: in PostgreSQL but not in the source")
+
     async def merge(
         self, src: aiosqlite.Connection, targets: AsyncIterator[asyncpg.Record]
     ) -> None:
@@ -298,6 +357,12 @@ def _text_key(raw: Any) -> str | None:
     if isinstance(raw, bytes):
         return raw.decode("utf-8", "surrogateescape")
     return repr(raw) if isinstance(raw, float) else str(raw)
+
+
+async def _encoding(src: aiosqlite.Connection) -> str:
+    """The source file's text encoding (UTF-8, UTF-16le or UTF-16be)."""
+    [(encoding,)] = await fetch_rows(src, "PRAGMA encoding")
+    return encoding.decode() if isinstance(encoding, bytes) else str(encoding)
 
 
 async def _empty() -> AsyncIterator[asyncpg.Record]:

@@ -9,16 +9,17 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 import core.target
 import stages.values
-from core.schema import Column, Kind
+from core.schema import SQLITE_DDL, Column, Kind
 from pipeline.reference import Unreadable, instant_micros, pg_instant_text
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from pipeline.verify import TableVerify, verify_quick, verify_rows
-from tests.dirty import app_db
+from tests.dirty import GOOD_TS, app_db
 
 pytestmark = pytest.mark.anyio
 
@@ -190,3 +191,54 @@ def test_the_reference_is_not_the_converter() -> None:
     source = (Path(__file__).parent.parent / "pipeline" / "reference.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("from ", "import "))]
     assert [] == [line for line in imports if "stages" in line]
+
+
+async def test_verify_of_a_utf16_source_with_non_ascii_keys_ends_and_judges_every_row(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UTF-16 SQLite file (which orders keys by UTF-16 code units) with non-ASCII keys over
+    several pages: verify and verify --quick end, match every row, and still find a missing
+    and an extra row."""
+    import anyio
+
+    import pipeline.verify
+
+    path = tmp_path / "utf16.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA encoding = 'UTF-16le'")  # before the first table: the file's encoding
+    db.executescript(SQLITE_DDL)
+    db.execute(
+        "INSERT INTO sessions (id, title, created_at, updated_at) VALUES (?, 't', ?, ?)",
+        ("séance-Ā", GOOD_TS, GOOD_TS),
+    )
+    keys = ["A", "Ā", "é", "B", "東京", "🚀", "z", "ÿ", "\uffff", "a\u0100"]
+    db.executemany(
+        "INSERT INTO messages (id, session_id, role, content, created_at)"
+        " VALUES (?, 'séance-Ā', 'user', 'héllo', ?)",
+        [(f"m-{key}", GOOD_TS) for key in keys],
+    )
+    db.commit()
+    db.close()
+    assert [("UTF-16le",)] == sqlite3.connect(path).execute("PRAGMA encoding").fetchall()
+    settings = await _run(path, pg_dsn)
+    monkeypatch.setattr(pipeline.verify, "PAGE", 3)
+    with anyio.fail_after(60):
+        assert [("sessions", 1, 0, 0, 0), ("messages", 10, 0, 0, 0)] == _counts(
+            await verify_rows(settings)
+        )
+        assert [True, True] == [q.ok for q in await verify_quick(settings)]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DELETE FROM messages WHERE id = 'm-東京'")
+        await conn.execute(
+            "INSERT INTO messages (id, session_id, role, content, created_at)"
+            " VALUES ('m-ü', 'séance-Ā', 'user', 'x', now())"
+        )
+    finally:
+        await conn.close()
+    with anyio.fail_after(60):
+        results = await verify_rows(settings)
+    assert [("sessions", 1, 0, 0, 0), ("messages", 9, 0, 1, 1)] == _counts(results)
+    expected = ["messages m-東京: in the source but not in PostgreSQL"]
+    expected.append("messages m-ü: in PostgreSQL but not in the source")
+    assert expected == results[1].samples
