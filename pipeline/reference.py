@@ -50,6 +50,23 @@ _ISO = re.compile(
 )
 
 
+# The shape most stores write (UTC, 0 or 6 fraction digits): PostgreSQL's text is a rewrite of
+# it. An impossible date in this shape gives a text no PostgreSQL value prints, so it can only
+# match nothing, as it should.
+_UTC_SHAPE = re.compile(
+    rb"(\d{4}-\d\d-\d\d)T((?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d)(?:\.(\d{6}))?(?:Z|\+00:00)\Z"
+)
+
+
+def instant_text(raw: Any, zone: tzinfo = UTC) -> str:
+    """PostgreSQL's UTC text of the instant ISO-8601 source text names (raises Unreadable)."""
+    if type(raw) is bytes and (found := _UTC_SHAPE.match(raw)) is not None:
+        fraction = (found[3] or b"").rstrip(b"0")
+        text = found[1] + b" " + found[2] + (b"." + fraction if fraction else b"") + b"+00"
+        return text.decode("ascii")
+    return pg_instant_text(instant_micros(raw, zone))
+
+
 def _text(raw: Any, strip_nul: bool) -> str:
     if isinstance(raw, bytes):
         try:
@@ -199,7 +216,7 @@ def source_reader(column: Column, *, zone: tzinfo = UTC, strip_nul: bool = False
         if kind in INSTANT_KINDS:
             if isinstance(raw, int | float) and column.epoch is not None:
                 return pg_instant_text(_epoch_micros(raw, column.epoch))
-            return pg_instant_text(instant_micros(raw, zone))
+            return instant_text(raw, zone)
         if kind is Kind.JSON:
             if raw in (b"", ""):
                 return {}

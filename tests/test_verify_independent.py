@@ -15,7 +15,7 @@ import pytest
 import core.target
 import stages.values
 from core.schema import SQLITE_DDL, Column, Kind
-from pipeline.reference import Unreadable, instant_micros, pg_instant_text
+from pipeline.reference import Unreadable, instant_micros, instant_text, pg_instant_text
 from pipeline.runner import migrate
 from pipeline.settings import load_settings
 from pipeline.verify import TableVerify, verify_quick, verify_rows
@@ -172,6 +172,18 @@ def test_the_reference_reads_instants_as_postgresql_prints_them() -> None:
     expected = [want for _, want in REFERENCE_INSTANTS]
     actual = [pg_instant_text(instant_micros(text)) for text, _ in REFERENCE_INSTANTS]
     assert expected == actual
+
+
+def test_the_fast_utc_shape_gives_the_same_text_as_the_parser() -> None:
+    """UTC text in the common shape is rewritten to exactly what the full parser computes."""
+    texts = [
+        b"2024-01-01T00:00:00Z",
+        b"2024-01-01T23:59:59.120000+00:00",
+        b"0001-01-01T00:00:00.000001Z",
+        b"9999-12-31T23:59:59.999999+00:00",
+    ]
+    expected = [pg_instant_text(instant_micros(text)) for text in texts]
+    assert expected == [instant_text(text) for text in texts]
 
 
 def test_the_reference_refuses_what_is_not_an_instant() -> None:
