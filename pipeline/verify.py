@@ -1,14 +1,15 @@
-"""Verify: compare every source row (through the same converters) with its target row."""
+"""Verify: compare every source row with its target row.
+
+The source's raw values are read by verification's own reference (pipeline/reference.py), not
+by the load's converters, so a converter that changes a value cannot hide it from verify.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,13 @@ from core.catalog import table_exists
 from core.schema import Kind, Table, quote_ident
 from core.source import check_source
 from core.target import connect
+from pipeline import reference as ref
 from pipeline import verify_generic as generic
 from pipeline.mapping_source import resolve_mapping
 from pipeline.settings import Settings
-from stages.convert import Rejected
 from stages.extract import fetch_rows, open_source
-from stages.values import row_converter
 
 PAGE = 5000  # rows per source query and per target cursor fetch
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NULL_MARK = "\x01NULL"
 
 
@@ -95,7 +94,11 @@ async def _source_pages(
     src: aiosqlite.Connection, table: Table
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Source rows with a text key (rowid first, text as bytes) in key order, one short query
-    per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows."""
+    per page. Keys stored as NULL, BLOB or numbers sort apart in SQLite: see _odd_key_rows.
+
+    The last key is bound as text (SQLite converts it to the file's encoding); only a key that
+    is not UTF-8, which a UTF-8 file alone can hold, is bound as its bytes cast to text: in a
+    UTF-16 file that cast would read UTF-8 bytes as UTF-16, and the pages would never end."""
     cols = ", ".join(quote_ident(c) for c in table.column_names)
     name = quote_ident(table.name)
     last: Any = None
@@ -104,9 +107,13 @@ async def _source_pages(
             sql = f"SELECT rowid, {cols} FROM {name} WHERE typeof(id) = 'text' ORDER BY id LIMIT ?"
             args: tuple[Any, ...] = (PAGE,)
         else:
-            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > CAST(? AS TEXT)"
+            try:
+                bound, mark = last.decode("utf-8"), "?"
+            except UnicodeDecodeError:
+                bound, mark = last, "CAST(? AS TEXT)"
+            sql = f"SELECT rowid, {cols} FROM {name} WHERE id > {mark}"
             sql += " AND typeof(id) = 'text' ORDER BY id LIMIT ?"
-            args = (last, PAGE)
+            args = (bound, PAGE)
         rows = await fetch_rows(src, sql, args)
         if not rows:
             return
@@ -124,29 +131,20 @@ async def _odd_key_rows(src: aiosqlite.Connection, table: Table) -> list[tuple[A
 async def _target_rows(
     conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> AsyncIterator[asyncpg.Record]:
-    """The target table's rows in key order (byte order, like SQLite's), through a cursor."""
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    """The target table's rows in key order (byte order, like SQLite's), through a cursor, in
+    the reference's raw shape (see reference.target_select)."""
+    cols = ref.target_select(table)
     sql = f'SELECT {cols} FROM {settings.names.qualified(table.name)} ORDER BY id COLLATE "C"'
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, prefetch=PAGE):
             yield record
 
 
-def _json(text: str) -> Any:
-    """JSON with exact numbers: 1e+23 in the source equals 100000000000000000000000 in jsonb."""
-    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
-
-
-def _normalize_target(table: Table, record: asyncpg.Record) -> tuple[Any, ...]:
-    return tuple(
-        _json(record[c.name]) if c.kind is Kind.JSON else record[c.name] for c in table.columns
-    )
-
-
-def _normalize_source(table: Table, row: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        _json(v) if c.kind is Kind.JSON else v for c, v in zip(table.columns, row, strict=True)
-    )
+async def open_target(settings: Settings) -> asyncpg.Connection:
+    """A connection printing instants in UTC and ISO style, as the reference expects them."""
+    conn = await connect(settings.require_dsn())
+    await conn.execute(ref.SESSION_SETTINGS)
+    return conn
 
 
 def _differing_columns(table: Table, a: tuple[Any, ...], b: tuple[Any, ...]) -> list[str]:
@@ -161,13 +159,17 @@ async def verify_table(
     *,
     limit: int = 10,
 ) -> TableVerify:
-    """Merge-join source and target by key and compare every field of every row."""
+    """Merge-join source and target by key and compare every field of every row (a source not
+    in UTF-8 orders its keys otherwise than PostgreSQL: its rows are looked up by key)."""
     quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
     exists = await table_exists(conn, settings.names, table.name)
     check = _TableCheck(settings, table, quarantined, skipped, limit)
     check.result.extra_allowed = preexisting
     await check.odd_keys(src, conn if exists else None)
-    await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    if await _encoding(src) == "UTF-8":
+        await check.merge(src, _target_rows(conn, settings, table) if exists else _empty())
+    else:
+        await check.lookup(src, conn if exists else None)
     return check.result
 
 
@@ -185,9 +187,10 @@ class _TableCheck:
     ) -> None:
         self.settings, self.table, self.limit = settings, table, limit
         self.quarantined, self.skipped = quarantined, skipped
-        self.convert = row_converter(
-            table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+        self.read = ref.source_row_reader(
+            table, zone=settings.naive_timezone, strip_nul=settings.strip_nul
         )
+        self.unreadable = ""  # why the reference could not read the last source row
         self.result = TableVerify(table.name)
         self.odd: set[str] = set()  # keys stored as NULL, BLOB or numbers, checked one by one
         self.targets: AsyncIterator[asyncpg.Record] = _empty()
@@ -197,21 +200,32 @@ class _TableCheck:
         self.result.note(f"{self.table.name} {text}", self.limit)
 
     def expected_row(self, raw: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """The target row a source row must become, or None when it is accounted otherwise."""
+        """The target row a source row must become, or None when it is accounted otherwise
+        (quarantined, skipped, or unreadable: ``self.unreadable`` then says why)."""
         rowid, values = raw[0], raw[1:]
+        self.unreadable = ""
         if rowid in self.quarantined:
             self.result.quarantined += 1
             return None
         try:
-            expected = _normalize_source(self.table, self.convert(values))
-        except Rejected as exc:
-            self.result.missing += 1
-            self.note(f"rowid {rowid}: not loaded and not quarantined ({exc.reason})")
+            expected = self.read(values)
+        except ref.Unreadable as exc:
+            self.unreadable = str(exc)
             return None
         if expected[0] in self.skipped:
             self.result.skipped += 1
             return None
         return expected
+
+    def judge_unreadable(self, rowid: int, key: Any, record: asyncpg.Record | None) -> None:
+        """A source row the reference cannot read must have been quarantined: loaded, it is
+        different; absent, it is missing."""
+        if record is None:
+            self.result.missing += 1
+            self.note(f"rowid {rowid}: not loaded and not quarantined ({self.unreadable})")
+        else:
+            self.result.different += 1
+            self.note(f"{key}: loaded, but the source value is unreadable ({self.unreadable})")
 
     def judge(self, expected: tuple[Any, ...], record: asyncpg.Record | None) -> None:
         """Count the target row of ``expected`` as matched, different or missing."""
@@ -219,7 +233,7 @@ class _TableCheck:
         if record is None:
             self.result.missing += 1
             self.note(f"{key}: in the source but not in PostgreSQL")
-        elif (actual := _normalize_target(self.table, record)) == expected:
+        elif (actual := ref.target_row(self.table, record.values())) == expected:
             self.result.matched += 1
         else:
             self.result.different += 1
@@ -230,18 +244,72 @@ class _TableCheck:
     async def odd_keys(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
         """Keys SQLite stores as NULL, BLOB or numbers sort apart from text: look each up
         (``conn`` None: the target table does not exist)."""
-        cols = ", ".join(quote_ident(c) for c in self.table.column_names)
+        cols = ref.target_select(self.table)
         qualified = self.settings.names.qualified(self.table.name)
         for raw in await _odd_key_rows(src, self.table):
-            if (expected := self.expected_row(raw)) is None:
+            if (expected := self.expected_row(raw)) is None and not self.unreadable:
                 continue
-            self.odd.add(expected[0])
-            record = None
+            key = expected[0] if expected is not None else _text_key(raw[1])
+            if key is None:
+                record = None
+            else:
+                self.odd.add(key)
+                record = None
+                if conn is not None:
+                    record = await conn.fetchrow(
+                        f"SELECT {cols} FROM {qualified} WHERE id = $1", key
+                    )
+            if expected is None:
+                self.judge_unreadable(raw[0], key, record)
+            else:
+                self.judge(expected, record)
+
+    async def lookup(self, src: aiosqlite.Connection, conn: asyncpg.Connection | None) -> None:
+        """Judge each page of source rows against the target rows with their keys, then count
+        the target rows whose key the source does not hold (``conn`` None: no target table)."""
+        qualified = self.settings.names.qualified(self.table.name)
+        select = f"SELECT {ref.target_select(self.table)} FROM {qualified}"
+        async for page in _source_pages(src, self.table):
+            keys = [_text_key(raw[1]) or "" for raw in page]
+            wanted = set(keys) | {k.replace("\x00", "") for k in keys}  # strip_nul keys
+            found: dict[str, asyncpg.Record] = {}
             if conn is not None:
-                record = await conn.fetchrow(
-                    f"SELECT {cols} FROM {qualified} WHERE id = $1", expected[0]
-                )
-            self.judge(expected, record)
+                rows = await conn.fetch(f"{select} WHERE id = ANY($1::text[])", list(wanted))
+                found = {r["id"]: r for r in rows}
+            for raw, key in zip(page, keys, strict=True):
+                if (row := self.expected_row(raw)) is not None:
+                    self.judge(row, found.get(row[0]))
+                elif self.unreadable:
+                    self.judge_unreadable(raw[0], key, found.get(key))
+        if conn is not None:
+            await self.count_extra(src, conn)
+
+    async def count_extra(self, src: aiosqlite.Connection, conn: asyncpg.Connection) -> None:
+        """Count target rows, page by page in key order, whose key no source row holds."""
+        qualified = self.settings.names.qualified(self.table.name)
+        name = quote_ident(self.table.name)
+        last = ""
+        while keys := [
+            r["id"]
+            for r in await conn.fetch(
+                f'SELECT id FROM {qualified} WHERE id COLLATE "C" > $1'
+                f' ORDER BY id COLLATE "C" LIMIT {PAGE}',
+                last,
+            )
+        ]:
+            last = keys[-1]
+            held: set[str] = set()
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for (key,) in await fetch_rows(
+                    src, f"SELECT id FROM {name} WHERE id IN ({marks})", chunk
+                ):
+                    held.add(_text_key(key) or "")
+            for key in keys:
+                if key not in held and key not in self.skipped and key not in self.odd:
+                    self.result.extra += 1
+                    self.note(f"{key}: in PostgreSQL but not in the source")
 
     async def merge(
         self, src: aiosqlite.Connection, targets: AsyncIterator[asyncpg.Record]
@@ -264,6 +332,11 @@ class _TableCheck:
             await self.next_target()  # a skipped row's target version is not ours
             return
         if expected is None:
+            if self.unreadable:
+                loaded = pending is not None and pending["id"] == key
+                if loaded:
+                    await self.next_target()
+                self.judge_unreadable(raw[0], key, pending if loaded else None)
             return
         if pending is not None and pending["id"] == expected[0]:
             await self.next_target()
@@ -282,6 +355,21 @@ class _TableCheck:
                 self.result.extra += 1
                 self.note(f"{found}: in PostgreSQL but not in the source")
             await self.next_target()
+
+
+def _text_key(raw: Any) -> str | None:
+    """An odd key (NULL, BLOB, number) as the text the target would hold, None for NULL."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "surrogateescape")
+    return repr(raw) if isinstance(raw, float) else str(raw)
+
+
+async def _encoding(src: aiosqlite.Connection) -> str:
+    """The source file's text encoding (UTF-8, UTF-16le or UTF-16be)."""
+    [(encoding,)] = await fetch_rows(src, "PRAGMA encoding")
+    return encoding.decode() if isinstance(encoding, bytes) else str(encoding)
 
 
 async def _empty() -> AsyncIterator[asyncpg.Record]:
@@ -344,7 +432,7 @@ async def verify_rows(settings: Settings, *, limit: int = 10) -> list[TableVerif
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         tables = await _tables(settings, path)
         await check_source(src, path, tables)
-        conn = await connect(settings.require_dsn())
+        conn = await open_target(settings)
         try:
             return [
                 await (verify_generic_table if t.generic else verify_table)(
@@ -385,21 +473,16 @@ async def _quick_generic(
     )
 
 
-def _micros(value: datetime) -> str:
-    return str((value - EPOCH) // timedelta(microseconds=1))
-
-
 def _md5(text: str) -> str:
     return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
 def row_digest(table: Table, row: tuple[Any, ...]) -> int:
-    """A 60-bit digest of a converted row's key, text and timestamps (metadata excluded)."""
+    """A 60-bit digest of a row's key, text and timestamps (metadata excluded), the row in the
+    reference's canonical form (timestamps as PostgreSQL's UTC text)."""
     parts = []
     for col, value in zip(table.columns, row, strict=True):
-        if col.kind is Kind.TIMESTAMP:
-            parts.append(_micros(value))
-        elif col.kind is Kind.KEY:
+        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
             parts.append(value)
         elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
             parts.append(_md5(NULL_MARK if value is None else value))
@@ -408,13 +491,11 @@ def row_digest(table: Table, row: tuple[Any, ...]) -> int:
 
 def digest_sql(table: Table, qualified: str) -> str:
     """The query that sums row_digest over the target table in PostgreSQL (skipped keys
-    excluded)."""
+    excluded; the connection prints instants as the reference does, see open_target)."""
     parts = []
     for col in table.columns:
         name = quote_ident(col.name)
-        if col.kind is Kind.TIMESTAMP:
-            parts.append(f"((extract(epoch FROM {name}) * 1000000)::bigint)::text")
-        elif col.kind is Kind.KEY:
+        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
             parts.append(f"{name}::text")
         elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
             parts.append(f"md5(coalesce({name}, E'\\x01NULL'))")
@@ -432,7 +513,7 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         tables = await _tables(settings, path)
         await check_source(src, path, tables)
-        conn = await connect(settings.require_dsn())
+        conn = await open_target(settings)
         try:
             for table in tables:
                 quarantined, skipped, _ = await _bookkeeping(
@@ -441,8 +522,8 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                 if table.generic:
                     out.append(await _quick_generic(src, conn, settings, table, quarantined))
                     continue
-                convert = row_converter(
-                    table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
+                read = ref.source_row_reader(
+                    table, zone=settings.naive_timezone, strip_nul=settings.strip_nul
                 )
                 count = checksum = 0
                 async for page in _source_pages(src, table):
@@ -450,8 +531,8 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                         if raw[0] in quarantined:
                             continue
                         try:
-                            row = convert(raw[1:])
-                        except Rejected:
+                            row = read(raw[1:])
+                        except ref.Unreadable:
                             count += 1  # unaccounted: counted so that the counts differ
                             continue
                         if row[0] in skipped:

@@ -1,13 +1,12 @@
 """Verify a table outside the app profile: the multiset of its rows in the source (under the
 mapping, quarantined rows aside) equals the multiset in PostgreSQL, compared value by value in
-the canonical form of each column's type; rows without a key are compared as wholes."""
+the canonical form of each column's type (pipeline/reference.py: verification's own reading of
+the source, not the load's converters); rows without a key are compared as wholes."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterable
-from decimal import Decimal
 from typing import Any
 
 import aiosqlite
@@ -15,36 +14,30 @@ import asyncpg
 
 from core.catalog import table_exists
 from core.schema import Kind, Table, quote_ident
+from pipeline import reference as ref
 from pipeline.settings import Settings
-from stages.convert import Rejected
 from stages.extract import fetch_rows, key_pages, key_types_sql
 from stages.transform import row_key
-from stages.values import row_converter
 
 PAGE = 5000
 
 
-def canonical(kind: Kind, value: Any) -> Any:
-    """One value as both sides must agree on it: JSON parsed with exact numbers, numbers
-    normalized, text as str."""
-    if value is None:
-        return None
-    if kind in (Kind.JSON, Kind.JSON_VALUE):
-        text = value.decode("utf-8") if isinstance(value, bytes) else value
-        return json.dumps(
-            json.loads(text, parse_float=Decimal, parse_int=Decimal), sort_keys=True, default=str
-        )
-    if isinstance(value, Decimal):
-        return value.normalize()
-    if isinstance(value, bytes) and kind is not Kind.BLOB:
-        return value.decode("utf-8")
-    if isinstance(value, memoryview):
-        return bytes(value)
+def frozen(value: Any) -> Any:
+    """A canonical JSON value made hashable: objects as sorted pairs, arrays as tuples."""
+    if isinstance(value, dict):
+        return ("{}", tuple(sorted((k, frozen(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("[]", tuple(frozen(v) for v in value))
+    if isinstance(value, bool):
+        return ("bool", value)  # true is not the number 1
     return value
 
 
 def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(canonical(c.kind, v) for c, v in zip(table.columns, values, strict=True))
+    return tuple(
+        frozen(v) if c.kind in (Kind.JSON, Kind.JSON_VALUE) else v
+        for c, v in zip(table.columns, values, strict=True)
+    )
 
 
 async def _pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
@@ -73,9 +66,7 @@ async def source_rows(
     """The canonical source rows the target must hold (as a multiset), and how many rows are
     neither loadable nor quarantined. Quarantined rows are known by rowid, or by key in a
     WITHOUT ROWID table (``quarantined_keys``)."""
-    convert = row_converter(
-        table, naive_timezone=settings.naive_timezone, strip_nul=settings.strip_nul
-    )
+    read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
     rows: Counter[tuple[Any, ...]] = Counter()
     unaccounted = 0
     async for page in _pages(src, table):
@@ -86,8 +77,8 @@ async def source_rows(
             elif raw[0] in quarantined:
                 continue
             try:
-                rows[_row(table, convert(raw[1:]))] += 1
-            except Rejected:
+                rows[_row(table, read(raw[1:]))] += 1
+            except ref.Unreadable:
                 unaccounted += 1
     return rows, unaccounted
 
@@ -99,11 +90,10 @@ async def target_rows(
     rows: Counter[tuple[Any, ...]] = Counter()
     if not await table_exists(conn, settings.names, table.name):
         return rows
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    sql = f"SELECT {cols} FROM {settings.names.qualified(table.name)}"
+    sql = f"SELECT {ref.target_select(table)} FROM {settings.names.qualified(table.name)}"
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, prefetch=PAGE):
-            rows[_row(table, record.values())] += 1
+            rows[_row(table, ref.target_row(table, record.values()))] += 1
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -69,20 +70,38 @@ class BatchResult:
         return len(self.quarantined) + self.already_quarantined
 
 
-def quarantine_records(ctx: LoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
-    """Rejected rows as quarantine records (raw values as JSON), in QUARANTINE_COLUMNS order."""
+def quarantine_records(
+    ctx: LoadContext, rejects: list[Reject], *, ascii_only: bool = False
+) -> list[tuple[Any, ...]]:
+    """Rejected rows as quarantine records (raw values as JSON), in QUARANTINE_COLUMNS order.
+
+    With ``ascii_only`` (a target database not in UTF-8, which may not hold every character),
+    non-ASCII text among the raw values is kept as its base64 bytes (requeue reads both forms
+    back alike), and the key and detail escape non-ASCII characters."""
     columns = ctx.table.column_names
+
+    def text(value: str | None) -> str | None:
+        if value is None or not ascii_only:
+            return value
+        return value.encode("ascii", "backslashreplace").decode("ascii")
+
+    def raw(values: tuple[Any, ...]) -> str:
+        found = raw_to_json(values, columns)
+        if ascii_only:
+            found = {c: _ascii_raw(v) for c, v in found.items()}
+        return orjson.dumps(found).decode("utf-8")
+
     return [
         (
             ctx.run_id,
             ctx.names.schema,
             ctx.table.name,
-            r.key,
+            text(r.key),
             r.rowid,
             r.reason,
-            r.detail,
+            text(r.detail),
             r.stage,
-            orjson.dumps(raw_to_json(r.raw, columns)).decode("utf-8"),
+            raw(r.raw),
         )
         for r in rejects
     ]
@@ -108,6 +127,17 @@ def digest_records(
     if skipped:
         records = [r for r in records if r[2] not in skipped]
     return records
+
+
+def _ascii_raw(value: Any) -> Any:
+    if isinstance(value, str) and not value.isascii():
+        return {"base64": base64.b64encode(value.encode("utf-8")).decode("ascii")}
+    return value
+
+
+def server_is_utf8(conn: asyncpg.Connection) -> bool:
+    """Whether the target database's encoding holds every character (UTF8)."""
+    return str(getattr(conn.get_settings(), "server_encoding", "UTF8")).upper() == "UTF8"
 
 
 async def _copy(
@@ -282,7 +312,8 @@ async def _write_bookkeeping(
             ],
         )
     if rejects:
-        await bookkeeping.write_quarantine(conn, quarantine_records(ctx, rejects))
+        records = quarantine_records(ctx, rejects, ascii_only=not server_is_utf8(conn))
+        await bookkeeping.write_quarantine(conn, records)
     await bookkeeping.advance_checkpoint(
         conn,
         schema,
