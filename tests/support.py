@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -130,3 +131,26 @@ def ignore_asyncpg_orphaned_waiters() -> Iterator[None]:
         yield
     finally:
         loop.set_exception_handler(previous)
+
+
+def kill_after(args: list[str], event: str, count: int) -> int:
+    """Start the CLI, SIGKILL it once `count` events named `event` were logged; return the
+    number of such events seen (the process may have committed more before dying)."""
+    proc = start_cli(*args)
+    seen = 0
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == event:
+                seen += 1
+                if seen >= count:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return seen

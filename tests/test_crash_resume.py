@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import signal
 from pathlib import Path
 
 import pytest
 
-from tests.support import cli, fetchval, source_rows, start_cli, target_rows
+from tests.support import cli, fetchval, kill_after, source_rows, target_rows
 
 pytestmark = pytest.mark.slow
-
-
-def _kill_after(args: list[str], event: str, count: int) -> int:
-    """Start the CLI, SIGKILL it once `count` events named `event` were logged; return the
-    number of such events seen (the process may have committed more before dying)."""
-    proc = start_cli(*args)
-    seen = 0
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == event:
-                seen += 1
-                if seen >= count:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return seen
 
 
 async def _assert_exactly_once(source: Path, dsn: str) -> None:
@@ -81,7 +56,7 @@ async def test_sigkill_then_rerun_loads_each_row_exactly_once(
         "json",
         "--no-progress",
     ]
-    seen = _kill_after(args, event, k)
+    seen = kill_after(args, event, k)
     assert k == seen
     if event == "batch_loaded":
         committed = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
@@ -106,8 +81,8 @@ async def test_two_kills_in_a_row_still_converge(sample_db: Path, pg_dsn: str) -
         "json",
         "--no-progress",
     ]
-    _kill_after(args, "batch_loaded", 5)
-    _kill_after(args, "batch_loaded", 5)
+    kill_after(args, "batch_loaded", 5)
+    kill_after(args, "batch_loaded", 5)
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     await _assert_exactly_once(sample_db, pg_dsn)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.generic_db import chain_db, compare_table
-from tests.support import cli, fetchval
-from tests.test_crash_resume import _kill_after
+from tests.support import cli, fetchval, kill_after
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -57,7 +56,7 @@ async def test_sigkill_of_a_generic_run_then_rerun_loads_each_row_once(
     """Killed after k committed batches, a rerun ends with each row of the three tables
     exactly once, the checkpoints finished and every key built."""
     path = chain_db(tmp_path / "chain.sqlite", without_rowid=without_rowid)
-    assert k == _kill_after(_args(path, pg_dsn), "batch_loaded", k)
+    assert k == kill_after(_args(path, pg_dsn), "batch_loaded", k)
     committed = await fetchval(pg_dsn, "SELECT sum(loaded) FROM flux_migrate.checkpoints")
     assert committed >= k * 100
     rerun = cli(*_args(path, pg_dsn))
@@ -68,8 +67,8 @@ async def test_sigkill_of_a_generic_run_then_rerun_loads_each_row_once(
 async def test_two_kills_of_a_generic_run_still_converge(tmp_path: Path, pg_dsn: str) -> None:
     """Killing the resumed run too still ends, after a third run, with each row exactly once."""
     path = chain_db(tmp_path / "chain.sqlite")
-    _kill_after(_args(path, pg_dsn), "batch_loaded", 4)
-    _kill_after(_args(path, pg_dsn), "batch_loaded", 8)
+    kill_after(_args(path, pg_dsn), "batch_loaded", 4)
+    kill_after(_args(path, pg_dsn), "batch_loaded", 8)
     rerun = cli(*_args(path, pg_dsn))
     assert 0 == rerun.returncode, rerun.stderr
     await _assert_chain_exactly_once(path, pg_dsn)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.sample import generate
-from tests.support import cli, fetchval, start_cli
+from tests.support import cli, fetchval, kill_after, start_cli
 from tests.test_jsonl import correction, feedback_record, line
 
 pytestmark = pytest.mark.anyio
@@ -102,26 +102,6 @@ async def test_jsonl_alone_rewritten_file_said_in_the_output(tmp_path: Path, pg_
     assert 0 == verified.returncode, verified.stdout
 
 
-def _kill_after_batches(args: list[str], count: int) -> None:
-    proc = start_cli(*args)
-    seen = 0
-    assert proc.stderr is not None
-    try:
-        for raw in proc.stderr:
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == "batch_loaded":
-                seen += 1
-                if seen >= count:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-    finally:
-        proc.wait(timeout=60)
-    assert -signal.SIGKILL == proc.returncode
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_file_then_rerun_loads_each_line_once(
     tmp_path: Path, pg_dsn: str
@@ -133,7 +113,7 @@ async def test_sigkill_mid_file_then_rerun_loads_each_line_once(
     path.write_bytes(b"".join(line(r) for r in records))
     args = ["run", "--jsonl", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "50"]
     args += ["--log-format", "json", "--no-progress"]
-    _kill_after_batches(args, 5)
+    kill_after(args, "batch_loaded", 5)
     committed = await fetchval(pg_dsn, "SELECT loaded FROM flux_migrate.checkpoints")
     assert 250 <= committed < 3000
     rerun = cli(*args)
@@ -176,7 +156,7 @@ async def test_sigkill_during_a_reconcile_then_rerun_finishes_it(
     assert 0 == cli(*args).returncode
     rewritten = [correction(n, "approved" if n % 2 else "pending") for n in range(1, 1600)]
     path.write_bytes(b"".join(line(r) for r in rewritten))
-    _kill_after_batches(args, 6)
+    kill_after(args, "batch_loaded", 6)
     rerun = cli(*args)
     assert 0 == rerun.returncode, rerun.stderr
     reconciled = [

@@ -3,9 +3,7 @@ are never overwritten; a kill mid-sync converges on rerun (real PostgreSQL, real
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import sqlite3
 import uuid
 from pathlib import Path
@@ -19,7 +17,7 @@ from core.errors import EXIT_CONFLICTS, EXIT_OK
 from pipeline.runner import migrate
 from pipeline.settings import Settings
 from pipeline.sync import sync
-from tests.support import cli, source_rows, start_cli, target_rows
+from tests.support import cli, kill_after, source_rows, target_rows
 
 NOW = "2026-01-02T03:04:05+00:00"
 NEW_SESSION = "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES"
@@ -247,26 +245,6 @@ async def test_quarantined_row_fixed_later_is_resolved(
     assert all(t.up_to_date for t in rerun.tables.values())
 
 
-def _kill_after(args: list[str], event: str, count: int) -> None:
-    proc = start_cli(*args)
-    seen = 0
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == event:
-                seen += 1
-                if seen >= count:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-    finally:
-        proc.wait(timeout=60)
-    assert -signal.SIGKILL == proc.returncode
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("event", "count"), [("sync_started", 1), ("sync_batch", 2), ("table_synced", 1)]
@@ -286,7 +264,7 @@ async def test_sigkill_during_sync_then_rerun_converges(
     db.close()
     args = ["sync", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
     args += ["--batch-size", "20", "--log-format", "json"]
-    _kill_after(args, event, count)
+    kill_after(args, event, count)
     rerun = cli(*args)
     assert EXIT_OK == rerun.returncode, rerun.stderr
     await _equal(path, pg_dsn)
