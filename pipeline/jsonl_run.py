@@ -25,13 +25,9 @@ import structlog
 from core import bookkeeping as ckpt
 from core.errors import (
     ConfigError,
-    Interrupted,
-    MigrateError,
     RuntimeFailure,
     TargetError,
-    is_driver_error,
     single_error,
-    translate,
 )
 from core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
@@ -55,7 +51,7 @@ from core.target import Target, connect
 from pipeline.finish import make_durable
 from pipeline.preflight import take_migration_lock
 from pipeline.progress import NoProgress, Progress
-from pipeline.report import RunReport, TableReport
+from pipeline.report import RunReport, TableReport, record_completion, record_failure
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from stages.convert import Rejected
@@ -642,25 +638,11 @@ async def migrate_jsonl(
                 if not lock.is_closed():
                     lock.terminate()
     except Exception as exc:
-        if isinstance(exc, MigrateError):
-            error = exc
-        elif is_driver_error(exc):
-            error = translate(exc, target.location)
-        else:
-            raise
-        report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
-        report.message = error.message
-        log.error("run_failed", error=error.message, status=report.status)
+        error = record_failure(report, exc, target.location)
         if error is exc:
             raise
         raise error from None
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
-    report.status = "completed"
-    log.info(
-        "run_completed",
-        extracted=sum(t.extracted for t in report.tables.values()),
-        loaded=sum(t.loaded for t in report.tables.values()),
-        quarantined=report.quarantined,
-    )
+    record_completion(report)
     return report, outcomes

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from core.errors import ConfigError
+from core.errors import ConfigError, Interrupted, MigrateError, is_driver_error, translate
 
 
 def printable(value: object) -> str:
@@ -146,3 +147,32 @@ def print_summary(report: RunReport, out: TextIO | None = None) -> None:
         out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")
     for note in report.notes:
         out.write(printable(note) + "\n")
+
+
+_log = structlog.get_logger("flux_migrate")
+
+
+def record_failure(report: RunReport, exc: Exception, where: str) -> Exception:
+    """Record a failed or interrupted run in the report and the log; return the error to raise
+    (a driver error no stage handled becomes one sentence; anything else is a bug, as is)."""
+    if isinstance(exc, MigrateError):
+        error = exc
+    elif is_driver_error(exc):
+        error = translate(exc, where)
+    else:
+        return exc
+    report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
+    report.message = error.message
+    _log.error("run_failed", error=error.message, status=report.status)
+    return error
+
+
+def record_completion(report: RunReport) -> None:
+    """Mark the run completed and log its totals."""
+    report.status = "completed"
+    _log.info(
+        "run_completed",
+        extracted=sum(t.extracted for t in report.tables.values()),
+        loaded=sum(t.loaded for t in report.tables.values()),
+        quarantined=report.quarantined,
+    )

@@ -23,12 +23,6 @@ import anyio
 import structlog
 
 from core import bookkeeping as ckpt
-from core.errors import (
-    Interrupted,
-    MigrateError,
-    is_driver_error,
-    translate,
-)
 from core.mapping import Mapping
 from core.schema import Table
 from core.source import check_source, count_between, source_snapshot
@@ -46,7 +40,7 @@ from pipeline.preflight import (
     take_migration_lock,
 )
 from pipeline.progress import NoProgress, Progress
-from pipeline.report import RunReport, TableReport
+from pipeline.report import RunReport, TableReport, record_completion, record_failure
 from pipeline.requeue import requeue
 from pipeline.resume_point import resume_point
 from pipeline.settings import Settings
@@ -129,19 +123,13 @@ async def migrate(
             show_mapping=show_mapping,
         )
     except Exception as exc:
-        error = _failed(report, exc, target.location)
+        error = record_failure(report, exc, target.location)
         if error is exc:
             raise
         raise error from None
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
-    report.status = "completed"
-    log.info(
-        "run_completed",
-        extracted=sum(t.extracted for t in report.tables.values()),
-        loaded=sum(t.loaded for t in report.tables.values()),
-        quarantined=report.quarantined,
-    )
+    record_completion(report)
     return report
 
 
@@ -273,21 +261,6 @@ async def _run_jsonl(run: Run) -> None:
         lambda c: ckpt.read_checkpoints(c, run.schema), what="reading checkpoints"
     )
     run.report.quarantined_open = sum(c.quarantined for c in final.values())
-
-
-def _failed(report: RunReport, exc: Exception, where: str) -> Exception:
-    """Record a failed or interrupted run in the report and the log; return the error to raise
-    (a driver error no stage handled becomes one sentence; anything else is a bug, as is)."""
-    if isinstance(exc, MigrateError):
-        error = exc
-    elif is_driver_error(exc):
-        error = translate(exc, where)
-    else:
-        return exc
-    report.status = "interrupted" if isinstance(error, Interrupted) else "failed"
-    report.message = error.message
-    log.error("run_failed", error=error.message, status=report.status)
-    return error
 
 
 # ---------------------------------------------------------------- one table
