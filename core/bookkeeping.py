@@ -5,10 +5,12 @@ Per target table, a checkpoint says how far the source has been loaded; it lives
 ``flux_migrate.checkpoints`` in the target database and is updated in the same transaction as
 the rows it accounts for. ``flux_migrate.quarantine`` keeps the rows that could not be loaded
 (with their reason) until a rerun loads them; ``flux_migrate.skipped`` the keys left alone
-because they already existed (``--on-conflict skip``). ``flux_migrate.row_digests`` keeps, per
-row flux-migrate wrote, its key, source rowid and the digest of the source values it came from,
-written in the same (sub)transaction as the row itself: the digest row's ``xmin`` equals the
-target row's for as long as nobody else writes that row (see pipeline/sync.py).
+because they already existed (``--on-conflict skip``). The row digests say, per row
+flux-migrate wrote, its key, source rowid and the digest of the source values it came from:
+``flux_migrate.digest_packs`` one row per loaded batch (arrays of rowids, keys and digests),
+written in the same (sub)transaction as the rows, so the pack's ``xmin`` equals the target
+rows' for as long as nobody else writes them; ``flux_migrate.digest_rows`` one row per key
+sync wrote, moved or deleted since, which overrides the key's pack entry (see pipeline/sync.py).
 ``flux_migrate.conflicts`` names the rows changed both in the source and by someone else in
 PostgreSQL, which sync left alone.
 """
@@ -22,12 +24,13 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, DIGEST_COLUMNS, QUARANTINE_COLUMNS
+from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS
 
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
 QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
 SKIPPED = f"{BOOKKEEPING_SCHEMA}.skipped"
-DIGESTS = f"{BOOKKEEPING_SCHEMA}.row_digests"
+DIGEST_PACKS = f"{BOOKKEEPING_SCHEMA}.digest_packs"
+DIGEST_ROWS = f"{BOOKKEEPING_SCHEMA}.digest_rows"
 CONFLICTS = f"{BOOKKEEPING_SCHEMA}.conflicts"
 SKIPPED_COLUMNS = ("run_id", "target_schema", "source_table", "source_key", "source_rowid")
 
@@ -360,7 +363,7 @@ async def list_quarantine(
 
 async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
     """Forget every checkpoint, quarantined and skipped row of one target schema."""
-    for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGESTS, CONFLICTS):
+    for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGEST_PACKS, DIGEST_ROWS, CONFLICTS):
         await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
 
 
@@ -411,94 +414,154 @@ async def rows_written_since(conn: asyncpg.Connection, qualified: str, c: Checkp
 # ---------------------------------------------------------------- row digests and conflicts
 
 
-async def write_digests(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
-    """Record the digests of rows just written (tuples in DIGEST_COLUMNS order), in the same
-    (sub)transaction as the rows."""
-    await conn.copy_records_to_table(
-        "row_digests", records=records, columns=DIGEST_COLUMNS, schema_name=BOOKKEEPING_SCHEMA
-    )
-
-
-async def ensure_digest_index(conn: asyncpg.Connection) -> None:
-    """The indexes of the row digests, by key and by source rowid, built once after a bulk
-    load (a load into an unindexed table is cheaper than keeping them up to date)."""
+async def write_digest_pack(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    rowids: Sequence[int],
+    keys: Sequence[str],
+    digests: Sequence[int],
+) -> None:
+    """Record the digests of a batch of rows just written, as one pack row, in the same
+    (sub)transaction as the rows (so the pack's xmin is theirs). A pack is never changed
+    afterwards: sync records what it does in ``digest_rows``, which overrides it."""
+    if not rowids:
+        return
     await conn.execute(
-        f"CREATE INDEX IF NOT EXISTS row_digests_key ON {DIGESTS}"
-        " (target_schema, source_table, key)"
-    )
-    await conn.execute(
-        f"CREATE INDEX IF NOT EXISTS row_digests_rowid ON {DIGESTS}"
-        " (target_schema, source_table, source_rowid)"
+        f"INSERT INTO {DIGEST_PACKS} (target_schema, source_table, first_rowid, last_rowid,"
+        " rowids, keys, digests) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        target_schema,
+        source_table,
+        min(rowids),
+        max(rowids),
+        rowids,
+        keys,
+        digests,
     )
 
 
 async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
     return bool(
         await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {DIGESTS} WHERE target_schema = $1"
-            " AND source_table = $2)",
+            f"SELECT EXISTS (SELECT 1 FROM {DIGEST_PACKS} WHERE target_schema = $1"
+            f" AND source_table = $2) OR EXISTS (SELECT 1 FROM {DIGEST_ROWS}"
+            " WHERE target_schema = $1 AND source_table = $2)",
             target_schema,
             source_table,
+        )
+    )
+
+
+async def digest_overrides(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> list[asyncpg.Record]:
+    """Every ``digest_rows`` entry of a table (``key``, ``source_rowid``, ``digest``; both NULL
+    for a key flux-migrate no longer answers for): each overrides the key's pack entries."""
+    return list(
+        await conn.fetch(
+            f"SELECT key, source_rowid, digest FROM {DIGEST_ROWS} WHERE target_schema = $1"
+            " AND source_table = $2",
+            target_schema,
+            source_table,
+        )
+    )
+
+
+async def packs_between(
+    conn: asyncpg.Connection,
+    target_schema: str,
+    source_table: str,
+    after_rowid: int,
+    upto_rowid: int | None,
+) -> list[asyncpg.Record]:
+    """The packs of a table holding a rowid in ``(after_rowid, upto_rowid]`` (no upper bound
+    when None), oldest first: ``pair`` (their xmin as text), ``rowids``, ``keys``, ``digests``."""
+    return list(
+        await conn.fetch(
+            f"SELECT xmin::text AS pair, first_rowid, last_rowid, rowids, keys, digests"
+            f" FROM {DIGEST_PACKS} WHERE target_schema = $1 AND source_table = $2"
+            " AND last_rowid > $3 AND ($4::bigint IS NULL OR first_rowid <= $4) ORDER BY id",
+            target_schema,
+            source_table,
+            after_rowid,
+            upto_rowid,
         )
     )
 
 
 def ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
-    """Per key ($3 text[]): the digest flux-migrate recorded, whether the target row
-    ``qualified`` exists, and whether it is still the version flux-migrate wrote (its xmin is
-    the digest row's: both were written in one transaction and nobody rewrote the target row
-    since). Locks the digest rows until the transaction ends."""
+    """Per key ($3 text[]) with a ``digest_rows`` entry: the digest recorded (NULL: none),
+    whether the target row ``qualified`` exists, and whether it is still the version
+    flux-migrate wrote (its xmin is the one the entry is paired with, ``pair``: both were
+    written in one transaction and nobody rewrote the target row since). Locks the entries
+    until the transaction ends."""
     return (
-        f"SELECT d.key, d.digest, t.{pk} IS NOT NULL AS present,"
-        " t.xmin = coalesce(d.written_xmin, d.xmin) AS ours"
-        f" FROM {DIGESTS} d LEFT JOIN {qualified} t ON t.{pk} = d.key::{pk_type}"
+        "SELECT d.key, d.digest, coalesce(d.written_xmin, d.xmin)::text AS pair,"
+        f" t.{pk} IS NOT NULL AS present, t.xmin = coalesce(d.written_xmin, d.xmin) AS ours"
+        f" FROM {DIGEST_ROWS} d LEFT JOIN {qualified} t ON t.{pk} = d.key::{pk_type}"
         " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = ANY($3::text[])"
         " FOR UPDATE OF d"
     )
 
 
-async def set_digests(
+def pack_ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
+    """The same for keys whose entry is in a pack: $1 keys, $2 their digests, $3 the xmin of
+    their pack (as text), which the target row still has while flux-migrate's version."""
+    return (
+        f"SELECT u.key, u.digest, u.pair, t.{pk} IS NOT NULL AS present,"
+        " t.xmin = u.pair::xid AS ours"
+        " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(key, digest, pair)"
+        f" LEFT JOIN {qualified} t ON t.{pk} = u.key::{pk_type}"
+    )
+
+
+async def put_digests(
     conn: asyncpg.Connection,
     target_schema: str,
     source_table: str,
-    rows: Sequence[tuple[str, int, int]],
+    rows: Sequence[tuple[str, int | None, int | None, str | None]],
     *,
     rewritten: bool,
 ) -> None:
-    """Point the digests of keys (key, source rowid, digest) at their new rowid and digest.
+    """Record per key (key, source rowid, digest, pair) what flux-migrate answers for now, in
+    ``digest_rows`` (overriding any pack entry of the key); a NULL digest: nothing any more.
 
-    ``rewritten``: their target rows were written in this transaction too (the digest row's
-    own xmin pairs with them again); otherwise only the bookkeeping moves, and the xmin it was
-    paired with is kept in ``written_xmin``."""
-    if not rows:
+    ``rewritten``: their target rows were written (or deleted) in this transaction (the entry's
+    own xmin pairs with them); otherwise only the bookkeeping moves, and the xmin the row was
+    paired with is kept in ``written_xmin``: ``pair`` for a key coming from a pack, else the
+    entry's own."""
+    last = {row[0]: row for row in rows}  # one entry per key: the last one given
+    if not last:
         return
-    keys, rowids, values = zip(*rows, strict=True)
-    pairing = "NULL" if rewritten else "coalesce(d.written_xmin, d.xmin)"
+    keys, rowids, values, pairs = zip(*last.values(), strict=True)
+    if rewritten:
+        inserted, pairing = "NULL", "NULL"
+    else:
+        inserted, pairing = "u.pair::xid", "coalesce(EXCLUDED.written_xmin, d.written_xmin, d.xmin)"
     await conn.execute(
-        f"UPDATE {DIGESTS} d SET source_rowid = u.rowid, digest = u.digest,"
-        f" written_xmin = {pairing}"
-        " FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(key, rowid, digest)"
-        " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = u.key",
+        f"INSERT INTO {DIGEST_ROWS} AS d (target_schema, source_table, key, source_rowid, digest,"
+        f" written_xmin) SELECT $1, $2, u.key, u.rowid, u.digest, {inserted}"
+        " FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::text[])"
+        " AS u(key, rowid, digest, pair)"
+        " ON CONFLICT (target_schema, source_table, key) DO UPDATE SET"
+        " source_rowid = EXCLUDED.source_rowid, digest = EXCLUDED.digest,"
+        f" written_xmin = {pairing}",
         target_schema,
         source_table,
         list(keys),
         list(rowids),
         list(values),
+        list(pairs),
     )
 
 
-async def delete_digests(
+async def forget_digests(
     conn: asyncpg.Connection, target_schema: str, source_table: str, keys: Sequence[str]
 ) -> None:
-    """Forget the digests of keys flux-migrate no longer answers for (deleted rows)."""
-    if keys:
-        await conn.execute(
-            f"DELETE FROM {DIGESTS} WHERE target_schema = $1 AND source_table = $2"
-            " AND key = ANY($3::text[])",
-            target_schema,
-            source_table,
-            list(keys),
-        )
+    """Record that flux-migrate no longer answers for these keys (their rows were deleted)."""
+    await put_digests(
+        conn, target_schema, source_table, [(k, None, None, None) for k in keys], rewritten=True
+    )
 
 
 async def record_conflicts(
@@ -590,28 +653,6 @@ async def sync_checkpoint(
         last_rowid,
         last_key,
         run_id,
-    )
-
-
-async def digests_between(
-    conn: asyncpg.Connection,
-    target_schema: str,
-    source_table: str,
-    after_rowid: int,
-    upto_rowid: int | None,
-) -> list[asyncpg.Record]:
-    """The digests (``source_rowid``, ``key``, ``digest``) of a table with ``after_rowid <
-    source_rowid <= upto_rowid`` (no upper bound when None), in rowid order."""
-    return list(
-        await conn.fetch(
-            f"SELECT source_rowid, key, digest FROM {DIGESTS} WHERE target_schema = $1"
-            " AND source_table = $2 AND source_rowid > $3"
-            " AND ($4::bigint IS NULL OR source_rowid <= $4) ORDER BY source_rowid, key",
-            target_schema,
-            source_table,
-            after_rowid,
-            upto_rowid,
-        )
     )
 
 

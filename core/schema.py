@@ -463,14 +463,29 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.quarantine (
 );
 CREATE INDEX IF NOT EXISTS quarantine_table_rowid
     ON {BOOKKEEPING_SCHEMA}.quarantine (target_schema, source_table, source_rowid);
-CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.row_digests (
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.digest_packs (
+    id bigserial PRIMARY KEY,
+    target_schema text COLLATE "C" NOT NULL,
+    source_table text COLLATE "C" NOT NULL,
+    first_rowid bigint NOT NULL,
+    last_rowid bigint NOT NULL,
+    rowids bigint[] NOT NULL,
+    keys text[] COLLATE "C" NOT NULL,
+    digests bigint[] NOT NULL
+);
+CREATE INDEX IF NOT EXISTS digest_packs_range
+    ON {BOOKKEEPING_SCHEMA}.digest_packs (target_schema, source_table, first_rowid);
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.digest_rows (
     target_schema text COLLATE "C" NOT NULL,
     source_table text COLLATE "C" NOT NULL,
     key text COLLATE "C" NOT NULL,
-    source_rowid bigint NOT NULL,
-    digest bigint NOT NULL,
-    written_xmin xid
+    source_rowid bigint,
+    digest bigint,
+    written_xmin xid,
+    PRIMARY KEY (target_schema, source_table, key)
 );
+CREATE INDEX IF NOT EXISTS digest_rows_rowid
+    ON {BOOKKEEPING_SCHEMA}.digest_rows (target_schema, source_table, source_rowid);
 CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.conflicts (
     target_schema text NOT NULL,
     source_table text NOT NULL,
@@ -502,5 +517,3 @@ QUARANTINE_COLUMNS = (
     "stage",
     "raw",
 )
-
-DIGEST_COLUMNS = ("target_schema", "source_table", "key", "source_rowid", "digest")

@@ -241,7 +241,6 @@ async def _finish(run: Run) -> None:
             run.target, run.settings.names, run.stop, run.settings.tables
         )
         log.info("constraints_built", seconds=round(run.report.constraints_seconds, 2))
-    await run.target.retrying(ckpt.ensure_digest_index, what="indexing the row digests")
     await run.target.retrying(
         lambda c: check_accounting(c, run.settings, run.report), what="checking the accounting"
     )

@@ -138,7 +138,6 @@ async def _preflight(
         if key_position(table.column_names, table.primary_key) is None:
             raise TargetError(f"Table {table.name} has no one-column primary key to sync by.")
     await check_fingerprint(src, target, settings, dict(identity), checkpoints)
-    await target.retrying(ckpt.ensure_digest_index, what="indexing the row digests")
     for table in tables:
         c = checkpoints[table.name]
         name = table.name
@@ -177,7 +176,14 @@ async def _apply(
                 )
             )
         appliers[table.name] = Applier(
-            src, target, settings, table, report.run_id, missing, children=_children(table, tables)
+            src,
+            target,
+            settings,
+            table,
+            report.run_id,
+            missing,
+            children=_children(table, tables),
+            known=report.plans[table.name].known,
         )
     for table in tables:
         plan, treport, applier = (

@@ -12,7 +12,7 @@ plan, so a sync killed at any moment and rerun converges.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -27,6 +27,7 @@ from core.schema import Kind, Table, TargetNames, quote_ident
 from core.target import Target
 from pipeline.requeue import read_rowids
 from pipeline.settings import Settings
+from pipeline.sync_plan import Stored
 from stages.batch import Batch
 from stages.extract import fetch_rows, variable_limit
 from stages.load import LoadContext, quarantine_records
@@ -54,6 +55,7 @@ class TableSync:
     quarantined: int = 0
     resolved: int = 0
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # key, kind
+    deferred: int = 0  # rows the app wrote while this sync ran: the next sync takes them
     seconds: float = 0.0
 
     @property
@@ -72,6 +74,7 @@ class Applier:
     run_id: str
     missing_parents: frozenset[str] = frozenset()
     children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
+    known: Mapping[str, Stored | None] = field(default_factory=dict)  # the plan's (TablePlan)
 
     @property
     def names(self) -> TargetNames:
@@ -94,12 +97,35 @@ class Applier:
     def context(self) -> LoadContext:
         return LoadContext(table=self.table, names=self.names, run_id=self.run_id)
 
-    async def ownership(self, conn: asyncpg.Connection, keys: list[str]) -> dict[str, Any]:
-        sql = bookkeeping.ownership_sql(
-            self.names.qualified(self.table.name), quote_ident(self.pk), self.pk_type
-        )
+    async def ownership(
+        self, conn: asyncpg.Connection, keys: list[str]
+    ) -> tuple[dict[str, Any], set[str]]:
+        """Per key with a stored digest: ``digest``, ``pair``, ``present``, ``ours`` (see
+        bookkeeping.ownership_sql), from its digest_rows entry (locked) or else the pack entry
+        the plan read; and the keys the plan knows nothing of (written meanwhile by a live
+        app: left to the next sync, which plans them)."""
+        qualified, pk = self.names.qualified(self.table.name), quote_ident(self.pk)
+        sql = bookkeeping.ownership_sql(qualified, pk, self.pk_type)
         rows = await conn.fetch(sql, self.names.schema, self.table.name, keys)
-        return {r["key"]: r for r in rows}
+        own = {r["key"]: r for r in rows if r["digest"] is not None}  # NULL: deleted, new again
+        entered = {r["key"] for r in rows}
+        packed: list[tuple[str, int, str]] = []
+        deferred: set[str] = set()
+        for key in keys:
+            if key in entered:
+                continue
+            if key not in self.known:
+                deferred.add(key)
+            elif (stored := self.known[key]) is not None:
+                if stored[1] is None:  # the plan read a digest_rows entry that is gone now
+                    deferred.add(key)
+                else:
+                    packed.append((key, stored[0], stored[1]))
+        if packed:
+            ks, ds, ps = zip(*packed, strict=True)
+            sql = bookkeeping.pack_ownership_sql(qualified, pk, self.pk_type)
+            own.update({r["key"]: r for r in await conn.fetch(sql, list(ks), list(ds), list(ps))})
+        return own, deferred
 
     # ------------------------------------------------------------ inserts and updates
 
@@ -122,6 +148,7 @@ class Applier:
         log.debug("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
         report.inserted += done.inserted
         report.updated += done.updated
+        report.deferred += done.deferred
         report.quarantined += done.quarantined
         report.resolved += done.resolved
         report.conflicts += done.conflicts
@@ -130,17 +157,19 @@ class Applier:
         schema, name, at = self.names.schema, self.table.name, self.at
         keys = [key_of(r[at + 1]) or "" for r in batch.raw]
         values = digests(batch.raw, len(self.table.column_names))
-        own = await self.ownership(conn, keys)
+        own, deferred = await self.ownership(conn, keys)
         inserts: list[int] = []
         updates: list[int] = []
-        moved: list[tuple[str, int, int]] = []
-        out = _Upserted()
+        moved: list[tuple[str, int, int, str | None]] = []
+        out = _Upserted(deferred=len(deferred))
         for i, key in enumerate(keys):
             rec = own.get(key)
+            if key in deferred:
+                continue
             if rec is None:
                 inserts.append(i)
-            elif rec["digest"] == values[i]:
-                moved.append((key, batch.raw[i][0], values[i]))  # done by an earlier attempt
+            elif rec["digest"] == values[i]:  # done by an earlier attempt, or changed back
+                moved.append((key, batch.raw[i][0], values[i], rec["pair"]))
             elif not rec["present"]:
                 out.conflicts.append((key, DELETED_IN_POSTGRES))
             elif not rec["ours"]:
@@ -158,17 +187,14 @@ class Applier:
         new_digests = [i for i in adopted if own.get(keys[i]) is None]
         done += new_digests
         updates += [i for i in adopted if own.get(keys[i]) is not None]
-        await bookkeeping.write_digests(
-            conn, [(schema, name, keys[i], batch.raw[i][0], values[i]) for i in done]
-        )
-        await bookkeeping.set_digests(conn, schema, name, moved, rewritten=False)
-        await bookkeeping.set_digests(
+        await bookkeeping.put_digests(
             conn,
             schema,
             name,
-            [(keys[i], batch.raw[i][0], values[i]) for i in updates],
+            [(keys[i], batch.raw[i][0], values[i], None) for i in done + updates],
             rewritten=True,
         )
+        await bookkeeping.put_digests(conn, schema, name, moved, rewritten=False)
         written = [keys[i] for i in done + updates]
         out.resolved = await bookkeeping.resolve_quarantine_keys(
             conn, schema, name, written, "loaded"
@@ -296,7 +322,7 @@ class Applier:
         self, conn: asyncpg.Connection, keys: list[str]
     ) -> tuple[int, list[tuple[str, str]]]:
         schema, name = self.names.schema, self.table.name
-        own = await self.ownership(conn, keys)
+        own, _ = await self.ownership(conn, keys)  # a key unknown to the plan: not deleted
         ours = [k for k, r in own.items() if r["present"] and r["ours"]]
         conflicts = [
             (k, DELETED_IN_SOURCE) for k, r in own.items() if r["present"] and not r["ours"]
@@ -311,7 +337,7 @@ class Applier:
             f" WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
             ours,
         )
-        await bookkeeping.delete_digests(conn, schema, name, ours + already_gone)
+        await bookkeeping.forget_digests(conn, schema, name, ours + already_gone)
         await bookkeeping.record_conflicts(conn, schema, name, conflicts, self.run_id)
         await bookkeeping.account_sync(
             conn, schema, name, loaded=-len(ours) - len(already_gone), quarantined=0
@@ -381,15 +407,23 @@ class Applier:
         """Point digests at the rowids their rows have now (after a VACUUM); bookkeeping only."""
         schema, name = self.names.schema, self.table.name
 
+        rows = [(k, rowid, digest, _pack_of(self.known.get(k))) for k, rowid, digest in moves]
+
         async def commit(conn: asyncpg.Connection) -> None:
-            await bookkeeping.set_digests(conn, schema, name, moves, rewritten=False)
+            await bookkeeping.put_digests(conn, schema, name, rows, rewritten=False)
 
         await self.target.retrying(commit, what=f"recording moved rows of {name}")
         report.moved += len(moves)
 
 
+def _pack_of(stored: Stored | None) -> str | None:
+    """The xmin of the pack a stored digest came from (None: from digest_rows)."""
+    return None if stored is None else stored[1]
+
+
 @dataclass
 class _Upserted:
+    deferred: int = 0
     inserted: int = 0
     updated: int = 0
     quarantined: int = 0

@@ -1,8 +1,11 @@
 """Find what changed in the source since flux-migrate last wrote a table: a merge of the source
 (in rowid order, each row digested) with the row digests kept in the bookkeeping schema.
 
-The source and the digests are read in windows of rowids, one short query each (nothing is held
-open between windows). Within a window a source row and a digest with the same rowid and the
+The stored digests are the load's packs (one row per batch: arrays of rowids, keys, digests)
+overlaid with ``digest_rows``, one entry per key sync wrote, moved or deleted since, which wins
+over the key's pack entries (the overrides are few, and read once per table). The source and
+the packs are read in windows of rowids, one short query each (nothing is held open between
+windows). Within a window a source row and a digest with the same rowid and the
 same digest are the same row, unchanged (the digest covers the key). Any other row is set aside
 and matched by key once the whole table is read: a key on both sides with another digest is an
 update, one with the same digest moved rowid (a VACUUM), a key only in the source is an insert,
@@ -13,12 +16,14 @@ only make the common case (nothing moved) one comparison per row.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import multiprocessing
 import sqlite3
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import aiosqlite
@@ -37,10 +42,15 @@ PAGE = 5_000  # rows a worker holds at a time
 _SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
 
 
+Stored = tuple[int, str | None]  # a key's stored digest, and its pack's xmin (None: digest_rows)
+Entry = tuple[int, str, int, str | None]  # a stored digest: rowid, key, digest, pack xmin
+_ROWID_KEY = itemgetter(0, 1)
+
+
 @dataclass
 class TablePlan:
     """What sync will do to one table: source rowids to insert or update, keys to delete, and
-    digests whose rowid moved (bookkeeping only)."""
+    digests whose rowid moved (bookkeeping only); and, per key involved, what was stored."""
 
     table: Table
     scanned: int = 0
@@ -48,6 +58,9 @@ class TablePlan:
     updates: list[int] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
     moves: list[tuple[str, int, int]] = field(default_factory=list)  # key, new rowid, digest
+    # key -> (stored digest, xmin of its pack as text, or None for a digest_rows entry);
+    # None for a key nothing was stored for (an insert).
+    known: dict[str, Stored | None] = field(default_factory=dict)
     last_rowid: int = 0
     last_key: str | None = None
 
@@ -119,7 +132,9 @@ async def plan_table(
     )
     plan = TablePlan(table)
     src_odd: dict[str, tuple[int, int]] = {}  # key -> (rowid, digest), not matched by rowid
-    stored_odd: dict[str, tuple[int, int]] = {}
+    stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
+    stored = _StoredDigests(target, schema, table.name)
+    await stored.read_overrides()
     ranges = await _ranges(src, table, chunk)
     uri, timeout = source_uri(path), busy_timeout
     loop = asyncio.get_running_loop()
@@ -144,81 +159,133 @@ async def plan_table(
         after = -(2**63)  # the first window takes every digest below it too
         for n, (_lo, hi) in enumerate(ranges):
             last = n == len(ranges) - 1
-            stored = await _stored_window(target, schema, table.name, after, None if last else hi)
+            window = await stored.window(after, None if last else hi)
             rowids_b, values_b, keys = await jobs.pop(n)
             submit(n + WORKERS)
             rowids, values = array("q"), array("q")
             rowids.frombytes(rowids_b)
             values.frombytes(values_b)
-            _merge_window(rowids, values, keys, stored, plan, src_odd, stored_odd)
+            _merge_window(rowids, values, keys, window, plan, src_odd, stored_odd)
             plan.scanned += len(rowids)
             if len(rowids):
                 plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
             after = hi
     if not ranges:  # an empty source table: every stored digest is a delete
-        stored = await _stored_window(target, schema, table.name, -(2**63), None)
-        _merge_window(array("q"), array("q"), [], stored, plan, src_odd, stored_odd)
+        window = await stored.window(-(2**63), None)
+        _merge_window(array("q"), array("q"), [], window, plan, src_odd, stored_odd)
     _resolve_by_key(plan, src_odd, stored_odd)
     return plan
 
 
-async def _stored_window(
-    target: Target, schema: str, table: str, after: int, upto: int | None
-) -> list[asyncpg.Record]:
-    """The digests with ``after < source_rowid <= upto`` (no upper bound when None)."""
+class _StoredDigests:
+    """A table's stored digests, read a window of rowids at a time: pack entries whose key
+    has no override, plus the live overrides, in (rowid, key) order."""
 
-    async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-        return await bookkeeping.digests_between(conn, schema, table, after, upto)
+    def __init__(self, target: Target, schema: str, table: str) -> None:
+        self.target, self.schema, self.table = target, schema, table
+        self.overridden: set[str] = set()
+        self.live: list[Entry] = []  # the overrides that still answer for a row, by rowid
 
-    return await target.retrying(fetch, what=f"reading the digests of {table}")
+    async def read_overrides(self) -> None:
+        async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return await bookkeeping.digest_overrides(conn, self.schema, self.table)
+
+        rows = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
+        self.overridden = {r["key"] for r in rows}
+        self.live = sorted(
+            (
+                (r["source_rowid"], r["key"], r["digest"], None)
+                for r in rows
+                if r["digest"] is not None
+            ),
+            key=_ROWID_KEY,
+        )
+
+    async def window(self, after: int, upto: int | None) -> list[Entry]:
+        """The stored digests with ``after < rowid <= upto`` (no upper bound when None)."""
+
+        async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return await bookkeeping.packs_between(conn, self.schema, self.table, after, upto)
+
+        packs = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
+        high = 2**63 - 1 if upto is None else upto
+        overridden = self.overridden
+        entries: list[Entry] = []
+        for pack in packs:
+            pair = pack["pair"]
+            rows = zip(pack["rowids"], pack["keys"], pack["digests"], strict=True)
+            inside = after < pack["first_rowid"] and pack["last_rowid"] <= high
+            if inside and not overridden:
+                entries += [(r, k, d, pair) for r, k, d in rows]
+            else:
+                entries += [
+                    (r, k, d, pair) for r, k, d in rows if after < r <= high and k not in overridden
+                ]
+        lo = bisect.bisect_right(self.live, after, key=itemgetter(0))
+        hi = bisect.bisect_right(self.live, high, key=itemgetter(0))
+        entries += self.live[lo:hi]
+        entries.sort(key=_ROWID_KEY)  # stable: a key's newest pack entry stays last
+        return entries
 
 
 def _merge_window(
     rowids: Sequence[int],
     values: Sequence[int],
     keys: Sequence[str],
-    stored: list[asyncpg.Record],
+    stored: list[Entry],
     plan: TablePlan,
     src_odd: dict[str, tuple[int, int]],
-    stored_odd: dict[str, tuple[int, int]],
+    stored_odd: dict[str, tuple[int, int, str | None]],
 ) -> None:
     """Compare one window: same rowid and digest is unchanged, same rowid and key with another
-    digest is an update; everything else is set aside to be matched by key."""
+    digest is an update; everything else is set aside to be matched by key. Of two stored
+    entries of one key at one rowid (a row loaded twice), the newer counts."""
     i = j = 0
     n, m = len(rowids), len(stored)
-    updates = plan.updates
+    updates, known = plan.updates, plan.known
     while i < n or j < m:
-        if j >= m or (i < n and rowids[i] < stored[j][0]):
+        if j + 1 < m and _ROWID_KEY(stored[j]) == _ROWID_KEY(stored[j + 1]):
+            j += 1  # superseded by the next entry
+        elif j >= m or (i < n and rowids[i] < stored[j][0]):
             src_odd[keys[i]] = (rowids[i], values[i])
             i += 1
         elif i >= n or rowids[i] > stored[j][0]:
             rec = stored[j]
-            stored_odd[rec[1]] = (rec[0], rec[2])
+            stored_odd[rec[1]] = (rec[0], rec[2], rec[3])
             j += 1
         else:
             rec = stored[j]
             if values[i] != rec[2]:
                 if keys[i] == rec[1]:
                     updates.append(rowids[i])
+                    known[rec[1]] = (rec[2], rec[3])
                 else:
                     src_odd[keys[i]] = (rowids[i], values[i])
-                    stored_odd[rec[1]] = (rec[0], rec[2])
+                    stored_odd[rec[1]] = (rec[0], rec[2], rec[3])
             i += 1
             j += 1
 
 
 def _resolve_by_key(
-    plan: TablePlan, src_odd: dict[str, tuple[int, int]], stored_odd: dict[str, tuple[int, int]]
+    plan: TablePlan,
+    src_odd: dict[str, tuple[int, int]],
+    stored_odd: dict[str, tuple[int, int, str | None]],
 ) -> None:
     """Match the rows set aside by key: moved, updated, inserted or deleted."""
+    known = plan.known
     for key, (rowid, digest) in src_odd.items():
         old = stored_odd.pop(key, None)
         if old is None:
             plan.inserts.append(rowid)
-        elif old[1] == digest:
-            plan.moves.append((key, rowid, digest))
+            known[key] = None
         else:
-            plan.updates.append(rowid)
-    plan.deletes.extend(stored_odd)
+            known[key] = (old[1], old[2])
+            if old[1] == digest:
+                plan.moves.append((key, rowid, digest))
+            else:
+                plan.updates.append(rowid)
+    for key, (_rowid, digest, pair) in stored_odd.items():
+        plan.deletes.append(key)
+        known[key] = (digest, pair)
     plan.inserts.sort()
     plan.updates.sort()

@@ -107,26 +107,32 @@ def quarantine_records(
     ]
 
 
-def digest_records(
+async def write_digests(
+    conn: asyncpg.Connection,
     ctx: LoadContext,
     raw: list[tuple[Any, ...]],
     skipped: set[str] | None = None,
     values: list[int] | None = None,
-) -> list[tuple[Any, ...]]:
-    """The row_digests records of the source rows ``raw`` written to the target (all but the
-    ``skipped`` keys), in DIGEST_COLUMNS order; none for a table without a one-column key.
-    ``values`` are the rows' digests when transform computed them already."""
+) -> None:
+    """Record the digests of the source rows ``raw`` just written to the target (all but the
+    ``skipped`` keys) as one pack; none for a table without a one-column key. ``values`` are
+    the rows' digests when transform computed them already."""
     table = ctx.table
     at = key_position(table.column_names, table.primary_key)
-    if at is None:
-        return []
-    schema, name = ctx.names.schema, table.name
+    if at is None or not raw:
+        return
     if values is None:
         values = digests(raw, len(table.column_names))
-    records = [(schema, name, key_of(r[at + 1]), r[0], d) for r, d in zip(raw, values, strict=True)]
+    keys = [key_of(r[at + 1]) or "" for r in raw]
+    rowids = [r[0] for r in raw]
     if skipped:
-        records = [r for r in records if r[2] not in skipped]
-    return records
+        kept = [i for i, k in enumerate(keys) if k not in skipped]
+        keys, rowids, values = (
+            [keys[i] for i in kept],
+            [rowids[i] for i in kept],
+            [values[i] for i in kept],
+        )
+    await bookkeeping.write_digest_pack(conn, ctx.names.schema, table.name, rowids, keys, values)
 
 
 def _ascii_raw(value: Any) -> Any:
@@ -157,7 +163,7 @@ async def _copy(
             columns=ctx.table.column_names,
             schema_name=ctx.names.schema,
         )
-        await bookkeeping.write_digests(conn, digest_records(ctx, raw, values=values))
+        await write_digests(conn, ctx, raw, values=values)
         return set()
     stage = quote_ident(ctx.stage_table)
     target = ctx.names.qualified(ctx.table.name)
@@ -185,7 +191,7 @@ async def _copy(
     skipped = {
         k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done
     }
-    await bookkeeping.write_digests(conn, digest_records(ctx, raw, skipped, values))
+    await write_digests(conn, ctx, raw, skipped, values)
     return skipped
 
 

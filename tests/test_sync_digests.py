@@ -1,0 +1,170 @@
+"""The row digests sync relies on: the load writes one pack per batch (no per-row bookkeeping
+rows), and what sync writes, moves or deletes afterwards overrides the pack entries, keeping
+ownership (whose write a PostgreSQL row is) exact across many syncs (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pipeline.runner import migrate
+from pipeline.settings import Settings
+from pipeline.sync import sync
+from tests.support import source_rows, target_rows
+
+
+def _settings(path: Path, dsn: str, batch_size: int = 10_000) -> Settings:
+    return Settings(sqlite_path=path, postgres_dsn=dsn, batch_size=batch_size)
+
+
+async def _equal(path: Path, dsn: str) -> None:
+    for table in ("sessions", "messages"):
+        assert source_rows(path, table) == await target_rows(dsn, table)
+
+
+async def _fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def _source(path: Path, sql: str, *args: object) -> None:
+    db = sqlite3.connect(path)
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.anyio
+async def test_bulk_run_writes_one_pack_per_batch_holding_every_row(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Each committed batch leaves one pack; together they name every loaded row exactly once,
+    with its source rowid; nothing is written per row."""
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn, batch_size=100))
+    db = sqlite3.connect(path)
+    for table in ("sessions", "messages"):
+        packs = await _fetch(
+            pg_dsn,
+            "SELECT rowids, keys, digests FROM flux_migrate.digest_packs"
+            " WHERE target_schema = 'public' AND source_table = $1",
+            table,
+        )
+        source = dict(db.execute(f"SELECT id, rowid FROM {table}").fetchall())
+        assert len(packs) == -(-len(source) // 100)
+        entries = [(k, r) for p in packs for r, k in zip(p["rowids"], p["keys"], strict=True)]
+        assert sorted(entries) == sorted(source.items())
+        assert all(len(p["digests"]) == len(p["keys"]) for p in packs)
+    db.close()
+    assert [] == await _fetch(pg_dsn, "SELECT key FROM flux_migrate.digest_rows")
+
+
+@pytest.mark.anyio
+async def test_rows_sync_wrote_stay_its_own_and_others_writes_stay_theirs(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A row sync updated is updated by the next sync too; once the app changes it in
+    PostgreSQL it is left alone (a conflict when the source changes it as well); a key sync
+    deleted and the source inserts again is loaded again."""
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    a, b, c = [r[0] for r in db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 3 OFFSET 7")]
+    c_row = db.execute("SELECT * FROM sessions WHERE id = ?", (c,)).fetchone()
+    db.close()
+    for key in (a, b):
+        _source(path, "UPDATE sessions SET title = 'first' WHERE id = ?", key)
+    _source(path, "DELETE FROM messages WHERE session_id = ?", c)
+    _source(path, "DELETE FROM sessions WHERE id = ?", c)
+    first = await sync(_settings(path, pg_dsn))
+    assert (2, 1, []) == (
+        first.tables["sessions"].updated,
+        first.tables["sessions"].deleted,
+        first.conflicts,
+    )
+    overrides = await _fetch(pg_dsn, "SELECT key, digest FROM flux_migrate.digest_rows")
+    assert {a, b, c} <= {r["key"] for r in overrides}
+    assert [None] == [r["digest"] for r in overrides if r["key"] == c]
+
+    _source(path, "UPDATE sessions SET title = 'second' WHERE id = ?", a)  # sync's row again
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("UPDATE sessions SET title = 'app wrote' WHERE id = $1", b)
+    await conn.close()
+    second = await sync(_settings(path, pg_dsn))
+    assert (1, []) == (second.tables["sessions"].updated, second.conflicts)
+    rows = await target_rows(pg_dsn, "sessions")
+    assert ("second", "app wrote") == (rows[a]["title"], rows[b]["title"])
+
+    _source(path, "UPDATE sessions SET title = 'source too' WHERE id = ?", b)
+    _source(path, "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", *c_row)
+    third = await sync(_settings(path, pg_dsn))
+    assert [(b, "changed_in_both")] == [(k, kind) for _t, k, kind in third.conflicts]
+    assert 1 == third.tables["sessions"].inserted
+    rows = await target_rows(pg_dsn, "sessions")
+    assert "app wrote" == rows[b]["title"]
+    assert source_rows(path, "sessions")[c] == rows[c]
+
+
+def _renumber(db: sqlite3.Connection, table: str) -> None:
+    """Give a table's rows compact rowids in their order (same schema text and indexes)."""
+    table_sql = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    indexes = [
+        r[0]
+        for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+            " AND sql IS NOT NULL",
+            (table,),
+        )
+    ]
+    db.execute("PRAGMA legacy_alter_table = ON")  # leave the references to it as they are
+    db.execute(f"ALTER TABLE {table} RENAME TO old_rows")
+    db.execute(table_sql)
+    db.execute(f"INSERT INTO {table} SELECT * FROM old_rows ORDER BY rowid")
+    db.execute("DROP TABLE old_rows")
+    for sql in indexes:
+        db.execute(sql)
+    db.commit()
+
+
+@pytest.mark.anyio
+async def test_a_moved_row_keeps_the_ownership_of_its_pack(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A row whose rowid moved (VACUUM) is recorded again without rewriting it and stays
+    flux-migrate's to update; the app's later change to one in PostgreSQL is the app's."""
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    gone = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 20").fetchone()[0]
+    db.execute("DELETE FROM messages WHERE session_id = ?", (gone,))
+    db.execute("DELETE FROM sessions WHERE id = ?", (gone,))
+    db.commit()
+    _renumber(db, "sessions")  # as VACUUM may: sessions has no INTEGER PRIMARY KEY
+    moved_id, other_id = [
+        r[0] for r in db.execute("SELECT id FROM sessions WHERE rowid IN (30, 31) ORDER BY rowid")
+    ]
+    db.close()
+    report = await sync(_settings(path, pg_dsn))
+    assert report.tables["sessions"].moved > 0
+    assert 0 == report.tables["sessions"].updated
+    await _equal(path, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("UPDATE sessions SET title = 'app wrote' WHERE id = $1", moved_id)
+    await conn.close()
+    for key in (moved_id, other_id):
+        _source(path, "UPDATE sessions SET title = 'source wrote' WHERE id = ?", key)
+    later = await sync(_settings(path, pg_dsn))
+    assert [(moved_id, "changed_in_both")] == [(k, kind) for _t, k, kind in later.conflicts]
+    assert 1 == later.tables["sessions"].updated  # the moved row only the source changed
+    rows = await target_rows(pg_dsn, "sessions")
+    assert ("app wrote", "source wrote") == (rows[moved_id]["title"], rows[other_id]["title"])
