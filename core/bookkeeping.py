@@ -17,6 +17,9 @@ PostgreSQL, which sync left alone.
 
 from __future__ import annotations
 
+import json
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +27,12 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import BOOKKEEPING_DDL, BOOKKEEPING_SCHEMA, QUARANTINE_COLUMNS
+from core.schema import (
+    BOOKKEEPING_DDL,
+    BOOKKEEPING_SCHEMA,
+    DIGEST_PACKS_STORAGE,
+    QUARANTINE_COLUMNS,
+)
 
 CHECKPOINTS = f"{BOOKKEEPING_SCHEMA}.checkpoints"
 QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
@@ -74,7 +82,10 @@ async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         # Serialize concurrent first runs creating the same objects.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux_migrate.ddl'))")
+        new = await conn.fetchval("SELECT to_regclass($1) IS NULL", DIGEST_PACKS)
         await conn.execute(BOOKKEEPING_DDL)
+        if new:
+            await conn.execute(DIGEST_PACKS_STORAGE)
 
 
 async def bookkeeping_exists(conn: asyncpg.Connection) -> bool:
@@ -434,10 +445,37 @@ async def write_digest_pack(
         source_table,
         min(rowids),
         max(rowids),
-        rowids,
-        keys,
-        digests,
+        _int64s(rowids),
+        json.dumps(list(keys)).encode("ascii"),
+        _int64s(digests),
     )
+
+
+def _int64s(values: Sequence[int]) -> bytes:
+    packed = array("q", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _from_int64s(data: bytes) -> array[int]:
+    values = array("q")
+    values.frombytes(data)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One pack as read back: its xmin (as text), rowid bounds, and its entries."""
+
+    pair: str
+    first_rowid: int
+    last_rowid: int
+    rowids: array[int]
+    keys: list[str]
+    digests: array[int]
 
 
 async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
@@ -473,20 +511,29 @@ async def packs_between(
     source_table: str,
     after_rowid: int,
     upto_rowid: int | None,
-) -> list[asyncpg.Record]:
+) -> list[Pack]:
     """The packs of a table holding a rowid in ``(after_rowid, upto_rowid]`` (no upper bound
-    when None), oldest first: ``pair`` (their xmin as text), ``rowids``, ``keys``, ``digests``."""
-    return list(
-        await conn.fetch(
-            f"SELECT xmin::text AS pair, first_rowid, last_rowid, rowids, keys, digests"
-            f" FROM {DIGEST_PACKS} WHERE target_schema = $1 AND source_table = $2"
-            " AND last_rowid > $3 AND ($4::bigint IS NULL OR first_rowid <= $4) ORDER BY id",
-            target_schema,
-            source_table,
-            after_rowid,
-            upto_rowid,
-        )
+    when None), oldest first."""
+    rows = await conn.fetch(
+        f"SELECT xmin::text AS pair, first_rowid, last_rowid, rowids, keys, digests"
+        f" FROM {DIGEST_PACKS} WHERE target_schema = $1 AND source_table = $2"
+        " AND last_rowid > $3 AND ($4::bigint IS NULL OR first_rowid <= $4) ORDER BY id",
+        target_schema,
+        source_table,
+        after_rowid,
+        upto_rowid,
     )
+    return [
+        Pack(
+            r["pair"],
+            r["first_rowid"],
+            r["last_rowid"],
+            _from_int64s(r["rowids"]),
+            json.loads(r["keys"]),
+            _from_int64s(r["digests"]),
+        )
+        for r in rows
+    ]
 
 
 def ownership_sql(qualified: str, pk: str, pk_type: str) -> str:

@@ -469,9 +469,9 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.digest_packs (
     source_table text COLLATE "C" NOT NULL,
     first_rowid bigint NOT NULL,
     last_rowid bigint NOT NULL,
-    rowids bigint[] NOT NULL,
-    keys text[] COLLATE "C" NOT NULL,
-    digests bigint[] NOT NULL
+    rowids bytea NOT NULL,
+    keys bytea NOT NULL,
+    digests bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS digest_packs_range
     ON {BOOKKEEPING_SCHEMA}.digest_packs (target_schema, source_table, first_rowid);
@@ -504,6 +504,15 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.skipped (
     source_rowid bigint NOT NULL,
     skipped_at timestamptz NOT NULL DEFAULT now()
 );
+"""
+
+# A pack: ``rowids`` and ``digests`` as int64 little-endian, ``keys`` a JSON array (UTF-8),
+# position by position. Bytes, not PostgreSQL arrays, and stored out of line without
+# compression: about 6 ms per 10k-row pack against 12 ms as arrays and 30 ms compressed, a
+# cost that falls on the bulk load. The storage is set once, when the table is created.
+DIGEST_PACKS_STORAGE = f"""
+ALTER TABLE {BOOKKEEPING_SCHEMA}.digest_packs ALTER COLUMN rowids SET STORAGE EXTERNAL,
+    ALTER COLUMN keys SET STORAGE EXTERNAL, ALTER COLUMN digests SET STORAGE EXTERNAL;
 """
 
 QUARANTINE_COLUMNS = (

@@ -204,7 +204,7 @@ class _StoredDigests:
     async def window(self, after: int, upto: int | None) -> list[Entry]:
         """The stored digests with ``after < rowid <= upto`` (no upper bound when None)."""
 
-        async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        async def fetch(conn: asyncpg.Connection) -> list[bookkeeping.Pack]:
             return await bookkeeping.packs_between(conn, self.schema, self.table, after, upto)
 
         packs = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
@@ -212,9 +212,9 @@ class _StoredDigests:
         overridden = self.overridden
         entries: list[Entry] = []
         for pack in packs:
-            pair = pack["pair"]
-            rows = zip(pack["rowids"], pack["keys"], pack["digests"], strict=True)
-            inside = after < pack["first_rowid"] and pack["last_rowid"] <= high
+            pair = pack.pair
+            rows = zip(pack.rowids, pack.keys, pack.digests, strict=True)
+            inside = after < pack.first_rowid and pack.last_rowid <= high
             if inside and not overridden:
                 entries += [(r, k, d, pair) for r, k, d in rows]
             else:
