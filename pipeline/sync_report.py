@@ -47,6 +47,12 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
         )
         for name, key, kind in conflicts[:show]:
             out.write(f"  {name} {printable(key)}: {kind}\n")
+    deferred = sum(t.deferred for t in report.tables.values())
+    if deferred:
+        out.write(
+            f"{deferred:,} source row(s) changed while this sync ran were left for the next"
+            " sync, which takes them (run it again with the app stopped to be exact).\n"
+        )
     if report.quarantined_open:
         out.write(
             f"{report.quarantined_open:,} source row(s) are quarantined, not loaded; list them"
