@@ -177,9 +177,47 @@ async def plan_table(
     return plan
 
 
+_GALLOP, _GALLOP_MAX = 16, 4096  # rows compared at once by the merge's fast path
+
+
+@dataclass
+class Window:
+    """The stored digests of one window of rowids, position by position, in rowid order."""
+
+    rowids: array[int] = field(default_factory=lambda: array("q"))
+    digests: array[int] = field(default_factory=lambda: array("q"))
+    keys: list[str] = field(default_factory=list)
+    pairs: list[str | None] = field(default_factory=list)  # the entry's pack xmin, or None
+
+    def add(
+        self, rowids: Sequence[int], digests: Sequence[int], keys: list[str], pair: str | None
+    ) -> None:
+        self.rowids.extend(rowids)
+        self.digests.extend(digests)
+        self.keys += keys
+        self.pairs += [pair] * len(keys)
+
+    def insert(self, at: int, rowid: int, digest: int, key: str, pair: str | None) -> None:
+        self.rowids.insert(at, rowid)
+        self.digests.insert(at, digest)
+        self.keys.insert(at, key)
+        self.pairs.insert(at, pair)
+
+    def drop(self, at: int) -> None:
+        del self.rowids[at], self.digests[at], self.keys[at], self.pairs[at]
+
+    def keep(self, positions: Sequence[int]) -> Window:
+        return Window(
+            array("q", [self.rowids[i] for i in positions]),
+            array("q", [self.digests[i] for i in positions]),
+            [self.keys[i] for i in positions],
+            [self.pairs[i] for i in positions],
+        )
+
+
 class _StoredDigests:
     """A table's stored digests, read a window of rowids at a time: pack entries whose key
-    has no override, plus the live overrides, in (rowid, key) order."""
+    has no override, plus the live overrides."""
 
     def __init__(self, target: Target, schema: str, table: str) -> None:
         self.target, self.schema, self.table = target, schema, table
@@ -201,69 +239,85 @@ class _StoredDigests:
             key=_ROWID_KEY,
         )
 
-    async def window(self, after: int, upto: int | None) -> list[Entry]:
-        """The stored digests with ``after < rowid <= upto`` (no upper bound when None)."""
+    async def window(self, after: int, upto: int | None) -> Window:
+        """The stored digests with ``after < rowid <= upto`` (no upper bound when None), in
+        rowid order; of a key stored twice (a row loaded again), only the newest entry."""
 
         async def fetch(conn: asyncpg.Connection) -> list[bookkeeping.Pack]:
             return await bookkeeping.packs_between(conn, self.schema, self.table, after, upto)
 
         packs = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
         high = 2**63 - 1 if upto is None else upto
-        overridden = self.overridden
-        entries: list[Entry] = []
-        for pack in packs:
-            pair = pack.pair
-            rows = zip(pack.rowids, pack.keys, pack.digests, strict=True)
-            inside = after < pack.first_rowid and pack.last_rowid <= high
-            if inside and not overridden:
-                entries += [(r, k, d, pair) for r, k, d in rows]
-            else:
-                entries += [
-                    (r, k, d, pair) for r, k, d in rows if after < r <= high and k not in overridden
-                ]
+        window, ordered = Window(), True
+        for pack in packs:  # oldest first; a pack's entries are in rowid order
+            part = Window()
+            part.add(pack.rowids, pack.digests, pack.keys, pack.pair)
+            if not (after < pack.first_rowid and pack.last_rowid <= high):
+                part = part.keep([i for i, r in enumerate(part.rowids) if after < r <= high])
+            for key in self.overridden.intersection(part.keys) if self.overridden else ():
+                part.drop(part.keys.index(key))
+            if part.rowids and window.rowids and part.rowids[0] <= window.rowids[-1]:
+                ordered = False  # packs overlap: rows loaded again (requeued, --on-conflict)
+            window.add(part.rowids, part.digests, part.keys, pack.pair)
+        if not ordered:
+            newest = dict(zip(window.keys, range(len(window.keys)), strict=True))
+            window = window.keep(sorted(newest.values(), key=window.rowids.__getitem__))
         lo = bisect.bisect_right(self.live, after, key=itemgetter(0))
         hi = bisect.bisect_right(self.live, high, key=itemgetter(0))
-        entries += self.live[lo:hi]
-        entries.sort(key=_ROWID_KEY)  # stable: a key's newest pack entry stays last
-        return entries
+        for rowid, key, digest, _ in self.live[lo:hi]:
+            window.insert(bisect.bisect_right(window.rowids, rowid), rowid, digest, key, None)
+        return window
 
 
 def _merge_window(
-    rowids: Sequence[int],
-    values: Sequence[int],
+    rowids: array[int],
+    values: array[int],
     keys: Sequence[str],
-    stored: list[Entry],
+    stored: Window,
     plan: TablePlan,
     src_odd: dict[str, tuple[int, int]],
     stored_odd: dict[str, tuple[int, int, str | None]],
 ) -> None:
-    """Compare one window: same rowid and digest is unchanged, same rowid and key with another
-    digest is an update; everything else is set aside to be matched by key. Of two stored
-    entries of one key at one rowid (a row loaded twice), the newer counts."""
+    """Compare one window, both sides in rowid order: a source row and a stored digest with
+    the same rowid and digest are the same row, unchanged (the digest covers the key); the
+    same rowid and key with another digest is an update; everything else is set aside to be
+    matched by key. Runs of equal rows are skipped by comparing whole slices of the arrays
+    (galloping), so an unchanged window costs a few comparisons, not a step per row."""
+    rs, ds, ks, ps = stored.rowids, stored.digests, stored.keys, stored.pairs
     i = j = 0
-    n, m = len(rowids), len(stored)
-    updates, known = plan.updates, plan.known
-    while i < n or j < m:
-        if j + 1 < m and _ROWID_KEY(stored[j]) == _ROWID_KEY(stored[j + 1]):
-            j += 1  # superseded by the next entry
-        elif j >= m or (i < n and rowids[i] < stored[j][0]):
+    n, m = len(rowids), len(rs)
+    step = _GALLOP
+    while i < n and j < m:
+        if step > 1:
+            if (
+                rowids[i : i + step] == rs[j : j + step]
+                and values[i : i + step] == ds[j : j + step]
+            ):
+                i, j, step = i + step, j + step, min(2 * step, _GALLOP_MAX)
+            else:
+                step //= 2
+            continue
+        step = _GALLOP
+        if rowids[i] < rs[j]:
             src_odd[keys[i]] = (rowids[i], values[i])
             i += 1
-        elif i >= n or rowids[i] > stored[j][0]:
-            rec = stored[j]
-            stored_odd[rec[1]] = (rec[0], rec[2], rec[3])
+        elif rowids[i] > rs[j]:
+            stored_odd[ks[j]] = (rs[j], ds[j], ps[j])
             j += 1
         else:
-            rec = stored[j]
-            if values[i] != rec[2]:
-                if keys[i] == rec[1]:
-                    updates.append(rowids[i])
-                    known[rec[1]] = (rec[2], rec[3])
+            if values[i] != ds[j]:
+                if keys[i] == ks[j]:
+                    plan.updates.append(rowids[i])
+                    plan.known[ks[j]] = (ds[j], ps[j])
                 else:
                     src_odd[keys[i]] = (rowids[i], values[i])
-                    stored_odd[rec[1]] = (rec[0], rec[2], rec[3])
+                    stored_odd[ks[j]] = (rs[j], ds[j], ps[j])
             i += 1
             j += 1
+    for a in range(i, n):
+        src_odd[keys[a]] = (rowids[a], values[a])
+    for b in range(j, m):
+        stored_odd[ks[b]] = (rs[b], ds[b], ps[b])
 
 
 def _resolve_by_key(
@@ -273,7 +327,7 @@ def _resolve_by_key(
 ) -> None:
     """Match the rows set aside by key: moved, updated, inserted or deleted."""
     known = plan.known
-    for key, (rowid, digest) in src_odd.items():
+    for key, (rowid, digest) in sorted(src_odd.items(), key=lambda item: item[1][0]):
         old = stored_odd.pop(key, None)
         if old is None:
             plan.inserts.append(rowid)
@@ -284,7 +338,7 @@ def _resolve_by_key(
                 plan.moves.append((key, rowid, digest))
             else:
                 plan.updates.append(rowid)
-    for key, (_rowid, digest, pair) in stored_odd.items():
+    for key, (_rowid, digest, pair) in sorted(stored_odd.items(), key=lambda item: item[1][0]):
         plan.deletes.append(key)
         known[key] = (digest, pair)
     plan.inserts.sort()

@@ -125,8 +125,11 @@ async def write_digests(
         values = digests(raw, len(table.column_names))
     keys = [key_of(r[at + 1]) or "" for r in raw]
     rowids = [r[0] for r in raw]
-    if skipped:
-        kept = [i for i, k in enumerate(keys) if k not in skipped]
+    if skipped or rowids != sorted(rowids):  # a pack holds its rows in rowid order
+        kept = sorted(
+            (i for i, k in enumerate(keys) if not skipped or k not in skipped),
+            key=rowids.__getitem__,
+        )
         keys, rowids, values = (
             [keys[i] for i in kept],
             [rowids[i] for i in kept],
