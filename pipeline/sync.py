@@ -137,6 +137,12 @@ async def _preflight(
             )
         if key_position(table.column_names, table.primary_key) is None:
             raise TargetError(f"Table {table.name} has no one-column primary key to sync by.")
+        if table.without_rowid:
+            raise TargetError(
+                f"Table {table.name} is a WITHOUT ROWID table, which sync cannot follow yet;"
+                " leave it out of the mapping ([ignore]) to sync the other tables, or reload"
+                " with `run --restart --yes` once the app has stopped writing."
+            )
     await check_fingerprint(src, target, settings, dict(identity), checkpoints)
     for table in tables:
         c = checkpoints[table.name]

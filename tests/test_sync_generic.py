@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import EXIT_USAGE
 from tests.generic_db import compare_table
 from tests.support import cli
 
@@ -66,3 +67,40 @@ async def test_every_change_on_every_generic_table_is_synced(tmp_path: Path, pg_
         await compare_table(path, pg_dsn, table)
     again = cli("sync", *args)
     assert "up to date" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("ddl", "said"),
+    [
+        (
+            "CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID",
+            "Table kv is a WITHOUT ROWID table, which sync cannot follow yet",
+        ),
+        (
+            "CREATE TABLE kv (k TEXT, n INTEGER, v TEXT, PRIMARY KEY (k, n))",
+            "Table kv has no one-column primary key to sync by.",
+        ),
+    ],
+)
+async def test_tables_sync_cannot_follow_are_refused_by_name(
+    tmp_path: Path, pg_dsn: str, ddl: str, said: str
+) -> None:
+    """A table sync cannot follow stops it before anything is read or written: exit 2, one
+    sentence naming the table (not an internal error)."""
+    path = tmp_path / "kv.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(ddl)
+    db.executemany(
+        "INSERT INTO kv (k, v) VALUES (?, ?)"
+        if "n INTEGER" not in ddl
+        else "INSERT INTO kv (k, n, v) VALUES (?, 1, ?)",
+        [(f"k{i}", f"v{i}") for i in range(50)],
+    )
+    db.commit()
+    db.close()
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    done = cli("sync", *args)
+    assert (EXIT_USAGE, "") == (done.returncode, done.stdout.strip()), done.stdout
+    assert said in done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
