@@ -189,6 +189,7 @@ async def _apply(
             report.run_id,
             missing,
             children=_children(table, tables),
+            parents=_parents(table, tables),
             known=report.plans[table.name].known,
         )
     for table in tables:
@@ -238,6 +239,23 @@ async def _apply(
             deleted=treport.deleted,
             conflicts=len(treport.conflicts),
         )
+
+
+def _parents(child: Table, tables: Sequence[Table]) -> tuple[tuple[str, Table, str], ...]:
+    """The (column, parent table, parent column) of each one-column foreign key of ``child``
+    whose parent is synced too."""
+    by_name = {t.name: t for t in tables}
+    out: list[tuple[str, Table, str]] = []
+    if child.parent in by_name and child.parent_column is not None:
+        out.append((child.parent_column, by_name[child.parent], "id"))
+    for fk in child.foreign_keys:
+        parent = by_name.get(fk.parent)
+        if parent is None or len(fk.columns) != 1:
+            continue
+        referenced = fk.parent_columns or parent.primary_key
+        if len(referenced) == 1:
+            out.append((fk.columns[0], parent, referenced[0]))
+    return tuple(out)
 
 
 def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str], ...]:

@@ -74,6 +74,7 @@ class Applier:
     run_id: str
     missing_parents: frozenset[str] = frozenset()
     children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
+    parents: tuple[tuple[str, Table, str], ...] = ()  # (column, table, its column) referenced
     known: Mapping[str, Stored | None] = field(default_factory=dict)  # the plan's (TablePlan)
 
     @property
@@ -162,9 +163,11 @@ class Applier:
         updates: list[int] = []
         moved: list[tuple[str, int, int, str | None]] = []
         out = _Upserted(deferred=len(deferred))
+        orphans = await self._parents_missing(conn, batch, keys)
+        out.deferred += len(orphans)
         for i, key in enumerate(keys):
             rec = own.get(key)
-            if key in deferred:
+            if key in deferred or i in orphans:
                 continue
             if rec is None:
                 inserts.append(i)
@@ -209,6 +212,34 @@ class Applier:
             quarantined=out.quarantined - out.resolved,
         )
         out.inserted, out.updated = len(done), len(updates)
+        return out
+
+    async def _parents_missing(
+        self, conn: asyncpg.Connection, batch: Batch, keys: list[str]
+    ) -> set[int]:
+        """Positions of the batch's rows naming a parent row the target does not hold: one the
+        app inserted after this sync planned the parent table (left for the next sync, which
+        loads the parent first). Parents sync quarantined are transform's business."""
+        out: set[int] = set()
+        for column, parent, parent_column in self.parents:
+            at = self.table.column_names.index(column) + 1
+            wanted: dict[str, list[int]] = {}
+            for i, row in enumerate(batch.raw):
+                if (value := key_of(row[at])) is not None:
+                    wanted.setdefault(value, []).append(i)
+            if parent.name == self.table.name:  # rows of this batch may be the parents
+                for key in keys:
+                    wanted.pop(key, None)
+            if not wanted:
+                continue
+            ref, pg_type = quote_ident(parent_column), parent.column(parent_column).pg_type
+            missing = await conn.fetch(
+                "SELECT u.k FROM unnest($1::text[]) AS u(k) WHERE NOT EXISTS (SELECT 1 FROM"
+                f" {self.names.qualified(parent.name)} AS p WHERE p.{ref} = u.k::{pg_type})",
+                list(wanted),
+            )
+            for r in missing:
+                out.update(wanted[r["k"]])
         return out
 
     async def _write(
