@@ -163,18 +163,25 @@ def _add_sync(sub: Any) -> None:
     sync.add_argument(
         "--show", type=_count, default=20, help="conflicting keys to name (default 20)"
     )
+    _jsonl_sources(sync)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """`sync`: catch the target up with the source; exit 0, 3 (rows quarantined) or 4
     (conflicts: rows changed in both, left as PostgreSQL has them)."""
-    from pipeline.sync import sync
+    from pipeline.data_dir import sync_all
     from pipeline.sync_report import print_sync, sync_exit_code
 
-    settings = _settings(args, batch_size=args.batch_size)
+    settings, databases = _sources(args, batch_size=args.batch_size)
     configure_for(args)
-    report = run_async(lambda: sync(settings, dry_run=args.dry_run))
+    report, jsonl = run_async(lambda: sync_all(settings, databases, dry_run=args.dry_run))
     quarantined = print_sync(report, show=args.show)
+    if jsonl is not None:
+        print("JSONL files (new lines loaded, rewritten files reconciled, as `run` does):")
+        print_summary(jsonl)
+        quarantined += jsonl.quarantined_open
+    elif args.dry_run and settings.jsonl:
+        print("JSONL files are caught up by sync without --dry-run (as `run` does).")
     return sync_exit_code(report, quarantined)
 
 

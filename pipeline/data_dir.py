@@ -9,10 +9,11 @@ lock. One report holds them all, the extra databases' tables named ``schema.tabl
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, Interrupted, MigrateError
 from core.schema import BOOKKEEPING_SCHEMA, TargetNames
@@ -21,6 +22,9 @@ from pipeline.report import RunReport
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from pipeline.verify import QuickVerify, TableVerify
+
+if TYPE_CHECKING:
+    from pipeline.sync import SyncReport
 
 MEMORY_DB = "memory.db"
 # A schema name usable unquoted: lower-case letters, digits and underscores, not a digit first.
@@ -173,6 +177,35 @@ async def migrate_all(
         raise failures[0]
     report.status = "completed"
     return report
+
+
+async def sync_all(
+    main: Settings, databases: Sequence[Database], *, dry_run: bool = False
+) -> tuple[SyncReport, RunReport | None]:
+    """Sync the main SQLite source (when there is one), then each other database into its
+    schema (their tables named ``schema.table`` in the one report); then, unless ``dry_run``,
+    catch up the JSONL files as `run` does (new lines loaded, rewritten files reconciled),
+    returning that run's report too (None without JSONL files). Stops at the first failure."""
+    from pipeline.runner import migrate
+    from pipeline.sync import SyncReport, sync
+
+    report = SyncReport(run_id=uuid.uuid4().hex[:12], dry_run=dry_run)
+    if main.sqlite_path is not None:
+        report = await sync(main, dry_run=dry_run)
+    for db in databases:
+        try:
+            part = await sync(db.settings, dry_run=dry_run)
+        except MigrateError as exc:
+            raise type(exc)(f"{db.path.name}: {exc.message}") from None
+        for name in part.tables:
+            report.tables[f"{db.schema}.{name}"] = part.tables[name]
+            report.plans[f"{db.schema}.{name}"] = part.plans[name]
+        report.quarantined_open += part.quarantined_open
+    if dry_run or not main.jsonl:
+        return report, None
+    jsonl = RunReport(run_id=report.run_id)
+    await migrate(main.with_(sqlite_path=None), report=jsonl)
+    return report, jsonl
 
 
 def _titled(show: Callable[..., None], where: str) -> Callable[..., None]:

@@ -197,3 +197,44 @@ async def test_a_failing_database_does_not_keep_the_others_from_migrating(
     assert 3 == await fetchval(pg_dsn, "SELECT count(*) FROM public.sessions")
     assert 40 == await fetchval(pg_dsn, "SELECT count(*) FROM zlog.members")
     assert 40 == report["tables"]["zlog.members"]["loaded"]
+
+
+async def test_sync_data_dir_catches_up_every_database_and_jsonl_file(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """After `run --data-dir`, the app changes memory.db, another database and a JSONL file;
+    `sync --data-dir` brings all three up to date (the other database's tables named
+    ``schema.table``), and a second sync is idle."""
+    import sqlite3
+
+    from tests.test_sync_generic import _generic_db
+
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data / "memory.db", sessions=20, messages_per_session=3, seed=5)
+    _generic_db(data / "audit.db")
+    feedback = data / "feedback.jsonl"
+    feedback.write_bytes(b"".join(line(feedback_record(n, 1 + n % 4)) for n in range(10)))
+    args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args, "--no-progress").returncode
+    memory = sqlite3.connect(data / "memory.db")
+    memory.execute("UPDATE sessions SET title = 'renamed' WHERE rowid = 5")
+    memory.commit()
+    memory.close()
+    audit = sqlite3.connect(data / "audit.db")
+    audit.execute("UPDATE orgs SET name = 'renamed' WHERE id = 2")
+    audit.execute("DELETE FROM notes WHERE id = 7")
+    audit.commit()
+    audit.close()
+    with feedback.open("ab") as f:
+        f.write(b"".join(line(feedback_record(n, 1 + n % 4)) for n in range(10, 12)))
+    done = cli("sync", *args)
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert "audit.orgs" in done.stdout and "JSONL files" in done.stdout
+    assert source_rows(data / "memory.db", "sessions") == await target_rows(pg_dsn, "sessions")
+    for table in ("orgs", "projects", "notes"):
+        await compare_table(data / "audit.db", pg_dsn, table, schema="audit")
+    assert 12 == await fetchval(pg_dsn, "SELECT count(*) FROM public.feedback")
+    again = cli("sync", *args)
+    assert 0 == again.returncode, again.stdout + again.stderr
+    assert "up to date" in again.stdout
