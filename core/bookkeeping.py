@@ -432,12 +432,24 @@ async def write_digest_pack(
     rowids: Sequence[int],
     keys: Sequence[str],
     digests: Sequence[int],
+    *,
+    supersede: bool = False,
 ) -> None:
     """Record the digests of a batch of rows just written, as one pack row, in the same
     (sub)transaction as the rows (so the pack's xmin is theirs). A pack is never changed
-    afterwards: sync records what it does in ``digest_rows``, which overrides it."""
+    afterwards: sync records what it does in ``digest_rows``, which overrides it; and the
+    newest write wins, so a pack removes the overrides of its keys (a key sync deleted that a
+    later run loaded again) when ``supersede`` (the table has overrides: see has_overrides)."""
     if not rowids:
         return
+    if supersede:
+        await conn.execute(
+            f"DELETE FROM {DIGEST_ROWS} WHERE target_schema = $1 AND source_table = $2"
+            " AND key = ANY($3::text[])",
+            target_schema,
+            source_table,
+            keys,
+        )
     await conn.execute(
         f"INSERT INTO {DIGEST_PACKS} (target_schema, source_table, first_rowid, last_rowid,"
         " rowids, keys, digests) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -484,6 +496,18 @@ async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table
             f"SELECT EXISTS (SELECT 1 FROM {DIGEST_PACKS} WHERE target_schema = $1"
             f" AND source_table = $2) OR EXISTS (SELECT 1 FROM {DIGEST_ROWS}"
             " WHERE target_schema = $1 AND source_table = $2)",
+            target_schema,
+            source_table,
+        )
+    )
+
+
+async def has_overrides(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
+    """Whether sync recorded anything for the table in ``digest_rows``."""
+    return bool(
+        await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {DIGEST_ROWS} WHERE target_schema = $1"
+            " AND source_table = $2)",
             target_schema,
             source_table,
         )

@@ -9,6 +9,7 @@ order and keeps the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -271,7 +272,11 @@ async def _run_table(run: Run, table: Table) -> None:
     treport = run.report.tables[table.name] = TableReport()
     checkpoint = run.checkpoints[table.name]
     missing = await _missing_parents(run, table)
-    ctx = _load_context(run, table, checkpoint, missing)
+    overridden = await run.target.retrying(
+        functools.partial(ckpt.has_overrides, target_schema=run.schema, source_table=table.name),
+        what="reading the row digests",
+    )
+    ctx = dataclasses.replace(_load_context(run, table, checkpoint, missing), overridden=overridden)
     if checkpoint.quarantined:
         treport.requeued, _gone = await requeue(
             run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing

@@ -48,6 +48,7 @@ class LoadContext:
     # refused the optimistic one, so bad rows get their transform reason, not a server error.
     strict: Callable[[Batch], Batch] | None = None
     single_transaction: bool = False
+    overridden: bool = False  # sync left digest_rows entries for the table (see write_digests)
 
     @property
     def stage_table(self) -> str:
@@ -135,7 +136,9 @@ async def write_digests(
             [rowids[i] for i in kept],
             [values[i] for i in kept],
         )
-    await bookkeeping.write_digest_pack(conn, ctx.names.schema, table.name, rowids, keys, values)
+    await bookkeeping.write_digest_pack(
+        conn, ctx.names.schema, table.name, rowids, keys, values, supersede=ctx.overridden
+    )
 
 
 def _ascii_raw(value: Any) -> Any:

@@ -211,3 +211,30 @@ async def test_a_key_the_plan_never_saw_is_left_for_the_next_sync(
     assert old in rows and new not in rows
     await sync(_settings(path, pg_dsn))
     await _equal(path, pg_dsn)
+
+
+@pytest.mark.anyio
+async def test_a_key_loaded_again_after_sync_deleted_it_is_followed_again(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Sync deletes a session; the app inserts it again and a `run` loads it; the app deletes
+    it once more: the next sync deletes it too (the run's pack, not sync's older record of the
+    deletion, says what flux-migrate wrote last)."""
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 40").fetchone()[0]
+    row = db.execute("SELECT * FROM sessions WHERE id = ?", (key,)).fetchone()
+    db.close()
+    _source(path, "DELETE FROM messages WHERE session_id = ?", key)
+    _source(path, "DELETE FROM sessions WHERE id = ?", key)
+    assert 1 == (await sync(_settings(path, pg_dsn))).tables["sessions"].deleted
+    _source(path, "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", *row)
+    rerun = await migrate(_settings(path, pg_dsn))
+    assert 1 == rerun.tables["sessions"].loaded
+    assert key in await target_rows(pg_dsn, "sessions")
+    _source(path, "DELETE FROM sessions WHERE id = ?", key)
+    again = await sync(_settings(path, pg_dsn))
+    assert (1, []) == (again.tables["sessions"].deleted, again.conflicts)
+    await _equal(path, pg_dsn)
