@@ -39,6 +39,7 @@ QUARANTINE = f"{BOOKKEEPING_SCHEMA}.quarantine"
 SKIPPED = f"{BOOKKEEPING_SCHEMA}.skipped"
 DIGEST_PACKS = f"{BOOKKEEPING_SCHEMA}.digest_packs"
 DIGEST_ROWS = f"{BOOKKEEPING_SCHEMA}.digest_rows"
+LEGACY_DIGESTS = f"{BOOKKEEPING_SCHEMA}.row_digests"  # written by flux-migrate before packs
 CONFLICTS = f"{BOOKKEEPING_SCHEMA}.conflicts"
 SKIPPED_COLUMNS = ("run_id", "target_schema", "source_table", "source_key", "source_rowid")
 
@@ -376,6 +377,8 @@ async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
     """Forget every checkpoint, quarantined and skipped row of one target schema."""
     for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGEST_PACKS, DIGEST_ROWS, CONFLICTS):
         await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", LEGACY_DIGESTS):
+        await conn.execute(f"DELETE FROM {LEGACY_DIGESTS} WHERE target_schema = $1", target_schema)
 
 
 # Rows an earlier run quarantined or skipped, by rowid ($3 = bigint[]), with their keys.
@@ -496,6 +499,23 @@ async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table
             f"SELECT EXISTS (SELECT 1 FROM {DIGEST_PACKS} WHERE target_schema = $1"
             f" AND source_table = $2) OR EXISTS (SELECT 1 FROM {DIGEST_ROWS}"
             " WHERE target_schema = $1 AND source_table = $2)",
+            target_schema,
+            source_table,
+        )
+    )
+
+
+async def has_legacy_digests(
+    conn: asyncpg.Connection, target_schema: str, source_table: str
+) -> bool:
+    """Whether an earlier flux-migrate left per-row digests (``flux_migrate.row_digests``, no
+    longer read) for the table: its rows then have no pack, so sync cannot follow them."""
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", LEGACY_DIGESTS):
+        return False
+    return bool(
+        await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {LEGACY_DIGESTS} WHERE target_schema = $1"
+            " AND source_table = $2)",
             target_schema,
             source_table,
         )

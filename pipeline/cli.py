@@ -175,7 +175,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     settings, databases = _sources(args, batch_size=args.batch_size)
     configure_for(args)
     report, jsonl = run_async(lambda: sync_all(settings, databases, dry_run=args.dry_run))
-    quarantined = print_sync(report, show=args.show)
+    quarantined = print_sync(report, show=args.show) if report.tables else 0
     if jsonl is not None:
         print("JSONL files (new lines loaded, rewritten files reconciled, as `run` does):")
         print_summary(jsonl)

@@ -195,6 +195,8 @@ async def sync_all(
     for db in databases:
         try:
             part = await sync(db.settings, dry_run=dry_run)
+        except Interrupted:
+            raise
         except MigrateError as exc:
             raise type(exc)(f"{db.path.name}: {exc.message}") from None
         for name in part.tables:

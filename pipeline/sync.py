@@ -151,10 +151,15 @@ async def _preflight(
             functools.partial(ckpt.has_digests, target_schema=schema, source_table=name),
             what="reading digests",
         )
-        if c.loaded and not has:
+        legacy = await target.retrying(
+            functools.partial(ckpt.has_legacy_digests, target_schema=schema, source_table=name),
+            what="reading digests",
+        )
+        if c.loaded and (legacy or not has):
             raise TargetError(
-                f"Table {name} was loaded by a flux-migrate without row digests, so sync cannot"
-                " tell its rows from the app's; reload it with `run --restart --yes` first."
+                f"Table {name} was loaded (at least in part) by a flux-migrate without the row"
+                " digests this version keeps, so sync cannot tell its rows from the app's;"
+                " reload it with `run --restart --yes` first."
             )
 
 
@@ -189,7 +194,7 @@ async def _apply(
             report.run_id,
             missing,
             children=_children(table, tables),
-            parents=_parents(table, tables),
+            parents=_parents(table, tables, report.plans),
             known=report.plans[table.name].known,
         )
     for table in tables:
@@ -241,20 +246,23 @@ async def _apply(
         )
 
 
-def _parents(child: Table, tables: Sequence[Table]) -> tuple[tuple[str, Table, str], ...]:
-    """The (column, parent table, parent column) of each one-column foreign key of ``child``
-    whose parent is synced too."""
+def _parents(
+    child: Table, tables: Sequence[Table], plans: dict[str, TablePlan]
+) -> tuple[tuple[str, Table, str, TablePlan], ...]:
+    """The (column, parent table, parent column, parent's plan) of each one-column foreign
+    key of ``child`` whose parent is synced too."""
     by_name = {t.name: t for t in tables}
-    out: list[tuple[str, Table, str]] = []
+    out: list[tuple[str, Table, str, TablePlan]] = []
     if child.parent in by_name and child.parent_column is not None:
-        out.append((child.parent_column, by_name[child.parent], "id"))
+        app_parent = by_name[child.parent]
+        out.append((child.parent_column, app_parent, "id", plans[app_parent.name]))
     for fk in child.foreign_keys:
         parent = by_name.get(fk.parent)
         if parent is None or len(fk.columns) != 1:
             continue
         referenced = fk.parent_columns or parent.primary_key
         if len(referenced) == 1:
-            out.append((fk.columns[0], parent, referenced[0]))
+            out.append((fk.columns[0], parent, referenced[0], plans[parent.name]))
     return tuple(out)
 
 

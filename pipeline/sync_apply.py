@@ -27,7 +27,7 @@ from core.schema import Kind, Table, TargetNames, quote_ident
 from core.target import Target
 from pipeline.requeue import read_rowids
 from pipeline.settings import Settings
-from pipeline.sync_plan import Stored
+from pipeline.sync_plan import Stored, TablePlan
 from stages.batch import Batch
 from stages.extract import fetch_rows, variable_limit
 from stages.load import LoadContext, quarantine_records
@@ -41,6 +41,8 @@ DELETED_IN_POSTGRES = "deleted_in_postgres"  # source changed, PostgreSQL row de
 DELETED_IN_SOURCE = "deleted_in_source"  # source deleted, PostgreSQL row changed by someone else
 INSERTED_IN_BOTH = "inserted_in_both"  # a new source key someone else inserted in PostgreSQL
 CHILD_ROWS_KEPT = "child_rows_kept"  # source deleted, but rows not deleted by sync reference it
+# a new or changed source row names a parent flux-migrate loaded that someone deleted in PostgreSQL
+PARENT_DELETED_IN_POSTGRES = "parent_deleted_in_postgres"
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Applier:
     run_id: str
     missing_parents: frozenset[str] = frozenset()
     children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
-    parents: tuple[tuple[str, Table, str], ...] = ()  # (column, table, its column) referenced
+    # (column, parent table, its column, the parent's plan) of each one-column foreign key
+    parents: tuple[tuple[str, Table, str, TablePlan], ...] = ()
     known: Mapping[str, Stored | None] = field(default_factory=dict)  # the plan's (TablePlan)
 
     @property
@@ -158,16 +161,15 @@ class Applier:
         schema, name, at = self.names.schema, self.table.name, self.at
         keys = [key_of(r[at + 1]) or "" for r in batch.raw]
         values = digests(batch.raw, len(self.table.column_names))
+        await self._lock(conn, keys)
         own, deferred = await self.ownership(conn, keys)
         inserts: list[int] = []
         updates: list[int] = []
         moved: list[tuple[str, int, int, str | None]] = []
         out = _Upserted(deferred=len(deferred))
-        orphans = await self._parents_missing(conn, batch, keys)
-        out.deferred += len(orphans)
         for i, key in enumerate(keys):
             rec = own.get(key)
-            if key in deferred or i in orphans:
+            if key in deferred:
                 continue
             if rec is None:
                 inserts.append(i)
@@ -179,6 +181,11 @@ class Applier:
                 out.conflicts.append((key, CHANGED_IN_BOTH))
             else:
                 updates.append(i)
+        wait, orphaned = await self._parents_missing(conn, batch, keys, inserts + updates)
+        out.deferred += len(wait)
+        out.conflicts += [(keys[i], PARENT_DELETED_IN_POSTGRES) for i in sorted(orphaned)]
+        inserts = [i for i in inserts if i not in wait and i not in orphaned]
+        updates = [i for i in updates if i not in wait and i not in orphaned]
         inserted = await self._write(conn, batch.rows, inserts, updates, keys)
         for i in inserts:
             if keys[i] not in inserted:
@@ -214,33 +221,50 @@ class Applier:
         out.inserted, out.updated = len(done), len(updates)
         return out
 
+    async def _lock(self, conn: asyncpg.Connection, keys: list[str]) -> None:
+        """Lock the target rows of ``keys`` until the transaction ends, so that nobody writes
+        them between the ownership check and sync's write."""
+        pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
+        await conn.execute(
+            f"SELECT 1 FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) FOR UPDATE",
+            keys,
+        )
+
     async def _parents_missing(
-        self, conn: asyncpg.Connection, batch: Batch, keys: list[str]
-    ) -> set[int]:
-        """Positions of the batch's rows naming a parent row the target does not hold: one the
-        app inserted after this sync planned the parent table (left for the next sync, which
-        loads the parent first). Parents sync quarantined are transform's business."""
-        out: set[int] = set()
-        for column, parent, parent_column in self.parents:
+        self, conn: asyncpg.Connection, batch: Batch, keys: list[str], writing: list[int]
+    ) -> tuple[set[int], set[int]]:
+        """Of the rows at ``writing``, those naming a parent row the target does not hold:
+        left for the next sync when the parent is one the app inserted after this sync read
+        the parent table (or changed since, or deleted meanwhile), a conflict when it is a
+        parent flux-migrate loaded earlier that someone deleted in PostgreSQL. Parents
+        quarantined are transform's business (their children are quarantined)."""
+        wait: set[int] = set()
+        orphaned: set[int] = set()
+        for column, parent, parent_column, plan in self.parents:
             at = self.table.column_names.index(column) + 1
             wanted: dict[str, list[int]] = {}
-            for i, row in enumerate(batch.raw):
-                if (value := key_of(row[at])) is not None:
+            for i in writing:
+                if (value := key_of(batch.raw[i][at])) is not None:
                     wanted.setdefault(value, []).append(i)
-            if parent.name == self.table.name:  # rows of this batch may be the parents
-                for key in keys:
-                    wanted.pop(key, None)
+            if parent.name == self.table.name:  # rows written with this batch are there
+                for i in writing:
+                    wanted.pop(keys[i], None)
             if not wanted:
                 continue
             ref, pg_type = quote_ident(parent_column), parent.column(parent_column).pg_type
-            missing = await conn.fetch(
-                "SELECT u.k FROM unnest($1::text[]) AS u(k) WHERE NOT EXISTS (SELECT 1 FROM"
-                f" {self.names.qualified(parent.name)} AS p WHERE p.{ref} = u.k::{pg_type})",
-                list(wanted),
-            )
-            for r in missing:
-                out.update(wanted[r["k"]])
-        return out
+            missing = [
+                r["k"]
+                for r in await conn.fetch(
+                    "SELECT u.k FROM unnest($1::text[]) AS u(k) WHERE NOT EXISTS (SELECT 1 FROM"
+                    f" {self.names.qualified(parent.name)} AS p WHERE p.{ref} = u.k::{pg_type})",
+                    list(wanted),
+                )
+            ]
+            now = await self._source_rowids(parent, parent_column, missing) if missing else {}
+            for key in missing:
+                later = key in plan.known or now.get(key) is None or now[key] > plan.last_rowid
+                (wait if later else orphaned).update(wanted[key])
+        return wait, orphaned
 
     async def _write(
         self,
@@ -353,6 +377,7 @@ class Applier:
         self, conn: asyncpg.Connection, keys: list[str]
     ) -> tuple[int, list[tuple[str, str]]]:
         schema, name = self.names.schema, self.table.name
+        await self._lock(conn, keys)
         own, _ = await self.ownership(conn, keys)  # a key unknown to the plan: not deleted
         ours = [k for k, r in own.items() if r["present"] and r["ours"]]
         conflicts = [
@@ -393,18 +418,22 @@ class Applier:
 
     async def _in_source(self, keys: list[str]) -> set[str]:
         """Those of ``keys`` the source holds now (a live app may have written them again)."""
+        return set(await self._source_rowids(self.table, self.pk, keys))
+
+    async def _source_rowids(self, table: Table, column: str, keys: list[str]) -> dict[str, int]:
+        """The source rowid of each of ``keys`` (values of ``column``) ``table`` holds now."""
         size = await variable_limit(self.src)
-        found: set[str] = set()
-        column = quote_ident(self.pk)
+        found: dict[str, int] = {}
+        ref = quote_ident(column)
         for start in range(0, len(keys), size):
             part = keys[start : start + size]
             marks = ", ".join("?" for _ in part)
             rows = await fetch_rows(
                 self.src,
-                f"SELECT {column} FROM {quote_ident(self.table.name)} WHERE {column} IN ({marks})",
+                f"SELECT {ref}, rowid FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
                 part,
             )
-            found |= {key_of(r[0]) or "" for r in rows}
+            found.update((key_of(r[0]) or "", r[1]) for r in rows)
         return found
 
     # ------------------------------------------------------------ quarantined rows gone

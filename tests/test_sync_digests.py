@@ -238,3 +238,72 @@ async def test_a_key_loaded_again_after_sync_deleted_it_is_followed_again(
     again = await sync(_settings(path, pg_dsn))
     assert (1, []) == (again.tables["sessions"].deleted, again.conflicts)
     await _equal(path, pg_dsn)
+
+
+@pytest.mark.anyio
+async def test_a_new_row_under_a_parent_deleted_in_postgres_is_a_conflict(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Someone deletes a session and its messages in PostgreSQL; in SQLite the session is
+    unchanged, one of its messages is edited and a new one added: both are conflicts (sync
+    exits 4 naming them), not rows put off to a next sync that would never load them."""
+    import uuid
+
+    from core.errors import EXIT_CONFLICTS
+    from tests.support import cli
+
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 40").fetchone()[0]
+    edited = db.execute("SELECT id FROM messages WHERE session_id = ? LIMIT 1", (key,)).fetchone()
+    db.close()
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute("DELETE FROM messages WHERE session_id = $1", key)
+    await conn.execute("DELETE FROM sessions WHERE id = $1", key)
+    await conn.close()
+    _source(path, "UPDATE messages SET content = 'edited' WHERE id = ?", edited[0])
+    new = str(uuid.uuid4())
+    _source(
+        path,
+        "INSERT INTO messages VALUES (?, ?, 'user', 'late', '{}', '2026-01-01T00:00:00+00:00')",
+        new,
+        key,
+    )
+    for _ in range(2):  # and again: the same, not "left for the next sync"
+        done = cli("sync", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+        assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
+        assert f"messages {edited[0]}: deleted_in_postgres" in done.stdout
+        assert f"messages {new}: parent_deleted_in_postgres" in done.stdout
+        assert "left for the next sync" not in done.stdout
+    assert key not in await target_rows(pg_dsn, "sessions")
+
+
+@pytest.mark.anyio
+async def test_a_table_with_digests_of_the_old_kind_is_refused_until_reloaded(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Rows an earlier flux-migrate recorded one per row (flux_migrate.row_digests) have no
+    pack: sync refuses (exit 2, naming the table) rather than miss their changes; after
+    `run --restart --yes` it syncs."""
+    from tests.support import cli
+
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute(
+        "CREATE TABLE flux_migrate.row_digests (target_schema text, source_table text, key text,"
+        " source_rowid bigint, digest bigint, written_xmin xid)"
+    )
+    await conn.execute(
+        "INSERT INTO flux_migrate.row_digests VALUES ('public', 'sessions', 'k', 1, 1, NULL)"
+    )
+    await conn.close()
+    refused = cli("sync", *args)
+    assert 2 == refused.returncode, refused.stdout + refused.stderr
+    assert "Table sessions was loaded (at least in part) by a flux-migrate" in refused.stderr
+    assert 0 == cli("run", *args, "--restart", "--yes").returncode
+    assert 0 == cli("sync", *args).returncode
