@@ -340,6 +340,6 @@ def _resolve_by_key(
                 plan.updates.append(rowid)
     for key, (_rowid, digest, pair) in sorted(stored_odd.items(), key=lambda item: item[1][0]):
         plan.deletes.append(key)
-        known[key] = (digest, pair)
+        known.setdefault(key, (digest, pair))  # a stale second entry of a key matched above
     plan.inserts.sort()
     plan.updates.sort()
