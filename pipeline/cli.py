@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move the chat app's memory from SQLite to PostgreSQL, exactly once,"
         " resumably.",
         epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
-        " 3 done but some rows were quarantined, 130/143 interrupted;"
+        " 3 done but some rows were quarantined, 4 (sync) done but rows changed on both sides"
+        " were left as PostgreSQL has them, 130/143 interrupted;"
         " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
