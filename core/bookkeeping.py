@@ -441,17 +441,22 @@ async def write_digest_pack(
     """Record the digests of a batch of rows just written, as one pack row, in the same
     (sub)transaction as the rows (so the pack's xmin is theirs). A pack is never changed
     afterwards: sync records what it does in ``digest_rows``, which overrides it; and the
-    newest write wins, so a pack removes the overrides of its keys (a key sync deleted that a
-    later run loaded again) when ``supersede`` (the table has overrides: see has_overrides)."""
+    newest write wins, so when ``supersede`` (the table has overrides: see has_overrides) the
+    overrides of the pack's keys (a key sync deleted that a later run loaded again) are
+    rewritten to what the pack says, paired with this (sub)transaction like the pack."""
     if not rowids:
         return
-    if supersede:
+    if supersede:  # rewritten, not deleted: an override hides every pack entry of its key
         await conn.execute(
-            f"DELETE FROM {DIGEST_ROWS} WHERE target_schema = $1 AND source_table = $2"
-            " AND key = ANY($3::text[])",
+            f"UPDATE {DIGEST_ROWS} d SET source_rowid = u.rowid, digest = u.digest,"
+            " written_xmin = NULL"
+            " FROM unnest($3::text[], $4::bigint[], $5::bigint[]) AS u(key, rowid, digest)"
+            " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = u.key",
             target_schema,
             source_table,
-            keys,
+            list(keys),
+            list(rowids),
+            list(digests),
         )
     await conn.execute(
         f"INSERT INTO {DIGEST_PACKS} (target_schema, source_table, first_rowid, last_rowid,"

@@ -14,7 +14,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,23 +326,28 @@ async def _key_bound(run: Run, c: ckpt.Checkpoint) -> tuple[int, int]:
 
 
 async def _missing_parents(run: Run, table: Table) -> set[str]:
+    return await quarantined_parents(run.target, run.schema, table, run.settings.tables)
+
+
+async def quarantined_parents(
+    target: Target, schema: str, table: Table, tables: Sequence[Table]
+) -> set[str]:
     """For a child table: the parent keys that are quarantined (their children are too); for
-    a generic table, per foreign key that references its parent's primary key."""
+    a generic table, per foreign key that references its parent's primary key (named by
+    parent_key_entry)."""
     if table.parent is not None:
         parent = table.parent
-        return await run.target.retrying(
-            lambda c: ckpt.unresolved_keys(c, run.schema, parent), what="reading the quarantine"
+        return await target.retrying(
+            lambda c: ckpt.unresolved_keys(c, schema, parent), what="reading the quarantine"
         )
     missing: set[str] = set()
-    loaded = {t.name: t for t in run.settings.tables}
+    loaded = {t.name: t for t in tables}
     for n, fk in enumerate(table.foreign_keys):
         parent_table = loaded.get(fk.parent)
         if parent_table is None or fk.parent_columns != parent_table.primary_key:
             continue
-        keys = await run.target.retrying(
-            functools.partial(
-                ckpt.unresolved_keys, target_schema=run.schema, source_table=fk.parent
-            ),
+        keys = await target.retrying(
+            functools.partial(ckpt.unresolved_keys, target_schema=schema, source_table=fk.parent),
             what="reading the quarantine",
         )
         missing.update(parent_key_entry(n, k) for k in keys)

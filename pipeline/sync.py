@@ -25,7 +25,7 @@ from core.schema import Table
 from core.source import check_source, source_snapshot
 from core.target import Target
 from pipeline.preflight import check_fingerprint
-from pipeline.runner import holding_migration_lock, resolve_run_mapping
+from pipeline.runner import holding_migration_lock, quarantined_parents, resolve_run_mapping
 from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from pipeline.sync_apply import Applier, TableSync
@@ -175,18 +175,9 @@ async def _apply(
     schema, size = settings.names.schema, settings.batch_size
     appliers: dict[str, Applier] = {}
     for table in tables:
-        missing: frozenset[str] = frozenset()
-        if table.parent is not None:
-            parent = table.parent
-            missing = frozenset(
-                await target.retrying(
-                    functools.partial(
-                        ckpt.unresolved_keys, target_schema=schema, source_table=parent
-                    ),
-                    what="reading the quarantine",
-                )
-            )
-        appliers[table.name] = Applier(
+        # the parents' quarantine as it stands once they are synced (their children follow)
+        missing = frozenset(await quarantined_parents(target, schema, table, tables))
+        applier = appliers[table.name] = Applier(
             src,
             target,
             settings,
@@ -197,12 +188,7 @@ async def _apply(
             parents=_parents(table, tables, report.plans),
             known=report.plans[table.name].known,
         )
-    for table in tables:
-        plan, treport, applier = (
-            report.plans[table.name],
-            report.tables[table.name],
-            appliers[table.name],
-        )
+        plan, treport = report.plans[table.name], report.tables[table.name]
         started = time.monotonic()
         await target.retrying(
             functools.partial(ckpt.clear_conflicts, target_schema=schema, source_table=table.name),

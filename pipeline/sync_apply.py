@@ -161,7 +161,7 @@ class Applier:
         schema, name, at = self.names.schema, self.table.name, self.at
         keys = [key_of(r[at + 1]) or "" for r in batch.raw]
         values = digests(batch.raw, len(self.table.column_names))
-        await self._lock(conn, keys)
+        await self._lock(conn, keys, "NO KEY UPDATE")
         own, deferred = await self.ownership(conn, keys)
         inserts: list[int] = []
         updates: list[int] = []
@@ -221,12 +221,14 @@ class Applier:
         out.inserted, out.updated = len(done), len(updates)
         return out
 
-    async def _lock(self, conn: asyncpg.Connection, keys: list[str]) -> None:
+    async def _lock(self, conn: asyncpg.Connection, keys: list[str], strength: str) -> None:
         """Lock the target rows of ``keys`` until the transaction ends, so that nobody writes
-        them between the ownership check and sync's write."""
+        them between the ownership check and sync's write: ``NO KEY UPDATE`` before updates
+        (the app can still insert rows referencing them), ``UPDATE`` before deletes (nobody
+        can)."""
         pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
         await conn.execute(
-            f"SELECT 1 FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) FOR UPDATE",
+            f"SELECT 1 FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) FOR {strength}",
             keys,
         )
 
@@ -237,34 +239,49 @@ class Applier:
         left for the next sync when the parent is one the app inserted after this sync read
         the parent table (or changed since, or deleted meanwhile), a conflict when it is a
         parent flux-migrate loaded earlier that someone deleted in PostgreSQL. Parents
-        quarantined are transform's business (their children are quarantined)."""
+        quarantined are transform's business (their children are quarantined). The parents
+        found are locked (FOR KEY SHARE) until the batch commits. For a table referencing
+        itself, a parent written in this batch counts only if it is written after all: rows
+        naming a row left out are left out too, until nothing changes."""
         wait: set[int] = set()
         orphaned: set[int] = set()
-        for column, parent, parent_column, plan in self.parents:
-            at = self.table.column_names.index(column) + 1
-            wanted: dict[str, list[int]] = {}
-            for i in writing:
-                if (value := key_of(batch.raw[i][at])) is not None:
-                    wanted.setdefault(value, []).append(i)
-            if parent.name == self.table.name:  # rows written with this batch are there
-                for i in writing:
-                    wanted.pop(keys[i], None)
-            if not wanted:
-                continue
-            ref, pg_type = quote_ident(parent_column), parent.column(parent_column).pg_type
-            missing = [
-                r["k"]
-                for r in await conn.fetch(
-                    "SELECT u.k FROM unnest($1::text[]) AS u(k) WHERE NOT EXISTS (SELECT 1 FROM"
-                    f" {self.names.qualified(parent.name)} AS p WHERE p.{ref} = u.k::{pg_type})",
-                    list(wanted),
-                )
-            ]
-            now = await self._source_rowids(parent, parent_column, missing) if missing else {}
-            for key in missing:
-                later = key in plan.known or now.get(key) is None or now[key] > plan.last_rowid
-                (wait if later else orphaned).update(wanted[key])
-        return wait, orphaned
+        checked: dict[tuple[int, str], bool] = {}  # (reference, key) -> the target has it
+        while True:
+            left = [i for i in writing if i not in wait and i not in orphaned]
+            before = len(wait) + len(orphaned)
+            for n, (column, parent, parent_column, plan) in enumerate(self.parents):
+                at = self.table.column_names.index(column) + 1
+                wanted: dict[str, list[int]] = {}
+                for i in left:
+                    if (value := key_of(batch.raw[i][at])) is not None:
+                        wanted.setdefault(value, []).append(i)
+                if parent.name == self.table.name:
+                    for i in left:
+                        wanted.pop(keys[i], None)
+                unknown = [k for k in wanted if (n, k) not in checked]
+                if unknown:
+                    found = await self._parents_present(conn, parent, parent_column, unknown)
+                    checked.update(((n, k), k in found) for k in unknown)
+                missing = [k for k in wanted if not checked[(n, k)]]
+                now = await self._source_rowids(parent, parent_column, missing) if missing else {}
+                for key in missing:
+                    later = key in plan.known or now.get(key) is None or now[key] > plan.last_rowid
+                    (wait if later else orphaned).update(wanted[key])
+            if len(wait) + len(orphaned) == before:
+                return wait, orphaned
+
+    async def _parents_present(
+        self, conn: asyncpg.Connection, parent: Table, column: str, keys: list[str]
+    ) -> set[str]:
+        """Those of ``keys`` (values of ``column``) the target's ``parent`` table holds, their
+        rows locked against deletion until the transaction ends."""
+        ref, pg_type = quote_ident(column), parent.column(column).pg_type
+        rows = await conn.fetch(
+            f"SELECT u.k FROM unnest($1::text[]) AS u(k) JOIN {self.names.qualified(parent.name)}"
+            f" AS p ON p.{ref} = u.k::{pg_type} FOR KEY SHARE OF p",
+            keys,
+        )
+        return {r["k"] for r in rows}
 
     async def _write(
         self,
@@ -329,7 +346,8 @@ class Applier:
         found = {
             r[0] if isinstance(r[0], str) else str(r[0]): tuple(r)
             for r in await conn.fetch(
-                f"SELECT {cols} FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])",
+                f"SELECT {cols} FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[])"
+                " FOR NO KEY UPDATE",
                 sorted(wanted),
             )
         }
@@ -377,7 +395,7 @@ class Applier:
         self, conn: asyncpg.Connection, keys: list[str]
     ) -> tuple[int, list[tuple[str, str]]]:
         schema, name = self.names.schema, self.table.name
-        await self._lock(conn, keys)
+        await self._lock(conn, keys, "UPDATE")
         own, _ = await self.ownership(conn, keys)  # a key unknown to the plan: not deleted
         ours = [k for k, r in own.items() if r["present"] and r["ours"]]
         conflicts = [

@@ -234,6 +234,8 @@ async def test_a_key_loaded_again_after_sync_deleted_it_is_followed_again(
     rerun = await migrate(_settings(path, pg_dsn))
     assert 1 == rerun.tables["sessions"].loaded
     assert key in await target_rows(pg_dsn, "sessions")
+    idle = await sync(_settings(path, pg_dsn))  # the older pack entry of the key stays hidden
+    assert idle.idle, {n: (len(p.inserts), len(p.deletes)) for n, p in idle.plans.items()}
     _source(path, "DELETE FROM sessions WHERE id = ?", key)
     again = await sync(_settings(path, pg_dsn))
     assert (1, []) == (again.tables["sessions"].deleted, again.conflicts)

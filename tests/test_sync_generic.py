@@ -104,3 +104,56 @@ async def test_tables_sync_cannot_follow_are_refused_by_name(
     assert (EXIT_USAGE, "") == (done.returncode, done.stdout.strip()), done.stdout
     assert said in done.stderr
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+
+
+async def test_a_table_referencing_itself_syncs_parents_before_children(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """New rows of a self-referencing table whose parents come in a later batch wait for the
+    next sync instead of failing on the foreign key (also a row naming one that waits); the
+    next sync loads them all and the table equals its source."""
+    path = tmp_path / "tree.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES nodes(id),"
+        " name TEXT)"
+    )
+    db.executemany("INSERT INTO nodes VALUES (?, NULL, ?)", [(i, f"n{i}") for i in range(1, 21)])
+    db.commit()
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    # rowid order 1001, 1002, 1003; with batches of 2, 1003 comes in the second batch
+    db.executemany(
+        "INSERT INTO nodes VALUES (?, ?, ?)",
+        [(1001, 1002, "leaf"), (1002, 1003, "middle"), (1003, None, "root")],
+    )
+    db.commit()
+    db.close()
+    first = cli("sync", *args, "--batch-size", "2")
+    assert 0 == first.returncode, first.stdout + first.stderr
+    assert "2 source row(s) changed while this sync ran were left for the next" in first.stdout
+    second = cli("sync", *args, "--batch-size", "2")
+    assert 0 == second.returncode, second.stdout + second.stderr
+    assert "left for the next" not in second.stdout
+    await compare_table(path, pg_dsn, "nodes")
+
+
+async def test_a_new_child_of_a_quarantined_parent_is_quarantined_too(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A new project whose budget does not convert is quarantined by sync, and a new note
+    naming it is quarantined with it (as `run` would), not put off to a next sync forever."""
+    path = _generic_db(tmp_path / "generic.sqlite")
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO projects VALUES ('p-bad', 1, 'not a number', NULL)")
+    db.execute("INSERT INTO notes VALUES (600, 'p-bad', 'orphan', 1)")
+    db.commit()
+    db.close()
+    for _ in range(2):
+        done = cli("sync", *args)
+        assert 3 == done.returncode, done.stdout + done.stderr
+        assert "left for the next sync" not in done.stdout
+    listed = cli("quarantine", *args)
+    assert "orphan_row" in listed.stdout and "600" in listed.stdout, listed.stdout
