@@ -21,7 +21,7 @@ import structlog
 from core import bookkeeping as ckpt
 from core.digest import key_position
 from core.errors import TargetError
-from core.schema import Table
+from core.schema import Kind, Table
 from core.source import check_source, source_snapshot
 from core.target import Target
 from pipeline.preflight import check_fingerprint
@@ -33,6 +33,9 @@ from pipeline.sync_plan import TablePlan, plan_table
 from stages.extract import open_source
 
 log = structlog.get_logger("flux_migrate")
+
+# The key kinds sync can match between SQLite, its bookkeeping (text) and PostgreSQL exactly.
+SYNC_KEY_KINDS = frozenset({Kind.KEY, Kind.TEXT, Kind.NULLABLE_TEXT, Kind.INTEGER})
 
 
 @dataclass
@@ -137,6 +140,14 @@ async def _preflight(
             )
         if key_position(table.column_names, table.primary_key) is None:
             raise TargetError(f"Table {table.name} has no one-column primary key to sync by.")
+        key = table.column(table.primary_key[0])
+        if key.kind not in SYNC_KEY_KINDS:
+            raise TargetError(
+                f"Table {table.name}'s primary key {key.name} is {key.pg_type} in PostgreSQL;"
+                " sync matches keys as text or integers only, so it cannot follow this table"
+                " yet; leave it out of the mapping ([ignore]) to sync the other tables, or"
+                " reload with `run --restart --yes` once the app has stopped writing."
+            )
         if table.without_rowid:
             raise TargetError(
                 f"Table {table.name} is a WITHOUT ROWID table, which sync cannot follow yet;"

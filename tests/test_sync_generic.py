@@ -80,6 +80,14 @@ async def test_every_change_on_every_generic_table_is_synced(tmp_path: Path, pg_
             "CREATE TABLE kv (k TEXT, n INTEGER, v TEXT, PRIMARY KEY (k, n))",
             "Table kv has no one-column primary key to sync by.",
         ),
+        (
+            "CREATE TABLE kv (k BLOB PRIMARY KEY, v TEXT)",
+            "Table kv's primary key k is bytea in PostgreSQL; sync matches keys as text or",
+        ),
+        (
+            "CREATE TABLE kv (k TIMESTAMP PRIMARY KEY, v TEXT)",
+            "Table kv's primary key k is timestamptz in PostgreSQL;",
+        ),
     ],
 )
 async def test_tables_sync_cannot_follow_are_refused_by_name(
@@ -90,11 +98,17 @@ async def test_tables_sync_cannot_follow_are_refused_by_name(
     path = tmp_path / "kv.sqlite"
     db = sqlite3.connect(path)
     db.execute(ddl)
+    if "BLOB" in ddl:
+        keys: list[object] = [f"k{i}".encode() for i in range(50)]
+    elif "TIMESTAMP" in ddl:
+        keys = [f"2024-01-01T00:00:{i:02d}+00:00" for i in range(50)]
+    else:
+        keys = [f"k{i}" for i in range(50)]
     db.executemany(
         "INSERT INTO kv (k, v) VALUES (?, ?)"
         if "n INTEGER" not in ddl
         else "INSERT INTO kv (k, n, v) VALUES (?, 1, ?)",
-        [(f"k{i}", f"v{i}") for i in range(50)],
+        [(k, f"v{i}") for i, k in enumerate(keys)],
     )
     db.commit()
     db.close()
