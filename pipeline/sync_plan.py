@@ -178,6 +178,7 @@ async def plan_table(
 
 
 _GALLOP, _GALLOP_MAX = 16, 4096  # rows compared at once by the merge's fast path
+_FEW = 64  # overrides in a pack or window handled one by one; more in one pass
 
 
 @dataclass
@@ -254,8 +255,12 @@ class _StoredDigests:
             part.add(pack.rowids, pack.digests, pack.keys, pack.pair)
             if not (after < pack.first_rowid and pack.last_rowid <= high):
                 part = part.keep([i for i, r in enumerate(part.rowids) if after < r <= high])
-            for key in self.overridden.intersection(part.keys) if self.overridden else ():
-                part.drop(part.keys.index(key))
+            hit = self.overridden.intersection(part.keys) if self.overridden else set()
+            if len(hit) > _FEW:  # one pass, rather than a search and a shift per key
+                part = part.keep([i for i, k in enumerate(part.keys) if k not in hit])
+            else:
+                for key in hit:
+                    part.drop(part.keys.index(key))
             if part.rowids and window.rowids and part.rowids[0] <= window.rowids[-1]:
                 ordered = False  # packs overlap: rows loaded again (requeued, --on-conflict)
             window.add(part.rowids, part.digests, part.keys, pack.pair)
@@ -264,7 +269,12 @@ class _StoredDigests:
             window = window.keep(sorted(newest.values(), key=window.rowids.__getitem__))
         lo = bisect.bisect_right(self.live, after, key=itemgetter(0))
         hi = bisect.bisect_right(self.live, high, key=itemgetter(0))
-        for rowid, key, digest, _ in self.live[lo:hi]:
+        live = self.live[lo:hi]
+        if len(live) > _FEW:  # append them all, then one stable sort of two sorted runs
+            for rowid, key, digest, _ in live:
+                window.add((rowid,), (digest,), [key], None)
+            return window.keep(sorted(range(len(window.keys)), key=window.rowids.__getitem__))
+        for rowid, key, digest, _ in live:
             window.insert(bisect.bisect_right(window.rowids, rowid), rowid, digest, key, None)
         return window
 
