@@ -585,29 +585,21 @@ async def packs_between(
     ]
 
 
-def ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
-    """Per key ($3 text[]) with a ``digest_rows`` entry: the digest recorded (NULL: none),
-    whether the target row ``qualified`` exists, and whether it is still the version
-    flux-migrate wrote (its xmin is the one the entry is paired with, ``pair``: both were
-    written in one transaction and nobody rewrote the target row since). Locks the entries
-    until the transaction ends."""
-    return (
-        "SELECT d.key, d.digest, coalesce(d.written_xmin, d.xmin)::text AS pair,"
-        f" t.{pk} IS NOT NULL AS present, t.xmin = coalesce(d.written_xmin, d.xmin) AS ours"
-        f" FROM {DIGEST_ROWS} d LEFT JOIN {qualified} t ON t.{pk} = d.key::{pk_type}"
-        " WHERE d.target_schema = $1 AND d.source_table = $2 AND d.key = ANY($3::text[])"
-        " FOR UPDATE OF d"
-    )
-
-
-def pack_ownership_sql(qualified: str, pk: str, pk_type: str) -> str:
-    """The same for keys whose entry is in a pack: $1 keys, $2 their digests, $3 the xmin of
-    their pack (as text), which the target row still has while flux-migrate's version."""
-    return (
-        f"SELECT u.key, u.digest, u.pair, t.{pk} IS NOT NULL AS present,"
-        " t.xmin = u.pair::xid AS ours"
-        " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(key, digest, pair)"
-        f" LEFT JOIN {qualified} t ON t.{pk} = u.key::{pk_type}"
+async def digest_entries(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, keys: Sequence[str]
+) -> list[asyncpg.Record]:
+    """The ``digest_rows`` entries of ``keys`` (``key``, ``digest``: NULL once deleted, and
+    ``pair``: the xmin the entry is paired with, its own unless ``written_xmin`` says
+    otherwise, as text), locked until the transaction ends."""
+    return list(
+        await conn.fetch(
+            "SELECT key, digest, coalesce(written_xmin, xmin)::text AS pair"
+            f" FROM {DIGEST_ROWS} WHERE target_schema = $1 AND source_table = $2"
+            " AND key = ANY($3::text[]) FOR UPDATE",
+            target_schema,
+            source_table,
+            list(keys),
+        )
     )
 
 

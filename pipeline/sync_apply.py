@@ -102,33 +102,38 @@ class Applier:
         return LoadContext(table=self.table, names=self.names, run_id=self.run_id)
 
     async def ownership(
-        self, conn: asyncpg.Connection, keys: list[str]
-    ) -> tuple[dict[str, Any], set[str]]:
-        """Per key with a stored digest: ``digest``, ``pair``, ``present``, ``ours`` (see
-        bookkeeping.ownership_sql), from its digest_rows entry (locked) or else the pack entry
-        the plan read; and the keys the plan knows nothing of (written meanwhile by a live
-        app: left to the next sync, which plans them)."""
-        qualified, pk = self.names.qualified(self.table.name), quote_ident(self.pk)
-        sql = bookkeeping.ownership_sql(qualified, pk, self.pk_type)
-        rows = await conn.fetch(sql, self.names.schema, self.table.name, keys)
-        own = {r["key"]: r for r in rows if r["digest"] is not None}  # NULL: deleted, new again
-        entered = {r["key"] for r in rows}
-        packed: list[tuple[str, int, str]] = []
+        self, conn: asyncpg.Connection, keys: list[str], strength: str
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """Lock the target rows of ``keys`` (``FOR {strength}``), then per key with a stored
+        digest: ``digest``, ``pair`` (the xmin it is paired with, as text), ``present`` (the
+        target row exists) and ``ours`` (its xmin is still ``pair``: nobody rewrote it since
+        flux-migrate did), from its digest_rows entry (locked) or else the pack entry the
+        plan read; and the keys the plan knows nothing of (written meanwhile by a live app:
+        left to the next sync, which plans them)."""
+        xmins = await self._lock(conn, keys, strength)
+        rows = await bookkeeping.digest_entries(conn, self.names.schema, self.table.name, keys)
+        own: dict[str, dict[str, Any]] = {}
         deferred: set[str] = set()
+        entered = {r["key"]: r for r in rows}
         for key in keys:
-            if key in entered:
-                continue
-            if key not in self.known:
+            if (entry := entered.get(key)) is not None:
+                stored: Stored | None = (
+                    None if entry["digest"] is None else (entry["digest"], entry["pair"])
+                )  # NULL: deleted, new again
+            elif key not in self.known:
                 deferred.add(key)
-            elif (stored := self.known[key]) is not None:
-                if stored[1] is None:  # the plan read a digest_rows entry that is gone now
-                    deferred.add(key)
-                else:
-                    packed.append((key, stored[0], stored[1]))
-        if packed:
-            ks, ds, ps = zip(*packed, strict=True)
-            sql = bookkeeping.pack_ownership_sql(qualified, pk, self.pk_type)
-            own.update({r["key"]: r for r in await conn.fetch(sql, list(ks), list(ds), list(ps))})
+                continue
+            elif (stored := self.known[key]) is not None and stored[1] is None:
+                deferred.add(key)  # the plan read a digest_rows entry that is gone now
+                continue
+            if stored is not None:
+                xmin = xmins.get(key)
+                own[key] = {
+                    "digest": stored[0],
+                    "pair": stored[1],
+                    "present": xmin is not None,
+                    "ours": xmin is not None and xmin == stored[1],
+                }
         return own, deferred
 
     # ------------------------------------------------------------ inserts and updates
@@ -161,8 +166,7 @@ class Applier:
         schema, name, at = self.names.schema, self.table.name, self.at
         keys = [key_of(r[at + 1]) or "" for r in batch.raw]
         values = digests(batch.raw, len(self.table.column_names))
-        await self._lock(conn, keys, "NO KEY UPDATE")
-        own, deferred = await self.ownership(conn, keys)
+        own, deferred = await self.ownership(conn, keys, "NO KEY UPDATE")
         inserts: list[int] = []
         updates: list[int] = []
         moved: list[tuple[str, int, int, str | None]] = []
@@ -221,16 +225,21 @@ class Applier:
         out.inserted, out.updated = len(done), len(updates)
         return out
 
-    async def _lock(self, conn: asyncpg.Connection, keys: list[str], strength: str) -> None:
+    async def _lock(
+        self, conn: asyncpg.Connection, keys: list[str], strength: str
+    ) -> dict[str, str]:
         """Lock the target rows of ``keys`` until the transaction ends, so that nobody writes
-        them between the ownership check and sync's write: ``NO KEY UPDATE`` before updates
-        (the app can still insert rows referencing them), ``UPDATE`` before deletes (nobody
-        can)."""
+        them between the ownership check and sync's write (``NO KEY UPDATE`` before updates,
+        so the app can still insert rows referencing them; ``UPDATE`` before deletes, so
+        nobody can); return each found key's xmin (as text). Keys are text or integers (see
+        SYNC_KEY_KINDS), whose text PostgreSQL prints as the bookkeeping spells it."""
         pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
-        await conn.execute(
-            f"SELECT 1 FROM {target} WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) FOR {strength}",
+        rows = await conn.fetch(
+            f"SELECT {pk}::text AS key, xmin::text AS xmin FROM {target}"
+            f" WHERE {pk} = ANY($1::text[]::{self.pk_type}[]) FOR {strength}",
             keys,
         )
+        return {r["key"]: r["xmin"] for r in rows}
 
     async def _parents_missing(
         self, conn: asyncpg.Connection, batch: Batch, keys: list[str], writing: list[int]
@@ -395,8 +404,9 @@ class Applier:
         self, conn: asyncpg.Connection, keys: list[str]
     ) -> tuple[int, list[tuple[str, str]]]:
         schema, name = self.names.schema, self.table.name
-        await self._lock(conn, keys, "UPDATE")
-        own, _ = await self.ownership(conn, keys)  # a key unknown to the plan: not deleted
+        own, _ = await self.ownership(
+            conn, keys, "UPDATE"
+        )  # a key unknown to the plan: not deleted
         ours = [k for k, r in own.items() if r["present"] and r["ours"]]
         conflicts = [
             (k, DELETED_IN_SOURCE) for k, r in own.items() if r["present"] and not r["ours"]
