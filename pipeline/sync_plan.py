@@ -249,34 +249,49 @@ class _StoredDigests:
 
         packs = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
         high = 2**63 - 1 if upto is None else upto
-        window, ordered = Window(), True
-        for pack in packs:  # oldest first; a pack's entries are in rowid order
-            part = Window()
-            part.add(pack.rowids, pack.digests, pack.keys, pack.pair)
-            if not (after < pack.first_rowid and pack.last_rowid <= high):
-                part = part.keep([i for i, r in enumerate(part.rowids) if after < r <= high])
-            hit = self.overridden.intersection(part.keys) if self.overridden else set()
-            if len(hit) > _FEW:  # one pass, rather than a search and a shift per key
-                part = part.keep([i for i, k in enumerate(part.keys) if k not in hit])
-            else:
-                for key in hit:
-                    part.drop(part.keys.index(key))
-            if part.rowids and window.rowids and part.rowids[0] <= window.rowids[-1]:
-                ordered = False  # packs overlap: rows loaded again (requeued, --on-conflict)
-            window.add(part.rowids, part.digests, part.keys, pack.pair)
-        if not ordered:
-            newest = dict(zip(window.keys, range(len(window.keys)), strict=True))
-            window = window.keep(sorted(newest.values(), key=window.rowids.__getitem__))
-        lo = bisect.bisect_right(self.live, after, key=itemgetter(0))
-        hi = bisect.bisect_right(self.live, high, key=itemgetter(0))
-        live = self.live[lo:hi]
-        if len(live) > _FEW:  # append them all, then one stable sort of two sorted runs
-            for rowid, key, digest, _ in live:
-                window.add((rowid,), (digest,), [key], None)
-            return window.keep(sorted(range(len(window.keys)), key=window.rowids.__getitem__))
-        for rowid, key, digest, _ in live:
-            window.insert(bisect.bisect_right(window.rowids, rowid), rowid, digest, key, None)
-        return window
+        return assemble_window(packs, after, high, self.overridden, self.live)
+
+
+def assemble_window(
+    packs: Sequence[bookkeeping.Pack],
+    after: int,
+    high: int,
+    overridden: set[str],
+    live: list[Entry],
+) -> Window:
+    """The stored digests with ``after < rowid <= high`` in rowid order: the entries of
+    ``packs`` (oldest first, each in rowid order) whose key has no override, then the live
+    overrides (``live``, by rowid) among them; when packs overlap (rows loaded again), only
+    the newest entry of a key."""
+    window, ordered = Window(), True
+    for pack in packs:
+        part = Window()
+        part.add(pack.rowids, pack.digests, pack.keys, pack.pair)
+        if not (after < pack.first_rowid and pack.last_rowid <= high):
+            part = part.keep([i for i, r in enumerate(part.rowids) if after < r <= high])
+        hit = overridden.intersection(part.keys) if overridden else set()
+        if len(hit) > _FEW:  # one pass, rather than a search and a shift per key
+            part = part.keep([i for i, k in enumerate(part.keys) if k not in hit])
+        else:
+            for key in hit:
+                part.drop(part.keys.index(key))
+        if part.rowids and window.rowids and part.rowids[0] <= window.rowids[-1]:
+            ordered = False  # packs overlap: rows loaded again (requeued, --on-conflict)
+        window.add(part.rowids, part.digests, part.keys, pack.pair)
+    if not ordered:
+        newest = dict(zip(window.keys, range(len(window.keys)), strict=True))
+        kept = sorted(newest.values())  # then by rowid, ties in the order read
+        window = window.keep(sorted(kept, key=window.rowids.__getitem__))
+    lo = bisect.bisect_right(live, after, key=itemgetter(0))
+    hi = bisect.bisect_right(live, high, key=itemgetter(0))
+    inside = live[lo:hi]
+    if len(inside) > _FEW:  # append them all, then one stable sort of two sorted runs
+        for rowid, key, digest, _ in inside:
+            window.add((rowid,), (digest,), [key], None)
+        return window.keep(sorted(range(len(window.keys)), key=window.rowids.__getitem__))
+    for rowid, key, digest, _ in inside:
+        window.insert(bisect.bisect_right(window.rowids, rowid), rowid, digest, key, None)
+    return window
 
 
 def _merge_window(

@@ -8,8 +8,10 @@ from array import array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.bookkeeping import Pack
 from core.schema import Column, Kind, Table
-from pipeline.sync_plan import TablePlan, Window, _merge_window
+from pipeline import sync_plan
+from pipeline.sync_plan import TablePlan, Window, _merge_window, assemble_window
 
 TABLE = Table("t", (Column("id", Kind.TEXT),))
 
@@ -73,3 +75,82 @@ def test_merge_matches_the_reference(
     assert want_src == {k: v[0] for k, v in src_odd.items()}
     assert want_stored == {k: v[0] for k, v in stored_odd.items()}
     assert {old[r][0] for r in updates} == set(plan.known)
+
+
+def _pack(pair: str, entries: list[tuple[int, str, int]]) -> Pack:
+    entries = sorted(entries)
+    return Pack(
+        pair,
+        entries[0][0],
+        entries[-1][0],
+        array("q", [r for r, _, _ in entries]),
+        [k for _, k, _ in entries],
+        array("q", [d for _, _, d in entries]),
+    )
+
+
+packs_of = st.lists(
+    st.dictionaries(
+        st.integers(1, 300), st.tuples(st.sampled_from("abcdefghij"), st.integers(0, 9)), min_size=1
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    packs=packs_of,
+    bounds=st.tuples(st.integers(0, 300), st.integers(0, 300)),
+    overridden=st.sets(st.sampled_from("abcdefghij")),
+    many=st.booleans(),
+    few=st.sampled_from([0, 64]),
+)
+def test_window_assembly_matches_the_reference(
+    packs: list[dict[int, tuple[str, int]]],
+    bounds: tuple[int, int],
+    overridden: set[str],
+    many: bool,
+    few: int,
+) -> None:
+    """Pack entries in range whose key has no override, the newest of a key when packs
+    overlap, plus the live overrides in range: in rowid order, pack entries before an override
+    at the same rowid; the same through the one-by-one and the one-pass paths."""
+    after, high = min(bounds), max(bounds)
+    built = []
+    for n, entries in enumerate(packs):  # keys unique within a pack, as a batch's are
+        seen: dict[str, tuple[int, str, int]] = {}
+        for rowid, (key, digest) in entries.items():
+            seen.setdefault(key, (rowid, key, digest))
+        built.append(_pack(f"x{n}", list(seen.values())))
+    live = sorted(
+        ((3 * i, key, i, None) for i, key in enumerate(sorted(overridden))), key=lambda e: e[0]
+    )
+    if many:  # more live overrides than the one-by-one path takes
+        live = sorted(live + [(r, f"z{r}", r, None) for r in range(0, 300, 4)], key=lambda e: e[0])
+    was, sync_plan._FEW = sync_plan._FEW, few  # 0: every override through the one-pass paths
+    try:
+        window = assemble_window(built, after, high, overridden | {e[1] for e in live}, live)
+    finally:
+        sync_plan._FEW = was
+
+    want: list[tuple[int, str, int, str | None]] = []
+    overlap, last = False, None
+    for pack in built:
+        part = [
+            (r, k, d, pack.pair)
+            for r, k, d in zip(pack.rowids, pack.keys, pack.digests, strict=True)
+            if after < r <= high and k not in overridden and not k.startswith("z")
+        ]
+        if part and last is not None and part[0][0] <= last:
+            overlap = True
+        if part:
+            last = part[-1][0]
+        want += part
+    if overlap:
+        newest = {e[1]: i for i, e in enumerate(want)}
+        want = [e for i, e in enumerate(want) if newest[e[1]] == i]
+    want.sort(key=lambda e: e[0])
+    want += [e for e in live if after < e[0] <= high]
+    want.sort(key=lambda e: e[0])
+    got = list(zip(window.rowids, window.keys, window.digests, window.pairs, strict=True))
+    assert want == got
