@@ -27,9 +27,8 @@ from core.schema import Kind, Table, TargetNames, quote_ident
 from core.target import Target
 from pipeline.requeue import read_rowids
 from pipeline.settings import Settings
-from pipeline.sync_plan import Stored, TablePlan
+from pipeline.sync_plan import Stored, TablePlan, source_rowids
 from stages.batch import Batch
-from stages.extract import fetch_rows, variable_limit
 from stages.load import LoadContext, quarantine_records
 from stages.transform import key_of, transform_batch
 
@@ -450,19 +449,7 @@ class Applier:
 
     async def _source_rowids(self, table: Table, column: str, keys: list[str]) -> dict[str, int]:
         """The source rowid of each of ``keys`` (values of ``column``) ``table`` holds now."""
-        size = await variable_limit(self.src)
-        found: dict[str, int] = {}
-        ref = quote_ident(column)
-        for start in range(0, len(keys), size):
-            part = keys[start : start + size]
-            marks = ", ".join("?" for _ in part)
-            rows = await fetch_rows(
-                self.src,
-                f"SELECT {ref}, rowid FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
-                part,
-            )
-            found.update((key_of(r[0]) or "", r[1]) for r in rows)
-        return found
+        return await source_rowids(self.src, table, column, keys)
 
     # ------------------------------------------------------------ quarantined rows gone
 

@@ -33,7 +33,7 @@ from core import bookkeeping
 from core.digest import digests, key_position
 from core.schema import Table, quote_ident
 from core.target import Target
-from stages.extract import fetch_rows, source_uri
+from stages.extract import fetch_rows, source_uri, variable_limit
 from stages.transform import key_of
 
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
@@ -174,7 +174,30 @@ async def plan_table(
         window = await stored.window(-(2**63), None)
         _merge_window(array("q"), array("q"), [], window, plan, src_odd, stored_odd)
     _resolve_by_key(plan, src_odd, stored_odd)
+    if plan.deletes:  # a stale second entry of a key the source still holds is no delete
+        present = await source_rowids(src, table, table.primary_key[0], plan.deletes)
+        plan.deletes = [k for k in plan.deletes if k not in present]
     return plan
+
+
+async def source_rowids(
+    src: aiosqlite.Connection, table: Table, column: str, keys: Sequence[str]
+) -> dict[str, int]:
+    """The source rowid of each of ``keys`` (values of ``column``, as the bookkeeping spells
+    them) that ``table`` holds now."""
+    size = await variable_limit(src)
+    found: dict[str, int] = {}
+    ref = quote_ident(column)
+    for start in range(0, len(keys), size):
+        part = list(keys[start : start + size])
+        marks = ", ".join("?" for _ in part)
+        rows = await fetch_rows(
+            src,
+            f"SELECT {ref}, rowid FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
+            part,
+        )
+        found.update((key_of(r[0]) or "", r[1]) for r in rows)
+    return found
 
 
 _GALLOP, _GALLOP_MAX = 16, 4096  # rows compared at once by the merge's fast path

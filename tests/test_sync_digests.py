@@ -309,3 +309,43 @@ async def test_a_table_with_digests_of_the_old_kind_is_refused_until_reloaded(
     assert "Table sessions was loaded (at least in part) by a flux-migrate" in refused.stderr
     assert 0 == cli("run", *args, "--restart", "--yes").returncode
     assert 0 == cli("sync", *args).returncode
+
+
+@pytest.mark.anyio
+async def test_a_key_stored_twice_leaves_no_phantom_delete(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A key whose row moved to a new rowid and was recorded again in a newer pack (as a row
+    loaded a second time is) keeps a stale entry at its old rowid: sync neither plans nor
+    reports a delete for it, and stays idle."""
+    from core import bookkeeping
+    from core.digest import digests
+    from pipeline.runner import resolve_run_mapping
+
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    await migrate(_settings(path, pg_dsn))
+    db = sqlite3.connect(path)
+    key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 50").fetchone()[0]
+    row = db.execute("SELECT * FROM sessions WHERE id = ?", (key,)).fetchone()
+    db.execute("DELETE FROM sessions WHERE id = ?", (key,))
+    db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", row)  # a new, last rowid
+    db.commit()
+    settings = await resolve_run_mapping(_settings(path, pg_dsn), path)
+    table = next(t for t in settings.tables if t.name == "sessions")
+    db.text_factory = bytes
+    cols = ", ".join(table.column_names)
+    raw = db.execute(f"SELECT rowid, {cols} FROM sessions WHERE id = ?", (key,)).fetchall()
+    db.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:  # what a second load of the row records
+        await bookkeeping.write_digest_pack(
+            conn, "public", "sessions", [raw[0][0]], [key], digests(raw, len(table.column_names))
+        )
+    finally:
+        await conn.close()
+    plan = await sync(_settings(path, pg_dsn), dry_run=True)
+    assert ([], []) == (plan.plans["sessions"].deletes, plan.plans["sessions"].inserts)
+    report = await sync(_settings(path, pg_dsn))
+    assert report.idle and [] == report.conflicts
+    await _equal(path, pg_dsn)
