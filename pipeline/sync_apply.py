@@ -254,6 +254,7 @@ class Applier:
         wait: set[int] = set()
         orphaned: set[int] = set()
         checked: dict[tuple[int, str], bool] = {}  # (reference, key) -> the target has it
+        later: dict[tuple[int, str], bool] = {}  # (reference, missing key) -> wait, not conflict
         while True:
             left = [i for i in writing if i not in wait and i not in orphaned]
             before = len(wait) + len(orphaned)
@@ -271,10 +272,14 @@ class Applier:
                     found = await self._parents_present(conn, parent, parent_column, unknown)
                     checked.update(((n, k), k in found) for k in unknown)
                 missing = [k for k in wanted if not checked[(n, k)]]
-                now = await self._source_rowids(parent, parent_column, missing) if missing else {}
+                if new := [k for k in missing if (n, k) not in later]:
+                    now = await source_rowids(self.src, parent, parent_column, new)
+                    later.update(
+                        ((n, k), k in plan.known or now.get(k) is None or now[k] > plan.last_rowid)
+                        for k in new
+                    )
                 for key in missing:
-                    later = key in plan.known or now.get(key) is None or now[key] > plan.last_rowid
-                    (wait if later else orphaned).update(wanted[key])
+                    (wait if later[(n, key)] else orphaned).update(wanted[key])
             if len(wait) + len(orphaned) == before:
                 return wait, orphaned
 
@@ -403,9 +408,8 @@ class Applier:
         self, conn: asyncpg.Connection, keys: list[str]
     ) -> tuple[int, list[tuple[str, str]]]:
         schema, name = self.names.schema, self.table.name
-        own, _ = await self.ownership(
-            conn, keys, "UPDATE"
-        )  # a key unknown to the plan: not deleted
+        # a key unknown to the plan (deferred) is not deleted
+        own, _ = await self.ownership(conn, keys, "UPDATE")
         ours = [k for k, r in own.items() if r["present"] and r["ours"]]
         conflicts = [
             (k, DELETED_IN_SOURCE) for k, r in own.items() if r["present"] and not r["ours"]
@@ -445,11 +449,7 @@ class Applier:
 
     async def _in_source(self, keys: list[str]) -> set[str]:
         """Those of ``keys`` the source holds now (a live app may have written them again)."""
-        return set(await self._source_rowids(self.table, self.pk, keys))
-
-    async def _source_rowids(self, table: Table, column: str, keys: list[str]) -> dict[str, int]:
-        """The source rowid of each of ``keys`` (values of ``column``) ``table`` holds now."""
-        return await source_rowids(self.src, table, column, keys)
+        return set(await source_rowids(self.src, self.table, self.pk, keys))
 
     # ------------------------------------------------------------ quarantined rows gone
 
