@@ -9,7 +9,6 @@ order and keeps the report.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import time
@@ -276,7 +275,7 @@ async def _run_table(run: Run, table: Table) -> None:
         functools.partial(ckpt.has_overrides, target_schema=run.schema, source_table=table.name),
         what="reading the row digests",
     )
-    ctx = dataclasses.replace(_load_context(run, table, checkpoint, missing), overridden=overridden)
+    ctx = _load_context(run, table, checkpoint, missing, overridden)
     if checkpoint.quarantined:
         treport.requeued, _gone = await requeue(
             run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
@@ -355,7 +354,7 @@ async def quarantined_parents(
 
 
 def _load_context(
-    run: Run, table: Table, checkpoint: ckpt.Checkpoint, missing: set[str]
+    run: Run, table: Table, checkpoint: ckpt.Checkpoint, missing: set[str], overridden: bool
 ) -> LoadContext:
     """Where and how the table's batches load: with --on-conflict only into tables that held
     rows before, and a strict re-conversion for batches PostgreSQL refuses."""
@@ -367,6 +366,7 @@ def _load_context(
         on_conflict=settings.on_conflict if checkpoint.preexisting_rows else "error",
         stop=run.stop,
         single_transaction=settings.single_transaction,
+        overridden=overridden,
         strict=functools.partial(
             transform_batch,
             table=table,

@@ -43,8 +43,7 @@ _SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running th
 
 
 Stored = tuple[int, str | None]  # a key's stored digest, and its pack's xmin (None: digest_rows)
-Entry = tuple[int, str, int, str | None]  # a stored digest: rowid, key, digest, pack xmin
-_ROWID_KEY = itemgetter(0, 1)
+Override = tuple[int, str, int]  # a live digest_rows entry: rowid, key, digest
 
 
 @dataclass
@@ -246,7 +245,7 @@ class _StoredDigests:
     def __init__(self, target: Target, schema: str, table: str) -> None:
         self.target, self.schema, self.table = target, schema, table
         self.overridden: set[str] = set()
-        self.live: list[Entry] = []  # the overrides that still answer for a row, by rowid
+        self.live: list[Override] = []  # the overrides that still answer for a row, by rowid
 
     async def read_overrides(self) -> None:
         async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -255,12 +254,7 @@ class _StoredDigests:
         rows = await self.target.retrying(fetch, what=f"reading the digests of {self.table}")
         self.overridden = {r["key"] for r in rows}
         self.live = sorted(
-            (
-                (r["source_rowid"], r["key"], r["digest"], None)
-                for r in rows
-                if r["digest"] is not None
-            ),
-            key=_ROWID_KEY,
+            (r["source_rowid"], r["key"], r["digest"]) for r in rows if r["digest"] is not None
         )
 
     async def window(self, after: int, upto: int | None) -> Window:
@@ -280,7 +274,7 @@ def assemble_window(
     after: int,
     high: int,
     overridden: set[str],
-    live: list[Entry],
+    live: list[Override],
 ) -> Window:
     """The stored digests with ``after < rowid <= high`` in rowid order: the entries of
     ``packs`` (oldest first, each in rowid order) whose key has no override, then the live
@@ -309,10 +303,10 @@ def assemble_window(
     hi = bisect.bisect_right(live, high, key=itemgetter(0))
     inside = live[lo:hi]
     if len(inside) > _FEW:  # append them all, then one stable sort of two sorted runs
-        for rowid, key, digest, _ in inside:
+        for rowid, key, digest in inside:
             window.add((rowid,), (digest,), [key], None)
         return window.keep(sorted(range(len(window.keys)), key=window.rowids.__getitem__))
-    for rowid, key, digest, _ in inside:
+    for rowid, key, digest in inside:
         window.insert(bisect.bisect_right(window.rowids, rowid), rowid, digest, key, None)
     return window
 

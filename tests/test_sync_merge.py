@@ -122,11 +122,9 @@ def test_window_assembly_matches_the_reference(
         for rowid, (key, digest) in entries.items():
             seen.setdefault(key, (rowid, key, digest))
         built.append(_pack(f"x{n}", list(seen.values())))
-    live = sorted(
-        ((3 * i, key, i, None) for i, key in enumerate(sorted(overridden))), key=lambda e: e[0]
-    )
+    live = sorted(((3 * i, key, i) for i, key in enumerate(sorted(overridden))), key=lambda e: e[0])
     if many:  # more live overrides than the one-by-one path takes
-        live = sorted(live + [(r, f"z{r}", r, None) for r in range(0, 300, 4)], key=lambda e: e[0])
+        live = sorted(live + [(r, f"z{r}", r) for r in range(0, 300, 4)], key=lambda e: e[0])
     was, sync_plan._FEW = sync_plan._FEW, few  # 0: every override through the one-pass paths
     try:
         window = assemble_window(built, after, high, overridden | {e[1] for e in live}, live)
@@ -150,7 +148,7 @@ def test_window_assembly_matches_the_reference(
         newest = {e[1]: i for i, e in enumerate(want)}
         want = [e for i, e in enumerate(want) if newest[e[1]] == i]
     want.sort(key=lambda e: e[0])
-    want += [e for e in live if after < e[0] <= high]
+    want += [(*e, None) for e in live if after < e[0] <= high]
     want.sort(key=lambda e: e[0])
     got = list(zip(window.rowids, window.keys, window.digests, window.pairs, strict=True))
     assert want == got
