@@ -83,14 +83,14 @@ async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         # Serialize concurrent first runs creating the same objects.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flux_migrate.ddl'))")
-        new = await conn.fetchval("SELECT to_regclass($1) IS NULL", DIGEST_PACKS)
+        new = not await _relation_exists(conn, DIGEST_PACKS)
         await conn.execute(BOOKKEEPING_DDL)
         if new:
             await conn.execute(DIGEST_PACKS_STORAGE)
 
 
 async def bookkeeping_exists(conn: asyncpg.Connection) -> bool:
-    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", CHECKPOINTS))
+    return await _relation_exists(conn, CHECKPOINTS)
 
 
 async def read_checkpoints(conn: asyncpg.Connection, target_schema: str) -> dict[str, Checkpoint]:
@@ -377,7 +377,7 @@ async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
     """Forget every checkpoint, quarantined and skipped row of one target schema."""
     for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGEST_PACKS, DIGEST_ROWS, CONFLICTS):
         await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
-    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", LEGACY_DIGESTS):
+    if await _relation_exists(conn, LEGACY_DIGESTS):
         await conn.execute(f"DELETE FROM {LEGACY_DIGESTS} WHERE target_schema = $1", target_schema)
 
 
@@ -498,15 +498,27 @@ class Pack:
     digests: array[int]
 
 
-async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
+async def _relation_exists(conn: asyncpg.Connection, relation: str) -> bool:
+    return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
+
+
+async def _holds_rows_of(
+    conn: asyncpg.Connection, relation: str, target_schema: str, source_table: str
+) -> bool:
+    """Whether the bookkeeping table ``relation`` holds a row of this table."""
     return bool(
         await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {DIGEST_PACKS} WHERE target_schema = $1"
-            f" AND source_table = $2) OR EXISTS (SELECT 1 FROM {DIGEST_ROWS}"
-            " WHERE target_schema = $1 AND source_table = $2)",
+            f"SELECT EXISTS (SELECT 1 FROM {relation} WHERE target_schema = $1"
+            " AND source_table = $2)",
             target_schema,
             source_table,
         )
+    )
+
+
+async def has_digests(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
+    return await _holds_rows_of(conn, DIGEST_PACKS, target_schema, source_table) or (
+        await has_overrides(conn, target_schema, source_table)
     )
 
 
@@ -515,28 +527,14 @@ async def has_legacy_digests(
 ) -> bool:
     """Whether an earlier flux-migrate left per-row digests (``flux_migrate.row_digests``, no
     longer read) for the table: its rows then have no pack, so sync cannot follow them."""
-    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", LEGACY_DIGESTS):
-        return False
-    return bool(
-        await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {LEGACY_DIGESTS} WHERE target_schema = $1"
-            " AND source_table = $2)",
-            target_schema,
-            source_table,
-        )
+    return await _relation_exists(conn, LEGACY_DIGESTS) and await _holds_rows_of(
+        conn, LEGACY_DIGESTS, target_schema, source_table
     )
 
 
 async def has_overrides(conn: asyncpg.Connection, target_schema: str, source_table: str) -> bool:
     """Whether sync recorded anything for the table in ``digest_rows``."""
-    return bool(
-        await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM {DIGEST_ROWS} WHERE target_schema = $1"
-            " AND source_table = $2)",
-            target_schema,
-            source_table,
-        )
-    )
+    return await _holds_rows_of(conn, DIGEST_ROWS, target_schema, source_table)
 
 
 async def digest_overrides(
