@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from core.schema import TABLES, TargetNames
+from pipeline.settings import Settings
 from stages.extract import source_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +156,20 @@ def kill_after(args: list[str], event: str, count: int) -> int:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     return seen
+
+
+def app_copy(sample_db: Path, tmp_path: Path) -> Path:
+    """A copy of the shared sample database that a test may change."""
+    path = tmp_path / "app.sqlite"
+    shutil.copy(sample_db, path)
+    return path
+
+
+def app_settings(path: Path, dsn: str, batch_size: int = 10_000) -> Settings:
+    return Settings(sqlite_path=path, postgres_dsn=dsn, batch_size=batch_size)
+
+
+async def assert_app_tables_equal(path: Path, dsn: str) -> None:
+    """The app's two tables hold in PostgreSQL exactly what they hold in SQLite."""
+    for table in ("sessions", "messages"):
+        assert source_rows(path, table) == await target_rows(dsn, table)

@@ -3,7 +3,6 @@ are never overwritten; a kill mid-sync converges on rerun (real PostgreSQL, real
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import uuid
 from pathlib import Path
@@ -15,27 +14,19 @@ from hypothesis import strategies as st
 
 from core.errors import EXIT_CONFLICTS, EXIT_OK
 from pipeline.runner import migrate
-from pipeline.settings import Settings
 from pipeline.sync import sync
-from tests.support import cli, kill_after, source_rows, target_rows
+from tests.support import (
+    app_copy,
+    app_settings,
+    assert_app_tables_equal,
+    cli,
+    kill_after,
+    source_rows,
+    target_rows,
+)
 
 NOW = "2026-01-02T03:04:05+00:00"
 NEW_SESSION = "INSERT INTO sessions (id, title, created_at, updated_at, metadata) VALUES"
-
-
-def _copy(sample_db: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    return path
-
-
-def _settings(path: Path, dsn: str, batch_size: int = 10_000) -> Settings:
-    return Settings(sqlite_path=path, postgres_dsn=dsn, batch_size=batch_size)
-
-
-async def _equal(path: Path, dsn: str) -> None:
-    for table in ("sessions", "messages"):
-        assert source_rows(path, table) == await target_rows(dsn, table)
 
 
 def _app_changes(path: Path) -> None:
@@ -67,29 +58,31 @@ async def test_sync_applies_every_kind_of_change_then_idles(
 ) -> None:
     """Inserts, updates of any column and deletes on both tables reach the target; a second
     sync finds nothing to do."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     _app_changes(path)
-    first = await sync(_settings(path, pg_dsn))
-    await _equal(path, pg_dsn)
+    first = await sync(app_settings(path, pg_dsn))
+    await assert_app_tables_equal(path, pg_dsn)
     done = {n: (t.inserted, t.updated, t.deleted) for n, t in first.tables.items()}
     deleted_messages = 11  # the deleted session's 10 messages and one more
     assert {"sessions": (1, 2, 1), "messages": (2, 1, deleted_messages)} == done
-    second = await sync(_settings(path, pg_dsn))
+    second = await sync(app_settings(path, pg_dsn))
     assert second.idle
     assert [] == second.conflicts
-    rerun = await migrate(_settings(path, pg_dsn))  # a run after sync: nothing new, counts add up
+    rerun = await migrate(
+        app_settings(path, pg_dsn)
+    )  # a run after sync: nothing new, counts add up
     assert all(t.up_to_date for t in rerun.tables.values())
 
 
 @pytest.mark.anyio
 async def test_dry_run_writes_nothing(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
     """--dry-run counts the changes and leaves the target as it was."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     before = await target_rows(pg_dsn, "sessions")
     _app_changes(path)
-    plan = await sync(_settings(path, pg_dsn), dry_run=True)
+    plan = await sync(app_settings(path, pg_dsn), dry_run=True)
     counts = {n: (len(p.inserts), len(p.updates), len(p.deletes)) for n, p in plan.plans.items()}
     assert {"sessions": (1, 2, 1), "messages": (2, 1, 11)} == counts
     assert before == await target_rows(pg_dsn, "sessions")
@@ -107,8 +100,8 @@ async def _pg(dsn: str, sql: str, *args: object) -> None:
 async def test_conflict_rules(sample_db: Path, pg_dsn: str, tmp_path: Path) -> None:
     """Changed only in PostgreSQL: kept; changed in both: PostgreSQL's kept, recorded, exit 4;
     a row the app inserted in PostgreSQL survives."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     a, b, c = [r[0] for r in db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 3")]
     await _pg(pg_dsn, "UPDATE sessions SET title = 'pg only' WHERE id = $1", a)
@@ -167,20 +160,20 @@ async def test_same_change_on_both_sides_is_adopted(
 ) -> None:
     """A row changed identically in SQLite and PostgreSQL is no conflict: sync adopts it, and
     the source's next change to it is applied again."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 5").fetchone()[0]
     await _pg(pg_dsn, "UPDATE sessions SET title = 'same' WHERE id = $1", key)
     db.execute("UPDATE sessions SET title = 'same' WHERE id = ?", (key,))
     db.commit()
-    assert [] == (await sync(_settings(path, pg_dsn))).conflicts
+    assert [] == (await sync(app_settings(path, pg_dsn))).conflicts
     db.execute("UPDATE sessions SET title = 'later' WHERE id = ?", (key,))
     db.commit()
     db.close()
-    again = await sync(_settings(path, pg_dsn))
+    again = await sync(app_settings(path, pg_dsn))
     assert ([], 1) == (again.conflicts, again.tables["sessions"].updated)
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 @pytest.mark.anyio
@@ -189,8 +182,8 @@ async def test_vacuum_between_run_and_sync_converges(
 ) -> None:
     """Rowids renumbered by VACUUM after deletes still end in target == source, rows that only
     moved being left untouched."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     _app_changes(path)
     db = sqlite3.connect(path)
     db.execute("DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages LIMIT 30)")
@@ -198,17 +191,17 @@ async def test_vacuum_between_run_and_sync_converges(
     _renumber_messages(db)
     db.execute("VACUUM")
     db.close()
-    report = await sync(_settings(path, pg_dsn))
-    await _equal(path, pg_dsn)
+    report = await sync(app_settings(path, pg_dsn))
+    await assert_app_tables_equal(path, pg_dsn)
     assert report.tables["messages"].moved > 1000
-    assert (await sync(_settings(path, pg_dsn))).idle
+    assert (await sync(app_settings(path, pg_dsn))).idle
     db = sqlite3.connect(path)
     db.execute("UPDATE messages SET content = 'after the move' WHERE rowid = 1000")
     db.commit()
     db.close()
-    later = await sync(_settings(path, pg_dsn))  # a moved row is still flux-migrate's to update
+    later = await sync(app_settings(path, pg_dsn))  # a moved row is still flux-migrate's to update
     assert ([], 1) == (later.conflicts, later.tables["messages"].updated)
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 @pytest.mark.anyio
@@ -217,8 +210,8 @@ async def test_quarantined_row_fixed_later_is_resolved(
 ) -> None:
     """A row that fails to convert in sync is quarantined once (exit 3), and loaded and
     resolved by the sync after it is fixed."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid DESC LIMIT 1").fetchone()[0]
     new = str(uuid.uuid4())
@@ -234,14 +227,14 @@ async def test_quarantined_row_fixed_later_is_resolved(
     db.commit()
     db.close()
     assert EXIT_OK == cli(*args).returncode
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
     conn = await asyncpg.connect(pg_dsn)
     try:
         states = await conn.fetch("SELECT resolution FROM flux_migrate.quarantine")
     finally:
         await conn.close()
     assert ["loaded", "source_row_gone"] == sorted(r["resolution"] for r in states)
-    rerun = await migrate(_settings(path, pg_dsn))  # the run's accounting agrees with sync's
+    rerun = await migrate(app_settings(path, pg_dsn))  # the run's accounting agrees with sync's
     assert all(t.up_to_date for t in rerun.tables.values())
 
 
@@ -254,8 +247,8 @@ async def test_sigkill_during_sync_then_rerun_converges(
 ) -> None:
     """A sync killed while planning, between batches or between tables ends, after a rerun,
     with the target equal to the source, each row once."""
-    path = _copy(sample_db, tmp_path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     db.execute("UPDATE sessions SET title = title || '!' WHERE rowid % 3 = 0")
     db.execute("UPDATE messages SET content = 'x' WHERE rowid % 7 = 0")
@@ -267,7 +260,7 @@ async def test_sigkill_during_sync_then_rerun_converges(
     kill_after(args, event, count)
     rerun = cli(*args)
     assert EXIT_OK == rerun.returncode, rerun.stderr
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 _OPS = st.lists(
@@ -290,7 +283,7 @@ async def test_any_source_changes_then_sync_yield_target_equal_source(
     ops: list[tuple[str, int]],
 ) -> None:
     """Any sequence of source inserts, updates and deletes, then sync: target == source."""
-    path = _copy(sample_db, tmp_path_factory.mktemp("prop"))
+    path = app_copy(sample_db, tmp_path_factory.mktemp("prop"))
     schema = f"s_{uuid.uuid4().hex[:8]}"
     cfg = path.parent / "c.toml"
     cfg.write_text(f'[target]\nschema = "{schema}"\n')

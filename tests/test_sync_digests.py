@@ -5,7 +5,6 @@ ownership (whose write a PostgreSQL row is) exact across many syncs (real Postgr
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import struct
 from pathlib import Path
@@ -14,18 +13,8 @@ import asyncpg
 import pytest
 
 from pipeline.runner import migrate
-from pipeline.settings import Settings
 from pipeline.sync import sync
-from tests.support import source_rows, target_rows
-
-
-def _settings(path: Path, dsn: str, batch_size: int = 10_000) -> Settings:
-    return Settings(sqlite_path=path, postgres_dsn=dsn, batch_size=batch_size)
-
-
-async def _equal(path: Path, dsn: str) -> None:
-    for table in ("sessions", "messages"):
-        assert source_rows(path, table) == await target_rows(dsn, table)
+from tests.support import app_copy, app_settings, assert_app_tables_equal, source_rows, target_rows
 
 
 async def _fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
@@ -49,9 +38,8 @@ async def test_bulk_run_writes_one_pack_per_batch_holding_every_row(
 ) -> None:
     """Each committed batch leaves one pack; together they name every loaded row exactly once,
     with its source rowid; nothing is written per row."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn, batch_size=100))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn, batch_size=100))
     db = sqlite3.connect(path)
     for table in ("sessions", "messages"):
         packs = await _fetch(
@@ -80,9 +68,8 @@ async def test_rows_sync_wrote_stay_its_own_and_others_writes_stay_theirs(
     """A row sync updated is updated by the next sync too; once the app changes it in
     PostgreSQL it is left alone (a conflict when the source changes it as well); a key sync
     deleted and the source inserts again is loaded again."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     a, b, c = [r[0] for r in db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 3 OFFSET 7")]
     c_row = db.execute("SELECT * FROM sessions WHERE id = ?", (c,)).fetchone()
@@ -91,7 +78,7 @@ async def test_rows_sync_wrote_stay_its_own_and_others_writes_stay_theirs(
         _source(path, "UPDATE sessions SET title = 'first' WHERE id = ?", key)
     _source(path, "DELETE FROM messages WHERE session_id = ?", c)
     _source(path, "DELETE FROM sessions WHERE id = ?", c)
-    first = await sync(_settings(path, pg_dsn))
+    first = await sync(app_settings(path, pg_dsn))
     assert (2, 1, []) == (
         first.tables["sessions"].updated,
         first.tables["sessions"].deleted,
@@ -105,14 +92,14 @@ async def test_rows_sync_wrote_stay_its_own_and_others_writes_stay_theirs(
     conn = await asyncpg.connect(pg_dsn)
     await conn.execute("UPDATE sessions SET title = 'app wrote' WHERE id = $1", b)
     await conn.close()
-    second = await sync(_settings(path, pg_dsn))
+    second = await sync(app_settings(path, pg_dsn))
     assert (1, []) == (second.tables["sessions"].updated, second.conflicts)
     rows = await target_rows(pg_dsn, "sessions")
     assert ("second", "app wrote") == (rows[a]["title"], rows[b]["title"])
 
     _source(path, "UPDATE sessions SET title = 'source too' WHERE id = ?", b)
     _source(path, "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", *c_row)
-    third = await sync(_settings(path, pg_dsn))
+    third = await sync(app_settings(path, pg_dsn))
     assert [(b, "changed_in_both")] == [(k, kind) for _t, k, kind in third.conflicts]
     assert 1 == third.tables["sessions"].inserted
     rows = await target_rows(pg_dsn, "sessions")
@@ -147,9 +134,8 @@ async def test_a_moved_row_keeps_the_ownership_of_its_pack(
 ) -> None:
     """A row whose rowid moved (VACUUM) is recorded again without rewriting it and stays
     flux-migrate's to update; the app's later change to one in PostgreSQL is the app's."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     gone = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 20").fetchone()[0]
     db.execute("DELETE FROM messages WHERE session_id = ?", (gone,))
@@ -160,16 +146,16 @@ async def test_a_moved_row_keeps_the_ownership_of_its_pack(
         r[0] for r in db.execute("SELECT id FROM sessions WHERE rowid IN (30, 31) ORDER BY rowid")
     ]
     db.close()
-    report = await sync(_settings(path, pg_dsn))
+    report = await sync(app_settings(path, pg_dsn))
     assert report.tables["sessions"].moved > 0
     assert 0 == report.tables["sessions"].updated
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
     conn = await asyncpg.connect(pg_dsn)
     await conn.execute("UPDATE sessions SET title = 'app wrote' WHERE id = $1", moved_id)
     await conn.close()
     for key in (moved_id, other_id):
         _source(path, "UPDATE sessions SET title = 'source wrote' WHERE id = ?", key)
-    later = await sync(_settings(path, pg_dsn))
+    later = await sync(app_settings(path, pg_dsn))
     assert [(moved_id, "changed_in_both")] == [(k, kind) for _t, k, kind in later.conflicts]
     assert 1 == later.tables["sessions"].updated  # the moved row only the source changed
     rows = await target_rows(pg_dsn, "sessions")
@@ -189,28 +175,27 @@ async def test_a_key_the_plan_never_saw_is_left_for_the_next_sync(
     from pipeline.sync import _apply
     from stages.extract import open_source
 
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     old = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 30").fetchone()[0]
     db.close()
     _source(path, "UPDATE sessions SET title = 'planned' WHERE id = ?", old)
-    plan = await sync(_settings(path, pg_dsn), dry_run=True)
+    plan = await sync(app_settings(path, pg_dsn), dry_run=True)
     assert 1 == len(plan.plans["sessions"].updates)
     new = "00000000-0000-4000-8000-000000000001"
     _source(path, "UPDATE sessions SET id = ? WHERE id = ?", new, old)  # after the plan
     _source(path, "UPDATE messages SET session_id = ? WHERE session_id = ?", new, old)
     plan.dry_run = False
-    settings = await resolve_run_mapping(_settings(path, pg_dsn), path)
+    settings = await resolve_run_mapping(app_settings(path, pg_dsn), path)
     async with open_source(path) as src:
         await _apply(src, Target(pg_dsn), settings, plan, settings.tables, StopFlag())
     assert 1 == plan.tables["sessions"].deferred
     assert (0, 0) == (plan.tables["sessions"].inserted, plan.tables["sessions"].updated)
     rows = await target_rows(pg_dsn, "sessions")
     assert old in rows and new not in rows
-    await sync(_settings(path, pg_dsn))
-    await _equal(path, pg_dsn)
+    await sync(app_settings(path, pg_dsn))
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 @pytest.mark.anyio
@@ -220,26 +205,25 @@ async def test_a_key_loaded_again_after_sync_deleted_it_is_followed_again(
     """Sync deletes a session; the app inserts it again and a `run` loads it; the app deletes
     it once more: the next sync deletes it too (the run's pack, not sync's older record of the
     deletion, says what flux-migrate wrote last)."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 40").fetchone()[0]
     row = db.execute("SELECT * FROM sessions WHERE id = ?", (key,)).fetchone()
     db.close()
     _source(path, "DELETE FROM messages WHERE session_id = ?", key)
     _source(path, "DELETE FROM sessions WHERE id = ?", key)
-    assert 1 == (await sync(_settings(path, pg_dsn))).tables["sessions"].deleted
+    assert 1 == (await sync(app_settings(path, pg_dsn))).tables["sessions"].deleted
     _source(path, "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", *row)
-    rerun = await migrate(_settings(path, pg_dsn))
+    rerun = await migrate(app_settings(path, pg_dsn))
     assert 1 == rerun.tables["sessions"].loaded
     assert key in await target_rows(pg_dsn, "sessions")
-    idle = await sync(_settings(path, pg_dsn))  # the older pack entry of the key stays hidden
+    idle = await sync(app_settings(path, pg_dsn))  # the older pack entry of the key stays hidden
     assert idle.idle, {n: (len(p.inserts), len(p.deletes)) for n, p in idle.plans.items()}
     _source(path, "DELETE FROM sessions WHERE id = ?", key)
-    again = await sync(_settings(path, pg_dsn))
+    again = await sync(app_settings(path, pg_dsn))
     assert (1, []) == (again.tables["sessions"].deleted, again.conflicts)
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 @pytest.mark.anyio
@@ -254,9 +238,8 @@ async def test_a_new_row_under_a_parent_deleted_in_postgres_is_a_conflict(
     from core.errors import EXIT_CONFLICTS
     from tests.support import cli
 
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 40").fetchone()[0]
     edited = db.execute("SELECT id FROM messages WHERE session_id = ? LIMIT 1", (key,)).fetchone()
@@ -291,8 +274,7 @@ async def test_a_table_with_digests_of_the_old_kind_is_refused_until_reloaded(
     `run --restart --yes` it syncs."""
     from tests.support import cli
 
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
+    path = app_copy(sample_db, tmp_path)
     args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
     assert 0 == cli("run", *args).returncode
     conn = await asyncpg.connect(pg_dsn)
@@ -322,16 +304,15 @@ async def test_a_key_stored_twice_leaves_no_phantom_delete(
     from core.digest import digests
     from pipeline.runner import resolve_run_mapping
 
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     db = sqlite3.connect(path)
     key = db.execute("SELECT id FROM sessions ORDER BY rowid LIMIT 1 OFFSET 50").fetchone()[0]
     row = db.execute("SELECT * FROM sessions WHERE id = ?", (key,)).fetchone()
     db.execute("DELETE FROM sessions WHERE id = ?", (key,))
     db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", row)  # a new, last rowid
     db.commit()
-    settings = await resolve_run_mapping(_settings(path, pg_dsn), path)
+    settings = await resolve_run_mapping(app_settings(path, pg_dsn), path)
     table = next(t for t in settings.tables if t.name == "sessions")
     db.text_factory = bytes
     cols = ", ".join(table.column_names)
@@ -344,8 +325,8 @@ async def test_a_key_stored_twice_leaves_no_phantom_delete(
         )
     finally:
         await conn.close()
-    plan = await sync(_settings(path, pg_dsn), dry_run=True)
+    plan = await sync(app_settings(path, pg_dsn), dry_run=True)
     assert ([], []) == (plan.plans["sessions"].deletes, plan.plans["sessions"].inserts)
-    report = await sync(_settings(path, pg_dsn))
+    report = await sync(app_settings(path, pg_dsn))
     assert report.idle and [] == report.conflicts
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)

@@ -5,7 +5,6 @@ stops, one more sync makes the target equal to the source (real PostgreSQL, real
 from __future__ import annotations
 
 import random
-import shutil
 import sqlite3
 import threading
 import uuid
@@ -17,22 +16,18 @@ import pytest
 from bench.writer import step
 from core.target import Target
 from pipeline.runner import migrate, resolve_run_mapping
-from pipeline.settings import Settings
 from pipeline.stop import StopFlag
 from pipeline.sync import _apply, sync
 from stages.extract import open_source
-from tests.support import cli, source_rows, target_rows
+from tests.support import (
+    app_copy,
+    app_settings,
+    assert_app_tables_equal,
+    cli,
+    target_rows,
+)
 
 NOW = "2026-01-02T03:04:05+00:00"
-
-
-def _settings(path: Path, dsn: str) -> Settings:
-    return Settings(sqlite_path=path, postgres_dsn=dsn)
-
-
-async def _equal(path: Path, dsn: str) -> None:
-    for table in ("sessions", "messages"):
-        assert source_rows(path, table) == await target_rows(dsn, table)
 
 
 @pytest.mark.anyio
@@ -42,9 +37,8 @@ async def test_a_child_of_a_parent_sync_did_not_plan_waits_for_the_next_sync(
     """The app inserts a session and its first message after sync planned sessions but
     before it planned messages: the message is counted as left over, nothing fails, and the
     next sync loads both."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
-    await migrate(_settings(path, pg_dsn))
+    path = app_copy(sample_db, tmp_path)
+    await migrate(app_settings(path, pg_dsn))
     session, message = str(uuid.uuid4()), str(uuid.uuid4())
     db = sqlite3.connect(path)
     db.execute(
@@ -57,18 +51,18 @@ async def test_a_child_of_a_parent_sync_did_not_plan_waits_for_the_next_sync(
     )
     db.commit()
     db.close()
-    report = await sync(_settings(path, pg_dsn), dry_run=True)
+    report = await sync(app_settings(path, pg_dsn), dry_run=True)
     assert 1 == len(report.plans["messages"].inserts)
     report.plans["sessions"].inserts.clear()  # as if sessions were planned before the insert
     report.dry_run = False
-    settings = await resolve_run_mapping(_settings(path, pg_dsn), path)
+    settings = await resolve_run_mapping(app_settings(path, pg_dsn), path)
     async with open_source(path) as src:
         await _apply(src, Target(pg_dsn), settings, report, settings.tables, StopFlag())
     assert (1, 0) == (report.tables["messages"].deferred, report.tables["messages"].inserted)
     assert message not in await target_rows(pg_dsn, "messages")
-    later = await sync(_settings(path, pg_dsn))
+    later = await sync(app_settings(path, pg_dsn))
     assert (1, 1) == (later.tables["sessions"].inserted, later.tables["messages"].inserted)
-    await _equal(path, pg_dsn)
+    await assert_app_tables_equal(path, pg_dsn)
 
 
 def test_syncs_while_the_app_writes_then_a_final_one(
@@ -77,8 +71,7 @@ def test_syncs_while_the_app_writes_then_a_final_one(
     """Three syncs while a writer inserts, appends, renames, edits and deletes as the app
     does, each exiting 0; after the writer stops, a last sync and verify leave nothing
     different."""
-    path = tmp_path / "app.sqlite"
-    shutil.copy(sample_db, path)
+    path = app_copy(sample_db, tmp_path)
     args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
     assert 0 == cli("run", *args).returncode
     stop, done = threading.Event(), Counter[str]()
