@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 SIZE ?= 100000
 REPEAT ?= 3
 KEEP ?=
-CODE := core pipeline stages memory tests bench
+CODE := flux_migrate pipeline stages tests bench
 
 .PHONY: help install demo test bench lint clean
 
@@ -37,7 +37,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check --quiet $(CODE)
-	$(BIN)/mypy core pipeline stages memory
+	$(BIN)/mypy flux_migrate
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache .hypothesis

@@ -30,8 +30,8 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import TABLES, TargetNames, constraints, create_table_sql
-from pipeline.sample import generate
+from flux_migrate.core.schema import TABLES, TargetNames, constraints, create_table_sql
+from flux_migrate.pipeline.sample import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -148,7 +148,7 @@ def flux_cmd(source: Path, dsn: str, *extra: str) -> list[str]:
     return [
         PY,
         "-m",
-        "pipeline",
+        "flux_migrate.pipeline",
         "run",
         "--sqlite-path",
         str(source),
@@ -274,7 +274,7 @@ def server(workdir: Path) -> tuple[str, Any]:
     dsn = os.environ.get("POSTGRES_DSN")
     if dsn:
         return dsn, None
-    from pipeline.embedded import dsn_for, start_server
+    from flux_migrate.pipeline.embedded import dsn_for, start_server
 
     srv = start_server(workdir / "pgdata", cleanup_mode="stop")
     return dsn_for(srv), srv

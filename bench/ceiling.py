@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from core.schema import TABLES, TargetNames, constraints, create_table_sql
+from flux_migrate.core.schema import TABLES, TargetNames, constraints, create_table_sql
 
 
 async def main(dsn: str, folder: str) -> None:

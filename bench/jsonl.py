@@ -51,10 +51,10 @@ def generate(path: Path, lines: int) -> int:
 CHILD = """
 import json, resource, sys, time, anyio
 from pathlib import Path
-from core.schema import TargetNames
-from pipeline.jsonl_run import JsonlFile, migrate_jsonl
-from pipeline.logs import configure
-from pipeline.settings import Settings
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.pipeline.jsonl_run import JsonlFile, migrate_jsonl
+from flux_migrate.pipeline.logs import configure
+from flux_migrate.pipeline.settings import Settings
 configure("json")
 import logging; logging.disable(logging.INFO)
 dsn, path, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
@@ -86,7 +86,7 @@ def main() -> int:
     dsn = os.environ.get("POSTGRES_DSN")
     if not dsn:
         sys.path.insert(0, str(ROOT))
-        from pipeline.embedded import dsn_for, start_server
+        from flux_migrate.pipeline.embedded import dsn_for, start_server
 
         server = start_server(args.workdir / "pgdata-jsonl", cleanup_mode="stop")
         dsn = dsn_for(server)

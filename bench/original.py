@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from core.schema import MESSAGES, SESSIONS, TargetNames, target_ddl
+from flux_migrate.core.schema import MESSAGES, SESSIONS, TargetNames, target_ddl
 
 
 def _ts(text: str) -> datetime:

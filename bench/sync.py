@@ -73,7 +73,7 @@ def sync_cmd(py: str, source: Path, dsn: str, *extra: str) -> list[str]:
     return [
         py,
         "-m",
-        "pipeline",
+        "flux_migrate.pipeline",
         "sync",
         "--sqlite-path",
         str(source),
@@ -98,7 +98,7 @@ def sync_figures(
         changes = app_changes(live)
         final = measure(sync_cmd(py, live, dsn))
         verified = subprocess.run(
-            [py, "-m", "pipeline", "verify", "--quick", "--sqlite-path", str(live)]
+            [py, "-m", "flux_migrate.pipeline", "verify", "--quick", "--sqlite-path", str(live)]
             + ["--postgres-dsn", dsn],
             capture_output=True,
             check=False,

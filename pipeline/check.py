@@ -18,12 +18,12 @@ from typing import Any
 
 import asyncpg
 
-from core.dsn import dsn_location, redact
-from core.errors import MigrateError
-from core.schema import TABLES, TargetNames
-from core.target import connect
-from memory import postgres as pg
-from memory.factory import pool_bounds
+from flux_migrate.core.dsn import dsn_location, redact
+from flux_migrate.core.errors import MigrateError
+from flux_migrate.core.schema import TABLES, TargetNames
+from flux_migrate.core.target import connect
+from flux_migrate.memory import postgres as pg
+from flux_migrate.memory.factory import pool_bounds
 
 LATENCY_SAMPLES = 5
 _PROBE_METADATA: dict[str, Any] = {
@@ -130,7 +130,7 @@ async def check(
     """Check the server the PostgreSQL memory would use; never raises for an unhealthy server.
 
     ``quick`` only connects (version and latency). Otherwise it also compares the target
-    tables with :mod:`core.schema`, opens a pool of ``pool_min``..``pool_max`` and runs the
+    tables with ``core.schema``, opens a pool of ``pool_min``..``pool_max`` and runs the
     CRUD round trip. Raises ConfigError for impossible pool sizes. Blocks up to ``timeout``
     seconds per connection attempt.
     """

@@ -15,19 +15,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import structlog
 
-from core import errors
-from core.dsn import redact
-from core.errors import ConfigError, Interrupted, MigrateError, single_error
-from core.mapping import Mapping, summary_lines
-from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
-from pipeline.logs import add_log_arguments, configure_for
-from pipeline.progress import Progress, progress_display
-from pipeline.report import RunReport, check_report_path, print_summary, print_table, printable
-from pipeline.settings import ON_CONFLICT, Settings, load_settings
-from pipeline.stop import StopFlag
+from flux_migrate.core import errors
+from flux_migrate.core.dsn import redact
+from flux_migrate.core.errors import ConfigError, Interrupted, MigrateError, single_error
+from flux_migrate.core.mapping import Mapping, summary_lines
+from flux_migrate.pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
+from flux_migrate.pipeline.logs import add_log_arguments, configure_for
+from flux_migrate.pipeline.progress import Progress, progress_display
+from flux_migrate.pipeline.report import (
+    RunReport,
+    check_report_path,
+    print_summary,
+    print_table,
+    printable,
+)
+from flux_migrate.pipeline.settings import ON_CONFLICT, Settings, load_settings
+from flux_migrate.pipeline.stop import StopFlag
 
 if TYPE_CHECKING:
-    from pipeline.data_dir import Database
+    from flux_migrate.pipeline.data_dir import Database
 
 T = TypeVar("T")
 
@@ -113,8 +119,8 @@ def _add_init(sub: Any) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """`init`: discover the source, print or write the mapping TOML with the reasons."""
-    from core.mapping import to_toml
-    from pipeline.mapping_source import resolve_mapping
+    from flux_migrate.core.mapping import to_toml
+    from flux_migrate.pipeline.mapping_source import resolve_mapping
 
     settings = load_settings(args.config, sqlite_path=args.sqlite_path)
     configure_for(args)
@@ -170,8 +176,8 @@ def _add_sync(sub: Any) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     """`sync`: catch the target up with the source; exit 0, 3 (rows quarantined) or 4
     (conflicts: rows changed in both, left as PostgreSQL has them)."""
-    from pipeline.data_dir import sync_all
-    from pipeline.sync_report import print_sync, sync_exit_code
+    from flux_migrate.pipeline.data_dir import sync_all
+    from flux_migrate.pipeline.sync_report import print_sync, sync_exit_code
 
     settings, databases = _sources(args, batch_size=args.batch_size)
     configure_for(args)
@@ -223,7 +229,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """--sqlite-path and --jsonl, completed from --data-dir where given (issue 12)."""
-    from pipeline.data_dir import scan_data_dir
+    from flux_migrate.pipeline.data_dir import scan_data_dir
 
     sqlite_path: Path | None = args.sqlite_path
     jsonl: list[Path] | None = getattr(args, "jsonl", None)
@@ -238,7 +244,7 @@ def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _sources(args: argparse.Namespace, **extra: Any) -> tuple[Settings, tuple[Database, ...]]:
     """The settings of the main migration and, with --data-dir, the directory's other SQLite
     files, each into the schema named after it; ConfigError when there is nothing to do."""
-    from pipeline.data_dir import has_main, other_databases, scan_data_dir
+    from flux_migrate.pipeline.data_dir import has_main, other_databases, scan_data_dir
 
     settings = _settings(args, **extra)
     data_dir: Path | None = getattr(args, "data_dir", None)
@@ -337,7 +343,7 @@ async def _migrate_until_signalled(
     """Run the migration (and those of --data-dir's other databases); a first SIGINT/SIGTERM
     stops it at the next batch boundary, a second one abandons the open batch. Raises
     MigrateError (Interrupted when stopped)."""
-    from pipeline.data_dir import migrate_all
+    from flux_migrate.pipeline.data_dir import migrate_all
 
     stop = StopFlag()
     failure: list[MigrateError] = []
@@ -395,7 +401,7 @@ def _print_outcome(report: RunReport, listing: str = "flux-migrate quarantine") 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     """`quarantine`: list the quarantined rows with their reasons."""
-    from pipeline.status import list_quarantine
+    from flux_migrate.pipeline.status import list_quarantine
 
     settings, databases = _sources(args)
     configure_for(args)
@@ -443,7 +449,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`status`: each table's checkpoint."""
-    from pipeline.status import status
+    from flux_migrate.pipeline.status import status
 
     settings, databases = _sources(args)
     configure_for(args)
@@ -474,11 +480,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """`verify`: compare every row (or, with --quick, counts and checksums); exit 1 on a
     mismatch."""
-    from pipeline.verify import verify_quick, verify_rows
+    from flux_migrate.pipeline.verify import verify_quick, verify_rows
 
     if args.api:
         return cmd_verify_api(args)
-    from pipeline.data_dir import verify_all, verify_all_quick
+    from flux_migrate.pipeline.data_dir import verify_all, verify_all_quick
 
     settings, databases = _sources(args)
     configure_for(args)
@@ -505,7 +511,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_jsonl(settings: Settings, show: int) -> list[Any]:
     """The full comparison of the JSONL files of the settings (none: an empty list)."""
-    from pipeline.jsonl_verify import verify_jsonl
+    from flux_migrate.pipeline.jsonl_verify import verify_jsonl
 
     if not settings.jsonl:
         return []
@@ -531,7 +537,7 @@ def _verdict(ok: bool) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import demo
+    from flux_migrate.pipeline.demo import demo
 
     fmt = configure_for(args)
     return demo(

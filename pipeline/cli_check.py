@@ -20,13 +20,13 @@ from typing import Any
 
 import anyio
 
-from core import errors
-from core.errors import ConfigError
-from memory.factory import MemorySettings, pool_bounds
-from pipeline.check import check
-from pipeline.logs import add_log_arguments, configure_for
-from pipeline.settings import Settings, load_settings, validate
-from pipeline.verify_api import compare_api
+from flux_migrate.core import errors
+from flux_migrate.core.errors import ConfigError
+from flux_migrate.memory.factory import MemorySettings, pool_bounds
+from flux_migrate.pipeline.check import check
+from flux_migrate.pipeline.logs import add_log_arguments, configure_for
+from flux_migrate.pipeline.settings import Settings, load_settings, validate
+from flux_migrate.pipeline.verify_api import compare_api
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.errors import ConfigError, Interrupted, MigrateError
-from core.schema import BOOKKEEPING_SCHEMA, TargetNames
-from pipeline.progress import NoProgress, Progress
-from pipeline.report import RunReport
-from pipeline.settings import Settings
-from pipeline.stop import StopFlag
-from pipeline.verify import QuickVerify, TableVerify
+from flux_migrate.core.errors import ConfigError, Interrupted, MigrateError
+from flux_migrate.core.schema import BOOKKEEPING_SCHEMA, TargetNames
+from flux_migrate.pipeline.progress import NoProgress, Progress
+from flux_migrate.pipeline.report import RunReport
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.verify import QuickVerify, TableVerify
 
 if TYPE_CHECKING:
-    from pipeline.sync import SyncReport
+    from flux_migrate.pipeline.sync import SyncReport
 
 MEMORY_DB = "memory.db"
 # A schema name usable unquoted: lower-case letters, digits and underscores, not a digit first.
@@ -139,7 +139,7 @@ async def migrate_all(
     is raised, naming its file. Interrupted (``stop`` set by a signal: at the next batch
     boundary) is raised at once, and no further database starts.
     """
-    from pipeline.runner import migrate
+    from flux_migrate.pipeline.runner import migrate
 
     progress = progress or NoProgress()
     stop = stop or StopFlag()
@@ -186,8 +186,8 @@ async def sync_all(
     schema (their tables named ``schema.table`` in the one report); then, unless ``dry_run``,
     catch up the JSONL files as `run` does (new lines loaded, rewritten files reconciled),
     returning that run's report too (None without JSONL files). Stops at the first failure."""
-    from pipeline.runner import migrate
-    from pipeline.sync import SyncReport, sync
+    from flux_migrate.pipeline.runner import migrate
+    from flux_migrate.pipeline.sync import SyncReport, sync
 
     report = SyncReport(run_id=uuid.uuid4().hex[:12], dry_run=dry_run)
     if main.sqlite_path is not None:
@@ -231,7 +231,7 @@ def _merge(report: RunReport, part: RunReport, schema: str) -> None:
 
 async def verify_all(databases: Sequence[Database], *, limit: int) -> list[TableVerify]:
     """The full comparison of every other database, its tables named ``schema.table``."""
-    from pipeline.verify import verify_rows
+    from flux_migrate.pipeline.verify import verify_rows
 
     out = []
     for db in databases:
@@ -243,7 +243,7 @@ async def verify_all(databases: Sequence[Database], *, limit: int) -> list[Table
 
 async def verify_all_quick(databases: Sequence[Database]) -> list[QuickVerify]:
     """Counts and checksums of every other database, its tables named ``schema.table``."""
-    from pipeline.verify import verify_quick
+    from flux_migrate.pipeline.verify import verify_quick
 
     out = []
     for db in databases:

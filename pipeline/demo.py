@@ -11,15 +11,15 @@ from pathlib import Path
 import anyio
 import asyncpg
 
-from core import errors
-from core.dsn import redact
-from core.schema import TargetNames
-from pipeline.progress import progress_display
-from pipeline.report import print_summary, print_table, printable
-from pipeline.runner import migrate
-from pipeline.sample import generate
-from pipeline.settings import load_settings
-from pipeline.verify import verify_rows
+from flux_migrate.core import errors
+from flux_migrate.core.dsn import redact
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.pipeline.progress import progress_display
+from flux_migrate.pipeline.report import print_summary, print_table, printable
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.sample import generate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import verify_rows
 
 
 def _say(text: str) -> None:
@@ -38,7 +38,7 @@ async def _recreate_database(admin_dsn: str, name: str) -> None:
 async def _read_back(dsn: str, names: TargetNames, sessions: int = 3) -> list[tuple[str, ...]]:
     """A few sessions and their first messages, read through the app's memory API on
     PostgreSQL: (title, role, when, message, metadata) each."""
-    from memory.postgres import PostgresMemory
+    from flux_migrate.memory.postgres import PostgresMemory
 
     rows: list[tuple[str, ...]] = []
     async with PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as mem:
@@ -120,7 +120,7 @@ def demo(
         names = TargetNames(schema="flux_demo")
         _say(f"Migrating into your PostgreSQL (POSTGRES_DSN), schema {names.schema}.")
     else:
-        from pipeline.embedded import dsn_for, start_server
+        from flux_migrate.pipeline.embedded import dsn_for, start_server
 
         _say(
             "No POSTGRES_DSN set: starting a throwaway PostgreSQL"
@@ -155,7 +155,7 @@ def demo(
         if server is not None and not keep_server:
             server.cleanup()
     if server is not None and keep_server:
-        from pipeline.embedded import psql_path
+        from flux_migrate.pipeline.embedded import psql_path
 
         _say(f"\nThe server keeps running. Connect with:\n  {psql_path()} '{dsn}'")
         stop = (

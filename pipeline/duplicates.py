@@ -19,22 +19,22 @@ import asyncpg
 import orjson
 import structlog
 
-from core import bookkeeping as ckpt
-from core.catalog import existing_constraint_names
-from core.errors import RuntimeFailure, constraint_failure, is_unique_violation
-from core.schema import (
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.catalog import existing_constraint_names
+from flux_migrate.core.errors import RuntimeFailure, constraint_failure, is_unique_violation
+from flux_migrate.core.schema import (
     Kind,
     Table,
     constraints,
     quote_ident,
 )
-from core.target import Target
-from pipeline.report import RunReport
-from pipeline.settings import Settings
-from stages.batch import Batch
-from stages.convert import raw_to_json
-from stages.extract import select_sql
-from stages.transform import key_of, transform_batch
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.report import RunReport
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.convert import raw_to_json
+from flux_migrate.stages.extract import select_sql
+from flux_migrate.stages.transform import key_of, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 KEYS_PER_QUERY = 500  # host parameters per SQLite query, below every SQLite's limit

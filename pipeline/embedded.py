@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError
+from flux_migrate.core.errors import ConfigError
 
 
 def start_server(pgdata: Path, *, cleanup_mode: str | None = "stop") -> Any:

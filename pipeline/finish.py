@@ -8,10 +8,10 @@ import contextlib
 import anyio
 import asyncpg
 
-from core import bookkeeping as ckpt
-from core.errors import RuntimeFailure, is_driver_error, is_lost_connection
-from pipeline.report import RunReport
-from pipeline.settings import Settings
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.errors import RuntimeFailure, is_driver_error, is_lost_connection
+from flux_migrate.pipeline.report import RunReport
+from flux_migrate.pipeline.settings import Settings
 
 
 async def make_durable(lock: asyncpg.Connection, dsn: str, schema: str) -> None:

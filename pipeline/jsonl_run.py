@@ -22,14 +22,14 @@ import anyio
 import asyncpg
 import structlog
 
-from core import bookkeeping as ckpt
-from core.errors import (
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.errors import (
     ConfigError,
     RuntimeFailure,
     TargetError,
     single_error,
 )
-from core.jsonl_bookkeeping import (
+from flux_migrate.core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
     JsonlMeta,
     begin_reconcile,
@@ -39,23 +39,23 @@ from core.jsonl_bookkeeping import (
     is_jsonl_fingerprint,
     read_jsonl_columns,
 )
-from core.jsonl_schema import (
+from flux_migrate.core.jsonl_schema import (
     JSONL_PROFILE,
     KIND_OF_PG_TYPE,
     JsonlFile,
     create_jsonl_table_sql,
     profile_for,
 )
-from core.schema import Column, Table, qualified, quote_ident
-from core.target import Target, connect
-from pipeline.finish import make_durable
-from pipeline.preflight import take_migration_lock
-from pipeline.progress import NoProgress, Progress
-from pipeline.report import RunReport, TableReport, record_completion, record_failure
-from pipeline.settings import Settings
-from pipeline.stop import StopFlag
-from stages.convert import Rejected
-from stages.jsonl import (
+from flux_migrate.core.schema import Column, Table, qualified, quote_ident
+from flux_migrate.core.target import Target, connect
+from flux_migrate.pipeline.finish import make_durable
+from flux_migrate.pipeline.preflight import take_migration_lock
+from flux_migrate.pipeline.progress import NoProgress, Progress
+from flux_migrate.pipeline.report import RunReport, TableReport, record_completion, record_failure
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.stages.convert import Rejected
+from flux_migrate.stages.jsonl import (
     ConvertedBatch,
     count_lines,
     extract_jsonl,
@@ -66,8 +66,8 @@ from stages.jsonl import (
     read_complete_lines,
     transform_jsonl,
 )
-from stages.jsonl_load import JsonlBatchResult, JsonlLoadContext, load_jsonl
-from stages.load import CheckpointRewound
+from flux_migrate.stages.jsonl_load import JsonlBatchResult, JsonlLoadContext, load_jsonl
+from flux_migrate.stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 QUARANTINE_LOG_LIMIT = 50

@@ -14,16 +14,16 @@ import anyio
 import asyncpg
 import orjson
 
-from core import bookkeeping as ckpt
-from core.jsonl_bookkeeping import JsonlMeta, read_jsonl_columns
-from core.jsonl_schema import JsonlFile
-from core.schema import Kind, Table, qualified, quote_ident
-from core.target import connect
-from pipeline.jsonl_run import table_from_catalog
-from pipeline.settings import Settings
-from pipeline.verify import TableVerify
-from stages.batch import Batch
-from stages.jsonl import convert_jsonl_batch, file_size, read_complete_lines
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, read_jsonl_columns
+from flux_migrate.core.jsonl_schema import JsonlFile
+from flux_migrate.core.schema import Kind, Table, qualified, quote_ident
+from flux_migrate.core.target import connect
+from flux_migrate.pipeline.jsonl_run import table_from_catalog
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.verify import TableVerify
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.jsonl import convert_jsonl_batch, file_size, read_complete_lines
 
 LINES_PER_READ = 10_000
 

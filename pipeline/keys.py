@@ -6,12 +6,12 @@ import time
 
 import structlog
 
-from core import bookkeeping
-from core.catalog import existing_constraint_names
-from core.errors import already_exists, constraint_failure
-from core.schema import Constraint, Table, TargetNames, constraints
-from core.target import Target
-from pipeline.stop import StopFlag
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.catalog import existing_constraint_names
+from flux_migrate.core.errors import already_exists, constraint_failure
+from flux_migrate.core.schema import Constraint, Table, TargetNames, constraints
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.stop import StopFlag
 
 log = structlog.get_logger("flux_migrate")
 

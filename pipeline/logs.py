@@ -12,7 +12,7 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
-from core.dsn import redact
+from flux_migrate.core.dsn import redact
 
 # Writes to whatever sys.stderr is at the time of each write (rich looks it up per call).
 _CONSOLE = Console(stderr=True, soft_wrap=True, highlight=False)

@@ -11,10 +11,17 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from core.discover import SourceSchema, discover, sample_values
-from core.errors import SourceError, source_error
-from core.mapping import SAMPLE_SIZE, Evidence, Mapping, evidence_of, map_schema, unplaced
-from stages.extract import require_source_file, source_uri
+from flux_migrate.core.discover import SourceSchema, discover, sample_values
+from flux_migrate.core.errors import SourceError, source_error
+from flux_migrate.core.mapping import (
+    SAMPLE_SIZE,
+    Evidence,
+    Mapping,
+    evidence_of,
+    map_schema,
+    unplaced,
+)
+from flux_migrate.stages.extract import require_source_file, source_uri
 
 
 def read_source(

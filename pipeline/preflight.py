@@ -10,15 +10,21 @@ import aiosqlite
 import asyncpg
 import structlog
 
-from core import bookkeeping as ckpt
-from core.catalog import MIGRATION_LOCK_KEY, table_exists
-from core.errors import TargetError
-from core.jsonl_bookkeeping import clear_jsonl_tables, is_jsonl_fingerprint
-from core.schema import Table, add_column_sql, constraints, create_table_sql, quote_ident
-from core.target import Target
-from pipeline.resume_point import same_source
-from pipeline.settings import Settings, zone_name
-from pipeline.target_columns import check_target_columns
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.catalog import MIGRATION_LOCK_KEY, table_exists
+from flux_migrate.core.errors import TargetError
+from flux_migrate.core.jsonl_bookkeeping import clear_jsonl_tables, is_jsonl_fingerprint
+from flux_migrate.core.schema import (
+    Table,
+    add_column_sql,
+    constraints,
+    create_table_sql,
+    quote_ident,
+)
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.resume_point import same_source
+from flux_migrate.pipeline.settings import Settings, zone_name
+from flux_migrate.pipeline.target_columns import check_target_columns
 
 log = structlog.get_logger("flux_migrate")
 

@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
-from pipeline.logs import console
+from flux_migrate.pipeline.logs import console
 
 
 class Progress(Protocol):

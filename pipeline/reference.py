@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from core.schema import Column, Kind, Table, quote_ident
+from flux_migrate.core.schema import Column, Kind, Table, quote_ident
 
 Reader = Callable[[Any], Any]
 

@@ -15,7 +15,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from core.errors import ConfigError, Interrupted, MigrateError, is_driver_error, translate
+from flux_migrate.core.errors import (
+    ConfigError,
+    Interrupted,
+    MigrateError,
+    is_driver_error,
+    translate,
+)
 
 
 def printable(value: object) -> str:

@@ -10,14 +10,14 @@ import aiosqlite
 import asyncpg
 import structlog
 
-from core import bookkeeping
-from core.schema import Table, quote_ident
-from core.target import Target
-from pipeline.settings import Settings
-from stages.batch import Batch
-from stages.extract import fetch_rows, select_sql, variable_limit
-from stages.load import LoadContext, copy_isolating
-from stages.transform import row_key, transform_batch
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract import fetch_rows, select_sql, variable_limit
+from flux_migrate.stages.load import LoadContext, copy_isolating
+from flux_migrate.stages.transform import row_key, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 CHUNK = 1000  # quarantined rows retried per transaction

@@ -16,12 +16,12 @@ import aiosqlite
 import asyncpg
 import structlog
 
-from core import bookkeeping as ckpt
-from core.errors import TargetError
-from core.schema import Table, TargetNames, quote_ident
-from core.source import sample_matches
-from core.target import Target
-from stages.transform import key_sql, row_key
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.errors import TargetError
+from flux_migrate.core.schema import Table, TargetNames, quote_ident
+from flux_migrate.core.source import sample_matches
+from flux_migrate.core.target import Target
+from flux_migrate.stages.transform import key_sql, row_key
 
 SCAN_CHUNK = 500
 log = structlog.get_logger("flux_migrate")

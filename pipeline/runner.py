@@ -22,33 +22,33 @@ import aiosqlite
 import anyio
 import structlog
 
-from core import bookkeeping as ckpt
-from core.mapping import Mapping
-from core.schema import Table
-from core.source import check_source, count_between, source_snapshot
-from core.target import Target, connect
-from pipeline.duplicates import build_primary_keys
-from pipeline.finish import check_accounting, make_durable
-from pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
-from pipeline.keys import build_constraints
-from pipeline.mapping_source import resolve_mapping
-from pipeline.preflight import (
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.mapping import Mapping
+from flux_migrate.core.schema import Table
+from flux_migrate.core.source import check_source, count_between, source_snapshot
+from flux_migrate.core.target import Target, connect
+from flux_migrate.pipeline.duplicates import build_primary_keys
+from flux_migrate.pipeline.finish import check_accounting, make_durable
+from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
+from flux_migrate.pipeline.keys import build_constraints
+from flux_migrate.pipeline.mapping_source import resolve_mapping
+from flux_migrate.pipeline.preflight import (
     check_fingerprint,
     clear_target,
     prepare_target,
     settings_fingerprint,
     take_migration_lock,
 )
-from pipeline.progress import NoProgress, Progress
-from pipeline.report import RunReport, TableReport, record_completion, record_failure
-from pipeline.requeue import requeue
-from pipeline.resume_point import resume_point
-from pipeline.settings import Settings
-from pipeline.stop import StopFlag
-from pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
-from stages.extract import count_after_key, open_source
-from stages.load import CheckpointRewound, LoadContext
-from stages.transform import parent_key_entry, transform_batch
+from flux_migrate.pipeline.progress import NoProgress, Progress
+from flux_migrate.pipeline.report import RunReport, TableReport, record_completion, record_failure
+from flux_migrate.pipeline.requeue import requeue
+from flux_migrate.pipeline.resume_point import resume_point
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
+from flux_migrate.stages.extract import count_after_key, open_source
+from flux_migrate.stages.load import CheckpointRewound, LoadContext
+from flux_migrate.stages.transform import parent_key_entry, transform_batch
 
 __all__ = [
     "QUARANTINE_LOG_LIMIT",

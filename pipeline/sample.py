@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.schema import SQLITE_DDL
+from flux_migrate.core.schema import SQLITE_DDL
 
 _WORDS = [
     "the",

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from core.dsn import normalize_dsn
-from core.errors import ConfigError
-from core.jsonl_schema import JsonlFile
-from core.mapping import Mapping, MappingError, read_mapping
-from core.schema import TABLES, Table, TargetNames
+from flux_migrate.core.dsn import normalize_dsn
+from flux_migrate.core.errors import ConfigError
+from flux_migrate.core.jsonl_schema import JsonlFile
+from flux_migrate.core.mapping import Mapping, MappingError, read_mapping
+from flux_migrate.core.schema import TABLES, Table, TargetNames
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 # 10k rows per batch: not the fastest measured (50k was about 5% faster) but within 5% of it

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from core import bookkeeping as ckpt
-from core.jsonl_bookkeeping import is_jsonl_fingerprint
-from core.target import connect
-from pipeline.settings import Settings
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.jsonl_bookkeeping import is_jsonl_fingerprint
+from flux_migrate.core.target import connect
+from flux_migrate.pipeline.settings import Settings
 
 
 async def status(settings: Settings) -> list[ckpt.Checkpoint]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from core.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
+from flux_migrate.core.errors import EXIT_SIGINT, EXIT_SIGTERM, Interrupted
 
 
 class StopFlag:

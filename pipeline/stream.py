@@ -11,14 +11,14 @@ import anyio
 import structlog
 from anyio.abc import ObjectSendStream
 
-from core.errors import single_error
-from core.target import Target
-from pipeline.progress import Progress
-from pipeline.settings import Settings
-from stages.batch import Batch
-from stages.extract import extract
-from stages.load import BatchResult, LoadContext, load
-from stages.transform import transform
+from flux_migrate.core.errors import single_error
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.progress import Progress
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract import extract
+from flux_migrate.stages.load import BatchResult, LoadContext, load
+from flux_migrate.stages.transform import transform
 
 log = structlog.get_logger("flux_migrate")
 

@@ -18,19 +18,23 @@ from dataclasses import dataclass, field
 import aiosqlite
 import structlog
 
-from core import bookkeeping as ckpt
-from core.digest import key_position
-from core.errors import TargetError
-from core.schema import Kind, Table
-from core.source import check_source, source_snapshot
-from core.target import Target
-from pipeline.preflight import check_fingerprint
-from pipeline.runner import holding_migration_lock, quarantined_parents, resolve_run_mapping
-from pipeline.settings import Settings
-from pipeline.stop import StopFlag
-from pipeline.sync_apply import Applier, TableSync
-from pipeline.sync_plan import TablePlan, plan_table
-from stages.extract import open_source
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.digest import key_position
+from flux_migrate.core.errors import TargetError
+from flux_migrate.core.schema import Kind, Table
+from flux_migrate.core.source import check_source, source_snapshot
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.preflight import check_fingerprint
+from flux_migrate.pipeline.runner import (
+    holding_migration_lock,
+    quarantined_parents,
+    resolve_run_mapping,
+)
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.sync_apply import Applier, TableSync
+from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
+from flux_migrate.stages.extract import open_source
 
 log = structlog.get_logger("flux_migrate")
 

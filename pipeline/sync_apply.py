@@ -21,16 +21,16 @@ import aiosqlite
 import asyncpg
 import structlog
 
-from core import bookkeeping
-from core.digest import digests, key_position
-from core.schema import Kind, Table, TargetNames, quote_ident
-from core.target import Target
-from pipeline.requeue import read_rowids
-from pipeline.settings import Settings
-from pipeline.sync_plan import Stored, TablePlan, source_rowids
-from stages.batch import Batch
-from stages.load import LoadContext, quarantine_records
-from stages.transform import key_of, transform_batch
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.digest import digests, key_position
+from flux_migrate.core.schema import Kind, Table, TargetNames, quote_ident
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.requeue import read_rowids
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.sync_plan import Stored, TablePlan, source_rowids
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.load import LoadContext, quarantine_records
+from flux_migrate.stages.transform import key_of, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 

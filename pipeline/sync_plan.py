@@ -29,12 +29,12 @@ from pathlib import Path
 import aiosqlite
 import asyncpg
 
-from core import bookkeeping
-from core.digest import digests, key_position
-from core.schema import Table, quote_ident
-from core.target import Target
-from stages.extract import fetch_rows, source_uri, variable_limit
-from stages.transform import key_of
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.digest import digests, key_position
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.core.target import Target
+from flux_migrate.stages.extract import fetch_rows, source_uri, variable_limit
+from flux_migrate.stages.transform import key_of
 
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
 WORKERS = 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from core import errors
-from pipeline.report import print_table, printable
-from pipeline.sync import SyncReport
+from flux_migrate.core import errors
+from flux_migrate.pipeline.report import print_table, printable
+from flux_migrate.pipeline.sync import SyncReport
 
 
 def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from core.errors import TargetError
-from core.schema import Table, TargetNames, holds_losslessly
+from flux_migrate.core.errors import TargetError
+from flux_migrate.core.schema import Table, TargetNames, holds_losslessly
 
 COLUMNS_SQL = (
     "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,"

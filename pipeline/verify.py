@@ -17,16 +17,16 @@ import aiosqlite
 import anyio
 import asyncpg
 
-from core import bookkeeping as ckpt
-from core.catalog import table_exists
-from core.schema import Kind, Table, quote_ident
-from core.source import check_source
-from core.target import connect
-from pipeline import reference as ref
-from pipeline import verify_generic as generic
-from pipeline.mapping_source import resolve_mapping
-from pipeline.settings import Settings
-from stages.extract import fetch_rows, open_source
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.catalog import table_exists
+from flux_migrate.core.schema import Kind, Table, quote_ident
+from flux_migrate.core.source import check_source
+from flux_migrate.core.target import connect
+from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline import verify_generic as generic
+from flux_migrate.pipeline.mapping_source import resolve_mapping
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.extract import fetch_rows, open_source
 
 PAGE = 5000  # rows per source query and per target cursor fetch
 NULL_MARK = "\x01NULL"

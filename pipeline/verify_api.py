@@ -18,15 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core import bookkeeping
-from core.errors import ConfigError
-from core.schema import TargetNames
-from core.source import check_source
-from core.target import connect
-from memory.base import Memory
-from memory.postgres import PostgresMemory
-from memory.sqlite import SQLiteMemory
-from stages.extract import open_source
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.errors import ConfigError
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.core.source import check_source
+from flux_migrate.core.target import connect
+from flux_migrate.memory.base import Memory
+from flux_migrate.memory.postgres import PostgresMemory
+from flux_migrate.memory.sqlite import SQLiteMemory
+from flux_migrate.stages.extract import open_source
 
 _COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")
 _COMPARED_MESSAGE_FIELDS = ("id", "role", "content", "metadata", "created_at")

@@ -12,12 +12,12 @@ from typing import Any
 import aiosqlite
 import asyncpg
 
-from core.catalog import table_exists
-from core.schema import Kind, Table, quote_ident
-from pipeline import reference as ref
-from pipeline.settings import Settings
-from stages.extract import fetch_rows, key_pages, key_types_sql
-from stages.transform import row_key
+from flux_migrate.core.catalog import table_exists
+from flux_migrate.core.schema import Kind, Table, quote_ident
+from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.extract import fetch_rows, key_pages, key_types_sql
+from flux_migrate.stages.transform import row_key
 
 PAGE = 5000
 

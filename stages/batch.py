@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.convert import Raw
+from flux_migrate.stages.convert import Raw
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from core.schema import KEY_MAX_LENGTH, Column, Kind
+from flux_migrate.core.schema import KEY_MAX_LENGTH, Column, Kind
 
 # Stable reason codes, documented in the README. Never rename one; add new ones at the end.
 REASONS: dict[str, str] = {

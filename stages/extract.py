@@ -13,10 +13,10 @@ from urllib.parse import quote
 import aiosqlite
 import anyio
 
-from core.errors import RuntimeFailure, SourceError
-from core.schema import ForeignKey, Table, quote_ident
-from stages.batch import Batch
-from stages.transform import row_key
+from flux_migrate.core.errors import RuntimeFailure, SourceError
+from flux_migrate.core.schema import ForeignKey, Table, quote_ident
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.transform import row_key
 
 
 def source_uri(path: Path) -> str:

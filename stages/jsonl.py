@@ -27,11 +27,11 @@ from typing import Any
 import anyio
 import orjson
 
-from core.errors import SourceError
-from core.jsonl_schema import JSONL_PG_TYPES
-from core.schema import NAME_MAX_BYTES, Column, Kind, Table
-from stages.batch import Batch, Reject
-from stages.convert import Rejected, decode_text, parse_timestamp
+from flux_migrate.core.errors import SourceError
+from flux_migrate.core.jsonl_schema import JSONL_PG_TYPES
+from flux_migrate.core.schema import NAME_MAX_BYTES, Column, Kind, Table
+from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.convert import Rejected, decode_text, parse_timestamp
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # a batch also ends after this many bytes of lines
 _READ_CHUNK = 1024 * 1024

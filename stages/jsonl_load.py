@@ -18,16 +18,16 @@ import asyncpg
 import orjson
 import structlog
 
-from core import bookkeeping as ckpt
-from core.errors import ErrorClass, RuntimeFailure, classify
-from core.jsonl_bookkeeping import mark_seen, seen_before
-from core.jsonl_schema import add_column_sql
-from core.schema import Column, qualified, quote_ident
-from core.target import Target
-from stages.batch import Batch, Reject
-from stages.convert import raw_value_to_json
-from stages.jsonl import ConvertedBatch
-from stages.load import CheckpointRewound
+from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
+from flux_migrate.core.jsonl_bookkeeping import mark_seen, seen_before
+from flux_migrate.core.jsonl_schema import add_column_sql
+from flux_migrate.core.schema import Column, qualified, quote_ident
+from flux_migrate.core.target import Target
+from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.convert import raw_value_to_json
+from flux_migrate.stages.jsonl import ConvertedBatch
+from flux_migrate.stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 

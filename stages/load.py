@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 import orjson
 
-from core import bookkeeping
-from core.digest import digests, key_position
-from core.errors import ErrorClass, RuntimeFailure, classify
-from core.schema import Table, TargetNames, quote_ident
-from core.target import Target
-from stages.batch import Batch, Reject
-from stages.convert import raw_to_json
-from stages.transform import key_of, key_sql, row_key
+from flux_migrate.core import bookkeeping
+from flux_migrate.core.digest import digests, key_position
+from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
+from flux_migrate.core.schema import Table, TargetNames, quote_ident
+from flux_migrate.core.target import Target
+from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.convert import raw_to_json
+from flux_migrate.stages.transform import key_of, key_sql, row_key
 
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
 

@@ -11,11 +11,11 @@ from datetime import UTC, tzinfo
 
 import anyio
 
-from core.digest import digests
-from core.schema import Table, quote_ident
-from stages.batch import Batch, Reject
-from stages.convert import Raw, Rejected
-from stages.values import row_converter
+from flux_migrate.core.digest import digests
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.convert import Raw, Rejected
+from flux_migrate.stages.values import row_converter
 
 
 def key_of(raw_id: Raw) -> str | None:

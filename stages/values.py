@@ -17,8 +17,14 @@ from typing import Any
 
 import orjson
 
-from core.schema import Column, Kind, Table
-from stages.convert import Raw, Rejected, column_converter, decode_text, parse_timestamp
+from flux_migrate.core.schema import Column, Kind, Table
+from flux_migrate.stages.convert import (
+    Raw,
+    Rejected,
+    column_converter,
+    decode_text,
+    parse_timestamp,
+)
 
 Converter = Callable[[Raw], Any]
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from pipeline.sample import generate
+from flux_migrate.pipeline.sample import generate
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def pg_server_dsn() -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from pipeline.embedded import dsn_for, start_server
+    from flux_migrate.pipeline.embedded import dsn_for, start_server
 
     workdir = Path(tempfile.mkdtemp(prefix="flux-test-pg-"))
     server = start_server(workdir / "pgdata", cleanup_mode="delete")

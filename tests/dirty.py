@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.schema import SQLITE_DDL
+from flux_migrate.core.schema import SQLITE_DDL
 
 GOOD_TS = "2026-11-26T14:14:34.123456+00:00"
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import TABLES, TargetNames
-from pipeline.settings import Settings
-from stages.extract import source_uri
+from flux_migrate.core.schema import TABLES, TargetNames
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.extract import source_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def cli(
     full_env = {**os.environ, **(env or {})}
     full_env.pop("POSTGRES_DSN", None) if env is None or "POSTGRES_DSN" not in env else None
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "flux_migrate.pipeline", *args],
         cwd=ROOT,
         env=full_env,
         check=False,
@@ -100,7 +100,7 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
     """Start `python -m pipeline ARGS` with JSON logs on stderr, for tests that kill it."""
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_DSN"}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "flux_migrate.pipeline", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

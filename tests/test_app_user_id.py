@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.schema import SQLITE_DDL
-from memory.postgres import PostgresMemory
+from flux_migrate.core.schema import SQLITE_DDL
+from flux_migrate.memory.postgres import PostgresMemory
 from tests.support import cli, fetchval
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages.convert import (
+from flux_migrate.stages.convert import (
     REASONS,
     Rejected,
     convert_key,

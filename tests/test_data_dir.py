@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sample import generate
+from flux_migrate.pipeline.sample import generate
 from tests.generic_db import VARIED_TABLES, compare_table, varied_db
 from tests.support import cli, fetchval, source_rows, start_cli, target_rows
 from tests.test_jsonl import correction, feedback_record, line

@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from core.discover import discover, sample_values
-from core.mapping import (
+from flux_migrate.core.discover import discover, sample_values
+from flux_migrate.core.mapping import (
     SAMPLE_SIZE,
     evidence_of,
     map_schema,
@@ -16,7 +16,7 @@ from core.mapping import (
     to_toml,
     unplaced,
 )
-from core.schema import Kind
+from flux_migrate.core.schema import Kind
 
 # The app's database as its code creates it today, and as releases before user_id did.
 APP_TODAY = """

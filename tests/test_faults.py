@@ -14,10 +14,10 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from core.catalog import MIGRATION_LOCK_KEY
-from core.errors import RuntimeFailure
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
+from flux_migrate.core.catalog import MIGRATION_LOCK_KEY
+from flux_migrate.core.errors import RuntimeFailure
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
 from tests.proxy import FlakyProxy
 from tests.support import (
     cli,
@@ -236,9 +236,9 @@ async def test_a_lost_commit_reply_is_accounted_once(
 ) -> None:
     """When a batch commits but its reply is lost, the retry finds it committed, loads nothing
     twice, and the run's accounting still adds up."""
-    import stages.load
+    import flux_migrate.stages.load
 
-    real = stages.load.commit_batch
+    real = flux_migrate.stages.load.commit_batch
     calls = {"n": 0}
 
     async def commit_then_lose_reply(conn: Any, ctx: Any, batch: Any, *, isolate: bool) -> Any:
@@ -248,7 +248,7 @@ async def test_a_lost_commit_reply_is_accounted_once(
             raise ConnectionResetError("reply lost after commit")
         return result
 
-    monkeypatch.setattr(stages.load, "commit_batch", commit_then_lose_reply)
+    monkeypatch.setattr(flux_migrate.stages.load, "commit_batch", commit_then_lose_reply)
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
     with capture_logs() as logs:
         report = await migrate(settings)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.mapping_source import resolve_mapping
-from stages.extract import extract, open_source
+from flux_migrate.pipeline.mapping_source import resolve_mapping
+from flux_migrate.stages.extract import extract, open_source
 from tests.generic_db import VARIED_TABLES, compare_table, varied_db
 from tests.support import cli, fetchval
 

@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 import structlog
 
-from core.schema import TargetNames
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from pipeline.verify import verify_quick, verify_rows
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from tests.dirty import app_db
 
 pytestmark = pytest.mark.anyio
@@ -88,7 +88,7 @@ async def test_instants_at_the_calendars_edges_load_as_themselves_or_are_quarant
 
 def test_rounding_matches_postgresql_for_long_fractions() -> None:
     """More than six fraction digits round to the microsecond exactly as PostgreSQL does."""
-    from stages.convert import parse_timestamp
+    from flux_migrate.stages.convert import parse_timestamp
 
     texts = [b".0000015Z", b".00000050001Z", b".99999999Z", b".0000025+00:00"]
     expected = [
@@ -148,7 +148,7 @@ def test_config_values_of_the_wrong_type_exit_2_with_one_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, message: str
 ) -> None:
     """A config value of the wrong type or out of range exits 2 with one sentence naming it."""
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     config = tmp_path / "bad.toml"
     config.write_text(toml, encoding="utf-8")
@@ -174,7 +174,7 @@ def test_out_of_range_arguments_exit_2_with_a_sentence(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     """Absurd numbers and a directory as --config exit 2 with a sentence, not an internal error."""
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     argv += ["--sqlite-path", str(tmp_path / "x.sqlite"), "--postgres-dsn", "postgresql://h/db"]
@@ -208,7 +208,7 @@ SECRET_DSNS = [
 def test_redact_and_location_parse_every_dsn_form() -> None:
     """Redaction and the location shown for a DSN remove the password from every form by
     parsing it, without having been told the password."""
-    from core.dsn import dsn_location, redact
+    from flux_migrate.core.dsn import dsn_location, redact
 
     texts = [f"error at {dsn}: refused" for dsn in SECRET_DSNS]
     shown = [redact(t) for t in texts] + [dsn_location(d) for d in SECRET_DSNS]
@@ -233,7 +233,7 @@ def test_no_command_prints_a_password_in_any_channel(
     """Every DSN form through run, check, verify, status and quarantine: the password never
     appears on stdout, stderr, the JSON log or the --report-json file, and a key=value DSN
     connects."""
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     report = tmp_path / "report.json"
     live = _keyword_dsn(pg_dsn, "S3crt L")
@@ -287,7 +287,7 @@ def test_a_directory_as_sqlite_path_says_it_is_a_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A directory given as --sqlite-path exits 2 saying it is a directory."""
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     code = main(["run", "--sqlite-path", str(tmp_path), "--postgres-dsn", "postgresql://h:9/x"])
     err = capsys.readouterr().err
@@ -310,9 +310,9 @@ async def test_target_names_up_to_63_bytes_work_everywhere(
 ) -> None:
     """Tables named with 58 to 63 bytes get keys whose names fit: run, check, the PostgreSQL
     memory, and a resume with keys pending all work and agree on them."""
-    from core.schema import constraints
-    from memory.postgres import PostgresMemory
-    from pipeline.check import check
+    from flux_migrate.core.schema import constraints
+    from flux_migrate.memory.postgres import PostgresMemory
+    from flux_migrate.pipeline.check import check
 
     names = TargetNames(
         schema="long", sessions="s" * (length - 2) + "é", messages="m" * (length - 3) + "東"
@@ -443,7 +443,7 @@ async def test_quarantine_listing_escapes_control_characters(
     the cursor, colour the terminal or forge a line."""
     import anyio
 
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     key = "k\x1b[2J\r\nflux-migrate: ok\u202e"
     db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
@@ -466,7 +466,7 @@ async def test_an_unwritable_report_path_is_refused_before_migrating(
     """A --report-json path that cannot be written exits 2 before anything is migrated."""
     import anyio
 
-    from pipeline.cli import main
+    from flux_migrate.pipeline.cli import main
 
     argv = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn]
     missing = [*argv, "--report-json", str(tmp_path / "no" / "such" / "dir" / "r.json")]

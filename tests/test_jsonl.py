@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core.schema import Column, Kind
-from pipeline.jsonl_run import JsonlFile, JsonlOutcome, migrate_jsonl
-from pipeline.report import RunReport
-from pipeline.settings import Settings
-from stages.convert import Rejected
-from stages.jsonl import json_converter, parse_line
+from flux_migrate.core.schema import Column, Kind
+from flux_migrate.pipeline.jsonl_run import JsonlFile, JsonlOutcome, migrate_jsonl
+from flux_migrate.pipeline.report import RunReport
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.stages.convert import Rejected
+from flux_migrate.stages.jsonl import json_converter, parse_line
 from tests.support import fetchval
 
 LINE_CASES = [

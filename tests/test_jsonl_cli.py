@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sample import generate
+from flux_migrate.pipeline.sample import generate
 from tests.support import cli, fetchval, kill_after, start_cli
 from tests.test_jsonl import correction, feedback_record, line
 

@@ -10,9 +10,9 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.schema import TargetNames
-from pipeline.jsonl_run import JsonlFile, migrate_jsonl
-from pipeline.settings import Settings
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.pipeline.jsonl_run import JsonlFile, migrate_jsonl
+from flux_migrate.pipeline.settings import Settings
 from tests.test_jsonl import feedback_record, line
 
 BAD_LINES = (

@@ -10,8 +10,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipeline.settings import load_settings
-from pipeline.verify import verify_rows
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import verify_rows
 from tests.conftest import _admin, with_database
 from tests.dirty import app_db
 from tests.support import cli

@@ -1,6 +1,8 @@
 """The layers point one way and no module imports itself back: checked on the source, not hoped for.
 
-core (foundation) <- stages <- memory <- pipeline; bench and tests may import anything.
+Under the one import name ``flux_migrate``: core (foundation) <- stages <- memory <- pipeline;
+bench and tests may import anything, but only through ``flux_migrate`` (never a bare ``core``,
+``pipeline``, ``stages`` or ``memory``, names the app itself uses).
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "flux_migrate"
 PROJECT = ("core", "stages", "memory", "pipeline")
+# Where each room's files are: pipeline/ and stages/ stay at the repository's root.
+FOLDERS = {
+    "core": "flux_migrate/core",
+    "memory": "flux_migrate/memory",
+    "pipeline": "pipeline",
+    "stages": "stages",
+}
 
 # What each package may import of the project (besides itself).
 ALLOWED: dict[str, set[str]] = {
@@ -20,8 +30,9 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(room: str, path: Path) -> str:
+    """The module's name within the package, without the ``flux_migrate.`` prefix."""
+    parts = [room, *path.relative_to(ROOT / FOLDERS[room]).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -37,12 +48,17 @@ def _imports(path: Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
-        found.update(n for n in names if n.split(".")[0] in PROJECT)
+        prefix = PACKAGE + "."
+        found.update(n.removeprefix(prefix) for n in names if n.startswith(prefix))
     return found
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for pkg in PROJECT for p in sorted((ROOT / pkg).rglob("*.py"))}
+    modules = {
+        _module_name(room, p): p
+        for room in PROJECT
+        for p in sorted((ROOT / FOLDERS[room]).rglob("*.py"))
+    }
     return {name: {i for i in _imports(p) if i in modules} for name, p in modules.items()}
 
 
@@ -92,3 +108,32 @@ def test_the_checker_sees_a_violation() -> None:
     assert not _allowed("memory.base", "stages.load")
     assert _allowed("memory.base", "stages.convert")
     assert len(_graph()) > 20
+
+
+def test_nothing_imports_a_bare_name_the_app_also_uses() -> None:
+    """Code, tests and bench import the project only as ``flux_migrate.*``: a bare ``core`` or
+    ``pipeline`` would resolve to the app's own package inside the app's process."""
+    files = [
+        p for folder in (*FOLDERS.values(), "tests", "bench") for p in (ROOT / folder).rglob("*.py")
+    ]
+    bare = sorted(
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        for name in (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            else []
+        )
+        if name.split(".")[0] in PROJECT
+    )
+    assert bare == []
+    assert len(files) > 60
+
+
+def test_the_package_links_point_at_the_root_folders() -> None:
+    """``flux_migrate/pipeline`` and ``flux_migrate/stages`` are the root folders, not copies."""
+    for room in ("pipeline", "stages"):
+        assert (ROOT / PACKAGE / room).resolve() == (ROOT / room).resolve()

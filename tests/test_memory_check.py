@@ -13,13 +13,13 @@ import asyncpg
 import pytest
 import structlog
 
-from core.errors import ConfigError, TargetError
-from memory import PostgresMemory, SQLiteMemory
-from pipeline.check import check
-from pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from pipeline.verify_api import compare_api
+from flux_migrate.core.errors import ConfigError, TargetError
+from flux_migrate.memory import PostgresMemory, SQLiteMemory
+from flux_migrate.pipeline.check import check
+from flux_migrate.pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify_api import compare_api
 
 UNREACHABLE = "postgresql://alice:s3cret-pw@127.0.0.1:1/app"
 

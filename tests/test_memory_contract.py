@@ -14,9 +14,9 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from core.errors import ConfigError, TargetError
-from core.schema import TargetNames, constraints
-from memory import (
+from flux_migrate.core.errors import ConfigError, TargetError
+from flux_migrate.core.schema import TargetNames, constraints
+from flux_migrate.memory import (
     MemorySettings,
     PostgresMemory,
     SessionNotFoundError,

@@ -13,8 +13,8 @@ import anyio
 import asyncpg
 import pytest
 
-from core.schema import SQLITE_DDL
-from memory import (
+from flux_migrate.core.schema import SQLITE_DDL
+from flux_migrate.memory import (
     MemoryClosedError,
     MemorySettings,
     PoolTimeoutError,

@@ -27,9 +27,9 @@ import anyio
 import asyncpg
 import pytest
 
-from memory import PostgresMemory
-from pipeline.check import check
-from pipeline.cli_check import add_commands
+from flux_migrate.memory import PostgresMemory
+from flux_migrate.pipeline.check import check
+from flux_migrate.pipeline.cli_check import add_commands
 
 APPLY_DELAY_MS = 300
 STANDBY_PORT = 5433  # names the socket file in the standby's own socket directory

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
 from tests.support import cli, fetchval, source_rows, target_rows
 
 pytestmark = pytest.mark.anyio

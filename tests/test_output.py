@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipeline.demo import clip
-from pipeline.progress import LiveProgress
-from pipeline.report import print_table
+from flux_migrate.pipeline.demo import clip
+from flux_migrate.pipeline.progress import LiveProgress
+from flux_migrate.pipeline.report import print_table
 from tests.support import cli
 
 

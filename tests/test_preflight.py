@@ -14,12 +14,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import pipeline.verify
-from core.errors import SourceError, TargetError
-from core.schema import TargetNames, target_ddl
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from pipeline.verify import verify_quick, verify_rows
+import flux_migrate.pipeline.verify
+from flux_migrate.core.errors import SourceError, TargetError
+from flux_migrate.core.schema import TargetNames, target_ddl
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from tests.dirty import GOOD_TS, app_db, new_id
 from tests.support import cli, fetchval, source_rows, target_rows
 
@@ -253,7 +253,7 @@ async def test_verify_finds_a_changed_character_a_deleted_row_and_an_extra_row(
 ) -> None:
     """verify reports one changed character, a deleted target row and an extra target row (over
     many pages on both sides), and --quick sees the difference too."""
-    monkeypatch.setattr(pipeline.verify, "PAGE", 97)
+    monkeypatch.setattr(flux_migrate.pipeline.verify, "PAGE", 97)
     settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn)
     await migrate(settings)
     assert all(r.ok for r in await verify_rows(settings))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.runner
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from stages.extract import open_source
+import flux_migrate.pipeline.runner
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.stages.extract import open_source
 from tests.dirty import GOOD_TS, app_db
 from tests.support import source_rows, target_rows
 
@@ -27,7 +27,7 @@ async def test_requeue_of_more_rows_than_host_parameters_works_and_loads_the_fix
     """With the source limited to 999 host parameters, 1,200 quarantined sessions are retried
     by every rerun without "too many SQL variables", and once fixed all of them load."""
     monkeypatch.setattr(
-        pipeline.runner,
+        flux_migrate.pipeline.runner,
         "open_source",
         functools.partial(open_source, limits={sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER: 999}),
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sample import generate
+from flux_migrate.pipeline.sample import generate
 from tests.support import cli, fetchval, source_rows, target_rows
 
 pytestmark = pytest.mark.anyio

@@ -15,9 +15,9 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from core.bookkeeping import ADVANCE_SQL
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
+from flux_migrate.core.bookkeeping import ADVANCE_SQL
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
 from tests.support import fetchval, ignore_asyncpg_orphaned_waiters, source_rows, target_rows
 
 pytestmark = pytest.mark.anyio

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.errors import EXIT_CONFLICTS, EXIT_OK
-from pipeline.runner import migrate
-from pipeline.sync import sync
+from flux_migrate.core.errors import EXIT_CONFLICTS, EXIT_OK
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.sync import sync
 from tests.support import (
     app_copy,
     app_settings,
@@ -287,7 +287,7 @@ async def test_any_source_changes_then_sync_yield_target_equal_source(
     schema = f"s_{uuid.uuid4().hex[:8]}"
     cfg = path.parent / "c.toml"
     cfg.write_text(f'[target]\nschema = "{schema}"\n')
-    from pipeline.settings import load_settings
+    from flux_migrate.pipeline.settings import load_settings
 
     s = load_settings(cfg, sqlite_path=path, postgres_dsn=pg_dsn, batch_size=50)
     await migrate(s)
@@ -314,7 +314,7 @@ async def test_any_source_changes_then_sync_yield_target_equal_source(
     db.commit()
     db.close()
     await sync(s)
-    from core.schema import TargetNames
+    from flux_migrate.core.schema import TargetNames
 
     names = TargetNames(schema=schema)
     for table in ("sessions", "messages"):

@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipeline.runner import migrate
-from pipeline.sync import sync
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.sync import sync
 from tests.support import app_copy, app_settings, assert_app_tables_equal, source_rows, target_rows
 
 
@@ -169,11 +169,11 @@ async def test_a_key_the_plan_never_saw_is_left_for_the_next_sync(
     """A row the app rewrites under another key between sync's plan and its apply is neither
     inserted nor deleted on a guess: it is counted as left over, and the next sync (which plans
     it) makes the target equal to the source."""
-    from core.target import Target
-    from pipeline.runner import resolve_run_mapping
-    from pipeline.stop import StopFlag
-    from pipeline.sync import _apply
-    from stages.extract import open_source
+    from flux_migrate.core.target import Target
+    from flux_migrate.pipeline.runner import resolve_run_mapping
+    from flux_migrate.pipeline.stop import StopFlag
+    from flux_migrate.pipeline.sync import _apply
+    from flux_migrate.stages.extract import open_source
 
     path = app_copy(sample_db, tmp_path)
     await migrate(app_settings(path, pg_dsn))
@@ -235,7 +235,7 @@ async def test_a_new_row_under_a_parent_deleted_in_postgres_is_a_conflict(
     exits 4 naming them), not rows put off to a next sync that would never load them."""
     import uuid
 
-    from core.errors import EXIT_CONFLICTS
+    from flux_migrate.core.errors import EXIT_CONFLICTS
     from tests.support import cli
 
     path = app_copy(sample_db, tmp_path)
@@ -300,9 +300,9 @@ async def test_a_key_stored_twice_leaves_no_phantom_delete(
     """A key whose row moved to a new rowid and was recorded again in a newer pack (as a row
     loaded a second time is) keeps a stale entry at its old rowid: sync neither plans nor
     reports a delete for it, and stays idle."""
-    from core import bookkeeping
-    from core.digest import digests
-    from pipeline.runner import resolve_run_mapping
+    from flux_migrate.core import bookkeeping
+    from flux_migrate.core.digest import digests
+    from flux_migrate.pipeline.runner import resolve_run_mapping
 
     path = app_copy(sample_db, tmp_path)
     await migrate(app_settings(path, pg_dsn))

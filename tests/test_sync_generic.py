@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import EXIT_USAGE
+from flux_migrate.core.errors import EXIT_USAGE
 from tests.generic_db import compare_table
 from tests.support import cli
 

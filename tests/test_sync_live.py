@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from bench.writer import step
-from core.target import Target
-from pipeline.runner import migrate, resolve_run_mapping
-from pipeline.stop import StopFlag
-from pipeline.sync import _apply, sync
-from stages.extract import open_source
+from flux_migrate.core.target import Target
+from flux_migrate.pipeline.runner import migrate, resolve_run_mapping
+from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.sync import _apply, sync
+from flux_migrate.stages.extract import open_source
 from tests.support import (
     app_copy,
     app_settings,

@@ -8,10 +8,10 @@ from array import array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.bookkeeping import Pack
-from core.schema import Column, Kind, Table
-from pipeline import sync_plan
-from pipeline.sync_plan import TablePlan, Window, _merge_window, assemble_window
+from flux_migrate.core.bookkeeping import Pack
+from flux_migrate.core.schema import Column, Kind, Table
+from flux_migrate.pipeline import sync_plan
+from flux_migrate.pipeline.sync_plan import TablePlan, Window, _merge_window, assemble_window
 
 TABLE = Table("t", (Column("id", Kind.TEXT),))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from core.schema import TABLES, TargetNames, create_table_sql
+from flux_migrate.core.schema import TABLES, TargetNames, create_table_sql
 from tests.dirty import app_db
 from tests.support import cli, fetchval, source_rows, target_rows
 

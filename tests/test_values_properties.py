@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.schema import PG_TYPES, Kind
-from stages import values
-from stages.convert import REASONS, Raw, Rejected
+from flux_migrate.core.schema import PG_TYPES, Kind
+from flux_migrate.stages import values
+from flux_migrate.stages.convert import REASONS, Raw, Rejected
 
 # What a SQLite column can hold, as extract reads it: text arrives as UTF-8 bytes.
 sqlite_values = st.one_of(

@@ -12,13 +12,18 @@ from typing import Any
 import asyncpg
 import pytest
 
-import core.target
-import stages.values
-from core.schema import SQLITE_DDL, Column, Kind
-from pipeline.reference import Unreadable, instant_micros, instant_text, pg_instant_text
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from pipeline.verify import TableVerify, verify_quick, verify_rows
+import flux_migrate.core.target
+import flux_migrate.stages.values
+from flux_migrate.core.schema import SQLITE_DDL, Column, Kind
+from flux_migrate.pipeline.reference import (
+    Unreadable,
+    instant_micros,
+    instant_text,
+    pg_instant_text,
+)
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import TableVerify, verify_quick, verify_rows
 from tests.dirty import GOOD_TS, app_db
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +34,7 @@ Wrap = Callable[[Column, Any], Any]
 @pytest.fixture
 def broken_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Kind, Wrap], None]]:
     """Make the load's converter for one kind of column change every value it returns."""
-    original = stages.values.any_column_converter
+    original = flux_migrate.stages.values.any_column_converter
 
     def install(kind: Kind, change: Wrap) -> None:
         def any_column_converter(column: Column, **options: Any) -> Any:
@@ -38,11 +43,13 @@ def broken_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Kind, Wra
                 return convert
             return lambda raw: change(column, convert(raw))
 
-        monkeypatch.setattr(stages.values, "any_column_converter", any_column_converter)
-        stages.values.row_converter.cache_clear()
+        monkeypatch.setattr(
+            flux_migrate.stages.values, "any_column_converter", any_column_converter
+        )
+        flux_migrate.stages.values.row_converter.cache_clear()
 
     yield install
-    stages.values.row_converter.cache_clear()
+    flux_migrate.stages.values.row_converter.cache_clear()
 
 
 def _counts(results: list[TableVerify]) -> list[tuple[str, int, int, int, int]]:
@@ -78,7 +85,7 @@ async def test_verify_reports_instants_the_load_wrote_as_infinity(
     async def asyncpg_default(conn: Any) -> None:
         return None
 
-    monkeypatch.setattr(core.target, "send_instants_exactly", asyncpg_default)
+    monkeypatch.setattr(flux_migrate.core.target, "send_instants_exactly", asyncpg_default)
     db = app_db(tmp_path / "app.sqlite", good_sessions=1, messages_each=0)
     db.session(created_at="0001-01-01T00:00:00Z", updated_at="9999-12-31T23:59:59.999999+00:00")
     db.write()
@@ -213,7 +220,7 @@ async def test_verify_of_a_utf16_source_with_non_ascii_keys_ends_and_judges_ever
     and an extra row."""
     import anyio
 
-    import pipeline.verify
+    import flux_migrate.pipeline.verify
 
     path = tmp_path / "utf16.sqlite"
     db = sqlite3.connect(path)
@@ -233,7 +240,7 @@ async def test_verify_of_a_utf16_source_with_non_ascii_keys_ends_and_judges_ever
     db.close()
     assert [("UTF-16le",)] == sqlite3.connect(path).execute("PRAGMA encoding").fetchall()
     settings = await _run(path, pg_dsn)
-    monkeypatch.setattr(pipeline.verify, "PAGE", 3)
+    monkeypatch.setattr(flux_migrate.pipeline.verify, "PAGE", 3)
     with anyio.fail_after(60):
         assert [("sessions", 1, 0, 0, 0), ("messages", 10, 0, 0, 0)] == _counts(
             await verify_rows(settings)

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.schema import TargetNames
-from pipeline.runner import migrate
-from pipeline.settings import load_settings
-from pipeline.verify import verify_rows
-from stages.convert import REASONS, raw_value_from_json
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.verify import verify_rows
+from flux_migrate.stages.convert import REASONS, raw_value_from_json
 from tests.dirty import GOOD_TS, app_db, new_id
 
 pytestmark = pytest.mark.anyio

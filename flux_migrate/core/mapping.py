@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from core.discover import SourceColumn, SourceIndex, SourceSchema, SourceTable
-from core.schema import (
+from flux_migrate.core.discover import SourceColumn, SourceIndex, SourceSchema, SourceTable
+from flux_migrate.core.schema import (
     MESSAGES,
     PG_TYPES,
     SESSIONS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from core.schema import TargetNames
+from flux_migrate.core.schema import TargetNames
 
 # The advisory-lock key that one migration run holds per target schema ($1 = schema name).
 MIGRATION_LOCK_KEY = "hashtext('flux_migrate:' || $1)"

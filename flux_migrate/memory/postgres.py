@@ -9,7 +9,7 @@ back to the primary, costing latency, never an error.
 
 Every statement takes its values as parameters ($1, $2); table names come from
 :class:`core.schema.TargetNames` through ``quote_ident``. The operations are module-level
-functions over one connection so that :mod:`pipeline.check` can run the very same statements
+functions over one connection so that ``pipeline.check`` can run the very same statements
 inside a transaction it rolls back.
 """
 
@@ -27,11 +27,11 @@ import anyio
 import asyncpg
 import orjson
 
-from core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
-from core.dsn import dsn_location
-from core.errors import ErrorClass, MigrateError, TargetError, classify, translate
-from core.schema import TABLES, TargetNames, constraints, target_ddl
-from memory.base import (
+from flux_migrate.core.catalog import MIGRATION_LOCK_KEY, existing_constraint_names, table_exists
+from flux_migrate.core.dsn import dsn_location
+from flux_migrate.core.errors import ErrorClass, MigrateError, TargetError, classify, translate
+from flux_migrate.core.schema import TABLES, TargetNames, constraints, target_ddl
+from flux_migrate.memory.base import (
     DEFAULT_ACQUIRE_TIMEOUT,
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_SESSIONS_LIMIT,

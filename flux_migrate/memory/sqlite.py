@@ -13,8 +13,8 @@ import aiosqlite
 import anyio
 import structlog
 
-from core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
-from memory.base import (
+from flux_migrate.core.schema import MESSAGES, SESSIONS, SQLITE_DDL, quote_ident
+from flux_migrate.memory.base import (
     DEFAULT_ACQUIRE_TIMEOUT,
     DEFAULT_HISTORY_LIMIT,
     DEFAULT_SESSIONS_LIMIT,
@@ -34,7 +34,7 @@ from memory.base import (
     read_sql,
     session_dict,
 )
-from stages.convert import Rejected, parse_timestamp
+from flux_migrate.stages.convert import Rejected, parse_timestamp
 
 log = structlog.get_logger("flux_migrate.memory")
 

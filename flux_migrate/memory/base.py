@@ -56,8 +56,8 @@ from typing import Any, Protocol, Self
 import anyio
 import orjson
 
-from core.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
-from stages.convert import Rejected, decode_text
+from flux_migrate.core.schema import MESSAGES, SESSIONS, Kind, Table, quote_ident
+from flux_migrate.stages.convert import Rejected, decode_text
 
 DEFAULT_MAX_HISTORY = 5  # the app's settings.max_history (env MAX_HISTORY)
 DEFAULT_HISTORY_LIMIT = DEFAULT_MAX_HISTORY * 2

@@ -12,8 +12,8 @@ import anyio
 import asyncpg
 import structlog
 
-from core.dsn import dsn_location, redact
-from core.errors import ErrorClass, RuntimeFailure, classify, translate
+from flux_migrate.core.dsn import dsn_location, redact
+from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify, translate
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")

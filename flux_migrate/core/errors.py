@@ -10,7 +10,7 @@ from enum import Enum
 import anyio
 import asyncpg
 
-from core.dsn import redact
+from flux_migrate.core.dsn import redact
 
 # Exit codes, documented in the README.
 EXIT_OK = 0

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiosqlite
 
-from core.errors import SourceError, source_error
-from core.schema import TABLES, Table, quote_ident
+from flux_migrate.core.errors import SourceError, source_error
+from flux_migrate.core.schema import TABLES, Table, quote_ident
 
 IDENTITY_SAMPLE = 8
 

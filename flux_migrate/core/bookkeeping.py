@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from core.schema import (
+from flux_migrate.core.schema import (
     BOOKKEEPING_DDL,
     BOOKKEEPING_SCHEMA,
     DIGEST_PACKS_STORAGE,

@@ -16,9 +16,9 @@ from typing import Any
 
 import asyncpg
 
-from core.bookkeeping import CHECKPOINTS, QUARANTINE
-from core.jsonl_schema import JSONL_DDL, JSONL_SEEN
-from core.schema import qualified
+from flux_migrate.core.bookkeeping import CHECKPOINTS, QUARANTINE
+from flux_migrate.core.jsonl_schema import JSONL_DDL, JSONL_SEEN
+from flux_migrate.core.schema import qualified
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 

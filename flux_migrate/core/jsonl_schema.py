@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.schema import BOOKKEEPING_SCHEMA, Column, Kind, Table, qualified, quote_ident
+from flux_migrate.core.schema import BOOKKEEPING_SCHEMA, Column, Kind, Table, qualified, quote_ident
 
 JSONL_PROFILE = "jsonl"
 

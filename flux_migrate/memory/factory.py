@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import ConfigError
-from memory.base import DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_HISTORY, check_pool_bounds
-from memory.postgres import PostgresMemory
-from memory.sqlite import SQLiteMemory
+from flux_migrate.core.errors import ConfigError
+from flux_migrate.memory.base import DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_HISTORY, check_pool_bounds
+from flux_migrate.memory.postgres import PostgresMemory
+from flux_migrate.memory.sqlite import SQLiteMemory
 
 BACKENDS = ("sqlite", "postgres")
 
