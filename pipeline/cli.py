@@ -19,7 +19,12 @@ from flux_migrate.core import errors
 from flux_migrate.core.dsn import redact
 from flux_migrate.core.errors import ConfigError, Interrupted, MigrateError, single_error
 from flux_migrate.core.mapping import Mapping, summary_lines
-from flux_migrate.pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
+from flux_migrate.pipeline.cli_check import (
+    add_commands,
+    add_verify_api_arguments,
+    cmd_verify_api,
+    path_arg,
+)
 from flux_migrate.pipeline.logs import add_log_arguments, configure_for
 from flux_migrate.pipeline.progress import Progress, progress_display
 from flux_migrate.pipeline.report import (
@@ -51,8 +56,10 @@ def _count(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     """The options every command that touches a database takes."""
-    p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
-    p.add_argument("--sqlite-path", type=Path, help="the app's SQLite file (or env SQLITE_PATH)")
+    p.add_argument("--config", type=path_arg, help="TOML mapping (default: configs/default.toml)")
+    p.add_argument(
+        "--sqlite-path", type=path_arg, help="the app's SQLite file (or env SQLITE_PATH)"
+    )
     p.add_argument("--postgres-dsn", help="target PostgreSQL DSN (or env POSTGRES_DSN)")
     add_log_arguments(p)
 
@@ -61,7 +68,7 @@ def _jsonl_sources(p: argparse.ArgumentParser) -> None:
     """The JSONL options of `run` and `verify` (issue 12)."""
     p.add_argument(
         "--jsonl",
-        type=Path,
+        type=path_arg,
         action="append",
         metavar="PATH",
         help="a JSONL file, into a table named after its stem (repeatable)",
@@ -73,7 +80,7 @@ def _data_dir_option(p: argparse.ArgumentParser) -> None:
     """--data-dir (issue 12): the app's data directory, for `run`, `verify` and the views."""
     p.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_arg,
         help="the app's data directory: its memory.db, every *.jsonl, and every other *.db"
         " into the schema named after its file",
     )
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep-server", action="store_true", help="leave the embedded server running"
     )
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--workdir", type=path_arg, default=Path(".demo"))
     add_log_arguments(demo)
     return parser
 
@@ -111,9 +118,11 @@ def _add_init(sub: Any) -> None:
     init = sub.add_parser(
         "init", help="write the mapping of a SQLite file as editable TOML (for run --config)"
     )
-    init.add_argument("--sqlite-path", type=Path, required=True, help="the SQLite file")
-    init.add_argument("--out", type=Path, help="write here instead of printing it")
-    init.add_argument("--config", type=Path, help="settings file (its mapping, if any, is kept)")
+    init.add_argument("--sqlite-path", type=path_arg, required=True, help="the SQLite file")
+    init.add_argument("--out", type=path_arg, help="write here instead of printing it")
+    init.add_argument(
+        "--config", type=path_arg, help="settings file (its mapping, if any, is kept)"
+    )
     add_log_arguments(init)
 
 
@@ -144,7 +153,7 @@ def _add_run(sub: Any) -> None:
     _common(run)
     _jsonl_sources(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
-    run.add_argument("--report-json", type=Path, help="write the run's report to this file")
+    run.add_argument("--report-json", type=path_arg, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.add_argument(
         "--on-conflict", choices=ON_CONFLICT, help="rows already in a table not written by us"
@@ -241,20 +250,28 @@ def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"sqlite_path": sqlite_path, "jsonl": jsonl}
 
 
-def _sources(args: argparse.Namespace, **extra: Any) -> tuple[Settings, tuple[Database, ...]]:
+def _sources(
+    args: argparse.Namespace, *, need_source: bool = True, **extra: Any
+) -> tuple[Settings, tuple[Database, ...]]:
     """The settings of the main migration and, with --data-dir, the directory's other SQLite
-    files, each into the schema named after it; ConfigError when there is nothing to do."""
+    files, each into the schema named after it; ConfigError when there is nothing to do (no
+    source at all, unless ``need_source`` is false: the views of the target alone)."""
     from flux_migrate.pipeline.data_dir import has_main, other_databases, scan_data_dir
 
     settings = _settings(args, **extra)
     data_dir: Path | None = getattr(args, "data_dir", None)
-    if data_dir is None:
-        return settings, ()
-    databases = other_databases(scan_data_dir(data_dir), settings)
-    if not databases and not has_main(settings):
+    databases: tuple[Database, ...] = ()
+    if data_dir is not None:
+        databases = other_databases(scan_data_dir(data_dir), settings)
+        if not databases and not has_main(settings):
+            raise ConfigError(
+                f"--data-dir {data_dir} holds no memory.db, other *.db or *.jsonl file; name the"
+                " app's data directory."
+            )
+    if need_source and not databases and not has_main(settings):
         raise ConfigError(
-            f"--data-dir {data_dir} holds no memory.db, other *.db or *.jsonl file; name the"
-            " app's data directory."
+            f"No source given: `{args.command}` needs --sqlite-path PATH (or SQLITE_PATH),"
+            " --jsonl PATH or --data-dir DIR; nothing was done."
         )
     return settings, databases
 
@@ -403,7 +420,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     """`quarantine`: list the quarantined rows with their reasons."""
     from flux_migrate.pipeline.status import list_quarantine
 
-    settings, databases = _sources(args)
+    settings, databases = _sources(args, need_source=False)
     configure_for(args)
     total, rows = 0, list[dict[str, object]]()
     prefixes = [f"{db.schema}." for db in databases]  # --data-dir's other databases
@@ -451,7 +468,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`status`: each table's checkpoint."""
     from flux_migrate.pipeline.status import status
 
-    settings, databases = _sources(args)
+    settings, databases = _sources(args, need_source=False)
     configure_for(args)
     rows = run_async(status, settings)
     for db in databases:

@@ -31,6 +31,14 @@ from flux_migrate.pipeline.verify_api import compare_api
 Handler = Callable[[argparse.Namespace], int]
 
 
+def path_arg(text: str) -> Path:
+    """An argparse type: a path that is not empty (an unset shell variable gives ``""``, which
+    would otherwise name the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty (an unset variable?); name a file")
+    return Path(text)
+
+
 def add_commands(subparsers: Any) -> dict[str, Handler]:
     """Add the ``check`` command to an argparse subparsers object; return its handler by name."""
     p = subparsers.add_parser(
@@ -40,7 +48,7 @@ def add_commands(subparsers: Any) -> dict[str, Handler]:
         " the app's schema, open a pool and run a create/read/update/delete and jsonb round"
         " trip that is rolled back. Exit 0 healthy, 1 unhealthy, 2 usage.",
     )
-    p.add_argument("--config", type=Path, help="TOML mapping (default: configs/default.toml)")
+    p.add_argument("--config", type=path_arg, help="TOML mapping (default: configs/default.toml)")
     p.add_argument("--postgres-dsn", help="PostgreSQL DSN (or env POSTGRES_DSN)")
     p.add_argument("--schema", help="target schema (default: from --config, else public)")
     p.add_argument("--postgres-read-dsn", help="standby DSN for reads (or env POSTGRES_READ_DSN)")

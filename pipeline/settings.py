@@ -16,6 +16,7 @@ from flux_migrate.core.errors import ConfigError
 from flux_migrate.core.jsonl_schema import JsonlFile
 from flux_migrate.core.mapping import Mapping, MappingError, read_mapping
 from flux_migrate.core.schema import TABLES, Table, TargetNames
+from flux_migrate.pipeline.config_names import check_names
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 # 10k rows per batch: not the fastest measured (50k was about 5% faster) but within 5% of it
@@ -85,6 +86,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"The config file {path} cannot be read ({reason}).") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"The config file {path} is not valid TOML: {exc}.") from None
+        check_names(data, path.read_text(encoding="utf-8"), path)
     get = _TypedConfig(path, data)
     values: dict[str, Any] = {}
     if "table" in data:
