@@ -31,7 +31,11 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+$(VENV)/.bench-stamp: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-stamp
 	$(BIN)/python -m bench --sessions $(SIZE) --repeat $(REPEAT)
 
 lint: $(STAMP)

@@ -7,6 +7,8 @@ CPU seconds are its own):
   ceiling    the same data already transformed into a binary COPY file, then only COPY FROM
              that file plus the key and index build
   pgloader   when installed, with an equivalent load file
+  duckdb     when installed (the bench extra): DuckDB's sqlite and postgres extensions, one
+             INSERT ... SELECT with casts per table into bare tables, then the same keys
 Extra measurements: flux with one commit at the end (the cost of checkpointing), and a kill at
 90% of the messages followed by a resume (rows re-read).
 """
@@ -285,7 +287,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=100_000, help="sessions (~10 messages each)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=ROOT / ".bench")
-    ap.add_argument("--contenders", default="flux,original,ceiling,pgloader")
+    ap.add_argument("--contenders", default="flux,original,ceiling,pgloader,duckdb")
     ap.add_argument(
         "--no-extras", action="store_true", help="skip the checkpoint-cost and resume runs"
     )
@@ -341,6 +343,18 @@ def main() -> None:
                     continue
                 bare_tables(dsn)
                 m = measure(cmd)
+                started = time.monotonic()
+                build_keys(dsn)
+                m.wall += time.monotonic() - started
+            elif name == "duckdb":
+                from bench import duck
+
+                if not duck.available():
+                    c.note = "not installed (pip install -e '.[bench]')"
+                    drop_db(admin, db)
+                    continue
+                bare_tables(dsn)
+                m = measure([PY, "-m", "bench.duck", str(source), dsn])
                 started = time.monotonic()
                 build_keys(dsn)
                 m.wall += time.monotonic() - started
