@@ -21,6 +21,8 @@ from flux_migrate.core.mapping import (
     map_schema,
     unplaced,
 )
+from flux_migrate.core.schema import TargetNames
+from flux_migrate.core.target_rules import schema_problems
 from flux_migrate.stages.extract import require_source_file, source_uri
 
 
@@ -69,3 +71,16 @@ def resolve_mapping(
             f"The mapping does not place everything in {path}, so nothing was written: {listed}."
         )
     return mapping, schema
+
+
+def check_target_schema(mapping: Mapping, names: TargetNames, path: Path) -> None:
+    """Refuse (SourceError, exit 2, before anything is written) a mapping whose target schema
+    PostgreSQL would refuse or silently merge: each problem names the table, the column and
+    the fix."""
+    problems = schema_problems(mapping.tables, [names.table(t.name) for t in mapping.tables])
+    if problems:
+        listed = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise SourceError(
+            f"PostgreSQL cannot hold the tables of {path} as mapped, so nothing was written:"
+            f" {listed}."
+        )

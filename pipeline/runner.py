@@ -31,7 +31,7 @@ from flux_migrate.pipeline.duplicates import build_primary_keys
 from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
 from flux_migrate.pipeline.keys import build_constraints
-from flux_migrate.pipeline.mapping_source import resolve_mapping
+from flux_migrate.pipeline.mapping_source import check_target_schema, resolve_mapping
 from flux_migrate.pipeline.preflight import (
     check_fingerprint,
     clear_target,
@@ -176,6 +176,7 @@ async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
     mapping, _ = await anyio.to_thread.run_sync(
         resolve_mapping, path, settings.mapping, settings.busy_timeout
     )
+    check_target_schema(mapping, settings.names, path)
     return settings.with_(mapping=mapping)
 
 

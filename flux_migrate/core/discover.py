@@ -39,6 +39,7 @@ class SourceIndex:
     columns: tuple[str | None, ...]  # None for an expression term
     where: str | None  # the partial index's WHERE clause (SQLite SQL)
     sql: str | None  # the CREATE INDEX text (None for automatic indexes of UNIQUE / PK)
+    collations: tuple[str, ...] = ()  # collations other than BINARY of its terms
 
     @property
     def has_expression(self) -> bool:
@@ -54,6 +55,9 @@ class SourceTable:
     without_rowid: bool
     autoincrement: bool
     sql: str
+    checks: bool = False  # the table declares CHECK constraints
+    collations: tuple[str, ...] = ()  # collations other than BINARY its SQL names
+    triggers: tuple[str, ...] = ()  # triggers on the table
 
     @property
     def primary_key(self) -> tuple[str, ...]:
@@ -82,6 +86,25 @@ class SourceSchema:
 _WITHOUT_ROWID = re.compile(r"\)\s*(?:STRICT\s*,\s*)?WITHOUT\s+ROWID\b", re.IGNORECASE)
 _AUTOINCREMENT = re.compile(r"\bAUTOINCREMENT\b", re.IGNORECASE)
 _WHERE = re.compile(r"\bWHERE\b(.*)$", re.IGNORECASE | re.DOTALL)
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\[[^\]]*\]")
+_CHECK = re.compile(r"\bCHECK\s*\(", re.IGNORECASE)
+_COLLATE = re.compile(r"\bCOLLATE\s+(\w+)", re.IGNORECASE)
+
+
+def _constraint_words(sql: str) -> tuple[bool, tuple[str, ...]]:
+    """Whether a CREATE TABLE declares CHECK constraints, and the collations (not BINARY) it
+    names; string literals and quoted names are left out of the search."""
+    bare = _QUOTED.sub(" ", sql)
+    collations = sorted({c.upper() for c in _COLLATE.findall(bare)} - {"BINARY"})
+    return bool(_CHECK.search(bare)), tuple(collations)
+
+
+def _triggers(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ? ORDER BY name",
+        (table,),
+    ).fetchall()
+    return tuple(_text(r[0]) for r in rows)
 
 
 def _text(value: object) -> str:
@@ -154,7 +177,8 @@ def _indexes(conn: sqlite3.Connection, table: str) -> tuple[SourceIndex, ...]:
         if sql is not None and int(row[4]):
             match = _WHERE.search(sql)
             where = match.group(1).strip() if match else None
-        out.append(SourceIndex(name, unique, columns, where, sql))
+        collations = tuple(sorted({_text(r[4]).upper() for r in terms} - {"BINARY", ""}))
+        out.append(SourceIndex(name, unique, columns, where, sql, collations))
     return tuple(out)
 
 
@@ -184,6 +208,9 @@ def discover(conn: sqlite3.Connection) -> SourceSchema:
                 without_rowid=bool(_WITHOUT_ROWID.search(sql)),
                 autoincrement=bool(_AUTOINCREMENT.search(sql)),
                 sql=sql,
+                checks=_constraint_words(sql)[0],
+                collations=_constraint_words(sql)[1],
+                triggers=_triggers(conn, name),
             )
         )
     # A virtual table keeps its data in shadow tables named after it (docs_content, ...).

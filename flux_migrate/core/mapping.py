@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from collections.abc import Mapping as MappingT
 from dataclasses import dataclass, replace
@@ -28,6 +27,16 @@ from flux_migrate.core.schema import (
     Index,
     Kind,
     Table,
+    predicate_sql,
+)
+from flux_migrate.core.target_rules import (
+    ON_DELETE,
+    allowed_types,
+    canonical_type,
+    default_sql,
+    foreign_key_problem,
+    parse_condition,
+    resolve_name,
 )
 
 SAMPLE_SIZE = 1000  # values per column read to decide vague types (see docs/mapping.md)
@@ -184,53 +193,66 @@ def choose_column(sc: SourceColumn, ev: Evidence, *, in_primary_key: bool) -> Co
     )
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_STRING = re.compile(r"^'((?:[^']|'')*)'$")
-
-
 def translate_default(default: str | None, kind: Kind) -> str | None:
-    """A SQLite DEFAULT as PostgreSQL SQL, where it is a plain literal; else None."""
-    if default is None:
+    """A SQLite DEFAULT as PostgreSQL SQL, where it is a literal the column holds as is (see
+    target_rules.default_sql); else None."""
+    if default is None or default.strip().strip("()").strip().upper() == "NULL":
         return None
-    d = default.strip()
-    while d.startswith("(") and d.endswith(")"):
-        d = d[1:-1].strip()
-    if d.upper() == "NULL":
-        return None
-    if kind in (Kind.INTEGER, Kind.REAL, Kind.NUMERIC) and _NUMBER.match(d):
-        return d
-    if kind is Kind.BOOLEAN and d in ("0", "1"):
-        return "true" if d == "1" else "false"
-    if kind is Kind.BOOLEAN and d.upper() in ("TRUE", "FALSE"):
-        return d.lower()
-    if kind is Kind.INSTANT and d.upper() in ("CURRENT_TIMESTAMP", "CURRENT_DATE"):
-        return "now()"
-    if kind in (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.JSON_VALUE) and _STRING.match(d):
-        return d
-    return None
+    return default_sql(kind, default)
 
 
 # ------------------------------------------------------------------ tables and keys
 
 
-_SIMPLE_WHERE = re.compile(
-    r'^\s*("(?:[^"]|"")+"|\w+)\s+(IS\s+NOT\s+NULL|IS\s+NULL|(?:=|<>|!=|<|>|<=|>=)\s*'
-    r"(?:'(?:[^']|'')*'|[+-]?\d+(?:\.\d+)?))\s*$",
-    re.IGNORECASE,
-)
-
-
-def _index(si: SourceIndex, table: str, notes: list[str]) -> Index | None:
+def _index(
+    si: SourceIndex, table: str, columns: Sequence[Column], notes: list[str]
+) -> Index | None:
+    """An SQLite index as a target index, or None (with a note) when PostgreSQL cannot build
+    the same one: an expression, or a condition it would read otherwise."""
     if si.has_expression:
         notes.append(f"index {si.name} on {table} indexes an expression; not created")
         return None
     where = None
     if si.where is not None:
-        if not _SIMPLE_WHERE.match(si.where):
+        by_name = {c.name: c for c in columns}
+        where = parse_condition(si.where, list(by_name))
+        if where is None or predicate_sql(where, by_name[where.column]) is None:
             notes.append(f"index {si.name} on {table} has WHERE {si.where}; not created")
             return None
-        where = si.where.replace("!=", "<>")
+    if si.collations:
+        notes.append(
+            f"index {si.name} on {table} compares with COLLATE {', '.join(si.collations)} in"
+            " SQLite; created comparing exactly"
+        )
     return Index(si.name, tuple(c for c in si.columns if c is not None), si.unique, where)
+
+
+def _not_kept(st: SourceTable, columns: Sequence[Column]) -> list[str]:
+    """Notes naming what of ``st`` the target does not keep: DEFAULTs that are no literal of
+    their column's type, CHECK constraints, collations, triggers, AUTOINCREMENT."""
+    out = []
+    for sc, c in zip(st.columns, columns, strict=True):
+        dropped = sc.default is not None and sc.default.strip("() ").upper() != "NULL"
+        if dropped and c.default is None:
+            out.append(
+                f"column {sc.name} of {st.name} has DEFAULT {sc.default}, not a {c.pg_type}"
+                " literal; created without a default"
+            )
+    if st.checks:
+        out.append(f"table {st.name} has CHECK constraints; not created in PostgreSQL")
+    for collation in st.collations:
+        out.append(
+            f"table {st.name} compares with COLLATE {collation} in SQLite; PostgreSQL compares"
+            " its columns and keys exactly (case and all)"
+        )
+    for trigger in st.triggers:
+        out.append(f"trigger {trigger} on {st.name} is not carried over")
+    if st.autoincrement:
+        out.append(
+            f"table {st.name} has AUTOINCREMENT; its key is a plain bigint in PostgreSQL (no"
+            " sequence): new rows need their key from the app"
+        )
+    return out
 
 
 def map_table(st: SourceTable, evidence: MappingT[str, Evidence], notes: list[str]) -> Table:
@@ -246,7 +268,8 @@ def map_table(st: SourceTable, evidence: MappingT[str, Evidence], notes: list[st
         ForeignKey(fk.columns, fk.parent, fk.parent_columns, fk.on_delete or "NO ACTION")
         for fk in st.foreign_keys
     )
-    indexes = tuple(i for i in (_index(si, st.name, notes) for si in st.indexes) if i)
+    indexes = tuple(i for i in (_index(si, st.name, columns, notes) for si in st.indexes) if i)
+    notes += _not_kept(st, columns)
     return Table(
         name=st.name,
         columns=columns,
@@ -307,23 +330,36 @@ def load_order(tables: Sequence[Table]) -> tuple[tuple[Table, ...], tuple[str, .
     return tuple(order), cycle
 
 
-def resolve_foreign_keys(tables: Sequence[Table], notes: list[str]) -> list[Table]:
-    """Foreign keys name their parent columns (the parent's key where SQLite left them out);
-    one whose parent is not loaded, or whose columns do not match, is dropped with a note."""
+def _resolved(fk: ForeignKey, by_name: MappingT[str, Table]) -> ForeignKey:
+    """``fk`` with its parent table and columns named as they are, resolved as SQLite does
+    (``REFERENCES P(ID)`` names table ``p`` and its column ``id``), the parent's key filled in
+    where SQLite left the columns out."""
+    parent_name = resolve_name(fk.parent, list(by_name)) or fk.parent
+    parent = by_name.get(parent_name)
+    if parent is None:
+        return replace(fk, parent=parent_name)
+    refs = tuple(resolve_name(c, parent.column_names) or c for c in fk.parent_columns)
+    return replace(fk, parent=parent_name, parent_columns=refs or parent.primary_key)
+
+
+def resolve_foreign_keys(
+    tables: Sequence[Table], notes: list[str], *, strict: bool = False
+) -> list[Table]:
+    """Foreign keys name their parent table and columns as they are; one PostgreSQL cannot
+    build (parent not loaded, not a key of the parent, columns of other types) is left out
+    with a note, or with ``strict`` (a mapping file asked for it) refused (MappingError)."""
     by_name = {t.name: t for t in tables}
     out = []
     for t in tables:
         kept = []
-        for fk in t.foreign_keys:
-            parent = by_name.get(fk.parent)
-            refs = fk.parent_columns or (parent.primary_key if parent else ())
-            if parent is None or len(refs) != len(fk.columns):
-                notes.append(
-                    f"foreign key {t.name}({', '.join(fk.columns)}) -> {fk.parent}: the parent"
-                    " is not loaded or has no matching key; not created"
-                )
-                continue
-            kept.append(replace(fk, parent_columns=tuple(refs)))
+        for fk in (_resolved(fk, by_name) for fk in t.foreign_keys):
+            problem = foreign_key_problem(t, fk, by_name.get(fk.parent))
+            if problem is None:
+                kept.append(fk)
+            elif strict:
+                raise MappingError(f"{problem}; fix or remove its [[table.foreign_key]]")
+            else:
+                notes.append(f"{problem}; not created")
         out.append(replace(t, foreign_keys=tuple(kept)) if t.generic else t)
     return out
 
@@ -437,7 +473,7 @@ def to_toml(mapping: Mapping, *, comments: bool = True) -> str:
             ]
             out.append(f"unique = {'true' if ix.unique else 'false'}")
             if ix.where is not None:
-                out.append(f"where = {_q(ix.where)}")
+                out.append(f"where = {_q(ix.where.source_text())}")
     return "\n".join(out) + "\n"
 
 
@@ -451,7 +487,36 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _column(data: MappingT[str, Any], where: str) -> Column:
+# The keys each part of a mapping file may hold: anything else is a typo, refused.
+_KEYS = {
+    "table": {"name", "profile", "target_only", "primary_key", "without_rowid", "column",
+              "foreign_key", "index"},
+    "column": {"name", "convert", "type", "not_null", "default", "epoch"},
+    "foreign_key": {"columns", "parent", "parent_columns", "on_delete"},
+    "index": {"name", "columns", "unique", "where"},
+}  # fmt: skip
+
+
+def _closed(data: Any, part: str, where: str) -> MappingT[str, Any]:
+    if not isinstance(data, dict):
+        raise MappingError(f"{where} must be a table of keys")
+    unknown = sorted(set(data) - _KEYS[part])
+    if unknown:
+        raise MappingError(
+            f"{where} has {unknown[0]!r}, which is not one of {', '.join(sorted(_KEYS[part]))}"
+        )
+    return data
+
+
+def _flag(data: MappingT[str, Any], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise MappingError(f"{where}: {key} must be true or false")
+    return value
+
+
+def _column(raw: Any, where: str) -> Column:
+    data = _closed(raw, "column", where)
     try:
         kind = Kind(data["convert"])
         name = data["name"]
@@ -462,23 +527,92 @@ def _column(data: MappingT[str, Any], where: str) -> Column:
             f"{where}: convert = {data['convert']!r} is not one of"
             f" {', '.join(k.value for k in Kind)}"
         ) from None
+    if not isinstance(name, str):
+        raise MappingError(f"{where}: name must be a string")
+    where = f"{where} ({name})"
+    written = data.get("type", PG_TYPES[kind])
+    pg_type = canonical_type(kind, written) if isinstance(written, str) else None
+    if pg_type is None:
+        raise MappingError(
+            f"{where}: type = {written!r} cannot hold every value of convert = {kind.value!r}"
+            f" unchanged; use one of {allowed_types(kind)}"
+        )
     epoch = data.get("epoch")
-    if epoch not in (None, "s", "ms"):
-        raise MappingError(f'{where}: epoch must be "s" or "ms"')
-    not_null = data.get("not_null", False)
-    if not isinstance(not_null, bool):
-        raise MappingError(f"{where}: not_null must be true or false")
+    if epoch not in (None, "s", "ms") or (epoch is not None and kind is not Kind.INSTANT):
+        raise MappingError(f'{where}: epoch must be "s" or "ms", and only with convert = "instant"')
+    default = data.get("default")
+    if default is not None:
+        rendered = default_sql(kind, default) if isinstance(default, str) else None
+        if rendered is None:
+            raise MappingError(
+                f"{where}: default = {default!r} is not a literal a {pg_type} column holds"
+                " (a number, a quoted string, true/false, CURRENT_TIMESTAMP; JSON text for"
+                " jsonb); fix it or remove it"
+            )
+        default = rendered
     return Column(
-        name=str(name),
+        name=name,
         kind=kind,
-        type=str(data.get("type") or PG_TYPES[kind]),
-        not_null=not_null,
-        default=data.get("default"),
+        type=pg_type,
+        not_null=_flag(data, "not_null", where),
+        default=default,
         epoch=epoch,
     )
 
 
-def _table(data: MappingT[str, Any], where: str) -> Table:
+def _existing(names: tuple[str, ...], columns: tuple[str, ...], where: str) -> tuple[str, ...]:
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise MappingError(f"{where} names column {missing[0]!r}, which the table does not have")
+    if len(set(names)) != len(names):
+        raise MappingError(f"{where} names a column twice")
+    return names
+
+
+def _foreign_key(raw: Any, columns: tuple[str, ...], where: str) -> ForeignKey:
+    f = _closed(raw, "foreign_key", where)
+    parent = f.get("parent")
+    if not isinstance(parent, str):
+        raise MappingError(f"{where} lacks a parent")
+    on_delete = f.get("on_delete", "NO ACTION")
+    if not isinstance(on_delete, str) or " ".join(on_delete.upper().split()) not in ON_DELETE:
+        raise MappingError(
+            f"{where}: on_delete = {on_delete!r} is not one of {', '.join(ON_DELETE)}"
+        )
+    return ForeignKey(
+        _existing(_str_list(f.get("columns"), f"{where} columns"), columns, f"{where} columns"),
+        parent,
+        _str_list(f.get("parent_columns", []), f"{where} parent_columns"),
+        " ".join(on_delete.upper().split()),
+    )
+
+
+def _index_entry(raw: Any, table: tuple[Column, ...], where: str) -> Index:
+    i = _closed(raw, "index", where)
+    name, columns = i.get("name"), tuple(c.name for c in table)
+    if not isinstance(name, str) or not name:
+        raise MappingError(f"{where} lacks a name")
+    condition = i.get("where")
+    predicate = None
+    if condition is not None:
+        predicate = parse_condition(condition, columns) if isinstance(condition, str) else None
+        column = next((c for c in table if predicate and c.name == predicate.column), None)
+        if predicate is None or column is None or predicate_sql(predicate, column) is None:
+            raise MappingError(
+                f"{where} ({name}): where = {condition!r} is not a condition PostgreSQL reads"
+                " as SQLite does; write `column IS [NOT] NULL` or `column = literal` with a"
+                " literal of the column's type, or remove the index"
+            )
+    return Index(
+        name,
+        _existing(_str_list(i.get("columns"), f"{where} columns"), columns, f"{where} columns"),
+        _flag(i, "unique", where),
+        predicate,
+    )
+
+
+def _table(raw: Any, where: str) -> Table:
+    data = _closed(raw, "table", where)
     name = data.get("name")
     if not isinstance(name, str):
         raise MappingError(f"{where} lacks a name")
@@ -488,36 +622,34 @@ def _table(data: MappingT[str, Any], where: str) -> Table:
             raise MappingError(f"{where}: only sessions and messages have the app profile")
         absent = set(_str_list(data.get("target_only", []), f"{where} target_only"))
         return with_source_columns(profile, {c.name for c in profile.target_only} - absent)
+    if data.get("profile", "generic") != "generic":
+        raise MappingError(f'{where}: profile must be "generic" or "app"')
+    where = f"{where} ({name})"
     columns = tuple(
         _column(c, f"{where} column {i + 1}") for i, c in enumerate(data.get("column", []))
     )
     if not columns:
-        raise MappingError(f"{where} ({name}) has no columns")
-    fks = tuple(
-        ForeignKey(
-            _str_list(f.get("columns"), f"{where} foreign_key columns"),
-            str(f.get("parent")),
-            _str_list(f.get("parent_columns", []), f"{where} foreign_key parent_columns"),
-            str(f.get("on_delete", "NO ACTION")).upper(),
-        )
-        for f in data.get("foreign_key", [])
-    )
-    indexes = tuple(
-        Index(
-            str(i.get("name")),
-            _str_list(i.get("columns"), f"{where} index columns"),
-            bool(i.get("unique", False)),
-            i.get("where"),
-        )
-        for i in data.get("index", [])
-    )
+        raise MappingError(f"{where} has no columns")
+    names = tuple(c.name for c in columns)
+    if len(set(names)) != len(names):
+        raise MappingError(f"{where} lists a column twice")
     return Table(
         name=name,
         columns=columns,
-        primary_key=_str_list(data.get("primary_key", []), f"{where} primary_key"),
-        foreign_keys=fks,
-        indexes=indexes,
-        without_rowid=bool(data.get("without_rowid", False)),
+        primary_key=_existing(
+            _str_list(data.get("primary_key", []), f"{where} primary_key"),
+            names,
+            f"{where} primary_key",
+        ),
+        foreign_keys=tuple(
+            _foreign_key(f, names, f"{where} foreign_key {n + 1}")
+            for n, f in enumerate(data.get("foreign_key", []))
+        ),
+        indexes=tuple(
+            _index_entry(i, columns, f"{where} index {n + 1}")
+            for n, i in enumerate(data.get("index", []))
+        ),
+        without_rowid=_flag(data, "without_rowid", where),
         profile="generic",
     )
 
@@ -526,7 +658,10 @@ def read_mapping(data: MappingT[str, Any]) -> Mapping:
     """The mapping in a parsed TOML document (raises MappingError naming the problem)."""
     ignore = data.get("ignore", {})
     tables = [_table(t, f"[[table]] {i + 1}") for i, t in enumerate(data.get("table", []))]
-    ordered, _ = load_order(resolve_foreign_keys(tables, []))
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise MappingError("a table is listed twice")
+    ordered, _ = load_order(resolve_foreign_keys(tables, [], strict=True))
     return Mapping(
         ordered,
         ignored_tables=_str_list(ignore.get("tables", []), "[ignore] tables"),

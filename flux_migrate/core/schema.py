@@ -7,6 +7,7 @@ pipeline stages, the checkpoint store, verify, and the PostgreSQL memory backend
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,13 +111,31 @@ class ForeignKey:
 
 
 @dataclass(frozen=True)
+class Predicate:
+    """A partial index's condition, ``column op literal`` or ``column IS [NOT] NULL``, held as
+    parts (never as SQL text) and rendered for PostgreSQL by its column's kind."""
+
+    column: str
+    op: str  # "IS NULL", "IS NOT NULL", "=", "<>", "<", ">", "<=", ">="
+    value: str | None = None  # the literal: a number as written, or a string's content
+    is_string: bool = False
+
+    def source_text(self) -> str:
+        """The condition in SQLite's SQL (what the mapping file holds)."""
+        if self.value is None:
+            return f"{quote_ident(self.column)} {self.op}"
+        value = sql_string(self.value) if self.is_string else self.value
+        return f"{quote_ident(self.column)} {self.op} {value}"
+
+
+@dataclass(frozen=True)
 class Index:
-    """An index to build after the load (a partial one with its PostgreSQL WHERE clause)."""
+    """An index to build after the load (a partial one with its condition)."""
 
     name: str
     columns: tuple[str, ...]
     unique: bool = False
-    where: str | None = None
+    where: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +239,46 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_string(value: str) -> str:
+    """An SQL string literal holding exactly ``value``, whatever standard_conforming_strings
+    says (an E'' literal when it holds a backslash)."""
+    quoted = value.replace("'", "''")
+    if "\\" in value:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+_NUMBER_LITERAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_INTEGER_LITERAL = re.compile(r"^[+-]?\d+$")
+_NUMBER_KINDS = (Kind.INTEGER, Kind.REAL, Kind.NUMERIC)
+_TEXT_KINDS = (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.KEY)
+
+
+def predicate_sql(p: Predicate, column: Column) -> str | None:
+    """``p`` as a PostgreSQL condition that selects the same rows as SQLite's, or None when
+    PostgreSQL cannot read it the same way (a literal of another type than the column's).
+
+    SQLite compares by the column's affinity: ``1`` against a TEXT column is the text '1',
+    ``'5'`` against an INTEGER column the number 5, and text in byte order (COLLATE "C")."""
+    col = quote_ident(p.column)
+    if p.value is None:
+        return f"{col} {p.op}"
+    value = p.value.strip()
+    if column.kind in _NUMBER_KINDS:
+        return f"{col} {p.op} {value}" if _NUMBER_LITERAL.match(value) else None
+    if column.kind is Kind.BOOLEAN:
+        if p.is_string or p.op not in ("=", "<>") or value not in ("0", "1"):
+            return None
+        return f"{col} {p.op} {'true' if value == '1' else 'false'}"
+    if column.kind in _TEXT_KINDS:
+        if not p.is_string and not _INTEGER_LITERAL.match(value):
+            return None  # SQLite would compare with the number's own text form
+        literal = p.value if p.is_string else str(int(value))
+        collate = "" if p.op in ("=", "<>") else ' COLLATE "C"'
+        return f"{col}{collate} {p.op} {sql_string(literal)}"
+    return None
+
+
 def qualified(schema: str, table: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(table)}"
 
@@ -270,6 +329,11 @@ class Constraint:
     table: str  # source table name
     sql: str
     primary_key: bool = False  # built first (duplicates are quarantined before it)
+    kind: str = "index"  # "pk", "unique", "fk" or "index"
+    columns: tuple[str, ...] = ()  # the key's columns (of ``table``)
+    parent: str | None = None  # a foreign key's parent table (source name)
+    parent_columns: tuple[str, ...] = ()
+    where: str | None = None  # a partial unique index's PostgreSQL condition
 
 
 NAME_MAX_BYTES = 63  # PostgreSQL cuts longer identifiers (NAMEDATALEN - 1)
@@ -301,6 +365,8 @@ def _app_constraints(names: TargetNames, tables: tuple[Table, ...]) -> list[Cons
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(pk)}"
                 " PRIMARY KEY (id)",
                 primary_key=True,
+                kind="pk",
+                columns=("id",),
             )
         )
     for table in tables:
@@ -315,6 +381,10 @@ def _app_constraints(names: TargetNames, tables: tuple[Table, ...]) -> list[Cons
                 f"ALTER TABLE {names.qualified(table.name)} ADD CONSTRAINT {quote_ident(fk)}"
                 f" FOREIGN KEY ({quote_ident(table.parent_column)})"
                 f" REFERENCES {names.qualified(table.parent)} (id) ON DELETE CASCADE",
+                kind="fk",
+                columns=(table.parent_column,),
+                parent=table.parent,
+                parent_columns=("id",),
             )
         )
     for table in tables:
@@ -350,19 +420,57 @@ def _columns_sql(columns: tuple[str, ...]) -> str:
     return ", ".join(quote_ident(c) for c in columns)
 
 
+def pg_identifier(name: str) -> str:
+    """``name`` as PostgreSQL keeps it: cut to 63 bytes at a character boundary."""
+    return name.encode()[:NAME_MAX_BYTES].decode("utf-8", "ignore")
+
+
+class _Names:
+    """Relation and constraint names of one target schema, each given out once: a name that is
+    taken (a table ``t_pkey`` beside ``t``, an SQLite index named ``t_pkey`` on another table)
+    makes the next one get a number, ``t_pkey1``, the same on every run."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = set(taken)
+
+    def give(self, head: str, tail: str) -> str:
+        name, n = fitted_name(head, tail), 0
+        while name in self.taken:
+            n += 1
+            name = fitted_name(head, f"{tail}{n}")
+        self.taken.add(name)
+        return name
+
+
+def _index_constraint(table: Table, ix: Index, name: str, where: str) -> Constraint:
+    """One SQLite index as a target index (its condition rendered, or left out: the mapping
+    only keeps indexes whose condition predicate_sql renders)."""
+    condition = predicate_sql(ix.where, table.column(ix.where.column)) if ix.where else None
+    unique = "UNIQUE " if ix.unique else ""
+    partial = f" WHERE {condition}" if condition else ""
+    sql = (
+        f"CREATE {unique}INDEX IF NOT EXISTS {quote_ident(name)} ON {where}"
+        f" ({_columns_sql(ix.columns)}){partial}"
+    )
+    kind = "unique" if ix.unique else "index"
+    return Constraint(name, table.name, sql, kind=kind, columns=ix.columns, where=condition)
+
+
 def _generic_constraints(
-    names: TargetNames, tables: tuple[Table, ...]
+    names: TargetNames, tables: tuple[Table, ...], given: _Names
 ) -> tuple[list[Constraint], list[Constraint], list[Constraint], list[Constraint]]:
-    """Primary keys, unique indexes, foreign keys and other indexes of generic tables."""
+    """Primary keys, unique indexes, foreign keys and other indexes of generic tables, each
+    under a name no other relation or constraint of the schema has."""
     by_name = {t.name: t for t in tables}
     pks: list[Constraint] = []
     uniques: list[Constraint] = []
     fks: list[Constraint] = []
     indexes: list[Constraint] = []
+    index_names = {(t.name, ix.name): given.give(ix.name, "") for t in tables for ix in t.indexes}
     for table in tables:
         target, where = names.table(table.name), names.qualified(table.name)
         if table.primary_key:
-            pk = fitted_name(target, "_pkey")
+            pk = given.give(target, "_pkey")
             pks.append(
                 Constraint(
                     pk,
@@ -370,23 +478,19 @@ def _generic_constraints(
                     f"ALTER TABLE {where} ADD CONSTRAINT {quote_ident(pk)}"
                     f" PRIMARY KEY ({_columns_sql(table.primary_key)})",
                     primary_key=True,
+                    kind="pk",
+                    columns=table.primary_key,
                 )
             )
         for ix in table.indexes:
-            name = fitted_name(ix.name, "")
-            unique = "UNIQUE " if ix.unique else ""
-            partial = f" WHERE {ix.where}" if ix.where else ""
-            sql = (
-                f"CREATE {unique}INDEX IF NOT EXISTS {quote_ident(name)} ON {where}"
-                f" ({_columns_sql(ix.columns)}){partial}"
-            )
-            (uniques if ix.unique else indexes).append(Constraint(name, table.name, sql))
+            c = _index_constraint(table, ix, index_names[(table.name, ix.name)], where)
+            (uniques if ix.unique else indexes).append(c)
         for n, fk in enumerate(table.foreign_keys):
             parent = by_name.get(fk.parent)
             if parent is None:
                 continue  # the mapping notes a foreign key to a table it does not load
             refs = fk.parent_columns or parent.primary_key
-            name = fitted_name(target, f"_fk{n + 1}" if len(table.foreign_keys) > 1 else "_fkey")
+            name = given.give(target, f"_fk{n + 1}" if len(table.foreign_keys) > 1 else "_fkey")
             action = fk.on_delete if fk.on_delete != "NO ACTION" else ""
             fks.append(
                 Constraint(
@@ -396,6 +500,10 @@ def _generic_constraints(
                     f" FOREIGN KEY ({_columns_sql(fk.columns)})"
                     f" REFERENCES {names.qualified(fk.parent)} ({_columns_sql(refs)})"
                     + (f" ON DELETE {action}" if action else ""),
+                    kind="fk",
+                    columns=fk.columns,
+                    parent=fk.parent,
+                    parent_columns=refs,
                 )
             )
     return pks, uniques, fks, indexes
@@ -409,7 +517,9 @@ def constraints(
     tables = TABLES if tables is None else tables
     app = tuple(t for t in tables if not t.generic)
     out = _app_constraints(names, app) if app else []
-    pks, uniques, fks, indexes = _generic_constraints(names, tuple(t for t in tables if t.generic))
+    given = _Names({pg_identifier(names.table(t.name)) for t in tables} | {c.name for c in out})
+    generic = tuple(t for t in tables if t.generic)
+    pks, uniques, fks, indexes = _generic_constraints(names, generic, given)
     app_pks = [c for c in out if c.primary_key]
     return tuple(app_pks + pks + uniques + [c for c in out if not c.primary_key] + fks + indexes)
 

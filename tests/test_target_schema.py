@@ -1,0 +1,286 @@
+"""Everything PostgreSQL could refuse about the target schema is found before the first row is
+written (exit 2 naming table, column and fix), or carried over so that PostgreSQL takes it:
+mapping files checked against a closed vocabulary, names that clash, partial-index conditions,
+foreign keys it cannot build."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from flux_migrate.core.discover import discover
+from flux_migrate.core.mapping import map_schema
+from tests.support import cli, fetchval
+
+pytestmark = pytest.mark.anyio
+
+
+def _db(path: Path, ddl: str, rows: dict[str, list[tuple[object, ...]]] | None = None) -> Path:
+    db = sqlite3.connect(path)
+    db.executescript(ddl)
+    for table, values in (rows or {}).items():
+        marks = ", ".join("?" for _ in values[0])
+        db.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
+    db.commit()
+    db.close()
+    return path
+
+
+def _error(stderr: str) -> str:
+    errors = [json.loads(line)["error"] for line in stderr.splitlines() if '"error"' in line]
+    return errors[-1] if errors else stderr
+
+
+async def _nothing_written(dsn: str) -> None:
+    """Neither a target table nor the bookkeeping schema exists."""
+    tables = await fetchval(
+        dsn, "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+    )
+    assert 0 == tables
+    assert await fetchval(dsn, "SELECT to_regnamespace('flux_migrate')") is None
+
+
+LONG = "a" * 63
+REFUSED = {
+    "empty column name": ('CREATE TABLE t (id INTEGER PRIMARY KEY, "" TEXT);', "empty name"),
+    "column names sharing 63 bytes": (
+        f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{LONG}x" TEXT, "{LONG}y" TEXT);',
+        "share their first 63 bytes",
+    ),
+    "1700 columns": (
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, "
+        + ", ".join(f"c{i} INT" for i in range(1699))
+        + ");",
+        "1700 columns, more than PostgreSQL's 1600",
+    ),
+    "a system column name": ("CREATE TABLE t (id INTEGER PRIMARY KEY, xmin INT);", "xmin"),
+    "table names sharing 63 bytes": (
+        f'CREATE TABLE "{LONG}1" (id INT); CREATE TABLE "{LONG}2" (id INT);',
+        "share their first 63 bytes",
+    ),
+    "empty table name": ('CREATE TABLE "" (id INT); CREATE TABLE t (id INT);', "empty name"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+async def test_a_schema_postgresql_refuses_stops_the_run_before_writing(
+    case: str, tmp_path: Path, pg_dsn: str
+) -> None:
+    """Names PostgreSQL refuses or cuts into one, too many columns: exit 2 with the problem
+    and its fix, and nothing in PostgreSQL (not even the bookkeeping)."""
+    ddl, expected = REFUSED[case]
+    path = _db(tmp_path / "s.sqlite", ddl)
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode, done.stderr
+    message = _error(done.stderr)
+    assert expected in message
+    assert "nothing was written" in message and "[ignore]" in message
+    await _nothing_written(pg_dsn)
+
+
+async def test_defaults_postgresql_refuses_are_left_out_with_a_note(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A JSON column's DEFAULT 'none' (not JSON) and an integer's DEFAULT 1.5 (which bigint
+    would round) are left out with a note: the run loads every row (exit 0)."""
+    path = _db(
+        tmp_path / "d.sqlite",
+        "CREATE TABLE d (id INTEGER PRIMARY KEY, j JSON DEFAULT 'none', n INT DEFAULT 1.5,"
+        " s TEXT DEFAULT 'it''s', ok JSON DEFAULT '{\"a\": 1}');",
+        {"d": [(1, '{"x": 1}', 2, "a", "[]"), (2, None, None, None, None)]},
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    assert "DEFAULT 'none'" in done.stdout + done.stderr
+    assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM d")
+    defaults = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(a.attname || '=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '-')"
+        " ORDER BY a.attnum) FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid ="
+        " a.attrelid AND d.adnum = a.attnum WHERE a.attrelid = 'd'::regclass AND a.attnum > 0",
+    )
+    assert ["id=-", "j=-", "n=-", "s='it''s'::text", """ok='{"a": 1}'::jsonb"""] == defaults
+
+
+MAPPING = """
+[[table]]
+name = "m"
+primary_key = [{key}]
+{table_extra}
+
+[[table.column]]
+name = "id"
+convert = "integer"
+not_null = true
+
+[[table.column]]
+name = "r"
+convert = "{r_convert}"
+type = "{r_type}"
+
+[[table.column]]
+name = "flag"
+convert = "boolean"
+{flag_extra}
+"""
+
+EDITS = {
+    "type real rounds doubles": ({"r_type": "real"}, "type = 'real' cannot hold every value"),
+    "numeric(5,2) rounds": ({"r_convert": "numeric", "r_type": "numeric(5,2)"}, "numeric(5,2)"),
+    "timestamptz(0) rounds": ({"r_convert": "instant", "r_type": "timestamptz(0)"}, "(0)"),
+    "SQL pasted into a type": ({"r_type": "numeric, evil text"}, "evil text"),
+    "a converter and a type that disagree": (
+        {"r_convert": "nullable_text", "r_type": "bigint"},
+        "type = 'bigint' cannot hold every value of convert = 'nullable_text'",
+    ),
+    "a key column that does not exist": (
+        {"key": '"nope"'},
+        "names column 'nope'",
+    ),
+    "SQL pasted into a default": (
+        {"flag_extra": 'default = "false); DROP TABLE m; --"'},
+        "is not a literal a boolean column holds",
+    ),
+    "SQL pasted into an index condition": (
+        {"table_extra": '[[table.index]]\nname = "i"\ncolumns = ["r"]\nwhere = "1=1) OR (1=1"'},
+        "is not a condition PostgreSQL reads as SQLite does",
+    ),
+    "a typo in a key": ({"flag_extra": 'typ = "text"'}, "has 'typ'"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+async def test_an_edited_mapping_is_checked_before_anything_is_written(
+    case: str, tmp_path: Path, pg_dsn: str
+) -> None:
+    """A mapping file may only say what flux-migrate can carry out unchanged: a type that
+    rounds, SQL text, a converter its type cannot hold, a key column that does not exist, an
+    unknown key are refused with exit 2 naming the table and column, before writing."""
+    path = _db(
+        tmp_path / "m.sqlite",
+        "CREATE TABLE m (id INTEGER PRIMARY KEY, r REAL, flag BOOLEAN);",
+        {"m": [(1, 0.14285714285714285, 1), (2, 2.5, 0)]},
+    )
+    fields = {"table_extra": "", "r_convert": "real", "r_type": "double precision", "key": '"id"'}
+    fields |= {"flag_extra": ""}
+    edit, expected = EDITS[case]
+    config = tmp_path / "mapping.toml"
+    config.write_text(MAPPING.format(**(fields | edit)), encoding="utf-8")
+    done = cli("run", "--config", str(config), "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode, done.stderr
+    message = _error(done.stderr)
+    assert expected in message
+    assert "internal error" not in message.lower()
+    await _nothing_written(pg_dsn)
+
+
+async def test_an_edited_mapping_in_the_vocabulary_loads(tmp_path: Path, pg_dsn: str) -> None:
+    """Type aliases PostgreSQL stores the same (float8), a literal default and a condition
+    are accepted and rendered by flux-migrate."""
+    path = _db(
+        tmp_path / "m.sqlite",
+        "CREATE TABLE m (id INTEGER PRIMARY KEY, r REAL, flag BOOLEAN);",
+        {"m": [(1, 0.14285714285714285, 1), (2, 2.5, 0)]},
+    )
+    config = tmp_path / "mapping.toml"
+    text = MAPPING.format(
+        table_extra='[[table.index]]\nname = "i"\ncolumns = ["r"]\nwhere = "flag = 1"',
+        key='"id"',
+        r_convert="real",
+        r_type="FLOAT8",
+        flag_extra='default = "1"',
+    )
+    config.write_text(text, encoding="utf-8")
+    done = cli("run", "--config", str(config), "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    assert 0.14285714285714285 == await fetchval(pg_dsn, "SELECT r FROM m WHERE id = 1")
+    index = await fetchval(pg_dsn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'i'")
+    assert index.endswith("WHERE (flag = true)")
+
+
+async def test_partial_index_conditions_are_translated_as_sqlite_reads_them(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """`active = 1` on a boolean becomes `= true`, an unquoted `Flag` names column "Flag",
+    a number against a text column is text, a string against an integer a number, and text
+    order is byte order; every index is built and keeps the rows SQLite's keeps."""
+    path = _db(
+        tmp_path / "p.sqlite",
+        'CREATE TABLE u (id INTEGER PRIMARY KEY, active BOOLEAN, "Flag" TEXT, code TEXT, n INT);'
+        " CREATE UNIQUE INDEX u_active ON u(code) WHERE active = 1;"
+        " CREATE INDEX u_flag ON u(n) WHERE Flag IS NOT NULL;"
+        " CREATE INDEX u_code ON u(n) WHERE code = 5;"
+        " CREATE INDEX u_n ON u(code) WHERE n == '3';"
+        " CREATE INDEX u_after ON u(n) WHERE code > 'm';",
+        {"u": [(1, 1, "x", "a", 3), (2, 0, None, "a", 4), (3, 0, "y", "5", 3)]},
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    found = await fetchval(
+        pg_dsn,
+        "SELECT json_object_agg(indexname, split_part(indexdef, ' WHERE ', 2))"
+        " FROM pg_indexes WHERE tablename = 'u' AND indexname <> 'u_pkey'",
+    )
+    assert {
+        "u_active": "(active = true)",
+        "u_flag": '("Flag" IS NOT NULL)',
+        "u_code": "(code = '5'::text)",
+        "u_n": "(n = 3)",
+        "u_after": "((code COLLATE \"C\") > 'm'::text)",
+    } == json.loads(found)
+
+
+async def test_generated_names_never_take_a_name_already_given(tmp_path: Path, pg_dsn: str) -> None:
+    """Tables t and t_pkey each get their primary key; an SQLite index named t_pkey on another
+    table, or one named like a foreign key, is built beside the key it would have shadowed."""
+    path = _db(
+        tmp_path / "n.sqlite",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);"
+        " CREATE TABLE t_pkey (id INTEGER PRIMARY KEY, v TEXT);"
+        " CREATE TABLE u (id INTEGER PRIMARY KEY, t_id INT REFERENCES t(id));"
+        " CREATE INDEX u_fkey ON u(t_id); CREATE INDEX t_pkey1 ON t_pkey(v);",
+        {"t": [(1, "a")], "t_pkey": [(1, "b")], "u": [(1, 1)]},
+    )
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE w (id INTEGER PRIMARY KEY, v TEXT)")
+    db.commit()
+    db.close()
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    keys = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(conrelid::regclass::text || ':' || contype::text ORDER BY 1)"
+        " FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype IN ('p', 'f')",
+    )
+    assert ["t:p", "t_pkey:p", "u:f", "u:p", "w:p"] == sorted(keys)
+    indexes = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(indexname::text ORDER BY 1) FROM pg_indexes"
+        " WHERE schemaname = 'public' AND indexname IN ('u_fkey', 't_pkey1')",
+    )
+    assert ["t_pkey1", "u_fkey"] == indexes
+
+
+def test_what_postgresql_cannot_keep_is_named_in_a_note() -> None:
+    """COLLATE NOCASE, CHECK constraints, triggers, AUTOINCREMENT and a foreign key written
+    in another case (`REFERENCES P(ID)`) are noted or resolved, not dropped silently."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(
+        "CREATE TABLE p (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT COLLATE NOCASE,"
+        " n INT CHECK (n > 0), note TEXT DEFAULT 'CHECK (x)');"
+        " CREATE TABLE c (id INTEGER PRIMARY KEY, p_id INT REFERENCES P(ID));"
+        " CREATE INDEX c_ci ON c(p_id COLLATE NOCASE);"
+        " CREATE TRIGGER p_touch AFTER UPDATE ON p BEGIN SELECT 1; END;"
+    )
+    mapping = map_schema(discover(conn), {})
+    notes = "\n".join(mapping.notes)
+    assert "table p has CHECK constraints" in notes
+    assert "table p compares with COLLATE NOCASE" in notes
+    assert "index c_ci on c compares with COLLATE NOCASE" in notes
+    assert "trigger p_touch on p" in notes
+    assert "table p has AUTOINCREMENT" in notes
+    (fk,) = mapping.table("c").foreign_keys
+    assert ("p", ("id",)) == (fk.parent, fk.parent_columns)
