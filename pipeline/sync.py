@@ -200,7 +200,7 @@ async def _apply(
             report.run_id,
             missing,
             children=_children(table, tables),
-            parents=_parents(table, tables, report.plans),
+            parents=_parents(table, tables),
             known=report.plans[table.name].known,
         )
         plan, treport = report.plans[table.name], report.tables[table.name]
@@ -221,9 +221,10 @@ async def _apply(
     for table in reversed(tables):
         plan, treport = report.plans[table.name], report.tables[table.name]
         started = time.monotonic()
-        for i in range(0, len(plan.deletes), size):
+        deletes = await appliers[table.name].leaves_first(plan.deletes)
+        for i in range(0, len(deletes), size):
             stop.check()
-            await appliers[table.name].delete(plan.deletes[i : i + size], treport)
+            await appliers[table.name].delete(deletes[i : i + size], treport)
         name, last_rowid, last_key = table.name, plan.last_rowid, plan.last_key
         await target.retrying(
             functools.partial(
@@ -247,35 +248,29 @@ async def _apply(
         )
 
 
-def _parents(
-    child: Table, tables: Sequence[Table], plans: dict[str, TablePlan]
-) -> tuple[tuple[str, Table, str, TablePlan], ...]:
-    """The (column, parent table, parent column, parent's plan) of each one-column foreign
-    key of ``child`` whose parent is synced too."""
+def _parents(child: Table, tables: Sequence[Table]) -> tuple[tuple[str, Table, str], ...]:
+    """The (column, parent table, parent column) of each one-column foreign key of ``child``
+    whose parent is synced too (the parent column: the primary key or a unique key)."""
     by_name = {t.name: t for t in tables}
-    out: list[tuple[str, Table, str, TablePlan]] = []
+    out: list[tuple[str, Table, str]] = []
     if child.parent in by_name and child.parent_column is not None:
-        app_parent = by_name[child.parent]
-        out.append((child.parent_column, app_parent, "id", plans[app_parent.name]))
+        out.append((child.parent_column, by_name[child.parent], "id"))
     for fk in child.foreign_keys:
         parent = by_name.get(fk.parent)
         if parent is None or len(fk.columns) != 1:
             continue
         referenced = fk.parent_columns or parent.primary_key
         if len(referenced) == 1:
-            out.append((fk.columns[0], parent, referenced[0], plans[parent.name]))
+            out.append((fk.columns[0], parent, referenced[0]))
     return tuple(out)
 
 
-def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str], ...]:
-    """The (table, column) pairs whose one-column foreign key references ``parent``."""
-    out: list[tuple[Table, str]] = []
-    for t in tables:
-        if t.parent == parent.name and t.parent_column is not None:
-            out.append((t, t.parent_column))
-        out += [
-            (t, fk.columns[0])
-            for fk in t.foreign_keys
-            if fk.parent == parent.name and len(fk.columns) == 1
-        ]
-    return tuple(out)
+def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str, str], ...]:
+    """The (table, column, column of ``parent`` it references) of each one-column foreign key
+    referencing ``parent`` (its primary key or a unique key)."""
+    return tuple(
+        (t, column, parent_column)
+        for t in tables
+        for column, p, parent_column in _parents(t, tables)
+        if p.name == parent.name
+    )

@@ -11,6 +11,7 @@ plan, so a sync killed at any moment and rerun converges.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from flux_migrate.core.schema import Kind, Table, TargetNames, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.requeue import read_rowids
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.pipeline.sync_plan import Stored, TablePlan, source_rowids
+from flux_migrate.pipeline.sync_plan import Stored, source_rowids, source_rows_of
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.load import LoadContext, quarantine_records
 from flux_migrate.stages.transform import key_of, transform_batch
@@ -74,9 +75,11 @@ class Applier:
     table: Table
     run_id: str
     missing_parents: frozenset[str] = frozenset()
-    children: tuple[tuple[Table, str], ...] = ()  # (table, column) referencing this table
-    # (column, parent table, its column, the parent's plan) of each one-column foreign key
-    parents: tuple[tuple[str, Table, str, TablePlan], ...] = ()
+    # (table, its column, the column of this table it references) of each one-column foreign
+    # key referencing this table
+    children: tuple[tuple[Table, str, str], ...] = ()
+    # (column, parent table, the parent's column it references) of each one-column foreign key
+    parents: tuple[tuple[str, Table, str], ...] = ()
     known: Mapping[str, Stored | None] = field(default_factory=dict)  # the plan's (TablePlan)
 
     @property
@@ -243,10 +246,10 @@ class Applier:
     async def _parents_missing(
         self, conn: asyncpg.Connection, batch: Batch, keys: list[str], writing: list[int]
     ) -> tuple[set[int], set[int]]:
-        """Of the rows at ``writing``, those naming a parent row the target does not hold:
-        left for the next sync when the parent is one the app inserted after this sync read
-        the parent table (or changed since, or deleted meanwhile), a conflict when it is a
-        parent flux-migrate loaded earlier that someone deleted in PostgreSQL. Parents
+        """Of the rows at ``writing``, those naming a parent row the target does not hold: a
+        conflict when the parent is a row flux-migrate loaded (its digest is kept) that someone
+        deleted in PostgreSQL; else (a parent the app wrote after this sync read the parent
+        table, or one written later in this sync) left to wait, to be retried. Parents
         quarantined are transform's business (their children are quarantined). The parents
         found are locked (FOR KEY SHARE) until the batch commits. For a table referencing
         itself, a parent written in this batch counts only if it is written after all: rows
@@ -258,30 +261,39 @@ class Applier:
         while True:
             left = [i for i in writing if i not in wait and i not in orphaned]
             before = len(wait) + len(orphaned)
-            for n, (column, parent, parent_column, plan) in enumerate(self.parents):
+            for n, (column, parent, parent_column) in enumerate(self.parents):
                 at = self.table.column_names.index(column) + 1
                 wanted: dict[str, list[int]] = {}
                 for i in left:
                     if (value := key_of(batch.raw[i][at])) is not None:
                         wanted.setdefault(value, []).append(i)
-                if parent.name == self.table.name:
+                if parent.name == self.table.name:  # rows of this batch written with it
+                    ref_at = self.table.column_names.index(parent_column) + 1
                     for i in left:
-                        wanted.pop(keys[i], None)
+                        wanted.pop(key_of(batch.raw[i][ref_at]) or "", None)
                 unknown = [k for k in wanted if (n, k) not in checked]
                 if unknown:
                     found = await self._parents_present(conn, parent, parent_column, unknown)
                     checked.update(((n, k), k in found) for k in unknown)
                 missing = [k for k in wanted if not checked[(n, k)]]
                 if new := [k for k in missing if (n, k) not in later]:
-                    now = await source_rowids(self.src, parent, parent_column, new)
-                    later.update(
-                        ((n, k), k in plan.known or now.get(k) is None or now[k] > plan.last_rowid)
-                        for k in new
-                    )
+                    later.update(await self._parents_new(conn, n, parent, parent_column, new))
                 for key in missing:
                     (wait if later[(n, key)] else orphaned).update(wanted[key])
             if len(wait) + len(orphaned) == before:
                 return wait, orphaned
+
+    async def _parents_new(
+        self, conn: asyncpg.Connection, n: int, parent: Table, column: str, values: list[str]
+    ) -> dict[tuple[int, str], bool]:
+        """Per value of ``column`` that the target's ``parent`` lacks: True when the row is
+        not one flux-migrate loaded (no digest kept for the source row holding it: new in the
+        source, to wait for), False when it is (someone deleted it in PostgreSQL)."""
+        now = await source_rows_of(self.src, parent, column, values)
+        loaded = await bookkeeping.loaded_keys(
+            conn, self.names.schema, parent.name, {key: rowid for rowid, key in now.values()}
+        )
+        return {(n, v): v not in now or now[v][1] not in loaded for v in values}
 
     async def _parents_present(
         self, conn: asyncpg.Connection, parent: Table, column: str, keys: list[str]
@@ -432,20 +444,68 @@ class Applier:
         return len(ours), conflicts
 
     async def _referenced(self, conn: asyncpg.Connection, keys: list[str]) -> set[str]:
-        """Those of ``keys`` that rows of a child table still reference (rows sync did not
-        delete: written by someone else, or kept in conflict); deleting them would cascade."""
-        found: set[str] = set()
-        if not keys:
-            return found
-        for child, name in self.children:
-            column = quote_ident(name)
-            rows = await conn.fetch(
-                f"SELECT DISTINCT {column}::text AS key FROM {self.names.qualified(child.name)}"
-                f" WHERE {column} = ANY($1::text[]::{self.pk_type}[])",
-                keys,
+        """Those of ``keys`` whose target row a row sync is not deleting with them still
+        references (written by someone else, or kept in conflict), through any foreign key,
+        by the columns it names, compared in the target's types; deleting them would cascade
+        or fail. Rows of a table referencing itself deleted in the same statement do not
+        count, unless kept themselves."""
+        kept: set[str] = set()
+        while deleting := [k for k in keys if k not in kept]:
+            found: set[str] = set()
+            for child, column, parent_column in self.children:
+                found |= await self._referencing(conn, child, column, parent_column, deleting)
+            if not found:
+                break
+            kept |= found
+        return kept
+
+    async def _referencing(
+        self,
+        conn: asyncpg.Connection,
+        child: Table,
+        column: str,
+        parent_column: str,
+        keys: list[str],
+    ) -> set[str]:
+        """Those of ``keys`` whose target row rows of ``child`` (other than rows of ``keys``
+        themselves) reference through ``column`` -> ``parent_column``."""
+        pk, me = quote_ident(self.pk), self.names.qualified(self.table.name)
+        col, ref = quote_ident(column), quote_ident(parent_column)
+        match = f"ANY($1::text[]::{self.pk_type}[])"
+        others = f" AND NOT c.{pk} = {match}" if child.name == self.table.name else ""
+        rows = await conn.fetch(
+            f"SELECT DISTINCT p.{pk}::text AS key FROM {me} AS p"
+            f" JOIN {self.names.qualified(child.name)} AS c ON c.{col} = p.{ref}"
+            f" WHERE p.{pk} = {match}{others}",
+            keys,
+        )
+        return {r["key"] for r in rows}
+
+    async def leaves_first(self, keys: list[str]) -> list[str]:
+        """``keys`` to delete ordered so that, for a table referencing itself, a row comes
+        before the rows it references among them (a subtree goes in one sync, whatever the
+        batch size); unchanged for other tables."""
+        own = [(c, col, ref) for c, col, ref in self.children if c.name == self.table.name]
+        if not own or len(keys) < 2:
+            return keys
+        pk, me = quote_ident(self.pk), self.names.qualified(self.table.name)
+        above: dict[str, set[str]] = {}
+        for _child, column, parent_column in own:
+            col, ref = quote_ident(column), quote_ident(parent_column)
+            sql = (
+                f"SELECT c.{pk}::text AS key, p.{pk}::text AS up FROM {me} AS c"
+                f" JOIN {me} AS p ON c.{col} = p.{ref}"
+                f" WHERE c.{pk} = ANY($1::text[]::{self.pk_type}[])"
+                f" AND p.{pk} = ANY($1::text[]::{self.pk_type}[])"
             )
-            found |= {r["key"] for r in rows}
-        return found
+            rows = await self.target.retrying(
+                functools.partial(_fetch, sql=sql, args=(keys,)),
+                what=f"ordering the deletes of {self.table.name}",
+            )
+            for r in rows:
+                above.setdefault(r["key"], set()).add(r["up"])
+        depth = _depths(keys, above)
+        return sorted(keys, key=lambda k: -depth[k])
 
     async def _in_source(self, keys: list[str]) -> set[str]:
         """Those of ``keys`` the source holds now (a live app may have written them again)."""
@@ -489,6 +549,33 @@ class Applier:
 
         await self.target.retrying(commit, what=f"recording moved rows of {name}")
         report.moved += len(moves)
+
+
+async def _fetch(
+    conn: asyncpg.Connection, *, sql: str, args: Sequence[Any]
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(sql, *args))
+
+
+def _depths(keys: list[str], above: dict[str, set[str]]) -> dict[str, int]:
+    """Per key, how many rows lie above it on its longest path up ``above`` (a cycle ends a
+    path); iterative, so a chain of any length is fine."""
+    depth: dict[str, int] = {}
+    for start in keys:
+        if start in depth:
+            continue
+        stack, on_path = [start], {start}
+        while stack:
+            key = stack[-1]
+            ups = above.get(key, set())
+            if pending := [u for u in ups if u not in depth and u not in on_path]:
+                stack.append(pending[0])
+                on_path.add(pending[0])
+                continue
+            depth[key] = max((1 + depth[u] for u in ups if u in depth), default=0)
+            stack.pop()
+            on_path.discard(key)
+    return depth
 
 
 def _pack_of(stored: Stored | None) -> str | None:

@@ -184,19 +184,48 @@ async def source_rowids(
 ) -> dict[str, int]:
     """The source rowid of each of ``keys`` (values of ``column``, as the bookkeeping spells
     them) that ``table`` holds now."""
-    size = await variable_limit(src)
-    found: dict[str, int] = {}
-    ref = quote_ident(column)
+    return {
+        k: rowid for k, (rowid, _key) in (await source_rows_of(src, table, column, keys)).items()
+    }
+
+
+async def source_rows_of(
+    src: aiosqlite.Connection, table: Table, column: str, keys: Sequence[str]
+) -> dict[str, tuple[int, str]]:
+    """The source rowid and primary key (as the bookkeeping spells it) of the row holding each
+    of ``keys`` (values of ``column``, as the bookkeeping spells them) that ``table`` holds
+    now. A key is looked up as every value SQLite may store for it (text, and the integer or
+    real it spells: a column without a declared type keeps 6 and '6' apart), so a key's
+    identity is its text whatever the storage class."""
+    size = max(1, await variable_limit(src) // 3)
+    found: dict[str, tuple[int, str]] = {}
+    ref, pk = quote_ident(column), quote_ident(table.primary_key[0])
     for start in range(0, len(keys), size):
-        part = list(keys[start : start + size])
+        part = [v for k in keys[start : start + size] for v in stored_forms(k)]
         marks = ", ".join("?" for _ in part)
         rows = await fetch_rows(
             src,
-            f"SELECT {ref}, rowid FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
+            f"SELECT {ref}, rowid, {pk} FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
             part,
         )
-        found.update((key_of(r[0]) or "", r[1]) for r in rows)
+        found.update((key_of(r[0]) or "", (r[1], key_of(r[2]) or "")) for r in rows)
     return found
+
+
+def stored_forms(key: str) -> list[str | int | float]:
+    """The values SQLite may hold for a bookkeeping key: its text, and the integer or real
+    number whose text it is (as key_of spells them)."""
+    forms: list[str | int | float] = [key]
+    try:
+        number: int | float = int(key)
+    except ValueError:
+        try:
+            number = float(key)
+        except ValueError:
+            return forms
+    if str(number) == key:
+        forms.append(number)
+    return forms
 
 
 _GALLOP, _GALLOP_MAX = 16, 4096  # rows compared at once by the merge's fast path

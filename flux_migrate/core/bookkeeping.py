@@ -601,6 +601,37 @@ async def digest_entries(
     )
 
 
+async def loaded_keys(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, at: dict[str, int]
+) -> set[str]:
+    """Those of the keys of ``at`` (key -> the source rowid holding it now) that flux-migrate
+    answers for: a live ``digest_rows`` entry, or else an entry in a pack (looked up in the
+    packs spanning the key's rowid; a key that moved rowid has a ``digest_rows`` entry)."""
+    if not at:
+        return set()
+    rows = await conn.fetch(
+        f"SELECT key, digest FROM {DIGEST_ROWS} WHERE target_schema = $1 AND source_table = $2"
+        " AND key = ANY($3::text[])",
+        target_schema,
+        source_table,
+        list(at),
+    )
+    found = {r["key"] for r in rows if r["digest"] is not None}
+    rest = set(at) - {r["key"] for r in rows}
+    if rest:
+        packs = await conn.fetch(
+            f"SELECT keys FROM {DIGEST_PACKS} WHERE target_schema = $1 AND source_table = $2"
+            " AND EXISTS (SELECT 1 FROM unnest($3::bigint[]) AS r(rowid)"
+            " WHERE r.rowid BETWEEN first_rowid AND last_rowid)",
+            target_schema,
+            source_table,
+            sorted({at[k] for k in rest}),
+        )
+        for pack in packs:
+            found |= rest.intersection(json.loads(pack["keys"]))
+    return found
+
+
 async def put_digests(
     conn: asyncpg.Connection,
     target_schema: str,

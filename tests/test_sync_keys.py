@@ -1,0 +1,193 @@
+"""`flux-migrate sync` on every key and foreign-key shape: foreign keys to a UNIQUE column
+that is not the primary key (text and integer), key columns with no declared type holding
+integers, self-referencing trees deleted as a whole (real PostgreSQL, real processes)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from flux_migrate.core.errors import EXIT_CONFLICTS, EXIT_OK, EXIT_QUARANTINED
+from tests.generic_db import compare_table
+from tests.support import cli
+
+pytestmark = pytest.mark.anyio
+
+
+def _db(path: Path, ddl: str, *rows: tuple[str, list[tuple[object, ...]]]) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(ddl)
+    for sql, values in rows:
+        db.executemany(sql, values)
+    db.commit()
+    db.close()
+
+
+def _change(path: Path, *statements: str) -> None:
+    db = sqlite3.connect(path)
+    for sql in statements:
+        db.execute(sql)
+    db.commit()
+    db.close()
+
+
+async def _pg(dsn: str, sql: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+UNIQUE_TEXT = """
+CREATE TABLE parent (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE, name TEXT);
+CREATE TABLE child (id INTEGER PRIMARY KEY,
+    pcode TEXT REFERENCES parent(code) ON DELETE CASCADE, body TEXT);
+"""
+UNIQUE_INT = """
+CREATE TABLE parent (id TEXT PRIMARY KEY, code INTEGER NOT NULL UNIQUE, name TEXT);
+CREATE TABLE child (id INTEGER PRIMARY KEY,
+    pcode INTEGER REFERENCES parent(code) ON DELETE CASCADE, body TEXT);
+"""
+
+
+def _unique_db(path: Path, integer: bool) -> list[str]:
+    ddl = UNIQUE_INT if integer else UNIQUE_TEXT
+    parents = [
+        (f"p{i}" if integer else i, 100 + i if integer else f"c{i}", f"n{i}") for i in range(1, 9)
+    ]
+    children = [(i, 100 + i % 8 + 1 if integer else f"c{i % 8 + 1}", f"b{i}") for i in range(40)]
+    _db(
+        path,
+        ddl,
+        ("INSERT INTO parent VALUES (?, ?, ?)", parents),
+        ("INSERT INTO child VALUES (?, ?, ?)", children),
+    )
+    return ["--sqlite-path", str(path)]
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["text_code", "integer_code"])
+async def test_a_parent_referenced_by_a_unique_column_is_never_cascaded_away(
+    tmp_path: Path, pg_dsn: str, integer: bool
+) -> None:
+    """Parents deleted in SQLite that a child still references through a UNIQUE non-key
+    column (a child someone inserted in PostgreSQL, or one still in SQLite) are kept as
+    child_rows_kept conflicts (exit 4), no child is cascaded away; an unreferenced deleted
+    parent goes, and the next syncs still work (no text = bigint error)."""
+    path = tmp_path / "u.sqlite"
+    args = _unique_db(path, integer) + ["--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    code = (lambda i: str(100 + i)) if integer else (lambda i: f"'c{i}'")
+    await _pg(pg_dsn, f"INSERT INTO public.child VALUES (1000, {code(1)}, 'theirs')")
+    _change(
+        path,
+        f"DELETE FROM child WHERE pcode IN ({code(1)}, {code(3)})",
+        f"DELETE FROM parent WHERE code IN ({code(1)}, {code(2)}, {code(3)})",
+    )  # parent 2 keeps its children in SQLite; 1 keeps PostgreSQL's; 3 is free to go
+    done = cli("sync", *args)
+    assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
+    assert "child_rows_kept" in done.stdout and "internal error" not in done.stderr
+    left = {r["b"] for r in await _pg(pg_dsn, "SELECT body AS b FROM public.child")}
+    assert "theirs" in left
+    assert 40 - 10 + 1 == len(left)  # 5 children of parent 1, 5 of parent 3 deleted in SQLite
+    codes = {str(r["c"]) for r in await _pg(pg_dsn, "SELECT code AS c FROM public.parent")}
+    assert {code(1).strip("'"), code(2).strip("'")} <= codes
+    assert code(3).strip("'") not in codes
+    _change(
+        path,
+        f"DELETE FROM parent WHERE code = {code(4)}",
+        f"DELETE FROM child WHERE pcode = {code(4)}",
+    )
+    again = cli("sync", *args)
+    assert EXIT_CONFLICTS == again.returncode, again.stdout + again.stderr
+    assert "internal error" not in again.stderr
+    codes = {str(r["c"]) for r in await _pg(pg_dsn, "SELECT code AS c FROM public.parent")}
+    assert code(4).strip("'") not in codes
+
+
+UNTYPED = "CREATE TABLE kv (k PRIMARY KEY, v REAL, note TEXT);"
+
+
+async def test_an_untyped_integer_key_keeps_one_identity(tmp_path: Path, pg_dsn: str) -> None:
+    """A key column with no declared type holding integers: a quarantined row stays
+    quarantined (listed, exit 3) sync after sync instead of being 'resolved' as gone, a
+    deleted row is deleted, and fixing the row loads it."""
+    path = tmp_path / "kv.sqlite"
+    rows = [(i, "n/a" if i == 6 else i / 2, f"r{i}") for i in range(1, 21)]
+    _db(path, UNTYPED, ("INSERT INTO kv VALUES (?, ?, ?)", rows))
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_QUARANTINED == cli("run", *args).returncode
+    _change(path, "UPDATE kv SET note = 'edited' WHERE k = 6", "DELETE FROM kv WHERE k = 7")
+    for _ in range(2):
+        done = cli("sync", *args)
+        assert EXIT_QUARANTINED == done.returncode, done.stdout + done.stderr
+        listed = cli("quarantine", *args)
+        assert "1 quarantined row(s)" in listed.stdout, listed.stdout
+    gone = await _pg(
+        pg_dsn, "SELECT count(*) AS n FROM flux_migrate.quarantine WHERE resolution IS NOT NULL"
+    )
+    assert 0 == gone[0]["n"]
+    assert [] == await _pg(pg_dsn, "SELECT 1 FROM public.kv WHERE k::text = '7'")
+    _change(path, "UPDATE kv SET v = 3.5 WHERE k = 6")
+    fixed = cli("sync", *args)
+    assert EXIT_OK == fixed.returncode, fixed.stdout + fixed.stderr
+    await compare_table(path, pg_dsn, "kv")
+    status = cli("status", *args)
+    assert " 19 " in status.stdout and "quarantined" in status.stdout, status.stdout
+
+
+TREE = (
+    "CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES nodes(id){},"
+    " name TEXT);"
+)
+
+
+@pytest.mark.parametrize("action", ["", " ON DELETE CASCADE"], ids=["no_action", "cascade"])
+async def test_a_deleted_subtree_goes_in_one_sync(tmp_path: Path, pg_dsn: str, action: str) -> None:
+    """A chain of 6 and a branching subtree of a self-referencing table deleted in SQLite
+    leave PostgreSQL in one sync (exit 0, no child_rows_kept), whatever the batch size and
+    the order of the rows; a row someone else hangs under a deleted node keeps that node
+    and its ancestors (conflicts), and nothing else."""
+    path = tmp_path / "tree.sqlite"
+    # rows inserted leaves first, so rowid order is child before parent
+    chain = [(10 + i, 10 + i + 1 if i < 5 else None, f"c{i}") for i in range(6)]
+    tree = [(30, None, "root"), (31, 30, "a"), (32, 30, "b"), (33, 31, "aa"), (34, 33, "aaa")]
+    keep = [(50, None, "keep"), (51, 50, "keep child")]
+    _db(
+        path,
+        TREE.format(action),
+        ("INSERT INTO nodes VALUES (?, ?, ?)", chain + list(reversed(tree)) + keep),
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "2"]
+    assert EXIT_OK == cli("run", *args).returncode
+    _change(path, "DELETE FROM nodes WHERE id BETWEEN 10 AND 15 OR id BETWEEN 30 AND 34")
+    done = cli("sync", *args)
+    assert EXIT_OK == done.returncode, done.stdout + done.stderr
+    await compare_table(path, pg_dsn, "nodes")
+    assert "up to date" in cli("sync", *args).stdout
+
+
+async def test_a_subtree_with_a_foreign_child_keeps_only_its_ancestors(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A row someone inserted in PostgreSQL under a node of a deleted subtree keeps that node
+    and its ancestors (child_rows_kept, exit 4); the rest of the subtree goes in one sync."""
+    path = tmp_path / "tree.sqlite"
+    tree = [(1, None, "root"), (2, 1, "a"), (3, 2, "aa"), (4, 1, "b"), (5, 4, "bb"), (6, 5, "x")]
+    rows = [(50, None, "kept")] + list(reversed(tree))
+    _db(path, TREE.format(""), ("INSERT INTO nodes VALUES (?, ?, ?)", rows))
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "2"]
+    assert EXIT_OK == cli("run", *args).returncode
+    await _pg(pg_dsn, "INSERT INTO public.nodes VALUES (100, 3, 'theirs')")
+    _change(path, "DELETE FROM nodes WHERE id < 50")
+    done = cli("sync", *args)
+    assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
+    left = {r["id"] for r in await _pg(pg_dsn, "SELECT id FROM public.nodes")}
+    assert {1, 2, 3, 50, 100} == left
+    kept = await _pg(pg_dsn, "SELECT key, kind FROM flux_migrate.conflicts ORDER BY key")
+    assert [("1", "child_rows_kept"), ("2", "child_rows_kept"), ("3", "child_rows_kept")] == [
+        (r["key"], r["kind"]) for r in kept
+    ]
