@@ -148,7 +148,7 @@ EDITS = {
         {"table_extra": '[[table.index]]\nname = "i"\ncolumns = ["r"]\nwhere = "1=1) OR (1=1"'},
         "is not a condition PostgreSQL reads as SQLite does",
     ),
-    "a typo in a key": ({"flag_extra": 'typ = "text"'}, "has 'typ'"),
+    "a typo in a key": ({"flag_extra": 'typ = "text"'}, "'typ'"),
 }
 
 
