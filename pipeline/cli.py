@@ -179,6 +179,10 @@ def _add_sync(sub: Any) -> None:
     sync.add_argument(
         "--show", type=_count, default=20, help="conflicting keys to name (default 20)"
     )
+    sync.add_argument("--no-progress", action="store_true", help="no live progress display")
+    sync.add_argument(
+        "--on-conflict", choices=ON_CONFLICT, help="as given to the run (its setting is checked)"
+    )
     _jsonl_sources(sync)
 
 
@@ -186,11 +190,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """`sync`: catch the target up with the source; exit 0, 3 (rows quarantined) or 4
     (conflicts: rows changed in both, left as PostgreSQL has them)."""
     from flux_migrate.pipeline.data_dir import sync_all
+    from flux_migrate.pipeline.stop import until_signalled
     from flux_migrate.pipeline.sync_report import print_sync, sync_exit_code
 
-    settings, databases = _sources(args, batch_size=args.batch_size)
-    configure_for(args)
-    report, jsonl = run_async(lambda: sync_all(settings, databases, dry_run=args.dry_run))
+    settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    fmt = configure_for(args)
+    with progress_display(fmt == "console" and not args.no_progress) as progress:
+        report, jsonl = run_async(
+            until_signalled,
+            lambda stop: sync_all(
+                settings, databases, dry_run=args.dry_run, stop=stop, progress=progress
+            ),
+        )
     quarantined = print_sync(report, show=args.show) if report.tables else 0
     if jsonl is not None:
         print("JSONL files (new lines loaded, rewritten files reconciled, as `run` does):")

@@ -180,7 +180,12 @@ async def migrate_all(
 
 
 async def sync_all(
-    main: Settings, databases: Sequence[Database], *, dry_run: bool = False
+    main: Settings,
+    databases: Sequence[Database],
+    *,
+    dry_run: bool = False,
+    stop: StopFlag | None = None,
+    progress: Progress | None = None,
 ) -> tuple[SyncReport, RunReport | None]:
     """Sync the main SQLite source (when there is one), then each other database into its
     schema (their tables named ``schema.table`` in the one report); then, unless ``dry_run``,
@@ -191,10 +196,11 @@ async def sync_all(
 
     report = SyncReport(run_id=uuid.uuid4().hex[:12], dry_run=dry_run)
     if main.sqlite_path is not None:
-        report = await sync(main, dry_run=dry_run)
+        report = await sync(main, dry_run=dry_run, stop=stop, progress=progress)
     for db in databases:
         try:
-            part = await sync(db.settings, dry_run=dry_run)
+            shown = None if progress is None else _Prefixed(progress, db.schema)
+            part = await sync(db.settings, dry_run=dry_run, stop=stop, progress=shown)
         except Interrupted:
             raise
         except MigrateError as exc:
@@ -206,7 +212,7 @@ async def sync_all(
     if dry_run or not main.jsonl:
         return report, None
     jsonl = RunReport(run_id=report.run_id)
-    await migrate(main.with_(sqlite_path=None), report=jsonl)
+    await migrate(main.with_(sqlite_path=None), report=jsonl, stop=stop, progress=progress)
     return report, jsonl
 
 

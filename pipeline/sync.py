@@ -25,6 +25,7 @@ from flux_migrate.core.schema import Kind, Table
 from flux_migrate.core.source import check_source, source_snapshot
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.preflight import check_fingerprint
+from flux_migrate.pipeline.progress import Progress
 from flux_migrate.pipeline.runner import (
     holding_migration_lock,
     quarantined_parents,
@@ -68,6 +69,7 @@ async def sync(
     stop: StopFlag | None = None,
     tables: Sequence[Table] | None = None,
     run_id: str | None = None,
+    progress: Progress | None = None,
 ) -> SyncReport:
     """Bring the target up to date with the source; raise MigrateError with a sentence.
 
@@ -100,6 +102,8 @@ async def sync(
                         table,
                         path=path,
                         busy_timeout=settings.busy_timeout,
+                        progress=progress,
+                        stop=stop,
                     )
                     report.tables[table.name] = TableSync(
                         scanned=report.plans[table.name].scanned,

@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import multiprocessing
+import os
+import signal
 import sqlite3
+import sys
+import threading
+import time
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -33,6 +39,8 @@ from flux_migrate.core import bookkeeping
 from flux_migrate.core.digest import digests, key_position
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
+from flux_migrate.pipeline.progress import NoProgress, Progress
+from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.stages.extract import fetch_rows, source_uri, variable_limit
 from flux_migrate.stages.transform import key_of
 
@@ -68,6 +76,31 @@ class TablePlan:
         return len(self.inserts) + len(self.updates) + len(self.deletes)
 
 
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: the worker dies when ``parent`` does, however it dies (SIGKILL
+    too: PR_SET_PDEATHSIG on Linux, and a watchdog on the parent's pid elsewhere), ignores the
+    SIGINT/SIGTERM meant for its parent (which stops at a boundary), and holds none of its
+    parent's output open (so a pipe reading the parent's output ends with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(quiet, fd)
+    os.close(quiet)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def scan_range(
     uri: str, sql: str, lo: int, hi: int, ncols: int, at: int, busy_timeout: float
 ) -> tuple[bytes, bytes, list[str]]:
@@ -88,19 +121,23 @@ def scan_range(
     return rowids.tobytes(), values.tobytes(), keys
 
 
-async def _ranges(src: aiosqlite.Connection, table: Table, chunk: int) -> list[tuple[int, int]]:
-    """The table's rowids cut into consecutive ranges of about ``chunk`` rows (by value, so as
-    many ranges as ``chunk``-row pieces; none for an empty table)."""
+async def _ranges(
+    src: aiosqlite.Connection, table: Table, chunk: int
+) -> tuple[int, list[tuple[int, int]]]:
+    """The table's row count, and its rowids cut into consecutive ranges of about ``chunk``
+    rows (by value, so as many ranges as ``chunk``-row pieces; none for an empty table)."""
     rows = await fetch_rows(
         src,
         f"SELECT count(*), min(rowid), max(rowid) FROM {quote_ident(table.name)}",
     )
     count, low, high = rows[0]
     if not count:
-        return []
+        return 0, []
     pieces = -(-int(count) // chunk)
     span = -(-(int(high) - int(low) + 1) // pieces)
-    return [(lo, min(lo + span - 1, int(high))) for lo in range(int(low), int(high) + 1, span)]
+    return int(count), [
+        (lo, min(lo + span - 1, int(high))) for lo in range(int(low), int(high) + 1, span)
+    ]
 
 
 async def plan_table(
@@ -112,6 +149,8 @@ async def plan_table(
     path: Path,
     busy_timeout: float = 10.0,
     chunk: int = CHUNK,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
 ) -> TablePlan:
     """Merge the table's source rows with its stored digests; return what changed.
 
@@ -119,7 +158,9 @@ async def plan_table(
     connection of its own: with the app stopped, one consistent state; with a live app, each
     range as it was when read, and what changed meanwhile is left to the next sync), while this
     process reads the stored digests of the same range and merges. Blocks until the whole table
-    is read; writes nothing. Cancellation leaves nothing behind (it only reads).
+    is read; writes nothing. ``stop`` is checked after each range (Interrupted: the workers
+    are told to stop, the ranges being read finish). Cancellation leaves nothing behind (it
+    only reads).
     """
     at = key_position(table.column_names, table.primary_key)
     assert at is not None, table.name
@@ -134,16 +175,23 @@ async def plan_table(
     stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
-    ranges = await _ranges(src, table, chunk)
+    count, ranges = await _ranges(src, table, chunk)
     uri, timeout = source_uri(path), busy_timeout
     loop = asyncio.get_running_loop()
+    progress = progress or NoProgress()
+    progress.start(table.name, count)
     # A table of one range is read in a thread: starting worker processes costs more.
     pool: Executor = (
-        ProcessPoolExecutor(max_workers=WORKERS, mp_context=_SPAWN)
+        ProcessPoolExecutor(
+            max_workers=WORKERS,
+            mp_context=_SPAWN,
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
         if len(ranges) > 1
         else ThreadPoolExecutor(max_workers=1)
     )
-    with pool:
+    try:
         jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
 
         def submit(k: int) -> None:
@@ -166,9 +214,15 @@ async def plan_table(
             values.frombytes(values_b)
             _merge_window(rowids, values, keys, window, plan, src_odd, stored_odd)
             plan.scanned += len(rowids)
+            progress.advance(table.name, len(rowids))
             if len(rowids):
                 plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
             after = hi
+            if stop is not None:
+                stop.check()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    progress.finish(table.name)
     if not ranges:  # an empty source table: every stored digest is a delete
         window = await stored.window(-(2**63), None)
         _merge_window(array("q"), array("q"), [], window, plan, src_odd, stored_odd)

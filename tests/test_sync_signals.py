@@ -1,0 +1,118 @@
+"""A sync scanning a table large enough for worker processes, stopped by a signal: its workers
+never outlive it (SIGKILL of the parent included), a pipe reading its output ends, and
+SIGINT/SIGTERM stop it at a boundary with exit 130/143 and a sentence, as `run` does (real
+processes, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flux_migrate.core.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from flux_migrate.pipeline.sync_plan import CHUNK
+from tests.support import ROOT, cli
+
+ROWS = 3 * CHUNK + 1000  # four ranges: read by worker processes
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT)")
+    db.executemany("INSERT INTO big VALUES (?, ?)", ((i, "x" * 40) for i in range(ROWS)))
+    db.commit()
+    db.close()
+    return path
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            found |= {int(p) for p in f.read().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_DSN"}
+    # as a script's `cmd &` starts it: SIGINT ignored, which the child inherits
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flux_migrate.pipeline", "sync", "--sqlite-path", str(path)]
+            + ["--postgres-dsn", dsn, "--log-format", "json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _workers(proc: subprocess.Popen[str]) -> set[int]:
+    """The sync's worker processes, once it has started them (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = {
+            p
+            for p in _children(proc.pid)
+            if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        }
+        if len(found) >= 2:
+            return found
+        assert proc.poll() is None, "sync ended before it started its workers"
+        time.sleep(0.005)
+    raise AssertionError("no worker processes seen")
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "ignore_sigint"),
+    [
+        (signal.SIGKILL, -signal.SIGKILL, False),
+        (signal.SIGTERM, EXIT_SIGTERM, False),
+        (signal.SIGINT, EXIT_SIGINT, True),
+    ],
+    ids=["sigkill", "sigterm", "sigint_in_background"],
+)
+def test_a_signalled_sync_leaves_no_worker_behind(
+    big_source: Path, pg_dsn: str, signum: int, code: int, ignore_sigint: bool
+) -> None:
+    """SIGKILL, SIGTERM, or SIGINT of a background sync while its workers scan: the workers
+    are gone within seconds, the pipe reading the sync's output ends; SIGTERM and SIGINT
+    exit 143 and 130 with a sentence; a rerun then completes."""
+    args = ["--sqlite-path", str(big_source), "--postgres-dsn", pg_dsn]
+    ran = cli("run", *args, timeout=300)
+    assert ran.returncode == EXIT_OK, ran.stderr
+    proc = _start_sync(big_source, pg_dsn, ignore_sigint=ignore_sigint)
+    workers = _workers(proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)  # the pipes end: no worker holds them
+    assert code == proc.returncode, err[-2000:]
+    if signum != signal.SIGKILL:
+        name = signal.Signals(signum).name
+        assert f"Stopped by {name} at a batch boundary" in err, err[-2000:]
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers)
+    rerun = cli("sync", *args, timeout=300)
+    assert EXIT_OK == rerun.returncode, rerun.stdout + rerun.stderr
