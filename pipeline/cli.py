@@ -429,10 +429,12 @@ def _print_outcome(report: RunReport, listing: str = "flux-migrate quarantine") 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     """`quarantine`: list the quarantined rows with their reasons."""
+    from flux_migrate.pipeline.data_dir import preflight_all
     from flux_migrate.pipeline.status import list_quarantine
 
     settings, databases = _sources(args, need_source=False)
     configure_for(args)
+    run_async(lambda: preflight_all("quarantine", settings, databases))
     total, rows = 0, list[dict[str, object]]()
     prefixes = [f"{db.schema}." for db in databases]  # --data-dir's other databases
     for prefix, where in [("", settings)] + [(f"{db.schema}.", db.settings) for db in databases]:
@@ -477,10 +479,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`status`: each table's checkpoint."""
+    from flux_migrate.pipeline.data_dir import preflight_all
     from flux_migrate.pipeline.status import status
 
     settings, databases = _sources(args, need_source=False)
     configure_for(args)
+    run_async(lambda: preflight_all("status", settings, databases))
     rows = run_async(status, settings)
     for db in databases:
         rows += run_async(status, db.settings)
@@ -512,10 +516,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.api:
         return cmd_verify_api(args)
-    from flux_migrate.pipeline.data_dir import verify_all, verify_all_quick
+    from flux_migrate.pipeline.data_dir import preflight_all, verify_all, verify_all_quick
 
     settings, databases = _sources(args)
     configure_for(args)
+    run_async(lambda: preflight_all("verify", settings, databases))
     if settings.sqlite_path is None and (settings.jsonl or databases):
         others = run_async(lambda: verify_all(databases, limit=args.show))
         return _print_verify(_verify_jsonl(settings, args.show) + others)

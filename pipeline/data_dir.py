@@ -122,6 +122,20 @@ class _Prefixed:
         self.inner.finish(f"{self.schema}.{table}")
 
 
+async def preflight_all(
+    command: str, main: Settings, databases: Sequence[Database], *, dry_run: bool = False
+) -> None:
+    """Before any database starts: every source file exists and the role holds every grant
+    ``command`` needs on every schema it will read or fill (exit 2, one sentence)."""
+    from flux_migrate.pipeline.grants import check_sources, require_grants
+
+    parts = ([main] if has_main(main) else []) + [db.settings for db in databases]
+    for settings in parts:
+        check_sources(settings)
+    schemas = list(dict.fromkeys(s.names.schema for s in parts or [main]))
+    await require_grants(command, main, schemas, dry_run=dry_run)
+
+
 async def migrate_all(
     main: Settings,
     databases: Sequence[Database],
@@ -144,6 +158,7 @@ async def migrate_all(
     progress = progress or NoProgress()
     stop = stop or StopFlag()
     failures: list[MigrateError] = []
+    await preflight_all("run", main, databases)
     if has_main(main):
         try:
             await migrate(
@@ -195,6 +210,7 @@ async def sync_all(
     from flux_migrate.pipeline.sync import SyncReport, sync
 
     report = SyncReport(run_id=uuid.uuid4().hex[:12], dry_run=dry_run)
+    await preflight_all("sync", main, databases, dry_run=dry_run)
     if main.sqlite_path is not None:
         report = await sync(main, dry_run=dry_run, stop=stop, progress=progress)
     for db in databases:

@@ -20,7 +20,7 @@ import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.digest import key_position
-from flux_migrate.core.errors import TargetError
+from flux_migrate.core.errors import TargetError, is_driver_error, translate
 from flux_migrate.core.schema import Kind, Table
 from flux_migrate.core.source import check_source, source_snapshot
 from flux_migrate.core.target import Target
@@ -116,6 +116,10 @@ async def sync(
                     what="reading checkpoints",
                 )
                 report.quarantined_open = sum(final[t.name].quarantined for t in tables)
+    except Exception as exc:
+        if not is_driver_error(exc):
+            raise
+        raise translate(exc, target.location) from None  # one sentence, never a traceback
     finally:
         structlog.contextvars.unbind_contextvars("run_id")
     log.info(

@@ -252,6 +252,30 @@ def make_dirty(sample: Path, path: Path) -> Path:
     return path
 
 
+def make_data_dir(sample: Path, path: Path) -> Path:
+    """The app's data directory of the guide: memory.db (the sample), feedback.jsonl (12
+    lines) and audit.db, a database of another shape (table events, 40 rows)."""
+    path.mkdir()
+    shutil.copyfile(sample, path / "memory.db")
+    audit = sqlite3.connect(path / "audit.db")
+    audit.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT, at TEXT)"
+    )
+    audit.executemany(
+        "INSERT INTO events (kind, detail, at) VALUES (?, ?, ?)",
+        [("login", f"user {n}", f"2026-11-{1 + n % 28:02d}T10:00:00Z") for n in range(40)],
+    )
+    audit.commit()
+    audit.close()
+    lines = [
+        f'{{"id": "fb{n}", "message_id": "m{n}", "rating": {n % 3 - 1}, "comment": "c {n}",'
+        ' "created_at": "2026-11-20T12:00:00+00:00"}\n'
+        for n in range(12)
+    ]
+    (path / "feedback.jsonl").write_text("".join(lines), encoding="utf-8")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -325,8 +349,8 @@ def guide(pg_server_dsn: str, pg_dsn: str, sample_db: Path, tmp_path: Path) -> I
     """The guide's variables pointed at the test server, and everything it creates dropped."""
     suffix = uuid.uuid4().hex[:8]
     admin = without_ssl_options(pg_server_dsn)
-    source = tmp_path / "memory.db"
-    shutil.copyfile(sample_db, source)
+    data_dir = make_data_dir(sample_db, tmp_path / "data")
+    source = data_dir / "memory.db"
     env = {
         k: v
         for k, v in os.environ.items()
@@ -339,6 +363,7 @@ def guide(pg_server_dsn: str, pg_dsn: str, sample_db: Path, tmp_path: Path) -> I
         APP_DSN=with_user_db(admin, f"chat_app_{suffix}", f"chat_{suffix}"),
         RESTORE_DSN=with_user_db(admin, f"flux_migrator_{suffix}", f"chat_restore_{suffix}"),
         SOURCE=str(source),
+        DATA_DIR=str(data_dir),
     )
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -360,7 +385,7 @@ def test_every_block_of_the_operations_guide_does_what_it_says(guide: Guide) -> 
     declared = [b for b in blocks if b.directive == "env"]
     assert len(declared) == 1 and declared[0].kind == "sh"
     names = set(re.findall(r"^export (\w+)=", declared[0].text, re.M))
-    assert {"PATH", *(k for k in guide.env if k.endswith("_DSN")), "SOURCE"} == names
+    assert {"PATH", *(k for k in guide.env if k.endswith("_DSN")), "SOURCE", "DATA_DIR"} == names
     expected = []
     for block in blocks:
         assert block.kind in ("sql", "console", "sh", "text"), block.kind
@@ -480,7 +505,8 @@ def test_run_needs_both_create_grants_of_the_guide(pg_server_dsn: str, sample_db
                 cwd=ROOT,
             )
             assert done.returncode == 2, (lacking, done.stderr)
-            assert f"refused a privilege (permission denied for {lacking}" in done.stderr
+            assert f"lacks CREATE on {lacking}" in done.stderr
+            assert "(a rerun will not fix this). Nothing was done." in done.stderr
             asyncio.run(
                 _admin(
                     admin,
@@ -495,6 +521,79 @@ def test_run_needs_both_create_grants_of_the_guide(pg_server_dsn: str, sample_db
                 f'DROP ROLE IF EXISTS "{role}"',
             )
         )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "POSTGRES_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "flux_migrate.pipeline", *args],
+        capture_output=True, text=True, check=False, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+
+
+def test_every_command_names_the_grant_it_lacks_before_it_starts(
+    pg_server_dsn: str, sample_db: Path, tmp_path: Path
+) -> None:
+    """run, sync and verify check the grants they need (TEMPORARY included) before doing
+    anything: a missing one is exit 2 naming it and the GRANT that gives it, never an internal
+    error or a failure halfway."""
+    admin = without_ssl_options(pg_server_dsn)
+    suffix = uuid.uuid4().hex[:8]
+    role, database = f"flux_g_{suffix}", f"chat_g_{suffix}"
+    dsn = with_user_db(admin, role, database)
+    on_db = urlunsplit(urlsplit(admin)._replace(path=f"/{database}"))
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text('{"id": "f1", "rating": 1}\n', encoding="utf-8")
+    source = ["--sqlite-path", str(sample_db), "--postgres-dsn", dsn]
+    all_grants = f'GRANT CONNECT, CREATE, TEMPORARY ON DATABASE "{database}" TO "{role}"'
+    try:
+        asyncio.run(_admin(admin, f'CREATE ROLE "{role}" LOGIN', f'CREATE DATABASE "{database}"'))
+        asyncio.run(
+            _admin(
+                on_db,
+                f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC',
+                f'GRANT CONNECT, CREATE ON DATABASE "{database}" TO "{role}"',
+                f'GRANT CREATE ON SCHEMA public TO "{role}"',
+            )
+        )
+        cases = [
+            (["run", *source, "--jsonl", str(feedback)], "TEMPORARY on database"),
+            (["run", *source, "--on-conflict", "skip"], "TEMPORARY on database"),
+        ]
+        for argv, lacking in cases:
+            done = _cli(*argv, "--no-progress")
+            assert (2, True) == (done.returncode, f"lacks {lacking}" in done.stderr), done.stderr
+            assert f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}";' in done.stderr
+        assert 0 == asyncio.run(_count_tables(on_db, "flux_migrate"))  # nothing was done
+        assert 0 == _cli("run", *source, "--no-progress").returncode  # needs no TEMPORARY
+        done = _cli("sync", *source)
+        assert 2 == done.returncode and "lacks TEMPORARY on database" in done.stderr, done.stderr
+        assert 0 == _cli("sync", *source, "--dry-run").returncode  # reads only
+        asyncio.run(_admin(on_db, all_grants))
+        assert 0 == _cli("sync", *source).returncode, "the grant named is the one missing"
+        asyncio.run(_admin(on_db, "ALTER SCHEMA flux_migrate OWNER TO CURRENT_USER"))
+        for command in (["verify"], ["verify", "--quick"], ["sync"], ["run", "--no-progress"]):
+            done = _cli(*command, *source)
+            assert 2 == done.returncode, (command, done.stderr)
+            assert "lacks USAGE on schema flux_migrate" in done.stderr, (command, done.stderr)
+    finally:
+        asyncio.run(
+            _admin(
+                admin,
+                f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)',
+                f'DROP ROLE IF EXISTS "{role}"',
+            )
+        )
+
+
+async def _count_tables(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = $1", schema)
+        )
+    finally:
+        await conn.close()
 
 
 def test_the_output_matcher_refuses_what_the_command_did_not_print() -> None:

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 import flux_migrate.pipeline.verify
-from flux_migrate.core.errors import SourceError, TargetError
+from flux_migrate.core.errors import RuntimeFailure, TargetError
 from flux_migrate.core.schema import TargetNames, target_ddl
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
@@ -176,21 +176,22 @@ async def _column_values(dsn: str, table: str) -> list[object]:
 
 
 async def test_locked_source_is_refused_after_the_timeout(tmp_path: Path, pg_dsn: str) -> None:
-    """A source held under an exclusive lock beyond the timeout is refused with exit 2."""
+    """A source held under an exclusive lock beyond the timeout stops the run with exit 1 (a
+    rerun when the app is idle works), saying nothing was written."""
     db = app_db(tmp_path / "app.sqlite").write()
     holder = sqlite3.connect(db, check_same_thread=False)
     holder.execute("PRAGMA journal_mode=DELETE")
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(SourceError) as info:
+        with pytest.raises(RuntimeFailure) as info:
             await migrate(
                 load_settings(None, sqlite_path=db, postgres_dsn=pg_dsn, busy_timeout=0.3)
             )
     finally:
         holder.rollback()
         holder.close()
-    assert info.value.exit_code == 2
-    assert "locked" in info.value.message
+    assert info.value.exit_code == 1
+    assert "locked" in info.value.message and "nothing was written: rerun" in info.value.message
 
 
 async def test_source_file_is_byte_identical_after_a_run(

@@ -207,8 +207,8 @@ def translate(exc: BaseException, where: str, *, connecting: bool = False) -> Mi
         return _connect_error(exc, where)
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return TargetError(
-            f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); the role needs CREATE"
-            " on the database and the target schema, or an administrator must create them."
+            f"PostgreSQL at {where} refused a privilege ({redact(str(exc))}); {_grant_hint(exc)}"
+            " (a rerun without it will not fix this)."
         )
     if isinstance(exc, asyncpg.PostgresError):
         return RuntimeFailure(
@@ -222,13 +222,34 @@ def translate(exc: BaseException, where: str, *, connecting: bool = False) -> Mi
     return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
 
 
-def source_error(exc: sqlite3.DatabaseError, path: object) -> SourceError:
+_PRIVILEGE_HINTS = (
+    ("temporary tables", "the role needs TEMPORARY on the database"),
+    ("for database", "the role needs CREATE on the database"),
+    ("for schema", "the role needs USAGE and CREATE on that schema"),
+    ("must be owner", "the role must own that object, or an administrator must change it"),
+    ("for table", "the role needs SELECT, INSERT, UPDATE and DELETE on that table"),
+    ("for sequence", "the role needs USAGE on that sequence"),
+)
+
+
+def _grant_hint(exc: BaseException) -> str:
+    """What the role lacks, told from PostgreSQL's message (the operations guide's grants)."""
+    text = str(exc)
+    for words, hint in _PRIVILEGE_HINTS:
+        if words in text:
+            return hint
+    return "give the role the grants of the operations guide (docs/operations.md)"
+
+
+def source_error(exc: sqlite3.DatabaseError, path: object) -> MigrateError:
     """The sentence for a SQLite file that cannot be read at preflight: locked beyond the busy
-    timeout (by result code), unreadable, or not a database at all."""
+    timeout (by result code: exit 1, a rerun when the app is idle works), unreadable, or not a
+    database at all (exit 2)."""
     if sqlite_busy(exc):
-        return SourceError(
-            f"The SQLite file {path} stayed locked by another process beyond the timeout;"
-            " retry when the app is idle."
+        return RuntimeFailure(
+            f"The SQLite file {path} stayed locked by another process beyond busy_timeout"
+            " ([source] in --config); nothing was written: rerun the same command when the app"
+            " is idle, or migrate a copy taken with sqlite3's .backup."
         )
     if isinstance(exc, sqlite3.OperationalError):
         return SourceError(f"The SQLite file {path} cannot be read ({exc}).")
