@@ -29,6 +29,7 @@ from flux_migrate.core.schema import (
     quote_ident,
 )
 from flux_migrate.core.target import Target
+from flux_migrate.pipeline.key_repair import repair_key
 from flux_migrate.pipeline.report import RunReport
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.batch import Batch
@@ -80,7 +81,9 @@ async def build_primary_keys(
         except Exception as exc:
             if not is_unique_violation(exc):
                 raise
-            if table.generic:  # only the app's uuid keys can collide once converted
+            if table.generic:  # any key the conversion made equal: pipeline/key_repair.py
+                if await repair_key(src, target, settings, run_id, report, pk, exc):
+                    continue
                 raise constraint_failure(exc, pk.name) or exc from None
         moved = await _quarantine_duplicates(
             src, target, settings, run_id, table, checkpoints[table.name], pk.sql

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -16,11 +17,19 @@ from flux_migrate.pipeline.stop import StopFlag
 log = structlog.get_logger("flux_migrate")
 
 
+Repair = Callable[[Constraint, BaseException], Awaitable[bool]]
+
+
 async def build_constraints(
-    target: Target, names: TargetNames, stop: StopFlag, tables: tuple[Table, ...] | None = None
+    target: Target,
+    names: TargetNames,
+    stop: StopFlag,
+    tables: tuple[Table, ...] | None = None,
+    repair: Repair | None = None,
 ) -> float:
     """Build the keys and index not yet built, then record that none is pending; return the
-    seconds it took. Stops (Interrupted) between two builds when a stop was requested."""
+    seconds it took. Stops (Interrupted) between two builds when a stop was requested. Where
+    the rows break a key, ``repair`` (if given) may set them aside and build it."""
     started = time.monotonic()
     have = await target.retrying(
         lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
@@ -30,17 +39,17 @@ async def build_constraints(
             continue
         stop.check()
         log.info("constraint_build_started", constraint=c.name)
-        await build_one(target, c)
+        await build_one(target, c, repair)
     await target.retrying(
         lambda c: bookkeeping.clear_constraints_pending(c, names.schema), what="recording the keys"
     )
     return time.monotonic() - started
 
 
-async def build_one(target: Target, constraint: Constraint) -> None:
+async def build_one(target: Target, constraint: Constraint, repair: Repair | None = None) -> None:
     """Build one key or index; one built by an attempt whose reply was lost counts as built.
 
-    Raises RuntimeFailure when the rows break the key (duplicates, messages without session).
+    Raises RuntimeFailure when the rows break the key and ``repair`` does not set them aside.
     """
     try:
         await target.retrying(
@@ -49,6 +58,8 @@ async def build_one(target: Target, constraint: Constraint) -> None:
     except Exception as exc:
         if already_exists(exc):
             return  # built by an attempt whose reply was lost
+        if repair is not None and await repair(constraint, exc):
+            return
         failure = constraint_failure(exc, constraint.name)
         if failure is None:
             raise

@@ -284,3 +284,145 @@ def test_what_postgresql_cannot_keep_is_named_in_a_note() -> None:
     assert "table p has AUTOINCREMENT" in notes
     (fk,) = mapping.table("c").foreign_keys
     assert ("p", ("id",)) == (fk.parent, fk.parent_columns)
+
+
+async def _reasons(dsn: str) -> list[str]:
+    found = await fetchval(
+        dsn,
+        "SELECT array_agg(source_table || ':' || source_rowid || ':' || reason"
+        " ORDER BY source_table, source_rowid) FROM flux_migrate.quarantine"
+        " WHERE resolved_at IS NULL",
+    )
+    return list(found or [])
+
+
+async def test_keys_that_collide_once_converted_quarantine_the_later_rows(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """1, '1' and x'31' in an untyped key, one instant with two offsets, JSON texts with their
+    keys in another order, a partial unique index: the first arrival loads, every later one is
+    quarantined as duplicate_key (exit 3), the keys are built, verify passes, a rerun too."""
+    path = _db(
+        tmp_path / "k.sqlite",
+        "CREATE TABLE k1 (id PRIMARY KEY, v TEXT);"
+        " CREATE TABLE k2 (at TEXT UNIQUE, n INT);"
+        " CREATE TABLE k3 (doc TEXT UNIQUE);"
+        " CREATE TABLE k4 (code, active BOOLEAN);"
+        " CREATE UNIQUE INDEX k4_code ON k4(code) WHERE active = 1;",
+        {
+            "k1": [(1, "a"), ("1", "b"), (b"1", "c"), (2, "d")],
+            "k2": [
+                ("2024-01-01T10:00:00+02:00", 1),
+                ("2024-01-01T08:00:00Z", 2),
+                ("2024-01-02T00:00:00Z", 3),
+            ],
+            "k3": [('{"a": 1, "b": 2}',), ('{"b": 2, "a": 1}',), ("[1]",)],
+            "k4": [(1, 1), ("1", 0), ("1", 1), (2, 1)],
+        },
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 3 == done.returncode, done.stderr
+    assert [
+        "k1:2:duplicate_key",
+        "k1:3:duplicate_key",
+        "k2:2:duplicate_key",
+        "k3:2:duplicate_key",
+        "k4:3:duplicate_key",
+    ] == await _reasons(pg_dsn)
+    counts = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(n ORDER BY t) FROM (SELECT 'k1' t, count(*) n FROM k1 UNION ALL"
+        " SELECT 'k2', count(*) FROM k2 UNION ALL SELECT 'k3', count(*) FROM k3 UNION ALL"
+        " SELECT 'k4', count(*) FROM k4) c",
+    )
+    assert [2, 2, 2, 3] == counts
+    assert "a" == await fetchval(pg_dsn, "SELECT v FROM k1 WHERE id = '1'")
+    keys = await fetchval(
+        pg_dsn,
+        "SELECT count(*) FROM pg_index WHERE indisunique AND indrelid IN"
+        " ('k1'::regclass, 'k2'::regclass, 'k3'::regclass, 'k4'::regclass)",
+    )
+    assert 4 == keys
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+    again = cli("run", *args)
+    assert again.returncode in (0, 3), again.stderr
+    assert 5 == len(await _reasons(pg_dsn))
+
+
+async def test_a_child_of_a_quarantined_row_in_its_own_table_is_an_orphan(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A self-reference whose parent is quarantined: the child, and its own children round
+    after round, are quarantined as orphan_row, the foreign key is built, verify passes."""
+    path = _db(
+        tmp_path / "tree.sqlite",
+        "CREATE TABLE node (id INTEGER PRIMARY KEY, parent INT REFERENCES node(id), v REAL);",
+        {
+            "node": [
+                (1, None, 1.0),
+                (2, 1, "bad"),
+                (3, 2, 1.0),
+                (4, 3, 1.0),
+                (5, 8, 1.0),
+                (8, 1, 2.0),
+                (9, 4, 2.0),
+            ]
+        },
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 3 == done.returncode, done.stderr
+    assert "without a loaded session" not in done.stderr
+    assert [
+        "node:2:type_mismatch",
+        "node:3:orphan_row",
+        "node:4:orphan_row",
+        "node:9:orphan_row",
+    ] == await _reasons(pg_dsn)
+    assert [1, 5, 8] == await fetchval(pg_dsn, "SELECT array_agg(id ORDER BY id) FROM node")
+    assert 1 == await fetchval(
+        pg_dsn,
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'node'::regclass AND contype = 'f'",
+    )
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
+async def test_foreign_keys_postgresql_cannot_build_are_noted_not_failed(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A text column against an integer key, a column promoted to timestamptz against a text
+    key, a reference to a non-unique column: noted and not created, every row loads (exit 0);
+    `REFERENCES P(ID)` is table p's key, built, and its orphan quarantined."""
+    path = _db(
+        tmp_path / "fk.sqlite",
+        "CREATE TABLE p (id INTEGER PRIMARY KEY, tag TEXT);"
+        " CREATE TABLE k (code TEXT PRIMARY KEY);"
+        " CREATE TABLE c1 (id INTEGER PRIMARY KEY, pid TEXT REFERENCES p(id));"
+        " CREATE TABLE c2 (id INTEGER PRIMARY KEY, at TEXT REFERENCES k(code));"
+        " CREATE TABLE c3 (id INTEGER PRIMARY KEY, tag TEXT REFERENCES p(tag));"
+        " CREATE TABLE c4 (id INTEGER PRIMARY KEY, p_id INT REFERENCES P(ID));",
+        {
+            "p": [(1, "x"), (2, "x")],
+            "k": [("2024-01-01T00:00:00Z",)],
+            "c1": [(1, "1"), (2, "2")],
+            "c2": [(1, "2024-01-01T00:00:00Z")],
+            "c3": [(1, "x")],
+            "c4": [(1, 1), (2, 99)],
+        },
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 3 == done.returncode, done.stderr
+    out = done.stdout + done.stderr
+    assert "foreign key c1(pid) -> p: column pid is text and p.id is bigint" in out
+    assert "foreign key c2(at) -> k: column at is timestamptz and k.code is text" in out
+    assert "foreign key c3(tag) -> p: (tag) is not the primary key or a unique index" in out
+    assert ["c4:2:orphan_row"] == await _reasons(pg_dsn)
+    fks = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(conrelid::regclass::text) FROM pg_constraint WHERE contype = 'f'",
+    )
+    assert ["c4"] == fks
+    assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM c1")
