@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from flux_migrate.core.errors import TargetError
-from flux_migrate.core.schema import Table, TargetNames, holds_losslessly
+from flux_migrate.core.schema import Table, TargetNames, holds_losslessly, pg_identifier
 
 COLUMNS_SQL = (
     "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,"
@@ -22,7 +22,7 @@ async def check_target_columns(conn: asyncpg.Connection, names: TargetNames, tab
     qualified = names.qualified(table.name)
     found = {r["name"]: r for r in await conn.fetch(COLUMNS_SQL, qualified)}
     for column in table.columns:
-        row = found.get(column.name)
+        row = found.get(pg_identifier(column.name))  # PostgreSQL keeps 63 bytes of a name
         if row is None:
             raise TargetError(
                 f"Table {qualified} has no column {column.name}; add it as {column.pg_type}"
@@ -34,7 +34,8 @@ async def check_target_columns(conn: asyncpg.Connection, names: TargetNames, tab
                 f" value unchanged; it needs {column.pg_type} (or text/varchar for text,"
                 " timestamptz for instants); alter it or choose another target schema."
             )
-    extra = [name for name, r in found.items() if r["required"] and name not in table.column_names]
+    kept = {pg_identifier(n) for n in table.column_names}
+    extra = [name for name, r in found.items() if r["required"] and name not in kept]
     if extra:
         raise TargetError(
             f"Table {qualified} requires column {extra[0]} (NOT NULL, no default), which the"

@@ -120,6 +120,7 @@ not_null = true
 name = "r"
 convert = "{r_convert}"
 type = "{r_type}"
+{r_extra}
 
 [[table.column]]
 name = "flag"
@@ -148,6 +149,28 @@ EDITS = {
         {"table_extra": '[[table.index]]\nname = "i"\ncolumns = ["r"]\nwhere = "1=1) OR (1=1"'},
         "is not a condition PostgreSQL reads as SQLite does",
     ),
+    "a JSON default that is not JSON": (
+        {"r_convert": "json_value", "r_type": "jsonb", "r_extra": "default = \"'none'\""},
+        "default = \"'none'\" is not a literal a jsonb column holds",
+    ),
+    "an integer default bigint would round": (
+        {"r_convert": "integer", "r_type": "bigint", "r_extra": 'default = "1.5"'},
+        "default = '1.5' is not a literal a bigint column holds",
+    ),
+    "an unknown ON DELETE action": (
+        {
+            "table_extra": '[[table.foreign_key]]\ncolumns = ["id"]\nparent = "m"\n'
+            'parent_columns = ["id"]\non_delete = "CASCADE; DROP TABLE m"'
+        },
+        "is not one of NO ACTION",
+    ),
+    "a foreign key PostgreSQL cannot build": (
+        {
+            "table_extra": '[[table.foreign_key]]\ncolumns = ["r"]\nparent = "m"\n'
+            'parent_columns = ["id"]'
+        },
+        "column r is double precision and m.id is bigint",
+    ),
     "a typo in a key": ({"flag_extra": 'typ = "text"'}, "'typ'"),
 }
 
@@ -165,7 +188,7 @@ async def test_an_edited_mapping_is_checked_before_anything_is_written(
         {"m": [(1, 0.14285714285714285, 1), (2, 2.5, 0)]},
     )
     fields = {"table_extra": "", "r_convert": "real", "r_type": "double precision", "key": '"id"'}
-    fields |= {"flag_extra": ""}
+    fields |= {"flag_extra": "", "r_extra": ""}
     edit, expected = EDITS[case]
     config = tmp_path / "mapping.toml"
     config.write_text(MAPPING.format(**(fields | edit)), encoding="utf-8")
@@ -192,6 +215,7 @@ async def test_an_edited_mapping_in_the_vocabulary_loads(tmp_path: Path, pg_dsn:
         r_convert="real",
         r_type="FLOAT8",
         flag_extra='default = "1"',
+        r_extra="",
     )
     config.write_text(text, encoding="utf-8")
     done = cli("run", "--config", str(config), "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
@@ -426,3 +450,32 @@ async def test_foreign_keys_postgresql_cannot_build_are_noted_not_failed(
     )
     assert ["c4"] == fks
     assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM c1")
+
+
+async def test_names_longer_than_63_bytes_load_verify_and_rerun(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A table, column, index and foreign key named past 63 bytes (cut by PostgreSQL, unique
+    once cut) load and verify; an index of 40 columns is noted, not built; a rerun is up to
+    date."""
+    long = "é" * 40
+    cols = ", ".join(f"c{i} INT" for i in range(40))
+    path = _db(
+        tmp_path / "long.sqlite",
+        f'CREATE TABLE "{long}" (id INTEGER PRIMARY KEY, "{long}x" TEXT, v INT);'
+        f' CREATE INDEX "{long}i" ON "{long}"("{long}x");'
+        f" CREATE TABLE wide (id INTEGER PRIMARY KEY, {cols});"
+        f" CREATE INDEX wide40 ON wide({', '.join(f'c{i}' for i in range(40))});"
+        f' CREATE TABLE ch (id INTEGER PRIMARY KEY, pid INT REFERENCES "{long}"(id));',
+        {long: [(1, "a", 2)], "ch": [(1, 1), (2, 5)], "wide": [tuple(range(41))]},
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 3 == done.returncode, done.stderr
+    assert "index wide40 on wide has 40 columns" in done.stdout + done.stderr
+    assert ["ch:2:orphan_row"] == await _reasons(pg_dsn)
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+    again = cli("run", *args)
+    assert again.returncode in (0, 3), again.stderr
+    assert 1 == await fetchval(pg_dsn, "SELECT count(*) FROM ch")

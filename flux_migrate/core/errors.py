@@ -170,7 +170,8 @@ def constraint_failure(exc: BaseException, name: str) -> MigrateError | None:
         )
     if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
         return RuntimeFailure(
-            f"Building {name} found messages without a loaded session ({detail})."
+            f"Building {name} found rows whose foreign key names no loaded parent row"
+            f" ({detail}); rerun to resume, or report this if it repeats."
         )
     return None
 

@@ -30,6 +30,7 @@ from flux_migrate.core.schema import (
     predicate_sql,
 )
 from flux_migrate.core.target_rules import (
+    MAX_KEY_COLUMNS,
     ON_DELETE,
     allowed_types,
     canonical_type,
@@ -211,6 +212,12 @@ def _index(
     the same one: an expression, or a condition it would read otherwise."""
     if si.has_expression:
         notes.append(f"index {si.name} on {table} indexes an expression; not created")
+        return None
+    if len(si.columns) > MAX_KEY_COLUMNS:
+        notes.append(
+            f"index {si.name} on {table} has {len(si.columns)} columns, more than PostgreSQL's"
+            f" {MAX_KEY_COLUMNS}; not created"
+        )
         return None
     where = None
     if si.where is not None:
