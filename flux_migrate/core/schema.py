@@ -124,7 +124,7 @@ class Predicate:
         """The condition in SQLite's SQL (what the mapping file holds)."""
         if self.value is None:
             return f"{quote_ident(self.column)} {self.op}"
-        value = sql_string(self.value) if self.is_string else self.value
+        value = "'" + self.value.replace("'", "''") + "'" if self.is_string else self.value
         return f"{quote_ident(self.column)} {self.op} {value}"
 
 
