@@ -12,11 +12,16 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
+import anyio
+import asyncpg
 import structlog
+from asyncpg.transaction import Transaction
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.digest import key_position
@@ -33,11 +38,14 @@ from flux_migrate.pipeline.runner import (
 )
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.sync_apply import Applier, TableSync
+from flux_migrate.pipeline.sync_apply import PARENT_MISSING, Applier, TableSync
 from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
-from flux_migrate.stages.extract import open_source
+from flux_migrate.stages.extract import fetch_rows, open_source
 
 log = structlog.get_logger("flux_migrate")
+
+T = TypeVar("T")
+ROUNDS = 2  # plans and applies per sync while rows are left waiting (a live app)
 
 # The key kinds sync can match between SQLite, its bookkeeping (text) and PostgreSQL exactly.
 SYNC_KEY_KINDS = frozenset({Kind.KEY, Kind.TEXT, Kind.NULLABLE_TEXT, Kind.INTEGER})
@@ -92,29 +100,16 @@ async def sync(
             async with holding_migration_lock(target.dsn, target, settings.names.schema):
                 await _preflight(src, target, settings, identity, tables)
                 log.info("sync_started", target=settings.names.schema, dry_run=dry_run)
-                for table in tables:
-                    stop.check()
-                    started = time.monotonic()
-                    report.plans[table.name] = await plan_table(
-                        src,
-                        target,
-                        settings.names.schema,
-                        table,
-                        path=path,
-                        busy_timeout=settings.busy_timeout,
-                        progress=progress,
-                        stop=stop,
+                writer = RolledBack(target) if dry_run else target
+                try:
+                    await _rounds(src, writer, settings, report, tables, stop, path, progress)
+                    final = await writer.retrying(
+                        lambda c: ckpt.read_checkpoints(c, settings.names.schema),
+                        what="reading checkpoints",
                     )
-                    report.tables[table.name] = TableSync(
-                        scanned=report.plans[table.name].scanned,
-                        seconds=time.monotonic() - started,
-                    )
-                if not dry_run:
-                    await _apply(src, target, settings, report, tables, stop)
-                final = await target.retrying(
-                    lambda c: ckpt.read_checkpoints(c, settings.names.schema),
-                    what="reading checkpoints",
-                )
+                finally:
+                    if isinstance(writer, RolledBack):
+                        await writer.roll_back()
                 report.quarantined_open = sum(final[t.name].quarantined for t in tables)
     except Exception as exc:
         if not is_driver_error(exc):
@@ -129,6 +124,127 @@ async def sync(
         idle=report.idle,
     )
     return report
+
+
+async def _rounds(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    report: SyncReport,
+    tables: Sequence[Table],
+    stop: StopFlag,
+    path: Path,
+    progress: Progress | None,
+) -> None:
+    """Plan and apply every table; while rows were left waiting (the app wrote them, or their
+    parents, while this sync ran), plan and apply again, up to ROUNDS times. Rows still waiting
+    when the source did not change meanwhile (the app is stopped: a final sync) are no
+    transient state: they are named as PARENT_MISSING conflicts, never passed over silently."""
+    version = await _data_version(src)
+    for n in range(ROUNDS):
+        this = report if n == 0 else SyncReport(report.run_id, dry_run=report.dry_run)
+        for table in tables:
+            stop.check()
+            started = time.monotonic()
+            this.plans[table.name] = await plan_table(
+                src,
+                target,
+                settings.names.schema,
+                table,
+                path=path,
+                busy_timeout=settings.busy_timeout,
+                progress=progress,
+                stop=stop,
+            )
+            this.tables[table.name] = TableSync(
+                scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
+            )
+        await _apply(src, target, settings, this, tables, stop)
+        if this is not report:
+            _add_round(report, this)
+        waiting = sum(t.deferred for t in report.tables.values())
+        if not waiting:
+            return
+        log.info("sync_retrying", waiting=waiting, round=n + 1)
+    if await _data_version(src) == version:
+        await _name_unsynced(target, settings.names.schema, report)
+
+
+def _add_round(report: SyncReport, later: SyncReport) -> None:
+    """Fold a later round into the report: counts add up; conflicts and waiting rows are the
+    later round's (each round finds them all again)."""
+    for name, t in report.tables.items():
+        more = later.tables[name]
+        t.inserted += more.inserted
+        t.updated += more.updated
+        t.deleted += more.deleted
+        t.moved += more.moved
+        t.quarantined += more.quarantined
+        t.resolved += more.resolved
+        t.seconds += more.seconds
+        t.conflicts, t.waiting = more.conflicts, more.waiting
+
+
+async def _name_unsynced(target: Target, schema: str, report: SyncReport) -> None:
+    """Record the rows still waiting as PARENT_MISSING conflicts (the source did not change
+    while this sync ran, so no later sync would take them either)."""
+    for name, t in report.tables.items():
+        if not t.waiting:
+            continue
+        named = [(key, PARENT_MISSING) for _rowid, key in t.waiting]
+        await target.retrying(
+            functools.partial(
+                ckpt.record_conflicts,
+                target_schema=schema,
+                source_table=name,
+                conflicts=named,
+                run_id=report.run_id,
+            ),
+            what="recording conflicts",
+        )
+        t.conflicts += named
+        t.waiting = []
+
+
+async def _data_version(src: aiosqlite.Connection) -> int:
+    """SQLite's count of commits by other connections (changes while the app writes)."""
+    rows = await fetch_rows(src, "PRAGMA data_version")
+    return int(rows[0][0])
+
+
+class RolledBack(Target):
+    """The target of a dry run: every operation runs on one connection, in one transaction
+    that is rolled back at the end (the sync's own transactions become savepoints), so a dry
+    run plans, checks and classifies exactly as the real sync, and writes nothing."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target.dsn, retry_seconds=target.retry_seconds)
+        self._target = target
+        self._transaction: Transaction | None = None
+
+    async def retrying(
+        self,
+        operation: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        what: str,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> T:
+        """Run ``operation`` inside the dry run's transaction (no retry: a failure fails it)."""
+        conn = await self._target.conn()
+        if self._transaction is None:
+            self._transaction = conn.transaction()
+            await self._transaction.start()
+        return await operation(conn)
+
+    async def roll_back(self) -> None:
+        """Undo everything the dry run did (shielded: also when it is cancelled)."""
+        with anyio.CancelScope(shield=True):
+            if self._transaction is not None:
+                transaction, self._transaction = self._transaction, None
+                try:
+                    await transaction.rollback()
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await self._target.drop()  # the server rolls back a connection that goes
 
 
 async def _preflight(
@@ -222,6 +338,7 @@ async def _apply(
         for i in range(0, len(changed), size):
             stop.check()
             await applier.upsert(changed[i : i + size], treport)
+        await _retry_waiting(applier, treport, size, stop)
         for i in range(0, len(plan.moves), size):
             await applier.move(plan.moves[i : i + size], treport)
         await applier.resolve_gone(treport)
@@ -254,6 +371,22 @@ async def _apply(
             deleted=treport.deleted,
             conflicts=len(treport.conflicts),
         )
+
+
+async def _retry_waiting(applier: Applier, report: TableSync, size: int, stop: StopFlag) -> None:
+    """Rows of a table referencing itself left waiting for a parent written later in this
+    pass (a later batch) are tried again, until no more of them go."""
+    if not any(parent.name == applier.table.name for _c, parent, _r in applier.parents):
+        return
+    while report.waiting:
+        before = len(report.waiting)
+        rowids = sorted({rowid for rowid, _key in report.waiting})
+        report.waiting = []
+        for i in range(0, len(rowids), size):
+            stop.check()
+            await applier.upsert(rowids[i : i + size], report)
+        if len(report.waiting) >= before:
+            return
 
 
 def _parents(child: Table, tables: Sequence[Table]) -> tuple[tuple[str, Table, str], ...]:

@@ -43,6 +43,9 @@ INSERTED_IN_BOTH = "inserted_in_both"  # a new source key someone else inserted 
 CHILD_ROWS_KEPT = "child_rows_kept"  # source deleted, but rows not deleted by sync reference it
 # a new or changed source row names a parent flux-migrate loaded that someone deleted in PostgreSQL
 PARENT_DELETED_IN_POSTGRES = "parent_deleted_in_postgres"
+# a new or changed source row names a parent neither PostgreSQL holds nor sync could load
+# (the source stood still while sync tried: no later sync would load it either)
+PARENT_MISSING = "parent_missing"
 
 
 @dataclass
@@ -57,8 +60,14 @@ class TableSync:
     quarantined: int = 0
     resolved: int = 0
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # key, kind
-    deferred: int = 0  # rows the app wrote while this sync ran: the next sync takes them
+    # (rowid, key) of rows left to wait: written by the app while this sync ran, or naming a
+    # parent the target does not hold yet; retried within the sync, else the next sync's
+    waiting: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def deferred(self) -> int:
+        return len(self.waiting)
 
     @property
     def changed(self) -> int:
@@ -159,7 +168,7 @@ class Applier:
         log.debug("sync_batch", table=self.table.name, rows=len(rowids), kind="upsert")
         report.inserted += done.inserted
         report.updated += done.updated
-        report.deferred += done.deferred
+        report.waiting += done.waiting
         report.quarantined += done.quarantined
         report.resolved += done.resolved
         report.conflicts += done.conflicts
@@ -172,7 +181,7 @@ class Applier:
         inserts: list[int] = []
         updates: list[int] = []
         moved: list[tuple[str, int, int, str | None]] = []
-        out = _Upserted(deferred=len(deferred))
+        out = _Upserted(waiting=[(batch.raw[i][0], k) for i, k in enumerate(keys) if k in deferred])
         for i, key in enumerate(keys):
             rec = own.get(key)
             if key in deferred:
@@ -188,7 +197,7 @@ class Applier:
             else:
                 updates.append(i)
         wait, orphaned = await self._parents_missing(conn, batch, keys, inserts + updates)
-        out.deferred += len(wait)
+        out.waiting += [(batch.raw[i][0], keys[i]) for i in sorted(wait)]
         out.conflicts += [(keys[i], PARENT_DELETED_IN_POSTGRES) for i in sorted(orphaned)]
         inserts = [i for i in inserts if i not in wait and i not in orphaned]
         updates = [i for i in updates if i not in wait and i not in orphaned]
@@ -327,6 +336,7 @@ class Applier:
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS)"
             " ON COMMIT DELETE ROWS"
         )
+        await conn.execute(f"DELETE FROM {stage}")  # empty unless in a dry run's transaction
         await conn.copy_records_to_table(
             f"flux_sync_{table.name}",
             records=[rows[i] for i in inserts + updates],
@@ -585,7 +595,7 @@ def _pack_of(stored: Stored | None) -> str | None:
 
 @dataclass
 class _Upserted:
-    deferred: int = 0
+    waiting: list[tuple[int, str]] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     quarantined: int = 0

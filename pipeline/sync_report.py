@@ -14,44 +14,37 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
     """Print per table what sync did (or would do), then the conflicts by name; return the
     number of source rows quarantined and not loaded."""
     out = out or sys.stdout
-    if report.dry_run:
-        rows: list[tuple[str, ...]] = [
-            ("table", "scanned", "would insert", "would update", "would delete")
-        ]
-        for name, p in report.plans.items():
-            rows.append(
-                (
-                    name,
-                    f"{p.scanned:,}",
-                    f"{len(p.inserts):,}",
-                    f"{len(p.updates):,}",
-                    f"{len(p.deletes):,}",
-                )
-            )
-        print_table(rows, out)
-        out.write("Dry run: nothing was written.\n")
-        return 0
-    header = ("table", "scanned", "inserted", "updated", "deleted", "conflicts", "quarantined")
+    would = "would " if report.dry_run else ""
+    header = ("table", "scanned", f"{would}insert", f"{would}update", f"{would}delete")
+    header += ("conflicts", f"{would}quarantine" if would else "quarantined")
     table: list[tuple[str, ...]] = [header + ("seconds",)]
     for name, t in report.tables.items():
         counts = (t.scanned, t.inserted, t.updated, t.deleted, len(t.conflicts), t.quarantined)
         table.append((name, *(f"{n:,}" for n in counts), f"{t.seconds:.1f}"))
     print_table(table, out)
+    if report.dry_run:
+        out.write(
+            "Dry run: nothing was written; the counts, conflicts and exit code are those the"
+            " sync would have now.\n"
+        )
     if report.idle:
         out.write("The target is up to date: nothing changed in the source since the last sync.\n")
     conflicts = report.conflicts
     if conflicts:
         out.write(
-            f"{len(conflicts):,} row(s) changed both in the source and in PostgreSQL were left as"
-            " PostgreSQL has them (recorded in flux_migrate.conflicts):\n"
+            f"{len(conflicts):,} row(s) {'would be ' if would else 'were '}left as PostgreSQL has"
+            " them, changed there by someone else or naming a parent row it lacks"
+            f" ({'would be ' if would else ''}recorded in flux_migrate.conflicts; the kinds are"
+            " explained in docs/cut-over.md):\n"
         )
         for name, key, kind in conflicts[:show]:
             out.write(f"  {name} {printable(key)}: {kind}\n")
     deferred = sum(t.deferred for t in report.tables.values())
     if deferred:
         out.write(
-            f"{deferred:,} source row(s) changed while this sync ran were left for the next"
-            " sync, which takes them (run it again with the app stopped to be exact).\n"
+            f"{deferred:,} source row(s) the app changed while this sync ran (or whose parent it"
+            " wrote meanwhile) were left for the next sync, which takes them; run it again with"
+            " the app stopped to be exact.\n"
         )
     if report.quarantined_open:
         out.write(

@@ -85,6 +85,8 @@ async def test_dry_run_writes_nothing(sample_db: Path, pg_dsn: str, tmp_path: Pa
     plan = await sync(app_settings(path, pg_dsn), dry_run=True)
     counts = {n: (len(p.inserts), len(p.updates), len(p.deletes)) for n, p in plan.plans.items()}
     assert {"sessions": (1, 2, 1), "messages": (2, 1, 11)} == counts
+    done = {n: (t.inserted, t.updated, t.deleted) for n, t in plan.tables.items()}
+    assert {"sessions": (1, 2, 1), "messages": (2, 1, 11)} == done
     assert before == await target_rows(pg_dsn, "sessions")
 
 

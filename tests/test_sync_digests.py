@@ -14,6 +14,7 @@ import pytest
 
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sync import sync
+from flux_migrate.pipeline.sync_apply import TableSync
 from tests.support import app_copy, app_settings, assert_app_tables_equal, source_rows, target_rows
 
 
@@ -187,6 +188,7 @@ async def test_a_key_the_plan_never_saw_is_left_for_the_next_sync(
     _source(path, "UPDATE sessions SET id = ? WHERE id = ?", new, old)  # after the plan
     _source(path, "UPDATE messages SET session_id = ? WHERE session_id = ?", new, old)
     plan.dry_run = False
+    plan.tables = {name: TableSync() for name in plan.tables}  # the dry run's counts
     settings = await resolve_run_mapping(app_settings(path, pg_dsn), path)
     async with open_source(path) as src:
         await _apply(src, Target(pg_dsn), settings, plan, settings.tables, StopFlag())

@@ -18,6 +18,7 @@ from flux_migrate.core.target import Target
 from flux_migrate.pipeline.runner import migrate, resolve_run_mapping
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.sync import _apply, sync
+from flux_migrate.pipeline.sync_apply import TableSync
 from flux_migrate.stages.extract import open_source
 from tests.support import (
     app_copy,
@@ -55,6 +56,7 @@ async def test_a_child_of_a_parent_sync_did_not_plan_waits_for_the_next_sync(
     assert 1 == len(report.plans["messages"].inserts)
     report.plans["sessions"].inserts.clear()  # as if sessions were planned before the insert
     report.dry_run = False
+    report.tables = {name: TableSync() for name in report.tables}  # the dry run's counts
     settings = await resolve_run_mapping(app_settings(path, pg_dsn), path)
     async with open_source(path) as src:
         await _apply(src, Target(pg_dsn), settings, report, settings.tables, StopFlag())
