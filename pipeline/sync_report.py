@@ -16,8 +16,8 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
     out = out or sys.stdout
     would = "would " if report.dry_run else ""
     header = ("table", "scanned", f"{would}insert", f"{would}update", f"{would}delete")
-    header += ("conflicts", f"{would}quarantine" if would else "quarantined")
-    table: list[tuple[str, ...]] = [header + ("seconds",)]
+    more = ("conflicts", f"{would}quarantine" if would else "quarantined", "seconds")
+    table: list[tuple[str, ...]] = [header + more]
     for name, t in report.tables.items():
         counts = (t.scanned, t.inserted, t.updated, t.deleted, len(t.conflicts), t.quarantined)
         table.append((name, *(f"{n:,}" for n in counts), f"{t.seconds:.1f}"))
