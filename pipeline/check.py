@@ -104,7 +104,9 @@ def _node_lines(title: str, node: dict[str, Any]) -> list[str]:
             f"    server version {node['server_version']}, latency {node['latency_ms']:.2f} ms"
         )
     if "replay_lag_s" in node:
-        out.append(f"    replay lag: {node['replay_lag_s']:.3f} s")
+        lag = node["replay_lag_s"]
+        shown = "behind every recent primary position" if lag is None else f"at most {lag:.3f} s"
+        out.append(f"    replay lag: {shown}, receiver {node.get('receiver')}")
     pool, waits = node["pool"], node["pool"]["acquire_wait"]
     out.append(
         f"    pool: size {pool['size']}, idle {pool['idle']}, in use {pool['in_use']},"
@@ -178,10 +180,14 @@ async def _memory_health(
     if not result.health["ok"]:
         result.problems.append("the memory's health check failed on the primary")
     replica = result.health.get("replica")
-    if replica is not None and not replica["ok"]:
-        result.problems.append("the read replica (POSTGRES_READ_DSN) does not answer")
-    elif replica is not None and replica.get("role") != "standby":
+    if replica is not None and replica.get("role") == "primary":
         result.problems.append("POSTGRES_READ_DSN points at a server that is not a standby")
+    elif replica is not None and replica.get("role") is None:
+        result.problems.append("the read replica (POSTGRES_READ_DSN) does not answer")
+    elif replica is not None and not replica["ok"]:
+        result.problems.append(
+            f"the read replica (POSTGRES_READ_DSN) is refused: {replica['error']}"
+        )
 
 
 def _describe(exc: BaseException) -> str:

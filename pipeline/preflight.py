@@ -115,13 +115,15 @@ async def _require_table(conn: asyncpg.Connection, settings: Settings, table: Ta
 
 
 async def _add_profile_columns(conn: asyncpg.Connection, settings: Settings, table: Table) -> None:
-    """An app table created by an earlier release (before ``user_id``) gains the profile's
-    added columns, with their default, before it is checked and loaded."""
+    """An app table created by an earlier release (before ``user_id`` or ``messages.seq``)
+    gains the profile's added columns, with their default, before it is checked and loaded."""
     if table.generic:
         return
     for column in table.columns + table.target_only:
         if column.default is not None and column.name == "user_id":
             await conn.execute(add_column_sql(table, column, settings.names))
+    for column in table.generated:
+        await conn.execute(add_column_sql(table, column, settings.names))
 
 
 async def _start_table(

@@ -203,6 +203,8 @@ def source_reader(column: Column, *, zone: tzinfo = UTC, strip_nul: bool = False
         if raw is None:
             if kind is Kind.JSON:
                 return {}
+            if column.null_as is not None:  # the app reads NULL and this value alike
+                return column.null_as
             if nullable:
                 return None
             raise Unreadable("NULL in a required column")

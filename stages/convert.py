@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -235,10 +237,43 @@ def parse_json_object(
 def json_object_text(raw: Raw, column: str = "metadata", *, strip_nul: bool = False) -> str:
     """Validate metadata like :func:`parse_json_object` and return JSON text for jsonb.
 
-    The validated source text is passed on unchanged (PostgreSQL normalizes jsonb itself), so
-    numbers beyond a double keep every digit and no time is spent re-serializing.
+    The validated source text is passed on as written (PostgreSQL normalizes jsonb itself), so
+    numbers beyond a double keep every digit, except that floats in exponent form are written
+    out positionally (:func:`positional_floats`) so that they read back as floats.
     """
-    return _parse_object(raw, column, strip_nul)[1]
+    return positional_floats(_parse_object(raw, column, strip_nul)[1])
+
+
+# A JSON string (skipped as is) or a number in exponent form (rewritten).
+_STRING_OR_EXPONENT = re.compile(r'"(?:[^"\\]|\\.)*"|-?(?:0|[1-9]\d*)(?:\.\d+)?[eE][+-]?\d+')
+_EXPONENT_HINT = re.compile(r"\d[eE][+-]?\d")
+_MAX_POSITIONAL_EXPONENT = 400  # beyond this a double is 0 or infinite anyway
+
+
+def _positional(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if token.startswith('"'):
+        return token
+    value = float(token)
+    if math.isinf(value):
+        return token  # beyond a double: jsonb keeps the exact number (read as an int)
+    exact = Decimal(token)
+    if abs(exact.adjusted()) > _MAX_POSITIONAL_EXPONENT:
+        exact = Decimal(repr(value))
+    text = format(exact, "f")
+    return text if "." in text else text + ".0"
+
+
+def positional_floats(text: str) -> str:
+    """JSON text with every number in exponent form written positionally with a fraction.
+
+    PostgreSQL's jsonb prints ``1e16`` as ``10000000000000000``, which any JSON reader takes
+    for an int; ``10000000000000000.0`` keeps its scale in jsonb and reads back as the same
+    float. Strings and every other number are left as written.
+    """
+    if _EXPONENT_HINT.search(text) is None:
+        return text
+    return _STRING_OR_EXPONENT.sub(_positional, text)
 
 
 Converter = Callable[[Raw], Any]
@@ -281,10 +316,13 @@ def column_converter(
         return key
     if kind is Kind.TEXT or kind is Kind.NULLABLE_TEXT:
         nullable = kind is Kind.NULLABLE_TEXT
+        null_as = column.null_as
 
         def text(raw: Raw) -> Any:
             if type(raw) is bytes and b"\x00" not in raw and (text_as_bytes or raw.isascii()):
                 return raw if text_as_bytes else raw.decode("ascii")
+            if raw is None and null_as is not None:
+                return null_as
             if nullable:
                 return decode_text(raw, name, strip_nul=strip_nul)
             return convert_required_text(raw, name, strip_nul=strip_nul)

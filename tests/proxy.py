@@ -30,6 +30,8 @@ class FlakyProxy:
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.silent = False
+        self.held: list[socket.socket] = []
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -53,6 +55,10 @@ class FlakyProxy:
             if not self.up:
                 client.close()
                 continue
+            if self.silent:  # accepted, never answered: a host that stopped responding
+                with self.lock:
+                    self.held.append(client)
+                continue
             if self.kind == "unix":
                 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             else:
@@ -67,11 +73,11 @@ class FlakyProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self.silent:  # silent: swallowed, no RST, no answer
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -94,9 +100,20 @@ class FlakyProxy:
                     pass
                 s.close()
 
+    def silence(self) -> None:
+        """Stop answering without closing anything (no RST, no FIN): open connections get no
+        reply to what they send, new ones are accepted and never answered."""
+        self.silent = True
+
     def restore(self) -> None:
         self.up = True
+        self.silent = False
+        with self.lock:
+            held, self.held = self.held, []
+        for s in held:
+            s.close()
 
     def close(self) -> None:
         self.cut()
+        self.restore()
         self.listener.close()

@@ -218,7 +218,8 @@ async def test_add_message_reads_back_and_touches_session(mem: AnyMemory) -> Non
 
 
 async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
-    """get_history returns the last `limit` messages, oldest first; limit 0 returns none."""
+    """get_history returns the last `limit` messages, oldest first; as the app's class, limit 0
+    is the default window and a negative limit every message."""
     session_id = await mem.create_session()
     for i in range(8):
         await mem.add_message(session_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
@@ -226,12 +227,13 @@ async def test_history_is_last_n_oldest_first(mem: AnyMemory) -> None:
     assert [f"m{i}" for i in range(8)] == [
         m["content"] for m in await mem.get_history(session_id, 100)
     ]
-    assert await mem.get_history(session_id, limit=0) == []
+    assert await mem.get_history(session_id, limit=0) == await mem.get_history(session_id)
+    assert 8 == len(await mem.get_history(session_id, limit=-1))
     history = await mem.get_history(session_id)
     stamps = [parse(m["created_at"]) for m in history]
     assert stamps == sorted(stamps)
     with pytest.raises(ValueError):
-        await mem.get_history(session_id, limit=-1)
+        await mem.get_history(session_id, limit=2**63)
 
 
 async def test_history_default_limit_from_settings(backend: tuple[str, str]) -> None:
@@ -274,8 +276,9 @@ async def test_sessions_paging_with_offset(mem: AnyMemory) -> None:
     assert [len(p) for p in pages] == [3, 3, 1, 0]
     assert full == [i for page in pages for i in page]
     assert await mem.get_sessions(limit=0) == []
-    with pytest.raises(ValueError):
-        await mem.get_sessions(offset=-1)
+    # As the app's SQLite: a negative offset counts as 0, a negative limit means no limit.
+    assert full == [s["id"] for s in await mem.get_sessions(offset=-1)]
+    assert full == [s["id"] for s in await mem.get_sessions(limit=-1)]
 
 
 async def test_ties_break_by_id(mem: AnyMemory) -> None:
@@ -501,7 +504,6 @@ async def test_factory_picks_backend_from_env(
     [
         {"DATABASE_BACKEND": "mysql", "SQLITE_PATH": "x.sqlite"},
         {"DATABASE_BACKEND": "postgres"},
-        {"DATABASE_BACKEND": "sqlite"},
         {
             "DATABASE_BACKEND": "postgres",
             "POSTGRES_DSN": "postgresql://h/db",

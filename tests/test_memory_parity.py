@@ -158,19 +158,20 @@ async def test_user_isolation_with_and_without_paging(mem: AnyMemory) -> None:
 
 
 async def test_user_id_is_stored_and_indexed(mem: AnyMemory) -> None:
-    """user_id is stored in the sessions row, and (user_id, updated_at) is indexed."""
+    """user_id is stored in the sessions row and indexed: (user_id, updated_at) in SQLite,
+    (md5(user_id), updated_at) in PostgreSQL (a btree entry of a long text fails)."""
     session_id = await mem.create_session("t", user_id="alice")
     if isinstance(mem, SQLiteMemory):
         stored = await raw_sql(mem, "SELECT user_id FROM sessions WHERE id = ?", session_id)
         index = await raw_sql(mem, "SELECT name FROM pragma_index_info('idx_sessions_user')")
     else:
         stored = await raw_sql(mem, "SELECT user_id FROM sessions WHERE id = $1", session_id)
-        index = await raw_sql(
-            mem,
-            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
-            " AND a.attnum = ANY(i.indkey) WHERE i.indexrelid = 'idx_sessions_user'::regclass"
-            " ORDER BY array_position(i.indkey, a.attnum)",
+        [(definition,)] = await raw_sql(
+            mem, "SELECT pg_get_indexdef('idx_sessions_user_md5'::regclass)"
         )
+        assert [("alice",)] == stored
+        assert definition.endswith("(md5(user_id), updated_at)")
+        return
     assert [("alice",)] == stored
     assert [("user_id",), ("updated_at",)] == index
 
@@ -202,7 +203,7 @@ async def test_old_postgres_tables_without_user_id_get_it(pg_dsn: str) -> None:
         await memory.create_session("new", user_id="alice")
         assert [old] == [s["id"] for s in await memory.get_sessions(user_id="")][1:]
         assert ["new"] == [s["title"] for s in await memory.get_sessions(user_id="alice")]
-        index = await raw_sql(memory, "SELECT to_regclass('idx_sessions_user') IS NOT NULL")
+        index = await raw_sql(memory, "SELECT to_regclass('idx_sessions_user_md5') IS NOT NULL")
     assert [(True,)] == index
 
 
@@ -304,9 +305,9 @@ async def test_non_str_session_id_is_a_type_error(mem: AnyMemory, bad: Any) -> N
     assert 0 == await mem.count_sessions()
 
 
-@pytest.mark.parametrize("value", [2**63, 2**64, -1])
+@pytest.mark.parametrize("value", [2**63, 2**64])
 async def test_limit_and_offset_out_of_range_are_value_errors(mem: AnyMemory, value: int) -> None:
-    """limit / offset outside 0..2**63-1 raise ValueError on both backends; 2**63-1 works."""
+    """limit / offset beyond 2**63-1 raise ValueError on both backends; 2**63-1 works."""
     session_id = await mem.create_session()
     for call in (
         mem.get_sessions(limit=value),

@@ -27,9 +27,10 @@ import anyio
 import asyncpg
 import pytest
 
-from flux_migrate.memory import PostgresMemory
+from flux_migrate.memory import PostgresMemory, Timeouts
 from flux_migrate.pipeline.check import check
 from flux_migrate.pipeline.cli_check import add_commands
+from tests.proxy import FlakyProxy
 
 APPLY_DELAY_MS = 300
 STANDBY_PORT = 5433  # names the socket file in the standby's own socket directory
@@ -192,6 +193,7 @@ async def test_reads_reach_the_standby(pg_dsn: str, read_dsn: str) -> None:
         health["replica"]["role"],
         health["replica"]["ok"],
     )
+    assert health["replica"]["fresh"] is True
     assert health["replica"]["replay_lag_s"] >= 0
     assert health["replica"]["pool"]["size"] >= 1
 
@@ -301,6 +303,171 @@ def test_check_cli_exit_codes_with_a_replica(
     assert "read replica: ok, role standby" in capsys.readouterr().out
     assert 1 == run("--postgres-read-dsn", pg_dsn, "--quick")
     assert "UNHEALTHY" in capsys.readouterr().out
+
+
+def _with_setting(dsn: str, name: str, value: str) -> str:
+    """``dsn`` with one more server setting in its query (asyncpg passes unknown keys on)."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}{name}={value}"
+
+
+async def test_async_commits_are_read_back_at_once(pg_dsn: str, read_dsn: str) -> None:
+    """With synchronous_commit=off on the primary, a read right after the same object's write
+    always sees it: the position noted covers the commit record, not yet flushed (case 1)."""
+    primary = _with_setting(pg_dsn, "synchronous_commit", "off")
+    misses = 0
+    async with PostgresMemory(primary, min_size=1, max_size=2, read_dsn=read_dsn) as memory:
+        session_id = await memory.create_session("async")
+        for i in range(300):
+            message_id = await memory.add_message(session_id, "user", f"m{i}")
+            history = await memory.get_history(session_id, limit=1)
+            misses += int([message_id] != [m["id"] for m in history])
+        await _until_replica_current(memory)
+        await anyio.sleep(APPLY_DELAY_MS / 1000 + 0.1)
+        assert 1 == await memory.count_sessions()
+    assert memory.replica is not None
+    assert 0 == misses
+    assert memory.replica.reads >= 1  # the standby did serve reads once it had the writes
+
+
+async def _set_standby_upstream(standby_dsn: str, conninfo: str) -> str:
+    """Point the standby's WAL receiver at ``conninfo``; return the setting it had."""
+    conn = await asyncpg.connect(standby_dsn)
+    try:
+        before = str(await conn.fetchval("SHOW primary_conninfo"))
+        quoted = conninfo.replace("'", "''")
+        await conn.execute(f"ALTER SYSTEM SET primary_conninfo = '{quoted}'")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+    return before
+
+
+async def _receiver_streaming(standby_dsn: str) -> bool:
+    conn = await asyncpg.connect(standby_dsn)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT coalesce(bool_or(status = 'streaming'), false) FROM pg_stat_wal_receiver"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _until_receiver(standby_dsn: str, streaming: bool, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while await _receiver_streaming(standby_dsn) != streaming:
+        assert time.monotonic() < deadline, f"the WAL receiver did not become {streaming}"
+        await anyio.sleep(0.1)
+
+
+async def test_a_standby_cut_off_from_its_primary_is_not_used(pg_dsn: str, read_dsn: str) -> None:
+    """A standby whose WAL receiver is down reports no lag but is stale: reads of a memory
+    that wrote nothing go to the primary and see the latest write; health says not fresh
+    (case 2)."""
+    upstream = await _set_standby_upstream(read_dsn, "host=/nonexistent port=1 user=postgres")
+    try:
+        await _until_receiver(read_dsn, streaming=False)
+        async with PostgresMemory(pg_dsn, min_size=1, max_size=2) as writer:
+            session_id = await writer.create_session("written after the cut")
+        async with PostgresMemory(pg_dsn, min_size=1, max_size=2, read_dsn=read_dsn) as reader:
+            for _ in range(20):
+                session = await reader.get_session(session_id)
+                assert session is not None and "written after the cut" == session["title"]
+            health = await reader.health()
+        assert reader.replica is not None and 0 == reader.replica.reads
+        assert health["replica"]["fresh"] is False
+        assert health["replica"]["receiver"] != "streaming"
+    finally:
+        await _set_standby_upstream(read_dsn, upstream)
+        await _until_receiver(read_dsn, streaming=True)
+
+
+async def test_a_silent_standby_costs_the_replica_timeout_then_the_primary(
+    pg_dsn: str, read_dsn: str
+) -> None:
+    """A standby that stops answering (no RST): the next read falls back to the primary within
+    about the replica timeout, and the reads after it skip the standby (case 3)."""
+    proxy = FlakyProxy(read_dsn)
+    timeouts = Timeouts(replica=0.5)
+    try:
+        async with PostgresMemory(
+            pg_dsn, min_size=1, max_size=2, read_dsn=proxy.proxied_dsn, timeouts=timeouts
+        ) as memory:
+            session_id = await memory.create_session("kept")
+            await _until_replica_current(memory)
+            await anyio.sleep(APPLY_DELAY_MS / 1000 + 0.1)
+            await memory.count_sessions()
+            assert memory.replica is not None and memory.replica.reads >= 1
+            proxy.silence()
+            took = []
+            for _ in range(5):
+                started = time.monotonic()
+                session = await memory.get_session(session_id)
+                took.append(time.monotonic() - started)
+                assert session is not None and "kept" == session["title"]
+            started = time.monotonic()
+            health = await memory.health()
+            health_took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert took[0] < 2.0
+    assert max(took[1:]) < 0.5
+    assert health_took < 3.0
+    assert (True, False) == (health["ok"], health["replica"]["ok"])
+
+
+async def test_strong_reads_see_other_workers_writes(pg_dsn: str, read_dsn: str) -> None:
+    """With read_consistency="strong", a worker reads at once what another worker (another
+    memory object) just wrote; the standby itself lags meanwhile (case 13)."""
+    misses = missed_on_standby = 0
+    async with (
+        PostgresMemory(pg_dsn, min_size=1, max_size=2, read_dsn=read_dsn) as worker_a,
+        PostgresMemory(
+            pg_dsn, min_size=1, max_size=2, read_dsn=read_dsn, read_consistency="strong"
+        ) as worker_b,
+    ):
+        session_id = await worker_a.create_session("shared")
+        standby = await asyncpg.connect(read_dsn)
+        try:
+            for i in range(300):
+                message_id = await worker_a.add_message(session_id, "user", f"m{i}")
+                history = await worker_b.get_history(session_id, limit=1)
+                misses += int([message_id] != [m["id"] for m in history])
+                if i % 30 == 0:
+                    on_standby = await standby.fetchval(
+                        "SELECT count(*) FROM messages WHERE id = $1", message_id
+                    )
+                    missed_on_standby += int(on_standby == 0)
+        finally:
+            await standby.close()
+        await _until_replica_current(worker_b)
+        await anyio.sleep(APPLY_DELAY_MS / 1000 + 0.1)
+        await worker_b.count_sessions()
+    assert 0 == misses
+    assert missed_on_standby > 0
+    assert worker_b.replica is not None and worker_b.replica.reads >= 1
+
+
+async def test_a_read_dsn_that_is_not_our_standby_is_never_used(pg_dsn: str, read_dsn: str) -> None:
+    """A read DSN naming a primary, or a standby whose system identifier differs from the
+    primary's, serves no read; health names why (case 13)."""
+    async with PostgresMemory(
+        pg_dsn, min_size=1, max_size=2, read_dsn=pg_dsn
+    ) as primary_as_replica:
+        await primary_as_replica.count_sessions()
+        health = await primary_as_replica.health()
+    assert primary_as_replica.replica is not None and 0 == primary_as_replica.replica.reads
+    assert ("primary", False) == (health["replica"]["role"], health["replica"]["ok"])
+    assert "not a standby" in health["replica"]["error"]
+    other = PostgresMemory(pg_dsn, min_size=1, max_size=2, read_dsn=read_dsn)
+    other.system_identifier = 1  # the primary's, as if the standby belonged to another cluster
+    async with other:
+        for _ in range(5):
+            await other.count_sessions()
+        health = await other.health()
+    assert other.replica is not None and 0 == other.replica.reads
+    assert "another cluster" in health["replica"]["error"]
 
 
 async def test_standby_stopped_mid_test_costs_no_errors(

@@ -41,7 +41,7 @@ async def test_keys_and_index_exist_after_a_bulk_load(sample_db: Path, pg_dsn: s
     )
     assert names == [
         "idx_messages_session",
-        "idx_sessions_user",
+        "idx_sessions_user_md5",
         "messages_pkey",
         "messages_session_id_fkey",
         "sessions_pkey",

@@ -87,6 +87,7 @@ class Column:
     not_null: bool | None = None  # by default the kind's (the app's columns); else nullable
     default: str | None = None  # the target column's DEFAULT, as SQL
     epoch: str | None = None  # INSTANT columns holding numbers: "s" or "ms" since 1970 UTC
+    null_as: str | None = None  # a source NULL loads as this value (the app reads them alike)
     note: str = ""  # why this mapping was chosen (shown by init and the run summary)
 
     @property
@@ -158,6 +159,8 @@ class Table:
     profile: str = "app"  # "app" for the app's own tables, "generic" for any other
     # Target columns the migration does not copy yet (issue 9): created with their default.
     target_only: tuple[Column, ...] = ()
+    # Target columns PostgreSQL fills itself (a sequence), never copied, compared or synced.
+    generated: tuple[Column, ...] = ()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -186,11 +189,15 @@ SESSIONS = Table(
         Column("updated_at", Kind.TIMESTAMP),
         Column("metadata", Kind.JSON),
     ),
-    target_only=(Column("user_id", Kind.TEXT, default="''"),),
+    # The app reads a NULL user_id as '' in every query (no filter, or never equal to a user).
+    target_only=(Column("user_id", Kind.TEXT, default="''", null_as=""),),
 )
 
-# The memory lists a user's sessions by (user_id, updated_at): one index, both backends.
+# The memory lists a user's sessions by (user_id, updated_at). In PostgreSQL the index holds
+# md5(user_id): a btree entry of the text itself fails beyond about 2.7 KB, and a user_id has
+# no length limit in the app. Queries filter on both md5(user_id) and user_id.
 USER_INDEX_COLUMNS = ("user_id", "updated_at")
+USER_INDEX_EXPRESSIONS = ("md5(user_id)", '"updated_at"')
 
 MESSAGES = Table(
     name="messages",
@@ -205,6 +212,9 @@ MESSAGES = Table(
     parent="sessions",
     parent_column="session_id",
     index_columns=("session_id", "created_at"),
+    # The order rows arrived in: the app returns messages stamped in the same tick in
+    # insertion order (SQLite's rowid), so history breaks created_at ties by it.
+    generated=(Column("seq", Kind.INTEGER, type="bigserial"),),
 )
 
 # Load order: parents before children.
@@ -304,7 +314,7 @@ class TargetNames:
 def create_table_sql(table: Table, names: TargetNames) -> str:
     """CREATE TABLE IF NOT EXISTS without keys or indexes (built after a bulk load)."""
     cols = []
-    for c in table.columns + table.target_only:
+    for c in table.columns + table.target_only + table.generated:
         null = "" if c.nullable else " NOT NULL"
         default = " DEFAULT '{}'" if c.kind is Kind.JSON else ""
         if c.default is not None:
@@ -314,10 +324,11 @@ def create_table_sql(table: Table, names: TargetNames) -> str:
 
 
 def add_column_sql(table: Table, column: Column, names: TargetNames) -> str:
-    """ALTER TABLE adding a target-only column to a table created before it existed."""
+    """ALTER TABLE adding a target-only or generated column to a table created before it."""
+    default = "" if column.default is None else f" NOT NULL DEFAULT {column.default}"
     return (
         f"ALTER TABLE {names.qualified(table.name)} ADD COLUMN IF NOT EXISTS"
-        f" {quote_ident(column.name)} {column.pg_type} NOT NULL DEFAULT {column.default}"
+        f" {quote_ident(column.name)} {column.pg_type}{default}"
     )
 
 
@@ -403,8 +414,8 @@ def _app_constraints(names: TargetNames, tables: tuple[Table, ...]) -> list[Cons
         )
     if any(t.name == SESSIONS.name for t in tables):
         target = names.table(SESSIONS.name)
-        idx = fitted_name(f"idx_{target}", "_user")
-        cols = ", ".join(quote_ident(c) for c in USER_INDEX_COLUMNS)
+        idx = fitted_name(f"idx_{target}", "_user_md5")
+        cols = ", ".join(USER_INDEX_EXPRESSIONS)
         out.append(
             Constraint(
                 idx,

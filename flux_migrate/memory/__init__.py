@@ -10,10 +10,12 @@ from __future__ import annotations
 from flux_migrate.memory.base import (
     Memory,
     MemoryClosedError,
+    MemoryUnavailableError,
     PoolTimeoutError,
     SessionNotFoundError,
+    Timeouts,
 )
-from flux_migrate.memory.factory import MemorySettings, create_memory
+from flux_migrate.memory.factory import MemorySettings, create_memory, get_memory, new_memory
 from flux_migrate.memory.postgres import PostgresMemory
 from flux_migrate.memory.sqlite import SQLiteMemory
 
@@ -21,9 +23,13 @@ __all__ = [
     "Memory",
     "MemoryClosedError",
     "MemorySettings",
+    "MemoryUnavailableError",
     "PoolTimeoutError",
     "PostgresMemory",
     "SQLiteMemory",
     "SessionNotFoundError",
+    "Timeouts",
     "create_memory",
+    "get_memory",
+    "new_memory",
 ]

@@ -38,6 +38,7 @@ dict. Deliberate differences from the app's class, identical on both backends:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -83,8 +84,48 @@ class MemoryClosedError(RuntimeError):
     """The memory is closing: the call was refused before it wrote anything."""
 
 
-class PoolTimeoutError(TimeoutError):
+class MemoryUnavailableError(ConnectionError):
+    """The database did not answer within its bound (connect, acquire, command) or the
+    connection broke: the one error class of an outage. A read can be retried; a write raised
+    after it was sent may or may not have committed (``maybe_written`` says which)."""
+
+    def __init__(self, message: str, *, maybe_written: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.maybe_written = maybe_written
+
+
+class PoolTimeoutError(MemoryUnavailableError, TimeoutError):
     """No connection became free within the acquire timeout; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every wait of the PostgreSQL memory is bounded by one of these (seconds).
+
+    ``connect``: opening a connection (the TCP connect and the login). ``acquire``: waiting
+    for a free connection of the pool. ``command``: one statement, client side (then the
+    connection is dropped). ``statement``: PostgreSQL's ``statement_timeout``, just below
+    ``command`` so that the server ends a slow statement cleanly first. ``replica``: connect
+    and command on the standby, after which reads fall back to the primary. ``health``: what
+    ``health()`` waits for a free connection before it reports the pool saturated.
+    """
+
+    connect: float = 5.0
+    acquire: float = DEFAULT_ACQUIRE_TIMEOUT
+    command: float = 10.0
+    statement: float = 9.0
+    replica: float = 1.0
+    health: float = 1.0
+
+    def check(self) -> Timeouts:
+        """Self, or ValueError naming the first bound that is not a positive number."""
+        for name in ("connect", "acquire", "command", "statement", "replica", "health"):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value) and value > 0):
+                raise ValueError(f"the {name} timeout must be a positive number, not {value!r}")
+        return self
 
 
 class Memory(Protocol):
@@ -135,20 +176,30 @@ class WaitStats:
 
     def __init__(self, keep: int = 10_000) -> None:
         self.count = 0
+        self.failed = 0
         self._recent: deque[float] = deque(maxlen=keep)
 
     def record(self, seconds: float) -> None:
         self.count += 1
         self._recent.append(seconds * 1000)
 
+    def record_failure(self, seconds: float) -> None:
+        """A caller that gave up after ``seconds`` without a connection: counted in ``failed``
+        and in the percentiles (its wait was real)."""
+        self.count += 1
+        self.failed += 1
+        self._recent.append(seconds * 1000)
+
     def summary(self) -> dict[str, Any]:
-        """``count``, ``p50_ms`` and ``p99_ms`` (over the last 10,000 waits; None before any)."""
+        """``count``, ``failed``, ``p50_ms`` and ``p99_ms`` (over the last 10,000 waits, failed
+        ones included; None before any)."""
         if not self._recent:
-            return {"count": self.count, "p50_ms": None, "p99_ms": None}
+            return {"count": self.count, "failed": self.failed, "p50_ms": None, "p99_ms": None}
         values = sorted(self._recent)
         p99 = values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
         return {
             "count": self.count,
+            "failed": self.failed,
             "p50_ms": round(statistics.median(values), 3),
             "p99_ms": round(p99, 3),
         }
@@ -200,6 +251,21 @@ class MemoryBase:
     def __init__(self, *, default_history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         self.default_history_limit = check_count(default_history_limit, "default_history_limit")
         self.lifecycle = Lifecycle()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _follow_loop(self) -> None:
+        """Bind to the running event loop; after a change of loop (a new ``asyncio.run``),
+        drop what belonged to the old one (:meth:`_forget_loop`) and start afresh."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None:
+            self._forget_loop()
+            self.lifecycle = Lifecycle()
+        self._loop = loop
+
+    def _forget_loop(self) -> None:
+        """Drop the connections, pools and locks of an event loop that is no longer used."""
 
     @property
     def is_open(self) -> bool:
@@ -226,10 +292,11 @@ class MemoryBase:
         await self.close()
 
     def history_limit(self, limit: int | None) -> int:
-        """The limit to apply: the default when None; anything out of range is refused."""
-        if limit is None:
+        """The limit to apply, as the app's ``limit or max_history * 2`` into SQLite's LIMIT:
+        None or 0 is the default window, a negative limit is every message."""
+        if limit is None or check_int(limit, "limit") == 0:
             return self.default_history_limit
-        return check_count(limit, "limit")
+        return sqlite_limit(limit)
 
 
 # ------------------------------------------------------------------ values in
@@ -263,13 +330,38 @@ def check_id(value: str) -> str:
     return value
 
 
-def check_count(value: int, name: str) -> int:
-    """An int from 0 to 2**63 - 1 (what LIMIT and OFFSET take on both backends)."""
+def matches_nothing(value: str) -> bool:
+    """Whether a looked-up id or user_id cannot equal any stored one (it holds a NUL, which no
+    stored value has): the app answers None, [] or nothing for it, so the call does too."""
+    return "\x00" in value
+
+
+def check_int(value: int, name: str) -> int:
+    """``value`` if it is an int (not a bool), else TypeError."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def check_count(value: int, name: str) -> int:
+    """An int from 0 to 2**63 - 1 (what LIMIT and OFFSET take on both backends)."""
+    check_int(value, name)
     if not 0 <= value <= MAX_COUNT:
         raise ValueError(f"{name} must be from 0 to 2**63 - 1, not {value}")
     return value
+
+
+def sqlite_limit(value: int, name: str = "limit") -> int:
+    """A LIMIT as the app's SQLite takes it: a negative one means no limit; beyond 2**63 - 1
+    is refused (ValueError), a non-int is a TypeError."""
+    check_int(value, name)
+    return MAX_COUNT if value < 0 else check_count(value, name)
+
+
+def sqlite_offset(value: int) -> int:
+    """An OFFSET as the app's SQLite takes it: a negative one counts as 0."""
+    check_int(value, "offset")
+    return 0 if value < 0 else check_count(value, "offset")
 
 
 def check_pool_bounds(pool_min: int, pool_max: int, what: str = "pool sizes") -> None:
@@ -305,9 +397,21 @@ def prepare_metadata(metadata: dict[str, Any] | None) -> str:
         raise ValueError(f"metadata cannot be stored: {exc}") from None
     except TypeError as exc:
         raise TypeError(f"metadata cannot be stored as JSON: {exc}") from None
-    if "\\u0000" in text:
-        raise ValueError("metadata contains \\u0000, which PostgreSQL cannot store")
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ValueError("metadata contains a NUL character, which PostgreSQL cannot store")
+    if "\\ud" in text:  # a surrogate escape: fine in a pair (non-BMP), refused alone
+        try:
+            json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "metadata contains a lone surrogate, which PostgreSQL cannot store"
+            ) from None
     return text
+
+
+# A real \u0000 escape: after an even number of backslashes (``\\u0000`` is a backslash and
+# the letters u0000, which both backends store).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 # ------------------------------------------------------------------ values out
@@ -431,24 +535,35 @@ class ReadSql:
     count: str  # () -> number of sessions
 
 
-def read_sql(sessions: str, messages: str, *, param: Callable[[int], str], by_id: str) -> ReadSql:
-    """Build the read statements for quoted table names, a placeholder style and an id order.
+def read_sql(
+    sessions: str,
+    messages: str,
+    *,
+    param: Callable[[int], str],
+    by_id: str,
+    arrival: str,
+    user_match: str,
+) -> ReadSql:
+    """Build the read statements for quoted table names, a placeholder style and orders.
 
-    ``by_id`` is the expression that orders ids by their bytes (``id`` in SQLite, ``id COLLATE
-    "C"`` in PostgreSQL), so that ties break the same way on both backends.
+    ``by_id`` orders ids by their bytes (``id`` in SQLite, ``id COLLATE "C"`` in PostgreSQL):
+    sessions with the same ``updated_at`` come in that order. ``arrival`` is the message column
+    that grows with insertion (SQLite's ``rowid``, PostgreSQL's ``seq``): messages with the same
+    ``created_at`` come in insertion order, as the app returns them. ``user_match`` is the
+    condition on ``s`` selecting the sessions of the user_id in parameter 3.
     """
     message_count = f"(SELECT count(*) FROM {messages} c WHERE c.session_id = s.id)"
     page = f" ORDER BY s.updated_at DESC, s.{by_id} LIMIT {param(1)} OFFSET {param(2)}"
     listed = f"SELECT {SESSION_SELECT}, {message_count} AS message_count FROM {sessions} s"
     return ReadSql(
         history=(
-            f"SELECT * FROM (SELECT {MESSAGE_SELECT} FROM {messages} m"
+            f"SELECT * FROM (SELECT {MESSAGE_SELECT}, m.{arrival} AS arrival FROM {messages} m"
             f" WHERE m.session_id = {param(1)}"
-            f" ORDER BY m.created_at DESC, m.{by_id} DESC LIMIT {param(2)}) h"
-            f" ORDER BY h.created_at, h.{by_id}"
+            f" ORDER BY m.created_at DESC, m.{arrival} DESC LIMIT {param(2)}) h"
+            " ORDER BY h.created_at, h.arrival"
         ),
         sessions_page=listed + page,
-        user_sessions_page=f"{listed} WHERE s.user_id = {param(3)}{page}",
+        user_sessions_page=f"{listed} WHERE {user_match}{page}",
         session=f"SELECT {SESSION_SELECT} FROM {sessions} s WHERE s.id = {param(1)}",
         count=f"SELECT count(*) FROM {sessions}",
     )

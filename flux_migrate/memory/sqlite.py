@@ -22,17 +22,19 @@ from flux_migrate.memory.base import (
     PoolTimeoutError,
     SessionNotFoundError,
     WaitStats,
-    check_count,
     check_id,
     check_text,
     elapsed_ms,
     loads_metadata,
+    matches_nothing,
     message_dict,
     new_id,
     now,
     prepare_metadata,
     read_sql,
     session_dict,
+    sqlite_limit,
+    sqlite_offset,
 )
 from flux_migrate.stages.convert import Rejected, parse_timestamp
 
@@ -40,7 +42,14 @@ log = structlog.get_logger("flux_migrate.memory")
 
 _SESSIONS = quote_ident(SESSIONS.name)
 _MESSAGES = quote_ident(MESSAGES.name)
-_READ = read_sql(_SESSIONS, _MESSAGES, param=lambda n: f"?{n}", by_id="id")
+_READ = read_sql(
+    _SESSIONS,
+    _MESSAGES,
+    param=lambda n: f"?{n}",
+    by_id="id",
+    arrival="rowid",
+    user_match="s.user_id = ?3",
+)
 
 
 def _decode_text(raw: bytes) -> str:
@@ -83,6 +92,9 @@ class SQLiteMemory(MemoryBase):
     connection, opened on first use; operations on it run one at a time, so a write and the
     ``updated_at`` it implies are never interleaved with another. A file made before
     ``user_id`` existed gets the column (default '') and its index on open.
+
+    With ``read_only`` the file is opened read-only (``mode=ro``) and never changed: no table,
+    column or index is added (``verify --api`` reads the source this way); writes fail.
     """
 
     def __init__(
@@ -91,9 +103,11 @@ class SQLiteMemory(MemoryBase):
         default_history_limit: int = DEFAULT_HISTORY_LIMIT,
         *,
         acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT,
+        read_only: bool = False,
     ) -> None:
         super().__init__(default_history_limit=default_history_limit)
         self.path = Path(path)
+        self.read_only = read_only
         self.acquire_timeout = acquire_timeout
         self.waits = WaitStats()
         self._conn: aiosqlite.Connection | None = None
@@ -103,18 +117,29 @@ class SQLiteMemory(MemoryBase):
     def is_open(self) -> bool:
         return self._conn is not None
 
+    def _forget_loop(self) -> None:
+        self._lock = anyio.Lock()  # the connection's thread serves any loop
+
     async def open(self) -> None:
+        self._follow_loop()
         async with self.lifecycle.admit(), self._lock:
             await self._open_locked()
 
     async def _open_locked(self) -> aiosqlite.Connection:
         if self._conn is None:
             self.lifecycle.refuse_if_closing()  # a call during close() never reopens
-            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            if self.read_only:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            else:
+                conn = await aiosqlite.connect(self.path, isolation_level=None)
             try:
                 conn.text_factory = _decode_text
-                await conn.execute("PRAGMA foreign_keys=ON")
                 await conn.execute("PRAGMA busy_timeout=5000")
+                if self.read_only:
+                    self._conn = conn
+                    return conn
+                await conn.execute("PRAGMA foreign_keys=ON")
                 async with conn.execute("PRAGMA table_info(sessions)") as cur:
                     present = {r[1] for r in await cur.fetchall()}
                 if present and "user_id" not in present:
@@ -133,6 +158,7 @@ class SQLiteMemory(MemoryBase):
         Callers still waiting for the connection get MemoryClosedError and write nothing; a
         call made during the close is refused the same way; the next call after it reopens.
         """
+        self._follow_loop()
         self.lifecycle.closing = True
         try:
             await self.lifecycle.drain(timeout)
@@ -150,6 +176,7 @@ class SQLiteMemory(MemoryBase):
         Raises PoolTimeoutError when another operation holds it beyond the acquire timeout,
         MemoryClosedError when close() began meanwhile.
         """
+        self._follow_loop()
         async with self.lifecycle.admit():
             started = time.perf_counter()
             try:
@@ -242,13 +269,20 @@ class SQLiteMemory(MemoryBase):
 
     async def get_history(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         check_id(session_id)
-        rows = await self._fetchall(_READ.history, (session_id, self.history_limit(limit)))
+        count = self.history_limit(limit)
+        if matches_nothing(session_id):
+            return []
+        rows = await self._fetchall(_READ.history, (session_id, count))
         return [message_dict(r, **_DECODERS) for r in rows]
 
     async def get_sessions(
         self, limit: int = DEFAULT_SESSIONS_LIMIT, offset: int = 0, user_id: str = ""
     ) -> list[dict[str, Any]]:
-        params: tuple[Any, ...] = (check_count(limit, "limit"), check_count(offset, "offset"))
+        params: tuple[Any, ...] = (sqlite_limit(limit), sqlite_offset(offset))
+        if not isinstance(user_id, str):
+            check_text(user_id, "user_id")
+        if matches_nothing(user_id):
+            return []
         check_text(user_id, "user_id")
         sql = _READ.sessions_page
         if user_id:
@@ -258,12 +292,16 @@ class SQLiteMemory(MemoryBase):
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         check_id(session_id)
+        if matches_nothing(session_id):
+            return None
         rows = await self._fetchall(_READ.session, (session_id,))
         return session_dict(rows[0], **_DECODERS) if rows else None
 
     async def update_session_title(self, session_id: str, title: str) -> None:
         check_id(session_id)
         check_text(title, "title")
+        if matches_nothing(session_id):
+            return
         async with self._transaction() as conn:
             await conn.execute(
                 f"UPDATE {_SESSIONS} SET title = ?, updated_at = ? WHERE id = ?",
@@ -272,6 +310,8 @@ class SQLiteMemory(MemoryBase):
 
     async def delete_session(self, session_id: str) -> None:
         check_id(session_id)
+        if matches_nothing(session_id):
+            return
         async with self._transaction() as conn:
             await conn.execute(f"DELETE FROM {_MESSAGES} WHERE session_id = ?", (session_id,))
             await conn.execute(f"DELETE FROM {_SESSIONS} WHERE id = ?", (session_id,))
