@@ -465,9 +465,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         for r in rows
     ]
     print_table(table, align="lrlll")
+    by_sync = any(str(r["stage"]).startswith("sync") for r in rows)
     print(
         "Fix these rows in the SQLite file (same rowid: UPDATE them in place) and rerun"
-        " `flux-migrate run`: fixed rows are loaded and marked resolved."
+        f" `flux-migrate {'sync' if by_sync else 'run'}`: fixed rows are loaded and marked"
+        " resolved."
+        + (" (Rows of stage sync were quarantined by sync; only sync loads them.)" * by_sync)
     )
     if any(r["source_table"] not in ("sessions", "messages") for r in rows):
         print(

@@ -267,7 +267,11 @@ async def _preflight(
                 " `flux-migrate run` to completion first, then sync."
             )
         if key_position(table.column_names, table.primary_key) is None:
-            raise TargetError(f"Table {table.name} has no one-column primary key to sync by.")
+            raise TargetError(
+                f"Table {table.name} has no one-column primary key to sync by; leave it out of"
+                " the mapping ([ignore]) to sync the other tables, or reload with"
+                " `run --restart --yes` once the app has stopped writing."
+            )
         key = table.column(table.primary_key[0])
         if key.kind not in SYNC_KEY_KINDS:
             raise TargetError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -46,6 +46,11 @@ PARENT_DELETED_IN_POSTGRES = "parent_deleted_in_postgres"
 # a new or changed source row names a parent neither PostgreSQL holds nor sync could load
 # (the source stood still while sync tried: no later sync would load it either)
 PARENT_MISSING = "parent_missing"
+
+# The quarantine's stage of rows sync quarantined: a new row, or a changed row whose previous
+# version stays in PostgreSQL (documented; `quarantine` says to fix them and sync again).
+STAGE_SYNC = "sync"
+STAGE_STALE = "sync_previous_kept"
 
 
 @dataclass
@@ -221,16 +226,15 @@ class Applier:
         )
         await bookkeeping.put_digests(conn, schema, name, moved, rewritten=False)
         written = [keys[i] for i in done + updates]
-        out.resolved = await bookkeeping.resolve_quarantine_keys(
-            conn, schema, name, written, "loaded"
-        )
-        out.quarantined = await self._quarantine(conn, batch)
+        stages = await bookkeeping.resolve_quarantine_keys(conn, schema, name, written, "loaded")
+        out.resolved = len(stages)
+        out.quarantined, stale = await self._quarantine(conn, batch)
         await bookkeeping.record_conflicts(conn, schema, name, out.conflicts, self.run_id)
         await bookkeeping.account_sync(
             conn,
             schema,
-            name,
-            loaded=len(done),
+            name,  # a row quarantined with its previous version in PostgreSQL is not loaded
+            loaded=len(done) + stages.count(STAGE_STALE) - stale,
             quarantined=out.quarantined - out.resolved,
         )
         out.inserted, out.updated = len(done), len(updates)
@@ -398,15 +402,21 @@ class Applier:
             )
         return equal
 
-    async def _quarantine(self, conn: asyncpg.Connection, batch: Batch) -> int:
-        """Quarantine the batch's rejects not already quarantined (by key); return how many."""
+    async def _quarantine(self, conn: asyncpg.Connection, batch: Batch) -> tuple[int, int]:
+        """Quarantine the batch's rejects not already quarantined (by key), marked as sync's
+        (STAGE_STALE when PostgreSQL keeps the row's previous version, which then no longer
+        counts as loaded); return how many, and how many of those were STAGE_STALE."""
         if not batch.rejects:
-            return 0
+            return 0, 0
         open_keys = await bookkeeping.unresolved_keys(conn, self.names.schema, self.table.name)
         new = [r for r in batch.rejects if r.key not in open_keys]
-        if new:
-            await bookkeeping.write_quarantine(conn, quarantine_records(self.context(), new))
-        return len(new)
+        if not new:
+            return 0, 0
+        own, _ = await self.ownership(conn, [r.key or "" for r in new], "NO KEY UPDATE")
+        stale = {k for k, rec in own.items() if rec["present"]}
+        marked = [replace(r, stage=STAGE_STALE if r.key in stale else STAGE_SYNC) for r in new]
+        await bookkeeping.write_quarantine(conn, quarantine_records(self.context(), marked))
+        return len(new), len(stale)
 
     # ------------------------------------------------------------ deletes
 
@@ -536,11 +546,19 @@ class Applier:
 
         async def commit(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
-                n = await bookkeeping.resolve_quarantine_keys(
+                stages = await bookkeeping.resolve_quarantine_keys(
                     conn, schema, name, gone, "source_row_gone"
                 )
+                n = len(stages)
+                # a stale previous version counts as loaded again: the delete that follows
+                # (planned from its digest) subtracts it
                 await bookkeeping.account_sync(
-                    conn, schema, name, loaded=0, quarantined=-n, skipped=n
+                    conn,
+                    schema,
+                    name,
+                    loaded=stages.count(STAGE_STALE),
+                    quarantined=-n,
+                    skipped=n,
                 )
                 return n
 

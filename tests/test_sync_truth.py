@@ -179,3 +179,48 @@ async def test_sync_takes_runs_output_and_conflict_options(tmp_path: Path, pg_ds
     for extra in (["--no-progress"], ["-q"], ["-v"], ["--log-format", "json", "--no-progress"]):
         done = cli("sync", *args, *extra)
         assert EXIT_OK == done.returncode, (extra, done.stdout + done.stderr)
+
+
+def _status_counts(stdout: str, table: str) -> tuple[int, int]:
+    """(loaded, quarantined) of ``table`` in `status`'s output."""
+    for line in stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] == table:
+            numbers = [c for c in cells if re.fullmatch(r"[\d,]+", c)]
+            return int(numbers[1].replace(",", "")), int(numbers[2].replace(",", ""))
+    raise AssertionError(stdout)
+
+
+async def test_rows_sync_quarantines_are_counted_once_and_advised_to_sync(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A loaded message changed to a value that does not convert is quarantined by sync:
+    `status` counts it as quarantined, not also as loaded; `quarantine` says to fix it and
+    rerun sync; fixing it loads it (counts back), and a second such row deleted from the
+    source leaves the counts equal to the source's rows."""
+    path = app_copy(sample_db, tmp_path)
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    db = sqlite3.connect(path)
+    total = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    first, second = (r[0] for r in db.execute("SELECT id FROM messages LIMIT 2 OFFSET 7"))
+    db.execute("UPDATE messages SET created_at = 'never' WHERE id IN (?, ?)", (first, second))
+    db.commit()
+    done = cli("sync", *args)
+    assert 3 == done.returncode, done.stdout + done.stderr
+    assert (total - 2, 2) == _status_counts(cli("status", *args).stdout, "messages")
+    listed = cli("quarantine", *args)
+    assert "rerun `flux-migrate sync`" in listed.stdout, listed.stdout
+    meanwhile = cli("verify", *args)  # the rows' previous versions are no "extra" rows
+    assert "not in the source" not in meanwhile.stdout, meanwhile.stdout
+    assert re.search(r"messages\s+[\d,]+\s+0\s+0\s+0\s+2\s", meanwhile.stdout), meanwhile.stdout
+    db.execute("UPDATE messages SET created_at = ? WHERE id = ?", (NOW, first))
+    db.execute("DELETE FROM messages WHERE id = ?", (second,))
+    db.commit()
+    db.close()
+    fixed = cli("sync", *args)
+    assert EXIT_OK == fixed.returncode, fixed.stdout + fixed.stderr
+    assert (total - 1, 0) == _status_counts(cli("status", *args).stdout, "messages")
+    await assert_app_tables_equal(path, pg_dsn)
+    checked = cli("verify", *args)
+    assert EXIT_OK == checked.returncode, checked.stdout + checked.stderr

@@ -779,17 +779,18 @@ async def resolve_quarantine_keys(
     source_table: str,
     keys: Sequence[str],
     resolution: str,
-) -> int:
-    """Mark the unresolved quarantine rows of these keys resolved; return how many were."""
+) -> list[str]:
+    """Mark the unresolved quarantine rows of these keys resolved; return the stage of each
+    row resolved."""
     if not keys:
-        return 0
+        return []
     rows = await conn.fetch(
         f"UPDATE {QUARANTINE} SET resolved_at = now(), resolution = $4"
         " WHERE target_schema = $1 AND source_table = $2 AND source_key = ANY($3::text[])"
-        " AND resolved_at IS NULL RETURNING id",
+        " AND resolved_at IS NULL RETURNING stage",
         target_schema,
         source_table,
         list(keys),
         resolution,
     )
-    return len(rows)
+    return [r["stage"] for r in rows]
