@@ -194,6 +194,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from flux_migrate.pipeline.sync_report import print_sync, sync_exit_code
 
     settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    show_inventory(args, settings, databases)
     fmt = configure_for(args)
     with progress_display(fmt == "console" and not args.no_progress) as progress:
         report, jsonl = run_async(
@@ -287,6 +288,27 @@ def _sources(
     return settings, databases
 
 
+def show_inventory(
+    args: argparse.Namespace, settings: Settings, databases: Sequence[Database]
+) -> None:
+    """With --data-dir: print what it takes and ignores (unless -q), and warn on stderr when it
+    holds no memory.db and no --sqlite-path names the app's memory."""
+    from flux_migrate.pipeline.data_dir import MEMORY_DB, inventory_lines, scan_data_dir
+
+    data_dir: Path | None = getattr(args, "data_dir", None)
+    if data_dir is None:
+        return
+    found = scan_data_dir(data_dir)
+    if not getattr(args, "quiet", False):
+        print("\n".join(inventory_lines(found, settings, databases)))
+    if settings.sqlite_path is None:
+        print(
+            f"flux-migrate: warning: no {MEMORY_DB} in {data_dir}: no sessions or messages"
+            " (--sqlite-path names it).",
+            file=sys.stderr,
+        )
+
+
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return anyio.run(fn, *args, backend="asyncio")
 
@@ -321,6 +343,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
     settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
     check_report_path(args.report_json)
+    show_inventory(args, settings, databases)
     _confirm_restart(args, settings, databases)
     # The converter thread and the COPY writer share the GIL; a 1 ms hand-over (default 5 ms)
     # keeps PostgreSQL fed while a batch converts (measured: messages ~8% faster).
@@ -522,6 +545,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from flux_migrate.pipeline.data_dir import preflight_all, verify_all, verify_all_quick
 
     settings, databases = _sources(args)
+    show_inventory(args, settings, databases)
     configure_for(args)
     run_async(lambda: preflight_all("verify", settings, databases))
     if settings.sqlite_path is None and (settings.jsonl or databases):
@@ -529,13 +553,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _print_verify(_verify_jsonl(settings, args.show) + others)
     if args.quick:
         quick = run_async(verify_quick, settings) + run_async(verify_all_quick, databases)
-        rows = [("table", "source", "target", "checksum", "result")]
+        rows: list[tuple[str, ...]] = [
+            ("table", "source", "quarantined", "skipped", "target", "checksum", "result")
+        ]
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
-            rows.append(
-                (q.table, f"{q.source_count:,}", f"{q.target_count:,}", same, _verdict(q.ok))
-            )
-        print_table(rows, align="lrrll")
+            counts = (q.source_rows, q.quarantined, q.skipped, q.target_count)
+            rows.append((q.table, *(f"{n:,}" for n in counts), same, _verdict(q.ok)))
+        print_table(rows, align="lrrrrll")
         code = errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
         if settings.jsonl:  # JSONL files have no quick form: compared in full
             code = max(code, _print_verify(_verify_jsonl(settings, args.show)))

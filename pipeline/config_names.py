@@ -11,35 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from flux_migrate.core.errors import ConfigError
+from flux_migrate.core.mapping import MAPPING_KEYS
 
-# The mapping (`init` writes it; also under [databases.<file stem>]).
-_MAPPING: dict[str, Any] = {
-    "ignore": {"tables": None, "columns": None},
-    "table": [
-        {
-            "name": None,
-            "profile": None,
-            "target_only": None,
-            "primary_key": None,
-            "without_rowid": None,
-            "sync": None,
-            "column": [
-                {
-                    "name": None,
-                    "convert": None,
-                    "type": None,
-                    "not_null": None,
-                    "default": None,
-                    "epoch": None,
-                }  # fmt: skip
-            ],
-            "foreign_key": [
-                {"columns": None, "parent": None, "parent_columns": None, "on_delete": None}
-            ],
-            "index": [{"name": None, "columns": None, "unique": None, "where": None}],
-        }
-    ],
-}
+# The mapping (`init` writes it; also under [databases.<file stem>]): the mapping reader's keys.
+_TABLE: dict[str, Any] = {k: None for k in MAPPING_KEYS["table"]}
+_TABLE.update(
+    {part: [dict.fromkeys(MAPPING_KEYS[part])] for part in ("column", "foreign_key", "index")}
+)
+_MAPPING: dict[str, Any] = {"ignore": {"tables": None, "columns": None}, "table": [_TABLE]}
 
 # A dict: a table with these keys; a list of one dict: an array of such tables; "*": any name
 # (a JSONL file's stem, a database's stem); None: a value.

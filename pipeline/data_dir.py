@@ -31,27 +31,87 @@ MEMORY_DB = "memory.db"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")  # compared case-insensitively
+JSONL_SUFFIX = ".jsonl"
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 @dataclass(frozen=True)
 class DataDir:
-    """The files found: the app's memory database, the JSONL stores, other SQLite files."""
+    """The files found: the app's memory database, the JSONL stores, other SQLite files, and
+    every other entry of the directory with the reason it is left alone."""
 
     memory: Path | None
     jsonl: tuple[Path, ...]
     other_dbs: tuple[Path, ...]
+    ignored: tuple[tuple[str, str], ...] = ()
+    path: Path = Path()
 
 
 def scan_data_dir(path: Path) -> DataDir:
-    """The migratable files directly in ``path`` (sorted by name); ConfigError when ``path``
-    is not a directory."""
+    """The migratable files directly in ``path`` (sorted by name: ``memory.db``, ``*.jsonl``,
+    other ``*.db``, ``*.sqlite``, ``*.sqlite3``, suffixes in any case) and what is ignored and
+    why; ConfigError when ``path`` is not a directory."""
     if not path.is_dir():
         raise ConfigError(f"--data-dir {path} is not a directory; name the app's data directory.")
-    files = sorted(p for p in path.iterdir() if p.is_file())
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+    files = [p for p in entries if p.is_file()]
     memory = path / MEMORY_DB
+    taken = [p for p in files if _kind(p) is not None]
     return DataDir(
         memory=memory if memory.is_file() else None,
-        jsonl=tuple(p for p in files if p.suffix == ".jsonl"),
-        other_dbs=tuple(p for p in files if p.suffix == ".db" and p.name != MEMORY_DB),
+        jsonl=tuple(p for p in taken if _kind(p) == "jsonl"),
+        other_dbs=tuple(p for p in taken if _kind(p) == "sqlite" and p.name != MEMORY_DB),
+        ignored=tuple((p.name, _why_ignored(p)) for p in entries if p not in taken),
+        path=path,
     )
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix == JSONL_SUFFIX:
+        return "jsonl"
+    return "sqlite" if suffix in SQLITE_SUFFIXES else None
+
+
+def _why_ignored(path: Path) -> str:
+    """Why an entry of the data directory is not migrated, in a few words."""
+    if path.is_dir():
+        return "a folder: not searched"
+    for tail, what in (("-wal", "write-ahead log"), ("-shm", "shared memory"),
+                       ("-journal", "journal")):  # fmt: skip
+        if path.name.endswith(tail) and _kind(path.with_name(path.name[: -len(tail)])):
+            return f"SQLite's {what}, read with its database"
+    if not path.is_file():
+        return "not a regular file"
+    if path.name.startswith("."):
+        return "hidden"
+    try:
+        with path.open("rb") as f:
+            header = f.read(16)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if header == _SQLITE_HEADER:
+        return "SQLite, but not *.db/*.sqlite/*.sqlite3: rename it to take it"
+    return "not *.db, *.sqlite, *.sqlite3 or *.jsonl"
+
+
+def inventory_lines(found: DataDir, main: Settings, databases: Sequence[Database]) -> list[str]:
+    """What --data-dir takes (each file and where it goes) and what it leaves (and why)."""
+    out = [f"Data directory {found.path}:"]
+    schema = main.names.schema
+    if found.memory is not None and main.sqlite_path == found.memory:
+        out.append(f"  {MEMORY_DB} -> schema {schema} (the app's memory)")
+    out += [f"  {p.name} -> table {schema}.{_table_of(p, main)}" for p in found.jsonl]
+    out += [f"  {db.path.name} -> schema {db.schema}" for db in databases]
+    if found.memory is not None and main.sqlite_path != found.memory:
+        out.append(f"  ignored: {MEMORY_DB} (--sqlite-path names another file)")
+    out += [f"  ignored: {name} ({why})" for name, why in found.ignored]
+    return out
+
+
+def _table_of(path: Path, main: Settings) -> str:
+    return next((f.table for f in main.jsonl if f.path == path), path.stem)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,12 @@ class TableVerify:
 
 @dataclass
 class QuickVerify:
+    """Counts and checksums of one table: ``source_count`` rows of the source are expected in
+    the target (``source_rows`` read, less the quarantined and the skipped ones), and
+    ``target_count`` rows were found there (skipped keys left out, and, when the table held
+    rows before flux-migrate wrote to it, the rows with no source row: full `verify` allows
+    them too)."""
+
     table: str
     source_count: int
     target_count: int
@@ -62,6 +68,7 @@ class QuickVerify:
     target_checksum: int
     quarantined: int
     skipped: int
+    source_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -475,11 +482,14 @@ async def _quick_generic(
     settings: Settings,
     table: Table,
     quarantined: set[int],
+    preexisting: bool,
 ) -> QuickVerify:
     """Counts and an order-independent checksum of the canonical rows of a generic table."""
     keys = await _quarantined_keys(conn, settings.names.schema, table)
     want, unaccounted = await generic.source_rows(src, settings, table, quarantined, keys)
     have = await generic.target_rows(conn, settings, table)
+    if preexisting:  # rows the table held before are not the source's: compare the source's
+        have = Counter({row: n for row, n in have.items() if row in want})
 
     def checksum(rows: Counter[tuple[Any, ...]]) -> int:
         return sum(int(_md5(repr(r))[:15], 16) * n for r, n in rows.items()) % (1 << 60)
@@ -492,6 +502,7 @@ async def _quick_generic(
         checksum(have),
         len(quarantined),
         0,
+        sum(want.values()) + unaccounted + len(quarantined),
     )
 
 
@@ -511,9 +522,10 @@ def row_digest(table: Table, row: tuple[Any, ...]) -> int:
     return int(_md5("\x1f".join(parts))[:15], 16)
 
 
-def digest_sql(table: Table, qualified: str) -> str:
-    """The query that sums row_digest over the target table in PostgreSQL (skipped keys
-    excluded; the connection prints instants as the reference does, see open_target)."""
+def digest_sql(table: Table, qualified: str, *, only_keys: bool = False) -> str:
+    """The query that sums row_digest over the target table in PostgreSQL (skipped keys, $1,
+    excluded; with ``only_keys`` only the keys $2; the connection prints instants as the
+    reference does, see open_target)."""
     parts = []
     for col in table.columns:
         name = quote_ident(col.name)
@@ -525,6 +537,7 @@ def digest_sql(table: Table, qualified: str) -> str:
     return (
         f"SELECT count(*), coalesce(sum(('x' || substr(md5({joined}), 1, 15))::bit(60)::bigint), 0)"
         f" FROM {qualified} WHERE NOT (id = ANY($1::text[]))"
+        + (" AND id = ANY($2::text[])" if only_keys else "")
     )
 
 
@@ -538,40 +551,55 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
         conn = await open_target(settings)
         try:
             for table in tables:
-                quarantined, skipped, _ = await _bookkeeping(
+                quarantined, skipped, pre = await _bookkeeping(
                     conn, settings.names.schema, table.name
                 )
                 if table.generic:
-                    out.append(await _quick_generic(src, conn, settings, table, quarantined))
-                    continue
-                read = ref.source_row_reader(
-                    table, zone=settings.naive_timezone, strip_nul=settings.strip_nul
-                )
-                count = checksum = 0
-                async for page in _source_pages(src, table):
-                    for raw in page:
-                        if raw[0] in quarantined:
-                            continue
-                        try:
-                            row = read(raw[1:])
-                        except ref.Unreadable:
-                            count += 1  # unaccounted: counted so that the counts differ
-                            continue
-                        if row[0] in skipped:
-                            continue
-                        count += 1
-                        checksum += row_digest(table, row)
-                t_count, t_sum = 0, 0
-                if await table_exists(conn, settings.names, table.name):
-                    rec = await conn.fetchrow(
-                        digest_sql(table, settings.names.qualified(table.name)), list(skipped)
+                    out.append(await _quick_generic(src, conn, settings, table, quarantined, pre))
+                else:
+                    out.append(
+                        await _quick_app(src, conn, settings, table, quarantined, skipped, pre)
                     )
-                    t_count, t_sum = int(rec[0]), int(rec[1])
-                out.append(
-                    QuickVerify(
-                        table.name, count, t_count, checksum, t_sum, len(quarantined), len(skipped)
-                    )
-                )
         finally:
             await conn.close()
     return out
+
+
+async def _quick_app(
+    src: aiosqlite.Connection,
+    conn: asyncpg.Connection,
+    settings: Settings,
+    table: Table,
+    quarantined: set[int],
+    skipped: set[str],
+    preexisting: bool,
+) -> QuickVerify:
+    """Counts and the checksum of row digests of one of the app's tables, on both sides."""
+    read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
+    count = checksum = rows = 0
+    keys: list[str] = []
+    async for page in _source_pages(src, table):
+        rows += len(page)
+        for raw in page:
+            if raw[0] in quarantined:
+                continue
+            try:
+                row = read(raw[1:])
+            except ref.Unreadable:
+                count += 1  # unaccounted: counted so that the counts differ
+                continue
+            if row[0] in skipped:
+                continue
+            count += 1
+            checksum += row_digest(table, row)
+            if preexisting:
+                keys.append(row[0])
+    t_count, t_sum = 0, 0
+    if await table_exists(conn, settings.names, table.name):
+        qualified = settings.names.qualified(table.name)
+        sql = digest_sql(table, qualified, only_keys=preexisting)
+        rec = await conn.fetchrow(sql, list(skipped), *([keys] if preexisting else []))
+        t_count, t_sum = int(rec[0]), int(rec[1])
+    return QuickVerify(
+        table.name, count, t_count, checksum, t_sum, len(quarantined), len(skipped), rows
+    )

@@ -238,3 +238,31 @@ async def test_sync_data_dir_catches_up_every_database_and_jsonl_file(
     again = cli("sync", *args)
     assert 0 == again.returncode, again.stdout + again.stderr
     assert "up to date" in again.stdout
+
+
+def test_data_dir_prints_what_it_takes_and_ignores_and_why(tmp_path: Path, pg_dsn: str) -> None:
+    """The inventory names every entry of the directory: the files taken (any case of .db,
+    .sqlite, .sqlite3, .jsonl) and where they go, and each one ignored with its reason; a
+    directory without memory.db says so on stderr."""
+    import shutil
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "backup").mkdir()
+    (data / "notes.txt").write_text("hi\n")
+    varied_db(data / "audit.SQLite3", bad=False)
+    shutil.copyfile(data / "audit.SQLite3", data / "audit.bak")
+    sqlite3.connect(data / "events.DB").execute("CREATE TABLE e (id INTEGER PRIMARY KEY)")
+    (data / "Feedback.JSONL").write_bytes(line(feedback_record(1, 1)))
+    done = cli("verify", "--data-dir", str(data), "--postgres-dsn", pg_dsn, "--quick")
+    shown = [ln.strip() for ln in done.stdout.splitlines() if " -> " in ln or "ignored:" in ln]
+    assert [
+        "Feedback.JSONL -> table public.Feedback",
+        "audit.SQLite3 -> schema audit",
+        "events.DB -> schema events",
+        "ignored: audit.bak (SQLite, but not *.db/*.sqlite/*.sqlite3: rename it to take it)",
+        "ignored: backup (a folder: not searched)",
+        "ignored: notes.txt (not *.db, *.sqlite, *.sqlite3 or *.jsonl)",
+    ] == shown
+    assert f"warning: no memory.db in {data}" in done.stderr

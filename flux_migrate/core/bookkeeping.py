@@ -328,10 +328,12 @@ async def unresolved_rowids(
 
 
 async def quarantined_keys(conn: asyncpg.Connection, target_schema: str) -> list[asyncpg.Record]:
-    """Every (``source_table``, ``source_key``) ever quarantined into a schema, resolved or not."""
+    """Every (``source_table``, ``source_key``) quarantined into a schema and not loaded since
+    (a row fixed in the source and loaded is resolved: it must match like any other)."""
     return list(
         await conn.fetch(
-            f"SELECT DISTINCT source_table, source_key FROM {QUARANTINE} WHERE target_schema = $1",
+            f"SELECT DISTINCT source_table, source_key FROM {QUARANTINE} WHERE target_schema = $1"
+            " AND resolved_at IS NULL",
             target_schema,
         )
     )

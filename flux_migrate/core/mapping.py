@@ -502,6 +502,7 @@ _KEYS = {
     "foreign_key": {"columns", "parent", "parent_columns", "on_delete"},
     "index": {"name", "columns", "unique", "where"},
 }  # fmt: skip
+MAPPING_KEYS = _KEYS  # also read by the config file's name check (pipeline/config_names.py)
 
 
 def _closed(data: Any, part: str, where: str) -> MappingT[str, Any]:
