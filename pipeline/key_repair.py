@@ -48,6 +48,9 @@ from flux_migrate.stages.extract import extract
 from flux_migrate.stages.transform import row_key, transform_batch
 
 log = structlog.get_logger("flux_migrate")
+# PostgreSQL refuses these keys whatever is quarantined: program_limit_exceeded (an index row
+# too big), invalid_foreign_key (the key it references could not be built).
+NOT_BUILDABLE = ("54000", "42830")
 FIRST_ROWID = -(2**63)  # below every rowid SQLite gives out
 SCAN_BATCH = 5000
 MAX_ROUNDS = 10_000  # orphan rounds (one per generation of a self-referencing chain)
@@ -255,9 +258,19 @@ async def repair_key(
     exc: BaseException,
 ) -> bool:
     """Quarantine the rows that keep ``constraint`` (of a generic table) from being built, by
-    the documented rule, and build it; False when ``exc`` is not rows breaking it."""
+    the documented rule, and build it; or, when PostgreSQL cannot build it over these values
+    at all (an index entry over 2704 bytes), leave it out with a warning naming it. False when
+    ``exc`` is neither."""
     table = next(t for t in settings.tables if t.name == constraint.table)
     state = sqlstate(exc)
+    if table.generic and state in NOT_BUILDABLE:
+        # A value too long for an index entry (2704 bytes), or a foreign key to a key that
+        # could not be built for that reason: the rows are all loaded; the key is named.
+        message = str(exc).splitlines()[0] if str(exc) else state
+        log.warning(
+            "constraint_not_built", table=table.name, constraint=constraint.name, reason=message
+        )
+        return True
     if not table.generic or (state, constraint.kind) not in (
         (UNIQUE_VIOLATION, "pk"),
         (UNIQUE_VIOLATION, "unique"),

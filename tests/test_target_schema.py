@@ -6,7 +6,9 @@ foreign keys it cannot build."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import sqlite3
 from pathlib import Path
 
@@ -176,6 +178,10 @@ EDITS = {
             'parent_columns = ["id"]'
         },
         "column r is double precision and m.id is bigint",
+    ),
+    "a rowid table mapped as WITHOUT ROWID": (
+        {"table_extra": "without_rowid = true"},
+        "table m is not WITHOUT ROWID in the source: set without_rowid = false",
     ),
     "a typo in a key": ({"flag_extra": 'typ = "text"'}, "'typ'"),
 }
@@ -564,3 +570,55 @@ def test_a_translated_condition_selects_the_rows_sqlite_selects(
             await conn.close()
 
     assert expected == asyncio.run(selected())
+
+
+async def test_a_row_too_big_for_a_page_is_quarantined_not_the_run_failed(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A table of 1,100 integer columns loads; its one row whose values do not fit a
+    PostgreSQL page (8 kB) is quarantined with the server's reason (exit 3), every rerun too,
+    instead of exit 1 on every rerun."""
+    cols = ", ".join(f"c{i} INT" for i in range(1100))
+    full = (1, *range(1100))
+    sparse = (2, *([7] * 10 + [None] * 1090))
+    path = _db(
+        tmp_path / "wide.sqlite",
+        f"CREATE TABLE wide (id INTEGER PRIMARY KEY, {cols});",
+        {"wide": [full, sparse]},
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 3 == done.returncode, done.stderr
+    assert ["wide:1:rejected_by_server"] == await _reasons(pg_dsn)
+    detail = await fetchval(pg_dsn, "SELECT detail FROM flux_migrate.quarantine")
+    assert "row is too big" in detail
+    assert [2] == await fetchval(pg_dsn, "SELECT array_agg(id) FROM wide")
+    again = cli("run", *args)
+    assert 3 == again.returncode, again.stderr
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
+async def test_keys_postgresql_cannot_index_are_named_and_the_run_finishes(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A key value longer than a btree entry holds (2704 bytes) keeps PostgreSQL from building
+    that primary key, the unique index over it and the foreign key to it: each is named in a
+    warning, every row is loaded (exit 0) and verify passes, instead of exit 1 on every rerun."""
+    long = base64.b64encode(random.Random(5).randbytes(6000)).decode()
+    path = _db(
+        tmp_path / "big.sqlite",
+        "CREATE TABLE big (k TEXT PRIMARY KEY, v TEXT UNIQUE);"
+        " CREATE TABLE ref (id INTEGER PRIMARY KEY, k TEXT REFERENCES big(k));",
+        {"big": [(long, long), ("short", "s")], "ref": [(1, "short"), (2, long)]},
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 0 == done.returncode, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "constraint_not_built" in line]
+    named = sorted(line.split("constraint=")[1].split()[0] for line in warned)
+    assert ["big_pkey", "ref_fkey", "sqlite_autoindex_big_2"] == named
+    assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM big")
+    assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM ref")
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr

@@ -84,8 +84,9 @@ _TRANSIENT_SQLSTATES = {
     "53300",  # too_many_connections
 }
 # not_null, foreign_key, unique (a key that arrives after the keys exist: quarantined as
-# duplicate_key), check violations
-_DATA_SQLSTATES = {"23502", "23503", "23505", "23514"}
+# duplicate_key), check violations, and program_limit_exceeded, which at COPY is one row too
+# big for a page (a wide table) or a jsonb or string too long: that row is quarantined
+_DATA_SQLSTATES = {"23502", "23503", "23505", "23514", "54000"}
 UNIQUE_VIOLATION = "23505"
 FOREIGN_KEY_VIOLATION = "23503"
 DUPLICATE_OBJECT = "42710"

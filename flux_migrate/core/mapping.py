@@ -419,7 +419,27 @@ def unplaced(schema: SourceSchema, mapping: Mapping) -> list[str]:
         for col in t.columns:
             if col.name not in have:
                 problems.append(f"mapped column {t.name}.{col.name} does not exist in the source")
+        problems += _keyset_problems(t, found)
     return problems
+
+
+def _keyset_problems(t: Table, found: SourceTable) -> list[str]:
+    """A generic table is read as SQLite stores it: by rowid, or (WITHOUT ROWID) in the order
+    of its own primary key, which the mapping must then keep."""
+    if not t.generic:
+        return []
+    flag = "true" if found.without_rowid else "false"
+    if t.without_rowid != found.without_rowid:
+        return [
+            f"table {t.name} is {'' if found.without_rowid else 'not '}WITHOUT ROWID in the"
+            f" source: set without_rowid = {flag} in its [[table]]"
+        ]
+    if found.without_rowid and t.primary_key != found.primary_key:
+        return [
+            f"table {t.name} is WITHOUT ROWID and read in the order of its primary key: set"
+            f" primary_key = {_list(found.primary_key)} in its [[table]]"
+        ]
+    return []
 
 
 # ------------------------------------------------------------------ the TOML file
