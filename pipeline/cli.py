@@ -164,6 +164,12 @@ def _add_run(sub: Any) -> None:
         help="clear this tool's checkpoints and the rows it wrote, then start over",
     )
     run.add_argument("--yes", action="store_true", help="confirm --restart without asking")
+    run.add_argument(
+        "--final",
+        action="store_true",
+        help="take a JSONL file's last line even without its newline (the app no longer writes"
+        " the file)",
+    )
 
 
 def _add_sync(sub: Any) -> None:
@@ -258,7 +264,12 @@ def _source_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if data_dir is not None:
         found = scan_data_dir(data_dir)
         sqlite_path = sqlite_path or found.memory
-        jsonl = (jsonl or []) + [p for p in found.jsonl if p not in (jsonl or [])]
+        jsonl = (jsonl or []) + list(found.jsonl)
+    if jsonl:  # one file named twice (--jsonl and --data-dir, or two spellings) is one file
+        unique: dict[Path, Path] = {}
+        for p in jsonl:
+            unique.setdefault(p.resolve(), p)
+        jsonl = list(unique.values())
     return {"sqlite_path": sqlite_path, "jsonl": jsonl}
 
 
@@ -341,7 +352,9 @@ def _confirm_restart(
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
-    settings, databases = _sources(args, batch_size=args.batch_size, on_conflict=args.on_conflict)
+    settings, databases = _sources(
+        args, batch_size=args.batch_size, on_conflict=args.on_conflict, jsonl_final=args.final
+    )
     check_report_path(args.report_json)
     show_inventory(args, settings, databases)
     _confirm_restart(args, settings, databases)

@@ -10,11 +10,12 @@ match stream the lines appended since, else reconcile the whole file by ``id``; 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from flux_migrate.core.jsonl_schema import (
     create_jsonl_table_sql,
     profile_for,
 )
-from flux_migrate.core.schema import Column, Table, qualified, quote_ident
+from flux_migrate.core.schema import Column, Kind, Table, qualified, quote_ident
 from flux_migrate.core.target import Target, connect
 from flux_migrate.pipeline.finish import make_durable
 from flux_migrate.pipeline.preflight import take_migration_lock
@@ -56,17 +57,18 @@ from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.stages.convert import Rejected
 from flux_migrate.stages.jsonl import (
+    EVIDENCE_LINES,
     ConvertedBatch,
     count_lines,
     extract_jsonl,
     file_size,
     fingerprint_prefix,
-    inferred_column,
-    parse_line,
+    key_evidence,
     read_complete_lines,
     transform_jsonl,
 )
 from flux_migrate.stages.jsonl_load import JsonlBatchResult, JsonlLoadContext, load_jsonl
+from flux_migrate.stages.jsonl_values import parse_line
 from flux_migrate.stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
@@ -86,6 +88,8 @@ class JsonlOutcome:
     gone: int = 0
     gone_sample: list[str] = field(default_factory=list)
     deleted: int = 0
+    kept_unsure: bool = False  # a snapshot's gone records kept: a quarantined line has no id
+    waiting: tuple[int, int] | None = None  # (offset, bytes) of a last line without newline
 
 
 # ---------------------------------------------------------------- the table
@@ -109,31 +113,34 @@ def table_from_catalog(
     return Table(name=name, columns=tuple(out), primary_key=primary_key, profile=JSONL_PROFILE)
 
 
-def infer_table(path: Path, name: str, *, limit: int, sample_lines: int) -> Table | None:
-    """A table for a file without a profile, from the keys and values of its first complete
-    lines; None while it has no complete record. The primary key is ``id`` when every sampled
-    record has one."""
-    _, lines = read_complete_lines(path, 0, limit=limit, max_lines=sample_lines)
-    records = []
-    for _, line in lines:
-        with contextlib.suppress(Rejected):
-            records.append(parse_line(line))
-    if not records:
+def infer_table(path: Path, name: str, *, limit: int) -> Table | None:
+    """The table for a file without a profile, before its first batch: ``id text`` as the
+    primary key unless one of its first EVIDENCE_LINES records lacks a usable id (then no
+    primary key and no column yet); None while it holds no complete line. Every other column
+    is added by the batches, typed from the file's values (``key_evidence``), whatever the
+    batch size."""
+    offset, records, lines_seen = 0, 0, 0
+    keyed = True
+    while offset < limit and records < EVIDENCE_LINES:
+        spanned, lines = read_complete_lines(path, offset, limit=limit, max_lines=EVIDENCE_LINES)
+        if not spanned:
+            break
+        offset += spanned
+        lines_seen += len(lines) or 1
+        for _, line in lines:
+            try:
+                record = parse_line(line)
+            except Rejected:
+                continue
+            records += 1
+            key = record.get("id")
+            keyed = keyed and type(key) in (str, int) and key != ""
+    if offset == 0:
         return None
-    values: dict[str, list[Any]] = {}
-    for record in records:
-        for key, value in record.items():
-            values.setdefault(key, []).append(value)
-    columns = [inferred_column(k, vs) for k, vs in values.items()]
-    keyed = all(isinstance(r.get("id"), str | int) and r.get("id") != "" for r in records)
-    if keyed:
-        columns = [
-            replace(c, not_null=True) if c.name == "id" else c for c in columns
-        ]  # fmt: skip
-        columns.sort(key=lambda c: c.name != "id")
+    columns = (Column("id", Kind.NULLABLE_TEXT, type="text", not_null=True),) if keyed else ()
     return Table(
         name=name,
-        columns=tuple(columns),
+        columns=columns,
         primary_key=("id",) if keyed else (),
         profile=JSONL_PROFILE,
     )
@@ -150,10 +157,9 @@ async def prepare_jsonl_table(
     run_id: str,
     *,
     limit: int,
-    sample_lines: int,
 ) -> tuple[ckpt.Checkpoint, Table] | None:
     """The checkpoint and table of one JSONL file, created when absent (None while a file
-    without a profile has no complete record). Refuses (TargetError) a table of that name that
+    without a profile has no complete line). Refuses (TargetError) a table of that name that
     holds rows flux-migrate did not write, or a SQLite table's checkpoint of that name."""
     await ckpt.ensure_bookkeeping(conn)
     await ensure_jsonl_bookkeeping(conn)
@@ -180,7 +186,7 @@ async def prepare_jsonl_table(
             )
         if not exists:
             table = profile_for(jf.path.stem, jf.table) or await anyio.to_thread.run_sync(
-                lambda: infer_table(jf.path, jf.table, limit=limit, sample_lines=sample_lines)
+                lambda: infer_table(jf.path, jf.table, limit=limit)
             )
             if table is None:
                 return None
@@ -212,6 +218,16 @@ async def prepare_jsonl_table(
 
 
 # ---------------------------------------------------------------- one file
+
+
+def _has_record_bytes(path: Path, offset: int) -> bool:
+    """Whether the bytes from ``offset`` to the end hold more than whitespace."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1024 * 1024):
+            if chunk.strip():
+                return True
+    return False
 
 
 def last_line_end(path: Path, size: int) -> int:
@@ -296,12 +312,13 @@ async def _finish_reconcile(
     tlog: Any,
 ) -> None:
     """The whole rewritten file is read: report (and for a snapshot delete) records gone."""
-    gone, sample = await target.retrying(
+    gone, sample, deleted = await target.retrying(
         lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot),
         what="finishing the reconcile",
     )
     outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
-    outcome.deleted = gone if jf.snapshot else 0
+    outcome.deleted = gone if deleted else 0
+    outcome.kept_unsure = jf.snapshot and bool(gone) and not deleted
     tlog.info(
         "file_reconciled",
         inserted=outcome.inserted,
@@ -328,9 +345,7 @@ async def run_jsonl_table(
     tlog = log.bind(run_id=run_id, table=jf.table)
     size = file_size(jf.path)
     prepared = await target.retrying(
-        lambda c: prepare_jsonl_table(
-            c, schema, jf, run_id, limit=size, sample_lines=settings.batch_size
-        ),
+        lambda c: prepare_jsonl_table(c, schema, jf, run_id, limit=size),
         what=f"preparing table {jf.table}",
     )
     if prepared is None:
@@ -344,7 +359,11 @@ async def run_jsonl_table(
     )
     start = await _checkpoint(target, schema, jf.table)
     started = time.monotonic()
-    if size > offset and last_line_end(jf.path, size) > offset:
+    complete = size if settings.jsonl_final else last_line_end(jf.path, size)
+    if complete < size and await anyio.to_thread.run_sync(_has_record_bytes, jf.path, complete):
+        outcome.waiting = (complete, size - complete)
+        tlog.warning("line_waiting", offset=complete, bytes=size - complete)
+    if complete > offset:
         lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
         tlog.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
         progress.start(jf.table, lines)
@@ -464,9 +483,11 @@ async def _stream(
             digest=digest,
             limit=size,
             batch_size=settings.batch_size,
+            final=settings.jsonl_final,
         ),
         table,
         naive_timezone=settings.naive_timezone,
+        evidence=functools.partial(key_evidence, jf.path, limit=size),
     )
     send, receive = anyio.create_memory_object_stream[ConvertedBatch](settings.buffer_batches)
     try:
@@ -497,8 +518,17 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
             f"{jf.table}: {jf.path.name} was rewritten since the last run (the bytes before its"
             " checkpoint changed); it is read again whole and reconciled by id."
         )
+    if o.waiting is not None:
+        at, length = o.waiting
+        notes.append(
+            f"{jf.table}: the last line of {jf.path.name} ({length:,} bytes at offset {at:,}) has"
+            " no newline yet and is not loaded: the app may still be writing it. It loads once"
+            " the line ends; for a file the app no longer writes, run again with --final."
+        )
     if o.reconciled:
-        kept = "deleted (snapshot)" if jf.snapshot else "kept in the table"
+        kept = "deleted (snapshot)" if o.deleted else "kept in the table"
+        if o.kept_unsure:
+            kept += " (not deleted: a quarantined line's id could not be read, it may be one)"
         sample = f" ({', '.join(o.gone_sample)}{', ...' if o.gone > len(o.gone_sample) else ''})"
         gone = f"{o.gone:,} gone from the file, {kept}{sample}" if o.gone else "none gone"
         notes.append(

@@ -1,84 +1,195 @@
-"""Verify JSONL tables: every complete line of the file, through the same converters, against
-the table's rows by id (first arrival of an id, as the load keeps it)."""
+"""Verify JSONL tables, independently of the loader: the file read line by line with Python's
+own reader (no batch, no cap on a line), parsed with the standard json module (numbers as
+decimals, exact), each record compared with its row by meaning, column by column as the
+table's type holds it; every line must be in the table or open in the quarantine.
+
+Shares nothing with the load but the catalog and the bookkeeping it reads: not its reader, not
+its parser, not its converters.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
-from datetime import UTC, datetime
-from decimal import Decimal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
-import orjson
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, read_jsonl_columns
 from flux_migrate.core.jsonl_schema import JsonlFile
-from flux_migrate.core.schema import Kind, Table, qualified, quote_ident
+from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.core.target import connect
-from flux_migrate.pipeline.jsonl_run import table_from_catalog
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.verify import TableVerify
-from flux_migrate.stages.batch import Batch
-from flux_migrate.stages.jsonl import convert_jsonl_batch, file_size, read_complete_lines
 
-LINES_PER_READ = 10_000
+_BOM = b"\xef\xbb\xbf"
+_INTEGER_TYPES = ("bigint", "integer", "smallint")
 
 
-def _norm(kind: Kind, value: Any) -> Any:
-    if value is None:
+# ---------------------------------------------------------------- the file, read on its own
+
+
+def file_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """Every line of the file that holds more than whitespace: its offset, its bytes without
+    the newline, and whether it has its newline."""
+    offset = 0
+    with path.open("rb") as f:
+        for raw in f:
+            complete = raw.endswith(b"\n")
+            line = raw[:-1] if complete else raw
+            if offset == 0 and line.startswith(_BOM):
+                line = line[len(_BOM) :]
+            if line.strip():
+                yield offset, line, complete
+            offset += len(raw)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def read_record(line: bytes) -> dict[str, Any] | None:
+    """A line as a JSON object with exact numbers, or None when it is not one."""
+    try:
+        value = json.loads(line.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------- values by meaning
+
+
+def _number(value: Any) -> str:
+    d = Decimal(value)
+    return "0" if d == 0 else str(d.normalize())
+
+
+def _json_meaning(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("o", tuple(sorted((k, _json_meaning(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("a", tuple(_json_meaning(v) for v in value))
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    return ("n", _number(value))
+
+
+def _instant(value: Any, tz: tzinfo) -> Any:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return ("unparsed", value)
+        value = parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
-    if kind is Kind.JSON_VALUE:
-        return orjson.dumps(json.loads(value), option=orjson.OPT_SORT_KEYS).decode()
-    if isinstance(value, Decimal):
-        return str(value.normalize())
-    if isinstance(value, float):
-        return repr(value)
-    return value
+    return ("not a timestamp", repr(value))
 
 
-def row_digest(table: Table, row: tuple[Any, ...]) -> bytes:
-    """A digest of a row's meaning: instants in UTC, JSON parsed, numbers exact."""
-    values = [_norm(c.kind, v) for c, v in zip(table.columns, row, strict=False)]
-    return hashlib.md5(orjson.dumps(values, default=str)).digest()
+def meaning(value: Any, pg_type: str, *, from_file: bool, tz: tzinfo = UTC) -> Any:
+    """What a value means in a column of ``pg_type``, the same for the file's value and the
+    value PostgreSQL returns when they agree (jsonb text parsed, numbers exact, instants in
+    UTC)."""
+    if value is None:
+        return None
+    base = pg_type.split("(")[0]
+    try:
+        if base == "jsonb":
+            if not from_file:
+                value = json.loads(value, parse_float=Decimal)
+            return ("json", _json_meaning(value))
+        if isinstance(value, bool) or base == "boolean":
+            return ("bool", value)
+        if base in _INTEGER_TYPES or base == "numeric":
+            return ("num", _number(value)) if isinstance(value, int | Decimal) else repr(value)
+        if base == "double precision":
+            if isinstance(value, int | float | Decimal):
+                return ("double", repr(float(value)))
+            return repr(value)
+        if base == "timestamp with time zone":
+            return ("instant", _instant(value, tz))
+    except (InvalidOperation, ValueError, OverflowError, TypeError):
+        return ("unreadable", repr(value))
+    return ("text", value) if isinstance(value, str) else ("not text", repr(value))
+
+
+def _digest(items: Any) -> bytes:
+    return hashlib.md5(repr(items).encode("utf-8", "backslashreplace")).digest()
+
+
+# ---------------------------------------------------------------- comparing
+
+
+@dataclass
+class Expected:
+    """What the file says the table holds: row meanings by id (first arrival), or as a
+    multiset for a table without id."""
+
+    by_id: dict[str, bytes] = field(default_factory=dict)
+    unkeyed: Counter[bytes] = field(default_factory=Counter)
 
 
 def expected_rows(
-    jf: JsonlFile, table: Table, settings: Settings, result: TableVerify, limit: int
-) -> tuple[dict[str, bytes], Counter[bytes]]:
-    """The digests of the file's rows by id (first arrival), or as a multiset for a table
-    without id; lines that do not convert or repeat an id count as quarantined."""
-    by_id: dict[str, bytes] = {}
-    unkeyed: Counter[bytes] = Counter()
-    size = file_size(jf.path)
-    offset, ncols = 0, len(table.columns)
-    while True:
-        span, lines = read_complete_lines(jf.path, offset, limit=size, max_lines=LINES_PER_READ)
-        if not span:
-            break
-        batch = Batch(jf.table, 0, offset, offset + len(span), len(lines), raw=lines)
-        offset += len(span)
-        converted = convert_jsonl_batch(batch, table, naive_timezone=settings.naive_timezone)
-        result.quarantined += len(converted.batch.rejects)
-        for column in converted.added:
-            result.note(f"key {column.name} of {jf.path.name} is not a column of the table", limit)
-        for row, key in zip(converted.batch.rows, converted.ids, strict=True):
-            if any(v is not None for v in row[ncols:]):
-                result.different += 1
-                continue
-            digest = row_digest(table, row[:ncols])
-            if key is None:
-                unkeyed[digest] += 1
-            elif key in by_id:
-                result.quarantined += 1  # duplicate_key
-            else:
-                by_id[key] = digest
-    return by_id, unkeyed
+    path: Path,
+    columns: list[tuple[str, str, bool]],
+    keyed: bool,
+    quarantined: set[int],
+    loaded_upto: int,
+    tz: tzinfo,
+    result: TableVerify,
+    limit: int,
+) -> Expected:
+    """Read the file: a line open in the quarantine counts as quarantined; any other line must
+    be a record the table holds (a last line without newline only once a run took it)."""
+    expected = Expected()
+    names = {name for name, _, _ in columns}
+    for offset, line, complete in file_lines(path):
+        if offset in quarantined:
+            result.quarantined += 1
+            continue
+        if not complete and loaded_upto <= offset:
+            result.missing += 1
+            result.note(
+                f"{path.name}: the last line (offset {offset:,}) has no newline yet and is not"
+                " loaded (run --final takes it)",
+                limit,
+            )
+            continue
+        record = read_record(line)
+        if record is None:
+            result.missing += 1
+            result.note(f"{path.name}: line at offset {offset:,} is neither loaded nor in the"
+                        " quarantine", limit)  # fmt: skip
+            continue
+        key = record.get("id")
+        if type(key) is int:  # ids are text: 7 and "7" are the same id
+            record["id"] = key = str(key)
+        extra = [k for k, v in record.items() if k not in names and v is not None]
+        if extra:
+            result.different += 1
+            result.note(f"{path.name}: key {extra[0]} at offset {offset:,} has no column", limit)
+            continue
+        row = tuple(meaning(record.get(n), t, from_file=True, tz=tz) for n, t, _ in columns)
+        if not keyed:
+            expected.unkeyed[_digest(row)] += 1
+            continue
+        key_text = key if isinstance(key, str) else None
+        if key_text is None or key_text in expected.by_id:
+            result.missing += 1
+            result.note(f"{path.name}: line at offset {offset:,} (id {key_text}) is neither"
+                        " loaded nor in the quarantine", limit)  # fmt: skip
+            continue
+        expected.by_id[key_text] = _digest(row)
+    return expected
 
 
 async def verify_jsonl_table(
@@ -89,44 +200,72 @@ async def verify_jsonl_table(
     result = TableVerify(table=jf.table)
     checkpoint = (await ckpt.read_checkpoints(conn, schema)).get(jf.table)
     if checkpoint is None:
-        result.missing = 1
-        result.note(f"{jf.table}: not migrated yet (no checkpoint)", limit)
+        pending = await anyio.to_thread.run_sync(lambda: sum(1 for _ in file_lines(jf.path)))
+        if pending:
+            result.missing = pending
+            result.note(f"{jf.table}: not migrated yet (no checkpoint)", limit)
         return result
     meta = JsonlMeta.loads(checkpoint.fingerprint) or JsonlMeta(file=jf.path.name)
     columns, pk = await read_jsonl_columns(conn, schema, jf.table)
-    table = table_from_catalog(jf.table, columns, pk)
-    by_id, unkeyed = await anyio.to_thread.run_sync(
-        lambda: expected_rows(jf, table, settings, result, limit)
+    keyed = pk == ("id",)
+    quarantined = {
+        r["source_rowid"]
+        for r in await conn.fetch(
+            f"SELECT source_rowid FROM {ckpt.QUARANTINE} WHERE target_schema = $1"
+            " AND source_table = $2 AND resolved_at IS NULL",
+            schema,
+            jf.table,
+        )
+    }
+    tz = settings.naive_timezone
+    expected = await anyio.to_thread.run_sync(
+        lambda: expected_rows(
+            jf.path, columns, keyed, quarantined, checkpoint.last_rowid, tz, result, limit
+        )
     )
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    await _compare_table(conn, schema, jf.table, columns, keyed, expected, result, limit)
+    # Records gone from a rewritten file that the table keeps (not a snapshot) are expected.
+    result.extra_allowed = result.extra <= meta.retained
+    return result
+
+
+async def _compare_table(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    columns: list[tuple[str, str, bool]],
+    keyed: bool,
+    expected: Expected,
+    result: TableVerify,
+    limit: int,
+) -> None:
+    cols = ", ".join(quote_ident(n) for n, _, _ in columns)
     async with conn.transaction():
-        cursor = conn.cursor(f"SELECT {cols} FROM {qualified(schema, jf.table)}")
+        cursor = conn.cursor(f"SELECT {cols} FROM {qualified(schema, table)}")
         async for record in cursor:
-            row = tuple(record)
-            digest = row_digest(table, row)
-            if "id" in table.primary_key:
+            row = tuple(
+                meaning(record[i], t, from_file=False) for i, (_, t, _) in enumerate(columns)
+            )
+            digest = _digest(row)
+            if keyed:
                 key = str(record["id"])
-                want = by_id.pop(key, None)
+                want = expected.by_id.pop(key, None)
                 if want is None:
                     result.extra += 1
-                    if result.extra > meta.retained:
-                        result.note(f"{jf.table}/{key}: in PostgreSQL, not in the file", limit)
+                    result.note(f"{table}/{key}: in PostgreSQL, not in the file", limit)
                 elif want == digest:
                     result.matched += 1
                 else:
                     result.different += 1
-                    result.note(f"{jf.table}/{key}: differs from the file", limit)
-            elif unkeyed[digest] > 0:
-                unkeyed[digest] -= 1
+                    result.note(f"{table}/{key}: differs from the file", limit)
+            elif expected.unkeyed[digest] > 0:
+                expected.unkeyed[digest] -= 1
                 result.matched += 1
             else:
                 result.extra += 1
-    result.missing += len(by_id) + sum(unkeyed.values())
-    for key in list(by_id)[:limit]:
-        result.note(f"{jf.table}/{key}: in the file, not in PostgreSQL", limit)
-    # Records gone from a rewritten file that the table keeps (not a snapshot) are expected.
-    result.extra_allowed = result.extra <= meta.retained
-    return result
+    result.missing += len(expected.by_id) + sum(expected.unkeyed.values())
+    for key in list(expected.by_id)[:limit]:
+        result.note(f"{table}/{key}: in the file, not in PostgreSQL", limit)
 
 
 async def verify_jsonl(settings: Settings, *, limit: int = 10) -> list[TableVerify]:

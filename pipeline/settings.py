@@ -49,6 +49,9 @@ class Settings:
         return self.mapping.tables if self.mapping is not None else TABLES
 
     jsonl: tuple[JsonlFile, ...] = ()  # JSONL files, each into a table (issue 12)
+    # run --final: a JSONL file's last line without newline is a record (the app no longer
+    # writes the file); else it waits for its newline.
+    jsonl_final: bool = False
 
     def require_source(self) -> Path:
         if self.sqlite_path is None:

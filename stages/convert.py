@@ -40,7 +40,9 @@ REASONS: dict[str, str] = {
     "orphan_row": "a foreign key names a parent row absent from the source or quarantined",
     "invalid_json_line": "a line of a JSONL file is not valid JSON (NaN and Infinity included)",
     "not_an_object": "a line of a JSONL file is valid JSON but not an object",
-    "unusable_key_name": "a JSONL key cannot be a column name (empty, with NUL, over 63 bytes)",
+    "unusable_key_name": "a JSONL key cannot be a column name (empty, with NUL, over 63 bytes,"
+    " or a PostgreSQL system column: xmin, xmax, cmin, cmax, ctid, tableoid)",
+    "line_too_long": "a line of a JSONL file is longer than flux-migrate loads (see the docs)",
 }
 
 

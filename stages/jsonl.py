@@ -13,30 +13,34 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
-import math
 import os
-import re
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, tzinfo
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 
 from flux_migrate.core.errors import SourceError
-from flux_migrate.core.jsonl_schema import JSONL_PG_TYPES
-from flux_migrate.core.schema import NAME_MAX_BYTES, Column, Kind, Table
+from flux_migrate.core.schema import Column, Kind, Table
 from flux_migrate.stages.batch import Batch, Reject
-from flux_migrate.stages.convert import Rejected, decode_text, parse_timestamp
+from flux_migrate.stages.convert import Rejected
+from flux_migrate.stages.jsonl_values import (
+    inferred_column,
+    json_converter,
+    needs_exact,
+    parse_exact,
+    parse_line,
+)
+
+__all__ = ["inferred_column", "json_converter", "parse_line"]
 
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # a batch also ends after this many bytes of lines
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a longer line is quarantined as line_too_long
+LONG_LINE_KEPT = 64 * 1024  # the first bytes of such a line, kept in its quarantine row
+UTF8_BOM = b"\xef\xbb\xbf"
 _READ_CHUNK = 1024 * 1024
-_INT64 = 2**63
-_FLOAT_EXACT = 2**53
 
 
 # ---------------------------------------------------------------- reading
@@ -72,14 +76,34 @@ def count_lines(path: Path, start: int, end: int) -> int:
     return count
 
 
+class OverlongLine(bytes):
+    """The first bytes of a line longer than MAX_LINE_BYTES (quarantined as ``line_too_long``);
+    ``length`` is the whole line's length."""
+
+    length: int = 0
+
+
 def read_complete_lines(
-    path: Path, offset: int, *, limit: int, max_lines: int, max_bytes: int = MAX_BATCH_BYTES
-) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """The bytes of up to ``max_lines`` complete lines starting at ``offset`` and ending at or
-    before ``limit``, and those lines as ``(offset, bytes without the newline)``; lines holding
-    only whitespace are not records and are left out of the list (their bytes count)."""
+    path: Path,
+    offset: int,
+    *,
+    limit: int,
+    max_lines: int,
+    max_bytes: int = MAX_BATCH_BYTES,
+    final: bool = False,
+    digest: Any = None,
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """How many bytes the complete lines (at most ``max_lines``) starting at ``offset`` and
+    ending at or before ``limit`` span, and those lines as ``(offset, bytes without the
+    newline)``; ``digest`` (a sha256) is advanced over the bytes spanned.
+
+    A batch ends after ``max_bytes``, but a line longer than that is read whole on its own (no
+    cap ends a file): up to MAX_LINE_BYTES it is a line like any other, beyond it an
+    OverlongLine. A last line without its newline is not complete (the app may still be writing
+    it) unless ``final``. Lines holding only whitespace are not records and are left out of the
+    list (their bytes count); a UTF-8 BOM at offset 0 is not part of the first line."""
     if offset >= limit:
-        return b"", []
+        return 0, []
     buf = bytearray()
     newlines = 0
     with path.open("rb") as f:
@@ -90,21 +114,81 @@ def read_complete_lines(
                 break
             newlines += chunk.count(b"\n")
             buf += chunk
+        at_end = offset + len(buf) >= limit
+        if newlines == 0 and not at_end:  # one line longer than a batch's bytes
+            return _read_long_line(f, offset, buf, limit, final=final, digest=digest)
+    end, lines = _split_lines(buf, offset, max_lines, max_bytes, last=final and at_end)
+    if digest is not None:
+        digest.update(memoryview(buf)[:end])
+    return end, lines
+
+
+def _split_lines(
+    buf: bytearray, offset: int, max_lines: int, max_bytes: int, *, last: bool
+) -> tuple[int, list[tuple[int, bytes]]]:
     end = 0
     lines: list[tuple[int, bytes]] = []
     count = 0
-    while count < max_lines:
+    while count < max_lines and end < max_bytes:
         nl = buf.find(b"\n", end)
         if nl < 0:
-            break
+            if not last or end >= len(buf):
+                break
+            nl = len(buf)  # --final: the last line without its newline is a line too
         line = bytes(buf[end:nl])
+        if offset + end == 0 and line.startswith(UTF8_BOM):
+            line = line[len(UTF8_BOM) :]
         if line.strip():
             lines.append((offset + end, line))
         count += 1
-        end = nl + 1
-        if end >= max_bytes:
+        end = min(nl + 1, len(buf))
+    return end, lines
+
+
+def _read_long_line(
+    f: Any, offset: int, buf: bytearray, limit: int, *, final: bool, digest: Any
+) -> tuple[int, list[tuple[int, bytes]]]:
+    """The one line at ``offset`` (its first bytes in ``buf``, the file positioned after them),
+    read to its newline: kept whole up to MAX_LINE_BYTES, else as an OverlongLine (its bytes
+    are read a second time for the digest, only once it is known to be complete)."""
+    length, pos = len(buf), offset + len(buf)
+    newline = False
+    while pos < limit:
+        chunk = f.read(min(_READ_CHUNK, limit - pos))
+        if not chunk:
             break
-    return bytes(buf[:end]), lines
+        pos += len(chunk)
+        nl = chunk.find(b"\n")
+        part = chunk if nl < 0 else chunk[:nl]
+        if length + len(part) <= MAX_LINE_BYTES:
+            buf += part
+        elif len(buf) > LONG_LINE_KEPT:
+            del buf[LONG_LINE_KEPT:]
+        length += len(part)
+        if nl >= 0:
+            newline = True
+            break
+    if not newline and not (final and pos >= limit):
+        return 0, []  # not complete yet: the app may still be writing it
+    consumed = length + (1 if newline else 0)
+    if digest is not None:
+        if length <= MAX_LINE_BYTES:
+            digest.update(buf)
+            digest.update(b"\n" if newline else b"")
+        else:
+            f.seek(offset)
+            left = consumed
+            while left > 0:
+                chunk = f.read(min(_READ_CHUNK, left))
+                digest.update(chunk)
+                left -= len(chunk)
+    if offset == 0 and buf.startswith(UTF8_BOM):
+        del buf[: len(UTF8_BOM)]
+    if length > MAX_LINE_BYTES:
+        overlong = OverlongLine(buf[:LONG_LINE_KEPT])
+        overlong.length = length
+        return consumed, [(offset, overlong)]
+    return consumed, [(offset, bytes(buf))] if buf.strip() else []
 
 
 async def extract_jsonl(
@@ -115,10 +199,12 @@ async def extract_jsonl(
     digest: Any,
     limit: int,
     batch_size: int,
+    final: bool = False,
 ) -> AsyncGenerator[Batch, None]:
     """Yield the complete lines between ``after_offset`` and ``limit`` in batches of at most
-    ``batch_size`` lines; ``digest`` is the sha256 of the bytes before ``after_offset`` and is
-    advanced with every batch (``last_key`` is its hex digest at the batch's end).
+    ``batch_size`` lines (with ``final``, a last line without newline too); ``digest`` is the
+    sha256 of the bytes before ``after_offset`` and is advanced with every batch (``last_key``
+    is its hex digest at the batch's end).
 
     The file is opened, read and closed for each batch in a worker thread; nothing is held open
     across a yield, so cancellation or close leaves nothing behind. Stops early when the file
@@ -128,18 +214,23 @@ async def extract_jsonl(
     offset = after_offset
     while offset < limit:
         try:
-            span, lines = await anyio.to_thread.run_sync(
+            spanned, lines = await anyio.to_thread.run_sync(
                 functools.partial(
-                    read_complete_lines, path, offset, limit=limit, max_lines=batch_size
+                    read_complete_lines,
+                    path,
+                    offset,
+                    limit=limit,
+                    max_lines=batch_size,
+                    final=final,
+                    digest=digest,
                 )
             )
         except OSError as exc:
             raise SourceError(f"The JSONL file {path} cannot be read ({exc.strerror}).") from None
-        if not span:
+        if not spanned:
             return
-        digest.update(span)
         seq += 1
-        after, offset = offset, offset + len(span)
+        after, offset = offset, offset + spanned
         yield Batch(
             table=table,
             seq=seq,
@@ -161,224 +252,35 @@ def file_size(path: Path) -> int:
         raise SourceError(f"The JSONL file {path} does not exist; check --jsonl.") from None
 
 
-# ---------------------------------------------------------------- parsing a line
+# ---------------------------------------------------------------- evidence for a new key
 
-_LONG_INTEGER = re.compile(rb"\d{19}")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
+EVIDENCE_LINES = 1000  # a new key is typed from its values in this many lines
 
 
-def parse_line(line: bytes) -> dict[str, Any]:
-    """One JSONL line as a record, or Rejected: not UTF-8, not JSON, not an object, or a key
-    that cannot be a column name."""
-    value: Any
-    try:
-        if _LONG_INTEGER.search(line) is not None:  # orjson turns big integers into floats
-            raise orjson.JSONDecodeError("long integer", "", 0)
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Rejected(
-                "invalid_utf8", f"the line is not valid UTF-8 at byte {exc.start}"
-            ) from None
-        try:
-            value = json.loads(text, parse_constant=_reject_constant)
-        except RecursionError:
-            raise Rejected("json_too_deep", "the line is nested too deeply to parse") from None
-        except ValueError:
-            raise Rejected("invalid_json_line", "the line is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise Rejected("not_an_object", f"the line is a JSON {_json_type(value)}, not an object")
-    for key in value:
-        try:
-            size = len(key.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise Rejected("invalid_utf8", "a key holds a lone surrogate") from None
-        if size == 0 or size > NAME_MAX_BYTES or "\x00" in key:
-            raise Rejected(
-                "unusable_key_name",
-                f"the key {key[:70]!r} cannot be a column name (empty, NUL, over 63 bytes)",
-            )
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-# ---------------------------------------------------------------- typing the values
-
-_INSTANT_SHAPE = re.compile(
-    r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?(?:Z|[+-]\d\d(?::?\d\d)?)?\Z"
-)
-
-
-def _is_instant(value: str) -> bool:
-    if _INSTANT_SHAPE.match(value) is None:
-        return False
-    try:
-        parse_timestamp(value, "value")
-    except Rejected:
-        return False
-    return True
-
-
-def infer_kind(values: Iterable[Any]) -> Kind:
-    """The kind for a key from its values: booleans, integers (bigint), numbers (double), ISO
-    timestamps (timestamptz, naive = UTC), text; nested or mixed values (and only nulls) jsonb."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return Kind.JSON_VALUE
-    types = {type(v) for v in present}
-    if types == {bool}:
-        return Kind.BOOLEAN
-    if types == {int}:
-        return Kind.INTEGER if all(-_INT64 <= v < _INT64 for v in present) else Kind.NUMERIC
-    if types <= {int, float}:
-        return Kind.REAL
-    if types == {str}:
-        return Kind.INSTANT if all(_is_instant(v) for v in present) else Kind.NULLABLE_TEXT
-    return Kind.JSON_VALUE
-
-
-def inferred_column(name: str, values: Iterable[Any]) -> Column:
-    kind = infer_kind(values)
-    note = "typed from the values of the first batch holding it"
-    return Column(name, kind, type=JSONL_PG_TYPES[kind], note=note)
-
-
-# ---------------------------------------------------------------- converters
-
-Converter = Callable[[Any], Any]
-
-
-def _mismatch(column: str, value: Any, wanted: str) -> Rejected:
-    return Rejected(
-        "type_mismatch", f"column {column} holds a JSON {_json_type(value)} where {wanted} belongs"
-    )
-
-
-def json_converter(column: Column, *, naive_timezone: tzinfo = UTC) -> Converter:
-    """The converter from a parsed JSON value to the COPY value of ``column`` (None stays None,
-    except in a NOT NULL column); raises Rejected, never coerces."""
-    name = column.name
-    kind = column.kind
-    convert: Converter
-    if kind in (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.KEY):
-
-        def convert(value: Any) -> Any:
-            if value is None or type(value) is str:
-                return decode_text(value, name)
-            raise _mismatch(name, value, "text")
-
-    elif kind is Kind.INTEGER:
-
-        def convert(value: Any) -> Any:
-            if value is None:
-                return None
-            if type(value) is not int:
-                raise _mismatch(name, value, "an integer")
-            if not -_INT64 <= value < _INT64:
-                raise Rejected("number_out_of_range", f"column {name} holds {value}, beyond bigint")
-            return value
-
-    elif kind is Kind.REAL:
-
-        def convert(value: Any) -> Any:
-            if value is None:
-                return None
-            if type(value) is int:
-                if abs(value) <= _FLOAT_EXACT or float(value) == value:
-                    return float(value)
-                raise Rejected(
-                    "number_out_of_range", f"column {name} holds {value}, beyond a double"
-                )
-            if type(value) is not float:
-                raise _mismatch(name, value, "a number")
-            if not math.isfinite(value):
-                raise Rejected("number_out_of_range", f"column {name} holds {value!r}")
-            return value
-
-    elif kind is Kind.NUMERIC:
-
-        def convert(value: Any) -> Any:
-            if value is None:
-                return None
-            if type(value) is int:
-                return Decimal(value)
-            if type(value) is float and math.isfinite(value):
-                return Decimal(repr(value))
-            raise _mismatch(name, value, "a number")
-
-    elif kind is Kind.BOOLEAN:
-
-        def convert(value: Any) -> Any:
-            if value is None or type(value) is bool:
-                return value
-            raise _mismatch(name, value, "a boolean")
-
-    elif kind is Kind.INSTANT:
-
-        def convert(value: Any) -> Any:
-            if value is None:
-                return None
-            if type(value) is not str:
-                raise _mismatch(name, value, "an ISO-8601 timestamp")
-            return parse_timestamp(value, name, naive_timezone=naive_timezone)
-
-    elif kind is Kind.JSON_VALUE:
-
-        def convert(value: Any) -> Any:
-            if value is None:
-                return None
-            return json_text(value, name)
-
-    else:
-        raise AssertionError(kind)
-    if column.nullable:
-        return convert
-
-    def required(value: Any) -> Any:
-        if value is None or value == "":
-            raise Rejected(
-                "missing_key" if name == "id" else "null_value", f"column {name} is null or empty"
-            )
-        return convert(value)
-
-    return required
-
-
-def json_text(value: Any, column: str) -> str:
-    """A JSON value as text for jsonb; refuses what jsonb refuses (\\u0000, NaN, surrogates)."""
-    try:
-        text = orjson.dumps(value).decode("utf-8")
-    except TypeError:  # integers beyond 64 bits, lone surrogates
-        try:
-            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise Rejected("invalid_utf8", f"column {column} holds a lone surrogate") from None
-        except ValueError:
-            raise Rejected(
-                "number_out_of_range", f"column {column} holds NaN or Infinity"
-            ) from None
-    if "\\u0000" in text:
-        raise Rejected("json_nul_character", f"column {column} contains \\u0000")
-    return text
+def key_evidence(path: Path, firsts: dict[str, int], *, limit: int) -> dict[str, list[Any]]:
+    """For each key, its non-null values in the EVIDENCE_LINES records starting at the line
+    (offset) where it is first non-null: what types it, whatever the batch size."""
+    values: dict[str, list[Any]] = {k: [] for k in firsts}
+    seen = dict.fromkeys(firsts, 0)
+    offset = min(firsts.values())
+    while seen and offset < limit:
+        spanned, lines = read_complete_lines(path, offset, limit=limit, max_lines=EVIDENCE_LINES)
+        if not spanned:
+            break
+        offset += spanned
+        for at, line in lines:
+            try:
+                record = parse_line(line)
+            except Rejected:
+                continue
+            for key in [k for k in seen if firsts[k] <= at]:
+                value = record.get(key)
+                if value is not None:
+                    values[key].append(value)
+                seen[key] += 1
+                if seen[key] >= EVIDENCE_LINES:
+                    del seen[key]
+    return values
 
 
 # ---------------------------------------------------------------- a batch
@@ -402,35 +304,68 @@ def key_of_record(record: dict[str, Any] | None) -> str | None:
     return str(value).replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
 
 
-def convert_jsonl_batch(
-    batch: Batch, table: Table, *, naive_timezone: tzinfo = UTC
-) -> ConvertedBatch:
-    """Parse and convert one batch of lines for ``table``; keys that are not columns yet become
-    new columns (typed from this batch's values), returned in ``added``."""
+Evidence = Callable[[dict[str, int]], dict[str, list[Any]]]
+
+
+def _new_columns(
+    records: list[tuple[int, bytes, dict[str, Any]]], known: set[str], evidence: Evidence | None
+) -> tuple[Column, ...]:
+    """Columns for the keys the records hold non-null that are not columns yet (a key holding
+    only nulls waits: NULL is what its column would hold), typed from ``evidence`` (else from
+    this batch's values)."""
+    firsts: dict[str, int] = {}
+    in_batch: dict[str, list[Any]] = {}
+    for offset, _, record in records:
+        for key, value in record.items():
+            if key not in known and value is not None:
+                firsts.setdefault(key, offset)
+                in_batch.setdefault(key, []).append(value)
+    if not firsts:
+        return ()
+    values = in_batch if evidence is None else evidence(firsts)
+    return tuple(inferred_column(k, values[k] or in_batch[k]) for k in firsts)
+
+
+def _parse_all(batch: Batch) -> tuple[list[tuple[int, bytes, dict[str, Any]]], list[Reject]]:
     records: list[tuple[int, bytes, dict[str, Any]]] = []
     rejects: list[Reject] = list(batch.rejects)
     for offset, line in batch.raw:
+        if isinstance(line, OverlongLine):
+            detail = (
+                f"the line is {line.length:,} bytes long, over {MAX_LINE_BYTES:,}; its first"
+                f" {len(line):,} bytes are kept here"
+            )
+            kept = (bytes(line),)
+            rejects.append(Reject(offset, None, kept, "line_too_long", detail, "transform"))
+            continue
         try:
             records.append((offset, line, parse_line(line)))
         except Rejected as exc:
             rejects.append(Reject(offset, None, (line,), exc.reason, exc.detail, "transform"))
-    known = set(table.column_names)
-    new_keys: dict[str, list[Any]] = {}
-    for _, _, record in records:
-        for key, value in record.items():
-            if key not in known:
-                new_keys.setdefault(key, []).append(value)
-    added = tuple(inferred_column(k, vs) for k, vs in new_keys.items())
+    return records, rejects
+
+
+def convert_jsonl_batch(
+    batch: Batch, table: Table, *, naive_timezone: tzinfo = UTC, evidence: Evidence | None = None
+) -> ConvertedBatch:
+    """Parse and convert one batch of lines for ``table``; keys that are not columns yet become
+    new columns (typed by ``evidence``), returned in ``added``."""
+    records, rejects = _parse_all(batch)
+    added = _new_columns(records, set(table.column_names), evidence)
     if added:
         table = replace(table, columns=table.columns + added)
     converters = [(c.name, json_converter(c, naive_timezone=naive_timezone)) for c in table.columns]
+    exact = [(c.name, c.kind) for c in table.columns if c.kind in _EXACT_KINDS]
     id_at = table.column_names.index("id") if "id" in table.primary_key else None
     rows: list[tuple[Any, ...]] = []
     raw: list[tuple[Any, ...]] = []
     ids: list[str | None] = []
-    for offset, line, record in records:
-        get = record.get
+    for offset, line, parsed in records:
+        record = parsed
         try:
+            if exact and any(needs_exact(kind, record.get(name)) for name, kind in exact):
+                record = parse_exact(line)
+            get = record.get
             row = tuple([convert(get(name)) for name, convert in converters])
         except Rejected as exc:
             rkey = key_of_record(record)
@@ -443,8 +378,15 @@ def convert_jsonl_batch(
     return ConvertedBatch(converted, table, added, ids)
 
 
+_EXACT_KINDS = (Kind.REAL, Kind.NUMERIC, Kind.JSON_VALUE)
+
+
 async def transform_jsonl(
-    source: AsyncGenerator[Batch, None], table: Table, *, naive_timezone: tzinfo = UTC
+    source: AsyncGenerator[Batch, None],
+    table: Table,
+    *,
+    naive_timezone: tzinfo = UTC,
+    evidence: Evidence | None = None,
 ) -> AsyncGenerator[ConvertedBatch, None]:
     """Yield each upstream batch converted (in a worker thread), each for the table as the
     batches before it left it (with the columns they added); closes its upstream when closed or
@@ -452,7 +394,13 @@ async def transform_jsonl(
     async with contextlib.aclosing(source):
         async for batch in source:
             converted = await anyio.to_thread.run_sync(
-                functools.partial(convert_jsonl_batch, batch, table, naive_timezone=naive_timezone)
+                functools.partial(
+                    convert_jsonl_batch,
+                    batch,
+                    table,
+                    naive_timezone=naive_timezone,
+                    evidence=evidence,
+                )
             )
             table = converted.table
             yield converted

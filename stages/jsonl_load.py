@@ -34,8 +34,10 @@ log = structlog.get_logger("flux_migrate")
 
 @dataclass(frozen=True)
 class JsonlLoadContext:
-    """Where a JSONL table's batches go; batches starting before ``reconcile_until`` belong to
-    a reconcile pass (upserted by id)."""
+    """Where a JSONL table's batches go; while a reconcile pass is pending (``reconcile_until``
+    set) every batch belongs to it, lines appended since the rewrite included: rows are upserted
+    by id and every id met is recorded, so the pass never takes a record the file holds for
+    gone."""
 
     schema: str
     table: str
@@ -44,7 +46,7 @@ class JsonlLoadContext:
     stop: Callable[[], bool] = lambda: False
 
     def reconciling(self, batch: Batch) -> bool:
-        return self.reconcile_until is not None and batch.after_rowid < self.reconcile_until
+        return self.reconcile_until is not None
 
 
 @dataclass
@@ -222,6 +224,9 @@ async def commit_jsonl_batch(
                 ]
                 await mark_seen(conn, schema, table, loaded_ids)
         rejects += refused
+        if reconciling:
+            met = [r.key for r in rejects if r.key is not None]
+            await mark_seen(conn, schema, table, met, loaded=False)
         if rejects:
             await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, rejects))
         loaded = len(rows) - len(refused)

@@ -64,11 +64,14 @@ async def test_data_dir_migrates_memory_and_every_jsonl_store(
         "audit.messages": (3, 0),
     } == {name: (t["loaded"], t["quarantined"]) for name, t in tables.items()}
     assert 1 == json.loads(report_path.read_text())["quarantined_open"]
+    assert "feedback.jsonl (12 bytes at offset 11,510) has no newline yet" in done.stdout
     verified = cli("verify", *args)
-    assert 0 == verified.returncode, verified.stdout + verified.stderr
-    assert set(tables) == {
+    # the torn last line is a record not loaded yet: verify counts it, as missing
+    assert 1 == verified.returncode, verified.stdout + verified.stderr
+    assert set(tables) - {"feedback"} == {
         ln.split()[0] for ln in verified.stdout.splitlines() if ln.endswith(" ok")
     }
+    assert "the last line (offset 11,510) has no newline yet" in verified.stdout
     status = cli("status", "--postgres-dsn", pg_dsn)
     assert {"sessions", "messages", "feedback", "error_reports", "corrections"} <= {
         ln.split()[0] for ln in status.stdout.splitlines()[2:]

@@ -106,7 +106,7 @@ async def seen_before(
     """Which of ``ids`` the reconcile pass loaded from an earlier batch."""
     rows = await conn.fetch(
         f"SELECT id FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2"
-        " AND id = ANY($3::text[])",
+        " AND id = ANY($3::text[]) AND loaded",
         schema,
         table,
         ids,
@@ -114,14 +114,19 @@ async def seen_before(
     return {r["id"] for r in rows}
 
 
-async def mark_seen(conn: asyncpg.Connection, schema: str, table: str, ids: list[str]) -> None:
-    """Record ``ids`` as loaded by the reconcile pass (in the batch's transaction)."""
+async def mark_seen(
+    conn: asyncpg.Connection, schema: str, table: str, ids: list[str], *, loaded: bool = True
+) -> None:
+    """Record ``ids`` as met by the reconcile pass, loaded or only on quarantined lines (in the
+    batch's transaction)."""
     await conn.execute(
-        f"INSERT INTO {JSONL_SEEN} (target_schema, source_table, id)"
-        " SELECT $1, $2, unnest($3::text[]) ON CONFLICT DO NOTHING",
+        f"INSERT INTO {JSONL_SEEN} AS s (target_schema, source_table, id, loaded)"
+        " SELECT $1, $2, unnest($3::text[]), $4"
+        " ON CONFLICT (target_schema, source_table, id) DO UPDATE SET loaded = s.loaded OR $4",
         schema,
         table,
         ids,
+        loaded,
     )
 
 
@@ -158,10 +163,13 @@ async def finish_reconcile(
     meta: JsonlMeta,
     *,
     snapshot: bool,
-) -> tuple[int, list[str]]:
-    """End a reconcile pass: the table's records whose id the file no longer holds are counted
-    (and deleted when the file is a snapshot); return their count and the first few ids. One
-    transaction, which also clears the pass's ids and its mark in the meta."""
+) -> tuple[int, list[str], bool]:
+    """End a reconcile pass: the table's records whose id the pass never met (loaded, or
+    quarantined with its id) are gone from the file; they are counted, and deleted when the
+    file is a snapshot, unless the pass quarantined a line whose id could not be read (it may
+    be one of them: nothing is deleted then). Returns their count, the first few ids and
+    whether they were deleted. One transaction, which also clears the pass's ids and its mark
+    in the meta."""
     target = qualified(schema, table)
     gone_where = (
         f"NOT EXISTS (SELECT 1 FROM {JSONL_SEEN} s WHERE s.target_schema = $1"
@@ -174,8 +182,21 @@ async def finish_reconcile(
             table,
         )
         gone = [r["id"] for r in rows]
-        if snapshot and gone:
+        unreadable = await conn.fetchval(
+            f"SELECT count(*) FROM {QUARANTINE} WHERE target_schema = $1 AND source_table = $2"
+            " AND resolved_at IS NULL AND source_key IS NULL",
+            schema,
+            table,
+        )
+        delete = snapshot and bool(gone) and unreadable == 0
+        if delete:
             await conn.execute(f"DELETE FROM {target} t WHERE {gone_where}", schema, table)
+        stale = await conn.fetchval(  # kept as they were: their new line is quarantined
+            f"SELECT count(*) FROM {target} t JOIN {JSONL_SEEN} s ON s.target_schema = $1"
+            " AND s.source_table = $2 AND s.id = t.id::text AND NOT s.loaded",
+            schema,
+            table,
+        )
         await conn.execute(
             f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
             schema,
@@ -184,11 +205,11 @@ async def finish_reconcile(
         done = JsonlMeta(
             file=meta.file,
             reconcile_until=None,
-            retained=0 if snapshot else len(gone),
+            retained=stale + (0 if delete else len(gone)),
             rewrites=meta.rewrites,
         )
         await set_meta(conn, schema, table, done)
-    return len(gone), gone[:GONE_SAMPLE]
+    return len(gone), gone[:GONE_SAMPLE], delete
 
 
 async def clear_jsonl_table(

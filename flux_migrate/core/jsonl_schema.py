@@ -1,8 +1,11 @@
 """The one definition of the JSONL tables: the app's built-in profiles and their DDL.
 
 A JSONL file becomes a :class:`core.schema.Table` with ``profile="jsonl"``: one column per key
-of its records (the profile's for the app's ``feedback`` and ``error_reports``, else inferred
-from the values), every column nullable except the primary key ``id`` where records have one.
+of its records (the profile's for the app's ``feedback``, ``error_reports``, ``corrections``
+and ``governance_changes``; any other key typed from its values), every column nullable except
+the primary key ``id`` (always text) where records have one. A profile's keys have their type
+whatever the first lines hold (``reviewed_by`` is null until a correction is reviewed); keys
+a profile does not name are added like those of any other file.
 Its checkpoint's ``last_rowid`` is the byte offset after the last complete line committed and
 ``last_key`` the fingerprint of the bytes before it (see docs/bad-data.md, JSONL files).
 """
@@ -110,7 +113,38 @@ ERROR_REPORTS = Table(
     profile=JSONL_PROFILE,
 )
 
-PROFILES: dict[str, Table] = {t.name: t for t in (FEEDBACK, ERROR_REPORTS)}
+# corrections.jsonl: rewritten in place when a correction is reviewed (reviewed_by and
+# reviewed_at are null until then, so the first lines never say their type).
+CORRECTIONS = Table(
+    name="corrections",
+    columns=(
+        _key(),
+        _text("message_id", "no foreign key"),
+        Column("original", Kind.JSON_VALUE, type="jsonb", note="the corrected text or object"),
+        _text("status", "pending, approved, rejected, ..."),
+        _text("reviewed_by", "null until reviewed"),
+        Column("reviewed_at", Kind.INSTANT, type="timestamptz", note="null until reviewed"),
+        _CREATED_AT,
+    ),
+    primary_key=("id",),
+    profile=JSONL_PROFILE,
+)
+
+# governance_changes.jsonl: one record per change of a governance setting.
+GOVERNANCE_CHANGES = Table(
+    name="governance_changes",
+    columns=(
+        _key(),
+        Column("change", Kind.JSON_VALUE, type="jsonb", note="what changed (object)"),
+        _CREATED_AT,
+    ),
+    primary_key=("id",),
+    profile=JSONL_PROFILE,
+)
+
+PROFILES: dict[str, Table] = {
+    t.name: t for t in (FEEDBACK, ERROR_REPORTS, CORRECTIONS, GOVERNANCE_CHANGES)
+}
 
 
 def profile_for(stem: str, target_table: str) -> Table | None:
@@ -138,7 +172,8 @@ def add_column_sql(schema: str, table: str, column: Column) -> str:
 
 
 # The ids a reconcile pass has met so far, committed with each batch (resumable after a kill):
-# an id met twice is a duplicate, an id of the table never met is gone from the file.
+# an id loaded twice is a duplicate, an id of the table never met is gone from the file, and an
+# id met only on quarantined lines (``loaded`` false) keeps its row as it was.
 JSONL_SEEN = f"{BOOKKEEPING_SCHEMA}.jsonl_seen"
 JSONL_DDL = f"""
 CREATE TABLE IF NOT EXISTS {JSONL_SEEN} (
@@ -147,4 +182,5 @@ CREATE TABLE IF NOT EXISTS {JSONL_SEEN} (
     id text NOT NULL,
     PRIMARY KEY (target_schema, source_table, id)
 );
+ALTER TABLE {JSONL_SEEN} ADD COLUMN IF NOT EXISTS loaded boolean NOT NULL DEFAULT true;
 """
