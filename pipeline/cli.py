@@ -598,7 +598,7 @@ def _print_verify(full: list[Any]) -> int:
     table: list[tuple[str, ...]] = [header + ("result",)]
     for t in full:
         counts = (t.matched, t.different, t.missing, t.extra, t.quarantined, t.skipped)
-        table.append((t.table, *(f"{n:,}" for n in counts), _verdict(t.ok)))
+        table.append((t.table, *(f"{n:,}" for n in counts), t.verdict))
     print_table(table, align="lrrrrrrl")
     for t in full:
         for line in t.samples:

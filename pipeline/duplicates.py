@@ -114,8 +114,8 @@ async def _source_candidates(
         chunk = keys[start : start + KEYS_PER_QUERY]
         marks = ", ".join("?" for _ in chunk)
         sql = (
-            f"{select_sql(table)} WHERE t.rowid <= ?"
-            f" AND (CAST(t.id AS BLOB) IN ({marks}){nul}) ORDER BY t.rowid"
+            f"{select_sql(table)} WHERE {table.rowid_sql('t')} <= ?"
+            f" AND (CAST(t.id AS BLOB) IN ({marks}){nul}) ORDER BY {table.rowid_sql('t')}"
         )
         async with src.execute(sql, [upto, *(k.encode() for k in chunk)]) as cur:
             found += [tuple(row) for row in await cur.fetchall()]

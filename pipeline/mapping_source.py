@@ -9,6 +9,7 @@ anything is written (exit 2), naming the table, the column and the line to add.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 from flux_migrate.core.discover import SourceSchema, discover, sample_values
@@ -70,7 +71,7 @@ def resolve_mapping(
         raise SourceError(
             f"The mapping does not place everything in {path}, so nothing was written: {listed}."
         )
-    return mapping, schema
+    return with_row_ids(mapping, schema, path), schema
 
 
 def check_target_schema(mapping: Mapping, names: TargetNames, path: Path) -> None:
@@ -84,3 +85,22 @@ def check_target_schema(mapping: Mapping, names: TargetNames, path: Path) -> Non
             f"PostgreSQL cannot hold the tables of {path} as mapped, so nothing was written:"
             f" {listed}."
         )
+
+
+def with_row_ids(mapping: Mapping, schema: SourceSchema, path: Path) -> Mapping:
+    """``mapping`` with each table's name for SQLite's row id (a real column may be called
+    rowid). SourceError when a table read by row id has no name left for it."""
+    tables = []
+    for table in mapping.tables:
+        found = next((t for t in schema.tables if t.name == table.name), None)
+        if found is None or table.without_rowid or found.without_rowid:
+            tables.append(table)
+            continue
+        if found.rowid_name is None:
+            raise SourceError(
+                f"Table {table.name} in {path} has ordinary columns named rowid, _rowid_ and"
+                " oid, so SQLite's row id cannot be read to page it; rename one of them"
+                " (ALTER TABLE ... RENAME COLUMN) in a copy of the file and migrate that."
+            )
+        tables.append(replace(table, rowid_name=found.rowid_name))
+    return replace(mapping, tables=tuple(tables))

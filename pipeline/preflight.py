@@ -156,6 +156,7 @@ async def _start_table(
         constraints_pending=created and settings.defer_constraints,
         fingerprint=fingerprint,
         run_id=run_id,
+        last_rowid=table.start_rowid,
     )
     if created and not settings.defer_constraints:
         for c in constraints(names, settings.tables):

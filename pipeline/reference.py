@@ -42,11 +42,12 @@ class Unreadable(Exception):
     """A source value verification cannot read (the row should have been quarantined)."""
 
 
-# date, then optionally [T or space]HH:MM[:SS[.fraction]], then optionally Z or +-HH[[:]MM]
+# date, then optionally [T or space]HH:MM[:SS[.fraction]], then optionally Z or
+# +-HH[[:]MM[[:]SS]] (an offset with seconds, like +05:30:15, is an offset too)
 _ISO = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)"
     r"(?:[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?"
-    r"(Z|[+-]\d\d(?::?\d\d)?)?\Z"
+    r"(Z|[+-]\d\d(?::?\d\d(?::?\d\d)?)?)?\Z"
 )
 
 
@@ -122,7 +123,8 @@ def instant_micros(raw: Any, zone: tzinfo = UTC) -> int:
         shift = 0
     else:
         digits = offset[1:].replace(":", "")
-        shift = (int(digits[:2]) * 60 + int(digits[2:] or 0)) * 60_000_000
+        seconds = (int(digits[:2]) * 60 + int(digits[2:4] or 0)) * 60 + int(digits[4:] or 0)
+        shift = seconds * 1_000_000
         shift = -shift if offset[0] == "-" else shift
     utc = local - shift
     if not _MIN_MICROS <= utc < _MAX_MICROS:

@@ -152,7 +152,8 @@ async def read_rowids(
     for start in range(0, len(rowids), size):
         part = rowids[start : start + size]
         marks = ", ".join("?" for _ in part)
-        sql = f"{base} WHERE t.rowid IN ({marks}) ORDER BY t.rowid"
+        rowid = table.rowid_sql("t")
+        sql = f"{base} WHERE {rowid} IN ({marks}) ORDER BY {rowid}"
         rows.extend(await fetch_rows(src, sql, part))
     return rows
 

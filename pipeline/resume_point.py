@@ -80,12 +80,12 @@ async def resume_point(
     at still holds its key, else the highest source row at or below it that was accounted for
     (recorded in the checkpoint, so batches commit against it). A table without a primary key
     cannot tell its rows apart: a changed checkpoint row is refused (TargetError)."""
-    name = table.name
-    if c.last_rowid == 0 or c.last_key is None and table.primary_key:
+    name, rowid = table.name, table.rowid_sql()
+    if c.last_rowid == table.start_rowid or c.last_key is None and table.primary_key:
         return c.last_rowid
     if not table.primary_key:
         async with src.execute(
-            f"SELECT 1 FROM {quote_ident(name)} WHERE rowid = ?", (c.last_rowid,)
+            f"SELECT 1 FROM {quote_ident(name)} WHERE {rowid} = ?", (c.last_rowid,)
         ) as cur:
             if await cur.fetchone() is not None:
                 return c.last_rowid
@@ -96,18 +96,18 @@ async def resume_point(
         )
     cols = _key_columns(table)
     async with src.execute(
-        f"SELECT {cols} FROM {quote_ident(name)} WHERE rowid = ?", (c.last_rowid,)
+        f"SELECT {cols} FROM {quote_ident(name)} WHERE {rowid} = ?", (c.last_rowid,)
     ) as cur:
         row = await cur.fetchone()
     keyed = _key_only(table)
     if row is not None and row_key(keyed, tuple(row)) == c.last_key:
         return c.last_rowid
     below, new_rows = c.last_rowid, 0
-    found: tuple[int, str | None] = (0, None)
-    while below > 0:
+    found: tuple[int, str | None] = (table.start_rowid, None)
+    while below > table.start_rowid:
         async with src.execute(
-            f"SELECT rowid, {cols} FROM {quote_ident(name)} WHERE rowid <= ?"
-            f" ORDER BY rowid DESC LIMIT {SCAN_CHUNK}",
+            f"SELECT {rowid}, {cols} FROM {quote_ident(name)} WHERE {rowid} <= ?"
+            f" ORDER BY {rowid} DESC LIMIT {SCAN_CHUNK}",
             (below,),
         ) as cur:
             chunk = [(int(r[0]), tuple(r[1:])) for r in await cur.fetchall()]

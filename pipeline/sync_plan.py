@@ -128,7 +128,8 @@ async def _ranges(
     rows (by value, so as many ranges as ``chunk``-row pieces; none for an empty table)."""
     rows = await fetch_rows(
         src,
-        f"SELECT count(*), min(rowid), max(rowid) FROM {quote_ident(table.name)}",
+        f"SELECT count(*), min({table.rowid_sql()}), max({table.rowid_sql()})"
+        f" FROM {quote_ident(table.name)}",
     )
     count, low, high = rows[0]
     if not count:
@@ -166,9 +167,10 @@ async def plan_table(
     assert at is not None, table.name
     ncols = len(table.column_names)
     cols = ", ".join(quote_ident(c) for c in table.column_names)
+    rowid = table.rowid_sql()
     sql = (
-        f"SELECT rowid, {cols} FROM {quote_ident(table.name)}"
-        " WHERE rowid >= ? AND rowid <= ? ORDER BY rowid"
+        f"SELECT {rowid}, {cols} FROM {quote_ident(table.name)}"
+        f" WHERE {rowid} >= ? AND {rowid} <= ? ORDER BY {rowid}"
     )
     plan = TablePlan(table)
     src_odd: dict[str, tuple[int, int]] = {}  # key -> (rowid, digest), not matched by rowid
@@ -259,7 +261,8 @@ async def source_rows_of(
         marks = ", ".join("?" for _ in part)
         rows = await fetch_rows(
             src,
-            f"SELECT {ref}, rowid, {pk} FROM {quote_ident(table.name)} WHERE {ref} IN ({marks})",
+            f"SELECT {ref}, {table.rowid_sql()}, {pk} FROM {quote_ident(table.name)}"
+            f" WHERE {ref} IN ({marks})",
             part,
         )
         found.update((key_of(r[0]) or "", (r[1], key_of(r[2]) or "")) for r in rows)

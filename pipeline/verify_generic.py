@@ -6,7 +6,7 @@ the source, not the load's converters); rows without a key are compared as whole
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import aiosqlite
@@ -16,7 +16,7 @@ from flux_migrate.core.catalog import table_exists
 from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.stages.extract import fetch_rows, key_pages, key_types_sql
+from flux_migrate.stages.extract import key_types_sql
 from flux_migrate.stages.transform import row_key
 
 PAGE = 5000
@@ -40,20 +40,13 @@ def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
     )
 
 
-async def _pages(src: aiosqlite.Connection, table: Table) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """The source rows (rowid, or a WITHOUT ROWID table's key types, first), a page a query."""
-    cols = ", ".join(quote_ident(c) for c in table.column_names)
-    if table.without_rowid:
-        sql = f"SELECT {key_types_sql(table)}, {cols} FROM {quote_ident(table.name)} AS t"
-        async for page, _ in key_pages(src, table, sql, after_key=None, page=PAGE):
-            yield page
-        return
-    sql = f"SELECT rowid, {cols} FROM {quote_ident(table.name)} WHERE rowid > ?"
-    sql += " ORDER BY rowid LIMIT ?"
-    last = 0
-    while page := await fetch_rows(src, sql, (last, PAGE)):
-        last = page[-1][0]
-        yield page
+def _scan_sql(table: Table) -> str:
+    """Every source row (its rowid, or a WITHOUT ROWID table's key types, first), in one
+    plain scan: no keyset, no bound, nothing shared with extract's paging, so a row the load
+    never read (at any rowid) is still seen here."""
+    cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
+    first = key_types_sql(table) if table.without_rowid else table.rowid_sql("t")
+    return f"SELECT {first}, {cols} FROM {quote_ident(table.name)} AS t"
 
 
 async def source_rows(
@@ -69,17 +62,18 @@ async def source_rows(
     read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
     rows: Counter[tuple[Any, ...]] = Counter()
     unaccounted = 0
-    async for page in _pages(src, table):
-        for raw in page:
-            if table.without_rowid:
-                if row_key(table, raw[1:]) in quarantined_keys:
+    async with src.execute(_scan_sql(table)) as cursor:
+        while page := await cursor.fetchmany(PAGE):
+            for raw in page:
+                if table.without_rowid:
+                    if row_key(table, raw[1:]) in quarantined_keys:
+                        continue
+                elif raw[0] in quarantined:
                     continue
-            elif raw[0] in quarantined:
-                continue
-            try:
-                rows[_row(table, read(raw[1:]))] += 1
-            except ref.Unreadable:
-                unaccounted += 1
+                try:
+                    rows[_row(table, read(raw[1:]))] += 1
+                except ref.Unreadable:
+                    unaccounted += 1
     return rows, unaccounted
 
 

@@ -66,8 +66,9 @@ async def open_source(
 
 
 def select_sql(table: Table) -> str:
-    """SELECT rowid, the table's columns and, for a child table, a flag saying a parent row it
-    names is absent from the source; without a WHERE clause (callers add theirs on ``t``).
+    """SELECT the row id (as Table.rowid_sql names it), the table's columns and, for a child
+    table, a flag saying a parent row it names is absent from the source; without a WHERE
+    clause (callers add theirs on ``t``).
 
     A WITHOUT ROWID table has no rowid: its first column is instead the storage classes of its
     key columns (``key_types_sql``), which extract replaces by the row's position."""
@@ -80,7 +81,7 @@ def select_sql(table: Table) -> str:
         )
     elif table.foreign_keys:
         orphan = ", " + " OR ".join(_orphan_sql(fk) for fk in table.foreign_keys)
-    first = key_types_sql(table) if table.without_rowid else "t.rowid"
+    first = key_types_sql(table) if table.without_rowid else table.rowid_sql("t")
     return f"SELECT {first}, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
 
 
@@ -181,7 +182,10 @@ async def fetch_rows(
         return cast("list[tuple[Any, ...]]", list(await cursor.fetchall()))
 
 
-KEYSET = " WHERE t.rowid > ? AND t.rowid <= ? ORDER BY t.rowid LIMIT ?"
+def keyset_sql(table: Table) -> str:
+    """The WHERE and ORDER BY of one page of a table read by rowid (rowid after, upto, limit)."""
+    rowid = table.rowid_sql("t")
+    return f" WHERE {rowid} > ? AND {rowid} <= ? ORDER BY {rowid} LIMIT ?"
 
 
 async def extract(
@@ -207,7 +211,7 @@ async def extract(
             async for batch in pages:
                 yield batch
         return
-    sql = select_sql(table) + KEYSET
+    sql = select_sql(table) + keyset_sql(table)
     seq = 0
     last = after_rowid
     while last < upto_rowid:

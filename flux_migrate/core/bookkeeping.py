@@ -118,12 +118,15 @@ async def create_checkpoint(
     constraints_pending: bool,
     fingerprint: str,
     run_id: str,
+    last_rowid: int = 0,
 ) -> None:
-    """Create a table's checkpoint at rowid 0 (kept when it exists already)."""
+    """Create a table's checkpoint at ``last_rowid`` (kept when it exists already): a table
+    read by rowid starts at Table.start_rowid, before its first row, whatever that row's rowid
+    is (negative and zero included); a WITHOUT ROWID table or a JSONL file at 0."""
     await conn.execute(
         f"INSERT INTO {CHECKPOINTS} (target_schema, source_table, target_table, created_table,"
-        " preexisting_rows, constraints_pending, fingerprint, run_id)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " preexisting_rows, constraints_pending, fingerprint, run_id, last_rowid)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         " ON CONFLICT (target_schema, source_table) DO NOTHING",
         target_schema,
         source_table,
@@ -133,6 +136,7 @@ async def create_checkpoint(
         constraints_pending,
         fingerprint,
         run_id,
+        last_rowid,
     )
 
 

@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from flux_migrate.core.schema import ROWID_NAMES
+
 
 @dataclass(frozen=True)
 class SourceColumn:
@@ -71,6 +73,17 @@ class SourceTable:
         if self.without_rowid or len(pk) != 1:
             return None
         return pk[0].name if pk[0].declared_type.strip().upper() == "INTEGER" else None
+
+    @property
+    def rowid_name(self) -> str | None:
+        """How SQL reaches the row id: the first of rowid, _rowid_, oid that no real column
+        is called (SQLite names are case-blind), else the INTEGER PRIMARY KEY that is the row
+        id; None for WITHOUT ROWID, or when every name is taken by an ordinary column."""
+        if self.without_rowid:
+            return None
+        taken = {c.name.lower() for c in self.columns}
+        free = next((n for n in ROWID_NAMES if n not in taken), None)
+        return free or self.rowid_alias
 
 
 @dataclass(frozen=True)
@@ -213,11 +226,40 @@ def discover(conn: sqlite3.Connection) -> SourceSchema:
                 triggers=_triggers(conn, name),
             )
         )
-    # A virtual table keeps its data in shadow tables named after it (docs_content, ...).
-    shadow = {t.name for t in tables if any(t.name.startswith(v + "_") for v in virtual)}
+    shadow = _shadow_tables(conn, rows)
     return SourceSchema(
         tuple(t for t in tables if t.name not in shadow), tuple(views), tuple(virtual)
     )
+
+
+# The shadow tables each module keeps its data in, by suffix after "<virtual table>_".
+_SHADOW_SUFFIXES = {
+    "fts3": ("content", "segments", "segdir", "docsize", "stat"),
+    "fts4": ("content", "segments", "segdir", "docsize", "stat"),
+    "fts5": ("data", "idx", "content", "docsize", "config"),
+    "rtree": ("node", "rowid", "parent"),
+    "rtree_i32": ("node", "rowid", "parent"),
+    "geopoly": ("node", "rowid", "parent"),
+}
+_USING = re.compile(r"\bUSING\s+(\w+)", re.IGNORECASE)
+
+
+def _shadow_tables(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """The names of virtual tables' shadow tables (derived data, skipped): as SQLite itself
+    reports them (PRAGMA table_list, SQLite 3.37+) and by the exact names each known module
+    gives them. An ordinary table that merely starts with a virtual table's name is kept."""
+    shadow = set()
+    try:
+        listed = conn.execute("SELECT name, type FROM pragma_table_list WHERE schema = 'main'")
+        shadow = {_text(n) for n, kind in listed.fetchall() if _text(kind) == "shadow"}
+    except sqlite3.OperationalError:
+        pass  # an older SQLite (no table_list), or a module this SQLite lacks
+    for kind, name, sql in rows:
+        found = _USING.search(_text(sql)) if _text(kind) == "table" else None
+        if found is not None and _text(sql).upper().startswith("CREATE VIRTUAL TABLE"):
+            suffixes = _SHADOW_SUFFIXES.get(found.group(1).lower(), ())
+            shadow.update(f"{_text(name)}_{suffix}" for suffix in suffixes)
+    return shadow
 
 
 def sample_values(

@@ -181,6 +181,8 @@ def choose_column(sc: SourceColumn, ev: Evidence, *, in_primary_key: bool) -> Co
         unit = "milliseconds" if epoch == "ms" else "seconds"
         largest = f"{ev.largest_number:.0f}"
         note = f"{declared}, numbers read as epoch {unit} (largest {largest}) -> {{type}}"
+    if sc.generated:
+        note += " (a generated column: loaded as the values SQLite computes)"
     not_null = sc.not_null or in_primary_key
     if kind is Kind.NULLABLE_TEXT and not_null:
         kind = Kind.TEXT

@@ -13,6 +13,10 @@ from enum import Enum
 
 BOOKKEEPING_SCHEMA = "flux_migrate"
 KEY_MAX_LENGTH = 36
+# A checkpoint that has read nothing yet: below every rowid SQLite can give a row but the
+# smallest, which preflight refuses (a row there could not be told from "nothing read").
+BEFORE_FIRST_ROWID = -(2**63)
+ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of a table's row id
 
 
 class Kind(Enum):
@@ -161,6 +165,22 @@ class Table:
     target_only: tuple[Column, ...] = ()
     # Target columns PostgreSQL fills itself (a sequence), never copied, compared or synced.
     generated: tuple[Column, ...] = ()
+    # How SQL names the row id: "rowid", or "_rowid_"/"oid" when a real column is called
+    # rowid, or the INTEGER PRIMARY KEY that is the row id when all three are real columns.
+    rowid_name: str = "rowid"
+
+    @property
+    def start_rowid(self) -> int:
+        """A new checkpoint's rowid: before every row; 0 rows read for a WITHOUT ROWID table
+        (whose checkpoint counts positions)."""
+        return 0 if self.without_rowid else BEFORE_FIRST_ROWID
+
+    def rowid_sql(self, alias: str = "") -> str:
+        """The row id as an SQL expression (``alias.`` before it when given)."""
+        prefix = f"{alias}." if alias else ""
+        if self.rowid_name in ROWID_NAMES:
+            return prefix + self.rowid_name  # bare: quoted, it would mean a column
+        return prefix + quote_ident(self.rowid_name)
 
     @property
     def column_names(self) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from typing import Any
 import aiosqlite
 
 from flux_migrate.core.errors import SourceError, source_error
-from flux_migrate.core.schema import TABLES, Table, quote_ident
+from flux_migrate.core.schema import BEFORE_FIRST_ROWID, TABLES, Table, quote_ident
 
 IDENTITY_SAMPLE = 8
 
@@ -23,10 +23,11 @@ def _name(value: Any) -> str:
 async def check_source(
     conn: aiosqlite.Connection, path: Path, tables: Sequence[Table] = TABLES
 ) -> None:
-    """Refuse a source that lacks a table or column to load (or is not SQLite at all)."""
+    """Refuse a source that lacks a table or column to load (or is not SQLite at all).
+    Generated columns count: they are read, and loaded, as values."""
     try:
         for table in tables:
-            async with conn.execute(f"PRAGMA table_info({quote_ident(table.name)})") as cur:
+            async with conn.execute(f"PRAGMA table_xinfo({quote_ident(table.name)})") as cur:
                 present = {_name(row[1]) for row in await cur.fetchall()}
             if not present:
                 raise SourceError(
@@ -45,7 +46,11 @@ async def check_source(
 def identity_table(tables: Sequence[Table]) -> Table | None:
     """The table whose first keys identify the source: sessions for the app, else the first
     table read by rowid with a one-column key."""
-    usable = [t for t in tables if not t.without_rowid and len(t.primary_key) == 1]
+    usable = [
+        t
+        for t in tables
+        if not t.without_rowid and len(t.primary_key) == 1 and t.rowid_name == "rowid"
+    ]
     return next((t for t in usable if t.name == "sessions"), usable[0] if usable else None)
 
 
@@ -60,12 +65,7 @@ async def source_snapshot(
     try:
         await conn.execute("BEGIN")
         try:
-            bounds = {}
-            for table in tables:
-                what = "count(*)" if table.without_rowid else "coalesce(max(rowid), 0)"
-                async with conn.execute(f"SELECT {what} FROM {quote_ident(table.name)}") as cur:
-                    row = await cur.fetchone()
-                bounds[table.name] = int(row[0]) if row else 0
+            bounds = {table.name: await _bound(conn, path, table) for table in tables}
             marks = ", ".join("?" * len(names))
             async with conn.execute(
                 f"SELECT name, sql FROM sqlite_master WHERE tbl_name IN ({marks})"
@@ -96,6 +96,27 @@ async def source_snapshot(
     return bounds, identity
 
 
+async def _bound(conn: aiosqlite.Connection, path: Path, table: Table) -> int:
+    """A table's bound for this run: its highest rowid (BEFORE_FIRST_ROWID when empty), or its
+    row count for a WITHOUT ROWID table. SourceError for a row at the smallest rowid, which a
+    checkpoint could not tell from "nothing read yet"."""
+    name = quote_ident(table.name)
+    if table.without_rowid:
+        sql = f"SELECT count(*), NULL FROM {name}"
+    else:
+        rowid = table.rowid_sql()
+        sql = f"SELECT coalesce(max({rowid}), {BEFORE_FIRST_ROWID}), min({rowid}) FROM {name}"
+    async with conn.execute(sql) as cur:
+        row = await cur.fetchone()
+    if row is not None and row[1] == BEFORE_FIRST_ROWID:
+        raise SourceError(
+            f"Table {table.name} in {path} holds a row at rowid {BEFORE_FIRST_ROWID}, the"
+            " smallest SQLite allows, which flux-migrate cannot checkpoint; give that row"
+            " another rowid in a copy of the file and migrate that."
+        )
+    return int(row[0]) if row else BEFORE_FIRST_ROWID
+
+
 async def sample_matches(
     conn: aiosqlite.Connection,
     sample: list[list[Any]],
@@ -114,9 +135,12 @@ async def sample_matches(
     return False
 
 
-async def count_between(conn: aiosqlite.Connection, table: str, after: int, upto: int) -> int:
+async def count_between(conn: aiosqlite.Connection, table: Table, after: int, upto: int) -> int:
+    """How many rows of ``table`` have ``after < rowid <= upto``."""
+    rowid = table.rowid_sql()
     async with conn.execute(
-        f"SELECT count(*) FROM {quote_ident(table)} WHERE rowid > ? AND rowid <= ?", (after, upto)
+        f"SELECT count(*) FROM {quote_ident(table.name)} WHERE {rowid} > ? AND {rowid} <= ?",
+        (after, upto),
     ) as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0

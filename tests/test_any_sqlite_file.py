@@ -1,0 +1,304 @@
+"""Any SQLite file, every row (issue 18): rows at any rowid, tables named like FTS shadows,
+columns named rowid, generated columns, offsets with seconds; `verify` reads the source by
+its own path, so a row the load never read is reported missing."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import Settings, load_settings
+from flux_migrate.pipeline.verify import TableVerify, verify_quick, verify_rows
+from tests.support import cli
+
+pytestmark = pytest.mark.anyio
+
+
+def _db(path: Path, script: str, rows: dict[str, list[tuple[Any, ...]]] | None = None) -> Path:
+    db = sqlite3.connect(path)
+    db.executescript(script)
+    for sql, values in (rows or {}).items():
+        db.executemany(sql, values)
+    db.commit()
+    db.close()
+    return path
+
+
+async def _migrate(path: Path, dsn: str, **options: Any) -> Settings:
+    settings = load_settings(None, sqlite_path=path, postgres_dsn=dsn, **options)
+    report = await migrate(settings)
+    assert "completed" == report.status, report
+    return settings
+
+
+async def _rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r.values()) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+def _by_table(results: list[TableVerify]) -> dict[str, tuple[int, int, int, int, bool]]:
+    return {r.table: (r.matched, r.different, r.missing, r.extra, r.ok) for r in results}
+
+
+# ---------------------------------------------------------------- case 1: rowid <= 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+async def test_rows_at_rowid_zero_and_below_are_read(
+    tmp_path: Path, pg_dsn: str, batch_size: int
+) -> None:
+    """Keys -1, 0 and the most negative but one, and a key-less table's rows at rowid -5 and
+    0, all arrive (in pages of any size), and verify matches every one."""
+    low = -(2**63) + 1
+    path = _db(
+        tmp_path / "neg.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);CREATE TABLE nokey (v TEXT);",
+        {
+            "INSERT INTO k VALUES (?, ?)": [(low, "min"), (-1, "a"), (0, "b"), (1, "c")],
+            "INSERT INTO nokey (rowid, v) VALUES (?, ?)": [(-5, "x"), (0, "y"), (3, "z")],
+        },
+    )
+    settings = await _migrate(path, pg_dsn, batch_size=batch_size)
+    ids = await _rows(pg_dsn, "SELECT id FROM k ORDER BY id")
+    assert [(low,), (-1,), (0,), (1,)] == ids
+    assert [("x",), ("y",), ("z",)] == await _rows(pg_dsn, "SELECT v FROM nokey ORDER BY v")
+    assert {"k": (4, 0, 0, 0, True), "nokey": (3, 0, 0, 0, True)} == _by_table(
+        await verify_rows(settings)
+    )
+
+
+async def test_rows_added_below_zero_after_a_run_load_on_the_rerun_only_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A rerun after the first finished loads nothing twice, whatever the rowids."""
+    path = _db(
+        tmp_path / "neg.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
+        {"INSERT INTO k VALUES (?, ?)": [(-3, "a"), (0, "b")]},
+    )
+    settings = await _migrate(path, pg_dsn)
+    await _migrate(path, pg_dsn)
+    assert [(-3,), (0,)] == await _rows(pg_dsn, "SELECT id FROM k ORDER BY id")
+    assert {"k": (2, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+
+
+async def test_the_smallest_rowid_is_refused_before_writing(tmp_path: Path, pg_dsn: str) -> None:
+    """A row at rowid -2**63 (which a checkpoint cannot tell from "nothing read") stops the
+    run with exit 2 and one sentence naming the table; nothing is written."""
+    path = _db(
+        tmp_path / "min.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
+        {"INSERT INTO k VALUES (?, ?)": [(-(2**63), "a"), (1, "b")]},
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode, done.stderr
+    assert "Table k" in done.stderr and "-9223372036854775808" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert [(None,)] == await _rows(pg_dsn, "SELECT to_regclass('public.k')")
+
+
+async def test_verify_reports_rows_the_load_never_read(tmp_path: Path, pg_dsn: str) -> None:
+    """Rows added to the source at rowids below what was loaded (never read by a rerun,
+    which resumes after its checkpoint) are reported missing by verify and verify --quick."""
+    path = _db(
+        tmp_path / "late.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE n (v TEXT);",
+        {
+            "INSERT INTO k VALUES (?, ?)": [(5, "a"), (6, "b")],
+            "INSERT INTO n (rowid, v) VALUES (?, ?)": [(5, "a")],
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO k VALUES (-7, 'late')")
+    db.execute("INSERT INTO n (rowid, v) VALUES (-7, 'late')")
+    db.commit()
+    db.close()
+    found = _by_table(await verify_rows(settings))
+    assert (2, 0, 1, 0, False) == found["k"]
+    assert (1, 0, 1, 0, False) == found["n"]
+    quick = {q.table: (q.source_count, q.target_count, q.ok) for q in await verify_quick(settings)}
+    assert {"k": (3, 2, False), "n": (2, 1, False)} == quick
+
+
+# ---------------------------------------------------------------- case 2: FTS names
+
+
+@pytest.mark.parametrize("module", ["fts5", "fts4", "fts3"])
+async def test_tables_named_like_an_fts_table_are_migrated(
+    tmp_path: Path, pg_dsn: str, module: str
+) -> None:
+    """search_history and search_content2 beside the FTS table search are ordinary tables and
+    arrive; the FTS table's own shadow tables are derived data and do not."""
+    path = _db(
+        tmp_path / "fts.sqlite",
+        f"CREATE VIRTUAL TABLE search USING {module}(body);"
+        "CREATE TABLE search_history (id INTEGER PRIMARY KEY, q TEXT);"
+        "CREATE TABLE search_content2 (q TEXT);"
+        "CREATE TABLE search_ (q TEXT);"
+        "INSERT INTO search (body) VALUES ('hello world');",
+        {
+            "INSERT INTO search_history VALUES (?, ?)": [(1, "hello"), (2, "world")],
+            "INSERT INTO search_content2 VALUES (?)": [("x",)],
+            "INSERT INTO search_ VALUES (?)": [("y",)],
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    tables = await _rows(
+        pg_dsn,
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+    )
+    assert [("search_",), ("search_content2",), ("search_history",)] == tables
+    assert [(1, "hello"), (2, "world")] == await _rows(
+        pg_dsn, "SELECT * FROM search_history ORDER BY id"
+    )
+    assert all(r.ok for r in await verify_rows(settings))
+    made = cli("init", "--sqlite-path", str(path), "--out", str(tmp_path / "m.toml"))
+    assert 0 == made.returncode, made.stderr
+    assert 'name = "search_history"' in (tmp_path / "m.toml").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- case 3: a column "rowid"
+
+
+@pytest.mark.parametrize("batch_size", [1, 1000])
+async def test_a_real_column_named_rowid_is_data_and_paging_uses_the_row_id(
+    tmp_path: Path, pg_dsn: str, batch_size: int
+) -> None:
+    """A column called rowid holding NULL, repeated values and text is loaded as it is, every
+    row once, in pages of any size; verify matches."""
+    path = _db(
+        tmp_path / "rowid.sqlite",
+        'CREATE TABLE t ("rowid" TEXT, v INTEGER);'
+        'CREATE TABLE u ("RowId" INTEGER, "_rowid_" INTEGER, v TEXT);',
+        {
+            "INSERT INTO t VALUES (?, ?)": [(None, 1), ("7", 2), ("7", 3), ("abc", 4), ("7", 5)],
+            "INSERT INTO u VALUES (?, ?, ?)": [(1, 1, "a"), (1, 1, "b"), (None, None, "c")],
+        },
+    )
+    settings = await _migrate(path, pg_dsn, batch_size=batch_size)
+    got = await _rows(pg_dsn, 'SELECT "rowid", v FROM t ORDER BY v')
+    assert [(None, 1), ("7", 2), ("7", 3), ("abc", 4), ("7", 5)] == got
+    assert [(1, 1, "a"), (1, 1, "b"), (None, None, "c")] == await _rows(
+        pg_dsn, 'SELECT "RowId", "_rowid_", v FROM u ORDER BY v'
+    )
+    assert {"t": (5, 0, 0, 0, True), "u": (3, 0, 0, 0, True)} == _by_table(
+        await verify_rows(settings)
+    )
+
+
+async def test_columns_named_rowid_oid_and_rowid_alias_with_an_integer_key(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """All three row id names taken by columns: an INTEGER PRIMARY KEY (the row id itself)
+    pages the table; without one the run is refused with exit 2 naming the table."""
+    path = _db(
+        tmp_path / "all.sqlite",
+        'CREATE TABLE t (k INTEGER PRIMARY KEY, "rowid" TEXT, "_rowid_" TEXT, "oid" TEXT);',
+        {"INSERT INTO t VALUES (?, ?, ?, ?)": [(-2, "a", "b", "c"), (0, None, "x", "y")]},
+    )
+    settings = await _migrate(path, pg_dsn, batch_size=1)
+    assert [(-2, "a"), (0, None)] == await _rows(pg_dsn, 'SELECT k, "rowid" FROM t ORDER BY k')
+    assert {"t": (2, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+    bad = _db(
+        tmp_path / "bad.sqlite",
+        'CREATE TABLE w ("rowid" TEXT, "_rowid_" TEXT, "oid" TEXT);'
+        "INSERT INTO w VALUES ('a', 'b', 'c');",
+    )
+    done = cli("run", "--sqlite-path", str(bad), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode, done.stderr
+    assert "Table w" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_without_rowid_tables_with_a_column_named_rowid_keep_working(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A WITHOUT ROWID table keyed by a column called rowid loads every row and verifies."""
+    path = _db(
+        tmp_path / "wr.sqlite",
+        'CREATE TABLE t ("rowid" TEXT PRIMARY KEY, v INTEGER) WITHOUT ROWID;',
+        {"INSERT INTO t VALUES (?, ?)": [(str(i), i) for i in range(-3, 4)]},
+    )
+    settings = await _migrate(path, pg_dsn, batch_size=2)
+    assert 7 == len(await _rows(pg_dsn, "SELECT * FROM t"))
+    assert {"t": (7, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+
+
+# ---------------------------------------------------------------- case 9: generated columns
+
+
+async def test_generated_columns_are_loaded_as_values(tmp_path: Path, pg_dsn: str) -> None:
+    """VIRTUAL and STORED generated columns arrive as the values SQLite computes; init notes
+    them; verify matches."""
+    path = _db(
+        tmp_path / "gen.sqlite",
+        "CREATE TABLE g (id INTEGER PRIMARY KEY, a INTEGER, b INTEGER,"
+        " s INTEGER GENERATED ALWAYS AS (a + b) VIRTUAL,"
+        " t TEXT GENERATED ALWAYS AS ('x' || a) STORED);",
+        {"INSERT INTO g (id, a, b) VALUES (?, ?, ?)": [(1, 1, 2), (2, 5, None)]},
+    )
+    settings = await _migrate(path, pg_dsn)
+    assert [(1, 3, "x1"), (2, None, "x5")] == await _rows(
+        pg_dsn, "SELECT id, s, t FROM g ORDER BY id"
+    )
+    assert {"g": (2, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+    out = tmp_path / "m.toml"
+    assert 0 == cli("init", "--sqlite-path", str(path), "--out", str(out)).returncode
+    assert "generated" in out.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- case 17: offset seconds
+
+
+async def test_verify_reads_offsets_with_seconds(tmp_path: Path, pg_dsn: str) -> None:
+    """Instants written with an offset in seconds (+05:30:15, -0000:30 forms) load and verify."""
+    path = _db(
+        tmp_path / "off.sqlite",
+        "CREATE TABLE e (id INTEGER PRIMARY KEY, at DATETIME);",
+        {
+            "INSERT INTO e VALUES (?, ?)": [
+                (1, "2024-01-01T10:00:00+05:30:15"),
+                (2, "2024-01-01 10:00:00.25-01:00:59"),
+                (3, "2024-01-01T10:00:00+053015"),
+            ]
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    got = await _rows(pg_dsn, "SELECT id, (at AT TIME ZONE 'UTC')::text FROM e ORDER BY id")
+    expected = [
+        (1, "2024-01-01 04:29:45"),
+        (2, "2024-01-01 11:00:59.25"),
+        (3, "2024-01-01 04:29:45"),
+    ]
+    assert expected == got
+    assert {"e": (3, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+
+
+# ---------------------------------------------------------------- keys pending
+
+
+async def test_verify_says_when_keys_are_still_pending(tmp_path: Path, pg_dsn: str) -> None:
+    """Rows that match in a table whose keys a run has not built yet: verify exits 1 and says
+    the keys are pending and how to build them."""
+    path = _db(
+        tmp_path / "p.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
+        {"INSERT INTO k VALUES (?, ?)": [(1, "a")]},
+    )
+    await _migrate(path, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE flux_migrate.checkpoints SET constraints_pending = true")
+    finally:
+        await conn.close()
+    done = cli("verify", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 1 == done.returncode
+    assert "KEYS PENDING" in done.stdout and "not built yet" in done.stdout
