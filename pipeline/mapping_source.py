@@ -12,25 +12,26 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-from flux_migrate.core.discover import SourceSchema, discover, sample_values
+from flux_migrate.core.discover import SourceSchema, discover
 from flux_migrate.core.errors import SourceError, source_error
 from flux_migrate.core.mapping import (
-    SAMPLE_SIZE,
     Evidence,
     Mapping,
-    evidence_of,
+    app_table,
     map_schema,
     unplaced,
 )
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.core.target_rules import schema_problems
+from flux_migrate.pipeline.evidence import table_evidence
 from flux_migrate.stages.extract import require_source_file, source_uri
 
 
 def read_source(
     path: Path, busy_timeout: float = 10.0
 ) -> tuple[SourceSchema, dict[str, dict[str, Evidence]]]:
-    """The schema of the SQLite file and a sample of each column's values (read-only)."""
+    """The schema of the SQLite file and the evidence of every column of every table outside
+    the app profile, read over whole columns (read-only)."""
     require_source_file(path)
     try:
         conn = sqlite3.connect(source_uri(path), uri=True, timeout=busy_timeout)
@@ -39,13 +40,7 @@ def read_source(
     try:
         conn.text_factory = bytes
         schema = discover(conn)
-        evidence = {
-            t.name: {
-                c.name: evidence_of(sample_values(conn, t.name, c.name, SAMPLE_SIZE))
-                for c in t.columns
-            }
-            for t in schema.tables
-        }
+        evidence = {t.name: table_evidence(conn, t) for t in schema.tables if app_table(t) is None}
     except sqlite3.DatabaseError as exc:
         raise source_error(exc, path) from None
     finally:

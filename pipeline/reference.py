@@ -146,15 +146,36 @@ def pg_instant_text(micros: int) -> str:
 
 
 def _epoch_micros(raw: int | float, unit: str) -> int:
+    if unit == "julian":  # days since noon of 4714-11-24 BC (proleptic Gregorian), UTC
+        if isinstance(raw, float) and raw != raw or raw in (float("inf"), float("-inf")):
+            raise Unreadable("not a finite number")
+        micros = round((Decimal(raw) - Decimal(2440587) - Decimal("0.5")) * _MICROS_PER_DAY)
+        if not _MIN_MICROS <= micros < _MAX_MICROS:
+            raise Unreadable("outside years 1-9999 in UTC")
+        return micros
     scale = 1000 if unit == "ms" else 1_000_000
     if isinstance(raw, int):
         return raw * scale
     return round(Decimal(raw) * scale)  # the double's exact value, to the microsecond
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (jsonb would keep only the last)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("duplicate key")
+    return found
+
+
 def _json(text: str) -> Any:
     try:
-        return json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_refuse)
+        return json.loads(
+            text,
+            parse_float=Decimal,
+            parse_int=Decimal,
+            parse_constant=_refuse,
+            object_pairs_hook=_object,
+        )
     except RecursionError:
         raise Unreadable("JSON nested too deeply") from None
     except ValueError:
@@ -236,6 +257,7 @@ def source_reader(column: Column, *, zone: tzinfo = UTC, strip_nul: bool = False
 
 
 _TRUE, _FALSE = {"1", "true", "t", "yes"}, {"0", "false", "f", "no"}
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 def _scalar(kind: Kind, raw: Any) -> Any:
@@ -249,11 +271,13 @@ def _scalar(kind: Kind, raw: Any) -> Any:
             return float(raw)
         raise Unreadable("an integer a double cannot hold exactly")
     if kind is Kind.NUMERIC:
+        text = repr(raw) if type(raw) is float else _text(raw, False)
+        if _PLAIN_NUMBER.fullmatch(text) is None:
+            raise Unreadable("not a plain decimal number")  # ' 7 ', '1_000', 'NaN', 'inf'
         try:
-            value = Decimal(repr(raw) if type(raw) is float else _text(raw, False).strip())
+            return Decimal(text)
         except InvalidOperation:
             raise Unreadable("not a number") from None
-        return value if value.is_finite() else _unreadable("not finite")
     if kind is Kind.BOOLEAN:
         if type(raw) is int and raw in (0, 1):
             return bool(raw)
@@ -264,10 +288,6 @@ def _scalar(kind: Kind, raw: Any) -> Any:
     if kind is Kind.BLOB and isinstance(raw, bytes):
         return raw
     raise Unreadable(f"a {type(raw).__name__} value does not fit {kind.value}")
-
-
-def _unreadable(detail: str) -> Any:
-    raise Unreadable(detail)
 
 
 def source_row_reader(

@@ -32,6 +32,7 @@ REASONS: dict[str, str] = {
     "json_not_object": "metadata is valid JSON but not an object",
     "json_nul_character": "metadata contains \\u0000, which PostgreSQL jsonb refuses",
     "json_too_deep": "metadata is nested too deeply to parse",
+    "json_duplicate_key": "a JSON object holds a key twice, and jsonb would keep only one",
     "orphan_message": "the message's session does not exist in the source or was quarantined",
     "rejected_by_server": "PostgreSQL refused the row when loading it",
     "type_mismatch": "a value's SQLite storage class or JSON type does not fit its column",

@@ -9,10 +9,12 @@ into something else silently.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, tzinfo
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -29,6 +31,8 @@ from flux_migrate.stages.convert import (
 Converter = Callable[[Raw], Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A number written as plain decimal text, exactly what NUMERIC loads from text.
+DECIMAL_TEXT = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FLOAT_EXACT = 2**53
 
 
@@ -87,14 +91,11 @@ def numeric(column: str) -> Converter:
             return Decimal(repr(raw))
         if isinstance(raw, bytes):
             # NUMERIC affinity keeps text only when it is not a number; a decimal text SQLite
-            # kept (more digits than a double) is still a number: take it exactly.
-            try:
-                value = Decimal(raw.decode("ascii").strip())
-            except (UnicodeDecodeError, InvalidOperation):
-                raise _mismatch(column, raw, "a number") from None
-            if not value.is_finite():
+            # kept (more digits than a double) is still a number: take it exactly. Only a
+            # plain decimal: no spaces, no '_' (Decimal reads '1_000' as 1000), no NaN.
+            if DECIMAL_TEXT.fullmatch(raw) is None:
                 raise _mismatch(column, raw, "a number")
-            return value
+            return Decimal(raw.decode("ascii"))
         raise _mismatch(column, raw, "a number")
 
     return convert
@@ -146,9 +147,19 @@ def text(column: str, *, strip_nul: bool = False) -> Converter:
     return convert
 
 
+_JULIAN_1970 = Decimal("2440587.5")  # the julian day of 1970-01-01T00:00:00Z
+_MICROS_PER_DAY = 86_400_000_000
+
+
 def epoch_instant(value: int | float, unit: str, column: str) -> datetime:
-    """Seconds or milliseconds since 1970-01-01 UTC as an aware datetime."""
+    """Seconds or milliseconds since 1970-01-01 UTC, or julian days (``unit`` "julian": the
+    exact value of the number, to the microsecond), as an aware datetime."""
     try:
+        if unit == "julian":
+            if not math.isfinite(value):
+                raise OverflowError
+            micros = round((Decimal(value) - _JULIAN_1970) * _MICROS_PER_DAY)
+            return _EPOCH + timedelta(microseconds=micros)
         if type(value) is int:
             micros = value * (1000 if unit == "ms" else 1_000_000)
             return _EPOCH + timedelta(microseconds=micros)
@@ -189,9 +200,35 @@ def json_value(column: str) -> Converter:
             raise Rejected("invalid_json", f"column {column} is not valid JSON") from None
         if "\\u0000" in source:
             raise Rejected("json_nul_character", f"column {column} contains \\u0000")
+        if "{" in source and has_duplicate_keys(source):
+            raise Rejected(
+                "json_duplicate_key",
+                f"column {column} holds an object with a key twice; jsonb would keep one",
+            )
         return source
 
     return convert
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> None:
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise _DuplicateKey
+    return None
+
+
+def has_duplicate_keys(source: str) -> bool:
+    """Whether valid JSON text holds an object with the same key twice."""
+    try:
+        json.loads(source, object_pairs_hook=_pairs)
+    except _DuplicateKey:
+        return True
+    except (ValueError, RecursionError):
+        return False  # the caller judged validity with its own parser
+    return False
 
 
 def not_null(convert: Converter, column: str) -> Converter:

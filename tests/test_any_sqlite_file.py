@@ -302,3 +302,196 @@ async def test_verify_says_when_keys_are_still_pending(tmp_path: Path, pg_dsn: s
     done = cli("verify", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
     assert 1 == done.returncode
     assert "KEYS PENDING" in done.stdout and "not built yet" in done.stdout
+
+
+# ---------------------------------------------------------------- types: cases 4, 5, 6, 8
+
+
+async def _types(dsn: str, table: str) -> dict[str, str]:
+    rows = await _rows(
+        dsn,
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
+        f" WHERE attrelid = 'public.{table}'::regclass AND attnum > 0 ORDER BY attnum",
+    )
+    return dict(rows)  # type: ignore[arg-type]
+
+
+async def _quarantined(dsn: str) -> list[tuple[Any, ...]]:
+    return await _rows(
+        dsn, "SELECT source_table, reason FROM flux_migrate.quarantine ORDER BY source_rowid"
+    )
+
+
+async def test_numbers_in_date_columns_are_never_read_as_epoch(tmp_path: Path, pg_dsn: str) -> None:
+    """20240101 in a DATE column, the julian day 2460310.5, seconds mixed with milliseconds,
+    negative and fractional numbers arrive as the numbers they are; a column mixing numbers
+    and ISO text is kept as text, the numbers as their exact decimal text."""
+    path = _db(
+        tmp_path / "dates.sqlite",
+        "CREATE TABLE d (id INTEGER PRIMARY KEY, day DATE, jd DATETIME, mixed TIMESTAMP,"
+        ' "both" DATETIME);',
+        {
+            "INSERT INTO d VALUES (?, ?, ?, ?, ?)": [
+                (1, 20240101, 2460310.5, 1700000000, 1700000000),
+                (2, -5, 2460310.75, 1700000000123, "2024-01-01T00:00:00Z"),
+                (3, None, 0.5, 0, 1.5),
+            ]
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    types = await _types(pg_dsn, "d")
+    assert ("bigint", "numeric", "bigint", "text") == (
+        types["day"], types["jd"], types["mixed"], types["both"],
+    )  # fmt: skip
+    got = await _rows(pg_dsn, 'SELECT day, jd::text, mixed, "both" FROM d ORDER BY id')
+    assert [
+        (20240101, "2460310.5", 1700000000, "1700000000"),
+        (-5, "2460310.75", 1700000000123, "2024-01-01T00:00:00Z"),
+        (None, "0.5", 0, "1.5"),
+    ] == got
+    assert [] == await _quarantined(pg_dsn)
+    assert all(r.ok for r in await verify_rows(settings))
+
+
+async def test_a_mapping_that_names_the_unit_reads_julian_days_and_epochs(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """epoch = "julian", "s" and "ms" in an edited mapping read numbers as those instants;
+    verify agrees."""
+    path = _db(
+        tmp_path / "units.sqlite",
+        "CREATE TABLE u (id INTEGER PRIMARY KEY, jd REAL, s INTEGER, ms INTEGER);",
+        {"INSERT INTO u VALUES (?, ?, ?, ?)": [(1, 2460310.5, 1704067200, 1704067200123)]},
+    )
+    out = tmp_path / "m.toml"
+    assert 0 == cli("init", "--sqlite-path", str(path), "--out", str(out)).returncode
+    text = out.read_text(encoding="utf-8")
+    for name, unit in (("jd", "julian"), ("s", "s"), ("ms", "ms")):
+        block = f'name = "{name}"\nconvert = "'
+        start = text.index(block)
+        end = text.index("\n\n", start) if "\n\n" in text[start:] else len(text)
+        text = (
+            text[:start]
+            + (
+                f'name = "{name}"\nconvert = "instant"\ntype = "timestamptz"\nnot_null = false\n'
+                f'epoch = "{unit}"'
+            )
+            + text[end:]
+        )
+    out.write_text(text, encoding="utf-8")
+    settings = load_settings(out, sqlite_path=path, postgres_dsn=pg_dsn)
+    assert "completed" == (await migrate(settings)).status
+    got = await _rows(
+        pg_dsn,
+        "SELECT (jd AT TIME ZONE 'UTC')::text, (s AT TIME ZONE 'UTC')::text,"
+        " (ms AT TIME ZONE 'UTC')::text FROM u",
+    )
+    assert [("2024-01-01 00:00:00", "2024-01-01 00:00:00", "2024-01-01 00:00:00.123")] == got
+    assert all(r.ok for r in await verify_rows(settings))
+
+
+async def test_text_is_never_parsed_as_a_number(tmp_path: Path, pg_dsn: str) -> None:
+    """'1_000' in a NUMERIC column keeps the column text, verbatim; a STRICT table's
+    ANY column keeps '0123' and ' 7 ' as written, and one holding only integers is bigint."""
+    path = _db(
+        tmp_path / "num.sqlite",
+        "CREATE TABLE n (id INTEGER PRIMARY KEY, amount NUMERIC, plain NUMERIC);"
+        "CREATE TABLE s (id INTEGER PRIMARY KEY, a ANY, i ANY) STRICT;",
+        {
+            "INSERT INTO n VALUES (?, ?, ?)": [(1, "1_000", 12), (2, " 7 ", "3.5"), (3, 12, None)],
+            "INSERT INTO s VALUES (?, ?, ?)": [(1, "0123", 1), (2, " 7 ", -2), (3, 5, None)],
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    types = await _types(pg_dsn, "n")
+    assert ("text", "numeric") == (types["amount"], types["plain"])
+    # ' 7 ' is a number to SQLite's NUMERIC affinity: it stored the integer 7
+    assert [("1_000", 12), ("7", 3.5), ("12", None)] == [
+        (a, None if p is None else float(p))
+        for a, p in await _rows(pg_dsn, "SELECT amount, plain FROM n ORDER BY id")
+    ]
+    types = await _types(pg_dsn, "s")
+    assert ("text", "bigint") == (types["a"], types["i"])
+    assert [("0123", 1), (" 7 ", -2), ("5", None)] == await _rows(
+        pg_dsn, "SELECT a, i FROM s ORDER BY id"
+    )
+    assert all(r.ok for r in await verify_rows(settings))
+
+
+async def test_promotions_that_would_lose_information_keep_the_text(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """JSON with a key twice (TEXT or JSON declared) and instants with a 7th fraction digit
+    stay text, each value verbatim: two different fractions stay two values."""
+    path = _db(
+        tmp_path / "lossy.sqlite",
+        "CREATE TABLE l (id INTEGER PRIMARY KEY, doc TEXT, js JSON, at TEXT, dt DATETIME,"
+        " ok TEXT);",
+        {
+            "INSERT INTO l VALUES (?, ?, ?, ?, ?, ?)": [
+                (1, '{"a":1,"a":2}', '{"a":1,"a":2}', "2024-01-01T00:00:00.1234567Z",
+                 "2024-01-01 00:00:00.1234567", '{"b": [1, 2]}'),
+                (2, '{"a":1}', "[1]", "2024-01-01T00:00:00.1234568Z",
+                 "2024-01-01 00:00:00.1234568", '{"a": {"a": 1}}'),
+            ]
+        },
+    )  # fmt: skip
+    settings = await _migrate(path, pg_dsn)
+    types = await _types(pg_dsn, "l")
+    assert ["text", "text", "text", "text", "jsonb"] == [
+        types[c] for c in ("doc", "js", "at", "dt", "ok")
+    ]
+    got = await _rows(pg_dsn, "SELECT doc, js, at, dt FROM l ORDER BY id")
+    assert [
+        ('{"a":1,"a":2}', '{"a":1,"a":2}', "2024-01-01T00:00:00.1234567Z",
+         "2024-01-01 00:00:00.1234567"),
+        ('{"a":1}', "[1]", "2024-01-01T00:00:00.1234568Z", "2024-01-01 00:00:00.1234568"),
+    ] == got  # fmt: skip
+    assert all(r.ok for r in await verify_rows(settings))
+
+
+async def test_a_mapping_forcing_jsonb_quarantines_duplicate_keys(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """An edited mapping that makes a text column jsonb: the object with a key twice is
+    quarantined as json_duplicate_key (never loaded with one key dropped); verify passes."""
+    path = _db(
+        tmp_path / "dup.sqlite",
+        "CREATE TABLE j (id INTEGER PRIMARY KEY, doc TEXT);",
+        {"INSERT INTO j VALUES (?, ?)": [(1, '{"a":1,"a":2}'), (2, '{"a":1}')]},
+    )
+    out = tmp_path / "m.toml"
+    assert 0 == cli("init", "--sqlite-path", str(path), "--out", str(out)).returncode
+    text = out.read_text(encoding="utf-8")
+    text = text.replace(
+        'name = "doc"\nconvert = "nullable_text"\ntype = "text"',
+        'name = "doc"\nconvert = "json_value"\ntype = "jsonb"',
+    )
+    out.write_text(text, encoding="utf-8")
+    settings = load_settings(out, sqlite_path=path, postgres_dsn=pg_dsn)
+    assert "completed" == (await migrate(settings)).status
+    assert [("j", "json_duplicate_key")] == await _quarantined(pg_dsn)
+    assert [(2,)] == await _rows(pg_dsn, "SELECT id FROM j")
+    assert all(r.ok for r in await verify_rows(settings))
+
+
+async def test_a_type_is_decided_on_every_value_not_a_sample(tmp_path: Path, pg_dsn: str) -> None:
+    """1,000 timestamps then 'soon', ISO week dates, and JSON arrays with one '[NaN]' all keep
+    their column text: nothing is quarantined and every value arrives verbatim."""
+    stamps = [(f"2024-01-01T00:00:{i % 60:02d}Z",) for i in range(1000)] + [("soon",)]
+    path = _db(
+        tmp_path / "guess.sqlite",
+        "CREATE TABLE a (at TEXT); CREATE TABLE w (at TEXT); CREATE TABLE j (doc TEXT);",
+        {
+            "INSERT INTO a VALUES (?)": stamps,
+            "INSERT INTO w VALUES (?)": [("2024-W01-1T10:00:00",), ("2024-W52-7T00:00:00",)],
+            "INSERT INTO j VALUES (?)": [("[1]",)] * 1000 + [("[NaN]",)],
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    assert [] == await _quarantined(pg_dsn)
+    for table, column in (("a", "at"), ("w", "at"), ("j", "doc")):
+        assert "text" == (await _types(pg_dsn, table))[column]
+    assert [("soon",)] == await _rows(pg_dsn, "SELECT at FROM a WHERE at = 'soon'")
+    assert [(1001,)] == await _rows(pg_dsn, "SELECT count(*) FROM j")
+    assert all(r.ok for r in await verify_rows(settings))

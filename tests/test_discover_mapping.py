@@ -7,16 +7,16 @@ import tomllib
 
 import pytest
 
-from flux_migrate.core.discover import discover, sample_values
+from flux_migrate.core.discover import discover
 from flux_migrate.core.mapping import (
-    SAMPLE_SIZE,
-    evidence_of,
+    app_table,
     map_schema,
     read_mapping,
     to_toml,
     unplaced,
 )
 from flux_migrate.core.schema import Kind
+from flux_migrate.pipeline.evidence import table_evidence
 
 # The app's database as its code creates it today, and as releases before user_id did.
 APP_TODAY = """
@@ -50,12 +50,7 @@ def _mapping(ddl: str, rows: str = "") -> tuple[object, object]:
     conn = sqlite3.connect(":memory:")
     conn.executescript(ddl + rows)
     schema = discover(conn)
-    evidence = {
-        t.name: {
-            c.name: evidence_of(sample_values(conn, t.name, c.name, SAMPLE_SIZE)) for c in t.columns
-        }
-        for t in schema.tables
-    }
+    evidence = {t.name: table_evidence(conn, t) for t in schema.tables if app_table(t) is None}
     return schema, map_schema(schema, evidence)
 
 
@@ -100,8 +95,9 @@ def test_affinity_rules_choose_the_target_types() -> None:
 
 
 def test_text_is_promoted_only_on_unanimous_evidence() -> None:
-    """A TEXT column whose every sampled value is an ISO instant becomes timestamptz, one of
-    JSON objects jsonb; a single other value keeps it text; epoch numbers get their unit."""
+    """A TEXT column whose every value is an ISO instant becomes timestamptz, one of JSON
+    objects jsonb; a single other value keeps it text; numbers are never read as epoch: a
+    DATETIME column of numbers and text stays text, one of numbers stays numbers."""
     rows = """
     INSERT INTO events VALUES ('2024-01-01T00:00:00+00:00', '{"a": 1}', 1);
     INSERT INTO events VALUES ('2024-01-02 10:00:00', '[1, 2]', 2);
@@ -122,7 +118,11 @@ def test_text_is_promoted_only_on_unanimous_evidence() -> None:
         mixed.column("payload").kind,
     )
     stamps = mapping.table("stamps")
-    assert ("s", "ms") == (stamps.column("s").epoch, stamps.column("ms").epoch)
+    assert (None, None) == (stamps.column("s").epoch, stamps.column("ms").epoch)
+    assert (Kind.NULLABLE_TEXT, Kind.INTEGER) == (
+        stamps.column("s").kind,
+        stamps.column("ms").kind,
+    )
 
 
 def test_load_order_puts_parents_first_and_names_a_cycle() -> None:

@@ -57,6 +57,7 @@ class SourceTable:
     without_rowid: bool
     autoincrement: bool
     sql: str
+    strict: bool = False  # a STRICT table (its ANY columns keep values verbatim)
     checks: bool = False  # the table declares CHECK constraints
     collations: tuple[str, ...] = ()  # collations other than BINARY its SQL names
     triggers: tuple[str, ...] = ()  # triggers on the table
@@ -96,6 +97,7 @@ class SourceSchema:
         return next(t for t in self.tables if t.name == name)
 
 
+_STRICT = re.compile(r"\)\s*(?:WITHOUT\s+ROWID\s*,\s*)?STRICT\b[^)]*$", re.IGNORECASE)
 _WITHOUT_ROWID = re.compile(r"\)\s*(?:STRICT\s*,\s*)?WITHOUT\s+ROWID\b", re.IGNORECASE)
 _AUTOINCREMENT = re.compile(r"\bAUTOINCREMENT\b", re.IGNORECASE)
 _WHERE = re.compile(r"\bWHERE\b(.*)$", re.IGNORECASE | re.DOTALL)
@@ -221,6 +223,7 @@ def discover(conn: sqlite3.Connection) -> SourceSchema:
                 without_rowid=bool(_WITHOUT_ROWID.search(sql)),
                 autoincrement=bool(_AUTOINCREMENT.search(sql)),
                 sql=sql,
+                strict=bool(_STRICT.search(sql)),
                 checks=_constraint_words(sql)[0],
                 collations=_constraint_words(sql)[1],
                 triggers=_triggers(conn, name),
@@ -260,18 +263,3 @@ def _shadow_tables(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> set
             suffixes = _SHADOW_SUFFIXES.get(found.group(1).lower(), ())
             shadow.update(f"{_text(name)}_{suffix}" for suffix in suffixes)
     return shadow
-
-
-def sample_values(
-    conn: sqlite3.Connection, table: str, column: str, limit: int
-) -> list[tuple[str | bytes, Any]]:
-    """Up to ``limit`` non-NULL values of one column with their storage class (typeof), in
-    storage order: the evidence for columns whose declared type says little."""
-    t, c = _quote(table), _quote(column)
-    return conn.execute(
-        f"SELECT typeof({c}), {c} FROM {t} WHERE {c} IS NOT NULL LIMIT ?", (limit,)
-    ).fetchall()
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -14,11 +14,11 @@ import json
 from collections.abc import Iterable, Sequence
 from collections.abc import Mapping as MappingT
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 from flux_migrate.core.discover import SourceColumn, SourceIndex, SourceSchema, SourceTable
 from flux_migrate.core.schema import (
+    EPOCH_UNITS,
     MESSAGES,
     PG_TYPES,
     SESSIONS,
@@ -40,69 +40,28 @@ from flux_migrate.core.target_rules import (
     resolve_name,
 )
 
-SAMPLE_SIZE = 1000  # values per column read to decide vague types (see docs/mapping.md)
-_MS_THRESHOLD = 100_000_000_000  # epoch numbers above this are milliseconds (after 1973)
-
 
 @dataclass(frozen=True)
 class Evidence:
-    """What a sample of one column's non-NULL values shows (SQLite storage classes)."""
+    """What EVERY non-NULL value of one column is, counted over the whole column before
+    loading (pipeline/evidence.py): SQLite storage classes, and how many texts convert
+    losslessly (the load's converter accepts them and verification reads back the same
+    meaning) to an instant, to JSON, or to a number."""
 
     count: int = 0
     integers: int = 0
     reals: int = 0
     texts: int = 0
     blobs: int = 0
-    iso_instants: int = 0  # texts that are ISO-8601 date-times
-    json_containers: int = 0  # texts that are JSON objects or arrays
-    largest_number: float = 0.0
+    instants: int = 0  # texts that are ISO-8601 dates or date-times, kept exactly
+    timed_instants: int = 0  # those of them with a time of day
+    json_values: int = 0  # texts that are JSON jsonb keeps whole (no duplicate keys, NaN, NUL)
+    json_containers: int = 0  # those of them that are objects or arrays
+    decimal_texts: int = 0  # texts that are plain decimal numbers (no spaces, no '_')
 
     @property
     def numbers(self) -> int:
         return self.integers + self.reals
-
-
-def evidence_of(values: Iterable[tuple[str | bytes, Any]]) -> Evidence:
-    """Summarize (typeof, value) pairs of a column sample."""
-    counts = dict.fromkeys(("integer", "real", "text", "blob"), 0)
-    iso = containers = 0
-    largest = 0.0
-    n = 0
-    for storage_raw, value in values:
-        storage = storage_raw.decode() if isinstance(storage_raw, bytes) else storage_raw
-        n += 1
-        counts[storage] = counts.get(storage, 0) + 1
-        if storage in ("integer", "real"):
-            largest = max(largest, abs(float(value)))
-        elif storage == "text":
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            iso += _is_iso_instant(text)
-            containers += _is_json_container(text)
-    return Evidence(
-        n, counts["integer"], counts["real"], counts["text"], counts["blob"], iso, containers,
-        largest,
-    )  # fmt: skip
-
-
-def _is_iso_instant(text: str) -> bool:
-    if len(text) < 16 or text[4:5] != "-" or text[10:11] not in ("T", " "):
-        return False
-    try:
-        datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_json_container(text: str) -> bool:
-    stripped = text.strip()
-    if not stripped or stripped[0] not in "{[":
-        return False
-    try:
-        json.loads(stripped)
-    except (ValueError, RecursionError):  # too deep to parse is not evidence of JSON
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -152,35 +111,32 @@ def _affinity_kind(declared: str) -> Kind | None:
     return Kind.NUMERIC
 
 
-def choose_column(sc: SourceColumn, ev: Evidence, *, in_primary_key: bool) -> Column:
-    """The target column for one source column, with the reason as a note."""
+def choose_column(
+    sc: SourceColumn, ev: Evidence, *, in_primary_key: bool, strict: bool = False
+) -> Column:
+    """The target column for one source column, with the reason as a note (init writes it).
+
+    Lossless by construction: a column becomes a richer type (timestamptz, jsonb, numeric)
+    only when EVERY value in it converts and reads back with the same meaning, else it stays
+    as SQLite stored it (text, numbers as their exact decimal text); numbers are never read as
+    epoch instants unless the mapping says which unit. A STRICT table's ANY column, which
+    SQLite keeps verbatim, is decided by its values like a column without a type."""
     declared = sc.declared_type or "(no type)"
-    kind = _affinity_kind(sc.declared_type)
-    note = f"{declared} -> {{type}}"
-    epoch: str | None = None
+    any_type = strict and sc.declared_type.strip().upper() == "ANY"
+    kind = None if any_type else _affinity_kind(sc.declared_type)
     if kind is None:
-        if ev.count and ev.blobs == ev.count:
-            kind, note = (
-                Kind.BLOB,
-                f"{declared}, all {ev.count} sampled values are BLOBs -> {{type}}",
-            )
-        else:
-            kind, note = Kind.NULLABLE_TEXT, f"{declared} -> {{type}} (numbers as decimal text)"
-    elif kind is Kind.NUMERIC and ev.count and ev.texts == ev.count:
-        kind = Kind.NULLABLE_TEXT
-        note = f"{declared} (numeric affinity), all {ev.count} sampled values are text -> {{type}}"
-    elif kind is Kind.NULLABLE_TEXT and ev.count and not in_primary_key:
-        if ev.iso_instants == ev.count:
-            kind = Kind.INSTANT
-            note = f"{declared}, all {ev.count} sampled values are ISO-8601 instants -> {{type}}"
-        elif ev.json_containers == ev.count:
-            kind = Kind.JSON_VALUE
-            note = f"{declared}, all {ev.count} sampled values are JSON objects/arrays -> {{type}}"
-    if kind is Kind.INSTANT and ev.numbers:
-        epoch = "ms" if ev.largest_number >= _MS_THRESHOLD else "s"
-        unit = "milliseconds" if epoch == "ms" else "seconds"
-        largest = f"{ev.largest_number:.0f}"
-        note = f"{declared}, numbers read as epoch {unit} (largest {largest}) -> {{type}}"
+        kind, why = _by_values(ev)
+    elif kind is Kind.NUMERIC:
+        kind, why = _numeric(ev)
+    elif kind is Kind.NULLABLE_TEXT and not in_primary_key:
+        kind, why = _promoted_text(ev)
+    elif kind is Kind.INSTANT:
+        kind, why = _instant(ev)
+    elif kind is Kind.JSON_VALUE:
+        kind, why = _json(ev)
+    else:
+        why = ""
+    note = f"{declared}{why} -> {{type}}"
     if sc.generated:
         note += " (a generated column: loaded as the values SQLite computes)"
     not_null = sc.not_null or in_primary_key
@@ -191,8 +147,71 @@ def choose_column(sc: SourceColumn, ev: Evidence, *, in_primary_key: bool) -> Co
         kind=kind,
         not_null=not_null,
         default=translate_default(sc.default, kind),
-        epoch=epoch,
         note=note.format(type=PG_TYPES[kind]),
+    )
+
+
+_AS_STORED = " (numbers as their exact decimal text)"
+
+
+def _by_values(ev: Evidence) -> tuple[Kind, str]:
+    """A column without a type (or STRICT ANY): the one storage class all values share."""
+    if ev.count and ev.blobs == ev.count:
+        return Kind.BLOB, f", all {ev.count} values are BLOBs"
+    if ev.count and ev.integers == ev.count:
+        return Kind.INTEGER, f", all {ev.count} values are integers"
+    if ev.count and ev.numbers == ev.count:
+        return Kind.NUMERIC, f", all {ev.count} values are numbers"
+    return Kind.NULLABLE_TEXT, ", values kept as stored" + _AS_STORED
+
+
+def _numeric(ev: Evidence) -> tuple[Kind, str]:
+    """NUMERIC affinity: numeric while every text in it is a plain decimal number."""
+    if ev.texts and ev.decimal_texts < ev.texts:
+        other = ev.texts - ev.decimal_texts
+        return Kind.NULLABLE_TEXT, f" (numeric affinity), {other} values are not numbers" + (
+            _AS_STORED
+        )
+    return Kind.NUMERIC, ""
+
+
+def _promoted_text(ev: Evidence) -> tuple[Kind, str]:
+    """TEXT: timestamptz or jsonb only when every value is such a text, exactly kept."""
+    if ev.count and ev.texts == ev.count:
+        if ev.timed_instants == ev.count:
+            return Kind.INSTANT, f", all {ev.count} values are ISO-8601 instants (checked all)"
+        if ev.json_containers == ev.count:
+            return Kind.JSON_VALUE, f", all {ev.count} values are JSON objects/arrays"
+    return Kind.NULLABLE_TEXT, ""
+
+
+def _instant(ev: Evidence) -> tuple[Kind, str]:
+    """DATE/DATETIME/TIMESTAMP: timestamptz when every value is ISO-8601 text kept exactly;
+    numbers stay numbers (set convert = "instant" and epoch = "s", "ms" or "julian" to read
+    them as instants); anything else keeps the column as text."""
+    if ev.texts == ev.count and ev.instants == ev.count:
+        return Kind.INSTANT, ""
+    if ev.numbers == ev.count:
+        kind = Kind.INTEGER if ev.integers == ev.count else Kind.NUMERIC
+        return kind, (
+            f", all {ev.count} values are numbers, kept as numbers (no unit is assumed: set"
+            ' convert = "instant" and epoch = "s", "ms" or "julian" to read them as instants)'
+        )
+    bad = ev.count - ev.instants
+    return Kind.NULLABLE_TEXT, (
+        f", {bad} of {ev.count} values are not ISO-8601 text PostgreSQL keeps exactly, so the"
+        " column is kept as text" + _AS_STORED
+    )
+
+
+def _json(ev: Evidence) -> tuple[Kind, str]:
+    """JSON: jsonb when every value is JSON text jsonb keeps whole, else text."""
+    if ev.texts == ev.count and ev.json_values == ev.count:
+        return Kind.JSON_VALUE, ""
+    bad = ev.count - ev.json_values
+    return Kind.NULLABLE_TEXT, (
+        f", {bad} of {ev.count} values are not JSON jsonb keeps whole (duplicate keys, NaN,"
+        " \\u0000, invalid), so the column is kept as text" + _AS_STORED
     )
 
 
@@ -268,7 +287,9 @@ def map_table(st: SourceTable, evidence: MappingT[str, Evidence], notes: list[st
     """A generic table: every column by its declared type and evidence, keys as in SQLite."""
     pk = st.primary_key
     columns = tuple(
-        choose_column(c, evidence.get(c.name, Evidence()), in_primary_key=c.name in pk)
+        choose_column(
+            c, evidence.get(c.name, Evidence()), in_primary_key=c.name in pk, strict=st.strict
+        )
         for c in st.columns
     )
     if not pk:
@@ -568,8 +589,10 @@ def _column(raw: Any, where: str) -> Column:
             f" unchanged; use one of {allowed_types(kind)}"
         )
     epoch = data.get("epoch")
-    if epoch not in (None, "s", "ms") or (epoch is not None and kind is not Kind.INSTANT):
-        raise MappingError(f'{where}: epoch must be "s" or "ms", and only with convert = "instant"')
+    if epoch not in (None, *EPOCH_UNITS) or (epoch is not None and kind is not Kind.INSTANT):
+        raise MappingError(
+            f'{where}: epoch must be "s", "ms" or "julian", and only with convert = "instant"'
+        )
     default = data.get("default")
     if default is not None:
         rendered = default_sql(kind, default) if isinstance(default, str) else None

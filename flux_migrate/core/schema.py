@@ -16,7 +16,10 @@ KEY_MAX_LENGTH = 36
 # A checkpoint that has read nothing yet: below every rowid SQLite can give a row but the
 # smallest, which preflight refuses (a row there could not be told from "nothing read").
 BEFORE_FIRST_ROWID = -(2**63)
-ROWID_NAMES = ("rowid", "_rowid_", "oid")  # SQLite's names of a table's row id
+ROWID_NAMES = ("rowid", "_rowid_", "oid")
+# Units a mapping may give numbers in an instant column: seconds or milliseconds since
+# 1970-01-01 UTC, or julian days (SQLite's own numeric date form, julianday()).
+EPOCH_UNITS = ("s", "ms", "julian")  # SQLite's names of a table's row id
 
 
 class Kind(Enum):
@@ -90,7 +93,8 @@ class Column:
     type: str | None = None  # the target type; by default the kind's (PG_TYPES)
     not_null: bool | None = None  # by default the kind's (the app's columns); else nullable
     default: str | None = None  # the target column's DEFAULT, as SQL
-    epoch: str | None = None  # INSTANT columns holding numbers: "s" or "ms" since 1970 UTC
+    # INSTANT columns holding numbers: their unit, one of EPOCH_UNITS (never guessed)
+    epoch: str | None = None
     null_as: str | None = None  # a source NULL loads as this value (the app reads them alike)
     note: str = ""  # why this mapping was chosen (shown by init and the run summary)
 
