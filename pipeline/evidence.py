@@ -24,8 +24,8 @@ from flux_migrate.core.discover import SourceTable
 from flux_migrate.core.mapping import Evidence
 from flux_migrate.core.schema import quote_ident
 from flux_migrate.pipeline import reference as ref
-from flux_migrate.stages.convert import Rejected, parse_timestamp
-from flux_migrate.stages.values import DECIMAL_TEXT, has_duplicate_keys
+from flux_migrate.stages.convert import Rejected, has_duplicate_keys, parse_timestamp
+from flux_migrate.stages.values import DECIMAL_TEXT
 
 COLUMNS_PER_QUERY = 150  # 7 aggregates each: under SQLite's 2,000 result columns
 _ISO_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*"

@@ -307,9 +307,9 @@ async def _run_table(run: Run, table: Table) -> None:
         await _count_best_effort(run, table, start)
         raise
     await _count_from_checkpoint(run, table, start)
+    run.stop.check()  # stopped between batches: the rest is read by the rerun
     if not table.without_rowid:
         await _check_read_all(run, table, after)
-    run.stop.check()
     await _set_finished(run, table)
     t = run.report.tables[table.name]
     log.info(

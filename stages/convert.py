@@ -200,6 +200,37 @@ def _contains_nul(value: Any) -> bool:
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
+# Every JSON string token in order (none can start inside another: outside strings JSON has no
+# '"'), and whether a ':' follows it, i.e. whether it is an object key.
+_STRING_TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?')
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _DuplicateKey
+    return found
+
+
+def has_duplicate_keys(text: str) -> bool:
+    """Whether valid JSON text holds an object with the same key twice (jsonb keeps only the
+    last). Exact; fast when no key name repeats anywhere and none is escaped."""
+    keys = [m[1] for m in _STRING_TOKEN.finditer(text) if m[2]]
+    if len(set(keys)) == len(keys) and not any("\\" in k for k in keys):
+        return False
+    try:
+        json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey:
+        return True
+    except (ValueError, RecursionError):
+        return False  # the caller judged validity with its own parser
+    return False
+
+
 def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any], str]:
     """Parse JSON object text; return the dict and the text to load.
 
@@ -227,6 +258,8 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
             raise Rejected(
                 "json_too_deep", f"column {column} is nested too deeply to parse"
             ) from None
+    if has_duplicate_keys(text):
+        raise Rejected("json_duplicate_key", f"column {column} holds an object with a key twice")
     return value, text
 
 

@@ -9,7 +9,6 @@ into something else silently.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from flux_migrate.stages.convert import (
     Rejected,
     column_converter,
     decode_text,
+    has_duplicate_keys,
     parse_timestamp,
 )
 
@@ -208,27 +208,6 @@ def json_value(column: str) -> Converter:
         return source
 
     return convert
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> None:
-    if len({k for k, _ in pairs}) != len(pairs):
-        raise _DuplicateKey
-    return None
-
-
-def has_duplicate_keys(source: str) -> bool:
-    """Whether valid JSON text holds an object with the same key twice."""
-    try:
-        json.loads(source, object_pairs_hook=_pairs)
-    except _DuplicateKey:
-        return True
-    except (ValueError, RecursionError):
-        return False  # the caller judged validity with its own parser
-    return False
 
 
 def not_null(convert: Converter, column: str) -> Converter:

@@ -47,6 +47,8 @@ CASES: list[tuple[str, str, Any, str]] = [
     ("messages", "metadata", '"just a string"', "json_not_object"),
     ("messages", "metadata", '{"k": "a\\u0000b"}', "json_nul_character"),
     ("messages", "metadata", DEEP, "json_too_deep"),
+    ("messages", "metadata", '{"a": 1, "b": {"a": 2, "a": 3}}', "json_duplicate_key"),
+    ("sessions", "metadata", '{"k": 1, "\\u006b": 2}', "json_duplicate_key"),
     ("messages", "session_id", "00000000-0000-4000-8000-000000000000", "orphan_message"),
     ("messages", "metadata", '{"n": 1e400000}', "rejected_by_server"),
     ("messages", "metadata", '{"s": "\\ud800"}', "rejected_by_server"),
