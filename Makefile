@@ -9,12 +9,13 @@ REPEAT ?= 3
 KEEP ?=
 CODE := flux_migrate pipeline stages tests bench
 
-.PHONY: help install demo test bench lint clean
+.PHONY: help install demo test bench bench-memory lint clean
 
 help:
 	@echo "make demo   - migrate a generated sample database into a real PostgreSQL"
 	@echo "make test   - run the test suite against a real PostgreSQL (throwaway unless TEST_POSTGRES_DSN)"
 	@echo "make bench  - benchmark against the ceiling and the alternatives (SIZE=sessions, REPEAT=n)"
+	@echo "make bench-memory - the app's call mix on the memory, 20 concurrent callers"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flux-migrate needs Python 3.11 or newer")'

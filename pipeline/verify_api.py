@@ -8,7 +8,14 @@ An order difference is *explained*, counted and shown but not a failure, when it
 SQLite ordering timestamps as text: source rows that spell instants differently (``+05:30``,
 ``Z``, a space for ``T``) sort by their spelling in SQLite and by the instant in PostgreSQL. It
 is explained when sorting the SQLite answer by instant (ties by id, as both backends break
-them) gives exactly PostgreSQL's answer. Any other difference is a mismatch.
+them) gives exactly PostgreSQL's answer.
+
+Values are compared by value *and type*: ``1e16`` (a float) is not ``10**16`` (an int), ``1.0``
+is not ``1``. Where jsonb's normal form cannot give back what the app's class returns, the
+difference is a *documented* one (docs/memory-api.md), counted and shown, not a failure:
+``-0.0`` reads as ``0.0``, and an object's keys come back in jsonb's order. Any other
+difference is a mismatch. The SQLite file is read the way the app's class reads it, through a
+read-only connection: nothing is ever written to it (no column, no index).
 """
 
 from __future__ import annotations
@@ -51,8 +58,10 @@ class ApiComparison:
     expected_differences: int = 0  # quarantined rows met while comparing
     quarantined: int = 0  # rows quarantined (unresolved) or skipped in this schema
     explained: int = 0  # order differences due only to SQLite's text order of timestamps
+    documented: int = 0  # values jsonb returns in its documented canonical form
     first_mismatches: list[Mismatch] = field(default_factory=list)
     first_explained: list[Mismatch] = field(default_factory=list)
+    first_documented: list[Mismatch] = field(default_factory=list)
     max_reported: int = 20
 
     @property
@@ -63,6 +72,11 @@ class ApiComparison:
         self.mismatches += 1
         if len(self.first_mismatches) < self.max_reported:
             self.first_mismatches.append(Mismatch(key, what))
+
+    def document(self, key: str, what: str) -> None:
+        self.documented += 1
+        if len(self.first_documented) < self.max_reported:
+            self.first_documented.append(Mismatch(key, what))
 
     def explain(self, key: str, what: str) -> None:
         self.explained += 1
@@ -87,6 +101,13 @@ class ApiComparison:
         out += [f"  {m.key}: {m.what}" for m in self.first_explained]
         if self.explained > len(self.first_explained):
             out.append(f"  ... and {self.explained - len(self.first_explained):,} more")
+        out.append(
+            "documented differences (jsonb's canonical form, docs/memory-api.md):"
+            f" {self.documented:,}"
+        )
+        out += [f"  {m.key}: {m.what}" for m in self.first_documented]
+        if self.documented > len(self.first_documented):
+            out.append(f"  ... and {self.documented - len(self.first_documented):,} more")
         out.append(f"mismatches: {self.mismatches:,}")
         out += [f"  {m.key}: {m.what}" for m in self.first_mismatches]
         if self.mismatches > len(self.first_mismatches):
@@ -120,7 +141,7 @@ async def compare_api(
     quarantined = await _quarantined_keys(dsn, names)
     result.quarantined = sum(len(keys) for keys in quarantined.values())
     async with (
-        SQLiteMemory(path) as lite,
+        SQLiteMemory(path, read_only=True) as lite,
         PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as pg,
     ):
         lite_listed = await _page_all(lite, page_size, result, "SQLite")
@@ -253,15 +274,61 @@ def _instant(value: Any) -> Any:
         return value
 
 
-def _differences(left: dict[str, Any], right: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
-    out = []
+def _differences(
+    left: dict[str, Any], right: dict[str, Any], fields: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """The fields that differ, and those that differ only by jsonb's documented canonical form
+    (described). Timestamps compare as instants; everything else by value and type."""
+    differ, documented = [], []
     for name in fields:
         a, b = left.get(name), right.get(name)
         if name.endswith("_at"):
             a, b = _instant(a), _instant(b)
-        if a != b:
-            out.append(name)
-    return out
+            if a != b or type(a) is not type(b):
+                differ.append(name)
+            continue
+        verdict = compare_values(a, b)
+        if verdict is DIFFERENT:
+            differ.append(name)
+        elif verdict is not SAME:
+            documented.append(f"{name}: {verdict}")
+    return differ, documented
+
+
+SAME = "same"
+DIFFERENT = "different"
+KEY_ORDER = "keys in jsonb's order"
+NEGATIVE_ZERO = "-0.0 reads as 0.0"
+
+
+def compare_values(expected: Any, actual: Any) -> str:
+    """SAME, DIFFERENT, or the documented canonical difference (KEY_ORDER, NEGATIVE_ZERO) that
+    alone separates ``actual`` from ``expected``: by value and type, floats by their bits."""
+    if type(expected) is not type(actual):
+        return DIFFERENT
+    if isinstance(expected, float):
+        if expected.hex() == actual.hex():
+            return SAME
+        return NEGATIVE_ZERO if expected == actual == 0.0 else DIFFERENT
+    if isinstance(expected, dict):
+        if expected.keys() != actual.keys():
+            return DIFFERENT
+        verdicts = {compare_values(v, actual[k]) for k, v in expected.items()}
+        if list(expected) != list(actual):
+            verdicts.add(KEY_ORDER)
+        return _combined(verdicts)
+    if isinstance(expected, list):
+        if len(expected) != len(actual):
+            return DIFFERENT
+        return _combined({compare_values(a, b) for a, b in zip(expected, actual, strict=True)})
+    return SAME if expected == actual else DIFFERENT
+
+
+def _combined(verdicts: set[str]) -> str:
+    if DIFFERENT in verdicts:
+        return DIFFERENT
+    documented = sorted(verdicts - {SAME})
+    return ", ".join(documented) if documented else SAME
 
 
 async def _compare_session(
@@ -289,8 +356,11 @@ async def _compare_session(
     result.expected_differences += len(history) - len(expected)
     mine = {**mine, "message_count": len(expected)}
     theirs = {**theirs, "message_count": int(pg_listed["message_count"])}
-    if fields := _differences(mine, theirs, _COMPARED_SESSION_FIELDS):
+    fields, documented = _differences(mine, theirs, _COMPARED_SESSION_FIELDS)
+    if fields:
         result.add(f"sessions/{session_id}", f"get_session differs in {', '.join(fields)}")
+    if documented:
+        result.document(f"sessions/{session_id}", "; ".join(documented))
     actual = await pg.get_history(session_id, limit=max(theirs["message_count"], len(expected)))
     expected_ids, actual_ids = [m["id"] for m in expected], [m["id"] for m in actual]
     if expected_ids != actual_ids:
@@ -310,5 +380,8 @@ async def _compare_session(
             result.add(f"messages/{message['id']}", "missing in PostgreSQL")
             continue
         result.messages_compared += 1
-        if fields := _differences(message, other, _COMPARED_MESSAGE_FIELDS):
+        fields, documented = _differences(message, other, _COMPARED_MESSAGE_FIELDS)
+        if fields:
             result.add(f"messages/{message['id']}", f"get_history differs in {', '.join(fields)}")
+        if documented:
+            result.document(f"messages/{message['id']}", "; ".join(documented))

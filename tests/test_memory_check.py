@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +15,14 @@ import pytest
 import structlog
 
 from flux_migrate.core.errors import ConfigError, TargetError
+from flux_migrate.core.schema import SQLITE_DDL
 from flux_migrate.memory import PostgresMemory, SQLiteMemory
 from flux_migrate.pipeline.check import check
 from flux_migrate.pipeline.cli_check import add_commands, add_verify_api_arguments, cmd_verify_api
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
 from flux_migrate.pipeline.verify_api import compare_api
+from tests.support import cli
 
 UNREACHABLE = "postgresql://alice:s3cret-pw@127.0.0.1:1/app"
 
@@ -355,3 +358,76 @@ async def test_check_prints_memory_health(pg_dsn: str) -> None:
     assert ("primary", 3) == (result.health["role"], result.health["pool"]["max"])
     assert "memory health: ok, role primary" in text
     assert "pool: size" in text and "acquire waits: 1, p50" in text
+
+
+def _app_file_in_the_old_shape(path: Path, metadata: str) -> None:
+    """An app database from before user_id (no column, no user index), one session with one
+    message, both carrying ``metadata``."""
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            SQLITE_DDL.replace(",\n    user_id TEXT DEFAULT ''", "").split("CREATE INDEX")[0]
+        )
+        stamp = "2024-05-01T10:00:00+00:00"
+        conn.execute("INSERT INTO sessions VALUES ('s1', 't', ?, ?, ?)", (stamp, stamp, metadata))
+        conn.execute(
+            "INSERT INTO messages VALUES ('m1', 's1', 'user', 'x', ?, ?)", (metadata, stamp)
+        )
+
+
+def _schema_and_digest(path: Path) -> tuple[list[Any], str]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        schema = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    return schema, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.anyio
+async def test_verify_api_never_writes_to_its_source(tmp_path: Path, pg_dsn: str) -> None:
+    """verify --api on a file in the app's older shape leaves it byte for byte as it was: no
+    user_id column, no index added (case 9); sync then still accepts the target."""
+    path = tmp_path / "memory.db"
+    _app_file_in_the_old_shape(path, '{"a": 1}')
+    await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    before = _schema_and_digest(path)
+    result = await compare_api(path, pg_dsn)
+    assert result.ok, result.lines()
+    assert before == _schema_and_digest(path)
+    synced = cli("sync", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == synced.returncode, synced.stdout + synced.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("source", "stored", "verdict"),
+    [
+        ('{"a": 1e16}', '{"a": 10000000000000000}', "mismatch"),
+        ('{"a": 1.0}', '{"a": 1}', "mismatch"),
+        ('{"a": 2}', '{"a": 2.0}', "mismatch"),
+        ('{"a": [1e300]}', '{"a": [1e300]}', "mismatch"),  # jsonb: a 301-digit int
+        ('{"a": -0.0}', None, "-0.0 reads as 0.0"),
+        ('{"b": 1, "a": 2}', None, "keys in jsonb's order"),
+        ('{"a": 1e16, "b": 1.5e300}', None, "same"),
+    ],
+)
+async def test_verify_api_compares_values_with_their_types(
+    tmp_path: Path, pg_dsn: str, source: str, stored: str | None, verdict: str
+) -> None:
+    """verify --api compares by value and type (1e16 is not 10**16): a changed type is a
+    mismatch; jsonb's canonical forms are documented differences, counted, not failures."""
+    path = tmp_path / "memory.db"
+    _app_file_in_the_old_shape(path, source)
+    await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    if stored is not None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("UPDATE messages SET metadata = $1::text::jsonb", stored)
+        finally:
+            await conn.close()
+    result = await compare_api(path, pg_dsn)
+    if verdict == "mismatch":
+        assert (False, 1) == (result.ok, result.mismatches)
+        assert "get_history differs in metadata" == result.first_mismatches[0].what
+    elif verdict == "same":
+        assert (True, 0, 0) == (result.ok, result.mismatches, result.documented)
+    else:
+        assert (True, 2) == (result.ok, result.documented)  # the session's and the message's
+        assert [f"metadata: {verdict}"] * 2 == [m.what for m in result.first_documented]

@@ -42,6 +42,7 @@ from flux_migrate.core.errors import (
     translate,
 )
 from flux_migrate.core.schema import (
+    MESSAGES,
     SESSIONS,
     TABLES,
     Column,
@@ -69,14 +70,13 @@ from flux_migrate.memory.base import (
     check_pool_bounds,
     check_text,
     elapsed_ms,
+    iso,
     loads_metadata,
     matches_nothing,
-    message_dict,
     new_id,
     now,
     prepare_metadata,
     read_sql,
-    session_dict,
     sqlite_limit,
     sqlite_offset,
 )
@@ -338,11 +338,45 @@ def _timestamp(value: Any, column: str) -> Any:
     return value
 
 
-def _metadata(value: Any, column: str) -> Any:
-    return value if isinstance(value, dict) else {}
+def _stamp(value: Any) -> str:
+    """A timestamptz as the API's ISO text: asyncpg's aware UTC datetimes directly."""
+    if type(value) is datetime and value.tzinfo is UTC:
+        return value.isoformat()
+    decoded = _timestamp(value, "")
+    return iso(decoded) if isinstance(decoded, datetime) else str(decoded)
 
 
-_DECODERS: dict[str, Any] = {"timestamp": _timestamp, "metadata": _metadata}
+# Positions in the read statements' rows (schema column order, see memory.base.select_list).
+_M = {c: i for i, c in enumerate(MESSAGES.column_names)}
+_S = {c: i for i, c in enumerate(SESSIONS.column_names)}
+_COUNT_AT = len(SESSIONS.column_names)
+
+
+def _message(row: asyncpg.Record) -> dict[str, Any]:
+    """A message row as the app's dict (the hot path of get_history: no per-column dispatch)."""
+    metadata = row[_M["metadata"]]
+    return {
+        "id": row[_M["id"]],
+        "role": row[_M["role"]],
+        "content": row[_M["content"]],
+        "metadata": metadata if isinstance(metadata, dict) else {},
+        "created_at": _stamp(row[_M["created_at"]]),
+    }
+
+
+def _session(row: asyncpg.Record, *, with_count: bool = False) -> dict[str, Any]:
+    """A session row (then its message count) as the app's dict."""
+    metadata = row[_S["metadata"]]
+    out = {
+        "id": row[_S["id"]],
+        "title": row[_S["title"]],
+        "created_at": _stamp(row[_S["created_at"]]),
+        "updated_at": _stamp(row[_S["updated_at"]]),
+        "metadata": metadata if isinstance(metadata, dict) else {},
+    }
+    if with_count:
+        out["message_count"] = int(row[_COUNT_AT])
+    return out
 
 
 def _affected(status: str) -> int:
@@ -395,7 +429,7 @@ async def get_history(
     if matches_nothing(check_id(session_id)):
         return []
     rows = await conn.fetch(sql.read.history, session_id, check_count(limit, "limit"))
-    return [message_dict(r, **_DECODERS) for r in rows]
+    return [_message(r) for r in rows]
 
 
 async def get_sessions(
@@ -409,14 +443,14 @@ async def get_sessions(
     if user_id:
         statement, params = sql.read.user_sessions_page, (*params, user_id)
     rows = await conn.fetch(statement, *params)
-    return [session_dict(r, with_count=True, **_DECODERS) for r in rows]
+    return [_session(r, with_count=True) for r in rows]
 
 
 async def get_session(conn: asyncpg.Connection, sql: Sql, session_id: str) -> dict[str, Any] | None:
     if matches_nothing(check_id(session_id)):
         return None
     row = await conn.fetchrow(sql.read.session, session_id)
-    return session_dict(row, **_DECODERS) if row is not None else None
+    return _session(row) if row is not None else None
 
 
 async def update_session_title(
