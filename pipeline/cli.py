@@ -19,6 +19,7 @@ from flux_migrate.core import errors
 from flux_migrate.core.dsn import redact
 from flux_migrate.core.errors import ConfigError, Interrupted, MigrateError, single_error
 from flux_migrate.core.mapping import Mapping, summary_lines
+from flux_migrate.core.schema import BEFORE_FIRST_ROWID
 from flux_migrate.pipeline.cli_check import (
     add_commands,
     add_verify_api_arguments,
@@ -536,7 +537,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             c.source_table,
             f"{c.target_schema}.{c.target_table}",
             c.status + (" (keys pending)" if c.constraints_pending else ""),
-            str(c.last_rowid),
+            "-" if c.last_rowid == BEFORE_FIRST_ROWID else str(c.last_rowid),
             f"{c.loaded:,}",
             f"{c.quarantined:,}",
             f"{c.skipped:,}",

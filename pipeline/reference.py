@@ -43,11 +43,11 @@ class Unreadable(Exception):
 
 
 # date, then optionally [T or space]HH:MM[:SS[.fraction]], then optionally Z or
-# +-HH[[:]MM[[:]SS]] (an offset with seconds, like +05:30:15, is an offset too)
+# +-HH[[:]MM] or +-HH:MM:SS (an offset with seconds, like +05:30:15, as PostgreSQL reads it)
 _ISO = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)"
     r"(?:[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?)?"
-    r"(Z|[+-]\d\d(?::?\d\d(?::?\d\d)?)?)?\Z"
+    r"(Z|[+-]\d\d(?::?\d\d|:\d\d:\d\d)?)?\Z"
 )
 
 

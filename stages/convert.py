@@ -118,6 +118,9 @@ def convert_required_text(raw: Raw, column: str, *, strip_nul: bool = False) -> 
 
 # An ISO-8601 date in extended format (YYYY-MM-DD), then optionally a time with at least hours
 # and minutes; group 1 is the fraction of a second. PostgreSQL refuses an hour alone ("T05").
+# What may follow the time: nothing, Z, or an offset both Python and PostgreSQL read alike
+# (+HH, +HHMM, +HH:MM, +HH:MM:SS).
+_OFFSET = re.compile(r"(?:Z|[+-]\d\d(?::?\d\d|:\d\d:\d\d)?)?")
 _ISO_SHAPE = re.compile(r"\d{4}-\d\d-\d\d(?:\Z|[T ]\d\d:\d\d(?::\d\d(?:[.,](\d+))?)?(?!\d))")
 
 
@@ -140,6 +143,9 @@ def parse_timestamp(
     shape = _ISO_SHAPE.match(text)
     if shape is None:
         raise Rejected("invalid_timestamp", f"column {column} is not an ISO-8601 timestamp")
+    if _OFFSET.fullmatch(text, shape.end()) is None:
+        # e.g. +053015 or +05:30:15.5: Python reads them, PostgreSQL does not (or otherwise)
+        raise Rejected("invalid_timestamp", f"column {column} has an offset PostgreSQL cannot read")
     fraction = shape.group(1)
     extra = 0
     if fraction is not None and len(fraction) > 6:

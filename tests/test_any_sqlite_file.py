@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from flux_migrate.core.errors import RuntimeFailure
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import TableVerify, verify_quick, verify_rows
@@ -259,7 +260,7 @@ async def test_generated_columns_are_loaded_as_values(tmp_path: Path, pg_dsn: st
 
 
 async def test_verify_reads_offsets_with_seconds(tmp_path: Path, pg_dsn: str) -> None:
-    """Instants written with an offset in seconds (+05:30:15, -0000:30 forms) load and verify."""
+    """Instants written with an offset in seconds (+05:30:15, -01:00:59) load and verify."""
     path = _db(
         tmp_path / "off.sqlite",
         "CREATE TABLE e (id INTEGER PRIMARY KEY, at DATETIME);",
@@ -267,7 +268,7 @@ async def test_verify_reads_offsets_with_seconds(tmp_path: Path, pg_dsn: str) ->
             "INSERT INTO e VALUES (?, ?)": [
                 (1, "2024-01-01T10:00:00+05:30:15"),
                 (2, "2024-01-01 10:00:00.25-01:00:59"),
-                (3, "2024-01-01T10:00:00+053015"),
+                (3, "2024-01-01T10:00:00+0530"),
             ]
         },
     )
@@ -276,9 +277,35 @@ async def test_verify_reads_offsets_with_seconds(tmp_path: Path, pg_dsn: str) ->
     expected = [
         (1, "2024-01-01 04:29:45"),
         (2, "2024-01-01 11:00:59.25"),
-        (3, "2024-01-01 04:29:45"),
+        (3, "2024-01-01 04:30:00"),
     ]
     assert expected == got
+    assert {"e": (3, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
+
+
+async def test_offsets_postgresql_reads_otherwise_keep_the_column_text(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """+053015 and +05:30:15.5 (Python reads them, PostgreSQL does not) keep a DATETIME column
+    text, verbatim, instead of loading an instant PostgreSQL would not agree with."""
+    path = _db(
+        tmp_path / "odd.sqlite",
+        "CREATE TABLE e (id INTEGER PRIMARY KEY, at DATETIME);",
+        {
+            "INSERT INTO e VALUES (?, ?)": [
+                (1, "2024-01-01T10:00:00+05:30:15"),
+                (2, "2024-01-01T10:00:00+053015"),
+                (3, "2024-01-01T10:00:00-05:30:15.5"),
+            ]
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    assert "text" == (await _types(pg_dsn, "e"))["at"]
+    assert [
+        ("2024-01-01T10:00:00+05:30:15",),
+        ("2024-01-01T10:00:00+053015",),
+        ("2024-01-01T10:00:00-05:30:15.5",),
+    ] == await _rows(pg_dsn, "SELECT at FROM e ORDER BY id")
     assert {"e": (3, 0, 0, 0, True)} == _by_table(await verify_rows(settings))
 
 
@@ -495,3 +522,57 @@ async def test_a_type_is_decided_on_every_value_not_a_sample(tmp_path: Path, pg_
     assert [("soon",)] == await _rows(pg_dsn, "SELECT at FROM a WHERE at = 'soon'")
     assert [(1001,)] == await _rows(pg_dsn, "SELECT count(*) FROM j")
     assert all(r.ok for r in await verify_rows(settings))
+
+
+# ---------------------------------------------------------------- accounting and sync
+
+
+async def test_a_row_the_reader_skips_fails_the_run_by_its_count(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that misses rows (here: pages that start at rowid 0, the old bug) is caught
+    by the run's own comparison with SQLite's count(*): the run fails naming the table."""
+    import flux_migrate.stages.extract as extract
+
+    original = extract.keyset_sql
+
+    def skipping(table: Any) -> str:
+        return original(table).replace(" WHERE ", " WHERE t.rowid > 0 AND ", 1)
+
+    monkeypatch.setattr(extract, "keyset_sql", skipping)
+    path = _db(
+        tmp_path / "skip.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
+        {"INSERT INTO k VALUES (?, ?)": [(-1, "a"), (0, "b"), (1, "c")]},
+    )
+    settings = load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn)
+    with pytest.raises(RuntimeFailure, match="Accounting failed for k: SQLite counts 3 rows"):
+        await migrate(settings)
+
+
+async def test_sync_and_verify_agree_on_rows_at_negative_rowids(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Rows the app adds at negative rowids after a run, and updates of rows at rowid 0, are
+    applied by sync, and verify then matches every row (none called "not in the source")."""
+    path = _db(
+        tmp_path / "sync.sqlite",
+        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
+        {"INSERT INTO k VALUES (?, ?)": [(-2, "a"), (0, "b"), (4, "c")]},
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO k VALUES (-9, 'new')")
+    db.execute("UPDATE k SET v = 'changed' WHERE id = 0")
+    db.commit()
+    db.close()
+    done = cli("sync", *args)
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert [(-9, "new"), (-2, "a"), (0, "changed"), (4, "c")] == await _rows(
+        pg_dsn, "SELECT id, v FROM k ORDER BY id"
+    )
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout
+    status = cli("status", "--postgres-dsn", pg_dsn)
+    assert "-9223372036854775808" not in status.stdout
