@@ -20,7 +20,7 @@ import orjson
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
-from flux_migrate.core.catalog import existing_constraint_names
+from flux_migrate.core.catalog import existing_constraints
 from flux_migrate.core.errors import (
     RuntimeFailure,
     constraint_failure,
@@ -31,6 +31,7 @@ from flux_migrate.core.schema import (
     Kind,
     Table,
     constraints,
+    pg_identifier,
     quote_ident,
 )
 from flux_migrate.core.target import Target
@@ -71,9 +72,9 @@ async def build_primary_keys(
         if pk is None:
             continue  # a table without a primary key
         have = await target.retrying(
-            lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
+            lambda c: existing_constraints(c, names.schema), what="reading constraints"
         )
-        if pk.name in have:
+        if (pk.name, pg_identifier(names.table(table.name))) in have:
             continue
 
         async def build(conn: asyncpg.Connection, sql: str = pk.sql) -> None:

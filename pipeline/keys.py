@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from flux_migrate.core import bookkeeping
-from flux_migrate.core.catalog import existing_constraint_names
+from flux_migrate.core.catalog import existing_constraints
 from flux_migrate.core.errors import already_exists, constraint_failure
-from flux_migrate.core.schema import Constraint, Table, TargetNames, constraints
+from flux_migrate.core.schema import Constraint, Table, TargetNames, constraints, pg_identifier
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.stop import StopFlag
 
@@ -32,10 +32,10 @@ async def build_constraints(
     the rows break a key, ``repair`` (if given) may set them aside and build it."""
     started = time.monotonic()
     have = await target.retrying(
-        lambda c: existing_constraint_names(c, names.schema), what="reading constraints"
+        lambda c: existing_constraints(c, names.schema), what="reading constraints"
     )
     for c in constraints(names, tables):
-        if c.name in have:
+        if (c.name, pg_identifier(names.table(c.table))) in have:
             continue
         stop.check()
         log.info("constraint_build_started", constraint=c.name)

@@ -11,7 +11,7 @@ import asyncpg
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
-from flux_migrate.core.catalog import MIGRATION_LOCK_KEY, table_exists
+from flux_migrate.core.catalog import MIGRATION_LOCK_KEY, relations, table_exists
 from flux_migrate.core.errors import TargetError
 from flux_migrate.core.jsonl_bookkeeping import clear_jsonl_tables, is_jsonl_fingerprint
 from flux_migrate.core.schema import (
@@ -19,6 +19,7 @@ from flux_migrate.core.schema import (
     add_column_sql,
     constraints,
     create_table_sql,
+    pg_identifier,
     quote_ident,
 )
 from flux_migrate.core.target import Target
@@ -75,6 +76,41 @@ async def refuse_foreign_rows(conn: asyncpg.Connection, settings: Settings) -> N
             )
 
 
+_KINDS = {
+    "i": "an index", "I": "an index", "v": "a view", "m": "a materialized view",
+    "S": "a sequence", "f": "a foreign table", "c": "a type", "t": "a TOAST table",
+}  # fmt: skip
+
+
+async def refuse_taken_names(conn: asyncpg.Connection, settings: Settings) -> None:
+    """Before writing anything: refuse a target table name held by another kind of relation
+    (a view, an index), and a key or index name held by a relation other than that index on
+    that table (PostgreSQL would refuse it mid-run, or flux-migrate take it as built)."""
+    names = settings.names
+    found = await relations(conn, names.schema)
+    if not found:
+        return
+    for table in settings.tables:
+        kind = found.get(pg_identifier(names.table(table.name)))
+        if kind is not None and kind[0] not in ("r", "p"):
+            raise TargetError(
+                f"{names.qualified(table.name)} already exists as {_KINDS.get(kind[0], kind[0])};"
+                " rename or drop it, or set another target schema in --config. Nothing was"
+                " written."
+            )
+    for c in constraints(names, settings.tables):
+        kind = found.get(c.name)
+        on = pg_identifier(names.table(c.table))
+        if c.kind == "fk" or kind is None or (kind[0] in ("i", "I") and kind[1] == on):
+            continue
+        holder = f"an index on table {kind[1]}" if kind[1] else _KINDS.get(kind[0], "a table")
+        raise TargetError(
+            f"The name {c.name}, which flux-migrate gives a key or index of"
+            f" {names.qualified(c.table)}, is taken in schema {names.schema} by {holder}; rename"
+            " that, or set another target schema in --config. Nothing was written."
+        )
+
+
 async def _has_rows(conn: asyncpg.Connection, settings: Settings, table: Table) -> bool:
     qualified = settings.names.qualified(table.name)
     return bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {qualified})"))
@@ -90,6 +126,7 @@ async def prepare_target(
     unless --on-conflict skip|update says what to do with them.
     """
     names = settings.names
+    await refuse_taken_names(conn, settings)
     await refuse_foreign_rows(conn, settings)
     await ckpt.ensure_bookkeeping(conn)
     existing = await ckpt.read_checkpoints(conn, names.schema)

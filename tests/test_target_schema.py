@@ -622,3 +622,59 @@ async def test_keys_postgresql_cannot_index_are_named_and_the_run_finishes(
     assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM ref")
     verified = cli("verify", *args)
     assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize(
+    ("ddl", "expected"),
+    [
+        ("CREATE TABLE other (x int); CREATE INDEX t_pkey ON other (x)", "The name t_pkey"),
+        ("CREATE VIEW t AS SELECT 1 AS id", '"public"."t" already exists as a view'),
+        ("CREATE SEQUENCE u_fkey", "skip"),
+        ("CREATE TABLE other (x int); CREATE INDEX t_by_v ON other (x)", "The name t_by_v"),
+    ],
+)
+async def test_names_taken_in_the_target_schema_stop_the_run_before_writing(
+    ddl: str, expected: str, tmp_path: Path, pg_dsn: str
+) -> None:
+    """An index named t_pkey on another table, or a view named like a table to load: exit 2
+    naming it, nothing written (not skipped as if built, not refused mid-run); a foreign key's
+    name is not a relation and may be anything."""
+    path = _db(
+        tmp_path / "t.sqlite",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX t_by_v ON t (v);"
+        " CREATE TABLE u (id INTEGER PRIMARY KEY, t_id INT REFERENCES t (id));",
+        {"t": [(1, "a")], "u": [(1, 1)]},
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(ddl)
+    finally:
+        await conn.close()
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    if expected == "skip":
+        assert 0 == done.returncode, done.stderr
+        return
+    assert 2 == done.returncode, done.stderr
+    assert expected in _error(done.stderr)
+    assert await fetchval(pg_dsn, "SELECT to_regnamespace('flux_migrate')") is None
+
+
+async def test_an_sqlite_index_named_like_a_key_of_another_table_is_built(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """An SQLite index named t_pkey on table v keeps its name; t's primary key gets t_pkey1;
+    both exist (neither skipped as if built)."""
+    path = _db(
+        tmp_path / "i.sqlite",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY); CREATE TABLE v (id INTEGER PRIMARY KEY, n INT);"
+        " CREATE INDEX t_pkey ON v (n);",
+        {"t": [(1,)], "v": [(1, 2)]},
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    found = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(indexname || ' ON ' || tablename ORDER BY 1) FROM pg_indexes"
+        " WHERE schemaname = 'public'",
+    )
+    assert ["t_pkey ON v", "t_pkey1 ON t", "v_pkey ON v"] == sorted(found)

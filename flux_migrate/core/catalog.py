@@ -22,3 +22,28 @@ async def existing_constraint_names(conn: asyncpg.Connection, schema: str) -> se
         schema,
     )
     return {r["name"] for r in rows}
+
+
+async def existing_constraints(conn: asyncpg.Connection, schema: str) -> set[tuple[str, str]]:
+    """(name, table) of the constraints and indexes in ``schema``: a name on another table is
+    not the key flux-migrate would build."""
+    rows = await conn.fetch(
+        "SELECT c.conname AS name, r.relname AS tab FROM pg_constraint c JOIN pg_class r"
+        " ON r.oid = c.conrelid JOIN pg_namespace n ON n.oid = r.relnamespace"
+        " WHERE n.nspname = $1 UNION SELECT indexname, tablename FROM pg_indexes"
+        " WHERE schemaname = $1",
+        schema,
+    )
+    return {(r["name"], r["tab"]) for r in rows}
+
+
+async def relations(conn: asyncpg.Connection, schema: str) -> dict[str, tuple[str, str | None]]:
+    """Every relation of ``schema``: name -> (relkind, the table of an index)."""
+    rows = await conn.fetch(
+        "SELECT c.relname, c.relkind::text AS kind, t.relname AS tab FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN pg_index i"
+        " ON i.indexrelid = c.oid LEFT JOIN pg_class t ON t.oid = i.indrelid"
+        " WHERE n.nspname = $1",
+        schema,
+    )
+    return {r["relname"]: (r["kind"], r["tab"]) for r in rows}
