@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from flux_migrate.core.dsn import dsn_location, redact
-from flux_migrate.core.errors import MigrateError
+from flux_migrate.core.errors import MigrateError, RefusedConnection
 from flux_migrate.core.schema import TABLES, TargetNames
 from flux_migrate.core.target import connect
 from flux_migrate.memory import postgres as pg
@@ -51,6 +51,7 @@ class CheckResult:
     crud_ok: bool | None = None  # None: not run (quick, or it could not start)
     health: dict[str, Any] | None = None  # PostgresMemory.health(), when it connected
     problems: list[str] = field(default_factory=list)
+    refused: bool = False  # the server answered and refused the login (password, role, db)
 
     @property
     def healthy(self) -> bool:
@@ -58,9 +59,10 @@ class CheckResult:
 
     def lines(self) -> list[str]:
         """The result for people, one fact per line; never contains a password."""
-        out = [
-            f"PostgreSQL at {self.location}: {'reachable' if self.connected else 'NOT reachable'}"
-        ]
+        state = "reachable" if self.connected else "NOT reachable"
+        if self.refused:
+            state = "reachable, but it refused the login"
+        out = [f"PostgreSQL at {self.location}: {state}"]
         if self.server_version is not None:
             out.append(f"  server version: {self.server_version}")
         if self.latency_ms is not None:
@@ -143,6 +145,7 @@ async def check(
         conn = await connect(dsn, timeout=timeout)
     except MigrateError as exc:
         result.problems.append(exc.message)
+        result.refused = isinstance(exc, RefusedConnection)
         return result
     result.connected = True
     try:

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         " were left as PostgreSQL has them, 130/143 interrupted;"
         " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
+    parser.add_argument("--version", action="version", version=f"flux-migrate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_init(sub)
@@ -112,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=path_arg, default=Path(".demo"))
     add_log_arguments(demo)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flux-migrate")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _add_init(sub: Any) -> None:

@@ -110,9 +110,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     return errors.EXIT_OK if result.healthy else errors.EXIT_FAILURE
 
 
+def _api_only(args: argparse.Namespace) -> None:
+    """--api compares the memory API, which only the app's memory.db has: --data-dir names
+    it (its other files are compared by `verify --data-dir`); --quick and --jsonl are refused
+    rather than ignored."""
+    for flag, given in (
+        ("--quick", getattr(args, "quick", False)),
+        ("--jsonl", getattr(args, "jsonl", None)),
+    ):
+        if given:
+            raise ConfigError(
+                f"verify --api compares the app's memory API and takes no {flag}; run"
+                f" `verify {flag} ...` on its own."
+            )
+    if getattr(args, "data_dir", None) is None:
+        return
+    memory = args.data_dir / "memory.db"
+    if args.sqlite_path is None and not memory.is_file():
+        raise ConfigError(
+            f"verify --api compares the app's memory.db, and {args.data_dir} holds none; pass"
+            " --sqlite-path."
+        )
+    args.sqlite_path = args.sqlite_path or memory
+    print(
+        f"Comparing the memory API on {args.sqlite_path} (the data directory's other files:"
+        " `verify --data-dir`)."
+    )
+
+
 def cmd_verify_api(args: argparse.Namespace) -> int:
     """``flux-migrate verify --api``: 0 when both backends agree, 1 on any mismatch."""
     configure_for(args)
+    _api_only(args)
     settings = _settings(args)
     path = settings.require_source()
     dsn = settings.require_dsn()

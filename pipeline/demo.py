@@ -166,4 +166,10 @@ def demo(
         _say(f"Stop it with: {stop}")
     elif server is not None:
         _say("\nThe throwaway server was stopped (run `make demo KEEP=1` to keep it for psql).")
+    else:
+        _say(
+            f"\nLeft in your database: schema {names.schema} and its checkpoints in schema"
+            f" flux_migrate (the next demo reuses them); remove the tables with\n"
+            f"  DROP SCHEMA {names.schema} CASCADE;"
+        )
     return errors.EXIT_QUARANTINED if report.quarantined else errors.EXIT_OK

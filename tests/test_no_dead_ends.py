@@ -107,3 +107,87 @@ def test_an_unknown_section_or_key_anywhere_is_exit_2_with_its_line(
         done = cli(command, "--config", str(path), "--postgres-dsn", UNREACHABLE)
         assert 2 == done.returncode, done.stdout + done.stderr
         assert f"{path} line {line}:" in done.stderr and hint in done.stderr
+
+
+def test_version_names_the_installed_release() -> None:
+    """`flux-migrate --version` prints the distribution's version and exits 0."""
+    from importlib.metadata import version
+
+    done = cli("--version")
+    assert (0, f"flux-migrate {version('flux-migrate')}") == (done.returncode, done.stdout.strip())
+
+
+@pytest.mark.parametrize("flag", [["--quick"], ["--jsonl", "x.jsonl"]])
+def test_verify_api_refuses_flags_it_would_ignore(flag: list[str]) -> None:
+    """verify --api with --quick or --jsonl is a usage error, not a flag silently dropped."""
+    done = cli("verify", "--api", *flag, "--sqlite-path", "x.db", "--postgres-dsn", UNREACHABLE)
+    assert 2 == done.returncode and f"takes no {flag[0]}" in done.stderr, done.stderr
+
+
+def test_verify_api_takes_memory_db_from_the_data_dir(tmp_path: Path, pg_dsn: str) -> None:
+    """verify --api --data-dir compares the directory's memory.db (it was ignored), and refuses
+    a directory without one."""
+    from flux_migrate.pipeline.sample import generate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    done = cli("verify", "--api", "--data-dir", str(data), "--postgres-dsn", pg_dsn)
+    assert 2 == done.returncode and "holds none; pass --sqlite-path" in done.stderr
+    generate(data / "memory.db", sessions=10, messages_per_session=2, seed=3)
+    assert 0 == cli("run", "--data-dir", str(data), "--postgres-dsn", pg_dsn).returncode
+    done = cli("verify", "--api", "--data-dir", str(data), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert f"Comparing the memory API on {data / 'memory.db'}" in done.stdout
+    assert "sessions compared: 10" in done.stdout
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    names=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1,
+                 max_size=30),
+        min_size=1, max_size=12, unique=True,
+    ),
+    types=st.lists(st.sampled_from(["text", "bigint", "double precision", "timestamptz",
+                                    "jsonb", "varchar(36)", "numeric"]), min_size=12,
+                   max_size=12),
+)  # fmt: skip
+def test_the_printed_mapping_names_every_column_and_type_within_80_columns(
+    names: list[str], types: list[str]
+) -> None:
+    """Every column's name and type is printed (never cut), and lines fit 80 columns unless a
+    single column is longer than a line."""
+    from flux_migrate.core.mapping import Mapping, summary_lines
+    from flux_migrate.core.schema import Column, Kind, Table
+
+    columns = tuple(
+        Column(name=n, kind=Kind.TEXT, type=t, not_null=False)
+        for n, t in zip(names, types, strict=False)
+    )
+    table = Table(name="t", columns=columns, primary_key=(names[0],), profile="generic")
+    lines = summary_lines(Mapping((table,)))
+    text = " ".join(line.strip() for line in lines)
+    for column in columns:
+        assert f"{column.name} {column.pg_type}" in text
+    for line in lines:
+        assert len(line) <= 80 or ", " not in line.strip().rstrip(","), line
+
+
+def test_the_printed_mapping_of_the_app_shows_column_types() -> None:
+    """The app's tables are printed with their columns and types, as the README says."""
+    from flux_migrate.core.mapping import Mapping, summary_lines
+    from flux_migrate.core.schema import TABLES
+
+    text = " ".join(line.strip() for line in summary_lines(Mapping(TABLES)))
+    for table in TABLES:
+        for column in table.columns:
+            assert f"{column.name} {column.pg_type}" in text
+
+
+def test_the_demo_on_your_own_server_says_what_it_leaves_there(tmp_path: Path, pg_dsn: str) -> None:
+    """`make demo` with POSTGRES_DSN migrates into schema flux_demo and says it stays there,
+    with the statement that removes it."""
+    done = cli("demo", "--sessions", "20", "--workdir", str(tmp_path), env={"POSTGRES_DSN": pg_dsn})
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert "Left in your database: schema flux_demo" in done.stdout
+    assert "DROP SCHEMA flux_demo CASCADE;" in done.stdout

@@ -54,6 +54,10 @@ class TargetError(MigrateError):
     exit_code = EXIT_USAGE
 
 
+class RefusedConnection(TargetError):
+    """The server answered and refused the login (password, role, database, pg_hba.conf)."""
+
+
 class RuntimeFailure(MigrateError):
     """The run started and could not finish (PostgreSQL gone too long, accounting broken)."""
 
@@ -270,17 +274,19 @@ def _connect_error(exc: BaseException, where: str) -> MigrateError:
             " space in the user or password (e.g. # as %23)."
         )
     if isinstance(exc, asyncpg.InvalidPasswordError):
-        return TargetError(
+        return RefusedConnection(
             f"PostgreSQL at {where} refused the password; check the DSN or PGPASSWORD."
         )
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
-        return TargetError(
+        return RefusedConnection(
             f"The database named in the DSN does not exist at {where}; create it first."
         )
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-        return TargetError(f"PostgreSQL at {where} refused the user: {redact(str(exc))}.")
+        return RefusedConnection(f"PostgreSQL at {where} refused the user: {redact(str(exc))}.")
     if isinstance(exc, asyncpg.PostgresError):
-        return TargetError(f"PostgreSQL at {where} refused the connection: {redact(str(exc))}.")
+        return RefusedConnection(
+            f"PostgreSQL at {where} refused the connection: {redact(str(exc))}."
+        )
     return RuntimeFailure(
         f"PostgreSQL at {where} cannot be reached ({type(exc).__name__}: {redact(str(exc))});"
         " check that it is running and the DSN is right, then rerun to resume."

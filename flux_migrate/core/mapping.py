@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from collections.abc import Mapping as MappingT
 from dataclasses import dataclass, replace
@@ -722,18 +723,33 @@ def read_mapping(data: MappingT[str, Any]) -> Mapping:
     )
 
 
-def summary_lines(mapping: Mapping) -> list[str]:
-    """One line per table (profile, columns, key), then the notes: fits one screen."""
+def summary_lines(mapping: Mapping, width: int = 80) -> list[str]:
+    """Per table its key and every column with its PostgreSQL type, wrapped (never cut) to
+    ``width`` columns, then the notes."""
     out = []
     for t in mapping.tables:
         if t.profile == "app":
             extra = [c.name for c in t.target_only]
-            gap = f" ({', '.join(extra)} absent in the source: default)" if extra else ""
-            out.append(f"  {t.name}: app profile, {len(t.columns)} columns{gap}")
-            continue
-        types = ", ".join(f"{c.name} {c.pg_type}" for c in t.columns)
-        key = f"key ({', '.join(t.primary_key)})" if t.primary_key else "no key"
-        line = f"  {t.name}: {key}; {types}"
-        out.append(line if len(line) <= 100 else line[:97] + "...")
-    out += [f"  note: {n}" for n in mapping.notes]
+            gap = f"; {', '.join(extra)} absent in the source: default" if extra else ""
+            head = f"{t.name}: app profile{gap}; key (id)"
+        else:
+            key = f"key ({', '.join(t.primary_key)})" if t.primary_key else "no key"
+            head = f"{t.name}: {key}"
+        parts = [f"{c.name} {c.pg_type}" for c in t.columns]
+        out += _wrapped([f"{head};", *(p + "," for p in parts[:-1]), *parts[-1:]], width)
+    for n in mapping.notes:
+        out += textwrap.wrap(f"note: {n}", width, initial_indent="  ", subsequent_indent="      ")
     return out
+
+
+def _wrapped(pieces: list[str], width: int) -> list[str]:
+    """``pieces`` joined by spaces into lines of at most ``width`` columns (a piece is never
+    split; one longer than a line stands alone), the first indented 2, the others 6."""
+    lines: list[str] = []
+    line = "  "
+    for piece in pieces:
+        if line.strip() and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = "      "
+        line += ("" if not line.strip() else " ") + piece
+    return [*lines, line]
