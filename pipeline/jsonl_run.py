@@ -591,15 +591,26 @@ async def run_jsonl_tables(
 
 
 def check_jsonl_sources(settings: Settings) -> None:
-    """Before anything is written: every JSONL file exists, and none goes to a table of the
-    app's SQLite tables in a run that loads them too (SourceError / ConfigError, exit 2)."""
+    """Before anything is written: every JSONL file exists, and none goes to a table the
+    SQLite database fills in the same run (the app's two, and once the mapping is resolved
+    every mapped table) nor to another file's table (SourceError / ConfigError, exit 2)."""
     app_tables = {settings.names.sessions, settings.names.messages}
+    if settings.mapping is not None:
+        app_tables |= {settings.names.table(t.name) for t in settings.mapping.tables}
+    tables: dict[str, Path] = {}
     for jf in settings.jsonl:
         file_size(jf.path)
         if settings.sqlite_path is not None and jf.table in app_tables:
             raise ConfigError(
                 f"The JSONL file {jf.path} would go to table {jf.table}, which the SQLite"
-                f" database fills; name it otherwise ({_rename_hint(jf)})."
+                f" database {settings.sqlite_path.name} fills; name it otherwise"
+                f" ({_rename_hint(jf)}). Nothing was migrated."
+            )
+        other = tables.setdefault(jf.table, jf.path)
+        if other != jf.path:
+            raise ConfigError(
+                f"The JSONL files {other} and {jf.path} would both go to table {jf.table};"
+                f" name one otherwise ({_rename_hint(jf)}). Nothing was migrated."
             )
 
 

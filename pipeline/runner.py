@@ -150,6 +150,7 @@ async def _migrate(
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         configured = settings.mapping is not None
         settings = await resolve_run_mapping(settings, path)
+        check_jsonl_sources(settings)  # the mapped tables are known now, nothing written yet
         if show_mapping is not None and settings.mapping is not None:
             show_mapping(settings.mapping, configured)
         await check_source(src, path, settings.tables)

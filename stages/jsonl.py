@@ -83,13 +83,19 @@ class OverlongLine(bytes):
     length: int = 0
 
 
+def _overlong(start: bytes | bytearray, length: int) -> OverlongLine:
+    line = OverlongLine(start[:LONG_LINE_KEPT])
+    line.length = length
+    return line
+
+
 def read_complete_lines(
     path: Path,
     offset: int,
     *,
     limit: int,
     max_lines: int,
-    max_bytes: int = MAX_BATCH_BYTES,
+    max_bytes: int | None = None,
     final: bool = False,
     digest: Any = None,
 ) -> tuple[int, list[tuple[int, bytes]]]:
@@ -104,6 +110,7 @@ def read_complete_lines(
     list (their bytes count); a UTF-8 BOM at offset 0 is not part of the first line."""
     if offset >= limit:
         return 0, []
+    max_bytes = MAX_BATCH_BYTES if max_bytes is None else max_bytes
     buf = bytearray()
     newlines = 0
     with path.open("rb") as f:
@@ -138,6 +145,8 @@ def _split_lines(
         line = bytes(buf[end:nl])
         if offset + end == 0 and line.startswith(UTF8_BOM):
             line = line[len(UTF8_BOM) :]
+        if len(line) > MAX_LINE_BYTES:
+            line = _overlong(line, len(line))
         if line.strip():
             lines.append((offset + end, line))
         count += 1
@@ -185,9 +194,7 @@ def _read_long_line(
     if offset == 0 and buf.startswith(UTF8_BOM):
         del buf[: len(UTF8_BOM)]
     if length > MAX_LINE_BYTES:
-        overlong = OverlongLine(buf[:LONG_LINE_KEPT])
-        overlong.length = length
-        return consumed, [(offset, overlong)]
+        return consumed, [(offset, _overlong(buf, length))]
     return consumed, [(offset, bytes(buf))] if buf.strip() else []
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.pipeline.jsonl_run import JsonlFile, migrate_jsonl
 from flux_migrate.pipeline.settings import Settings
-from tests.test_jsonl import feedback_record, line
+from tests.support import start_cli
+from tests.test_jsonl import correction, feedback_record, line
 
 BAD_LINES = (
     b'{"id": "\xff\xfe", "rating": 1}\n',  # not UTF-8
@@ -101,3 +106,164 @@ def test_any_appends_then_runs_load_every_complete_valid_line_exactly_once(
         return await _state(pg_dsn, schema)
 
     assert (sorted(ids), bad, len(content)) == anyio.run(scenario, backend="asyncio")
+
+
+# ---------------------------------------------------------------- appends, rewrites, kills
+
+Op = tuple[str, int]
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 8)),
+        st.tuples(st.just("torn"), st.integers(1, 40)),
+        st.tuples(st.just("bad"), st.just(0)),
+        st.tuples(st.just("rewrite"), st.integers(0, 2**16)),
+        st.tuples(st.just("run"), st.just(0)),
+        st.tuples(st.just("kill"), st.integers(1, 4)),
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+class FileModel:
+    """What the corrections file holds: its complete lines (valid records by id, bad lines
+    with an id) and a torn tail the app is still writing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.next = path, 0
+        self.lines: list[tuple[str, str, bytes]] = []  # (kind, id, line)
+        self.tail = b""
+        self.pending = b""  # the rest of the torn line
+
+    def _new(self, status: str = "pending") -> tuple[str, bytes]:
+        self.next += 1
+        return f"c{self.next}", line(correction(self.next, status))
+
+    def _finish_tail(self, f: Any) -> None:
+        if self.tail:
+            f.write(self.pending)
+            record = json.loads(self.tail + self.pending)
+            self.lines.append(("ok", record["id"], self.tail + self.pending))
+            self.tail = self.pending = b""
+
+    def append(self, count: int) -> None:
+        with self.path.open("ab") as f:
+            self._finish_tail(f)
+            for _ in range(count):
+                key, raw = self._new()
+                self.lines.append(("ok", key, raw))
+                f.write(raw)
+
+    def bad(self) -> None:
+        with self.path.open("ab") as f:
+            self._finish_tail(f)
+            self.next += 1
+            raw = line({"id": f"c{self.next}", "status": 5})  # status is text: type_mismatch
+            self.lines.append(("bad", f"c{self.next}", raw))
+            f.write(raw)
+
+    def torn(self, cut: int) -> None:
+        with self.path.open("ab") as f:
+            self._finish_tail(f)
+            _, raw = self._new()
+            cut = min(cut, len(raw) - 1)
+            self.tail, self.pending = raw[:cut], raw[cut:]
+            f.write(self.tail)
+
+    def rewrite(self, seed: int) -> None:
+        """Keep some records, review some, drop the torn tail (the app rewrites whole lines)."""
+        kept = []
+        for n, (kind, key, old) in enumerate(self.lines):
+            if (seed >> (n % 16)) & 1 and n % 3 == 0:
+                continue  # dropped
+            reviewed = kind == "ok" and (seed >> ((n + 5) % 16)) & 1
+            raw = line(correction(int(key[1:]), "approved", reviewed_by="lee")) if reviewed else old
+            kept.append((kind, key, raw))
+        self.lines, self.tail, self.pending = kept, b"", b""
+        self.path.write_bytes(b"".join(raw for _, _, raw in kept))
+
+    def expected(self) -> tuple[dict[str, str], set[str], int]:
+        valid = {key: json.loads(raw)["status"] for kind, key, raw in self.lines if kind == "ok"}
+        bad = {key for kind, key, _ in self.lines if kind == "bad"}
+        return valid, bad, len(bad)
+
+
+def _kill_run(args: list[str], batches: int) -> None:
+    """Start a run and SIGKILL it after ``batches`` committed batches (or let it finish)."""
+    proc = start_cli(*args)
+    assert proc.stderr is not None
+    try:
+        seen = 0
+        for raw in proc.stderr:
+            if '"batch_loaded"' in raw:
+                seen += 1
+                if seen >= batches:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        proc.wait(timeout=60)
+
+
+async def _table_state(dsn: str, table: str) -> tuple[dict[str, str], int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(f'SELECT id, status FROM public."{table}"')
+        quarantined = await conn.fetchval(
+            "SELECT count(*) FROM flux_migrate.quarantine WHERE source_table = $1"
+            " AND resolved_at IS NULL",
+            table,
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: r["status"] for r in rows}, quarantined
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(script=ops)
+def test_appends_rewrites_torn_lines_and_kills_leave_the_table_equal_to_the_file(
+    tmp_path: Path, pg_dsn: str, script: list[Op]
+) -> None:
+    """Whatever appends, rewrites, torn lines, bad lines, SIGKILLed runs and reruns come in
+    any order, after every clean rerun the snapshot table holds exactly the file's valid
+    records with their values, plus at most the old rows of records whose new line is
+    quarantined, and the quarantine holds exactly the file's bad lines."""
+    table = f"c_{uuid.uuid4().hex[:10]}"
+    folder = tmp_path / table
+    folder.mkdir()
+    path = folder / "corrections.jsonl"
+    path.write_bytes(b"")
+    config = folder / "flux.toml"
+    config.write_text(f'[jsonl.corrections]\ntable = "{table}"\nsnapshot = true\n')
+    model = FileModel(path)
+    jf = JsonlFile(path, table, snapshot=True)
+    args = ["run", "--config", str(config), "--jsonl", str(path), "--postgres-dsn", pg_dsn]
+    args += ["--batch-size", "2", "--log-format", "json", "--no-progress"]
+
+    async def clean_run_and_check() -> None:
+        s = Settings(postgres_dsn=pg_dsn, batch_size=3)
+        await migrate_jsonl(s, [jf])
+        valid, bad_ids, bad = model.expected()
+        rows, quarantined = await _table_state(pg_dsn, table)
+        assert valid == {k: v for k, v in rows.items() if k in valid}
+        assert set(valid) <= set(rows) <= set(valid) | bad_ids
+        assert bad == quarantined
+
+    for op, arg in script:
+        if op == "append":
+            model.append(arg)
+        elif op == "torn":
+            model.torn(arg)
+        elif op == "bad":
+            model.bad()
+        elif op == "rewrite":
+            model.rewrite(arg)
+        elif op == "kill":
+            _kill_run(args, arg)
+        else:
+            anyio.run(clean_run_and_check, backend="asyncio")
+    anyio.run(clean_run_and_check, backend="asyncio")
