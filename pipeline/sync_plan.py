@@ -68,7 +68,7 @@ class TablePlan:
     # key -> (stored digest, xmin of its pack as text, or None for a digest_rows entry);
     # None for a key nothing was stored for (an insert).
     known: dict[str, Stored | None] = field(default_factory=dict)
-    last_rowid: int = 0
+    last_rowid: int | None = None  # None: the table is empty (the checkpoint stays)
     last_key: str | None = None
 
     @property

@@ -191,3 +191,28 @@ async def test_a_subtree_with_a_foreign_child_keeps_only_its_ancestors(
     assert [("1", "child_rows_kept"), ("2", "child_rows_kept"), ("3", "child_rows_kept")] == [
         (r["key"], r["kind"]) for r in kept
     ]
+
+
+async def test_rows_at_rowid_zero_and_below_are_synced_as_run_loads_them(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Rows at rowid 0 and below are loaded by `run`, so a sync right after is idle; changed,
+    deleted and new rows there are synced like any others, and verify finds them equal."""
+    path = tmp_path / "neg.sqlite"
+    rows = [(i, f"v{i}") for i in (-(2**62), -5, -1, 0, 1, 2, 3)]
+    _db(
+        path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+        ("INSERT INTO t VALUES (?, ?)", rows),
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    first = cli("sync", *args)
+    assert "up to date" in first.stdout, first.stdout + first.stderr
+    _change(path, "UPDATE t SET v = 'edited' WHERE id = -5", "DELETE FROM t WHERE id = 0")
+    _change(path, "INSERT INTO t VALUES (-9, 'new')")
+    done = cli("sync", *args)
+    assert EXIT_OK == done.returncode, done.stdout + done.stderr
+    await compare_table(path, pg_dsn, "t")
+    checked = cli("verify", *args)
+    assert EXIT_OK == checked.returncode, checked.stdout + checked.stderr

@@ -761,14 +761,16 @@ async def sync_checkpoint(
     target_schema: str,
     source_table: str,
     *,
-    last_rowid: int,
+    last_rowid: int | None,
     last_key: str | None,
     run_id: str,
 ) -> None:
     """After a sync of a table: the checkpoint stands at the source's last row, so a later run
-    loads only rows added after it."""
+    loads only rows added after it (None: the table is empty, the checkpoint stays where it
+    is, so rows added later at any rowid, even <= 0, are a run's as before)."""
     await conn.execute(
-        f"UPDATE {CHECKPOINTS} SET last_rowid = $3, last_key = $4, last_batch = '{{}}',"
+        f"UPDATE {CHECKPOINTS} SET last_rowid = coalesce($3, last_rowid),"
+        " last_key = CASE WHEN $3::bigint IS NULL THEN last_key ELSE $4 END, last_batch = '{}',"
         " status = 'finished', run_id = $5, updated_at = now()"
         " WHERE target_schema = $1 AND source_table = $2",
         target_schema,
