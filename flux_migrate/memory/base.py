@@ -5,11 +5,12 @@ The API is the app's own SQLite ``ConversationMemory``, call by call (see docs/m
 - ``create_session(title="", metadata=None, user_id="") -> str``
 - ``add_message(session_id, role, content, metadata=None) -> str`` (also moves the session's
   ``updated_at``)
-- ``get_history(session_id, limit=None) -> list[dict]``: the newest ``limit`` messages (default
-  ``max_history * 2``), oldest first, dicts with exactly ``id, role, content, metadata,
-  created_at``
-- ``get_sessions(limit=50, offset=0, user_id="") -> list[dict]``: ``updated_at`` newest first,
-  only that user's when ``user_id`` is non-empty; dicts with exactly ``id, title, created_at,
+- ``get_history(session_id, limit=None) -> list[dict]``: the newest ``limit`` messages (None or
+  0: ``max_history * 2``, negative: all, as the app's ``limit or ...`` into SQLite), oldest
+  first, ties in insertion order, dicts with exactly ``id, role, content, metadata, created_at``
+- ``get_sessions(limit=50, offset=0, user_id="") -> list[dict]``: ``updated_at`` newest first
+  (ties by id), only that user's when ``user_id`` is non-empty; a negative limit is all, a
+  negative offset 0 (SQLite's LIMIT / OFFSET); dicts with exactly ``id, title, created_at,
   updated_at, metadata, message_count``
 - ``get_session(session_id) -> dict | None``: exactly ``id, title, created_at, updated_at,
   metadata``
@@ -18,22 +19,22 @@ The API is the app's own SQLite ``ConversationMemory``, call by call (see docs/m
   happens), ``count_sessions() -> int``, ``clear_all() -> None``
 
 Timestamps are ISO-8601 strings in UTC with an offset (``datetime.isoformat()``), metadata is a
-dict. Deliberate differences from the app's class, identical on both backends:
+dict. An id or user_id holding a NUL matches nothing (None, [] or nothing, as the app).
+Deliberate differences from the app's class, identical on both backends (docs/memory-api.md):
 
 - ``add_message`` on a missing session raises :class:`SessionNotFoundError` (the app's SQLite
   wrote an orphan row; PostgreSQL's foreign key refuses it).
 - A ``session_id``, ``title``, ``role``, ``content`` or ``user_id`` that is not a ``str`` is a
-  ``TypeError``; text with NUL or lone surrogates a ``ValueError``. Metadata must be a dict (or
-  ``None``); NaN, Infinity, ``\\u0000``, integers of more than 4300 digits or nesting too deep
-  for ``json.dumps`` are a ``ValueError``.
-- ``limit`` and ``offset`` must be ints from 0 to 2**63 - 1, else ``ValueError`` (``TypeError``
-  for a non-int); ``limit=0`` returns ``[]``.
-- Ties are broken by id (byte order): sessions ``updated_at DESC, id``; messages
-  ``created_at, id``. ``updated_at`` never moves backwards.
+  ``TypeError``; stored text with NUL or lone surrogates a ``ValueError``. Metadata must be a
+  dict (or ``None``); NaN, Infinity, a NUL, a lone surrogate, integers of more than 4300 digits
+  or nesting too deep for ``json.dumps`` are a ``ValueError``.
+- ``limit`` / ``offset`` beyond 2**63 - 1 are a ``ValueError`` (``TypeError`` for a non-int).
+- jsonb's canonical form on PostgreSQL: ``-0.0`` reads as ``0.0``, keys in jsonb's order.
 - A JSON number beyond a double's range (``1e400`` in migrated text) reads as the exact int on
   both backends (PostgreSQL's jsonb keeps it exactly and cannot tell it from an int).
 - A call while ``close()`` drains raises :class:`MemoryClosedError`, writing nothing; no free
-  connection within the acquire timeout raises :class:`PoolTimeoutError`.
+  connection within the acquire timeout raises :class:`PoolTimeoutError`, a server that does
+  not answer within its bound :class:`MemoryUnavailableError`.
 """
 
 from __future__ import annotations

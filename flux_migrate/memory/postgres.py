@@ -1,11 +1,19 @@
 """The PostgreSQL backend: asyncpg pools, native timestamptz and jsonb, the pipeline's schema.
 
-With a read DSN (a streaming standby), reads go to a second pool there unless this memory
-object wrote something the standby has not replayed yet: after each write the backend notes
-``pg_current_wal_lsn()``, and a read goes to the standby only once its
-``pg_last_wal_replay_lsn()`` reached that point (else to the primary). A standby that is down,
-errs, or lags more than ``max_replica_lag`` seconds is skipped for a few seconds: reads fall
-back to the primary, costing latency, never an error.
+Every wait is bounded (:class:`memory.base.Timeouts`): connecting, waiting for a free
+connection, each statement (client side, and PostgreSQL's ``statement_timeout``). A server that
+does not answer within its bound costs that bound and raises :class:`MemoryUnavailableError`;
+the connection is dropped, never reused.
+
+With a read DSN (a streaming standby of the same cluster, checked by ``pg_is_in_recovery()``
+and the system identifier when its pool opens), a read goes to the standby only when the
+standby is provably fresh: its WAL receiver streams (when this role may see it), and its
+``pg_last_wal_replay_lsn()`` has reached both this object's last write (the primary's
+``pg_current_wal_insert_lsn()`` after the commit, which covers asynchronous commits) and a
+position of the primary sampled within ``max_replica_lag`` seconds (``read_consistency=
+"strong"``: sampled after the read began, so every write acknowledged to anyone before the
+read is seen). Else the read goes to the primary. A standby that fails or does not answer
+within the replica timeout is skipped for a few seconds: it costs latency, never an error.
 
 Every statement takes its values as parameters ($1, $2); table names come from
 :class:`core.schema.TargetNames` through ``quote_ident``. The operations are module-level
