@@ -15,10 +15,12 @@ from flux_migrate.core.catalog import MIGRATION_LOCK_KEY, relations, table_exist
 from flux_migrate.core.errors import TargetError
 from flux_migrate.core.jsonl_bookkeeping import clear_jsonl_tables, is_jsonl_fingerprint
 from flux_migrate.core.schema import (
+    SESSIONS,
     Table,
     add_column_sql,
     constraints,
     create_table_sql,
+    drop_retired_user_index_sql,
     pg_identifier,
     quote_ident,
 )
@@ -161,6 +163,8 @@ async def _add_profile_columns(conn: asyncpg.Connection, settings: Settings, tab
             await conn.execute(add_column_sql(table, column, settings.names))
     for column in table.generated:
         await conn.execute(add_column_sql(table, column, settings.names))
+    if table.name == SESSIONS.name:
+        await conn.execute(drop_retired_user_index_sql(settings.names))
 
 
 async def _start_table(

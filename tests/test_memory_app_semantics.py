@@ -215,3 +215,58 @@ async def test_run_migrates_null_and_long_user_ids_and_floats(tmp_path: Path, pg
         [message] = await memory.get_history("s-empty")
         assert _same(stored, message["metadata"])
     assert "" == await fetchval(pg_dsn, "SELECT user_id FROM sessions WHERE id = 's-null'")
+
+
+_EARLIER_RELEASE = (
+    "DROP INDEX idx_sessions_user_md5",
+    "CREATE INDEX idx_sessions_user ON sessions (user_id, updated_at)",
+    "ALTER TABLE messages DROP COLUMN seq",
+)
+
+
+async def test_tables_of_an_earlier_release_are_brought_up_to_date(pg_dsn: str) -> None:
+    """Tables made by an earlier release (the (user_id, updated_at) index, no messages.seq):
+    the memory drops that index, builds the md5 one and adds seq on open, keeping the rows;
+    then a long user_id and same-tick ordering work (cases 6, 10)."""
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        kept = await memory.create_session("kept")
+        await memory.add_message(kept, "user", "old")
+    for statement in _EARLIER_RELEASE:
+        await fetchval(pg_dsn, statement)
+    long_user = _incompressible(12_000)
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        session_id = await memory.create_session("long", user_id=long_user)
+        assert [session_id] == [s["id"] for s in await memory.get_sessions(user_id=long_user)]
+        assert ["old"] == [m["content"] for m in await memory.get_history(kept)]
+    indexes = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(indexname ORDER BY indexname) FROM pg_indexes"
+        " WHERE tablename = 'sessions'",
+    )
+    assert ["idx_sessions_user_md5", "sessions_pkey"] == indexes
+
+
+async def test_run_brings_an_earlier_releases_empty_target_up_to_date(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """run into empty tables of an earlier release loads a long user_id (the old index is
+    dropped, the md5 one built) and fills messages.seq in source order (cases 6, 10)."""
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        await memory.count_sessions()
+    for statement in _EARLIER_RELEASE:
+        await fetchval(pg_dsn, statement)
+    path = tmp_path / "memory.db"
+    long_user = _incompressible(10_000)
+    _app_db(path, [("s1", long_user, "{}")])
+    with sqlite3.connect(path) as db:  # two more messages in the same tick, ids in reverse
+        stamp = "2024-03-01T10:00:00+00:00"
+        for message_id in ("zz", "aa"):
+            db.execute(
+                "INSERT INTO messages VALUES (?, 's1', 'user', ?, '{}', ?)",
+                (message_id, message_id, stamp),
+            )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 0 == done.returncode, done.stderr
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=1) as memory:
+        assert ["s1"] == [s["id"] for s in await memory.get_sessions(user_id=long_user)]
+        assert ["s1-m", "zz", "aa"] == [m["id"] for m in await memory.get_history("s1")]

@@ -451,6 +451,13 @@ def _app_constraints(names: TargetNames, tables: tuple[Table, ...]) -> list[Cons
     return out
 
 
+def drop_retired_user_index_sql(names: TargetNames) -> str:
+    """DROP of the index earlier releases built on sessions (user_id, updated_at): a btree
+    entry of a long user_id fails, so it gave way to the md5 one."""
+    retired = fitted_name(f"idx_{names.table(SESSIONS.name)}", "_user")
+    return f"DROP INDEX IF EXISTS {qualified(names.schema, retired)}"
+
+
 def _columns_sql(columns: tuple[str, ...]) -> str:
     return ", ".join(quote_ident(c) for c in columns)
 

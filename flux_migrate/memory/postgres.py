@@ -58,8 +58,8 @@ from flux_migrate.core.schema import (
     TargetNames,
     add_column_sql,
     constraints,
+    drop_retired_user_index_sql,
     fitted_name,
-    qualified,
     target_ddl,
 )
 from flux_migrate.memory.base import (
@@ -271,9 +271,7 @@ async def ensure_schema(conn: asyncpg.Connection, names: TargetNames) -> bool:
             await conn.execute(statement)
         for table, column in await _missing_columns(conn, names):
             await conn.execute(add_column_sql(table, column, names))
-        await conn.execute(
-            f"DROP INDEX IF EXISTS {qualified(names.schema, _old_user_index(names))}"
-        )
+        await conn.execute(drop_retired_user_index_sql(names))
     return True
 
 
