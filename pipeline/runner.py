@@ -284,9 +284,10 @@ async def _run_table(run: Run, table: Table) -> None:
     )
     ctx = _load_context(run, table, checkpoint, missing, overridden)
     if checkpoint.quarantined:
-        treport.requeued, _gone = await requeue(
-            run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
-        )
+        treport.requeued = await _requeue(run, table, checkpoint, ctx, missing, overridden)
+        if treport.requeued:  # rows loaded now are parents the new rows may name
+            missing = await _missing_parents(run, table)
+            ctx = _load_context(run, table, checkpoint, missing, overridden)
     start = await _checkpoint(run.target, run.schema, table.name)
     if table.without_rowid:  # keyset on the key: no rowid to be reused, see _key_bound
         after, total = await _key_bound(run, start)
@@ -335,6 +336,30 @@ async def _check_read_all(run: Run, table: Table, after: int) -> None:
             f"Accounting failed for {table.name}: SQLite counts {present} rows with rowid in"
             f" ({after}, {run.bounds[table.name]}] but the run read {read}; please report this."
         )
+
+
+async def _requeue(
+    run: Run,
+    table: Table,
+    checkpoint: ckpt.Checkpoint,
+    ctx: LoadContext,
+    missing: set[str],
+    overridden: bool,
+) -> int:
+    """Retry the table's quarantined rows; in a table that references itself, again while a
+    pass loads some (a row fixed in the source frees its quarantined children, then theirs)."""
+    loaded, _gone = await requeue(
+        run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
+    )
+    total = loaded
+    while loaded and any(fk.parent == table.name for fk in table.foreign_keys):
+        missing = await _missing_parents(run, table)
+        ctx = _load_context(run, table, checkpoint, missing, overridden)
+        loaded, _gone = await requeue(
+            run.src, run.target, table, settings=run.settings, ctx=ctx, missing_parents=missing
+        )
+        total += loaded
+    return total
 
 
 async def _key_bound(run: Run, c: ckpt.Checkpoint) -> tuple[int, int]:

@@ -391,7 +391,8 @@ async def test_a_child_of_a_quarantined_row_in_its_own_table_is_an_orphan(
     tmp_path: Path, pg_dsn: str
 ) -> None:
     """A self-reference whose parent is quarantined: the child, and its own children round
-    after round, are quarantined as orphan_row, the foreign key is built, verify passes."""
+    after round, are quarantined as orphan_row, the foreign key is built, verify passes; once
+    the parent is fixed in the source, one rerun loads it, its whole subtree and a new child."""
     path = _db(
         tmp_path / "tree.sqlite",
         "CREATE TABLE node (id INTEGER PRIMARY KEY, parent INT REFERENCES node(id), v REAL);",
@@ -422,6 +423,18 @@ async def test_a_child_of_a_quarantined_row_in_its_own_table_is_an_orphan(
         pg_dsn,
         "SELECT count(*) FROM pg_constraint WHERE conrelid = 'node'::regclass AND contype = 'f'",
     )
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+    db = sqlite3.connect(path)
+    db.execute("UPDATE node SET v = 2.5 WHERE id = 2")
+    db.execute("INSERT INTO node VALUES (10, 4, 1.0)")
+    db.commit()
+    db.close()
+    again = cli("run", *args)
+    assert 0 == again.returncode, again.stderr
+    assert [] == await _reasons(pg_dsn)
+    loaded = await fetchval(pg_dsn, "SELECT array_agg(id ORDER BY id) FROM node")
+    assert [1, 2, 3, 4, 5, 8, 9, 10] == loaded
     verified = cli("verify", *args)
     assert 0 == verified.returncode, verified.stdout + verified.stderr
 
