@@ -28,10 +28,10 @@ from flux_migrate.stages.extract import require_source_file, source_uri
 
 
 def read_source(
-    path: Path, busy_timeout: float = 10.0
+    path: Path, busy_timeout: float = 10.0, *, with_evidence: bool = True
 ) -> tuple[SourceSchema, dict[str, dict[str, Evidence]]]:
-    """The schema of the SQLite file and the evidence of every column of every table outside
-    the app profile, read over whole columns (read-only)."""
+    """The schema of the SQLite file and (``with_evidence``) the evidence of every column of
+    every table outside the app profile, read over whole columns (read-only)."""
     require_source_file(path)
     try:
         conn = sqlite3.connect(source_uri(path), uri=True, timeout=busy_timeout)
@@ -40,7 +40,11 @@ def read_source(
     try:
         conn.text_factory = bytes
         schema = discover(conn)
-        evidence = {t.name: table_evidence(conn, t) for t in schema.tables if app_table(t) is None}
+        evidence = {
+            t.name: table_evidence(conn, t)
+            for t in schema.tables
+            if with_evidence and app_table(t) is None
+        }
     except sqlite3.DatabaseError as exc:
         raise source_error(exc, path) from None
     finally:
@@ -56,7 +60,7 @@ def resolve_mapping(
 
     Raises SourceError (exit 2) naming every table or column the mapping does not place.
     """
-    schema, evidence = read_source(path, busy_timeout)
+    schema, evidence = read_source(path, busy_timeout, with_evidence=configured is None)
     if not schema.tables:
         raise SourceError(f"The SQLite file {path} has no tables to migrate.")
     mapping = configured or map_schema(schema, evidence)

@@ -112,6 +112,16 @@ def _affinity_kind(declared: str) -> Kind | None:
     return Kind.NUMERIC
 
 
+def needs_evidence(sc: SourceColumn, *, in_primary_key: bool, strict: bool) -> bool:
+    """Whether choose_column looks at this column's values (else its declared type decides)."""
+    if strict and sc.declared_type.strip().upper() == "ANY":
+        return True
+    kind = _affinity_kind(sc.declared_type)
+    if kind is Kind.NULLABLE_TEXT:
+        return not in_primary_key
+    return kind in (None, Kind.NUMERIC, Kind.INSTANT, Kind.JSON_VALUE)
+
+
 def choose_column(
     sc: SourceColumn, ev: Evidence, *, in_primary_key: bool, strict: bool = False
 ) -> Column:
