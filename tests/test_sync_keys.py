@@ -4,6 +4,7 @@ integers, self-referencing trees deleted as a whole (real PostgreSQL, real proce
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -137,6 +138,13 @@ async def test_an_untyped_integer_key_keeps_one_identity(tmp_path: Path, pg_dsn:
     await compare_table(path, pg_dsn, "kv")
     status = cli("status", *args)
     assert " 19 " in status.stdout and "quarantined" in status.stdout, status.stdout
+    _change(path, "UPDATE kv SET v = 'bad' WHERE k = 8")  # its previous version stays
+    assert EXIT_QUARANTINED == cli("sync", *args).returncode
+    checked = cli("verify", *args)
+    assert "not in the source" not in checked.stdout, checked.stdout
+    assert EXIT_OK == checked.returncode, checked.stdout + checked.stderr
+    status = cli("status", *args)
+    assert re.search(r"\bkv\b.*\s18\s+1\s", status.stdout), status.stdout
 
 
 TREE = (
