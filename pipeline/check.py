@@ -110,9 +110,9 @@ def _node_lines(title: str, node: dict[str, Any]) -> list[str]:
         shown = "behind every recent primary position" if lag is None else f"at most {lag:.3f} s"
         out.append(f"    replay lag: {shown}, receiver {node.get('receiver')}")
     pool, waits = node["pool"], node["pool"]["acquire_wait"]
-    out.append(
-        f"    pool: size {pool['size']}, idle {pool['idle']}, in use {pool['in_use']},"
-        f" min {pool['min']}, max {pool['max']}"
+    out.append(  # the health probe's own pool, not the app's pool checked above
+        f"    probe pool: size {pool['size']}, idle {pool['idle']}, in use {pool['in_use']}"
+        f" (opened min {pool['min']}, max {pool['max']})"
     )
     p50 = "-" if waits["p50_ms"] is None else f"{waits['p50_ms']:.2f} ms"
     p99 = "-" if waits["p99_ms"] is None else f"{waits['p99_ms']:.2f} ms"

@@ -80,7 +80,7 @@ async def build_primary_keys(
         async def build(conn: asyncpg.Connection, sql: str = pk.sql) -> None:
             await conn.execute(sql)
 
-        log.info("constraint_build_started", constraint=pk.name)
+        log.debug("constraint_build_started", constraint=pk.name)
         try:
             await target.retrying(build, what=f"building {pk.name}")
             continue

@@ -38,7 +38,7 @@ async def build_constraints(
         if (c.name, pg_identifier(names.table(c.table))) in have:
             continue
         stop.check()
-        log.info("constraint_build_started", constraint=c.name)
+        log.debug("constraint_build_started", constraint=c.name)
         await build_one(target, c, repair)
     await target.retrying(
         lambda c: bookkeeping.clear_constraints_pending(c, names.schema), what="recording the keys"

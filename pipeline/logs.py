@@ -50,6 +50,15 @@ def _drop_run_id(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+def _drop_zero_counts(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """For people: a count of 0, or a resume point at the very start, says nothing (JSON
+    keeps every key)."""
+    for key, value in list(event_dict.items()):
+        if type(value) is int and (value == 0 or (key.startswith("after_") and value < 0)):
+            del event_dict[key]
+    return event_dict
+
+
 def add_log_arguments(p: argparse.ArgumentParser) -> None:
     """The output options every command takes: --log-format, -v and -q."""
     p.add_argument(
@@ -108,7 +117,13 @@ def configure(log_format: str | None = None, *, verbose: bool = False, quiet: bo
         factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
         colors = on_terminal and console().color_system is not None
-        processors.append(structlog.dev.ConsoleRenderer(colors=colors))
+        processors.append(_drop_zero_counts)
+        # Compact, to fit 80 columns: no padding, keys in the order the event gives them.
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=colors, pad_event_to=0, pad_level=False, sort_keys=False
+            )
+        )
         factory = _console_logger
     structlog.configure(
         processors=processors,

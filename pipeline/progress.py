@@ -48,12 +48,21 @@ class NoProgress:
         pass
 
 
+def compact(n: float) -> str:
+    """A count in at most 6 characters: 9,999, 123.4k, 9.50M (the summary has exact ones)."""
+    if n < 10_000:
+        return f"{n:,.0f}"
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1_000_000:.2f}M" if n < 100_000_000 else f"{n / 1_000_000:,.0f}M"
+
+
 class _Rows(ProgressColumn):
-    """Rows done of total, with thousands separators."""
+    """Rows done of total, compact so that a line fits 80 columns."""
 
     def render(self, task: Task) -> Text:
-        total = f"{task.total:,.0f}" if task.total is not None else "?"
-        return Text(f"{task.completed:>11,.0f} / {total}", style="progress.download")
+        total = compact(task.total) if task.total is not None else "?"
+        return Text(f"{compact(task.completed)}/{total}", style="progress.download")
 
 
 class _Rate(ProgressColumn):
@@ -62,7 +71,7 @@ class _Rate(ProgressColumn):
     def render(self, task: Task) -> Text:
         elapsed = task.elapsed
         rate = task.completed / elapsed if elapsed else 0.0
-        return Text(f"{rate:>9,.0f} rows/s", style="progress.data.speed")
+        return Text(f"{compact(rate)} rows/s", style="progress.data.speed")
 
 
 class _Quarantined(ProgressColumn):
@@ -80,7 +89,7 @@ class LiveProgress:
     def __init__(self, out: Console | None = None) -> None:
         self._bars = RichProgress(
             TextColumn("[bold]{task.description:<9}"),
-            BarColumn(bar_width=30),
+            BarColumn(bar_width=10),
             _Rows(),
             _Rate(),
             TextColumn("ETA"),

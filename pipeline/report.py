@@ -94,6 +94,7 @@ class TableReport:
     seconds: float = 0.0
     up_to_date: bool = False
     requeued: int = 0  # quarantined rows of earlier runs loaded now (fixed in the source)
+    total_loaded: int | None = None  # loaded by every run of this table (its checkpoint)
 
     @property
     def rows_per_second(self) -> float:
@@ -133,21 +134,35 @@ class RunReport:
         }
 
 
+_UNFINISHED = {
+    "failed": "This run FAILED (the error is on stderr): the counts are what it committed.",
+    "interrupted": "This run was INTERRUPTED: the counts are what it committed; rerun to resume.",
+}
+
+
 def print_summary(report: RunReport, out: TextIO | None = None) -> None:
-    """The summary table of a run, and the time the keys took."""
+    """The summary table of a run (a run that did not finish says so first; a resumed run
+    adds what every run together loaded), and the time the keys took."""
     out = out or sys.stdout
-    rows = [("table", "read", "loaded", "not loaded", "seconds", "rows/s")]
+    if report.status in _UNFINISHED:
+        out.write(_UNFINISHED[report.status] + "\n")
+    totals = any(
+        t.total_loaded is not None and t.total_loaded != t.loaded for t in report.tables.values()
+    )
+    header = ("table", "read", "loaded", "not loaded", "seconds", "rows/s")
+    rows: list[tuple[str, ...]] = [header + (("total loaded",) if totals else ())]
     for name, t in report.tables.items():
-        rows.append(
-            (
-                name,
-                f"{t.extracted:,}",
-                f"{t.loaded:,}",
-                f"{t.quarantined + t.skipped:,}",
-                f"{t.seconds:.1f}",
-                f"{t.rows_per_second:,.0f}",
-            )
+        row: tuple[str, ...] = (
+            name,
+            f"{t.extracted:,}",
+            f"{t.loaded:,}",
+            f"{t.quarantined + t.skipped:,}",
+            f"{t.seconds:.1f}",
+            f"{t.rows_per_second:,.0f}",
         )
+        if totals:
+            row += (f"{t.total_loaded:,}" if t.total_loaded is not None else "",)
+        rows.append(row)
     print_table(rows, out)
     if report.constraints_seconds:
         out.write(f"keys and index built after the load in {report.constraints_seconds:.1f} s\n")

@@ -251,7 +251,7 @@ async def _finish(run: Run) -> None:
     await run.target.retrying(
         lambda c: check_accounting(c, run.settings, run.report), what="checking the accounting"
     )
-    run.report.quarantined_open = sum(c.quarantined for c in final.values())
+    _record_totals(run, final)
 
 
 async def _run_jsonl(run: Run) -> None:
@@ -266,7 +266,16 @@ async def _run_jsonl(run: Run) -> None:
     final = await run.target.retrying(
         lambda c: ckpt.read_checkpoints(c, run.schema), what="reading checkpoints"
     )
+    _record_totals(run, final)
+
+
+def _record_totals(run: Run, final: dict[str, ckpt.Checkpoint]) -> None:
+    """The rows quarantined by any run and not loaded since, and what every run together
+    loaded per table (a resumed run's summary shows it)."""
     run.report.quarantined_open = sum(c.quarantined for c in final.values())
+    for name, c in final.items():
+        if name in run.report.tables:
+            run.report.tables[name].total_loaded = c.loaded
 
 
 # ---------------------------------------------------------------- one table

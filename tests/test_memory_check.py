@@ -357,7 +357,9 @@ async def test_check_prints_memory_health(pg_dsn: str) -> None:
     assert result.health is not None
     assert ("primary", 3) == (result.health["role"], result.health["pool"]["max"])
     assert "memory health: ok, role primary" in text
-    assert "pool: size" in text and "acquire waits: 1, p50" in text
+    assert "probe pool: size" in text and "acquire waits: 1, p50" in text
+    pools = [line for line in text.splitlines() if line.strip().startswith("pool:")]
+    assert ["  pool: min 1, max 3, opened 1"] == pools  # one line about the app's pool
 
 
 def _app_file_in_the_old_shape(path: Path, metadata: str) -> None:

@@ -130,18 +130,24 @@ def test_print_table_keeps_long_cells_whole_when_not_a_terminal() -> None:
 
 def test_live_progress_shows_rows_rate_and_quarantined() -> None:
     """The live display has a line per table with rows done of total and rows quarantined."""
-    screen = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
+    screen = Console(file=io.StringIO(), force_terminal=True, width=80, record=True)
     with LiveProgress(screen) as progress:
         progress.start("sessions", 1_000)
         progress.advance("sessions", 600, 2)
         progress.advance("sessions", 400, 1)
         progress.finish("sessions")
-        progress.start("messages", 5_000)
-        progress.advance("messages", 2_000)
-    text = screen.export_text()
+        progress.start("messages", 9_500_000)
+        progress.advance("messages", 2_000_000, 12_345)
+        progress.start("audit.events", 41)
+        progress.advance("audit.events", 41)
+        frame = Console(file=io.StringIO(), width=80, record=True)
+        frame.print(progress._bars.get_renderable())  # the display as an 80-column screen shows it
+    text = frame.export_text()
     last = text.split("sessions")[-1]
-    assert "1,000 / 1,000" in last and "3 quarantined" in last and "rows/s" in last
-    assert "2,000 / 5,000" in text.split("messages")[-1]
+    assert "1,000/1,000" in last and "3 quarantined" in last and "rows/s" in last
+    assert "2.00M/9.50M" in text.split("messages")[-1]
+    assert "12,345 quarantined" in text.split("messages")[-1]  # nothing cut on 80 columns
+    assert 3 == len(text.splitlines())  # a line per table, none wrapped or cut
 
 
 @pytest.mark.parametrize(
@@ -157,3 +163,57 @@ def test_clip_keeps_whole_words(text: str, width: int, shown: str) -> None:
     """A message is shown whole when it fits, else as whole words and an ellipsis."""
     assert shown == clip(text, width)
     assert len(clip(text, width)) <= width
+
+
+def test_a_piped_run_of_the_app_database_prints_at_most_8_stderr_lines(
+    sample_db: Path, pg_dsn: str
+) -> None:
+    """Piped at the default level, a run of the app's memory.db prints a handful of lines:
+    keys and indexes are one line, counts of 0 and the run id's noise are not repeated."""
+    code, _, err = _run(sample_db, pg_dsn)
+    assert 0 == code, err
+    lines = err.splitlines()
+    assert len(lines) <= 8, err
+    assert 1 == sum("constraint" in line for line in lines), err
+    assert not any("=0 " in f"{line} " for line in lines), err
+
+
+def test_an_unfinished_run_says_so_above_its_summary() -> None:
+    """A failed or interrupted run's summary starts by saying so; a completed one does not."""
+    from flux_migrate.pipeline.report import RunReport, TableReport, print_summary
+
+    for status, word in (("failed", "FAILED"), ("interrupted", "INTERRUPTED"), ("completed", "")):
+        report = RunReport(run_id="r", status=status)
+        report.tables["messages"] = TableReport(extracted=10, loaded=10, seconds=1.0)
+        out = io.StringIO()
+        print_summary(report, out)
+        first = out.getvalue().splitlines()[0]
+        assert word in first if word else first.startswith("table"), first
+
+
+def test_a_resumed_run_shows_what_every_run_loaded(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A rerun that loads the rows added since shows, beside this run's counts, the total
+    every run loaded per table."""
+    import shutil
+    import sqlite3
+
+    source = tmp_path / "memory.db"
+    shutil.copyfile(sample_db, source)
+    assert 0 == _run(source, pg_dsn)[0]
+    db = sqlite3.connect(source)
+    total = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    db.execute(
+        "INSERT INTO messages (id, session_id, role, content, metadata, created_at)"
+        " SELECT 'n' || substr(id, 2), session_id, role, content, metadata, created_at"
+        " FROM messages LIMIT 5"
+    )
+    db.commit()
+    db.close()
+    code, out, err = _run(source, pg_dsn)
+    assert 0 == code, err
+    header, _, *rows = out.splitlines()[-4:]
+    assert header.split()[-2:] == ["total", "loaded"], out
+    messages = next(r for r in out.splitlines() if r.startswith("messages"))
+    assert ["5", "5", f"{total + 5:,}"] == [messages.split()[i] for i in (1, 2, -1)], out
