@@ -189,7 +189,7 @@ async def _memory_health(
         result.problems.append("the read replica (POSTGRES_READ_DSN) does not answer")
     elif replica is not None and not replica["ok"]:
         result.problems.append(
-            f"the read replica (POSTGRES_READ_DSN) is refused: {replica['error']}"
+            f"the read replica (POSTGRES_READ_DSN) is not used: {replica['error']}"
         )
 
 

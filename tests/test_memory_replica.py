@@ -376,8 +376,9 @@ async def test_a_standby_cut_off_from_its_primary_is_not_used(pg_dsn: str, read_
                 assert session is not None and "written after the cut" == session["title"]
             health = await reader.health()
         assert reader.replica is not None and 0 == reader.replica.reads
-        assert health["replica"]["fresh"] is False
+        assert (False, False) == (health["replica"]["fresh"], health["replica"]["ok"])
         assert health["replica"]["receiver"] != "streaming"
+        assert "reads go to the primary" in health["replica"]["error"]
     finally:
         await _set_standby_upstream(read_dsn, upstream)
         await _until_receiver(read_dsn, streaming=True)

@@ -1026,6 +1026,18 @@ class PostgresMemory(MemoryBase):
                 "standby",
             )
 
+    async def _fresh_within(self, node: Node, conn: asyncpg.Connection, seconds: float) -> bool:
+        """Whether the standby is fresh, asking again for up to ``seconds`` (a first look has
+        only a primary position of now, which even a healthy standby reaches a moment later)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            needed = await self._needed_position()
+            if needed is not None and await self._standby_is_fresh(node, conn, needed):
+                return True
+            if time.monotonic() >= deadline or needed is None:
+                return False
+            await anyio.sleep(0.05)
+
     # -------------------------------------------------------------- health
 
     async def health(self) -> dict[str, Any]:
@@ -1081,9 +1093,15 @@ class PostgresMemory(MemoryBase):
             out["receiver"] = status if running else "stopped"
         try:
             await self._check_cluster(node, conn)
-            needed = await self._needed_position()
-            out["fresh"] = needed is not None and await self._standby_is_fresh(node, conn, needed)
+            out["fresh"] = await self._fresh_within(node, conn, self.timeouts.health)
             out["replay_lag_s"] = self.staleness(node.replay_lsn)
+            if not out["fresh"]:
+                receiver = "" if node.receiving else " (its WAL receiver is not streaming)"
+                out.update(
+                    ok=False,
+                    error=f"the standby is behind the primary by more than"
+                    f" {self.max_replica_lag:g} s{receiver}; reads go to the primary",
+                )
         except ReplicaRefused as exc:
             out.update(ok=False, fresh=False, error=exc.message)
 
