@@ -221,11 +221,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 settings, databases, dry_run=args.dry_run, stop=stop, progress=progress
             ),
         )
-    quarantined = print_sync(report, show=args.show) if report.tables else 0
+    quarantined = (
+        print_sync(report, show=args.show, jsonl=jsonl is not None) if report.tables else 0
+    )
     if jsonl is not None:
         print("JSONL files (new lines loaded, rewritten files reconciled, as `run` does):")
         print_summary(jsonl)
         quarantined += jsonl.quarantined_open
+        for table, key, kind in jsonl.conflicts[: args.show]:
+            print(f"  {table} {printable(key)}: {kind}")
+        if jsonl.conflicts:
+            return errors.EXIT_CONFLICTS
     elif args.dry_run and settings.jsonl:
         print("JSONL files are caught up by sync without --dry-run (as `run` does).")
     return sync_exit_code(report, quarantined)

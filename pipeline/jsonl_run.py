@@ -33,10 +33,12 @@ from flux_migrate.core.errors import (
 from flux_migrate.core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
     JsonlMeta,
+    adopt_rows,
     begin_reconcile,
     clear_jsonl_table,
     ensure_jsonl_bookkeeping,
     finish_reconcile,
+    foreign_rows,
     is_jsonl_fingerprint,
     read_jsonl_columns,
 )
@@ -88,7 +90,8 @@ class JsonlOutcome:
     gone: int = 0
     gone_sample: list[str] = field(default_factory=list)
     deleted: int = 0
-    kept_unsure: bool = False  # a snapshot's gone records kept: a quarantined line has no id
+    kept_unsure: bool = False  # a snapshot's gone records kept (someone else's, or unsure)
+    conflicts: list[str] = field(default_factory=list)  # ids left as PostgreSQL has them
     waiting: tuple[int, int] | None = None  # (offset, bytes) of a last line without newline
 
 
@@ -213,6 +216,7 @@ async def prepare_jsonl_table(
                 EMPTY_DIGEST,
             )
     checkpoint = (await ckpt.read_checkpoints(conn, schema))[jf.table]
+    await adopt_rows(conn, schema, jf.table)
     columns, pk = await read_jsonl_columns(conn, schema, jf.table)
     return checkpoint, table_from_catalog(jf.table, columns, pk)
 
@@ -317,8 +321,8 @@ async def _finish_reconcile(
         what="finishing the reconcile",
     )
     outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
-    outcome.deleted = gone if deleted else 0
-    outcome.kept_unsure = jf.snapshot and bool(gone) and not deleted
+    outcome.deleted = deleted
+    outcome.kept_unsure = jf.snapshot and gone > deleted
     tlog.info(
         "file_reconciled",
         inserted=outcome.inserted,
@@ -444,6 +448,7 @@ async def _stream(
         for column in result.added:
             outcome.columns_added.append(column.name)
             tlog.warning("column_added", column=column.name, type=column.pg_type)
+        outcome.conflicts += result.conflicts
         outcome.inserted += result.inserted
         outcome.updated += result.updated
         outcome.unchanged += result.unchanged
@@ -513,6 +518,13 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
             f"{jf.table}: added column(s) {', '.join(o.columns_added)} for keys the file's"
             " records gained (ALTER TABLE ADD COLUMN)."
         )
+    if o.conflicts:
+        notes.append(
+            f"{jf.table}: {len(o.conflicts):,} record(s) left as PostgreSQL has them: changed"
+            " there by someone else, and the file holds another version"
+            f" ({', '.join(o.conflicts[:10])}{', ...' if len(o.conflicts) > 10 else ''};"
+            " recorded in flux_migrate.conflicts as changed_in_both)."
+        )
     if o.rewritten:
         notes.append(
             f"{jf.table}: {jf.path.name} was rewritten since the last run (the bytes before its"
@@ -526,9 +538,12 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
             " the line ends; for a file the app no longer writes, run again with --final."
         )
     if o.reconciled:
-        kept = "deleted (snapshot)" if o.deleted else "kept in the table"
+        kept = f"{o.deleted:,} deleted (snapshot)" if o.deleted else "kept in the table"
         if o.kept_unsure:
-            kept += " (not deleted: a quarantined line's id could not be read, it may be one)"
+            kept += (
+                f", {o.gone - o.deleted:,} kept: written or changed by someone else in"
+                " PostgreSQL, or a quarantined line's id could not be read (it may be one)"
+            )
         sample = f" ({', '.join(o.gone_sample)}{', ...' if o.gone > len(o.gone_sample) else ''})"
         gone = f"{o.gone:,} gone from the file, {kept}{sample}" if o.gone else "none gone"
         notes.append(
@@ -558,12 +573,21 @@ async def check_jsonl_accounting(
         if meta is None or meta.reconcile_until is not None:
             continue  # a reconcile pass not finished yet (a torn last line): checked after it
         in_target = await conn.fetchval(f"SELECT count(*) FROM {qualified(schema, jf.table)}")
-        if in_target != c.loaded + meta.retained:
-            raise RuntimeFailure(
-                f"Table {qualified(schema, jf.table)} holds {in_target} rows but flux-migrate"
-                f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); something"
-                " else wrote to it."
+        expected = c.loaded + meta.retained
+        if in_target == expected:
+            continue
+        foreign = await foreign_rows(conn, schema, jf.table)
+        if in_target - foreign <= expected <= in_target:
+            report.notes.append(
+                f"{jf.table}: {foreign:,} row(s) were written or changed by someone else in"
+                " PostgreSQL; flux-migrate leaves them as they are."
             )
+            continue
+        raise RuntimeFailure(
+            f"Table {qualified(schema, jf.table)} holds {in_target} rows but flux-migrate"
+            f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); rows it wrote"
+            " were deleted by someone else. Reload it with --restart --yes."
+        )
 
 
 async def run_jsonl_tables(
@@ -583,6 +607,7 @@ async def run_jsonl_tables(
             target, settings, jf, run_id, report, progress, stop
         )
         report.notes += outcome_notes(jf, outcomes[jf.table])
+        report.conflicts += [(jf.table, k, "changed_in_both") for k in outcomes[jf.table].conflicts]
     await target.retrying(
         lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
         what="checking the accounting",

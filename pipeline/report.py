@@ -119,6 +119,8 @@ class RunReport:
     constraints_seconds: float = 0.0
     quarantined_open: int = 0  # rows quarantined by any run and not loaded since
     notes: list[str] = field(default_factory=list)  # sentences printed after the summary
+    # (table, key, kind): rows left as PostgreSQL has them (JSONL reconcile; sync exits 4)
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def quarantined(self) -> int:

@@ -10,9 +10,12 @@ from flux_migrate.pipeline.report import print_table, printable
 from flux_migrate.pipeline.sync import SyncReport
 
 
-def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None) -> int:
+def print_sync(
+    report: SyncReport, *, show: int = 20, out: TextIO | None = None, jsonl: bool = False
+) -> int:
     """Print per table what sync did (or would do), then the conflicts by name; return the
-    number of source rows quarantined and not loaded."""
+    number of source rows quarantined and not loaded (``jsonl``: JSONL files follow, so "up
+    to date" speaks of the SQLite tables only)."""
     out = out or sys.stdout
     would = "would " if report.dry_run else ""
     header = ("table", "scanned", f"{would}insert", f"{would}update", f"{would}delete")
@@ -27,7 +30,11 @@ def print_sync(report: SyncReport, *, show: int = 20, out: TextIO | None = None)
             "Dry run: nothing was written; the counts, conflicts and exit code are those the"
             " sync would have now.\n"
         )
-    if report.idle:
+    if report.idle and jsonl:
+        out.write(
+            "The SQLite tables are up to date: nothing changed in them since the last sync.\n"
+        )
+    elif report.idle:
         out.write("The target is up to date: nothing changed in the source since the last sync.\n")
     conflicts = report.conflicts
     if conflicts:

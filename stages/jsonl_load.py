@@ -20,7 +20,7 @@ import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
-from flux_migrate.core.jsonl_bookkeeping import mark_seen, seen_before
+from flux_migrate.core.jsonl_bookkeeping import mark_seen, ours, record_write, seen_before
 from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import Column, qualified, quote_ident
 from flux_migrate.core.target import Target
@@ -63,6 +63,7 @@ class JsonlBatchResult:
     already: bool = False
     already_quarantined: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)  # ids left as PostgreSQL has them
 
     @property
     def quarantined_count(self) -> int:
@@ -101,6 +102,7 @@ def _refused(exc: BaseException, offset: int, line: bytes, key: str | None) -> R
     )
 
 
+Written = tuple[int, int, list[str]]  # inserted, updated, ids left alone as conflicts
 Apply = Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Any]
 
 
@@ -128,37 +130,50 @@ async def _isolating(
 
 
 def _copy_into(ctx: JsonlLoadContext, columns: tuple[str, ...]) -> Apply:
-    async def copy(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+    async def copy(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> Written:
         await conn.copy_records_to_table(
             ctx.table, records=rows, columns=columns, schema_name=ctx.schema
         )
-        return len(rows), 0
+        await record_write(conn, ctx.schema, ctx.table)
+        return len(rows), 0, []
 
     return copy
 
 
 def _upsert_into(ctx: JsonlLoadContext, columns: tuple[str, ...], stage: str) -> Apply:
+    """Upsert by id through the staging table; a row someone else wrote or changed in
+    PostgreSQL is never overwritten: when the file's record differs from it, its id is
+    returned as a conflict."""
     target = qualified(ctx.schema, ctx.table)
     cols = ", ".join(quote_ident(c) for c in columns)
     others = [c for c in columns if c != "id"]
+    mine = f"t.xmin IN {ours()}"
     if others:
         sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
         old = ", ".join(f"t.{quote_ident(c)}" for c in others)
         new = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in others)
-        action = f"DO UPDATE SET {sets} WHERE ROW({old}) IS DISTINCT FROM ROW({new})"
+        action = f"DO UPDATE SET {sets} WHERE ROW({old}) IS DISTINCT FROM ROW({new}) AND {mine}"
+        staged = ", ".join(f"s.{quote_ident(c)}" for c in others)
+        differs = f"ROW({old}) IS DISTINCT FROM ROW({staged})"
     else:
-        action = "DO NOTHING"
+        action, differs = "DO NOTHING", "false"
+    conflicts_sql = (
+        f"SELECT s.id FROM {quote_ident(stage)} s JOIN {target} t ON t.id = s.id"
+        f" WHERE NOT ({mine}) AND {differs}"
+    )
     sql = (
         f"WITH moved AS (DELETE FROM {quote_ident(stage)} RETURNING {cols})"
         f" INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM moved"
         f" ON CONFLICT (id) {action} RETURNING (xmax = 0) AS inserted"
     )
 
-    async def upsert(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+    async def upsert(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> Written:
         await conn.copy_records_to_table(stage, records=rows, columns=columns)
-        written = await conn.fetch(sql)
+        conflicts = [r["id"] for r in await conn.fetch(conflicts_sql, ctx.schema, ctx.table)]
+        written = await conn.fetch(sql, ctx.schema, ctx.table)
+        await record_write(conn, ctx.schema, ctx.table)
         inserted = sum(1 for r in written if r["inserted"])
-        return inserted, len(written) - inserted
+        return inserted, len(written) - inserted, conflicts
 
     return upsert
 
@@ -193,43 +208,9 @@ async def commit_jsonl_batch(
             )
         for column in converted.added:
             await conn.execute(add_column_sql(schema, table, column))
-        columns = converted.table.column_names
-        rows, raw, ids = batch.rows, batch.raw, converted.ids
-        rejects = list(batch.rejects)
-        reconciling = ctx.reconciling(batch)
-        if reconciling and rows:
-            rows, raw, ids, duplicates = await _drop_duplicates(conn, ctx, rows, raw, ids)
-            rejects += duplicates
-        refused: list[Reject] = []
-        inserted = updated = 0
-        if rows:
-            if reconciling:
-                stage = f"flux_stage_jsonl_{batch.seq}"
-                await conn.execute(
-                    f"CREATE TEMP TABLE {quote_ident(stage)}"
-                    f" (LIKE {qualified(schema, table)}) ON COMMIT DROP"
-                )
-                apply = _upsert_into(ctx, columns, stage)
-            else:
-                apply = _copy_into(ctx, columns)
-            refused, results = await _isolating(conn, apply, rows, raw, ids)
-            inserted = sum(r[0] for r in results)
-            updated = sum(r[1] for r in results)
-            if reconciling:
-                not_loaded = {r.rowid for r in refused}
-                loaded_ids = [
-                    key
-                    for key, source in zip(ids, raw, strict=True)
-                    if key is not None and source[0] not in not_loaded
-                ]
-                await mark_seen(conn, schema, table, loaded_ids)
-        rejects += refused
-        if reconciling:
-            met = [r.key for r in rejects if r.key is not None]
-            await mark_seen(conn, schema, table, met, loaded=False)
-        if rejects:
-            await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, rejects))
-        loaded = len(rows) - len(refused)
+        w = await _write_rows(conn, ctx, converted)
+        if w.rejects:
+            await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, w.rejects))
         await ckpt.advance_checkpoint(
             conn,
             schema,
@@ -237,15 +218,78 @@ async def commit_jsonl_batch(
             last_rowid=batch.last_rowid,
             last_key=batch.last_key,
             extracted=batch.extracted,
-            loaded=loaded,
-            quarantined=len(rejects),
-            skipped=0,
+            loaded=w.loaded,
+            quarantined=len(w.rejects),
+            skipped=len(w.conflicts),
             run_id=ctx.run_id,
         )
-    unchanged = loaded - inserted - updated if reconciling else 0
     return JsonlBatchResult(
-        batch, loaded, rejects, converted.added, inserted, updated if reconciling else 0, unchanged
+        batch,
+        w.loaded,
+        w.rejects,
+        converted.added,
+        w.inserted,
+        w.updated,
+        w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
+        conflicts=w.conflicts,
     )
+
+
+@dataclass
+class _Writes:
+    loaded: int = 0
+    inserted: int = 0
+    updated: int = 0
+    rejects: list[Reject] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+async def _write_rows(
+    conn: asyncpg.Connection, ctx: JsonlLoadContext, converted: ConvertedBatch
+) -> _Writes:
+    """Write a batch's rows: COPY on append; in a reconcile pass an upsert by id that skips
+    ids loaded before (duplicates), leaves rows changed by someone else (conflicts, recorded)
+    and records every id met."""
+    batch = converted.batch
+    schema, table = ctx.schema, ctx.table
+    rows, raw, ids = batch.rows, batch.raw, converted.ids
+    out = _Writes(rejects=list(batch.rejects))
+    reconciling = ctx.reconciling(batch)
+    if reconciling and rows:
+        rows, raw, ids, duplicates = await _drop_duplicates(conn, ctx, rows, raw, ids)
+        out.rejects += duplicates
+    refused: list[Reject] = []
+    if rows:
+        if reconciling:
+            stage = f"flux_stage_jsonl_{batch.seq}"
+            await conn.execute(
+                f"CREATE TEMP TABLE {quote_ident(stage)}"
+                f" (LIKE {qualified(schema, table)}) ON COMMIT DROP"
+            )
+            apply = _upsert_into(ctx, converted.table.column_names, stage)
+        else:
+            apply = _copy_into(ctx, converted.table.column_names)
+        refused, results = await _isolating(conn, apply, rows, raw, ids)
+        out.inserted = sum(r[0] for r in results)
+        out.updated = sum(r[1] for r in results) if reconciling else 0
+        out.conflicts = [key for r in results for key in r[2]]
+    out.rejects += refused
+    out.loaded = len(rows) - len(refused) - len(out.conflicts)
+    if reconciling:
+        left = {r.rowid for r in refused}
+        kept = set(out.conflicts)
+        loaded_ids = [
+            key
+            for key, source in zip(ids, raw, strict=True)
+            if key is not None and source[0] not in left and key not in kept
+        ]
+        await mark_seen(conn, schema, table, loaded_ids)
+        met = [r.key for r in out.rejects if r.key is not None] + out.conflicts
+        await mark_seen(conn, schema, table, met, loaded=False)
+        await ckpt.record_conflicts(
+            conn, schema, table, [(k, "changed_in_both") for k in out.conflicts], ctx.run_id
+        )
+    return out
 
 
 async def _drop_duplicates(

@@ -462,3 +462,78 @@ async def test_one_file_named_by_data_dir_and_jsonl_is_one_file(
     )
     assert 0 == done.returncode, done.stdout + done.stderr
     assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM feedback")
+
+
+# ---------------------------------------------------------------- 4: sync keeps PostgreSQL's
+
+
+async def test_sync_never_overwrites_a_jsonl_row_changed_in_postgresql(
+    tmp_path: Path, pg_dsn: str, sample_db: Path
+) -> None:
+    """After cut-over a corrections row edited in PostgreSQL and a row inserted there survive
+    a rewrite of the file and every later sync: the edited row is named as a conflict (exit 4,
+    flux_migrate.conflicts), the inserted one is kept, the other records follow the file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sample_db, data / "memory.db")
+    path = data / "corrections.jsonl"
+    path.write_bytes(b"".join(line(correction(n)) for n in range(5)))
+    args = ["--data-dir", str(data), "--postgres-dsn", pg_dsn, "--no-progress"]
+    assert 0 == cli("run", *args).returncode
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE corrections SET status = 'fixed in pg' WHERE id = 'c1'")
+        await conn.execute("INSERT INTO corrections (id, status) VALUES ('pg1', 'made in pg')")
+    finally:
+        await conn.close()
+    rewritten = [correction(0), correction(1), correction(2, "approved"), correction(3)]
+    path.write_bytes(b"".join(line(r) for r in rewritten))
+    synced = cli("sync", *args)
+    assert 4 == synced.returncode, synced.stdout + synced.stderr
+    assert "corrections c1: changed_in_both" in synced.stdout
+    assert "nothing changed in the source" not in synced.stdout
+    statuses = json.loads(
+        await fetchval(pg_dsn, "SELECT json_object_agg(id, status) FROM corrections")
+    )
+    assert {
+        "c0": "pending",
+        "c1": "fixed in pg",
+        "c2": "approved",
+        "c3": "pending",
+        "c4": "pending",
+        "pg1": "made in pg",
+    } == statuses
+    conflicts = await fetchval(
+        pg_dsn, "SELECT array_agg(key || ':' || kind) FROM flux_migrate.conflicts"
+    )
+    assert ["c1:changed_in_both"] == conflicts
+    with path.open("ab") as f:
+        f.write(line(correction(9)))
+    again = cli("sync", *args)
+    assert 0 == again.returncode, again.stdout + again.stderr
+    assert "fixed in pg" == await fetchval(pg_dsn, "SELECT status FROM corrections WHERE id = 'c1'")
+    assert 7 == await fetchval(pg_dsn, "SELECT count(*) FROM corrections")
+
+
+async def test_a_snapshot_never_deletes_a_row_someone_else_wrote(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A row inserted or changed in PostgreSQL and gone from a rewritten snapshot file is kept
+    (and said), a row flux-migrate wrote and gone is deleted."""
+    path = tmp_path / "corrections.jsonl"
+    jf = JsonlFile.of(path, snapshot=True)
+    path.write_bytes(b"".join(line(correction(n)) for n in range(4)))
+    await run(pg_dsn, jf)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE corrections SET status = 'fixed in pg' WHERE id = 'c1'")
+        await conn.execute("INSERT INTO corrections (id, status) VALUES ('pg1', 'made in pg')")
+    finally:
+        await conn.close()
+    path.write_bytes(line(correction(0)) + line(correction(3)))
+    report, outcomes = await run(pg_dsn, jf)
+    o = outcomes["corrections"]
+    assert (3, 1, True) == (o.gone, o.deleted, o.kept_unsure)
+    ids = await fetchval(pg_dsn, "SELECT array_agg(id ORDER BY id) FROM corrections")
+    assert ["c0", "c1", "c3", "pg1"] == ids
+    assert "completed" == (await run(pg_dsn, jf))[0].status

@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncpg
 
-from flux_migrate.core.bookkeeping import CHECKPOINTS, QUARANTINE
-from flux_migrate.core.jsonl_schema import JSONL_DDL, JSONL_SEEN
+from flux_migrate.core.bookkeeping import CHECKPOINTS, CONFLICTS, QUARANTINE
+from flux_migrate.core.jsonl_schema import JSONL_DDL, JSONL_SEEN, JSONL_WRITES
 from flux_migrate.core.schema import qualified
 
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
@@ -59,6 +59,53 @@ async def ensure_jsonl_bookkeeping(conn: asyncpg.Connection) -> None:
         await conn.execute(JSONL_DDL)
 
 
+def ours(schema_param: str = "$1", table_param: str = "$2") -> str:
+    """SQL: the xmins of the rows flux-migrate wrote in a JSONL table (a row whose xmin is not
+    among them was written, or changed, by someone else)."""
+    where = f"w.target_schema = {schema_param} AND w.source_table = {table_param}"
+    return (
+        f"(SELECT w.xmin FROM {JSONL_WRITES} w WHERE {where}"
+        f" UNION ALL SELECT w.adopted FROM {JSONL_WRITES} w WHERE {where}"
+        " AND w.adopted IS NOT NULL)"
+    )
+
+
+async def record_write(conn: asyncpg.Connection, schema: str, table: str) -> None:
+    """Mark the current (sub)transaction as flux-migrate's writing rows of ``table``."""
+    await conn.execute(
+        f"INSERT INTO {JSONL_WRITES} (target_schema, source_table) VALUES ($1, $2)", schema, table
+    )
+
+
+async def adopt_rows(conn: asyncpg.Connection, schema: str, table: str) -> None:
+    """A table loaded before writes were recorded: its rows as they are now are flux-migrate's."""
+    if await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM {JSONL_WRITES} WHERE target_schema = $1"
+        " AND source_table = $2)",
+        schema,
+        table,
+    ):
+        return
+    await conn.execute(
+        f"INSERT INTO {JSONL_WRITES} (target_schema, source_table, adopted)"
+        f" SELECT DISTINCT $1, $2, t.xmin FROM {qualified(schema, table)} t",
+        schema,
+        table,
+    )
+    await record_write(conn, schema, table)
+
+
+async def foreign_rows(conn: asyncpg.Connection, schema: str, table: str) -> int:
+    """How many rows of the table someone else wrote or changed."""
+    return int(
+        await conn.fetchval(
+            f"SELECT count(*) FROM {qualified(schema, table)} t WHERE t.xmin NOT IN {ours()}",
+            schema,
+            table,
+        )
+    )
+
+
 async def set_meta(conn: asyncpg.Connection, schema: str, table: str, meta: JsonlMeta) -> None:
     await conn.execute(
         f"UPDATE {CHECKPOINTS} SET fingerprint = $3, updated_at = now()"
@@ -87,11 +134,11 @@ async def begin_reconcile(
             EMPTY_DIGEST,
             meta.dumps(),
         )
-        await conn.execute(
+        for sql in (
             f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
-            schema,
-            table,
-        )
+            f"DELETE FROM {CONFLICTS} WHERE target_schema = $1 AND source_table = $2",
+        ):
+            await conn.execute(sql, schema, table)
         await conn.execute(
             f"UPDATE {QUARANTINE} SET resolved_at = now(), resolution = 'file_rewritten'"
             " WHERE target_schema = $1 AND source_table = $2 AND resolved_at IS NULL",
@@ -163,12 +210,13 @@ async def finish_reconcile(
     meta: JsonlMeta,
     *,
     snapshot: bool,
-) -> tuple[int, list[str], bool]:
+) -> tuple[int, list[str], int]:
     """End a reconcile pass: the table's records whose id the pass never met (loaded, or
     quarantined with its id) are gone from the file; they are counted, and deleted when the
     file is a snapshot, unless the pass quarantined a line whose id could not be read (it may
-    be one of them: nothing is deleted then). Returns their count, the first few ids and
-    whether they were deleted. One transaction, which also clears the pass's ids and its mark
+    be one of them: nothing is deleted then) or someone else wrote or changed the row in
+    PostgreSQL (never deleted). Returns their count, the first few ids and how many were
+    deleted. One transaction, which also clears the pass's ids and its mark
     in the meta."""
     target = qualified(schema, table)
     gone_where = (
@@ -188,9 +236,15 @@ async def finish_reconcile(
             schema,
             table,
         )
-        delete = snapshot and bool(gone) and unreadable == 0
-        if delete:
-            await conn.execute(f"DELETE FROM {target} t WHERE {gone_where}", schema, table)
+        deleted = 0
+        if snapshot and gone and unreadable == 0:  # never a row someone else wrote or changed
+            deleted = len(
+                await conn.fetch(
+                    f"DELETE FROM {target} t WHERE {gone_where} AND t.xmin IN {ours()} RETURNING 1",
+                    schema,
+                    table,
+                )
+            )
         stale = await conn.fetchval(  # kept as they were: their new line is quarantined
             f"SELECT count(*) FROM {target} t JOIN {JSONL_SEEN} s ON s.target_schema = $1"
             " AND s.source_table = $2 AND s.id = t.id::text AND NOT s.loaded",
@@ -205,11 +259,11 @@ async def finish_reconcile(
         done = JsonlMeta(
             file=meta.file,
             reconcile_until=None,
-            retained=stale + (0 if delete else len(gone)),
+            retained=stale + len(gone) - deleted,
             rewrites=meta.rewrites,
         )
         await set_meta(conn, schema, table, done)
-    return len(gone), gone[:GONE_SAMPLE], delete
+    return len(gone), gone[:GONE_SAMPLE], deleted
 
 
 async def clear_jsonl_table(
@@ -225,6 +279,7 @@ async def clear_jsonl_table(
         f"DELETE FROM {CHECKPOINTS} WHERE target_schema = $1 AND source_table = $2",
         f"DELETE FROM {QUARANTINE} WHERE target_schema = $1 AND source_table = $2",
         f"DELETE FROM {JSONL_SEEN} WHERE target_schema = $1 AND source_table = $2",
+        f"DELETE FROM {JSONL_WRITES} WHERE target_schema = $1 AND source_table = $2",
     ):
         await conn.execute(sql, schema, table)
 

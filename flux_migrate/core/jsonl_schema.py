@@ -175,6 +175,10 @@ def add_column_sql(schema: str, table: str, column: Column) -> str:
 # an id loaded twice is a duplicate, an id of the table never met is gone from the file, and an
 # id met only on quarantined lines (``loaded`` false) keeps its row as it was.
 JSONL_SEEN = f"{BOOKKEEPING_SCHEMA}.jsonl_seen"
+# One row per (sub)transaction that wrote rows of a JSONL table, written in it: its xmin is the
+# rows' xmin for as long as nobody else writes them (the rule the SQLite tables' digest packs
+# follow). ``adopted`` holds the xmins of rows written before this table existed.
+JSONL_WRITES = f"{BOOKKEEPING_SCHEMA}.jsonl_writes"
 JSONL_DDL = f"""
 CREATE TABLE IF NOT EXISTS {JSONL_SEEN} (
     target_schema text NOT NULL,
@@ -183,4 +187,11 @@ CREATE TABLE IF NOT EXISTS {JSONL_SEEN} (
     PRIMARY KEY (target_schema, source_table, id)
 );
 ALTER TABLE {JSONL_SEEN} ADD COLUMN IF NOT EXISTS loaded boolean NOT NULL DEFAULT true;
+CREATE TABLE IF NOT EXISTS {JSONL_WRITES} (
+    target_schema text NOT NULL,
+    source_table text NOT NULL,
+    adopted xid,
+    written_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS jsonl_writes_table ON {JSONL_WRITES} (target_schema, source_table);
 """
