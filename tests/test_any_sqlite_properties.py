@@ -54,14 +54,17 @@ ROWIDS = st.one_of(
 def tables(draw: st.DrawFn) -> tuple[str, list[str], list[tuple[Any, ...]], str]:
     """DDL of one table, its column names, its rows (rowid first) and its key kind."""
     key = draw(st.sampled_from(KEYS))
+    strict = key != "without rowid" and draw(st.booleans())  # STRICT: ANY columns only
     names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True))
-    types = [draw(st.sampled_from(TYPES)) for _ in names]
+    types = ["ANY" if strict else draw(st.sampled_from(TYPES)) for _ in names]
     cols = [f"{quote_ident(n)} {t}".rstrip() for n, t in zip(names, types, strict=True)]
+    if draw(st.booleans()):  # a generated column, computed by SQLite from another
+        cols.append(f"g TEXT GENERATED ALWAYS AS (typeof({quote_ident(names[0])})) VIRTUAL")
     if key in ("rowid alias", "text key", "without rowid"):
         kind = "INTEGER" if key == "rowid alias" else "TEXT"
         cols.insert(0, f"k {kind} PRIMARY KEY")
         names = ["k", *names]
-    suffix = " WITHOUT ROWID" if key == "without rowid" else ""
+    suffix = " WITHOUT ROWID" if key == "without rowid" else " STRICT" if strict else ""
     ddl = f"CREATE TABLE t ({', '.join(cols)}){suffix}"
     n = draw(st.integers(min_value=0, max_value=8))
     rowids = draw(st.lists(ROWIDS, min_size=n, max_size=n, unique=True))
