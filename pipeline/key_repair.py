@@ -366,3 +366,31 @@ async def _remove_orphans(
         )
         moved += len(found)
     return moved
+
+
+async def remove_orphans(
+    src: aiosqlite.Connection,
+    target: Target,
+    settings: Settings,
+    run_id: str,
+    report: RunReport,
+    foreign_keys: Sequence[Constraint],
+) -> None:
+    """Before any of ``foreign_keys`` is built: quarantine the orphans of every one of them,
+    pass after pass until a pass finds none (removing a row may orphan rows of another table
+    in a cycle), so no delete ever meets a foreign key already built."""
+    by_name = {t.name: t for t in settings.tables}
+    generic = [c for c in foreign_keys if by_name[c.table].generic and c.parent in by_name]
+    for _ in range(MAX_ROUNDS):
+        moved = 0
+        for c in generic:
+            table = by_name[c.table]
+            n = await _remove_orphans(src, target, settings, run_id, table, c)
+            if n and table.name in report.tables:
+                report.tables[table.name].loaded -= n
+                report.tables[table.name].quarantined += n
+            if n:
+                log.warning("key_rows_quarantined", table=table.name, constraint=c.name, rows=n)
+            moved += n
+        if not moved:
+            return

@@ -26,17 +26,25 @@ async def build_constraints(
     stop: StopFlag,
     tables: tuple[Table, ...] | None = None,
     repair: Repair | None = None,
+    before_foreign_keys: Callable[[list[Constraint]], Awaitable[None]] | None = None,
 ) -> float:
     """Build the keys and index not yet built, then record that none is pending; return the
     seconds it took. Stops (Interrupted) between two builds when a stop was requested. Where
-    the rows break a key, ``repair`` (if given) may set them aside and build it."""
+    the rows break a key, ``repair`` (if given) may set them aside and build it;
+    ``before_foreign_keys`` gets the foreign keys to build, once, before the first of them."""
     started = time.monotonic()
     have = await target.retrying(
         lambda c: existing_constraints(c, names.schema), what="reading constraints"
     )
-    for c in constraints(names, tables):
-        if (c.name, pg_identifier(names.table(c.table))) in have:
-            continue
+    todo = [
+        c
+        for c in constraints(names, tables)
+        if (c.name, pg_identifier(names.table(c.table))) not in have
+    ]
+    foreign = [c for c in todo if c.kind == "fk"]
+    for c in todo:
+        if foreign and c is foreign[0] and before_foreign_keys is not None:
+            await before_foreign_keys(foreign)
         stop.check()
         log.debug("constraint_build_started", constraint=c.name)
         await build_one(target, c, repair)

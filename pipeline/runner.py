@@ -31,7 +31,7 @@ from flux_migrate.core.target import Target, connect
 from flux_migrate.pipeline.duplicates import build_primary_keys
 from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
-from flux_migrate.pipeline.key_repair import repair_key
+from flux_migrate.pipeline.key_repair import remove_orphans, repair_key
 from flux_migrate.pipeline.keys import build_constraints
 from flux_migrate.pipeline.mapping_source import check_target_schema, resolve_mapping
 from flux_migrate.pipeline.preflight import (
@@ -244,8 +244,11 @@ async def _finish(run: Run) -> None:
         repair = functools.partial(
             repair_key, run.src, run.target, run.settings, run.run_id, run.report
         )
+        orphans = functools.partial(
+            remove_orphans, run.src, run.target, run.settings, run.run_id, run.report
+        )
         run.report.constraints_seconds += await build_constraints(
-            run.target, run.settings.names, run.stop, run.settings.tables, repair
+            run.target, run.settings.names, run.stop, run.settings.tables, repair, orphans
         )
         log.info("constraints_built", seconds=round(run.report.constraints_seconds, 2))
     await run.target.retrying(

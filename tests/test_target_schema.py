@@ -439,6 +439,39 @@ async def test_a_child_of_a_quarantined_row_in_its_own_table_is_an_orphan(
     assert 0 == verified.returncode, verified.stdout + verified.stderr
 
 
+async def test_orphans_across_a_foreign_key_cycle_are_quarantined_pass_after_pass(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Two tables referencing each other (ON DELETE CASCADE): a row quarantined in one orphans
+    rows of the other, which orphan rows of the first; all are quarantined as orphan_row before
+    any foreign key exists (nothing deleted by a cascade), both keys are built, verify passes."""
+    path = _db(
+        tmp_path / "cycle.sqlite",
+        "CREATE TABLE a (id INTEGER PRIMARY KEY, b_id INT REFERENCES b(id) ON DELETE CASCADE);"
+        " CREATE TABLE b (id INTEGER PRIMARY KEY, a_id INT REFERENCES a(id) ON DELETE CASCADE,"
+        " v REAL);",
+        {
+            "a": [(1, 1), (2, 2), (3, None)],
+            "b": [(1, None, "bad"), (2, 1, 1.0), (3, 2, 1.0), (4, 3, 1.0)],
+        },
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    done = cli("run", *args)
+    assert 3 == done.returncode, done.stderr
+    assert [
+        "a:1:orphan_row",
+        "a:2:orphan_row",
+        "b:1:type_mismatch",
+        "b:2:orphan_row",
+        "b:3:orphan_row",
+    ] == await _reasons(pg_dsn)
+    assert [3] == await fetchval(pg_dsn, "SELECT array_agg(id) FROM a")
+    assert [4] == await fetchval(pg_dsn, "SELECT array_agg(id) FROM b")
+    assert 2 == await fetchval(pg_dsn, "SELECT count(*) FROM pg_constraint WHERE contype = 'f'")
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
 async def test_foreign_keys_postgresql_cannot_build_are_noted_not_failed(
     tmp_path: Path, pg_dsn: str
 ) -> None:
