@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 
 from flux_migrate.core.discover import discover
 from flux_migrate.core.mapping import map_schema
-from flux_migrate.core.schema import TargetNames, create_table_sql, predicate_sql
+from flux_migrate.core.schema import (
+    Column,
+    Kind,
+    Table,
+    TargetNames,
+    create_table_sql,
+    predicate_sql,
+)
+from flux_migrate.core.target_rules import default_sql, schema_problems
 from flux_migrate.stages.values import row_converter
 from tests.support import cli, fetchval
 
@@ -307,7 +315,7 @@ def test_what_postgresql_cannot_keep_is_named_in_a_note() -> None:
     conn.executescript(
         "CREATE TABLE p (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT COLLATE NOCASE,"
         " n INT CHECK (n > 0), note TEXT DEFAULT 'CHECK (x)');"
-        " CREATE TABLE c (id INTEGER PRIMARY KEY, p_id INT REFERENCES P(ID));"
+        " CREATE TABLE c (id INTEGER PRIMARY KEY, p_id INT REFERENCES P(ID) ON UPDATE CASCADE);"
         " CREATE INDEX c_ci ON c(p_id COLLATE NOCASE);"
         " CREATE TRIGGER p_touch AFTER UPDATE ON p BEGIN SELECT 1; END;"
     )
@@ -318,6 +326,7 @@ def test_what_postgresql_cannot_keep_is_named_in_a_note() -> None:
     assert "index c_ci on c compares with COLLATE NOCASE" in notes
     assert "trigger p_touch on p" in notes
     assert "table p has AUTOINCREMENT" in notes
+    assert "foreign key c(p_id) -> P has ON UPDATE CASCADE" in notes
     (fk,) = mapping.table("c").foreign_keys
     assert ("p", ("id",)) == (fk.parent, fk.parent_columns)
 
@@ -724,3 +733,19 @@ async def test_an_sqlite_index_named_like_a_key_of_another_table_is_built(
         " WHERE schemaname = 'public'",
     )
     assert ["t_pkey ON v", "t_pkey1 ON t", "v_pkey ON v"] == sorted(found)
+
+
+def test_defaults_and_names_are_checked_as_postgresql_would() -> None:
+    """A DEFAULT is rendered only when PostgreSQL holds it as written: no numeric past its
+    range, no text that is not UTF-8 or holds NUL, a string with quotes and backslashes exact;
+    a name that is not UTF-8 is a problem named before writing."""
+    assert default_sql(Kind.NUMERIC, "1e999999") is None
+    assert "1e5" == default_sql(Kind.NUMERIC, "1e5")
+    assert default_sql(Kind.REAL, "1e999") is None
+    assert default_sql(Kind.NULLABLE_TEXT, "'a\udcff'") is None
+    assert "E'it''s \\\\ x'" == default_sql(Kind.NULLABLE_TEXT, "'it''s \\ x'")
+    assert default_sql(Kind.INTEGER, "9223372036854775808") is None
+    assert default_sql(Kind.JSON_VALUE, "'[NaN]'") is None
+    table = Table("t", (Column("a\udcff", Kind.NULLABLE_TEXT),), primary_key=(), profile="generic")
+    (problem,) = schema_problems([table], ["t"])
+    assert "not UTF-8" in problem

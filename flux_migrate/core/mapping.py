@@ -277,6 +277,12 @@ def _not_kept(st: SourceTable, columns: Sequence[Column]) -> list[str]:
                 f"column {sc.name} of {st.name} has DEFAULT {sc.default}, not a {c.pg_type}"
                 " literal; created without a default"
             )
+    for fk in st.foreign_keys:
+        if fk.on_update not in ("", "NO ACTION"):
+            out.append(
+                f"foreign key {st.name}({', '.join(fk.columns)}) -> {fk.parent} has ON UPDATE"
+                f" {fk.on_update}; created without it (NO ACTION)"
+            )
     if st.checks:
         out.append(f"table {st.name} has CHECK constraints; not created in PostgreSQL")
     for collation in st.collations:

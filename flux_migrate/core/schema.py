@@ -464,7 +464,8 @@ def _columns_sql(columns: tuple[str, ...]) -> str:
 
 def pg_identifier(name: str) -> str:
     """``name`` as PostgreSQL keeps it: cut to 63 bytes at a character boundary."""
-    return name.encode()[:NAME_MAX_BYTES].decode("utf-8", "ignore")
+    kept = name.encode("utf-8", "surrogateescape")[:NAME_MAX_BYTES]
+    return kept.decode("utf-8", "ignore")
 
 
 class _Names:
@@ -476,6 +477,8 @@ class _Names:
         self.taken = set(taken)
 
     def give(self, head: str, tail: str) -> str:
+        # An SQLite index name need not be UTF-8; the target's name is (its bytes replaced).
+        head = head.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         name, n = fitted_name(head, tail), 0
         while name in self.taken:
             n += 1

@@ -14,6 +14,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 
 from flux_migrate.core.schema import (
     NAME_MAX_BYTES,
@@ -122,6 +123,26 @@ def _is_json(text: str) -> bool:
 _NOW = ("CURRENT_TIMESTAMP", "CURRENT_DATE", "NOW()")
 
 
+def _fits(kind: Kind, value: str) -> bool:
+    """Whether a number literal is one the column's type holds (a finite double; numeric's
+    131072 digits before the point and 16383 after)."""
+    if kind is Kind.REAL:
+        return math.isfinite(float(value))
+    number = Decimal(value)
+    return number.adjusted() < 131_072 and number.as_tuple().exponent >= -16_383  # type: ignore[operator]
+
+
+def _text_ok(value: str) -> bool:
+    """Text PostgreSQL can store: no NUL, no lone surrogate (bytes that were not UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def default_sql(kind: Kind, written: str) -> str | None:
     """The DEFAULT a column of ``kind`` gets for the literal ``written`` (SQLite's or the
     mapping's), rendered by flux-migrate; None when it is no literal the column holds as is
@@ -141,8 +162,10 @@ def default_sql(kind: Kind, written: str) -> str | None:
     if kind is Kind.INTEGER and not is_string and _INTEGER.match(value):
         return str(int(value)) if -(2**63) <= int(value) < 2**63 else None
     if kind in (Kind.REAL, Kind.NUMERIC) and not is_string:
-        return value if kind is Kind.NUMERIC or math.isfinite(float(value)) else None
-    if kind in (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.KEY) and is_string and "\x00" not in value:
+        return value if _fits(kind, value) else None
+    if is_string and not _text_ok(value):
+        return None  # NUL or bytes that are not UTF-8: PostgreSQL takes no such text
+    if kind in (Kind.TEXT, Kind.NULLABLE_TEXT, Kind.KEY) and is_string:
         return sql_string(value)
     if kind in (Kind.JSON_VALUE, Kind.JSON) and is_string and _is_json(value):
         if kind is Kind.JSON and not value.strip().startswith("{"):
@@ -227,7 +250,12 @@ def _table_problems(table: Table) -> list[str]:
             " it in SQLite, or add the columns it can do without to [ignore] columns"
         )
     for name in names:
-        if name == "":
+        if not _text_ok(name):
+            out.append(
+                f"a column of table {t} has a name that is not UTF-8 text ({name!r}), which"
+                " PostgreSQL refuses: rename it in SQLite"
+            )
+        elif name == "":
             out.append(
                 f'table {t} has a column with an empty name (""), which PostgreSQL refuses:'
                 " rename it in SQLite, or add it to [ignore] columns"
@@ -260,6 +288,11 @@ def schema_problems(tables: Sequence[Table], target_names: Sequence[str]) -> lis
     schema of ``tables`` (their target names in ``target_names``); empty when it takes it."""
     out = []
     for name in target_names:
+        if not _text_ok(name):
+            out.append(
+                f"table {name!r} has a name that is not UTF-8 text, which PostgreSQL refuses:"
+                " rename it in SQLite, or add it to [ignore] tables"
+            )
         if name == "":
             out.append(
                 'a table has an empty name (""), which PostgreSQL refuses: rename it in SQLite,'
