@@ -122,14 +122,13 @@ def infer_table(path: Path, name: str, *, limit: int) -> Table | None:
     primary key and no column yet); None while it holds no complete line. Every other column
     is added by the batches, typed from the file's values (``key_evidence``), whatever the
     batch size."""
-    offset, records, lines_seen = 0, 0, 0
+    offset, records = 0, 0
     keyed = True
     while offset < limit and records < EVIDENCE_LINES:
         spanned, lines = read_complete_lines(path, offset, limit=limit, max_lines=EVIDENCE_LINES)
         if not spanned:
             break
         offset += spanned
-        lines_seen += len(lines) or 1
         for _, line in lines:
             try:
                 record = parse_line(line)
@@ -363,10 +362,7 @@ async def run_jsonl_table(
     )
     start = await _checkpoint(target, schema, jf.table)
     started = time.monotonic()
-    complete = size if settings.jsonl_final else last_line_end(jf.path, size)
-    if complete < size and await anyio.to_thread.run_sync(_has_record_bytes, jf.path, complete):
-        outcome.waiting = (complete, size - complete)
-        tlog.warning("line_waiting", offset=complete, bytes=size - complete)
+    complete = await _complete_end(jf, size, settings.jsonl_final, outcome, tlog)
     if complete > offset:
         lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
         tlog.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
@@ -392,6 +388,34 @@ async def run_jsonl_table(
         treport.up_to_date = True
         tlog.info("table_up_to_date", last_offset=offset)
     stop.check()
+    await _close_table(target, schema, jf, run_id, meta, start, outcome, treport, tlog)
+    return outcome
+
+
+async def _complete_end(
+    jf: JsonlFile, size: int, final: bool, outcome: JsonlOutcome, tlog: Any
+) -> int:
+    """Where the complete lines end: ``size`` with --final, else after the last newline; a
+    record-looking last line without newline is said as waiting."""
+    complete = size if final else await anyio.to_thread.run_sync(last_line_end, jf.path, size)
+    if complete < size and await anyio.to_thread.run_sync(_has_record_bytes, jf.path, complete):
+        outcome.waiting = (complete, size - complete)
+        tlog.warning("line_waiting", offset=complete, bytes=size - complete)
+    return complete
+
+
+async def _close_table(
+    target: Target,
+    schema: str,
+    jf: JsonlFile,
+    run_id: str,
+    meta: JsonlMeta,
+    start: ckpt.Checkpoint,
+    outcome: JsonlOutcome,
+    treport: TableReport,
+    tlog: Any,
+) -> None:
+    """Finish a reconcile the run completed, then the table's counts from its checkpoint."""
     end = await _checkpoint(target, schema, jf.table)
     if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
         await _finish_reconcile(target, schema, jf, meta, outcome, tlog)
@@ -412,7 +436,6 @@ async def run_jsonl_table(
         quarantined=treport.quarantined,
         seconds=round(treport.seconds, 2),
     )
-    return outcome
 
 
 async def _stream(

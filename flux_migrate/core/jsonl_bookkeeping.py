@@ -271,6 +271,7 @@ async def clear_jsonl_table(
 ) -> None:
     """--restart of one JSONL table: drop it (empty it when flux-migrate did not create it) and
     forget its checkpoint, quarantine and reconcile ids (in the caller's transaction)."""
+    await conn.execute(JSONL_DDL)  # a target from before jsonl_writes existed
     if created:
         await conn.execute(f"DROP TABLE IF EXISTS {qualified(schema, table)}")
     elif await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", qualified(schema, table)):
