@@ -37,7 +37,7 @@ from flux_migrate.core.schema import (
     Kind,
     Predicate,
     Table,
-    predicate_sql,
+    condition_sql,
     quote_ident,
 )
 from flux_migrate.core.target import Target
@@ -125,6 +125,8 @@ def _holds(p: Predicate, value: Any) -> bool:
     renders it: numbers by value, booleans, text in byte order)."""
     if p.op in ("IS NULL", "IS NOT NULL"):
         return (value is None) == (p.op == "IS NULL")
+    if p.op in ("TRUE", "FALSE"):
+        return value is not None and (value != 0) == (p.op == "TRUE")
     if value is None or p.value is None:
         return False
     literal: Any
@@ -145,16 +147,15 @@ def _holds(p: Predicate, value: Any) -> bool:
     return result
 
 
-def _condition(table: Table, c: Constraint) -> Predicate | None:
-    """The partial unique index's condition behind ``c`` (None for a whole-table key)."""
+def _condition(table: Table, c: Constraint) -> tuple[Predicate, ...]:
+    """The partial unique index's condition behind ``c`` (empty for a whole-table key)."""
     if c.where is None:
-        return None
+        return ()
     for ix in table.indexes:
-        if ix.where is None or not ix.unique or ix.columns != c.columns:
-            continue
-        if predicate_sql(ix.where, table.column(ix.where.column)) == c.where:
+        same = ix.where and ix.unique and ix.columns == c.columns
+        if same and condition_sql(ix.where, table) == c.where:
             return ix.where
-    return None
+    return ()
 
 
 async def _source_rows(
@@ -165,13 +166,13 @@ async def _source_rows(
     bad: set[tuple[Any, ...]],
     upto: int,
     skip: set[int],
-    condition: Predicate | None = None,
+    condition: tuple[Predicate, ...] = (),
 ) -> Found:
     """The loaded source rows (converted as the load converts them) whose ``columns`` hold one
     of the ``bad`` key values, in source order; rows quarantined (``skip``) are not loaded."""
     found: Found = []
     first = 0 if table.without_rowid else FIRST_ROWID
-    at = table.column_names.index(condition.column) if condition else -1
+    names = table.column_names
     async for batch in extract(
         src, table, after_rowid=first, upto_rowid=upto, batch_size=SCAN_BATCH
     ):
@@ -180,7 +181,9 @@ async def _source_rows(
         )
         for row, raw in zip(converted.rows, converted.raw, strict=True):
             rowid = int(raw[0])
-            if rowid in skip or (condition is not None and not _holds(condition, row[at])):
+            if rowid in skip:
+                continue
+            if not all(_holds(p, row[names.index(p.column)]) for p in condition):
                 continue
             if _key(table, columns, row) in bad:
                 found.append((rowid, tuple(row), tuple(raw)))

@@ -24,8 +24,8 @@ from flux_migrate.core.schema import (
     Kind,
     Table,
     TargetNames,
+    condition_sql,
     create_table_sql,
-    predicate_sql,
 )
 from flux_migrate.core.target_rules import default_sql, schema_problems
 from flux_migrate.stages.values import row_converter
@@ -249,8 +249,9 @@ async def test_partial_index_conditions_are_translated_as_sqlite_reads_them(
     tmp_path: Path, pg_dsn: str
 ) -> None:
     """`active = 1` on a boolean becomes `= true`, an unquoted `Flag` names column "Flag",
-    a number against a text column is text, a string against an integer a number, and text
-    order is byte order; every index is built and keeps the rows SQLite's keeps."""
+    a number against a text column is text, a string against an integer a number, text order
+    is byte order, a column alone is its truth value, TRUE is 1, AND joins them; every index
+    is built and keeps the rows SQLite's keeps."""
     path = _db(
         tmp_path / "p.sqlite",
         'CREATE TABLE u (id INTEGER PRIMARY KEY, active BOOLEAN, "Flag" TEXT, code TEXT, n INT);'
@@ -258,7 +259,8 @@ async def test_partial_index_conditions_are_translated_as_sqlite_reads_them(
         " CREATE INDEX u_flag ON u(n) WHERE Flag IS NOT NULL;"
         " CREATE INDEX u_code ON u(n) WHERE code = 5;"
         " CREATE INDEX u_n ON u(code) WHERE n == '3';"
-        " CREATE INDEX u_after ON u(n) WHERE code > 'm';",
+        " CREATE INDEX u_after ON u(n) WHERE code > 'm';"
+        " CREATE INDEX u_both ON u(n) WHERE active AND (Flag IS NOT NULL) AND n <> TRUE;",
         {"u": [(1, 1, "x", "a", 3), (2, 0, None, "a", 4), (3, 0, "y", "5", 3)]},
     )
     done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
@@ -274,6 +276,7 @@ async def test_partial_index_conditions_are_translated_as_sqlite_reads_them(
         "u_code": "(code = '5'::text)",
         "u_n": "(n = 3)",
         "u_after": "((code COLLATE \"C\") > 'm'::text)",
+        "u_both": '(active AND ("Flag" IS NOT NULL) AND (n <> 1))',
     } == json.loads(found)
 
 
@@ -553,20 +556,32 @@ _CONDITION_COLUMNS = {"n": "INTEGER", "x": "REAL", "flag": "BOOLEAN", "Code": "T
 
 
 @st.composite
-def _conditions(draw: st.DrawFn) -> tuple[str, list[tuple[object, ...]]]:
-    """A one-comparison condition as SQLite SQL (any column, any operator, a literal of any
-    type, the name in any case) and rows of values for the four columns."""
+def _comparison(draw: st.DrawFn) -> str:
+    """One comparison in SQLite SQL: any column (its name in any case), any operator, a literal
+    of any type, or the column itself as a truth value."""
     column = draw(st.sampled_from(sorted(_CONDITION_COLUMNS)))
-    op = draw(st.sampled_from(_OPS))
+    name = draw(st.sampled_from([column, column.upper(), column.lower(), f'"{column}"']))
+    op = draw(st.sampled_from((*_OPS, "TRUTH", "NOT")))
     literal = draw(
         st.one_of(
             st.integers(-3, 3).map(str),
-            st.sampled_from(["1.5", "-0.5", "2e0"]),
+            st.sampled_from(["1.5", "-0.5", "2e0", "TRUE", "false"]),
             st.text(alphabet="ab1'\\ ", max_size=3).map(lambda t: "'" + t.replace("'", "''") + "'"),
         )
     )
-    name = draw(st.sampled_from([column, column.upper(), column.lower(), f'"{column}"']))
-    condition = f"{name} {op}" if op.startswith("IS") else f"{name} {op} {literal}"
+    if op == "TRUTH":
+        return name
+    if op == "NOT":
+        return f"NOT {name}"
+    comparison = f"{name} {op}" if op.startswith("IS") else f"{name} {op} {literal}"
+    return f"({comparison})" if draw(st.booleans()) else comparison
+
+
+@st.composite
+def _conditions(draw: st.DrawFn) -> tuple[str, list[tuple[object, ...]]]:
+    """A condition of one to three comparisons joined by AND, and rows of values for the four
+    columns."""
+    condition = " AND ".join(draw(st.lists(_comparison(), min_size=1, max_size=3)))
     texts = st.one_of(st.none(), st.text(alphabet="ab1'\\ ", max_size=3))
     rows = draw(
         st.lists(
@@ -608,8 +623,8 @@ def test_a_translated_condition_selects_the_rows_sqlite_selects(
         return
     event("translated")
     (index,) = table.indexes
-    assert index.where is not None
-    where = predicate_sql(index.where, table.column(index.where.column))
+    where = condition_sql(index.where, table)
+    assert where is not None
     expected = {r[0] for r in db.execute(f"SELECT id FROM t WHERE {condition}")}
     convert = row_converter(table)
     converted = [convert((i, *r)) for i, r in enumerate(rows)]

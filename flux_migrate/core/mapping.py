@@ -27,8 +27,10 @@ from flux_migrate.core.schema import (
     ForeignKey,
     Index,
     Kind,
+    Predicate,
     Table,
-    predicate_sql,
+    condition_sql,
+    where_text,
 )
 from flux_migrate.core.target_rules import (
     MAX_KEY_COLUMNS,
@@ -251,13 +253,14 @@ def _index(
             f" {MAX_KEY_COLUMNS}; not created"
         )
         return None
-    where = None
+    where: tuple[Predicate, ...] = ()
     if si.where is not None:
-        by_name = {c.name: c for c in columns}
-        where = parse_condition(si.where, list(by_name))
-        if where is None or predicate_sql(where, by_name[where.column]) is None:
+        found = parse_condition(si.where, [c.name for c in columns])
+        probe = Table(table, tuple(columns), primary_key=(), profile="generic")
+        if not found or condition_sql(found, probe) is None:
             notes.append(f"index {si.name} on {table} has WHERE {si.where}; not created")
             return None
+        where = found
     if si.collations:
         notes.append(
             f"index {si.name} on {table} compares with COLLATE {', '.join(si.collations)} in"
@@ -539,8 +542,8 @@ def to_toml(mapping: Mapping, *, comments: bool = True) -> str:
                 f"columns = {_list(ix.columns)}",
             ]
             out.append(f"unique = {'true' if ix.unique else 'false'}")
-            if ix.where is not None:
-                out.append(f"where = {_q(ix.where.source_text())}")
+            if ix.where:
+                out.append(f"where = {_q(where_text(ix.where))}")
     return "\n".join(out) + "\n"
 
 
@@ -663,11 +666,11 @@ def _index_entry(raw: Any, table: tuple[Column, ...], where: str) -> Index:
     if not isinstance(name, str) or not name:
         raise MappingError(f"{where} lacks a name")
     condition = i.get("where")
-    predicate = None
+    predicate: tuple[Predicate, ...] | None = ()
     if condition is not None:
         predicate = parse_condition(condition, columns) if isinstance(condition, str) else None
-        column = next((c for c in table if predicate and c.name == predicate.column), None)
-        if predicate is None or column is None or predicate_sql(predicate, column) is None:
+        probe = Table(str(name), table, primary_key=(), profile="generic")
+        if not predicate or condition_sql(predicate, probe) is None:
             raise MappingError(
                 f"{where} ({name}): where = {condition!r} is not a condition PostgreSQL reads"
                 " as SQLite does; write `column IS [NOT] NULL` or `column = literal` with a"
@@ -677,7 +680,7 @@ def _index_entry(raw: Any, table: tuple[Column, ...], where: str) -> Index:
         name,
         _existing(_str_list(i.get("columns"), f"{where} columns"), columns, f"{where} columns"),
         _flag(i, "unique", where),
-        predicate,
+        predicate or (),
     )
 
 

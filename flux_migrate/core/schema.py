@@ -125,12 +125,16 @@ class Predicate:
     parts (never as SQL text) and rendered for PostgreSQL by its column's kind."""
 
     column: str
-    op: str  # "IS NULL", "IS NOT NULL", "=", "<>", "<", ">", "<=", ">="
+    # "IS NULL", "IS NOT NULL", "=", "<>", "<", ">", "<=", ">=", or "TRUE" / "FALSE" (the
+    # column itself as a condition, as SQLite reads it: a number other than 0, or 0)
+    op: str
     value: str | None = None  # the literal: a number as written, or a string's content
     is_string: bool = False
 
     def source_text(self) -> str:
         """The condition in SQLite's SQL (what the mapping file holds)."""
+        if self.op in ("TRUE", "FALSE"):
+            return ("" if self.op == "TRUE" else "NOT ") + quote_ident(self.column)
         if self.value is None:
             return f"{quote_ident(self.column)} {self.op}"
         value = "'" + self.value.replace("'", "''") + "'" if self.is_string else self.value
@@ -144,7 +148,12 @@ class Index:
     name: str
     columns: tuple[str, ...]
     unique: bool = False
-    where: Predicate | None = None
+    where: tuple[Predicate, ...] = ()  # a partial index's condition: all of these hold
+
+
+def where_text(parts: tuple[Predicate, ...]) -> str:
+    """A partial index's condition in SQLite's SQL."""
+    return " AND ".join(p.source_text() for p in parts)
 
 
 @dataclass(frozen=True)
@@ -295,6 +304,12 @@ def predicate_sql(p: Predicate, column: Column) -> str | None:
     SQLite compares by the column's affinity: ``1`` against a TEXT column is the text '1',
     ``'5'`` against an INTEGER column the number 5, and text in byte order (COLLATE "C")."""
     col = quote_ident(p.column)
+    if p.op in ("TRUE", "FALSE"):
+        if column.kind is Kind.BOOLEAN:
+            return col if p.op == "TRUE" else f"NOT {col}"
+        if column.kind in _NUMBER_KINDS:
+            return f"{col} {'<>' if p.op == 'TRUE' else '='} 0"
+        return None  # SQLite reads text as the number it starts with: no PostgreSQL twin
     if p.value is None:
         return f"{col} {p.op}"
     value = p.value.strip()
@@ -487,10 +502,18 @@ class _Names:
         return name
 
 
+def condition_sql(parts: tuple[Predicate, ...], table: Table) -> str | None:
+    """A partial index's condition for PostgreSQL; None when a part has no twin there."""
+    rendered = [predicate_sql(p, table.column(p.column)) for p in parts]
+    if any(r is None for r in rendered):
+        return None
+    return " AND ".join(f"({r})" if len(rendered) > 1 else str(r) for r in rendered)
+
+
 def _index_constraint(table: Table, ix: Index, name: str, where: str) -> Constraint:
     """One SQLite index as a target index (its condition rendered, or left out: the mapping
-    only keeps indexes whose condition predicate_sql renders)."""
-    condition = predicate_sql(ix.where, table.column(ix.where.column)) if ix.where else None
+    only keeps indexes whose condition condition_sql renders)."""
+    condition = condition_sql(ix.where, table) if ix.where else None
     unique = "UNIQUE " if ix.unique else ""
     partial = f" WHERE {condition}" if condition else ""
     sql = (

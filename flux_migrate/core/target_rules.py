@@ -177,11 +177,15 @@ def default_sql(kind: Kind, written: str) -> str | None:
 # ------------------------------------------------------------------ partial-index conditions
 
 _IDENT = r'"(?:[^"]|"")+"|`(?:[^`]|``)+`|\[[^\]]+\]|[A-Za-z_][\w$]*'
-_LITERAL = r"[eE]?'(?:[^']|'')*'|[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_LITERAL = r"[eE]?'(?:[^']|'')*'|[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|TRUE|FALSE"
 _CONDITION = re.compile(
     rf"^\s*({_IDENT})\s*(?:(IS\s+NOT\s+NULL|NOTNULL|NOT\s+NULL)|(IS\s+NULL|ISNULL)"
     rf"|(==|=|<>|!=|<=|>=|<|>)\s*({_LITERAL}))\s*$",
     re.IGNORECASE | re.DOTALL,
+)
+_TRUTH = re.compile(rf"^\s*(NOT\s+)?({_IDENT})\s*$", re.IGNORECASE | re.DOTALL)
+_QUOTED_OR_WORD = re.compile(
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\[[^\]]*\]|\w+|.", re.DOTALL
 )
 
 
@@ -204,9 +208,61 @@ def resolve_name(name: str, names: Sequence[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def parse_condition(text: str, columns: Sequence[str]) -> Predicate | None:
-    """A partial index's WHERE (SQLite SQL) as a Predicate on one of ``columns``, its name
-    resolved as SQLite does (``Flag`` is column ``flag``); None for any other condition."""
+def _conjuncts(text: str) -> list[str] | None:
+    """``text`` split at its top-level ANDs (outside quotes and parentheses), each part
+    without the parentheses around it; None when an OR or unbalanced parenthesis is there."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for token in _QUOTED_OR_WORD.findall(text):
+        word = token.upper()
+        depth += (token == "(") - (token == ")")
+        if depth < 0 or (depth == 0 and word == "OR"):
+            return None
+        if depth == 0 and word == "AND":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(token)
+    parts.append("".join(current))
+    return [_unwrapped(p) for p in parts] if depth == 0 else None
+
+
+def _unwrapped(part: str) -> str:
+    """``part`` without the parentheses that enclose all of it."""
+    text = part.strip()
+    while text.startswith("(") and text.endswith(")"):
+        inner = _conjuncts(text[1:-1])
+        if inner is None or len(inner) != 1:
+            break  # "(a) = (b)", or an AND inside: not one comparison in parentheses
+        text = text[1:-1].strip()
+    return text
+
+
+def parse_condition(text: str, columns: Sequence[str]) -> tuple[Predicate, ...] | None:
+    """A partial index's WHERE (SQLite SQL) as comparisons that must all hold, each on one of
+    ``columns`` (its name resolved as SQLite does: ``Flag`` is column ``flag``): ``col op
+    literal``, ``col IS [NOT] NULL``, ``col`` or ``NOT col``, joined by AND; None for any other
+    condition."""
+    parts = _conjuncts(text)
+    if not parts:
+        return None
+    out = []
+    for part in parts:
+        predicate = _predicate(part, columns)
+        if predicate is None:
+            return None
+        out.append(predicate)
+    return tuple(out)
+
+
+def _predicate(text: str, columns: Sequence[str]) -> Predicate | None:
+    truth = _TRUTH.match(text)
+    if truth is not None and truth.group(2).upper() not in ("NOT", "NULL", "TRUE", "FALSE"):
+        column = resolve_name(_unquote(truth.group(2)), columns)
+        if column is None:
+            return None
+        return Predicate(column, "FALSE" if truth.group(1) else "TRUE")
     found = _CONDITION.match(text)
     if found is None:
         return None
@@ -218,6 +274,9 @@ def parse_condition(text: str, columns: Sequence[str]) -> Predicate | None:
     if found.group(3):
         return Predicate(column, "IS NULL")
     op = {"==": "=", "!=": "<>"}.get(found.group(4), found.group(4))
+    word = found.group(5).upper()
+    if word in ("TRUE", "FALSE"):  # SQLite's TRUE and FALSE are the integers 1 and 0
+        return Predicate(column, op, "1" if word == "TRUE" else "0")
     literal = parse_literal(found.group(5))
     if literal is None:
         return None
@@ -317,7 +376,7 @@ def schema_problems(tables: Sequence[Table], target_names: Sequence[str]) -> lis
 
 def _unique_sets(table: Table) -> list[frozenset[str]]:
     sets = [frozenset(table.primary_key)] if table.primary_key else []
-    sets += [frozenset(i.columns) for i in table.indexes if i.unique and i.where is None]
+    sets += [frozenset(i.columns) for i in table.indexes if i.unique and not i.where]
     return sets
 
 
