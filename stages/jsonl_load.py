@@ -131,9 +131,15 @@ async def _isolating(
 
 def _copy_into(ctx: JsonlLoadContext, columns: tuple[str, ...]) -> Apply:
     async def copy(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> Written:
-        await conn.copy_records_to_table(
-            ctx.table, records=rows, columns=columns, schema_name=ctx.schema
-        )
+        if not columns:  # no key has held a value yet: rows without columns (COPY needs one)
+            target = qualified(ctx.schema, ctx.table)
+            await conn.execute(
+                f"INSERT INTO {target} SELECT FROM generate_series(1, $1)", len(rows)
+            )
+        else:
+            await conn.copy_records_to_table(
+                ctx.table, records=rows, columns=columns, schema_name=ctx.schema
+            )
         await record_write(conn, ctx.schema, ctx.table)
         return len(rows), 0, []
 

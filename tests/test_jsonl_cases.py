@@ -537,3 +537,17 @@ async def test_a_snapshot_never_deletes_a_row_someone_else_wrote(
     ids = await fetchval(pg_dsn, "SELECT array_agg(id ORDER BY id) FROM corrections")
     assert ["c0", "c1", "c3", "pg1"] == ids
     assert "completed" == (await run(pg_dsn, jf))[0].status
+
+
+async def test_records_without_any_value_load_into_a_table_without_columns_yet(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Records with no id and no non-null value yet ({} and all-null) load as rows; a key's
+    first value later adds its column, and verify agrees."""
+    path = tmp_path / "pings.jsonl"
+    jf = JsonlFile.of(path)
+    path.write_bytes(b'{"a": null}\n{}\n{"x": 1}\n{}\n')
+    report, _ = await run(pg_dsn, jf, batch_size=1)
+    assert (4, 0) == (report.tables["pings"].loaded, report.tables["pings"].quarantined)
+    assert [None, None, 1, None] == await fetchval(pg_dsn, "SELECT array_agg(x) FROM pings")
+    assert (await verify(pg_dsn, jf)).ok

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.pipeline.jsonl_run import JsonlFile, migrate_jsonl
+from flux_migrate.pipeline.jsonl_verify import verify_jsonl
 from flux_migrate.pipeline.settings import Settings
 from tests.support import start_cli
 from tests.test_jsonl import correction, feedback_record, line
@@ -267,3 +268,74 @@ def test_appends_rewrites_torn_lines_and_kills_leave_the_table_equal_to_the_file
         else:
             anyio.run(clean_run_and_check, backend="asyncio")
     anyio.run(clean_run_and_check, backend="asyncio")
+
+
+# ---------------------------------------------------------------- types do not depend on batches
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["2024-05-01T10:00:00", "2024-05-01T10:00:00+05:30", "lee", "", "1"]),
+    st.lists(st.integers(0, 3), max_size=2),
+)
+records = st.lists(
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), values, max_size=3), min_size=1, max_size=12
+)
+
+
+async def _load_and_describe(dsn: str, schema: str, path: Path, batch_size: int) -> Any:
+    s = Settings(postgres_dsn=dsn, batch_size=batch_size, names=TargetNames(schema=schema))
+    report, _ = await migrate_jsonl(s, [JsonlFile.of(path)])
+    conn = await asyncpg.connect(dsn)
+    try:
+        types = await conn.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = $1 ORDER BY column_name",
+            schema,
+        )
+        rows = await conn.fetch(f'SELECT to_jsonb(t)::text AS r FROM "{schema}".things t')
+        quarantined = await conn.fetch(
+            "SELECT source_rowid, reason FROM flux_migrate.quarantine WHERE target_schema = $1"
+            " ORDER BY 1",
+            schema,
+        )
+    finally:
+        await conn.close()
+    (verified,) = await verify_jsonl(
+        Settings(postgres_dsn=dsn, names=TargetNames(schema=schema), jsonl=(JsonlFile.of(path),))
+    )
+    return (
+        [tuple(t) for t in types],
+        sorted(r["r"] for r in rows),
+        [tuple(q) for q in quarantined],
+        report.tables["things"].loaded + report.tables["things"].quarantined,
+        verified.ok,
+    )
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=records, small=st.integers(1, 3))
+def test_types_rows_and_quarantine_do_not_depend_on_the_batch_size(
+    tmp_path: Path, pg_dsn: str, batch: list[dict[str, Any]], small: int
+) -> None:
+    """A file without a profile gives the same column types, rows and quarantine whatever the
+    batch size, every line is loaded or quarantined, and verify agrees."""
+    name = uuid.uuid4().hex[:10]
+    path = tmp_path / name / "things.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"".join(line(r) for r in batch))
+
+    async def both() -> tuple[Any, Any]:
+        one = await _load_and_describe(pg_dsn, f"s_{name}", path, small)
+        many = await _load_and_describe(pg_dsn, f"m_{name}", path, 100)
+        return one, many
+
+    one, many = anyio.run(both, backend="asyncio")
+    assert one == many
+    assert (len(batch), True) == (one[3], one[4])
