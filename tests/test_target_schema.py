@@ -10,6 +10,7 @@ import base64
 import json
 import random
 import sqlite3
+import tomllib
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flux_migrate.core.discover import discover
-from flux_migrate.core.mapping import map_schema
+from flux_migrate.core.mapping import map_schema, read_mapping, to_toml
 from flux_migrate.core.schema import (
     Column,
     Kind,
@@ -764,3 +765,20 @@ def test_defaults_and_names_are_checked_as_postgresql_would() -> None:
     table = Table("t", (Column("a\udcff", Kind.NULLABLE_TEXT),), primary_key=(), profile="generic")
     (problem,) = schema_problems([table], ["t"])
     assert "not UTF-8" in problem
+
+
+def test_the_mapping_file_reads_back_to_the_same_target() -> None:
+    """init's TOML of conditions (AND, truth values, quotes, backslashes) and defaults reads
+    back to the same mapping, so `run --config` builds what `run` would."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, a BOOLEAN DEFAULT 1, b TEXT DEFAULT 'it''s \\ x',"
+        " j JSON DEFAULT '{\"k\": [1]}', n NUMERIC DEFAULT -1.5e3, w TEXT);"
+        " CREATE INDEX t_p ON t(w) WHERE a AND b <> 'it''s \\' AND (n >= 2);"
+        " CREATE UNIQUE INDEX t_q ON t(b) WHERE NOT a;"
+    )
+    mapping = map_schema(discover(conn), {})
+    assert 2 == len(mapping.table("t").indexes)
+    again = read_mapping(tomllib.loads(to_toml(mapping)))
+    assert to_toml(mapping, comments=False) == to_toml(again, comments=False)
+    assert mapping.table("t").indexes == again.table("t").indexes
