@@ -148,3 +148,26 @@ def test_without_database_backend_the_apps_data_dir_memory_db(
 async def _one_session(memory: SQLiteMemory) -> str:
     async with memory:
         return await memory.create_session("default path")
+
+
+def test_the_apps_factory_on_sqlite_exits_and_uses_the_data_dir(tmp_path: Path) -> None:
+    """Without DATABASE_BACKEND the same app runs on SQLite in ./data/memory.db (case 14),
+    one memory across 30 asyncio.run requests, and the process exits at the end (its
+    connection's thread is stopped at exit instead of keeping the process alive)."""
+    app = tmp_path / "app"
+    (app / "agent").mkdir(parents=True)
+    (app / "agent" / "__init__.py").write_text("")
+    (app / "agent" / "memory.py").write_text(APP_FACTORY)
+    (app / "serve.py").write_text(textwrap.dedent(APP_REQUESTS))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_BACKEND", "SQLITE_PATH")}
+    done = subprocess.run(
+        [sys.executable, "serve.py"],
+        cwd=app,
+        env={**env, "DATA_DIR": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ("", "1 30") == (done.stderr, done.stdout.strip())
+    assert (app / "data" / "memory.db").is_file()

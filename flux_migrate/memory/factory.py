@@ -14,7 +14,6 @@ messages by default), ``POSTGRES_READ_DSN`` (optional standby for reads),
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import math
 import os
@@ -189,7 +188,10 @@ class _Shared:
         self.pid = os.getpid()
         self.memories: dict[MemorySettings, SQLiteMemory | PostgresMemory] = {}
         self.lock = threading.Lock()
-        atexit.register(self.close_all)
+        # Before the interpreter waits for non-daemon threads (an open aiosqlite connection is
+        # one, and would keep the process alive); plain atexit runs only after that wait.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(self.close_all)
 
     def get(self, settings: MemorySettings) -> SQLiteMemory | PostgresMemory:
         with self.lock:
@@ -216,13 +218,10 @@ class _Shared:
 
 
 def _close_sqlite(memory: SQLiteMemory) -> None:
+    """Close the connection and stop its thread without an event loop (none is left)."""
     conn, memory._conn = memory._conn, None
-    if conn is None:
-        return
-    try:
-        asyncio.run(conn.close())
-    except Exception:  # noqa: BLE001 - at exit: the OS closes the file anyway
-        pass
+    if conn is not None:
+        conn.stop()
 
 
 _SHARED = _Shared()
