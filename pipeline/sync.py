@@ -38,7 +38,7 @@ from flux_migrate.pipeline.runner import (
 )
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.sync_apply import PARENT_MISSING, Applier, TableSync
+from flux_migrate.pipeline.sync_apply import Applier, TableSync
 from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
 from flux_migrate.stages.extract import fetch_rows, open_source
 
@@ -186,12 +186,13 @@ def _add_round(report: SyncReport, later: SyncReport) -> None:
 
 
 async def _name_unsynced(target: Target, schema: str, report: SyncReport) -> None:
-    """Record the rows still waiting as PARENT_MISSING conflicts (the source did not change
-    while this sync ran, so no later sync would take them either)."""
+    """Record the rows still waiting as conflicts (PARENT_MISSING, or CHILD_ROWS_KEPT for a
+    changed unique key rows still reference): the source did not change while this sync ran,
+    so no later sync would take them either."""
     for name, t in report.tables.items():
         if not t.waiting:
             continue
-        named = [(key, PARENT_MISSING) for _rowid, key in t.waiting]
+        named = [(key, kind) for _rowid, key, kind in t.waiting]
         await target.retrying(
             functools.partial(
                 ckpt.record_conflicts,
@@ -384,7 +385,7 @@ async def _retry_waiting(applier: Applier, report: TableSync, size: int, stop: S
         return
     while report.waiting:
         before = len(report.waiting)
-        rowids = sorted({rowid for rowid, _key in report.waiting})
+        rowids = sorted({rowid for rowid, _key, _kind in report.waiting})
         report.waiting = []
         for i in range(0, len(rowids), size):
             stop.check()
@@ -393,29 +394,33 @@ async def _retry_waiting(applier: Applier, report: TableSync, size: int, stop: S
             return
 
 
-def _parents(child: Table, tables: Sequence[Table]) -> tuple[tuple[str, Table, str], ...]:
-    """The (column, parent table, parent column) of each one-column foreign key of ``child``
-    whose parent is synced too (the parent column: the primary key or a unique key)."""
+def _parents(
+    child: Table, tables: Sequence[Table]
+) -> tuple[tuple[tuple[str, ...], Table, tuple[str, ...]], ...]:
+    """The (columns, parent table, parent columns) of each foreign key of ``child`` whose
+    parent is synced too (the parent columns: the primary key or a unique key)."""
     by_name = {t.name: t for t in tables}
-    out: list[tuple[str, Table, str]] = []
+    out: list[tuple[tuple[str, ...], Table, tuple[str, ...]]] = []
     if child.parent in by_name and child.parent_column is not None:
-        out.append((child.parent_column, by_name[child.parent], "id"))
+        out.append(((child.parent_column,), by_name[child.parent], ("id",)))
     for fk in child.foreign_keys:
         parent = by_name.get(fk.parent)
-        if parent is None or len(fk.columns) != 1:
+        if parent is None:
             continue
         referenced = fk.parent_columns or parent.primary_key
-        if len(referenced) == 1:
-            out.append((fk.columns[0], parent, referenced[0]))
+        if len(referenced) == len(fk.columns):
+            out.append((tuple(fk.columns), parent, tuple(referenced)))
     return tuple(out)
 
 
-def _children(parent: Table, tables: Sequence[Table]) -> tuple[tuple[Table, str, str], ...]:
-    """The (table, column, column of ``parent`` it references) of each one-column foreign key
-    referencing ``parent`` (its primary key or a unique key)."""
+def _children(
+    parent: Table, tables: Sequence[Table]
+) -> tuple[tuple[Table, tuple[str, ...], tuple[str, ...]], ...]:
+    """The (table, its columns, the columns of ``parent`` they reference) of each foreign key
+    referencing ``parent`` (its primary key or a unique key; one column or more)."""
     return tuple(
-        (t, column, parent_column)
+        (t, columns, parent_columns)
         for t in tables
-        for column, p, parent_column in _parents(t, tables)
+        for columns, p, parent_columns in _parents(t, tables)
         if p.name == parent.name
     )

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 import asyncpg
@@ -28,12 +28,14 @@ from flux_migrate.core.schema import Kind, Table, TargetNames, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.requeue import read_rowids
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.pipeline.sync_plan import Stored, source_rowids, source_rows_of
+from flux_migrate.pipeline.sync_plan import Stored, source_rowids, source_rows_by, source_rows_of
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.load import LoadContext, quarantine_records
 from flux_migrate.stages.transform import key_of, transform_batch
 
 log = structlog.get_logger("flux_migrate")
+
+Ref = tuple[str, ...]  # the values of a foreign key's columns, as the bookkeeping spells them
 
 # Conflict kinds recorded in flux_migrate.conflicts (stable names, documented).
 CHANGED_IN_BOTH = "changed_in_both"  # source changed, PostgreSQL row changed by someone else
@@ -65,9 +67,10 @@ class TableSync:
     quarantined: int = 0
     resolved: int = 0
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # key, kind
-    # (rowid, key) of rows left to wait: written by the app while this sync ran, or naming a
-    # parent the target does not hold yet; retried within the sync, else the next sync's
-    waiting: list[tuple[int, str]] = field(default_factory=list)
+    # (rowid, key, the conflict it is if it never goes) of rows left to wait: written by the
+    # app while this sync ran, naming a parent the target does not hold yet, or changing a key
+    # rows still reference; retried within the sync, else the next sync's
+    waiting: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -89,11 +92,11 @@ class Applier:
     table: Table
     run_id: str
     missing_parents: frozenset[str] = frozenset()
-    # (table, its column, the column of this table it references) of each one-column foreign
-    # key referencing this table
-    children: tuple[tuple[Table, str, str], ...] = ()
-    # (column, parent table, the parent's column it references) of each one-column foreign key
-    parents: tuple[tuple[str, Table, str], ...] = ()
+    # (table, its columns, the columns of this table they reference) of each foreign key
+    # referencing this table
+    children: tuple[tuple[Table, tuple[str, ...], tuple[str, ...]], ...] = ()
+    # (columns, parent table, the parent's columns they reference) of each foreign key
+    parents: tuple[tuple[tuple[str, ...], Table, tuple[str, ...]], ...] = ()
     known: Mapping[str, Stored | None] = field(default_factory=dict)  # the plan's (TablePlan)
 
     @property
@@ -186,7 +189,11 @@ class Applier:
         inserts: list[int] = []
         updates: list[int] = []
         moved: list[tuple[str, int, int, str | None]] = []
-        out = _Upserted(waiting=[(batch.raw[i][0], k) for i, k in enumerate(keys) if k in deferred])
+        out = _Upserted(
+            waiting=[
+                (batch.raw[i][0], k, PARENT_MISSING) for i, k in enumerate(keys) if k in deferred
+            ]
+        )
         for i, key in enumerate(keys):
             rec = own.get(key)
             if key in deferred:
@@ -202,11 +209,13 @@ class Applier:
             else:
                 updates.append(i)
         wait, orphaned = await self._parents_missing(conn, batch, keys, inserts + updates)
-        out.waiting += [(batch.raw[i][0], keys[i]) for i in sorted(wait)]
+        out.waiting += [(batch.raw[i][0], keys[i], PARENT_MISSING) for i in sorted(wait)]
         out.conflicts += [(keys[i], PARENT_DELETED_IN_POSTGRES) for i in sorted(orphaned)]
         inserts = [i for i in inserts if i not in wait and i not in orphaned]
         updates = [i for i in updates if i not in wait and i not in orphaned]
-        inserted = await self._write(conn, batch.rows, inserts, updates, keys)
+        inserted, held = await self._write(conn, batch.rows, inserts, updates, keys)
+        out.waiting += [(batch.raw[i][0], keys[i], CHILD_ROWS_KEPT) for i in updates if i in held]
+        updates = [i for i in updates if i not in held]
         for i in inserts:
             if keys[i] not in inserted:
                 out.conflicts.append((keys[i], INSERTED_IN_BOTH))
@@ -269,57 +278,74 @@ class Applier:
         naming a row left out are left out too, until nothing changes."""
         wait: set[int] = set()
         orphaned: set[int] = set()
-        checked: dict[tuple[int, str], bool] = {}  # (reference, key) -> the target has it
-        later: dict[tuple[int, str], bool] = {}  # (reference, missing key) -> wait, not conflict
+        checked: dict[tuple[int, Ref], bool] = {}  # (reference, value) -> the target has it
+        later: dict[tuple[int, Ref], bool] = {}  # (reference, missing value) -> wait
         while True:
             left = [i for i in writing if i not in wait and i not in orphaned]
             before = len(wait) + len(orphaned)
-            for n, (column, parent, parent_column) in enumerate(self.parents):
-                at = self.table.column_names.index(column) + 1
-                wanted: dict[str, list[int]] = {}
+            for n, (columns, parent, parent_columns) in enumerate(self.parents):
+                wanted: dict[Ref, list[int]] = {}
                 for i in left:
-                    if (value := key_of(batch.raw[i][at])) is not None:
+                    if (value := self._ref(batch.raw[i], columns)) is not None:
                         wanted.setdefault(value, []).append(i)
                 if parent.name == self.table.name:  # rows of this batch written with it
-                    ref_at = self.table.column_names.index(parent_column) + 1
                     for i in left:
-                        wanted.pop(key_of(batch.raw[i][ref_at]) or "", None)
+                        wanted.pop(self._ref(batch.raw[i], parent_columns) or (), None)
                 unknown = [k for k in wanted if (n, k) not in checked]
                 if unknown:
-                    found = await self._parents_present(conn, parent, parent_column, unknown)
+                    found = await self._parents_present(conn, parent, parent_columns, unknown)
                     checked.update(((n, k), k in found) for k in unknown)
                 missing = [k for k in wanted if not checked[(n, k)]]
                 if new := [k for k in missing if (n, k) not in later]:
-                    later.update(await self._parents_new(conn, n, parent, parent_column, new))
+                    fresh = await self._parents_new(conn, parent, parent_columns, new)
+                    later.update(((n, k), v) for k, v in fresh.items())
                 for key in missing:
                     (wait if later[(n, key)] else orphaned).update(wanted[key])
             if len(wait) + len(orphaned) == before:
                 return wait, orphaned
 
+    def _ref(self, raw: tuple[Any, ...], columns: tuple[str, ...]) -> Ref | None:
+        """The values of ``columns`` in a raw row (rowid first) as the bookkeeping spells
+        them; None when one is NULL (such a reference is not checked, as in PostgreSQL)."""
+        names = self.table.column_names
+        texts = tuple(key_of(raw[names.index(c) + 1]) for c in columns)
+        return None if None in texts else cast(Ref, texts)
+
     async def _parents_new(
-        self, conn: asyncpg.Connection, n: int, parent: Table, column: str, values: list[str]
-    ) -> dict[tuple[int, str], bool]:
-        """Per value of ``column`` that the target's ``parent`` lacks: True when the row is
+        self, conn: asyncpg.Connection, parent: Table, columns: tuple[str, ...], values: list[Ref]
+    ) -> dict[Ref, bool]:
+        """Per value of ``columns`` that the target's ``parent`` lacks: True when the row is
         not one flux-migrate loaded (no digest kept for the source row holding it: new in the
         source, to wait for), False when it is (someone deleted it in PostgreSQL)."""
-        now = await source_rows_of(self.src, parent, column, values)
+        now: dict[Ref, tuple[int, str]]
+        if len(columns) == 1:
+            one = await source_rows_of(self.src, parent, columns[0], [v[0] for v in values])
+            now = {(k,): found for k, found in one.items()}
+        else:
+            now = await source_rows_by(self.src, parent, columns, values)
         loaded = await bookkeeping.loaded_keys(
             conn, self.names.schema, parent.name, {key: rowid for rowid, key in now.values()}
         )
-        return {(n, v): v not in now or now[v][1] not in loaded for v in values}
+        return {v: v not in now or now[v][1] not in loaded for v in values}
 
     async def _parents_present(
-        self, conn: asyncpg.Connection, parent: Table, column: str, keys: list[str]
-    ) -> set[str]:
-        """Those of ``keys`` (values of ``column``) the target's ``parent`` table holds, their
-        rows locked against deletion until the transaction ends."""
-        ref, pg_type = quote_ident(column), parent.column(column).pg_type
-        rows = await conn.fetch(
-            f"SELECT u.k FROM unnest($1::text[]) AS u(k) JOIN {self.names.qualified(parent.name)}"
-            f" AS p ON p.{ref} = u.k::{pg_type} FOR KEY SHARE OF p",
-            keys,
+        self, conn: asyncpg.Connection, parent: Table, columns: tuple[str, ...], values: list[Ref]
+    ) -> set[Ref]:
+        """Those of ``values`` (of ``columns``) the target's ``parent`` table holds, compared
+        in the parent's types, their rows locked against deletion until the transaction ends."""
+        names = [f"k{i}" for i in range(len(columns))]
+        arrays = ", ".join(f"${i + 1}::text[]" for i in range(len(columns)))
+        match = " AND ".join(
+            f"p.{quote_ident(c)} = u.{k}::{parent.column(c).pg_type}"
+            for c, k in zip(columns, names, strict=True)
         )
-        return {r["k"] for r in rows}
+        rows = await conn.fetch(
+            f"SELECT {', '.join(f'u.{k}' for k in names)} FROM unnest({arrays})"
+            f" AS u({', '.join(names)}) JOIN {self.names.qualified(parent.name)} AS p ON {match}"
+            " FOR KEY SHARE OF p",
+            *([v[i] for v in values] for i in range(len(columns))),
+        )
+        return {tuple(r) for r in rows}
 
     async def _write(
         self,
@@ -328,11 +354,12 @@ class Applier:
         inserts: list[int],
         updates: list[int],
         keys: list[str],
-    ) -> set[str]:
+    ) -> tuple[set[str], set[int]]:
         """Update rows ``updates`` and insert rows ``inserts`` (positions in ``rows``) through a
-        staging table; return the keys inserted (others already existed in PostgreSQL)."""
+        staging table; return the keys inserted (others already existed in PostgreSQL) and the
+        updates held back: they change a unique key that rows still reference."""
         if not inserts and not updates:
-            return set()
+            return set(), set()
         table, pk = self.table, quote_ident(self.pk)
         stage = quote_ident(f"flux_sync_{table.name}")
         target = self.names.qualified(table.name)
@@ -346,17 +373,20 @@ class Applier:
             records=[rows[i] for i in inserts + updates],
             columns=table.column_names,
         )
+        held: set[int] = set()
         if updates:
+            busy = await self._referenced_keys_changing(conn, stage, [keys[i] for i in updates])
+            held = {i for i in updates if keys[i] in busy}
             sets = ", ".join(
                 f"{quote_ident(c)} = s.{quote_ident(c)}" for c in table.column_names if c != self.pk
             )
             await conn.execute(
                 f"UPDATE {target} AS t SET {sets} FROM {stage} AS s WHERE t.{pk} = s.{pk}"
                 f" AND s.{pk} = ANY($1::text[]::{self.pk_type}[])",
-                [keys[i] for i in updates],
+                [keys[i] for i in updates if i not in held],
             )
         if not inserts:
-            return set()
+            return set(), held
         cols = ", ".join(quote_ident(c) for c in table.column_names)
         written = await conn.fetch(
             f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"
@@ -364,7 +394,32 @@ class Applier:
             f" RETURNING {pk}::text AS key",
             [keys[i] for i in inserts],
         )
-        return {r["key"] for r in written}
+        return {r["key"] for r in written}, held
+
+    async def _referenced_keys_changing(
+        self, conn: asyncpg.Connection, stage: str, keys: list[str]
+    ) -> set[str]:
+        """Those of ``keys`` (staged for update) whose update changes the values of a unique
+        key that target rows reference (PostgreSQL would refuse it): they wait until those
+        rows are gone (deleted by this sync, then retried) or are named."""
+        found: set[str] = set()
+        pk, target = quote_ident(self.pk), self.names.qualified(self.table.name)
+        for child, columns, parent_columns in self.children:
+            if parent_columns == (self.pk,):
+                continue  # a key sync never changes
+            changed = " OR ".join(
+                f"s.{quote_ident(c)} IS DISTINCT FROM p.{quote_ident(c)}" for c in parent_columns
+            )
+            rows = await conn.fetch(
+                f"SELECT DISTINCT p.{pk}::text AS key FROM {target} AS p"
+                f" JOIN {stage} AS s ON s.{pk} = p.{pk}"
+                f" JOIN {self.names.qualified(child.name)} AS c"
+                f" ON {_pairs(columns, parent_columns)}"
+                f" WHERE p.{pk} = ANY($1::text[]::{self.pk_type}[]) AND ({changed})",
+                keys,
+            )
+            found |= {r["key"] for r in rows}
+        return found
 
     async def _adopt_equal(
         self,
@@ -472,8 +527,8 @@ class Applier:
         kept: set[str] = set()
         while deleting := [k for k in keys if k not in kept]:
             found: set[str] = set()
-            for child, column, parent_column in self.children:
-                found |= await self._referencing(conn, child, column, parent_column, deleting)
+            for child, columns, parent_columns in self.children:
+                found |= await self._referencing(conn, child, columns, parent_columns, deleting)
             if not found:
                 break
             kept |= found
@@ -483,19 +538,18 @@ class Applier:
         self,
         conn: asyncpg.Connection,
         child: Table,
-        column: str,
-        parent_column: str,
+        columns: tuple[str, ...],
+        parent_columns: tuple[str, ...],
         keys: list[str],
     ) -> set[str]:
         """Those of ``keys`` whose target row rows of ``child`` (other than rows of ``keys``
-        themselves) reference through ``column`` -> ``parent_column``."""
+        themselves) reference through ``columns`` -> ``parent_columns``."""
         pk, me = quote_ident(self.pk), self.names.qualified(self.table.name)
-        col, ref = quote_ident(column), quote_ident(parent_column)
         match = f"ANY($1::text[]::{self.pk_type}[])"
         others = f" AND NOT c.{pk} = {match}" if child.name == self.table.name else ""
         rows = await conn.fetch(
             f"SELECT DISTINCT p.{pk}::text AS key FROM {me} AS p"
-            f" JOIN {self.names.qualified(child.name)} AS c ON c.{col} = p.{ref}"
+            f" JOIN {self.names.qualified(child.name)} AS c ON {_pairs(columns, parent_columns)}"
             f" WHERE p.{pk} = {match}{others}",
             keys,
         )
@@ -505,16 +559,15 @@ class Applier:
         """``keys`` to delete ordered so that, for a table referencing itself, a row comes
         before the rows it references among them (a subtree goes in one sync, whatever the
         batch size); unchanged for other tables."""
-        own = [(c, col, ref) for c, col, ref in self.children if c.name == self.table.name]
+        own = [(cols, refs) for c, cols, refs in self.children if c.name == self.table.name]
         if not own or len(keys) < 2:
             return keys
         pk, me = quote_ident(self.pk), self.names.qualified(self.table.name)
         above: dict[str, set[str]] = {}
-        for _child, column, parent_column in own:
-            col, ref = quote_ident(column), quote_ident(parent_column)
+        for columns, parent_columns in own:
             sql = (
                 f"SELECT c.{pk}::text AS key, p.{pk}::text AS up FROM {me} AS c"
-                f" JOIN {me} AS p ON c.{col} = p.{ref}"
+                f" JOIN {me} AS p ON {_pairs(columns, parent_columns)}"
                 f" WHERE c.{pk} = ANY($1::text[]::{self.pk_type}[])"
                 f" AND p.{pk} = ANY($1::text[]::{self.pk_type}[])"
             )
@@ -579,6 +632,14 @@ class Applier:
         report.moved += len(moves)
 
 
+def _pairs(columns: tuple[str, ...], parent_columns: tuple[str, ...]) -> str:
+    """The join condition of child rows ``c`` on their parent rows ``p`` by a foreign key."""
+    return " AND ".join(
+        f"c.{quote_ident(c)} = p.{quote_ident(p)}"
+        for c, p in zip(columns, parent_columns, strict=True)
+    )
+
+
 async def _fetch(
     conn: asyncpg.Connection, *, sql: str, args: Sequence[Any]
 ) -> list[asyncpg.Record]:
@@ -613,7 +674,7 @@ def _pack_of(stored: Stored | None) -> str | None:
 
 @dataclass
 class _Upserted:
-    waiting: list[tuple[int, str]] = field(default_factory=list)
+    waiting: list[tuple[int, str, str]] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     quarantined: int = 0

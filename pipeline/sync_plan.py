@@ -269,6 +269,34 @@ async def source_rows_of(
     return found
 
 
+async def source_rows_by(
+    src: aiosqlite.Connection,
+    table: Table,
+    columns: Sequence[str],
+    values: Sequence[tuple[str, ...]],
+) -> dict[tuple[str, ...], tuple[int, str]]:
+    """As source_rows_of, for the values of several columns together (each compared as its
+    text: a rare lookup, of parents missing from the target, that no index serves)."""
+    width = len(columns)
+    size = max(1, min(200, await variable_limit(src) // width))  # SQLite's expression depth
+    match = " AND ".join(f"CAST({quote_ident(c)} AS TEXT) = ?" for c in columns)
+    cols = ", ".join(quote_ident(c) for c in columns)
+    pk = quote_ident(table.primary_key[0])
+    found: dict[tuple[str, ...], tuple[int, str]] = {}
+    for start in range(0, len(values), size):
+        part = values[start : start + size]
+        rows = await fetch_rows(
+            src,
+            f"SELECT {cols}, {table.rowid_sql()}, {pk} FROM {quote_ident(table.name)}"
+            f" WHERE {' OR '.join(f'({match})' for _ in part)}",
+            [text for value in part for text in value],
+        )
+        for r in rows:
+            key = tuple(key_of(v) or "" for v in r[:width])
+            found[key] = (r[width], key_of(r[width + 1]) or "")
+    return found
+
+
 def stored_forms(key: str) -> list[str | int | float]:
     """The values SQLite may hold for a bookkeeping key: its text, and the integer or real
     number whose text it is (as key_of spells them)."""

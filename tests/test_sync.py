@@ -298,7 +298,10 @@ async def test_any_source_changes_then_sync_yield_target_equal_source(
         sessions = [r[0] for r in db.execute("SELECT id FROM sessions")]
         messages = [r[0] for r in db.execute("SELECT id FROM messages")]
         if op == "insert":
-            db.execute(NEW_SESSION + " (?, ?, ?, ?, '{}')", (str(n), str(n), NOW, NOW))
+            db.execute(
+                NEW_SESSION.replace("INSERT", "INSERT OR IGNORE") + " (?, ?, ?, ?, '{}')",
+                (str(n), str(n), NOW, NOW),
+            )
         elif op == "update" and messages:
             db.execute(
                 "UPDATE messages SET content = ? WHERE id = ?",

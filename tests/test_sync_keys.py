@@ -224,3 +224,67 @@ async def test_rows_at_rowid_zero_and_below_are_synced_as_run_loads_them(
     await compare_table(path, pg_dsn, "t")
     checked = cli("verify", *args)
     assert EXIT_OK == checked.returncode, checked.stdout + checked.stderr
+
+
+async def test_a_parent_referenced_by_a_two_column_key_is_kept(tmp_path: Path, pg_dsn: str) -> None:
+    """A foreign key of two columns to a UNIQUE pair of the parent: a parent deleted in SQLite
+    that a child someone inserted in PostgreSQL still references is kept (child_rows_kept),
+    its child is not cascaded away; an unreferenced one goes. New children are checked by
+    both columns: one naming a new parent is loaded, one naming a parent someone deleted in
+    PostgreSQL is a conflict (not a foreign-key error)."""
+    path = tmp_path / "pair.sqlite"
+    _db(
+        path,
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY, a TEXT NOT NULL, b INTEGER NOT NULL,"
+        " UNIQUE (a, b));"
+        "CREATE TABLE child (id INTEGER PRIMARY KEY, a TEXT, b INTEGER, FOREIGN KEY (a, b)"
+        " REFERENCES parent (a, b) ON DELETE CASCADE);",
+        ("INSERT INTO parent VALUES (?, ?, ?)", [(i, f"x{i}", i) for i in range(1, 6)]),
+        ("INSERT INTO child VALUES (?, ?, ?)", [(i, "x1", 1) for i in range(1, 4)]),
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    await _pg(pg_dsn, "INSERT INTO public.child VALUES (100, 'x2', 2)")
+    _change(path, "DELETE FROM parent WHERE id IN (2, 3)")
+    done = cli("sync", *args)
+    assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
+    assert "child_rows_kept" in done.stdout
+    assert [2] == [
+        r["id"] for r in await _pg(pg_dsn, "SELECT id FROM public.parent WHERE id IN (2, 3)")
+    ]
+    assert [100] == [
+        r["id"] for r in await _pg(pg_dsn, "SELECT id FROM public.child WHERE id = 100")
+    ]
+
+
+async def test_a_changed_unique_key_waits_for_the_rows_referencing_it(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A parent whose referenced UNIQUE code changes (its children deleted in SQLite, or the
+    row reused for a new parent) is updated in the same sync once those children are gone
+    (exit 0, no foreign-key error); when a row someone inserted in PostgreSQL still names the
+    old code, the parent is kept as it is (child_rows_kept, exit 4)."""
+    path = tmp_path / "u.sqlite"
+    args = _unique_db(path, integer=False) + ["--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    _change(
+        path,
+        "DELETE FROM child WHERE pcode = 'c8'",
+        "UPDATE parent SET code = 'c8-new', name = 'reused' WHERE code = 'c8'",
+    )
+    done = cli("sync", *args)
+    assert EXIT_OK == done.returncode, done.stdout + done.stderr
+    await compare_table(path, pg_dsn, "parent")
+    await compare_table(path, pg_dsn, "child")
+    await _pg(pg_dsn, "INSERT INTO public.child VALUES (1000, 'c7', 'theirs')")
+    _change(
+        path,
+        "DELETE FROM child WHERE pcode = 'c7'",
+        "UPDATE parent SET code = 'c7-new' WHERE code = 'c7'",
+    )
+    kept = cli("sync", *args)
+    assert EXIT_CONFLICTS == kept.returncode, kept.stdout + kept.stderr
+    assert "parent 7: child_rows_kept" in kept.stdout, kept.stdout
+    assert [("c7",)] == [
+        tuple(r) for r in await _pg(pg_dsn, "SELECT code FROM public.parent WHERE id = 7")
+    ]
