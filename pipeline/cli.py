@@ -224,6 +224,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     quarantined = (
         print_sync(report, show=args.show, jsonl=jsonl is not None) if report.tables else 0
     )
+    if report.not_synced:
+        print(f"Not synced (skip_tables of --config): {', '.join(report.not_synced)}.")
     if jsonl is not None:
         print("JSONL files (new lines loaded, rewritten files reconciled, as `run` does):")
         print_summary(jsonl)
@@ -302,6 +304,12 @@ def _sources(
     settings = _settings(args, **extra)
     data_dir: Path | None = getattr(args, "data_dir", None)
     databases: tuple[Database, ...] = ()
+    if settings.databases and data_dir is None:
+        raise ConfigError(
+            f"[databases.{settings.databases[0][0]}] of {settings.config_path} configures a"
+            " database of --data-dir, and no --data-dir is given; pass it, or remove the"
+            " section. Nothing was done."
+        )
     if data_dir is not None:
         databases = other_databases(scan_data_dir(data_dir), settings)
         if not databases and not has_main(settings):

@@ -36,7 +36,8 @@ KNOWN: dict[str, Any] = {
         "on_conflict": None,
     },
     "jsonl": {"files": None, "*": {"table": None, "snapshot": None}},
-    "databases": {"*": {"mapping": None, **_MAPPING}},
+    "sync": {"skip_tables": None},
+    "databases": {"*": {"mapping": None, "sync": {"skip_tables": None}, **_MAPPING}},
     **_MAPPING,
 }
 

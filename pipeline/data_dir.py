@@ -155,10 +155,28 @@ def other_databases(found: DataDir, main: Settings) -> tuple[Database, ...]:
             )
         taken[schema] = f"the schema of {path.name}"
         names = TargetNames(schema=schema)
-        out.append(
-            Database(path, main.with_(sqlite_path=path, names=names, mapping=None, jsonl=()))
+        own = main.database(schema)  # [databases.<stem>] of --config: mapping, sync skips
+        settings = main.with_(
+            sqlite_path=path, names=names, mapping=own.mapping, jsonl=(), sync_skip=own.sync_skip
         )
+        out.append(Database(path, settings))
+    _refuse_unknown_databases(main, [db.schema for db in out], found)
     return tuple(out)
+
+
+def _refuse_unknown_databases(main: Settings, schemas: list[str], found: DataDir) -> None:
+    """A [databases.<stem>] of the config naming no database of the directory is a typo or a
+    missing file: refused (ConfigError) naming the nearest database, never ignored."""
+    import difflib
+
+    for stem, _ in main.databases:
+        if stem not in schemas:
+            near = difflib.get_close_matches(stem, schemas, n=1)
+            hint = f"; did you mean [databases.{near[0]}]?" if near else "."
+            raise ConfigError(
+                f"[databases.{stem}] of {main.config_path} names no database of --data-dir"
+                f" {found.path} (it holds {', '.join(schemas) or 'none'}){hint} Nothing was done."
+            )
 
 
 def has_main(settings: Settings) -> bool:
@@ -280,16 +298,28 @@ async def sync_all(
         except Interrupted:
             raise
         except MigrateError as exc:
-            raise type(exc)(f"{db.path.name}: {exc.message}") from None
+            raise type(exc)(f"{db.path.name}: {exc.message}{_applied(report)}") from None
         for name in part.tables:
             report.tables[f"{db.schema}.{name}"] = part.tables[name]
             report.plans[f"{db.schema}.{name}"] = part.plans[name]
         report.quarantined_open += part.quarantined_open
+        report.not_synced += part.not_synced
     if dry_run or not main.jsonl:
         return report, None
     jsonl = RunReport(run_id=report.run_id)
     await migrate(main.with_(sqlite_path=None), report=jsonl, stop=stop, progress=progress)
     return report, jsonl
+
+
+def _applied(report: SyncReport) -> str:
+    """What the databases synced before a failure applied, as a sentence (they stay applied)."""
+    if not report.tables:
+        return ""
+    done = ", ".join(
+        f"{name} {t.inserted:,}/{t.updated:,}/{t.deleted:,}" for name, t in report.tables.items()
+    )
+    verb = "would have applied" if report.dry_run else "applied and committed"
+    return f" Before it, sync {verb} (inserted/updated/deleted): {done}."
 
 
 def _titled(show: Callable[..., None], where: str) -> Callable[..., None]:

@@ -84,15 +84,34 @@ def level_for(log_format: str, *, verbose: bool = False, quiet: bool = False) ->
 
 
 def configure_for(args: argparse.Namespace) -> str:
-    """Configure logging from a command's parsed --log-format, -v and -q (each optional)."""
+    """Configure logging from a command's parsed --log-format, -v, -q and --no-progress (each
+    optional)."""
     return configure(
         getattr(args, "log_format", None),
         verbose=getattr(args, "verbose", False),
         quiet=getattr(args, "quiet", False),
+        display=not getattr(args, "no_progress", True),
     )
 
 
-def configure(log_format: str | None = None, *, verbose: bool = False, quiet: bool = False) -> str:
+# What the live display shows as it happens (a table's start, rows and end; the summary then
+# has the counts): on a terminal with the display, not repeated as log lines.
+SHOWN_BY_DISPLAY = frozenset({"table_started", "table_completed", "table_synced"})
+
+
+def _shown_by_display(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    if event_dict.get("event") in SHOWN_BY_DISPLAY and event_dict.get("level") == "info":
+        raise structlog.DropEvent
+    return event_dict
+
+
+def configure(
+    log_format: str | None = None,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    display: bool = False,
+) -> str:
     """Configure structlog for the process; returns the format chosen ("console" or "json").
 
     Console (the default, on a terminal or not) shows info and above (the progress display
@@ -111,6 +130,8 @@ def configure(log_format: str | None = None, *, verbose: bool = False, quiet: bo
     ]
     if on_terminal:
         processors.append(_drop_run_id)
+        if display and not verbose:  # the live display shows these; -v keeps every line
+            processors.append(_shown_by_display)
     factory: Any
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer())

@@ -220,6 +220,7 @@ async def check_fingerprint(
         theirs, ours = stored.get("settings", {}), settings_fingerprint(settings)
         # A key a target filled by an earlier version does not have is not compared.
         changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+        changed = [k for k in changed if not _legacy(k, theirs, settings)]
         if changed:
             key = changed[0]
             if key == "mapping":
@@ -234,15 +235,25 @@ async def check_fingerprint(
                 " over."
             )
         source = stored.get("source", {})
-        if source.get("schema") != identity["schema"] or not await same_source(
-            src, target, settings.names, source
-        ):
+        # The keys tell the file; its DDL may have grown (a column the app added, which the
+        # mapping places or ignores: checked before this), so a schema change alone is no
+        # other database.
+        if not await same_source(src, target, settings.names, source):
             raise TargetError(
-                "This target was filled from a different SQLite database (its schema or first"
-                " sessions differ); point --sqlite-path at the original file, or pass --restart"
-                " --yes to clear what flux-migrate wrote and start over."
+                "This target was filled from a different SQLite database (none of the first"
+                " keys it loaded are in this file); point --sqlite-path at the original file,"
+                " or pass --restart --yes to clear what flux-migrate wrote and start over."
             )
         return
+
+
+def _legacy(key: str, theirs: dict[str, Any], settings: Settings) -> bool:
+    """Whether a stored mapping fingerprint is this mapping's in the form of releases before
+    the [ignore] lists were left out of it (a target filled by them resumes)."""
+    mapping = settings.mapping
+    return (
+        key == "mapping" and mapping is not None and theirs[key] == mapping.fingerprint(legacy=True)
+    )
 
 
 async def _refuse_foreign_writes(

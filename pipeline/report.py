@@ -71,8 +71,11 @@ def print_table(
     utf = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") == "utf8"
     rule = box.SIMPLE_HEAD if utf else box.ASCII2  # no box drawing characters without UTF-8
     table = Table(box=rule, header_style="bold", pad_edge=False, show_edge=False)
-    for name, a in zip(header, align, strict=True):
-        table.add_column(Text(name), justify="left" if a == "l" else "right")
+    for i, (name, a) in enumerate(zip(header, align, strict=True)):
+        # Never cut a name: the first column (the table) keeps its width, others fold.
+        table.add_column(
+            Text(name), justify="left" if a == "l" else "right", no_wrap=i == 0, overflow="fold"
+        )
     for row in body:
         table.add_row(*(Text(printable(cell)) for cell in row))
     console = Console(file=out, highlight=False)

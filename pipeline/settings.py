@@ -26,6 +26,16 @@ ON_CONFLICT = ("error", "skip", "update")
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """What a config file says about one other database of --data-dir ([databases.<stem>]):
+    its mapping (a mapping file, or [[databases.<stem>.table]] inline) and the tables sync
+    leaves alone."""
+
+    mapping: Mapping | None = None
+    sync_skip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     sqlite_path: Path | None = None
     postgres_dsn: str | None = None
@@ -49,6 +59,15 @@ class Settings:
         return self.mapping.tables if self.mapping is not None else TABLES
 
     jsonl: tuple[JsonlFile, ...] = ()  # JSONL files, each into a table (issue 12)
+    sync_skip: tuple[str, ...] = ()  # tables `sync` leaves alone ([sync] skip_tables)
+    # [databases.<file stem>] of the config file: the other databases of --data-dir
+    databases: tuple[tuple[str, DatabaseConfig], ...] = ()
+    config_path: Path | None = None  # the config file read (None: the default)
+
+    def database(self, stem: str) -> DatabaseConfig:
+        """The config of the data directory's database ``stem`` (defaults when none)."""
+        return dict(self.databases).get(stem, DatabaseConfig())
+
     # run --final: a JSONL file's last line without newline is a record (the app no longer
     # writes the file); else it waits for its newline.
     jsonl_final: bool = False
@@ -93,10 +112,12 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     get = _TypedConfig(path, data)
     values: dict[str, Any] = {}
     if "table" in data:
-        try:
-            values["mapping"] = read_mapping(data)
-        except MappingError as exc:
-            raise ConfigError(f"The mapping in {path} is not usable: {exc}.") from None
+        values["mapping"] = _mapping_of(data, path, "")
+    values["sync_skip"] = _names(get, "sync", "skip_tables")
+    values["databases"] = tuple(
+        (stem, _database_config(get, stem)) for stem in get.data.get("databases", {})
+    )
+    values["config_path"] = config
     values["names"] = TargetNames(
         schema=get.text("target", "schema", "public"),
         sessions=get.text("tables.sessions", "target", "sessions"),
@@ -153,6 +174,50 @@ def jsonl_settings(get: _TypedConfig, paths: list[Path] | None) -> tuple[JsonlFi
         if not name or len(name.encode()) > 63:
             raise ConfigError(f"The JSONL table name {name!r} must be 1 to 63 bytes long.")
     return tuple(out)
+
+
+def _mapping_of(data: dict[str, Any], path: Path, where: str) -> Mapping:
+    """The mapping in a parsed TOML table (``where``: its section, for the message)."""
+    try:
+        return read_mapping(data)
+    except MappingError as exc:
+        raise ConfigError(f"The mapping{where} in {path} is not usable: {exc}.") from None
+
+
+def _names(get: _TypedConfig, section: str, key: str) -> tuple[str, ...]:
+    value: Any = get.data
+    for part in section.split("."):
+        value = value.get(part, {}) if isinstance(value, dict) else None
+    value = value.get(key, []) if isinstance(value, dict) else None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} in [{section}] of the config file {get.path} must be names.")
+    return tuple(value)
+
+
+def _database_config(get: _TypedConfig, stem: str) -> DatabaseConfig:
+    """[databases.<stem>]: ``mapping = "file.toml"`` (relative to the config file) or an
+    inline mapping, and ``[databases.<stem>.sync] skip_tables``."""
+    section = get._section(f"databases.{stem}")
+    mapping = None
+    if "mapping" in section:
+        if "table" in section:
+            raise ConfigError(
+                f"[databases.{stem}] of {get.path} has both a mapping file and [[table]]s;"
+                " keep one."
+            )
+        file = get.path.parent / get.text(f"databases.{stem}", "mapping", None)
+        try:
+            text = file.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(
+                f"The mapping file {file} of [databases.{stem}] cannot be read ({exc})."
+            ) from None
+        check_names(data, text, file)
+        mapping = _mapping_of(data, file, "")
+    elif "table" in section:
+        mapping = _mapping_of(section, get.path, f" of [databases.{stem}]")
+    return DatabaseConfig(mapping, _names(get, f"databases.{stem}.sync", "skip_tables"))
 
 
 class _TypedConfig:

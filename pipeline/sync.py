@@ -9,6 +9,7 @@ never overwritten, and a row someone else inserted there is never deleted.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import time
 import uuid
@@ -25,7 +26,7 @@ from asyncpg.transaction import Transaction
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.digest import key_position
-from flux_migrate.core.errors import TargetError, is_driver_error, translate
+from flux_migrate.core.errors import ConfigError, TargetError, is_driver_error, translate
 from flux_migrate.core.schema import Kind, Table
 from flux_migrate.core.source import check_source, source_snapshot
 from flux_migrate.core.target import Target
@@ -60,6 +61,7 @@ class SyncReport:
     tables: dict[str, TableSync] = field(default_factory=dict)
     plans: dict[str, TablePlan] = field(default_factory=dict)
     quarantined_open: int = 0  # source rows quarantined (by any run or sync), not loaded
+    not_synced: list[str] = field(default_factory=list)  # skip_tables of the config
 
     @property
     def conflicts(self) -> list[tuple[str, str, str]]:
@@ -97,12 +99,13 @@ async def sync(
         async with open_source(path, busy_timeout=settings.busy_timeout) as src:
             await check_source(src, path, tables)
             _bounds, identity = await source_snapshot(src, path, tables)
+            synced = _without_skipped(tables, settings, report)
             async with holding_migration_lock(target.dsn, target, settings.names.schema):
-                await _preflight(src, target, settings, identity, tables)
+                await _preflight(src, target, settings, identity, synced)
                 log.info("sync_started", target=settings.names.schema, dry_run=dry_run)
                 writer = RolledBack(target) if dry_run else target
                 try:
-                    await _rounds(src, writer, settings, report, tables, stop, path, progress)
+                    await _rounds(src, writer, settings, report, synced, stop, path, progress)
                     final = await writer.retrying(
                         lambda c: ckpt.read_checkpoints(c, settings.names.schema),
                         what="reading checkpoints",
@@ -110,7 +113,7 @@ async def sync(
                 finally:
                     if isinstance(writer, RolledBack):
                         await writer.roll_back()
-                report.quarantined_open = sum(final[t.name].quarantined for t in tables)
+                report.quarantined_open = sum(final[t.name].quarantined for t in synced)
     except Exception as exc:
         if not is_driver_error(exc):
             raise
@@ -124,6 +127,24 @@ async def sync(
         idle=report.idle,
     )
     return report
+
+
+def _without_skipped(
+    tables: Sequence[Table], settings: Settings, report: SyncReport
+) -> tuple[Table, ...]:
+    """The tables sync follows: all but those the config's skip_tables names (recorded in the
+    report, and printed); a name that is no table is refused (ConfigError), never ignored."""
+    names = [t.name for t in tables]
+    for name in settings.sync_skip:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(
+                f"skip_tables names {name!r}{hint}, which is no table of"
+                f" {settings.sqlite_path}; fix the name in the config file. Nothing was done."
+            )
+    report.not_synced += [f"{settings.names.schema}.{n}" for n in settings.sync_skip]
+    return tuple(t for t in tables if t.name not in settings.sync_skip)
 
 
 async def _rounds(
@@ -269,8 +290,9 @@ async def _preflight(
             )
         if key_position(table.column_names, table.primary_key) is None:
             raise TargetError(
-                f"Table {table.name} has no one-column primary key to sync by; leave it out of"
-                " the mapping ([ignore]) to sync the other tables, or reload with"
+                f"Table {table.name} has no one-column primary key to sync by; list it in"
+                " skip_tables ([sync] of --config, or [databases.<file>.sync] for a database of"
+                " --data-dir) to sync the other tables, or reload it with"
                 " `run --restart --yes` once the app has stopped writing."
             )
         key = table.column(table.primary_key[0])
@@ -278,13 +300,13 @@ async def _preflight(
             raise TargetError(
                 f"Table {table.name}'s primary key {key.name} is {key.pg_type} in PostgreSQL;"
                 " sync matches keys as text or integers only, so it cannot follow this table"
-                " yet; leave it out of the mapping ([ignore]) to sync the other tables, or"
+                " yet; list it in skip_tables ([sync] of --config) to sync the other tables, or"
                 " reload with `run --restart --yes` once the app has stopped writing."
             )
         if table.without_rowid:
             raise TargetError(
                 f"Table {table.name} is a WITHOUT ROWID table, which sync cannot follow yet;"
-                " leave it out of the mapping ([ignore]) to sync the other tables, or reload"
+                " list it in skip_tables ([sync] of --config) to sync the other tables, or reload"
                 " with `run --restart --yes` once the app has stopped writing."
             )
     await check_fingerprint(src, target, settings, dict(identity), checkpoints)

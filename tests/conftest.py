@@ -34,18 +34,33 @@ def pg_server_dsn() -> Iterator[str]:
     if dsn:
         yield dsn
         return
+    yield _embedded_dsn()
+
+
+def _embedded_dsn() -> str:
+    """The session's embedded server (started once, stopped at the session's end)."""
     from flux_migrate.pipeline.embedded import dsn_for, start_server
 
-    workdir = Path(tempfile.mkdtemp(prefix="flux-test-pg-"))
-    server = start_server(workdir / "pgdata", cleanup_mode="delete")
-    _EMBEDDED.append(server)
-    try:
-        yield dsn_for(server)
-    finally:
+    if not _EMBEDDED:
+        workdir = Path(tempfile.mkdtemp(prefix="flux-test-pg-"))
+        _EMBEDDED.append(start_server(workdir / "pgdata", cleanup_mode="delete"))
+    return dsn_for(_EMBEDDED[0])
+
+
+def pytest_sessionfinish() -> None:
+    for server in _EMBEDDED:
         # A test restarts the server, so the postmaster pid the package recorded may be stale:
         # stop by data directory first, or the restarted server would outlive the session.
         _pg_ctl(server, ["-w", "-m", "fast", "stop"])
-        server.cleanup()
+        server.cleanup()  # type: ignore[attr-defined]
+    _EMBEDDED.clear()
+
+
+@pytest.fixture(scope="session")
+def embedded_server_dsn() -> str:
+    """The embedded server, whatever TEST_POSTGRES_DSN names: for the tests (marked
+    ``embedded``) that restart or clone their server, which must use that server's binaries."""
+    return _embedded_dsn()
 
 
 def _pg_ctl(server: Any, args: list[str]) -> None:
@@ -62,11 +77,11 @@ def _pg_ctl(server: Any, args: list[str]) -> None:
 _EMBEDDED: list[object] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def restart_server(pg_server_dsn: str) -> Callable[[], None] | None:
-    """Restart the embedded test server (fast shutdown, all sessions dropped); None when the
-    tests run against TEST_POSTGRES_DSN, which they may not restart."""
-    if not _EMBEDDED:
+    """Restart the test server (fast shutdown, all sessions dropped) when it is the embedded
+    one; None when it is TEST_POSTGRES_DSN's, which the tests may not restart."""
+    if not _EMBEDDED or pg_server_dsn != _embedded_dsn():
         return None
     server: Any = _EMBEDDED[0]
 

@@ -266,3 +266,73 @@ def test_data_dir_prints_what_it_takes_and_ignores_and_why(tmp_path: Path, pg_ds
         "ignored: notes.txt (not *.db, *.sqlite, *.sqlite3 or *.jsonl)",
     ] == shown
     assert f"warning: no memory.db in {data}" in done.stderr
+
+
+def test_data_dir_databases_take_their_own_mapping_and_sync_skips(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """The dead ends of --data-dir, each with a way forward through --config: a key-less table
+    is left to `run` by [databases.audit.sync] skip_tables; a type that the data would flip is
+    pinned by a mapping file ([databases.audit] mapping); a column the app adds is accepted by
+    [ignore] columns without reloading anything; a sync failing on audit.db says what it
+    applied to memory.db first."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(data / "memory.db", sessions=5, messages_per_session=2, seed=9)
+    audit = sqlite3.connect(data / "audit.db")
+    audit.executescript(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, at);"
+        "CREATE TABLE log (at TEXT, msg TEXT);"
+        "INSERT INTO log VALUES ('2024-01-01', 'started');"
+    )
+    audit.executemany(
+        "INSERT INTO events (kind, at) VALUES (?, ?)",
+        [("login", f"2024-01-0{n}T10:00:00Z") for n in range(1, 8)] + [("odd", "n/a")],
+    )
+    audit.commit()
+    base = ["--data-dir", str(data), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *base, "--no-progress").returncode
+    mapping = tmp_path / "audit.toml"
+    assert (
+        0 == cli("init", "--sqlite-path", str(data / "audit.db"), "--out", str(mapping)).returncode
+    )
+    memory = sqlite3.connect(data / "memory.db")
+    memory.execute("UPDATE sessions SET title = 'renamed' WHERE rowid = 1")
+    memory.commit()
+    refused = cli("sync", *base)
+    assert 2 == refused.returncode, refused.stderr
+    assert "log has no one-column primary key" in refused.stderr and "skip_tables" in refused.stderr
+    assert "Before it, sync applied and committed (inserted/updated/deleted): sessions 0/1/0" in (
+        refused.stderr
+    )
+    config = tmp_path / "flux.toml"
+    config.write_text('[databases.audit]\nmapping = "audit.toml"\n[databases.audit.sync]\n'
+                      'skip_tables = ["log"]\n')  # fmt: skip
+    audit.execute("DELETE FROM events WHERE at = 'n/a'")  # would flip `at` to timestamptz
+    audit.commit()
+    synced = cli("sync", *base, "--config", str(config))
+    assert 0 == synced.returncode, synced.stdout + synced.stderr
+    assert "Not synced (skip_tables of --config): audit.log." in synced.stdout
+    audit.execute("ALTER TABLE events ADD COLUMN extra TEXT")
+    audit.execute("INSERT INTO events (kind, at, extra) VALUES ('logout', 'x', 'new')")
+    audit.commit()
+    unplaced = cli("sync", *base, "--config", str(config))
+    assert 2 == unplaced.returncode and "extra" in unplaced.stderr, unplaced.stderr
+    text = mapping.read_text().replace("columns = []", 'columns = ["events.extra"]', 1)
+    mapping.write_text(text)
+    for command in ("sync", "run", "verify"):
+        done = cli(command, *base, "--config", str(config))
+        assert 0 == done.returncode, (command, done.stdout + done.stderr)
+    assert 8 == await_count(pg_dsn, "SELECT count(*) FROM audit.events")  # 8 - n/a + logout
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[databases.audti]\nmapping = "audit.toml"\n')
+    done = cli("run", *base, "--config", str(typo))
+    assert 2 == done.returncode and "did you mean [databases.audit]?" in done.stderr
+
+
+def await_count(dsn: str, sql: str) -> int:
+    import asyncio
+
+    return int(asyncio.run(fetchval(dsn, sql)))

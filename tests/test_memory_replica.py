@@ -174,7 +174,14 @@ async def _until_replica_current(memory: PostgresMemory, timeout: float = 10) ->
         await standby.close()
 
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.embedded]
+
+
+@pytest.fixture(scope="module")
+def pg_server_dsn(embedded_server_dsn: str) -> str:
+    """This module clones its server into a standby (pg_basebackup): always the embedded
+    server, whose binaries match its data directory, whatever TEST_POSTGRES_DSN names."""
+    return embedded_server_dsn
 
 
 async def test_reads_reach_the_standby(pg_dsn: str, read_dsn: str) -> None:

