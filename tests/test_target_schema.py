@@ -782,3 +782,20 @@ def test_the_mapping_file_reads_back_to_the_same_target() -> None:
     again = read_mapping(tomllib.loads(to_toml(mapping)))
     assert to_toml(mapping, comments=False) == to_toml(again, comments=False)
     assert mapping.table("t").indexes == again.table("t").indexes
+
+
+def test_foreign_key_type_pairs_are_the_ones_postgresql_builds() -> None:
+    """A foreign key is kept for the type pairs PostgreSQL builds (text/varchar either way, a
+    bigint child of a numeric key) and noted for the others (numeric child of a bigint key,
+    timestamptz against text)."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(
+        "CREATE TABLE pn (id NUMERIC PRIMARY KEY); CREATE TABLE pi (id INTEGER PRIMARY KEY);"
+        " CREATE TABLE pt (id VARCHAR(9) PRIMARY KEY);"
+        " CREATE TABLE c (a INT REFERENCES pn(id), b NUMERIC REFERENCES pi(id),"
+        " c TEXT REFERENCES pt(id));"
+    )
+    mapping = map_schema(discover(conn), {})
+    kept = sorted(fk.parent for fk in mapping.table("c").foreign_keys)
+    assert ["pn", "pt"] == kept
+    assert any("column b is numeric and pi.id is bigint" in n for n in mapping.notes)

@@ -84,6 +84,12 @@ def type_family(pg_type: str) -> str:
     return "text" if pg_type == "text" or pg_type.startswith("varchar") else pg_type
 
 
+def fk_types_match(child: str, parent: str) -> bool:
+    """Whether PostgreSQL builds a foreign key from a ``child`` column to a ``parent`` one:
+    one family, or a bigint child of a numeric key (measured: not the other way round)."""
+    return type_family(child) == type_family(parent) or (child, parent) == ("bigint", "numeric")
+
+
 # ------------------------------------------------------------------ literals
 
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -402,7 +408,7 @@ def foreign_key_problem(table: Table, fk: ForeignKey, parent: Table | None) -> s
         )
     for c, pc in zip(fk.columns, refs, strict=True):
         child_type, parent_type = table.column(c).pg_type, parent.column(pc).pg_type
-        if type_family(child_type) != type_family(parent_type):
+        if not fk_types_match(child_type, parent_type):
             return (
                 f"{name}: column {c} is {child_type} and {parent.name}.{pc} is {parent_type},"
                 " which PostgreSQL cannot compare in a foreign key"
