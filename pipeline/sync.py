@@ -31,7 +31,7 @@ from flux_migrate.core.schema import Kind, Table
 from flux_migrate.core.source import check_source, source_snapshot
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.preflight import check_fingerprint
-from flux_migrate.pipeline.progress import Progress
+from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.runner import (
     holding_migration_lock,
     quarantined_parents,
@@ -180,7 +180,7 @@ async def _rounds(
             this.tables[table.name] = TableSync(
                 scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
             )
-        await _apply(src, target, settings, this, tables, stop)
+        await _apply(src, target, settings, this, tables, stop, progress)
         if this is not report:
             _add_round(report, this)
         waiting = sum(t.deferred for t in report.tables.values())
@@ -336,14 +336,17 @@ async def _apply(
     report: SyncReport,
     tables: Sequence[Table],
     stop: StopFlag,
+    progress: Progress | None = None,
 ) -> None:
-    """Inserts and updates parents first, then deletes children first, in batches."""
-    schema, size = settings.names.schema, settings.batch_size
+    """Inserts and updates parents first, then deletes children first, in batches; each
+    table's writes shown as a line ``table writes`` of the progress display."""
+    schema = settings.names.schema
+    shown = _Writes(progress or NoProgress(), report)
     appliers: dict[str, Applier] = {}
     for table in tables:
         # the parents' quarantine as it stands once they are synced (their children follow)
         missing = frozenset(await quarantined_parents(target, schema, table, tables))
-        applier = appliers[table.name] = Applier(
+        appliers[table.name] = Applier(
             src,
             target,
             settings,
@@ -354,50 +357,88 @@ async def _apply(
             parents=_parents(table, tables),
             known=report.plans[table.name].known,
         )
-        plan, treport = report.plans[table.name], report.tables[table.name]
-        started = time.monotonic()
-        await target.retrying(
-            functools.partial(ckpt.clear_conflicts, target_schema=schema, source_table=table.name),
-            what="clearing conflicts",
-        )
-        changed = plan.inserts + plan.updates
-        changed.sort()
-        for i in range(0, len(changed), size):
-            stop.check()
-            await applier.upsert(changed[i : i + size], treport)
-        await _retry_waiting(applier, treport, size, stop)
-        for i in range(0, len(plan.moves), size):
-            await applier.move(plan.moves[i : i + size], treport)
-        await applier.resolve_gone(treport)
-        treport.seconds += time.monotonic() - started
+        await _upsert_table(appliers[table.name], report, stop, shown)
     for table in reversed(tables):
-        plan, treport = report.plans[table.name], report.tables[table.name]
-        started = time.monotonic()
-        deletes = await appliers[table.name].leaves_first(plan.deletes)
-        for i in range(0, len(deletes), size):
-            stop.check()
-            await appliers[table.name].delete(deletes[i : i + size], treport)
-        name, last_rowid, last_key = table.name, plan.last_rowid, plan.last_key
-        await target.retrying(
-            functools.partial(
-                ckpt.sync_checkpoint,
-                target_schema=schema,
-                source_table=name,
-                last_rowid=last_rowid,
-                last_key=last_key,
-                run_id=report.run_id,
-            ),
-            what="recording the checkpoint",
-        )
-        treport.seconds += time.monotonic() - started
-        log.info(
-            "table_synced",
-            table=name,
-            inserted=treport.inserted,
-            updated=treport.updated,
-            deleted=treport.deleted,
-            conflicts=len(treport.conflicts),
-        )
+        await _delete_table(appliers[table.name], report, stop, shown)
+
+
+async def _upsert_table(
+    applier: Applier, report: SyncReport, stop: StopFlag, shown: _Writes
+) -> None:
+    """One table's inserts, updates (retried while rows wait on rows of this pass), moved
+    rowids and quarantined rows gone, after forgetting the conflicts it had."""
+    name, size, schema = applier.table.name, applier.settings.batch_size, applier.names.schema
+    plan, treport = report.plans[name], report.tables[name]
+    started = time.monotonic()
+    await applier.target.retrying(
+        functools.partial(ckpt.clear_conflicts, target_schema=schema, source_table=name),
+        what="clearing conflicts",
+    )
+    changed = plan.inserts + plan.updates
+    changed.sort()
+    for i in range(0, len(changed), size):
+        stop.check()
+        await applier.upsert(changed[i : i + size], treport)
+        shown.advance(name, len(changed[i : i + size]))
+    await _retry_waiting(applier, treport, size, stop)
+    for i in range(0, len(plan.moves), size):
+        await applier.move(plan.moves[i : i + size], treport)
+    await applier.resolve_gone(treport)
+    treport.seconds += time.monotonic() - started
+
+
+async def _delete_table(
+    applier: Applier, report: SyncReport, stop: StopFlag, shown: _Writes
+) -> None:
+    """One table's deletes (leaves first), then its checkpoint."""
+    name, size, schema = applier.table.name, applier.settings.batch_size, applier.names.schema
+    plan, treport = report.plans[name], report.tables[name]
+    started = time.monotonic()
+    deletes = await applier.leaves_first(plan.deletes)
+    for i in range(0, len(deletes), size):
+        stop.check()
+        await applier.delete(deletes[i : i + size], treport)
+        shown.advance(name, len(deletes[i : i + size]))
+    await applier.target.retrying(
+        functools.partial(
+            ckpt.sync_checkpoint,
+            target_schema=schema,
+            source_table=name,
+            last_rowid=plan.last_rowid,
+            last_key=plan.last_key,
+            run_id=report.run_id,
+        ),
+        what="recording the checkpoint",
+    )
+    shown.finish(name)
+    treport.seconds += time.monotonic() - started
+    log.info(
+        "table_synced",
+        table=name,
+        inserted=treport.inserted,
+        updated=treport.updated,
+        deleted=treport.deleted,
+        conflicts=len(treport.conflicts),
+    )
+
+
+class _Writes:
+    """A table's writes on the progress display, as a line ``table writes`` (shown only for
+    a table with changes to write)."""
+
+    def __init__(self, progress: Progress, report: SyncReport) -> None:
+        self.progress, self.report, self.started = progress, report, set[str]()
+
+    def advance(self, table: str, rows: int) -> None:
+        if table not in self.started:
+            plan = self.report.plans[table]
+            self.progress.start(f"{table} writes", plan.changes)
+            self.started.add(table)
+        self.progress.advance(f"{table} writes", rows)
+
+    def finish(self, table: str) -> None:
+        if table in self.started:
+            self.progress.finish(f"{table} writes")
 
 
 async def _retry_waiting(applier: Applier, report: TableSync, size: int, stop: StopFlag) -> None:

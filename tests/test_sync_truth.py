@@ -224,3 +224,45 @@ async def test_rows_sync_quarantines_are_counted_once_and_advised_to_sync(
     await assert_app_tables_equal(path, pg_dsn)
     checked = cli("verify", *args)
     assert EXIT_OK == checked.returncode, checked.stdout + checked.stderr
+
+
+class _Recorded(NoProgress):
+    """A progress display that records what it was shown."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.finished: list[str] = []
+
+    def start(self, table: str, total: int) -> None:
+        self.totals[table] = total
+        self.done[table] = 0
+
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
+        self.done[table] += rows
+
+    def finish(self, table: str) -> None:
+        self.finished.append(table)
+
+
+async def test_sync_shows_its_scan_and_its_writes(
+    sample_db: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """The progress display gets each table's scan (rows read of its rows) and, for a table
+    with changes, its writes (changes applied of those planned), each line finished."""
+    path = app_copy(sample_db, tmp_path)
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    db = sqlite3.connect(path)
+    db.execute("UPDATE messages SET content = 'x' WHERE rowid % 5 = 0")
+    db.commit()
+    changed = db.execute("SELECT count(*) FROM messages WHERE rowid % 5 = 0").fetchone()[0]
+    rows = {
+        t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("sessions", "messages")
+    }
+    db.close()
+    shown = _Recorded()
+    await sync(app_settings(path, pg_dsn, batch_size=100), progress=shown)
+    assert {**rows, "messages writes": changed} == shown.totals
+    assert shown.totals == shown.done
+    assert sorted(shown.totals) == sorted(shown.finished)
