@@ -864,8 +864,8 @@ class PostgresMemory(MemoryBase):
             raise
         finally:
             node.in_use.discard(conn)
-            with anyio.move_on_after(self.timeouts.command, shield=True):
-                await pool.release(conn)
+            # Bounded; a release that fails or is cancelled terminates the connection.
+            await pool.release(conn, timeout=self.timeouts.command)
 
     async def _write(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run a write on the primary; note its WAL position when a standby serves reads."""
