@@ -66,6 +66,7 @@ async def test_a_silent_primary_costs_the_command_timeout_then_a_clear_error(
         health = await mem.health()
         assert time.monotonic() - started < 3.0
         assert health["ok"] is False
+        assert "did not answer within" in health["error"]
         assert not health["error"].endswith("rerun to resume.")
         proxy.restore()
         await mem.close(timeout=1)

@@ -1068,12 +1068,18 @@ class PostgresMemory(MemoryBase):
                 async with self._acquire(node, prepare=False, timeout=self.timeouts.health) as conn:
                     await self._probe(node, conn, out)
         except PoolTimeoutError as exc:
-            out["saturated"] = True
-            out["error"] = exc.message
+            out["saturated"] = len(node.in_use) >= node.max_size
+            out["error"] = (
+                exc.message
+                if out["saturated"]
+                else f"PostgreSQL at {dsn_location(node.dsn)} did not answer within"
+                f" {self.timeouts.health:g} s (no connection opened)"
+            )
         except ReplicaRefused as exc:
             out.update(role=exc.role, fresh=False, error=exc.message)
         except Exception as exc:  # noqa: BLE001 - health reports, never raises
-            out["error"] = _sentence(exc)
+            bound = f"{node.command_timeout:g} s"
+            out["error"] = _sentence(memory_error(exc, dsn_location(node.dsn), bound))
         out["pool"] = node.pool_figures()
         return out
 
