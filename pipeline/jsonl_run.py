@@ -313,10 +313,11 @@ async def _finish_reconcile(
     meta: JsonlMeta,
     outcome: JsonlOutcome,
     tlog: Any,
+    run_id: str,
 ) -> None:
     """The whole rewritten file is read: report (and for a snapshot delete) records gone."""
     gone, sample, deleted = await target.retrying(
-        lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot),
+        lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot, run_id=run_id),
         what="finishing the reconcile",
     )
     outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
@@ -418,7 +419,7 @@ async def _close_table(
     """Finish a reconcile the run completed, then the table's counts from its checkpoint."""
     end = await _checkpoint(target, schema, jf.table)
     if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
-        await _finish_reconcile(target, schema, jf, meta, outcome, tlog)
+        await _finish_reconcile(target, schema, jf, meta, outcome, tlog, run_id)
         treport.up_to_date = False
         end = await _checkpoint(target, schema, jf.table)
     treport.extracted = end.extracted - start.extracted

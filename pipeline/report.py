@@ -136,6 +136,8 @@ class RunReport:
             "message": self.message,
             "quarantined_open": self.quarantined_open,
             "tables": {name: t.as_json() for name, t in self.tables.items()},
+            "notes": list(self.notes),
+            "conflicts": [list(c) for c in self.conflicts],
         }
 
 

@@ -44,6 +44,8 @@ REASONS: dict[str, str] = {
     "unusable_key_name": "a JSONL key cannot be a column name (empty, with NUL, over 63 bytes,"
     " or a PostgreSQL system column: xmin, xmax, cmin, cmax, ctid, tableoid)",
     "line_too_long": "a line of a JSONL file is longer than flux-migrate loads (see the docs)",
+    "gone_from_file": "a JSONL snapshot's row deleted as gone from the rewritten file (kept here"
+    " as it was, resolved)",
 }
 
 

@@ -99,6 +99,13 @@ async def test_records_appended_during_an_interrupted_reconcile_are_kept(
     ids = set(await fetchval(pg_dsn, "SELECT array_agg(id) FROM corrections"))
     expected = {f"c{n}" for n in range(1, 250)} | (set() if snapshot else {"c0"})
     assert expected == ids
+    deleted = await fetchval(
+        pg_dsn,
+        "SELECT array_agg(source_key || ':' || (raw->'row'->>'status'))"
+        " FROM flux_migrate.quarantine WHERE reason = 'gone_from_file'"
+        " AND resolution = 'deleted (snapshot)'",
+    )
+    assert (["c0:pending"] if snapshot else None) == deleted
     again, _ = await run(pg_dsn, jf, batch_size=20)
     assert "completed" == again.status
     result = await verify(pg_dsn, jf)

@@ -65,6 +65,8 @@ async def test_data_dir_migrates_memory_and_every_jsonl_store(
     } == {name: (t["loaded"], t["quarantined"]) for name, t in tables.items()}
     assert 1 == json.loads(report_path.read_text())["quarantined_open"]
     assert "feedback.jsonl (12 bytes at offset 11,510) has no newline yet" in done.stdout
+    notes = json.loads(report_path.read_text())["notes"]
+    assert any("has no newline yet" in n for n in notes)
     verified = cli("verify", *args)
     # the torn last line is a record not loaded yet: verify counts it, as missing
     assert 1 == verified.returncode, verified.stdout + verified.stderr

@@ -70,7 +70,13 @@ async def _quarantine(dsn: str, schema: str = "public") -> list[dict[str, Any]]:
 # tests/test_generic_tables.py, value by value by tests/test_values_properties.py.
 GENERIC_ONLY = {"type_mismatch", "number_out_of_range", "orphan_row"}
 # Reasons only a line of a JSONL file can give: covered by tests/test_jsonl.py.
-JSONL_ONLY = {"invalid_json_line", "not_an_object", "unusable_key_name", "line_too_long"}
+JSONL_ONLY = {
+    "invalid_json_line",
+    "not_an_object",
+    "unusable_key_name",
+    "line_too_long",
+    "gone_from_file",
+}
 
 
 def test_every_reason_code_has_a_case() -> None:

@@ -210,14 +210,16 @@ async def finish_reconcile(
     meta: JsonlMeta,
     *,
     snapshot: bool,
+    run_id: str = "",
 ) -> tuple[int, list[str], int]:
     """End a reconcile pass: the table's records whose id the pass never met (loaded, or
     quarantined with its id) are gone from the file; they are counted, and deleted when the
     file is a snapshot, unless the pass quarantined a line whose id could not be read (it may
     be one of them: nothing is deleted then) or someone else wrote or changed the row in
-    PostgreSQL (never deleted). Returns their count, the first few ids and how many were
-    deleted. One transaction, which also clears the pass's ids and its mark
-    in the meta."""
+    PostgreSQL (never deleted). Each deleted row is kept, as it was, in the quarantine as
+    resolved (reason ``gone_from_file``, resolution ``deleted (snapshot)``, rowid -1): what was
+    deleted stays listed. Returns their count, the first few ids and how many were deleted.
+    One transaction, which also clears the pass's ids and its mark in the meta."""
     target = qualified(schema, table)
     gone_where = (
         f"NOT EXISTS (SELECT 1 FROM {JSONL_SEEN} s WHERE s.target_schema = $1"
@@ -240,9 +242,17 @@ async def finish_reconcile(
         if snapshot and gone and unreadable == 0:  # never a row someone else wrote or changed
             deleted = len(
                 await conn.fetch(
-                    f"DELETE FROM {target} t WHERE {gone_where} AND t.xmin IN {ours()} RETURNING 1",
+                    f"WITH gone AS (DELETE FROM {target} t WHERE {gone_where}"
+                    f" AND t.xmin IN {ours()} RETURNING t.id::text AS id, to_jsonb(t) AS row)"
+                    f" INSERT INTO {QUARANTINE} (run_id, target_schema, source_table,"
+                    " source_key, source_rowid, reason, detail, stage, raw, resolved_at,"
+                    " resolution) SELECT $3, $1, $2, id, -1, 'gone_from_file', 'the rewritten"
+                    " snapshot file no longer holds this id; the row as it was is kept here',"
+                    " 'reconcile', jsonb_build_object('row', row), now(), 'deleted (snapshot)'"
+                    " FROM gone RETURNING 1",
                     schema,
                     table,
+                    run_id,
                 )
             )
         stale = await conn.fetchval(  # kept as they were: their new line is quarantined
