@@ -98,14 +98,36 @@ def _bad_keys_sql(c: Constraint, qualified: str, parent_qualified: str | None) -
             f"p.{quote_ident(pc)} = t.{quote_ident(x)}"
             for x, pc in zip(c.columns, c.parent_columns, strict=True)
         )
-        return (
+        orphans = (
             f"SELECT DISTINCT {cols} FROM {qualified} AS t WHERE {present} AND NOT EXISTS"
             f" (SELECT 1 FROM {parent_qualified} AS p WHERE {match})"
         )
+        return _descendants_sql(c, qualified, orphans) if c.parent == c.table else orphans
     where = f" AND ({c.where})" if c.where else ""
     return (
         f"SELECT {cols} FROM {qualified} AS t WHERE {present}{where}"
         f" GROUP BY {cols} HAVING count(*) > 1"
+    )
+
+
+def _descendants_sql(c: Constraint, qualified: str, orphans: str) -> str:
+    """For a table that references itself: the key values of its orphans and of every row
+    below them (a row naming a doomed row is doomed too), in one query instead of one source
+    scan per generation. A row's own key is what its children name (``parent_columns``)."""
+    n = len(c.columns)
+    fk = [f"f{i}" for i in range(n)]
+    ref = [f"r{i}" for i in range(n)]
+    own = ", ".join(f"t.{quote_ident(x)}" for x in c.parent_columns)
+    child = ", ".join(f"t.{quote_ident(x)}" for x in c.columns)
+    base_match = " AND ".join(
+        f"t.{quote_ident(x)} IS NOT DISTINCT FROM o.{quote_ident(x)}" for x in c.columns
+    )
+    step = " AND ".join(f"t.{quote_ident(x)} = d.{r}" for x, r in zip(c.columns, ref, strict=True))
+    return (
+        f"WITH RECURSIVE doomed ({', '.join(fk + ref)}) AS ("
+        f" SELECT {child}, {own} FROM {qualified} AS t JOIN ({orphans}) AS o ON {base_match}"
+        f" UNION SELECT {child}, {own} FROM {qualified} AS t JOIN doomed AS d ON {step})"
+        f" SELECT DISTINCT {', '.join(fk)} FROM doomed"
     )
 
 

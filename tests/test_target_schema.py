@@ -425,6 +425,8 @@ async def test_a_child_of_a_quarantined_row_in_its_own_table_is_an_orphan(
     done = cli("run", *args)
     assert 3 == done.returncode, done.stderr
     assert "without a loaded session" not in done.stderr
+    moved = [line for line in done.stderr.splitlines() if "key_rows_quarantined" in line]
+    assert 1 == len(moved) and "rows=3" in moved[0]  # the whole subtree in one pass
     assert [
         "node:2:type_mismatch",
         "node:3:orphan_row",
@@ -799,3 +801,27 @@ def test_foreign_key_type_pairs_are_the_ones_postgresql_builds() -> None:
     kept = sorted(fk.parent for fk in mapping.table("c").foreign_keys)
     assert ["pn", "pt"] == kept
     assert any("column b is numeric and pi.id is bigint" in n for n in mapping.notes)
+
+
+async def test_a_deep_chain_under_a_quarantined_row_goes_in_one_pass(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A chain of 2,000 rows each naming the one before, under a root that is quarantined: all
+    2,000 are quarantined as orphan_row in one pass (not one source scan per generation), the
+    rows beside the chain stay, the key is built."""
+    chain = [(1, None, "bad")] + [(i, i - 1, 1.0) for i in range(2, 2002)]
+    beside = [(5000 + i, None if i == 0 else 5000 + i - 1, 2.0) for i in range(50)]
+    path = _db(
+        tmp_path / "chain.sqlite",
+        "CREATE TABLE node (id INTEGER PRIMARY KEY, up INT REFERENCES node(id), v REAL);",
+        {"node": chain + beside},
+    )
+    done = cli("run", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 3 == done.returncode, done.stderr
+    reasons = await fetchval(
+        pg_dsn,
+        "SELECT json_object_agg(reason, n) FROM (SELECT reason, count(*) AS n"
+        " FROM flux_migrate.quarantine GROUP BY reason) q",
+    )
+    assert {"type_mismatch": 1, "orphan_row": 2000} == json.loads(reasons)
+    assert 50 == await fetchval(pg_dsn, "SELECT count(*) FROM node")
