@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import asyncpg
@@ -125,6 +126,9 @@ def test_the_apps_factory_module_hands_out_one_memory_closed_at_exit(
     )
     assert "" == done.stderr
     assert "1 30" == done.stdout.strip()
+    deadline = time.monotonic() + 5  # the server notices closed sockets within moments
+    while _connections(pg_dsn) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert 0 == _connections(pg_dsn)
 
 
