@@ -558,3 +558,15 @@ async def test_records_without_any_value_load_into_a_table_without_columns_yet(
     assert (4, 0) == (report.tables["pings"].loaded, report.tables["pings"].quarantined)
     assert [None, None, 1, None] == await fetchval(pg_dsn, "SELECT array_agg(x) FROM pings")
     assert (await verify(pg_dsn, jf)).ok
+
+
+async def test_an_upper_case_jsonl_suffix_is_migrated_by_data_dir(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """feedback.JSONL in --data-dir is a JSONL store like feedback.jsonl (not skipped)."""
+    data = tmp_path / "dd"
+    data.mkdir()
+    (data / "feedback.JSONL").write_bytes(line(feedback_record(1, 4)))
+    done = cli("run", "--data-dir", str(data), "--postgres-dsn", pg_dsn, "--no-progress")
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert 1 == await fetchval(pg_dsn, "SELECT count(*) FROM feedback")
