@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from flux_migrate.core.errors import RuntimeFailure
+from flux_migrate.core.schema import SQLITE_DDL
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import TableVerify, verify_quick, verify_rows
@@ -576,3 +577,33 @@ async def test_sync_and_verify_agree_on_rows_at_negative_rowids(
     assert 0 == verified.returncode, verified.stdout
     status = cli("status", "--postgres-dsn", pg_dsn)
     assert "-9223372036854775808" not in status.stdout
+
+
+async def test_the_apps_own_tables_are_read_at_every_rowid(tmp_path: Path, pg_dsn: str) -> None:
+    """sessions and messages rows stored at rowids -1 and 0 arrive and verify, like the rest."""
+    ts = "2025-01-01T00:00:00+00:00"
+    path = _db(
+        tmp_path / "app.sqlite",
+        SQLITE_DDL,
+        {
+            "INSERT INTO sessions (rowid, id, title, created_at, updated_at, metadata, user_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)": [
+                (-1, "s-neg", "a", ts, ts, "{}", "u"),
+                (0, "s-zero", "b", ts, ts, "{}", ""),
+                (5, "s-pos", "c", ts, ts, "{}", "u"),
+            ],
+            "INSERT INTO messages (rowid, id, session_id, role, content, metadata, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)": [
+                (-7, "m-neg", "s-neg", "user", "hi", "{}", ts),
+                (0, "m-zero", "s-zero", "assistant", "yo", "{}", ts),
+            ],
+        },
+    )
+    settings = await _migrate(path, pg_dsn)
+    assert [("s-neg",), ("s-pos",), ("s-zero",)] == await _rows(
+        pg_dsn, "SELECT id FROM sessions ORDER BY id"
+    )
+    assert [("m-neg",), ("m-zero",)] == await _rows(pg_dsn, "SELECT id FROM messages ORDER BY id")
+    assert {"sessions": (3, 0, 0, 0, True), "messages": (2, 0, 0, 0, True)} == _by_table(
+        await verify_rows(settings)
+    )
