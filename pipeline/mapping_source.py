@@ -9,22 +9,40 @@ anything is written (exit 2), naming the table, the column and the line to add.
 from __future__ import annotations
 
 import sqlite3
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
+
+from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.discover import SourceSchema, discover
 from flux_migrate.core.errors import SourceError, source_error
 from flux_migrate.core.mapping import (
     Evidence,
     Mapping,
+    MappingError,
     app_table,
     map_schema,
+    read_mapping,
     unplaced,
 )
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.core.target_rules import schema_problems
 from flux_migrate.pipeline.evidence import table_evidence
 from flux_migrate.stages.extract import require_source_file, source_uri
+
+
+async def recorded_mapping_of(conn: asyncpg.Connection, schema: str) -> Mapping | None:
+    """The mapping the last run into ``schema`` used, as recorded in the target (None when
+    there is none, or it no longer reads as a mapping)."""
+    text = await ckpt.recorded_mapping(conn, schema)
+    if text is None:
+        return None
+    try:
+        return read_mapping(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, MappingError):
+        return None
 
 
 def read_source(

@@ -24,7 +24,7 @@ import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import RuntimeFailure
-from flux_migrate.core.mapping import Mapping
+from flux_migrate.core.mapping import Mapping, to_toml
 from flux_migrate.core.schema import Table
 from flux_migrate.core.source import check_source, count_between, source_snapshot
 from flux_migrate.core.target import Target, connect
@@ -33,7 +33,11 @@ from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
 from flux_migrate.pipeline.key_repair import remove_orphans, repair_key
 from flux_migrate.pipeline.keys import build_constraints
-from flux_migrate.pipeline.mapping_source import check_target_schema, resolve_mapping
+from flux_migrate.pipeline.mapping_source import (
+    check_target_schema,
+    recorded_mapping_of,
+    resolve_mapping,
+)
 from flux_migrate.pipeline.preflight import (
     check_fingerprint,
     clear_target,
@@ -149,7 +153,7 @@ async def _migrate(
     path = settings.require_source()
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         configured = settings.mapping is not None
-        settings = await resolve_run_mapping(settings, path)
+        settings = await resolve_run_mapping(settings, path, target, restart=restart)
         check_jsonl_sources(settings)  # the mapped tables are known now, nothing written yet
         if show_mapping is not None and settings.mapping is not None:
             show_mapping(settings.mapping, configured)
@@ -173,11 +177,23 @@ async def _migrate(
             await _run_jsonl(run)
 
 
-async def resolve_run_mapping(settings: Settings, path: Path) -> Settings:
-    """Settings with the run's mapping: the configured one checked against the source, or the
-    discovered one; its one-screen summary is logged. SourceError names what is not placed."""
+async def resolve_run_mapping(
+    settings: Settings, path: Path, target: Target | None = None, *, restart: bool = False
+) -> Settings:
+    """Settings with the run's mapping: the configured one, else the one the last run of
+    the target schema used (read on ``target``; not with ``restart``), else the discovered
+    one; checked against the source (SourceError names what is not placed)."""
+    recorded = None
+    if settings.mapping is None and target is not None and not restart:
+        schema = settings.names.schema
+        try:
+            recorded = await target.retrying(
+                lambda c: recorded_mapping_of(c, schema), what="reading the recorded mapping"
+            )
+        finally:
+            await target.close()  # reopened when needed: nothing is left open on a refusal
     mapping, _ = await anyio.to_thread.run_sync(
-        resolve_mapping, path, settings.mapping, settings.busy_timeout
+        resolve_mapping, path, settings.mapping or recorded, settings.busy_timeout
     )
     check_target_schema(mapping, settings.names, path)
     return settings.with_(mapping=mapping)
@@ -217,6 +233,12 @@ async def _prepare(
         what="preparing the target",
     )
     await check_fingerprint(src, target, settings, identity, checkpoints)
+    if settings.mapping is not None:
+        toml = to_toml(settings.mapping)
+        await target.retrying(
+            lambda c: ckpt.record_mapping(c, settings.names.schema, toml),
+            what="recording the mapping",
+        )
     return checkpoints
 
 

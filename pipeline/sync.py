@@ -90,10 +90,10 @@ async def sync(
     report = SyncReport(run_id=run_id or uuid.uuid4().hex[:12], dry_run=dry_run)
     stop = stop or StopFlag()
     path = settings.require_source()
-    if tables is None:
-        settings = await resolve_run_mapping(settings, path)  # the tables `run` loads
-    tables = tuple(tables if tables is not None else settings.tables)
     target = Target(settings.require_dsn(), retry_seconds=settings.retry_seconds)
+    if tables is None:  # the tables `run` loads, under the mapping it recorded
+        settings = await resolve_run_mapping(settings, path, target)
+    tables = tuple(tables if tables is not None else settings.tables)
     structlog.contextvars.bind_contextvars(run_id=report.run_id)
     try:
         async with open_source(path, busy_timeout=settings.busy_timeout) as src:

@@ -24,7 +24,7 @@ from flux_migrate.core.source import check_source
 from flux_migrate.core.target import connect
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_generic as generic
-from flux_migrate.pipeline.mapping_source import resolve_mapping
+from flux_migrate.pipeline.mapping_source import recorded_mapping_of, resolve_mapping
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.extract import fetch_rows, open_source
 
@@ -457,11 +457,15 @@ def _previous_versions(
     return [r for r in rows if r[at] is not None and str(r[at]) in keys]
 
 
-async def _tables(settings: Settings, path: Path) -> tuple[Table, ...]:
-    """The tables of the run's mapping (configured, or discovered from the source), each with
-    the name SQL reaches its row id by in this source."""
+async def _tables(settings: Settings, path: Path, conn: asyncpg.Connection) -> tuple[Table, ...]:
+    """The tables of the run's mapping (configured, else the one the last run used as
+    recorded in the target, else discovered from the source), each with the name SQL reaches
+    its row id by in this source."""
+    recorded = None
+    if settings.mapping is None:
+        recorded = await recorded_mapping_of(conn, settings.names.schema)
     mapping, _ = await anyio.to_thread.run_sync(
-        resolve_mapping, path, settings.mapping, settings.busy_timeout
+        resolve_mapping, path, settings.mapping or recorded, settings.busy_timeout
     )
     return mapping.tables
 
@@ -470,10 +474,10 @@ async def verify_rows(settings: Settings, *, limit: int = 10) -> list[TableVerif
     """Compare every row of every table; see TableVerify for the counts."""
     path = settings.require_source()
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
-        tables = await _tables(settings, path)
-        await check_source(src, path, tables)
         conn = await open_target(settings)
         try:
+            tables = await _tables(settings, path, conn)
+            await check_source(src, path, tables)
             results = [
                 await (verify_generic_table if t.generic else verify_table)(
                     src, conn, settings, t, limit=limit
@@ -577,10 +581,10 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
     path = settings.require_source()
     out = []
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
-        tables = await _tables(settings, path)
-        await check_source(src, path, tables)
         conn = await open_target(settings)
         try:
+            tables = await _tables(settings, path, conn)
+            await check_source(src, path, tables)
             for table in tables:
                 quarantined, skipped, pre = await _bookkeeping(
                     conn, settings.names.schema, table.name

@@ -607,3 +607,31 @@ async def test_the_apps_own_tables_are_read_at_every_rowid(tmp_path: Path, pg_ds
     assert {"sessions": (3, 0, 0, 0, True), "messages": (2, 0, 0, 0, True)} == _by_table(
         await verify_rows(settings)
     )
+
+
+async def test_new_values_do_not_change_the_types_an_earlier_run_created(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A rerun, verify and sync keep the mapping the first run used (recorded in the target):
+    'soon' added to a column of instants is quarantined by the rerun instead of the rerun
+    being refused, and verify still matches; --restart decides the types again."""
+    path = _db(
+        tmp_path / "flip.sqlite",
+        "CREATE TABLE e (id INTEGER PRIMARY KEY, at TEXT);",
+        {"INSERT INTO e VALUES (?, ?)": [(1, "2024-01-01T00:00:00Z"), (2, "2024-01-02 10:00:00")]},
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert 0 == cli("run", *args).returncode
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO e VALUES (3, 'soon')")
+    db.commit()
+    db.close()
+    again = cli("run", *args)
+    assert 3 == again.returncode, again.stderr
+    assert [("e", "invalid_timestamp")] == await _quarantined(pg_dsn)
+    verified = cli("verify", *args)
+    assert 0 == verified.returncode, verified.stdout
+    restarted = cli("run", *args, "--restart", "--yes")
+    assert 0 == restarted.returncode, restarted.stderr
+    assert "text" == (await _types(pg_dsn, "e"))["at"]
+    assert [("soon",)] == await _rows(pg_dsn, "SELECT at FROM e WHERE id = 3")

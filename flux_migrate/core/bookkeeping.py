@@ -41,6 +41,7 @@ DIGEST_PACKS = f"{BOOKKEEPING_SCHEMA}.digest_packs"
 DIGEST_ROWS = f"{BOOKKEEPING_SCHEMA}.digest_rows"
 LEGACY_DIGESTS = f"{BOOKKEEPING_SCHEMA}.row_digests"  # written by flux-migrate before packs
 CONFLICTS = f"{BOOKKEEPING_SCHEMA}.conflicts"
+MAPPINGS = f"{BOOKKEEPING_SCHEMA}.mappings"
 SKIPPED_COLUMNS = ("run_id", "target_schema", "source_table", "source_key", "source_rowid")
 
 LOCK_SQL = (
@@ -380,9 +381,12 @@ async def list_quarantine(
 
 
 async def clear_schema(conn: asyncpg.Connection, target_schema: str) -> None:
-    """Forget every checkpoint, quarantined and skipped row of one target schema."""
+    """Forget every checkpoint, quarantined and skipped row, and the recorded mapping, of one
+    target schema."""
     for table in (CHECKPOINTS, QUARANTINE, SKIPPED, DIGEST_PACKS, DIGEST_ROWS, CONFLICTS):
         await conn.execute(f"DELETE FROM {table} WHERE target_schema = $1", target_schema)
+    if await _relation_exists(conn, MAPPINGS):
+        await conn.execute(f"DELETE FROM {MAPPINGS} WHERE target_schema = $1", target_schema)
     if await _relation_exists(conn, LEGACY_DIGESTS):
         await conn.execute(f"DELETE FROM {LEGACY_DIGESTS} WHERE target_schema = $1", target_schema)
 
@@ -502,6 +506,26 @@ class Pack:
     rowids: array[int]
     keys: list[str]
     digests: array[int]
+
+
+async def record_mapping(conn: asyncpg.Connection, target_schema: str, toml: str) -> None:
+    """Record the mapping a run of a schema uses (configured or discovered)."""
+    await conn.execute(
+        f"INSERT INTO {MAPPINGS} (target_schema, mapping) VALUES ($1, $2)"
+        " ON CONFLICT (target_schema) DO UPDATE SET mapping = $2, recorded_at = now()",
+        target_schema,
+        toml,
+    )
+
+
+async def recorded_mapping(conn: asyncpg.Connection, target_schema: str) -> str | None:
+    """The mapping recorded for a schema (TOML), None when none is (or no bookkeeping yet)."""
+    if not await _relation_exists(conn, MAPPINGS):
+        return None
+    found = await conn.fetchval(
+        f"SELECT mapping FROM {MAPPINGS} WHERE target_schema = $1", target_schema
+    )
+    return None if found is None else str(found)
 
 
 async def _relation_exists(conn: asyncpg.Connection, relation: str) -> bool:

@@ -681,6 +681,12 @@ CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.skipped (
     source_key text NOT NULL,
     source_rowid bigint NOT NULL,
     skipped_at timestamptz NOT NULL DEFAULT now()
+);-- The mapping the last run of a schema used (TOML): without --config, reruns, verify and sync
+-- use it, so that new source values cannot change a type already created.
+CREATE TABLE IF NOT EXISTS {BOOKKEEPING_SCHEMA}.mappings (
+    target_schema text PRIMARY KEY,
+    mapping text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
