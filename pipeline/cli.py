@@ -598,7 +598,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for q in quick:
             same = "same" if q.source_checksum == q.target_checksum else "DIFFERS"
             counts = (q.source_rows, q.quarantined, q.skipped, q.target_count)
-            rows.append((q.table, *(f"{n:,}" for n in counts), same, _verdict(q.ok)))
+            rows.append((q.table, *(f"{n:,}" for n in counts), same, q.verdict))
         print_table(rows, align="lrrrrll")
         code = errors.EXIT_OK if all(q.ok for q in quick) else errors.EXIT_FAILURE
         if settings.jsonl:  # JSONL files have no quick form: compared in full

@@ -71,13 +71,21 @@ def read_source(
 
 
 def resolve_mapping(
-    path: Path, configured: Mapping | None, busy_timeout: float = 10.0
+    path: Path,
+    configured: Mapping | None,
+    busy_timeout: float = 10.0,
+    recorded: Mapping | None = None,
 ) -> tuple[Mapping, SourceSchema]:
-    """The mapping for a run (the configured one, else the discovered one) and the source
-    schema it was checked against.
+    """The mapping for a run (the configured one, else the ``recorded`` one an earlier run
+    used when it places this source, else the discovered one) and the source schema it was
+    checked against.
 
     Raises SourceError (exit 2) naming every table or column the mapping does not place.
     """
+    if configured is None and recorded is not None:
+        schema, _ = read_source(path, busy_timeout, with_evidence=False)
+        if schema.tables and not unplaced(schema, recorded):
+            return with_row_ids(recorded, schema, path), schema
     schema, evidence = read_source(path, busy_timeout, with_evidence=configured is None)
     if not schema.tables:
         raise SourceError(f"The SQLite file {path} has no tables to migrate.")

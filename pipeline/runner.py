@@ -181,8 +181,9 @@ async def resolve_run_mapping(
     settings: Settings, path: Path, target: Target | None = None, *, restart: bool = False
 ) -> Settings:
     """Settings with the run's mapping: the configured one, else the one the last run of
-    the target schema used (read on ``target``; not with ``restart``), else the discovered
-    one; checked against the source (SourceError names what is not placed)."""
+    the target schema used (read on ``target``; not with ``restart``) while it places the
+    source, else the discovered one; checked against the source (SourceError names what is
+    not placed)."""
     recorded = None
     if settings.mapping is None and target is not None and not restart:
         schema = settings.names.schema
@@ -193,7 +194,7 @@ async def resolve_run_mapping(
         finally:
             await target.close()  # reopened when needed: nothing is left open on a refusal
     mapping, _ = await anyio.to_thread.run_sync(
-        resolve_mapping, path, settings.mapping or recorded, settings.busy_timeout
+        resolve_mapping, path, settings.mapping, settings.busy_timeout, recorded
     )
     check_target_schema(mapping, settings.names, path)
     return settings.with_(mapping=mapping)

@@ -330,6 +330,9 @@ async def test_verify_says_when_keys_are_still_pending(tmp_path: Path, pg_dsn: s
     done = cli("verify", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
     assert 1 == done.returncode
     assert "KEYS PENDING" in done.stdout and "not built yet" in done.stdout
+    quick = cli("verify", "--quick", "--sqlite-path", str(path), "--postgres-dsn", pg_dsn)
+    assert 1 == quick.returncode
+    assert "KEYS PENDING" in quick.stdout
 
 
 # ---------------------------------------------------------------- types: cases 4, 5, 6, 8
