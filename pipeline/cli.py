@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         " resumably.",
         epilog="Exit codes: 0 done, 1 runtime failure, 2 usage/configuration/preflight error,"
         " 3 done but some rows were quarantined, 4 (sync) done but rows changed on both sides"
-        " were left as PostgreSQL has them, 130/143 interrupted;"
+        " (or naming a parent sync cannot load) were left as PostgreSQL has them,"
+        " 130/143 interrupted;"
         " check: 0 healthy, 1 unhealthy, 2 usage.",
     )
     parser.add_argument("--version", action="version", version=f"flux-migrate {_version()}")

@@ -314,9 +314,10 @@ class Applier:
     async def _parents_new(
         self, conn: asyncpg.Connection, parent: Table, columns: tuple[str, ...], values: list[Ref]
     ) -> dict[Ref, bool]:
-        """Per value of ``columns`` that the target's ``parent`` lacks: True when the row is
-        not one flux-migrate loaded (no digest kept for the source row holding it: new in the
-        source, to wait for), False when it is (someone deleted it in PostgreSQL)."""
+        """Per value of ``columns`` that the target's ``parent`` lacks: False when the source
+        row holding it is one flux-migrate loaded (its digest is kept) and its key is gone
+        from the target (someone deleted it in PostgreSQL); else True, to wait for: a row new
+        in the source, or one whose change to these values is not written yet."""
         now: dict[Ref, tuple[int, str]]
         if len(columns) == 1:
             one = await source_rows_of(self.src, parent, columns[0], [v[0] for v in values])
@@ -326,7 +327,14 @@ class Applier:
         loaded = await bookkeeping.loaded_keys(
             conn, self.names.schema, parent.name, {key: rowid for rowid, key in now.values()}
         )
-        return {v: v not in now or now[v][1] not in loaded for v in values}
+        pk = parent.primary_key[0]
+        held = await conn.fetch(  # rows whose change to these values is not written yet
+            f"SELECT {quote_ident(pk)}::text AS key FROM {self.names.qualified(parent.name)}"
+            f" WHERE {quote_ident(pk)} = ANY($1::text[]::{parent.column(pk).pg_type}[])",
+            sorted(loaded),
+        )
+        gone = loaded - {r["key"] for r in held}
+        return {v: v not in now or now[v][1] not in gone for v in values}
 
     async def _parents_present(
         self, conn: asyncpg.Connection, parent: Table, columns: tuple[str, ...], values: list[Ref]

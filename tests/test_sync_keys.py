@@ -288,3 +288,24 @@ async def test_a_changed_unique_key_waits_for_the_rows_referencing_it(
     assert [("c7",)] == [
         tuple(r) for r in await _pg(pg_dsn, "SELECT code FROM public.parent WHERE id = 7")
     ]
+
+
+async def test_a_renamed_unique_key_with_its_children_is_named_not_misreported(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A parent's referenced UNIQUE code renamed in SQLite together with its children's
+    references (ON UPDATE CASCADE) cannot be written one statement after the other: a final
+    sync names the parent child_rows_kept and the children parent_missing (exit 4), never
+    parent_deleted_in_postgres (nobody deleted it) and never a foreign-key error."""
+    path = tmp_path / "u.sqlite"
+    args = _unique_db(path, integer=False) + ["--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    _change(
+        path,
+        "UPDATE child SET pcode = 'c5b' WHERE pcode = 'c5'",
+        "UPDATE parent SET code = 'c5b' WHERE code = 'c5'",
+    )
+    done = cli("sync", *args)
+    assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
+    assert "parent 5: child_rows_kept" in done.stdout, done.stdout
+    assert "parent_missing" in done.stdout and "parent_deleted_in_postgres" not in done.stdout
