@@ -326,6 +326,23 @@ Converter = Callable[[Raw], Any]
 _FAST_UTC_SUFFIX = {32: b"+00:00", 25: b"+00:00", 27: b"Z", 20: b"Z"}
 
 
+def _text_converter(column: Column, *, strip_nul: bool, text_as_bytes: bool) -> Converter:
+    """The converter of a text column (see :func:`column_converter`); a NULL loads as
+    ``column.null_as`` when the column has one."""
+    name, nullable, null_as = column.name, column.kind is Kind.NULLABLE_TEXT, column.null_as
+
+    def text(raw: Raw) -> Any:
+        if type(raw) is bytes and b"\x00" not in raw and (text_as_bytes or raw.isascii()):
+            return raw if text_as_bytes else raw.decode("ascii")
+        if raw is None and null_as is not None:
+            return null_as
+        if nullable:
+            return decode_text(raw, name, strip_nul=strip_nul)
+        return convert_required_text(raw, name, strip_nul=strip_nul)
+
+    return text
+
+
 def column_converter(
     column: Column,
     *,
@@ -359,19 +376,7 @@ def column_converter(
 
         return key
     if kind is Kind.TEXT or kind is Kind.NULLABLE_TEXT:
-        nullable = kind is Kind.NULLABLE_TEXT
-        null_as = column.null_as
-
-        def text(raw: Raw) -> Any:
-            if type(raw) is bytes and b"\x00" not in raw and (text_as_bytes or raw.isascii()):
-                return raw if text_as_bytes else raw.decode("ascii")
-            if raw is None and null_as is not None:
-                return null_as
-            if nullable:
-                return decode_text(raw, name, strip_nul=strip_nul)
-            return convert_required_text(raw, name, strip_nul=strip_nul)
-
-        return text
+        return _text_converter(column, strip_nul=strip_nul, text_as_bytes=text_as_bytes)
     if kind is Kind.TIMESTAMP:
 
         def timestamp(raw: Raw) -> Any:
