@@ -26,7 +26,15 @@ from asyncpg.transaction import Transaction
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.digest import key_position
-from flux_migrate.core.errors import ConfigError, TargetError, is_driver_error, translate
+from flux_migrate.core.errors import (
+    ConfigError,
+    ErrorClass,
+    RuntimeFailure,
+    TargetError,
+    classify,
+    is_driver_error,
+    translate,
+)
 from flux_migrate.core.schema import Kind, Table
 from flux_migrate.core.source import check_source, source_snapshot
 from flux_migrate.core.target import Target
@@ -251,12 +259,21 @@ class RolledBack(Target):
         what: str,
         on_retry: Callable[[int, BaseException, float], None] | None = None,
     ) -> T:
-        """Run ``operation`` inside the dry run's transaction (no retry: a failure fails it)."""
-        conn = await self._target.conn()
-        if self._transaction is None:
-            self._transaction = conn.transaction()
-            await self._transaction.start()
-        return await operation(conn)
+        """Run ``operation`` inside the dry run's transaction (no retry: what it did so far
+        would be lost; a connection lost fails the dry run with a sentence)."""
+        try:
+            conn = await self._target.conn()
+            if self._transaction is None:
+                self._transaction = conn.transaction()
+                await self._transaction.start()
+            return await operation(conn)
+        except Exception as exc:
+            if classify(exc) is not ErrorClass.TRANSIENT:
+                raise
+            raise RuntimeFailure(
+                f"PostgreSQL at {self.location} went away while {what} in a dry run"
+                f" ({type(exc).__name__}); nothing was written, rerun the dry run."
+            ) from None
 
     async def roll_back(self) -> None:
         """Undo everything the dry run did (shielded: also when it is cancelled)."""
