@@ -426,6 +426,9 @@ async def _close_table(
     treport.loaded = end.loaded - start.loaded
     treport.quarantined = end.quarantined - start.quarantined
     treport.skipped = end.skipped - start.skipped
+    if outcome.reconciled:  # lines the table already held unchanged were not loaded again
+        same = min(outcome.unchanged, treport.loaded)
+        treport.loaded, treport.skipped = treport.loaded - same, treport.skipped + same
     await target.retrying(
         lambda c: ckpt.set_status(c, schema, jf.table, "finished", run_id),
         what="recording status",

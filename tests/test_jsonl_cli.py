@@ -98,6 +98,8 @@ async def test_jsonl_alone_rewritten_file_said_in_the_output(tmp_path: Path, pg_
     path.write_bytes(line(correction(0, "approved", tags={"a": [1]})) + line(correction(2)))
     done = cli("run", *args, "--no-progress")
     assert 0 == done.returncode, done.stderr
+    summary = next(ln for ln in done.stdout.splitlines() if ln.startswith("corrections "))
+    assert ["2", "1", "1"] == summary.split()[1:4]  # read 2, loaded the 1 changed, 1 not
     assert (
         "corrections: reconciled by id: 0 new, 1 updated, 1 unchanged,"
         " 1 gone from the file, kept in the table (c1)."
