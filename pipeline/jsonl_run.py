@@ -91,7 +91,7 @@ class JsonlOutcome:
     gone_sample: list[str] = field(default_factory=list)
     deleted: int = 0
     kept_unsure: bool = False  # a snapshot's gone records kept (someone else's, or unsure)
-    conflicts: list[str] = field(default_factory=list)  # ids left as PostgreSQL has them
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind) left alone
     waiting: tuple[int, int] | None = None  # (offset, bytes) of a last line without newline
 
 
@@ -546,11 +546,11 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
             " records gained (ALTER TABLE ADD COLUMN)."
         )
     if o.conflicts:
+        named = ", ".join(f"{k} ({kind})" for k, kind in o.conflicts[:10])
         notes.append(
-            f"{jf.table}: {len(o.conflicts):,} record(s) left as PostgreSQL has them: changed"
-            " there by someone else, and the file holds another version"
-            f" ({', '.join(o.conflicts[:10])}{', ...' if len(o.conflicts) > 10 else ''};"
-            " recorded in flux_migrate.conflicts as changed_in_both)."
+            f"{jf.table}: {len(o.conflicts):,} record(s) left as PostgreSQL has them, written or"
+            f" changed there by someone else while the file holds another version ({named}"
+            f"{', ...' if len(o.conflicts) > 10 else ''}; recorded in flux_migrate.conflicts)."
         )
     if o.rewritten:
         notes.append(
@@ -634,7 +634,7 @@ async def run_jsonl_tables(
             target, settings, jf, run_id, report, progress, stop
         )
         report.notes += outcome_notes(jf, outcomes[jf.table])
-        report.conflicts += [(jf.table, k, "changed_in_both") for k in outcomes[jf.table].conflicts]
+        report.conflicts += [(jf.table, k, kind) for k, kind in outcomes[jf.table].conflicts]
     await target.retrying(
         lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
         what="checking the accounting",

@@ -63,7 +63,7 @@ class JsonlBatchResult:
     already: bool = False
     already_quarantined: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-    conflicts: list[str] = field(default_factory=list)  # ids left as PostgreSQL has them
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind) left alone
 
     @property
     def quarantined_count(self) -> int:
@@ -103,6 +103,8 @@ def _refused(exc: BaseException, offset: int, line: bytes, key: str | None) -> R
 
 
 Written = tuple[int, int, list[str]]  # inserted, updated, ids left alone as conflicts
+CHANGED_IN_BOTH = "changed_in_both"  # the file holds another version of a row changed in PG
+INSERTED_IN_BOTH = "inserted_in_both"  # an appended id someone else inserted in PostgreSQL
 Apply = Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Any]
 
 
@@ -247,7 +249,7 @@ class _Writes:
     inserted: int = 0
     updated: int = 0
     rejects: list[Reject] = field(default_factory=list)
-    conflicts: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind)
 
 
 async def _write_rows(
@@ -278,24 +280,45 @@ async def _write_rows(
         refused, results = await _isolating(conn, apply, rows, raw, ids)
         out.inserted = sum(r[0] for r in results)
         out.updated = sum(r[1] for r in results) if reconciling else 0
-        out.conflicts = [key for r in results for key in r[2]]
+        out.conflicts = [(key, CHANGED_IN_BOTH) for r in results for key in r[2]]
+        if not reconciling and refused:
+            refused, theirs = await _inserted_by_others(conn, ctx, refused)
+            out.conflicts += [(key, INSERTED_IN_BOTH) for key in theirs]
     out.rejects += refused
     out.loaded = len(rows) - len(refused) - len(out.conflicts)
     if reconciling:
         left = {r.rowid for r in refused}
-        kept = set(out.conflicts)
+        kept = {key for key, _ in out.conflicts}
         loaded_ids = [
             key
             for key, source in zip(ids, raw, strict=True)
             if key is not None and source[0] not in left and key not in kept
         ]
         await mark_seen(conn, schema, table, loaded_ids)
-        met = [r.key for r in out.rejects if r.key is not None] + out.conflicts
+        met = [r.key for r in out.rejects if r.key is not None] + list(kept)
         await mark_seen(conn, schema, table, met, loaded=False)
-        await ckpt.record_conflicts(
-            conn, schema, table, [(k, "changed_in_both") for k in out.conflicts], ctx.run_id
-        )
+    await ckpt.record_conflicts(conn, schema, table, out.conflicts, ctx.run_id)
     return out
+
+
+async def _inserted_by_others(
+    conn: asyncpg.Connection, ctx: JsonlLoadContext, refused: list[Reject]
+) -> tuple[list[Reject], list[str]]:
+    """Appended lines PostgreSQL refused as duplicates of a row someone else wrote there: not
+    quarantined but conflicts (the row is left as it is); the other refusals stay."""
+    dup = [r.key for r in refused if r.reason == "duplicate_key" and r.key is not None]
+    if not dup:
+        return refused, []
+    found = await conn.fetch(
+        f"SELECT t.id FROM {qualified(ctx.schema, ctx.table)} t"
+        f" WHERE t.id = ANY($3::text[]) AND t.xmin NOT IN {ours()}",
+        ctx.schema,
+        ctx.table,
+        dup,
+    )
+    theirs = {r["id"] for r in found}
+    keep = [r for r in refused if not (r.reason == "duplicate_key" and r.key in theirs)]
+    return keep, [r.key for r in refused if r.key is not None and r not in keep]
 
 
 async def _drop_duplicates(

@@ -570,3 +570,36 @@ async def test_an_upper_case_jsonl_suffix_is_migrated_by_data_dir(
     done = cli("run", "--data-dir", str(data), "--postgres-dsn", pg_dsn, "--no-progress")
     assert 0 == done.returncode, done.stdout + done.stderr
     assert 1 == await fetchval(pg_dsn, "SELECT count(*) FROM feedback")
+
+
+async def test_an_appended_id_someone_else_inserted_is_a_conflict_not_a_quarantine(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A line appended with an id someone else inserted in PostgreSQL leaves their row as it
+    is and is named as conflict inserted_in_both (not loaded, not quarantined); an id the file
+    itself repeats is still duplicate_key."""
+    path = tmp_path / "corrections.jsonl"
+    jf = JsonlFile.of(path)
+    path.write_bytes(line(correction(0)))
+    await run(pg_dsn, jf)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("INSERT INTO corrections (id, status) VALUES ('c1', 'made in pg')")
+    finally:
+        await conn.close()
+    with path.open("ab") as f:
+        f.write(line(correction(1)) + line(correction(0)) + line(correction(2)))
+    report, outcomes = await run(pg_dsn, jf)
+    assert [("c1", "inserted_in_both")] == outcomes["corrections"].conflicts
+    assert [("corrections", "c1", "inserted_in_both")] == report.conflicts
+    at = len(line(correction(0))) + len(line(correction(1)))
+    assert [(at, "c0", "duplicate_key")] == await quarantine(pg_dsn)
+    statuses = json.loads(
+        await fetchval(pg_dsn, "SELECT json_object_agg(id, status) FROM corrections")
+    )
+    assert {"c0": "pending", "c1": "made in pg", "c2": "pending"} == statuses
+    assert (1, 1, 1) == (
+        report.tables["corrections"].loaded,
+        report.tables["corrections"].quarantined,
+        report.tables["corrections"].skipped,
+    )
