@@ -309,3 +309,34 @@ async def test_a_renamed_unique_key_with_its_children_is_named_not_misreported(
     assert EXIT_CONFLICTS == done.returncode, done.stdout + done.stderr
     assert "parent 5: child_rows_kept" in done.stdout, done.stdout
     assert "parent_missing" in done.stdout and "parent_deleted_in_postgres" not in done.stdout
+
+
+async def test_a_subtree_of_a_tree_linked_by_a_unique_code_goes_in_one_sync(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A self-referencing table whose rows name their parent by a UNIQUE code (not the key):
+    a deleted subtree leaves in one sync and a new subtree (children before parents in rowid
+    order) arrives in the same sync, exit 0, equal to the source."""
+    path = tmp_path / "codes.sqlite"
+    rows = [(50, "keep", None)] + [
+        (i, f"n{i}", f"n{i - 1}" if i > 1 else None) for i in range(6, 0, -1)
+    ]
+    _db(
+        path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE,"
+        " up TEXT REFERENCES t(code));",
+        ("INSERT INTO t VALUES (?, ?, ?)", rows),
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn, "--batch-size", "2"]
+    assert EXIT_OK == cli("run", *args).returncode
+    _change(
+        path,
+        "DELETE FROM t WHERE id BETWEEN 2 AND 6",
+        "INSERT INTO t VALUES (103, 'm3', 'm2')",
+        "INSERT INTO t VALUES (102, 'm2', 'm1')",
+        "INSERT INTO t VALUES (101, 'm1', 'n1')",
+    )
+    done = cli("sync", *args)
+    assert EXIT_OK == done.returncode, done.stdout + done.stderr
+    assert "left for the next" not in done.stdout
+    await compare_table(path, pg_dsn, "t")
