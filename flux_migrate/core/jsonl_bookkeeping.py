@@ -239,22 +239,8 @@ async def finish_reconcile(
             table,
         )
         deleted = 0
-        if snapshot and gone and unreadable == 0:  # never a row someone else wrote or changed
-            deleted = len(
-                await conn.fetch(
-                    f"WITH gone AS (DELETE FROM {target} t WHERE {gone_where}"
-                    f" AND t.xmin IN {ours()} RETURNING t.id::text AS id, to_jsonb(t) AS row)"
-                    f" INSERT INTO {QUARANTINE} (run_id, target_schema, source_table,"
-                    " source_key, source_rowid, reason, detail, stage, raw, resolved_at,"
-                    " resolution) SELECT $3, $1, $2, id, -1, 'gone_from_file', 'the rewritten"
-                    " snapshot file no longer holds this id; the row as it was is kept here',"
-                    " 'reconcile', jsonb_build_object('row', row), now(), 'deleted (snapshot)'"
-                    " FROM gone RETURNING 1",
-                    schema,
-                    table,
-                    run_id,
-                )
-            )
+        if snapshot and gone and unreadable == 0:
+            deleted = await _delete_gone(conn, schema, table, gone_where, run_id)
         stale = await conn.fetchval(  # kept as they were: their new line is quarantined
             f"SELECT count(*) FROM {target} t JOIN {JSONL_SEEN} s ON s.target_schema = $1"
             " AND s.source_table = $2 AND s.id = t.id::text AND NOT s.loaded",
@@ -274,6 +260,26 @@ async def finish_reconcile(
         )
         await set_meta(conn, schema, table, done)
     return len(gone), gone[:GONE_SAMPLE], deleted
+
+
+async def _delete_gone(
+    conn: asyncpg.Connection, schema: str, table: str, gone_where: str, run_id: str
+) -> int:
+    """Delete the gone rows flux-migrate wrote (never one someone else wrote or changed),
+    keeping each, as it was, in the quarantine as resolved; return how many."""
+    deleted = await conn.fetch(
+        f"WITH gone AS (DELETE FROM {qualified(schema, table)} t WHERE {gone_where}"
+        f" AND t.xmin IN {ours()} RETURNING t.id::text AS id, to_jsonb(t) AS row)"
+        f" INSERT INTO {QUARANTINE} (run_id, target_schema, source_table, source_key,"
+        " source_rowid, reason, detail, stage, raw, resolved_at, resolution)"
+        " SELECT $3, $1, $2, id, -1, 'gone_from_file', 'the rewritten snapshot file no longer"
+        " holds this id; the row as it was is kept here', 'reconcile',"
+        " jsonb_build_object('row', row), now(), 'deleted (snapshot)' FROM gone RETURNING 1",
+        schema,
+        table,
+        run_id,
+    )
+    return len(deleted)
 
 
 async def clear_jsonl_table(
