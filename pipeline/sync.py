@@ -48,6 +48,7 @@ from flux_migrate.pipeline.runner import (
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.sync_apply import Applier, TableSync
+from flux_migrate.pipeline.sync_cycles import delete_together
 from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
 from flux_migrate.stages.extract import fetch_rows, open_source
 
@@ -377,6 +378,7 @@ async def _apply(
         await _upsert_table(appliers[table.name], report, stop, shown)
     for table in reversed(tables):
         await _delete_table(appliers[table.name], report, stop, shown)
+    await delete_together([appliers[t.name] for t in tables], report.tables)
 
 
 async def _upsert_table(

@@ -536,30 +536,40 @@ class Applier:
         while deleting := [k for k in keys if k not in kept]:
             found: set[str] = set()
             for child, columns, parent_columns in self.children:
-                found |= await self._referencing(conn, child, columns, parent_columns, deleting)
+                found |= await self.referencing(conn, child, columns, parent_columns, deleting)
             if not found:
                 break
             kept |= found
         return kept
 
-    async def _referencing(
+    async def referencing(
         self,
         conn: asyncpg.Connection,
         child: Table,
         columns: tuple[str, ...],
         parent_columns: tuple[str, ...],
         keys: list[str],
+        going: Sequence[str] | None = None,
     ) -> set[str]:
-        """Those of ``keys`` whose target row rows of ``child`` (other than rows of ``keys``
-        themselves) reference through ``columns`` -> ``parent_columns``."""
+        """Those of ``keys`` whose target row rows of ``child`` reference through ``columns``
+        -> ``parent_columns``, other than the child rows of keys ``going`` (deleted in the same
+        statement; by default, for a table referencing itself, ``keys`` themselves)."""
         pk, me = quote_ident(self.pk), self.names.qualified(self.table.name)
-        match = f"ANY($1::text[]::{self.pk_type}[])"
-        others = f" AND NOT c.{pk} = {match}" if child.name == self.table.name else ""
+        if going is None and child.name == self.table.name:
+            going = keys
+        others = ""
+        if going:
+            child_pk = child.primary_key[0]
+            others = (
+                f" AND NOT c.{quote_ident(child_pk)}"
+                f" = ANY($2::text[]::{child.column(child_pk).pg_type}[])"
+            )
         rows = await conn.fetch(
             f"SELECT DISTINCT p.{pk}::text AS key FROM {me} AS p"
             f" JOIN {self.names.qualified(child.name)} AS c ON {_pairs(columns, parent_columns)}"
-            f" WHERE p.{pk} = {match}{others}",
+            f" WHERE p.{pk} = ANY($1::text[]::{self.pk_type}[]){others}",
             keys,
+            *([list(going)] if going else []),
         )
         return {r["key"] for r in rows}
 

@@ -340,3 +340,38 @@ async def test_a_subtree_of_a_tree_linked_by_a_unique_code_goes_in_one_sync(
     assert EXIT_OK == done.returncode, done.stdout + done.stderr
     assert "left for the next" not in done.stdout
     await compare_table(path, pg_dsn, "t")
+
+
+CYCLE = (
+    "CREATE TABLE a (id INTEGER PRIMARY KEY, b_id INT REFERENCES b(id), v TEXT);"
+    "CREATE TABLE b (id INTEGER PRIMARY KEY, a_id INT REFERENCES a(id), v TEXT);"
+)
+
+
+async def test_rows_of_two_tables_naming_each_other_are_deleted_together(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Rows of two tables that reference each other, deleted in SQLite, leave PostgreSQL in
+    one sync (exit 0), not as child_rows_kept conflicts sync after sync; a pair that a row
+    someone inserted in PostgreSQL still references stays, named (exit 4)."""
+    path = tmp_path / "cycle.sqlite"
+    _db(
+        path,
+        CYCLE,
+        ("INSERT INTO a VALUES (?, ?, ?)", [(i, i, f"a{i}") for i in range(1, 6)]),
+        ("INSERT INTO b VALUES (?, ?, ?)", [(i, i, f"b{i}") for i in range(1, 6)]),
+    )
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    _change(path, "DELETE FROM a WHERE id IN (2, 3)", "DELETE FROM b WHERE id IN (2, 3)")
+    done = cli("sync", *args)
+    assert EXIT_OK == done.returncode, done.stdout + done.stderr
+    for table in ("a", "b"):
+        await compare_table(path, pg_dsn, table)
+    assert [] == await _pg(pg_dsn, "SELECT key FROM flux_migrate.conflicts")
+    await _pg(pg_dsn, "INSERT INTO public.a VALUES (100, 4, 'theirs')")
+    _change(path, "DELETE FROM a WHERE id = 4", "DELETE FROM b WHERE id = 4")
+    kept = cli("sync", *args)
+    assert EXIT_CONFLICTS == kept.returncode, kept.stdout + kept.stderr
+    assert "a 4: child_rows_kept" in kept.stdout and "b 4: child_rows_kept" in kept.stdout
+    assert 1 == len(await _pg(pg_dsn, "SELECT 1 FROM public.b WHERE id = 4"))

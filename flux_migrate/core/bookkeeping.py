@@ -735,6 +735,19 @@ async def record_conflicts(
     )
 
 
+async def forget_conflicts(
+    conn: asyncpg.Connection, target_schema: str, source_table: str, keys: Sequence[str]
+) -> None:
+    """Withdraw the recorded conflicts of these keys (resolved later in the same sync)."""
+    await conn.execute(
+        f"DELETE FROM {CONFLICTS} WHERE target_schema = $1 AND source_table = $2"
+        " AND key = ANY($3::text[])",
+        target_schema,
+        source_table,
+        list(keys),
+    )
+
+
 async def clear_conflicts(conn: asyncpg.Connection, target_schema: str, source_table: str) -> None:
     """Forget a table's recorded conflicts (each sync finds and records the current ones)."""
     await conn.execute(
