@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import structlog
 
 from flux_migrate.core import errors
 from flux_migrate.core.dsn import redact
@@ -435,40 +434,20 @@ async def _migrate_until_signalled(
     stops it at the next batch boundary, a second one abandons the open batch. Raises
     MigrateError (Interrupted when stopped)."""
     from flux_migrate.pipeline.data_dir import migrate_all
+    from flux_migrate.pipeline.stop import until_signalled
 
-    stop = StopFlag()
-    failure: list[MigrateError] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, stop, tg.cancel_scope)
-        try:
-            await migrate_all(
-                settings,
-                databases,
-                progress=progress,
-                stop=stop,
-                restart=restart,
-                report=report,
-                show_mapping=None if quiet else show_mapping,
-            )
-        except MigrateError as exc:
-            failure.append(exc)  # raised outside the task group, not wrapped in a group
-        finally:
-            tg.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    stop.check()  # cancelled by a second signal before migrate could say so
+    async def work(stop: StopFlag) -> None:
+        await migrate_all(
+            settings,
+            databases,
+            progress=progress,
+            stop=stop,
+            restart=restart,
+            report=report,
+            show_mapping=None if quiet else show_mapping,
+        )
 
-
-async def _watch_signals(stop: StopFlag, scope: anyio.CancelScope) -> None:
-    """Set ``stop`` on the first SIGINT/SIGTERM; cancel ``scope`` on the second."""
-    log = structlog.get_logger("flux_migrate")
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if stop.signum is not None:
-                scope.cancel()  # a second signal: abandon the open batch
-                return
-            stop.request(signum)
-            log.warning("stop_requested", signal=signal.Signals(signum).name)
+    await until_signalled(work)
 
 
 def _print_outcome(report: RunReport, listing: str = "flux-migrate quarantine") -> int:
