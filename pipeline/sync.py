@@ -47,7 +47,7 @@ from flux_migrate.pipeline.runner import (
 )
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.sync_apply import Applier, TableSync
+from flux_migrate.pipeline.sync_apply import CHILD_ROWS_KEPT, Applier, TableSync
 from flux_migrate.pipeline.sync_cycles import delete_together
 from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
 from flux_migrate.stages.extract import fetch_rows, open_source
@@ -173,6 +173,7 @@ async def _rounds(
     version = await _data_version(src)
     for n in range(ROUNDS):
         this = report if n == 0 else SyncReport(report.run_id, dry_run=report.dry_run)
+        started_at = await _data_version(src)
         for table in tables:
             stop.check()
             started = time.monotonic()
@@ -190,6 +191,8 @@ async def _rounds(
                 scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
             )
         await _apply(src, target, settings, this, tables, stop, progress)
+        if await _data_version(src) != started_at:
+            await _wait_on_kept(target, settings.names.schema, this)
         if this is not report:
             _add_round(report, this)
         waiting = sum(t.deferred for t in report.tables.values())
@@ -213,6 +216,26 @@ def _add_round(report: SyncReport, later: SyncReport) -> None:
         t.resolved += more.resolved
         t.seconds += more.seconds
         t.conflicts, t.waiting = more.conflicts, more.waiting
+        t.kept_waiting = more.kept_waiting
+
+
+async def _wait_on_kept(target: Target, schema: str, report: SyncReport) -> None:
+    """The app wrote while this round ran: the rows kept (child_rows_kept) may be referenced
+    only by rows of the target the app changed meanwhile (a deleted row's key reused, say), which
+    the next round or sync updates; so they wait instead of being named now (a sync over a
+    source that no longer changes names them, see _name_unsynced)."""
+    for name, t in report.tables.items():
+        kept = [k for k, kind in t.conflicts if kind == CHILD_ROWS_KEPT]
+        if not kept:
+            continue
+        await target.retrying(
+            functools.partial(
+                ckpt.forget_conflicts, target_schema=schema, source_table=name, keys=kept
+            ),
+            what="recording conflicts",
+        )
+        t.conflicts = [c for c in t.conflicts if c[1] != CHILD_ROWS_KEPT]
+        t.kept_waiting = kept
 
 
 async def _name_unsynced(target: Target, schema: str, report: SyncReport) -> None:
@@ -220,9 +243,10 @@ async def _name_unsynced(target: Target, schema: str, report: SyncReport) -> Non
     changed unique key rows still reference): the source did not change while this sync ran,
     so no later sync would take them either."""
     for name, t in report.tables.items():
-        if not t.waiting:
+        if not t.waiting and not t.kept_waiting:
             continue
         named = [(key, kind) for _rowid, key, kind in t.waiting]
+        named += [(key, CHILD_ROWS_KEPT) for key in t.kept_waiting]
         await target.retrying(
             functools.partial(
                 ckpt.record_conflicts,
@@ -234,7 +258,7 @@ async def _name_unsynced(target: Target, schema: str, report: SyncReport) -> Non
             what="recording conflicts",
         )
         t.conflicts += named
-        t.waiting = []
+        t.waiting, t.kept_waiting = [], []
 
 
 async def _data_version(src: aiosqlite.Connection) -> int:

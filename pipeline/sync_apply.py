@@ -71,11 +71,15 @@ class TableSync:
     # app while this sync ran, naming a parent the target does not hold yet, or changing a key
     # rows still reference; retried within the sync, else the next sync's
     waiting: list[tuple[int, str, str]] = field(default_factory=list)
+    # keys gone from the source whose target rows sync kept because rows it owns still
+    # reference them, while the app wrote meanwhile (it may have reused a deleted row's key):
+    # the next round or sync deletes them once those rows are synced, or names them
+    kept_waiting: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def deferred(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.kept_waiting)
 
     @property
     def changed(self) -> int:

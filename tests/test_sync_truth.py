@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -14,11 +15,13 @@ import pytest
 
 from flux_migrate.core.errors import EXIT_CONFLICTS, EXIT_OK
 from flux_migrate.pipeline.progress import NoProgress
+from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sync import sync
 from flux_migrate.pipeline.sync_report import sync_exit_code
 from tests.generic_db import compare_table
 from tests.support import app_copy, app_settings, assert_app_tables_equal, cli
 from tests.test_sync_generic import _generic_db
+from tests.test_sync_shapes_live import _seed as _seed_tree
 
 pytestmark = pytest.mark.anyio
 
@@ -79,6 +82,41 @@ async def test_a_reused_rowid_while_syncing_is_retried_not_a_conflict(
     assert 0 == sum(t.deferred for t in report.tables.values())
     assert EXIT_OK == sync_exit_code(report, report.quarantined_open)
     await assert_app_tables_equal(path, pg_dsn)
+
+
+async def test_a_key_reused_in_a_deleted_subtree_while_syncing_is_no_conflict(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A subtree of a self-referencing table is deleted in SQLite; after sync planned it, the
+    app adds a node that takes a deleted leaf's key: the target's old leaf still references
+    its ancestors, which sync must keep for now, but nobody touched PostgreSQL, so they wait
+    for the next round (no child_rows_kept conflict) and the sync ends equal, nothing left."""
+    path = tmp_path / "tree.sqlite"
+    _seed_tree(path)
+    settings = app_settings(path, pg_dsn, batch_size=3)
+    settings = replace(settings, names=replace(settings.names, schema="reuse"))
+    await migrate(settings)
+    db = sqlite3.connect(path)
+    db.execute(
+        "WITH RECURSIVE sub(id) AS (SELECT 2 UNION SELECT node.id FROM node JOIN sub"
+        " ON node.up = sub.id) DELETE FROM node WHERE id IN sub"
+    )
+    db.commit()
+    top = db.execute("SELECT max(id) FROM node").fetchone()[0]
+
+    def new_node() -> None:
+        db.execute("INSERT INTO node (up, name) VALUES (3, 'new')")
+        db.commit()
+        assert top + 1 == db.execute("SELECT max(id) FROM node").fetchone()[0]
+
+    try:
+        report = await sync(settings, progress=_AppWritesAfter("node", new_node))
+    finally:
+        db.close()
+    assert top + 1 <= 39  # the new node took a key the deleted subtree held
+    assert [] == report.conflicts
+    assert 0 == sum(t.deferred for t in report.tables.values())
+    await compare_table(path, pg_dsn, "node", schema="reuse")
 
 
 async def test_a_final_sync_reports_a_parent_deleted_in_postgres_at_once(
