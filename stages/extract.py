@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import sqlite3
+from array import array
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -65,24 +67,85 @@ async def open_source(
             await conn.close()
 
 
-def select_sql(table: Table) -> str:
+def orphan_sql(table: Table) -> str | None:
+    """The orphan check of a row ``t`` (None for a table without parents): true when a parent
+    row it names is absent from the source. The one definition of an orphan on the source:
+    evaluated per row (select_sql) or over a whole range at once (orphan_rowids)."""
+    if table.parent is not None and table.parent_column is not None:
+        return (
+            f"NOT EXISTS (SELECT 1 FROM {quote_ident(table.parent)} AS p"
+            f" WHERE p.id = t.{quote_ident(table.parent_column)})"
+        )
+    if table.foreign_keys:
+        return " OR ".join(_orphan_sql(fk) for fk in table.foreign_keys)
+    return None
+
+
+def select_sql(table: Table, *, orphan_flag: bool = True) -> str:
     """SELECT the row id (as Table.rowid_sql names it), the table's columns and, for a child
     table, a flag saying a parent row it names is absent from the source; without a WHERE
-    clause (callers add theirs on ``t``).
+    clause (callers add theirs on ``t``). Without ``orphan_flag`` the flag is a constant 0,
+    for a reader that sets it from orphan_rowids (mark_orphans).
 
     A WITHOUT ROWID table has no rowid: its first column is instead the storage classes of its
     key columns (``key_types_sql``), which extract replaces by the row's position."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
-    orphan = ""
-    if table.parent is not None and table.parent_column is not None:
-        orphan = (
-            f", NOT EXISTS (SELECT 1 FROM {quote_ident(table.parent)} AS p"
-            f" WHERE p.id = t.{quote_ident(table.parent_column)})"
-        )
-    elif table.foreign_keys:
-        orphan = ", " + " OR ".join(_orphan_sql(fk) for fk in table.foreign_keys)
+    check = orphan_sql(table)
+    flag = "" if check is None else f", {check}" if orphan_flag else ", 0"
     first = key_types_sql(table) if table.without_rowid else table.rowid_sql("t")
-    return f"SELECT {first}, {cols}{orphan} FROM {quote_ident(table.name)} AS t"
+    return f"SELECT {first}, {cols}{flag} FROM {quote_ident(table.name)} AS t"
+
+
+# Orphan rowids a table's read holds at most (8 bytes each in an array); a range with more is
+# read with the per-row check instead.
+ORPHAN_SET_LIMIT = 1_000_000
+
+
+async def orphan_rowids(
+    conn: aiosqlite.Connection,
+    table: Table,
+    after: int,
+    upto: int,
+) -> array[int] | None:
+    """The sorted rowids in (``after``, ``upto``] of the rows orphan_sql finds orphaned, by one
+    anti-join (empty for a table without parents). None for a WITHOUT ROWID table or when
+    there are more than ORPHAN_SET_LIMIT: then each page is read with the per-row check.
+
+    The range is walked in whatever order SQLite finds cheapest (the ``+`` keeps the rowid
+    bounds from forcing rowid order: an index on the child column makes the parent lookups
+    follow each other), then sorted here."""
+    check = orphan_sql(table)
+    if check is None:
+        return array("q")
+    if table.without_rowid:
+        return None
+    rowid = table.rowid_sql("t")
+    sql = (
+        f"SELECT {rowid} FROM {quote_ident(table.name)} AS t"
+        f" WHERE +{rowid} > ? AND +{rowid} <= ? AND ({check}) LIMIT ?"
+    )
+    rows = await fetch_rows(conn, sql, (after, upto, ORPHAN_SET_LIMIT + 1))
+    if len(rows) > ORPHAN_SET_LIMIT:
+        return None
+    return array("q", sorted(r[0] for r in rows))
+
+
+def mark_orphans(rows: list[tuple[Any, ...]], orphans: Sequence[int]) -> list[tuple[Any, ...]]:
+    """``rows`` (read with select_sql's constant flag, in rowid order) with the flag set to 1
+    on each row whose rowid is among the sorted ``orphans``; the list is changed in place."""
+    if not orphans or not rows:
+        return rows
+    start = bisect.bisect_left(orphans, rows[0][0])
+    stop = bisect.bisect_right(orphans, rows[-1][0])
+    for rowid in orphans[start:stop]:
+        i = bisect.bisect_left(rows, rowid, key=_rowid_of)
+        if i < len(rows) and rows[i][0] == rowid:
+            rows[i] = (*rows[i][:-1], 1)
+    return rows
+
+
+def _rowid_of(row: tuple[Any, ...]) -> Any:
+    return row[0]
 
 
 # ---------------------------------------------------------------- WITHOUT ROWID keysets
@@ -201,9 +264,11 @@ async def extract(
 
     A WITHOUT ROWID table is read in key order after ``after_key`` (the checkpoint's encoded
     key) instead; its rowids are positions, the rows read so far, up to ``upto_rowid``.
-    Each page is one short query, fully fetched and its cursor closed before the page is
-    yielded, so nothing is held open while downstream works. On cancellation or close, no
-    cursor or transaction is left open.
+    A child table's orphans (orphan_sql) are found once, before the first page, by one
+    anti-join over the whole range (orphan_rowids); each page then only marks them. Each page
+    is one short query, fully fetched and its cursor closed before the page is yielded, so
+    nothing is held open while downstream works. On cancellation or close, no cursor or
+    transaction is left open.
     """
     if table.without_rowid:
         pages = _key_batches(conn, table, after_rowid, upto_rowid, batch_size, after_key)
@@ -211,30 +276,45 @@ async def extract(
             async for batch in pages:
                 yield batch
         return
-    sql = select_sql(table) + keyset_sql(table)
+    try:
+        orphans = await orphan_rowids(conn, table, after_rowid, upto_rowid)
+    except sqlite3.OperationalError as exc:
+        raise read_failure(table, after_rowid, exc) from None
+    sql = select_sql(table, orphan_flag=orphans is None) + keyset_sql(table)
     seq = 0
     last = after_rowid
     while last < upto_rowid:
         try:
             rows = await fetch_rows(conn, sql, (last, upto_rowid, batch_size))
         except sqlite3.OperationalError as exc:
-            raise RuntimeFailure(
-                f"Reading {table.name} from SQLite failed after rowid {last} ({exc}); if the app"
-                " holds a long write lock, retry when it is idle: the rerun resumes."
-            ) from None
+            raise read_failure(table, last, exc) from None
         if not rows:
             return
         seq += 1
-        after, last = last, rows[-1][0]
-        yield Batch(
-            table=table.name,
-            seq=seq,
-            after_rowid=after,
-            last_rowid=last,
-            extracted=len(rows),
-            last_key=row_key(table, rows[-1][1 : len(table.columns) + 1]),
-            raw=rows,
-        )
+        batch = page_batch(table, seq, last, mark_orphans(rows, orphans or ()))
+        last = batch.last_rowid
+        yield batch
+
+
+def read_failure(table: Table, after: int, exc: sqlite3.OperationalError) -> RuntimeFailure:
+    """The sentence for a page of ``table`` SQLite failed to read after rowid ``after``."""
+    return RuntimeFailure(
+        f"Reading {table.name} from SQLite failed after rowid {after} ({exc}); if the app"
+        " holds a long write lock, retry when it is idle: the rerun resumes."
+    )
+
+
+def page_batch(table: Table, seq: int, after: int, rows: list[tuple[Any, ...]]) -> Batch:
+    """The batch of one page of rows read by rowid after ``after`` (rows in rowid order)."""
+    return Batch(
+        table=table.name,
+        seq=seq,
+        after_rowid=after,
+        last_rowid=rows[-1][0],
+        extracted=len(rows),
+        last_key=row_key(table, rows[-1][1 : len(table.columns) + 1]),
+        raw=rows,
+    )
 
 
 async def _key_batches(
