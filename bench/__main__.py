@@ -98,8 +98,10 @@ def measure(cmd: list[str], *, stderr: Any = subprocess.DEVNULL) -> Measure:
     series: list[tuple[float, float]] = []
     while True:
         # ru_maxrss would include the bench's own memory copied at fork; VmHWM is the child's.
+        # With worker processes, the peak is that of all of them together (sampled sum).
         hwm_kb, rss_kb = _vm_kb(proc.pid)
-        peak_kb = max(peak_kb, hwm_kb)
+        rss_kb += sum(_vm_kb(child)[1] for child in _descendants(proc.pid))
+        peak_kb = max(peak_kb, hwm_kb, rss_kb)
         if rss_kb:
             series.append((round(time.monotonic() - started, 3), round(rss_kb / 1024, 1)))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -111,6 +113,26 @@ def measure(cmd: list[str], *, stderr: Any = subprocess.DEVNULL) -> Measure:
     if proc.returncode not in (0, 3):
         raise SystemExit(f"bench: {' '.join(cmd[:4])} ... failed with exit {proc.returncode}")
     return Measure(wall, peak_kb / 1024, usage.ru_utime + usage.ru_stime, series)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc children lists); empty when gone."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        at = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{at}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                found = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            out += found
+            todo += found
+    return out
 
 
 def _vm_kb(pid: int) -> tuple[int, int]:
@@ -144,6 +166,13 @@ async def _checksum(dsn: str) -> dict[str, tuple[int, int]]:
 
 def checksum(dsn: str) -> dict[str, tuple[int, int]]:
     return asyncio.run(_checksum(dsn))
+
+
+def verify_cmds(source: Path, dsn: str) -> dict[str, list[str]]:
+    """``verify`` and ``verify --quick`` of a flux run's target, as a user runs them."""
+    base = [PY, "-m", "flux_migrate.pipeline", "verify", "--sqlite-path", str(source)]
+    base += ["--postgres-dsn", dsn]
+    return {"verify": base, "verify --quick": [*base, "--quick"]}
 
 
 def flux_cmd(source: Path, dsn: str, *extra: str) -> list[str]:
@@ -324,6 +353,7 @@ def main() -> None:
 
     contenders = {name: Contender(name) for name in wanted}
     sums: dict[str, dict[str, tuple[int, int]]] = {}
+    checks: dict[str, list[float]] = {}  # verify kind -> its wall / the run's, per repeat
     for rep in range(args.repeat):
         for name in wanted:
             db = f"bench_{name}"
@@ -331,6 +361,9 @@ def main() -> None:
             c = contenders[name]
             if name == "flux":
                 m = measure(flux_cmd(source, dsn))
+                if not args.no_extras:
+                    for kind, cmd in verify_cmds(source, dsn).items():
+                        checks.setdefault(kind, []).append(measure(cmd).wall / m.wall)
             elif name == "original":
                 m = measure([PY, "-m", "bench.original", str(source), dsn])
             elif name == "ceiling":
@@ -419,6 +452,14 @@ def main() -> None:
             f"| {c.name} | {c.median('wall'):.1f} ({lo:.1f}-{hi:.1f}) | {rate:,.0f} | {ratio} |"
             f" {c.median('rss_mb'):.0f} ({rlo:.0f}-{rhi:.0f}) | {c.median('cpu'):.1f} |"
         )
+    if checks:
+        extras["verify_vs_run"] = {k: round(statistics.median(v), 3) for k, v in checks.items()}
+        lines += [
+            "",
+            "Verify after each flux run (median of its wall time / that run's): "
+            + ", ".join(f"`{k}` {v:.2f}x" for k, v in extras["verify_vs_run"].items())
+            + ".",
+        ]
     if "sync" in extras:
         sy = extras["sync"]
         ch = sy["changes"]
