@@ -19,17 +19,18 @@ import asyncpg
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.catalog import table_exists
-from flux_migrate.core.schema import Kind, Table, quote_ident
+from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.source import check_source
 from flux_migrate.core.target import connect
 from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline import verify_generic as generic
+from flux_migrate.pipeline import verify_scan as scan
 from flux_migrate.pipeline.mapping_source import recorded_mapping_of, resolve_mapping
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.extract import fetch_rows, open_source
 
 PAGE = 5000  # rows per source query and per target cursor fetch
-NULL_MARK = "\x01NULL"
 
 
 @dataclass
@@ -558,41 +559,12 @@ def _md5(text: str) -> str:
     return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
-def row_digest(table: Table, row: tuple[Any, ...]) -> int:
-    """A 60-bit digest of a row's key, text and timestamps (metadata excluded), the row in the
-    reference's canonical form (timestamps as PostgreSQL's UTC text)."""
-    parts = []
-    for col, value in zip(table.columns, row, strict=True):
-        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
-            parts.append(value)
-        elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
-            parts.append(_md5(NULL_MARK if value is None else value))
-    return int(_md5("\x1f".join(parts))[:15], 16)
-
-
-def digest_sql(table: Table, qualified: str, *, only_keys: bool = False) -> str:
-    """The query that sums row_digest over the target table in PostgreSQL (skipped keys, $1,
-    excluded; with ``only_keys`` only the keys $2; the connection prints instants as the
-    reference does, see open_target)."""
-    parts = []
-    for col in table.columns:
-        name = quote_ident(col.name)
-        if col.kind is Kind.TIMESTAMP or col.kind is Kind.KEY:
-            parts.append(f"{name}::text")
-        elif col.kind in (Kind.TEXT, Kind.NULLABLE_TEXT):
-            parts.append(f"md5(coalesce({name}, E'\\x01NULL'))")
-    joined = " || E'\\x1f' || ".join(parts)
-    return (
-        f"SELECT count(*), coalesce(sum(('x' || substr(md5({joined}), 1, 15))::bit(60)::bigint), 0)"
-        f" FROM {qualified} WHERE NOT (id = ANY($1::text[]))"
-        + (" AND id = ANY($2::text[])" if only_keys else "")
-    )
-
-
-async def verify_quick(settings: Settings) -> list[QuickVerify]:
-    """Per table: row counts and an order-independent checksum of keys, text and timestamps."""
+async def verify_quick(settings: Settings, *, workers: int | None = None) -> list[QuickVerify]:
+    """Per table: row counts and an order-independent checksum of keys, text and timestamps
+    (see verify_canon), the source read by ``workers`` processes (default: the CPU count)."""
     path = settings.require_source()
     out = []
+    scanner = scan.Scanner(workers)
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         conn = await open_target(settings)
         try:
@@ -602,53 +574,85 @@ async def verify_quick(settings: Settings) -> list[QuickVerify]:
                 quarantined, skipped, pre = await _bookkeeping(
                     conn, settings.names.schema, table.name
                 )
-                if table.generic:
-                    out.append(await _quick_generic(src, conn, settings, table, quarantined, pre))
-                else:
+                if canon.fast(table) and not (table.generic and pre):
+                    skip = set() if table.generic else skipped  # keys only the app's skip
                     out.append(
-                        await _quick_app(src, conn, settings, table, quarantined, skipped, pre)
+                        await _quick_canon(conn, settings, table, scanner, quarantined, skip, pre)
                     )
+                else:
+                    out.append(await _quick_generic(src, conn, settings, table, quarantined, pre))
             await _note_pending_keys(conn, settings, out)
         finally:
             await conn.close()
+            scanner.close()
     return out
 
 
-async def _quick_app(
-    src: aiosqlite.Connection,
+async def _quick_canon(
     conn: asyncpg.Connection,
     settings: Settings,
     table: Table,
+    scanner: scan.Scanner,
     quarantined: set[int],
     skipped: set[str],
     preexisting: bool,
 ) -> QuickVerify:
-    """Counts and the checksum of row digests of one of the app's tables, on both sides."""
-    read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
-    count = checksum = rows = 0
-    keys: list[str] = []
-    async for page in _source_pages(src, table):
-        rows += len(page)
-        for raw in page:
-            if raw[0] in quarantined:
-                continue
-            try:
-                row = read(raw[1:])
-            except ref.Unreadable:
-                count += 1  # unaccounted: counted so that the counts differ
-                continue
-            if row[0] in skipped:
-                continue
-            count += 1
-            checksum += row_digest(table, row)
-            if preexisting:
-                keys.append(row[0])
-    t_count, t_sum = 0, 0
-    if await table_exists(conn, settings.names, table.name):
-        qualified = settings.names.qualified(table.name)
-        sql = digest_sql(table, qualified, only_keys=preexisting)
-        rec = await conn.fetchrow(sql, list(skipped), *([keys] if preexisting else []))
-        t_count, t_sum = int(rec[0]), int(rec[1])
+    """Counts and checksums of a table's canonical rows: the source's by the parallel scan,
+    the target's by one aggregate (run at the same time unless only the source's keys count)."""
+    path = str(settings.require_source())
+    ranges = scanner.ranges(path, table, settings.busy_timeout)
+    jobs = [
+        scan.QuickJob(
+            path,
+            table,
+            lo,
+            hi,
+            frozenset(quarantined),
+            frozenset(skipped),
+            preexisting,
+            settings.naive_timezone,
+            settings.strip_nul,
+            settings.busy_timeout,
+        )
+        for lo, hi in ranges
+    ]
+    source = scan.QuickSum()
+    target: tuple[int, int] = (0, 0)
+
+    async def read_source() -> None:
+        for part in await anyio.to_thread.run_sync(scanner.map, scan.quick_range, jobs):
+            source.add(part)
+
+    if preexisting:
+        await read_source()
+        target = await _target_sum(conn, settings, table, skipped, source.keys)
+    else:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_source)
+            target = await _target_sum(conn, settings, table, skipped, None)
     return QuickVerify(
-        table.name, count, t_count, checksum, t_sum, len(quarantined), len(skipped), rows
+        table.name,
+        source.count,
+        target[0],
+        source.checksum,
+        target[1],
+        len(quarantined),
+        len(skipped),
+        source.rows,
     )
+
+
+async def _target_sum(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    table: Table,
+    skipped: set[str],
+    keys: list[str] | None,
+) -> tuple[int, int]:
+    """The target table's count and checksum (only the rows with ``keys`` when given)."""
+    if not await table_exists(conn, settings.names, table.name):
+        return 0, 0
+    qualified = settings.names.qualified(table.name)
+    sql = canon.target_checksum_sql(table, qualified, only_keys=keys is not None)
+    rec = await conn.fetchrow(sql, list(skipped), *([keys] if keys is not None else []))
+    return int(rec[0]), int(rec[1])

@@ -1,0 +1,149 @@
+"""The canonical text of a row that `verify --quick` hashes, built the same way on both sides.
+
+A row's canonical form is its compared values joined by NUL (which no compared value holds):
+keys and text as UTF-8, a nullable value as ``T`` + text or ``N`` for NULL, an instant as
+Python's ``isoformat()`` of it in UTC (``2024-01-01T00:00:00.5+00:00`` with 0 or 6 fraction
+digits), an integer in decimal. The table's checksum is the sum of the first 64 bits of each
+row's MD5, a signed big-endian integer: order-independent, and computed in C on both sides
+(PostgreSQL: one aggregate; SQLite: hashlib over rows whose canonical values SQLite's own SQL
+yields). Metadata (JSON) and the kinds below that SQL cannot render exactly are left to the
+full `verify`; a row SQL cannot render (a value of another storage class, another instant
+shape, NUL in text) is rendered by verification's own reference reader (pipeline/reference.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, tzinfo
+from typing import Any
+
+from flux_migrate.core.schema import Column, Kind, Table, quote_ident
+from flux_migrate.pipeline import reference as ref
+
+TEXT_KINDS = (Kind.KEY, Kind.TEXT, Kind.NULLABLE_TEXT)
+# The kinds a table may have for the quick's canonical form (JSON of the app's tables aside).
+CANON_KINDS = (*TEXT_KINDS, Kind.TIMESTAMP, Kind.INSTANT, Kind.INTEGER)
+
+# Instants already in the canonical shape (no 24:00, no all-zero fraction): SQLite passes
+# them through. Any other character in a digit's place gives a text PostgreSQL never prints.
+_ISO_SHAPE = (
+    "(({c} GLOB '????-??-??T[01]?:??:??*' OR {c} GLOB '????-??-??T2[0-3]:??:??*')"
+    " AND (substr({c}, 20) = '+00:00' OR (length({c}) = 32 AND {c} GLOB '*.??????+00:00'"
+    " AND substr({c}, 20, 7) != '.000000')))"
+)
+# PostgreSQL's rendering of the same (the connection uses TimeZone UTC, see SESSION_SETTINGS).
+_PG_ISO = (
+    "to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN date_part('microseconds', {c})::int"
+    " % 1000000 = 0 THEN '' ELSE to_char({c}, '.US') END || '+00:00'"
+)
+
+
+def compared(table: Table) -> tuple[Column, ...]:
+    """The columns the quick compares: every one but the app's metadata."""
+    return tuple(c for c in table.columns if c.kind is not Kind.JSON)
+
+
+def fast(table: Table) -> bool:
+    """Whether the quick's canonical form covers the table (else it keeps the full path)."""
+    if table.generic and table.without_rowid:
+        return False
+    return all(c.kind in CANON_KINDS and c.epoch is None for c in compared(table))
+
+
+def _plain(col: Column) -> bool:
+    """Whether the canonical value is the value itself (NULL impossible or another row)."""
+    return not col.nullable or col.kind is Kind.KEY or col.null_as is not None
+
+
+def source_field_sql(col: Column) -> str:
+    """SQLite's expression for one canonical value; NULL when SQL cannot render it exactly
+    (the reference reader then renders the row)."""
+    c = quote_ident(col.name)
+    if col.kind in TEXT_KINDS:  # floats and blobs: the reference renders them
+        value = f"CASE WHEN typeof({c}) IN ('text', 'integer') THEN CAST({c} AS TEXT) END"
+        if col.kind is Kind.KEY:
+            value = f"nullif({value}, '')"
+    elif col.kind is Kind.INTEGER:
+        value = f"CASE WHEN typeof({c}) = 'integer' THEN CAST({c} AS TEXT) END"
+    else:
+        value = f"CASE WHEN typeof({c}) = 'text' AND {_ISO_SHAPE.format(c=c)} THEN {c} END"
+    if _plain(col):
+        return value
+    return f"CASE WHEN {c} IS NULL THEN 'N' ELSE 'T' || {value} END"
+
+
+def source_select(table: Table, *, with_key: bool) -> str:
+    """Row id, (the raw key,) then each canonical value, over a row id range (?, ?)."""
+    fields = ", ".join(source_field_sql(c) for c in compared(table))
+    key = f"{quote_ident(table.column_names[0])}, " if with_key else ""
+    rowid = table.rowid_sql()
+    return (
+        f"SELECT {rowid}, {key}{fields} FROM {quote_ident(table.name)}"
+        f" WHERE {rowid} BETWEEN ? AND ?"
+    )
+
+
+def raw_select(table: Table) -> str:
+    """One source row's raw values by row id, for the reference reader."""
+    cols = ", ".join(quote_ident(c) for c in table.column_names)
+    return f"SELECT {cols} FROM {quote_ident(table.name)} WHERE {table.rowid_sql()} = ?"
+
+
+def iso_instant(pg_text: str) -> str:
+    """The canonical form of an instant the reference printed as PostgreSQL does (UTC)."""
+    day, rest = pg_text[:10], pg_text[11:-3]
+    clock, _, fraction = rest.partition(".")
+    return f"{day}T{clock}" + (f".{fraction.ljust(6, '0')}" if fraction else "") + "+00:00"
+
+
+def reference_canon(
+    table: Table, *, zone: tzinfo = UTC, strip_nul: bool = False
+) -> Callable[[tuple[Any, ...]], bytes]:
+    """The canonical form of a raw source row (all columns) through the reference reader
+    (raises reference.Unreadable)."""
+    read = ref.source_row_reader(table, zone=zone, strip_nul=strip_nul)
+    at = [i for i, c in enumerate(table.columns) if c.kind is not Kind.JSON]
+    cols = compared(table)
+
+    def canon(raw: tuple[Any, ...]) -> bytes:
+        values = read(raw)
+        return b"\x00".join(_field(c, values[i]) for c, i in zip(cols, at, strict=True))
+
+    return canon
+
+
+def _field(col: Column, value: Any) -> bytes:
+    if value is None:
+        return b"N"
+    text = iso_instant(value) if col.kind in ref.INSTANT_KINDS else str(value)
+    out = text.encode("utf-8")
+    return out if _plain(col) else b"T" + out
+
+
+def target_field_sql(col: Column) -> str:
+    """PostgreSQL's bytes of one canonical value (textsend: UTF-8, the client encoding)."""
+    c = quote_ident(col.name)
+    if col.kind in TEXT_KINDS:
+        value = f"textsend({c}::text)"
+    elif col.kind is Kind.INTEGER:
+        value = f"textsend(trim_scale({c}::numeric)::text)"
+    else:
+        value = f"textsend({_PG_ISO.format(c=c)})"
+    if _plain(col):
+        return value
+    return f"coalesce('\\x54'::bytea || {value}, '\\x4e'::bytea)"
+
+
+def target_checksum_sql(table: Table, qualified: str, *, only_keys: bool = False) -> str:
+    """Count and checksum of the target table; rows whose key is in $1 left out, and with
+    ``only_keys`` only the rows whose key is in $2."""
+    joined = " || '\\x00'::bytea || ".join(target_field_sql(c) for c in compared(table))
+    key = quote_ident(table.column_names[0])
+    where = f" WHERE NOT ({key}::text = ANY($1::text[]))"
+    if only_keys:
+        where += f" AND {key}::text = ANY($2::text[])"
+    return (
+        "SELECT count(*), coalesce(sum(('x' || substr(md5("
+        + joined
+        + f"), 1, 16))::bit(64)::bigint), 0) FROM {qualified}{where}"
+    )

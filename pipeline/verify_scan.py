@@ -1,0 +1,201 @@
+"""verify's own parallel scan of the source: a table's row id range cut into ranges, each read
+by a worker process with its own read-only stdlib sqlite3 connection (no aiosqlite, nothing of
+the load's extract, paging or converters), big ``fetchmany`` pages in row id order.
+
+Workers are started with the 'spawn' context and import only this module and what it imports.
+With one worker (or a small table, unless the caller asked for a number) the ranges are read in
+this process. The source is never written: every connection is opened with ``mode=ro``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sqlite3
+import sys
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline import verify_canon as canon
+
+PAGE = 20_000  # rows per fetchmany
+SMALL = 50_000  # row ids: below this span a table is read in this process (unless told)
+RANGES_PER_WORKER = 4  # ranges per worker, so that an uneven range does not leave one idle
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def open_reader(path: str, busy_timeout: float = 10.0) -> sqlite3.Connection:
+    """The source read-only (text as bytes, as SQLite stores it in UTF-8)."""
+    uri = "file:" + quote(Path(path).resolve().as_posix()) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
+    conn.text_factory = bytes
+    return conn
+
+
+def rowid_ranges(
+    path: str, table: Table, parts: int, busy_timeout: float = 10.0
+) -> list[tuple[int, int]]:
+    """``parts`` contiguous row id ranges covering every row of ``table`` (none when empty)."""
+    conn = open_reader(path, busy_timeout)
+    try:
+        rowid = table.rowid_sql()
+        lo, hi = conn.execute(
+            f"SELECT min({rowid}), max({rowid}) FROM {quote_ident(table.name)}"
+        ).fetchone()
+    finally:
+        conn.close()
+    if lo is None:
+        return []
+    step = max(1, -(-(hi - lo + 1) // max(1, parts)))
+    return [(a, min(a + step - 1, hi)) for a in range(lo, hi + 1, step)]
+
+
+class Scanner:
+    """Runs range jobs in worker processes (``workers`` > 1) or in this process."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.explicit = workers is not None
+        self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        self._pool: Executor | None = None
+
+    def parallel(self, span: int) -> bool:
+        return self.workers > 1 and (self.explicit or span >= SMALL)
+
+    def ranges(self, path: str, table: Table, busy_timeout: float) -> list[tuple[int, int]]:
+        """The table's ranges: one when it is read in this process."""
+        whole = rowid_ranges(path, table, 1, busy_timeout)
+        if not whole or not self.parallel(whole[0][1] - whole[0][0] + 1):
+            return whole
+        return rowid_ranges(path, table, self.workers * RANGES_PER_WORKER, busy_timeout)
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J]) -> list[R]:
+        """``fn`` over ``jobs``, in their order (blocks: call it from a worker thread)."""
+        if len(jobs) <= 1 or self.workers <= 1:
+            return [fn(job) for job in jobs]
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return list(self._pool.map(fn, jobs))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+# ---------------------------------------------------------------- --quick
+
+
+@dataclass(frozen=True)
+class QuickJob:
+    """One range of one table for the quick's checksum."""
+
+    path: str
+    table: Table
+    lo: int
+    hi: int
+    quarantined: frozenset[int] = frozenset()
+    skipped: frozenset[str] = frozenset()
+    want_keys: bool = False  # return the keys of the rows counted (a table that held rows)
+    zone: tzinfo = UTC
+    strip_nul: bool = False
+    busy_timeout: float = 10.0
+
+
+@dataclass
+class QuickSum:
+    rows: int = 0  # source rows read
+    count: int = 0  # rows the target must hold, plus those the reference cannot read
+    checksum: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    def add(self, other: QuickSum) -> None:
+        self.rows += other.rows
+        self.count += other.count
+        self.checksum += other.checksum
+        self.keys += other.keys
+
+
+def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:
+    cursor = conn.execute(sql, args)
+    while page := cursor.fetchmany(PAGE):
+        yield page
+
+
+def _signed_sum(digests: list[bytes]) -> int:
+    """The sum of 8-byte big-endian signed integers."""
+    values = array("q", b"".join(digests))
+    if sys.byteorder == "little":
+        values.byteswap()
+    return sum(values)
+
+
+def quick_range(job: QuickJob) -> QuickSum:
+    """Count and checksum of one range's canonical rows (see verify_canon)."""
+    out = QuickSum()
+    conn = open_reader(job.path, job.busy_timeout)
+    try:
+        sql = canon.source_select(job.table, with_key=job.want_keys or bool(job.skipped))
+        first = 2 if job.want_keys or job.skipped else 1
+        seps = len(canon.compared(job.table)) - 1
+        slow: list[int] = []
+        md5, join = hashlib.md5, b"\x00".join
+        for page in _pages(conn, sql, (job.lo, job.hi)):
+            out.rows += len(page)
+            digests = []
+            for row in page:
+                if job.quarantined and row[0] in job.quarantined:
+                    continue
+                fields = row[first:]
+                if None in fields or (text := join(fields)).count(0) != seps:
+                    slow.append(row[0])
+                    continue
+                if first == 2:
+                    key = row[1].decode("utf-8", "surrogateescape")
+                    if key in job.skipped:
+                        continue
+                    if job.want_keys:
+                        out.keys.append(key)
+                digests.append(md5(text).digest()[:8])
+            out.count += len(digests)
+            out.checksum += _signed_sum(digests)
+        _quick_by_reference(conn, job, slow, out)
+    finally:
+        conn.close()
+    return out
+
+
+def _quick_by_reference(
+    conn: sqlite3.Connection, job: QuickJob, rowids: list[int], out: QuickSum
+) -> None:
+    """Add the rows SQL could not render, rendered by the reference reader."""
+    render = canon.reference_canon(job.table, zone=job.zone, strip_nul=job.strip_nul)
+    read_key = ref.source_reader(job.table.columns[0], zone=job.zone, strip_nul=job.strip_nul)
+    sql = canon.raw_select(job.table)
+    for rowid in rowids:
+        found = conn.execute(sql, (rowid,)).fetchone()
+        if found is None:
+            continue  # deleted since the scan read it
+        try:
+            text = render(found)
+            key = read_key(found[0]) if job.skipped or job.want_keys else None
+        except ref.Unreadable:
+            out.count += 1  # neither loadable nor quarantined: counted so that counts differ
+            continue
+        if key is not None and key in job.skipped:
+            continue
+        if job.want_keys and key is not None:
+            out.keys.append(str(key))
+        out.count += 1
+        out.checksum += int.from_bytes(hashlib.md5(text).digest()[:8], "big", signed=True)

@@ -1,0 +1,248 @@
+"""`verify` and `verify --quick` on the parallel scan (issue 23): for a small random table of the
+app's shape or of any other shape, an unchanged target passes both, and any single change made
+in PostgreSQL (a key, a text, an integer, an instant by one microsecond, a row deleted or
+duplicated) fails both, whether the source is read by one process or by two."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from flux_migrate.core.schema import SQLITE_DDL, TargetNames, quote_ident
+from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import Settings, load_settings
+from flux_migrate.pipeline.verify import verify_quick, verify_rows
+
+pytestmark = pytest.mark.anyio
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+INSTANTS = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+)
+CHANGES = ("key", "text", "instant", "delete", "duplicate")
+
+
+@st.composite
+def instant_texts(draw: st.DrawFn) -> str:
+    """An instant as stores write it: the canonical shape or another one SQL cannot pass."""
+    at = draw(INSTANTS)
+    shape = draw(st.sampled_from(["iso", "z", "offset", "space", "zero fraction"]))
+    if shape == "iso":
+        return at.isoformat()
+    if shape == "z":
+        return at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if shape == "offset":
+        return at.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat()
+    if shape == "space":
+        return at.isoformat(sep=" ")
+    return at.replace(microsecond=0).isoformat(timespec="microseconds")
+
+
+@st.composite
+def app_rows(draw: st.DrawFn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Sessions (one at least) and their messages, in the app's schema."""
+    sessions = [
+        (str(uuid.uuid4()), draw(st.none() | TEXT), draw(instant_texts()), draw(instant_texts()))
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+    messages = [
+        (
+            str(uuid.uuid4()),
+            draw(st.sampled_from(sessions))[0],
+            draw(st.sampled_from(["user", "assistant"])),
+            draw(TEXT),
+            draw(instant_texts()),
+        )
+        for _ in range(draw(st.integers(1, 5)))
+    ]
+    return sessions, messages
+
+
+def _write_app(
+    path: Path, sessions: list[tuple[Any, ...]], messages: list[tuple[Any, ...]]
+) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(SQLITE_DDL)
+    db.executemany(
+        "INSERT INTO sessions (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)", sessions
+    )
+    db.executemany(
+        "INSERT INTO messages (id, session_id, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
+        messages,
+    )
+    db.commit()
+    db.close()
+
+
+async def _settings(path: Path, dsn: str) -> Settings:
+    config = load_settings(
+        None,
+        sqlite_path=path,
+        postgres_dsn=dsn,
+        names=TargetNames(schema=f"v_{uuid.uuid4().hex[:10]}"),
+    )
+    report = await migrate(config)
+    assert "completed" == report.status
+    return config
+
+
+async def _change(dsn: str, qualified: str, key: str, change: str, sets: dict[str, str]) -> None:
+    """Make one change to the row with ``key`` in the target table."""
+    conn = await asyncpg.connect(dsn)
+    where = f" WHERE {key} = (SELECT min({key}) FROM {qualified})"
+    try:
+        if change == "delete":
+            await conn.execute(f"DELETE FROM {qualified}{where}")
+        elif change == "duplicate":
+            rows = await conn.fetch(
+                "SELECT conname FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
+                qualified,
+            )
+            for row in rows:
+                await conn.execute(
+                    f"ALTER TABLE {qualified} DROP CONSTRAINT {quote_ident(row[0])} CASCADE"
+                )
+            cols = await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0"
+                " AND NOT attisdropped AND attidentity = '' AND atthasdef = false",
+                qualified,
+            )
+            names = ", ".join(quote_ident(c[0]) for c in cols)
+            await conn.execute(
+                f"INSERT INTO {qualified} ({names}) SELECT {names} FROM {qualified}{where}"
+            )
+        else:
+            await conn.execute(f"UPDATE {qualified} SET {sets[change]}{where}")
+    finally:
+        await conn.close()
+
+
+async def _both_ok(config: Settings, workers: int) -> list[tuple[bool, bool]]:
+    full = await verify_rows(config)
+    quick = await verify_quick(config, workers=workers)
+    return [(f.ok, q.ok) for f, q in zip(full, quick, strict=True)]
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(rows=app_rows(), change=st.sampled_from(CHANGES), workers=st.sampled_from([1, 2]))
+async def test_one_change_in_an_app_table_fails_verify_and_quick(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_dsn: str,
+    rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]],
+    change: str,
+    workers: int,
+) -> None:
+    """An unchanged app database passes verify and verify --quick; one changed message (key,
+    content, created_at by 1 µs, deleted or duplicated) fails both for messages only."""
+    path = tmp_path_factory.mktemp("app") / "app.sqlite"
+    _write_app(path, *rows)
+    config = await _settings(path, pg_dsn)
+    assert [(True, True), (True, True)] == await _both_ok(config, workers)
+    sets = {
+        "key": "id = left(id, 35) || 'z'",
+        "text": "content = content || 'é'",
+        "instant": "created_at = created_at + interval '1 microsecond'",
+    }
+    await _change(pg_dsn, config.names.qualified("messages"), "id", change, sets)
+    assert [(True, True), (False, False)] == await _both_ok(config, workers)
+
+
+GENERIC_DDL = "CREATE TABLE notes (k TEXT PRIMARY KEY, body TEXT, n INTEGER, at DATETIME)"
+
+
+@st.composite
+def generic_rows(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    """Rows of a table outside the app's profile: text key, nullable text, integer, instant."""
+    n = draw(st.integers(1, 5))
+    keys = draw(st.lists(TEXT.filter(bool), min_size=n, max_size=n, unique=True))
+    return [
+        (
+            k,
+            draw(st.none() | TEXT),
+            draw(st.none() | st.integers(-(2**63), 2**63 - 1)),
+            draw(st.none() | instant_texts()),
+        )
+        for k in keys
+    ]
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(
+    rows=generic_rows(),
+    change=st.sampled_from((*CHANGES, "integer")),
+    workers=st.sampled_from([1, 2]),
+)
+async def test_one_change_in_any_table_fails_verify_and_quick(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_dsn: str,
+    rows: list[tuple[Any, ...]],
+    change: str,
+    workers: int,
+) -> None:
+    """The same law for a table of any other shape (the quick's canonical form covers it)."""
+    path = tmp_path_factory.mktemp("any") / "notes.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(GENERIC_DDL)
+    db.executemany("INSERT INTO notes VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    config = await _settings(path, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        loaded = await conn.fetchval(f"SELECT count(*) FROM {config.names.qualified('notes')}")
+    finally:
+        await conn.close()
+    assert [(True, True)] == await _both_ok(config, workers)
+    if not loaded:
+        return  # every row quarantined: nothing to change
+    sets = {
+        "key": "k = k || 'x'",
+        "text": "body = coalesce(body || 'é', 'é')",
+        "integer": "n = CASE WHEN n IS NULL THEN 0 WHEN n > 0 THEN n - 1 ELSE n + 1 END",
+        "instant": "at = coalesce(at + interval '1 microsecond', now())",
+    }
+    await _change(pg_dsn, config.names.qualified("notes"), "k", change, sets)
+    assert [(False, False)] == await _both_ok(config, workers)
+
+
+async def test_the_quick_covers_the_app_and_plain_tables(tmp_path: Path, pg_dsn: str) -> None:
+    """The app's tables and a table of text, integers and instants take the quick's canonical
+    form; a REAL column keeps the full comparison of every row."""
+    path = tmp_path / "mixed.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SQLITE_DDL)
+    db.execute(GENERIC_DDL)
+    db.execute("CREATE TABLE prices (k TEXT PRIMARY KEY, p REAL)")
+    db.execute("INSERT INTO prices VALUES ('a', 0.1)")
+    db.commit()
+    db.close()
+    config = await _settings(path, pg_dsn)
+    tables = {t.name: canon.fast(t) for t in _mapping(config)}
+    assert {"sessions": True, "messages": True, "notes": True, "prices": False} == tables
+    assert all(q.ok for q in await verify_quick(config, workers=2))
+
+
+def _mapping(config: Settings) -> Any:
+    from flux_migrate.pipeline.mapping_source import resolve_mapping
+
+    mapping, _ = resolve_mapping(config.require_source(), None, 10.0, None)
+    return mapping.tables
