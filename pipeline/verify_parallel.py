@@ -1,0 +1,217 @@
+"""Full `verify` of one of the app's tables on the parallel scan (pipeline/verify_scan.py).
+
+Each worker reads a row id range of the source with its own read-only connection and looks up
+the target rows with the same keys over its own PostgreSQL connection, a page at a time. A row
+matches when its canonical values (verify_canon: keys, text, instants, each exactly) are the
+same bytes on both sides and its metadata means the same JSON (verification's own reading,
+pipeline/reference.py). Nothing is hashed: the values themselves are compared.
+
+The scan only proves a table right: every source row matched, quarantined or skipped, and as
+many target rows found by key as the table holds. At the first difference of any kind the
+worker stops, and the table is compared again by the sequential merge (pipeline/verify.py),
+which names the rows and columns that differ, so the report does not depend on the scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, tzinfo
+from typing import Any
+
+import asyncpg
+
+from flux_migrate.core.schema import Kind, Table, quote_ident
+from flux_migrate.core.target import connect
+from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline import verify_scan as scan
+
+PAGE = 5000  # source rows per target lookup
+_CACHE_LIMIT = 50_000  # distinct metadata texts remembered per worker
+
+
+@dataclass(frozen=True)
+class FullJob:
+    """One range of one table for the full comparison."""
+
+    dsn: str
+    qualified: str  # the target table, quoted
+    path: str
+    table: Table
+    lo: int
+    hi: int
+    quarantined: frozenset[int] = frozenset()
+    skipped: frozenset[str] = frozenset()
+    zone: tzinfo = UTC
+    strip_nul: bool = False
+    busy_timeout: float = 10.0
+
+
+@dataclass
+class RangeCheck:
+    matched: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    claimed: int = 0  # target rows found by the keys of this range's source rows
+    differs: bool = False  # something is not right: the sequential merge will say what
+
+    def add(self, other: RangeCheck) -> None:
+        self.matched += other.matched
+        self.quarantined += other.quarantined
+        self.skipped += other.skipped
+        self.claimed += other.claimed
+        self.differs = self.differs or other.differs
+
+
+def json_columns(table: Table) -> list[int]:
+    return [i for i, c in enumerate(table.columns) if c.kind is Kind.JSON]
+
+
+def target_select(table: Table, qualified: str) -> str:
+    """Key, canonical bytes and each metadata text of the target rows with the keys $1."""
+    joined = " || '\\x00'::bytea || ".join(canon.target_field_sql(c) for c in canon.compared(table))
+    meta = "".join(f", {quote_ident(table.columns[i].name)}::text" for i in json_columns(table))
+    key = quote_ident(table.column_names[0])
+    return f"SELECT {key}::text, {joined}{meta} FROM {qualified} WHERE {key} = ANY($1::text[])"
+
+
+def source_select(table: Table) -> str:
+    """Row id, raw key, canonical values, then raw metadata, over a row id range."""
+    fields = ", ".join(canon.source_field_sql(c) for c in canon.compared(table))
+    meta = "".join(f", {quote_ident(table.columns[i].name)}" for i in json_columns(table))
+    rowid = table.rowid_sql()
+    return (
+        f"SELECT {rowid}, {quote_ident(table.column_names[0])}, {fields}{meta}"
+        f" FROM {quote_ident(table.name)} WHERE {rowid} BETWEEN ? AND ?"
+    )
+
+
+def full_range(job: FullJob) -> RangeCheck:
+    """Compare one range (runs in a worker process, or in a thread of this one)."""
+    return asyncio.run(_check_range(job))
+
+
+async def _check_range(job: FullJob) -> RangeCheck:
+    out = RangeCheck()
+    conn = await connect(job.dsn)
+    src = scan.open_reader(job.path, job.busy_timeout)
+    try:
+        await conn.execute(ref.SESSION_SETTINGS)
+        rows = _Rows(job)
+        lookup = target_select(job.table, job.qualified)
+        cursor = src.execute(source_select(job.table), (job.lo, job.hi))
+        while not out.differs and (page := cursor.fetchmany(PAGE)):
+            expected = [rows.expect(src, row, out) for row in page]
+            keys = [e[0] for e in expected if e is not None]
+            found = {} if not keys else await _found(conn, lookup, keys, out)
+            for e in expected:
+                if e is not None and e[1] is not None:
+                    rows.judge(e, found.get(e[0]), out)
+    finally:
+        src.close()
+        await conn.close()
+    return out
+
+
+async def _found(
+    conn: asyncpg.Connection, sql: str, keys: list[str], out: RangeCheck
+) -> dict[str, asyncpg.Record]:
+    records = await conn.fetch(sql, keys)
+    out.claimed += len(records)
+    found = {r[0]: r for r in records}
+    if len(found) != len(records) or len(set(keys)) != len(keys):
+        out.differs = True  # a key twice on one side
+    return found
+
+
+Expected = tuple[str, tuple[bytes, list[Any]] | None]
+
+
+class _Rows:
+    """What each source row must be in the target, and the judgement of what is there."""
+
+    def __init__(self, job: FullJob) -> None:
+        self.job = job
+        self.fields = len(canon.compared(job.table))
+        self.render = canon.reference_canon(job.table, zone=job.zone, strip_nul=job.strip_nul)
+        self.read = ref.source_row_reader(job.table, zone=job.zone, strip_nul=job.strip_nul)
+        self.json_at = json_columns(job.table)
+        self.meta = [
+            _cached(ref.source_reader(job.table.columns[i], zone=job.zone, strip_nul=job.strip_nul))
+            for i in self.json_at
+        ]
+        self.target_meta: Callable[[Any], Any] = _cached(_target_meta)
+
+    def expect(self, src: Any, row: tuple[Any, ...], out: RangeCheck) -> Expected | None:
+        """The key to look up and the expected canonical bytes and metadata (None: the row
+        is quarantined or skipped, its target row only claimed)."""
+        rowid = row[0]
+        try:
+            text = row[1].decode("utf-8") if isinstance(row[1], bytes) else str(row[1])
+        except UnicodeDecodeError:
+            text = ""  # no target row can have it
+        if rowid in self.job.quarantined:
+            out.quarantined += 1
+            return (text, None) if text else None
+        fields = row[2 : 2 + self.fields]
+        try:
+            if None in fields or (joined := b"\x00".join(fields)).count(0) != self.fields - 1:
+                return self._by_reference(src, rowid, out)
+            meta = [read(v) for read, v in zip(self.meta, row[2 + self.fields :], strict=True)]
+        except ref.Unreadable:
+            out.differs = True
+            return None
+        if not text:
+            out.differs = True
+            return None
+        if text in self.job.skipped:
+            out.skipped += 1
+            return text, None
+        return text, (joined, meta)
+
+    def _by_reference(self, src: Any, rowid: int, out: RangeCheck) -> Expected | None:
+        found = src.execute(canon.raw_select(self.job.table), (rowid,)).fetchone()
+        if found is None:
+            out.differs = True  # deleted while verify ran: the merge will say
+            return None
+        values = self.read(found)  # raises Unreadable
+        if values[0] in self.job.skipped:
+            out.skipped += 1
+            return str(values[0]), None
+        meta = [values[i] for i in self.json_at]
+        return str(values[0]), (self.render(found), meta)
+
+    def judge(self, expected: Expected, record: asyncpg.Record | None, out: RangeCheck) -> None:
+        want = expected[1]
+        assert want is not None
+        if (
+            record is None
+            or record[1] is None
+            or bytes(record[1]) != want[0]
+            or [self.target_meta(v) for v in list(record)[2:]] != want[1]
+        ):
+            out.differs = True
+        else:
+            out.matched += 1
+
+
+def _target_meta(text: Any) -> Any:
+    return ref.target_value(Kind.JSON, text)
+
+
+def _cached(read: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``read`` remembering its answers for repeated inputs (metadata repeats a lot)."""
+    seen: dict[Any, Any] = {}
+
+    def cached(raw: Any) -> Any:
+        if raw in seen:
+            return seen[raw]
+        value = read(raw)
+        if len(seen) >= _CACHE_LIMIT:
+            seen.clear()
+        seen[raw] = value
+        return value
+
+    return cached
