@@ -43,6 +43,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _workers(text: str) -> int:
+    """An argparse type: a number of processes, 1 or more."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("give 1 or more workers")
+    return value
+
+
 def _count(text: str) -> int:
     """An argparse type: a whole number from 0 up (argparse exits 2 with the message)."""
     try:
@@ -260,6 +268,12 @@ def _add_views(sub: Any) -> None:
     verify.add_argument("--quick", action="store_true", help="only counts and a checksum per table")
     verify.add_argument(
         "--show", type=_count, default=10, help="differing keys to show per table (default 10)"
+    )
+    verify.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        help="processes reading the source (default: the CPU count; 1 reads it in this one)",
     )
     add_verify_api_arguments(verify)
 
@@ -571,7 +585,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         others = run_async(lambda: verify_all(databases, limit=args.show))
         return _print_verify(_verify_jsonl(settings, args.show) + others)
     if args.quick:
-        quick = run_async(verify_quick, settings) + run_async(verify_all_quick, databases)
+        quick = run_async(lambda: verify_quick(settings, workers=args.workers))
+        quick += run_async(verify_all_quick, databases)
         rows: list[tuple[str, ...]] = [
             ("table", "source", "quarantined", "skipped", "target", "checksum", "result")
         ]
@@ -584,7 +599,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if settings.jsonl:  # JSONL files have no quick form: compared in full
             code = max(code, _print_verify(_verify_jsonl(settings, args.show)))
         return code
-    full = run_async(lambda: verify_rows(settings, limit=args.show))
+    full = run_async(lambda: verify_rows(settings, limit=args.show, workers=args.workers))
     others = run_async(lambda: verify_all(databases, limit=args.show))
     return _print_verify(full + _verify_jsonl(settings, args.show) + others)
 

@@ -634,31 +634,54 @@ def _md5(text: str) -> str:
 
 async def verify_quick(settings: Settings, *, workers: int | None = None) -> list[QuickVerify]:
     """Per table: row counts and an order-independent checksum of keys, text and timestamps
-    (see verify_canon), the source read by ``workers`` processes (default: the CPU count)."""
+    (see verify_canon), the source read by ``workers`` processes (default: the CPU count);
+    the tables the canonical form covers are read at the same time, each target aggregate on
+    a connection of its own."""
     path = settings.require_source()
-    out = []
+    found: dict[str, QuickVerify] = {}
     scanner = scan.Scanner(workers)
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
         conn = await open_target(settings)
         try:
             tables = await _tables(settings, path, conn)
             await check_source(src, path, tables)
+            async with anyio.create_task_group() as tg:
+                for table in tables:
+                    if canon.fast(table):
+                        tg.start_soon(_quick_one, settings, table, scanner, found)
             for table in tables:
-                quarantined, skipped, pre = await _bookkeeping(
-                    conn, settings.names.schema, table.name
-                )
-                if canon.fast(table) and not (table.generic and pre):
-                    skip = set() if table.generic else skipped  # keys only the app's skip
-                    out.append(
-                        await _quick_canon(conn, settings, table, scanner, quarantined, skip, pre)
+                if table.name not in found:
+                    quarantined, _, pre = await _bookkeeping(
+                        conn, settings.names.schema, table.name
                     )
-                else:
-                    out.append(await _quick_generic(src, conn, settings, table, quarantined, pre))
+                    found[table.name] = await _quick_generic(
+                        src, conn, settings, table, quarantined, pre
+                    )
+            out = [found[t.name] for t in tables]
             await _note_pending_keys(conn, settings, out)
         finally:
             await conn.close()
             scanner.close()
     return out
+
+
+async def _quick_one(
+    settings: Settings, table: Table, scanner: scan.Scanner, found: dict[str, QuickVerify]
+) -> None:
+    """The quick's canonical counts and checksums of one table, on a connection of its own
+    (nothing put in ``found`` for a table outside the app that held rows before: see
+    _quick_generic)."""
+    conn = await open_target(settings)
+    try:
+        quarantined, skipped, pre = await _bookkeeping(conn, settings.names.schema, table.name)
+        if table.generic and pre:
+            return
+        skip = set() if table.generic else skipped  # keys only the app's tables skip
+        found[table.name] = await _quick_canon(
+            conn, settings, table, scanner, quarantined, skip, pre
+        )
+    finally:
+        await conn.close()
 
 
 async def _quick_canon(

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import sqlite3
 import sys
+import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -68,6 +69,7 @@ class Scanner:
         self.explicit = workers is not None
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self._pool: Executor | None = None
+        self._lock = threading.Lock()  # tables are scanned from several threads at once
 
     def parallel(self, span: int) -> bool:
         return self.workers > 1 and (self.explicit or span >= SMALL)
@@ -83,10 +85,12 @@ class Scanner:
         """``fn`` over ``jobs``, in their order (blocks: call it from a worker thread)."""
         if len(jobs) <= 1 or self.workers <= 1:
             return [fn(job) for job in jobs]
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-        return list(self._pool.map(fn, jobs))
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            pool = self._pool
+        return list(pool.map(fn, jobs))
 
     def close(self) -> None:
         if self._pool is not None:
