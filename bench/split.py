@@ -30,10 +30,9 @@ async def main(dsn: str, folder: str) -> None:
             wal, started = await _wal(conn), time.monotonic()
             path = Path(folder) / f"{table.name}.copy"
             await conn.copy_to_table(table.name, source=path, format="binary")
-            print(
-                f"copy {table.name}: {time.monotonic() - started:.2f} s,"
-                f" {path.stat().st_size / 1e6:.0f} MB in, {(await _wal(conn) - wal) / 1e6:.0f} MB WAL"
-            )
+            seconds, written = time.monotonic() - started, (await _wal(conn) - wal) / 1e6
+            size = path.stat().st_size / 1e6
+            print(f"copy {table.name}: {seconds:.2f} s, {size:.0f} MB in, {written:.0f} MB WAL")
         for c in constraints(names):
             wal, started = await _wal(conn), time.monotonic()
             await conn.execute(c.sql)
