@@ -59,8 +59,8 @@ def source_field_sql(col: Column) -> str:
     """SQLite's expression for one canonical value; NULL when SQL cannot render it exactly
     (the reference reader then renders the row)."""
     c = quote_ident(col.name)
-    if col.kind in TEXT_KINDS:  # floats and blobs: the reference renders them
-        value = f"CASE WHEN typeof({c}) IN ('text', 'integer') THEN CAST({c} AS TEXT) END"
+    if col.kind in TEXT_KINDS:  # numbers and blobs: the reference renders them
+        value = f"CASE WHEN typeof({c}) = 'text' THEN {c} END"
         if col.kind is Kind.KEY:
             value = f"nullif({value}, '')"
     elif col.kind is Kind.INTEGER:

@@ -137,9 +137,9 @@ def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterato
         yield page
 
 
-def _signed_sum(digests: list[bytes]) -> int:
-    """The sum of 8-byte big-endian signed integers."""
-    values = array("q", b"".join(digests))
+def _signed_sum(digests: bytes) -> int:
+    """The sum of the first 8 bytes of each 16-byte digest, read as big-endian signed."""
+    values = array("q", digests)[::2]
     if sys.byteorder == "little":
         values.byteswap()
     return sum(values)
@@ -150,34 +150,60 @@ def quick_range(job: QuickJob) -> QuickSum:
     out = QuickSum()
     conn = open_reader(job.path, job.busy_timeout)
     try:
-        sql = canon.source_select(job.table, with_key=job.want_keys or bool(job.skipped))
-        first = 2 if job.want_keys or job.skipped else 1
+        keyed = job.want_keys or bool(job.skipped)
+        sql = canon.source_select(job.table, with_key=keyed)
         seps = len(canon.compared(job.table)) - 1
         slow: list[int] = []
-        md5, join = hashlib.md5, b"\x00".join
         for page in _pages(conn, sql, (job.lo, job.hi)):
             out.rows += len(page)
-            digests = []
-            for row in page:
-                if job.quarantined and row[0] in job.quarantined:
-                    continue
-                fields = row[first:]
-                if None in fields or (text := join(fields)).count(0) != seps:
-                    slow.append(row[0])
-                    continue
-                if first == 2:
-                    key = row[1].decode("utf-8", "surrogateescape")
-                    if key in job.skipped:
-                        continue
-                    if job.want_keys:
-                        out.keys.append(key)
-                digests.append(md5(text).digest()[:8])
-            out.count += len(digests)
+            rows = [r for r in page if r[0] not in job.quarantined] if job.quarantined else page
+            digests = (
+                _keyed_digests(rows, job, seps, slow, out) if keyed else _digests(rows, seps, slow)
+            )
+            out.count += len(digests) // 16
             out.checksum += _signed_sum(digests)
         _quick_by_reference(conn, job, slow, out)
     finally:
         conn.close()
     return out
+
+
+def _digests(page: list[Any], seps: int, slow: list[int]) -> bytes:
+    """The md5 of each row's canonical text (rowid, then its values), concatenated; the row ids
+    of the rows SQL could not render go to ``slow``."""
+    md5, join = hashlib.md5, b"\x00".join
+    out = []
+    for row in page:
+        fields = row[1:]
+        try:
+            text = join(fields)
+        except TypeError:  # NULL: SQL could not render a value
+            slow.append(row[0])
+            continue
+        if text.count(0) != seps:  # NUL inside a text
+            slow.append(row[0])
+            continue
+        out.append(md5(text).digest())
+    return b"".join(out)
+
+
+def _keyed_digests(
+    page: list[Any], job: QuickJob, seps: int, slow: list[int], out: QuickSum
+) -> bytes:
+    """As _digests for rows laid out rowid, raw key, values: rows with a skipped key left out,
+    the keys of the others kept when ``job.want_keys``."""
+    kept = []
+    for row in page:
+        if None in row[2:] or b"\x00".join(row[2:]).count(0) != seps:
+            slow.append(row[0])
+            continue
+        key = row[1].decode("utf-8", "surrogateescape")
+        if key in job.skipped:
+            continue
+        if job.want_keys:
+            out.keys.append(key)
+        kept.append((row[0], *row[2:]))
+    return _digests(kept, seps, slow)
 
 
 def _quick_by_reference(
