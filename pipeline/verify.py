@@ -498,7 +498,7 @@ async def verify_rows(
             await check_source(src, path, tables)
             results = []
             for t in tables:
-                found = None if t.generic else await _scan_table(src, conn, settings, t, scanner)
+                found = await _scan_table(src, conn, settings, t, scanner)
                 if found is None:
                     found = await (verify_generic_table if t.generic else verify_table)(
                         src, conn, settings, t, limit=limit
@@ -518,9 +518,10 @@ async def _scan_table(
     table: Table,
     scanner: scan.Scanner,
 ) -> TableVerify | None:
-    """The table proved right by the parallel scan, or None: not scanned (small, odd keys, a
-    key not unique in the source, no target table) or something differs (the sequential
-    merge then says what)."""
+    """The table proved right by the parallel scan, or None: not scanned (small, or see
+    _scannable) or something differs (the sequential merge then says what)."""
+    if table.without_rowid or not canon.fast(table) or parallel.key_column(table) is None:
+        return None
     path = str(settings.require_source())
     ranges = scanner.ranges(path, table, settings.busy_timeout)
     if not ranges or not scanner.parallel(ranges[-1][1] - ranges[0][0] + 1):
@@ -528,6 +529,8 @@ async def _scan_table(
     if not await _scannable(src, conn, settings, table):
         return None
     quarantined, skipped, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
+    if table.generic:
+        skipped = set()  # keys only the app's tables skip
     qualified = settings.names.qualified(table.name)
     jobs = [
         parallel.FullJob(
@@ -545,7 +548,7 @@ async def _scan_table(
     return TableVerify(
         table.name,
         matched=total.matched,
-        quarantined=total.quarantined,
+        quarantined=len(quarantined) if table.generic else total.quarantined,  # as the merge
         skipped=total.skipped,
         extra_allowed=preexisting,
         scanned=True,
@@ -555,18 +558,22 @@ async def _scan_table(
 async def _scannable(
     src: aiosqlite.Connection, conn: asyncpg.Connection, settings: Settings, table: Table
 ) -> bool:
-    """Whether the table's keys allow the scan's lookups: all stored as text, unique in the
-    source (a unique index on the key alone), and a target table to look in."""
+    """Whether the scan can prove the table: its columns of kinds the canonical form covers,
+    a one-column text primary key stored as text in every row and unique in the source (a
+    unique index on it alone), and a target table to look in."""
     if not await table_exists(conn, settings.names, table.name):
         return False
+    column = parallel.key_column(table)
+    if column is None:
+        return False
     name = quote_ident(table.name)
-    key = quote_ident(table.column_names[0])
+    key = quote_ident(column)
     if await fetch_rows(src, f"SELECT 1 FROM {name} WHERE typeof({key}) != 'text' LIMIT 1"):
         return False
     for index in await fetch_rows(src, f"PRAGMA index_list({name})"):
         if index[2] and not index[4]:  # unique, not partial
             cols = await fetch_rows(src, f"PRAGMA index_info({quote_ident(_text(index[1]))})")
-            if [_text(c[2]) for c in cols] == [table.column_names[0]]:
+            if [_text(c[2]) for c in cols] == [column]:
                 return True
     return False
 

@@ -65,6 +65,22 @@ class RangeCheck:
         self.differs = self.differs or other.differs
 
 
+def key_column(table: Table) -> str | None:
+    """The column the scan looks target rows up by: a one-column primary key of text (None:
+    the table is not scanned)."""
+    if len(table.primary_key) != 1:
+        return None
+    name = table.primary_key[0]
+    kinds = {c.name: c.kind for c in table.columns}
+    return name if kinds.get(name) in canon.TEXT_KINDS else None
+
+
+def _key(table: Table) -> str:
+    name = key_column(table)
+    assert name is not None
+    return name
+
+
 def json_columns(table: Table) -> list[int]:
     return [i for i, c in enumerate(table.columns) if c.kind is Kind.JSON]
 
@@ -73,7 +89,7 @@ def target_select(table: Table, qualified: str) -> str:
     """Key, canonical bytes and each metadata text of the target rows with the keys $1."""
     joined = " || '\\x00'::bytea || ".join(canon.target_field_sql(c) for c in canon.compared(table))
     meta = "".join(f", {quote_ident(table.columns[i].name)}::text" for i in json_columns(table))
-    key = quote_ident(table.column_names[0])
+    key = quote_ident(_key(table))
     return f"SELECT {key}::text, {joined}{meta} FROM {qualified} WHERE {key} = ANY($1::text[])"
 
 
@@ -83,7 +99,7 @@ def source_select(table: Table) -> str:
     meta = "".join(f", {quote_ident(table.columns[i].name)}" for i in json_columns(table))
     rowid = table.rowid_sql()
     return (
-        f"SELECT {rowid}, {quote_ident(table.column_names[0])}, {fields}{meta}"
+        f"SELECT {rowid}, {quote_ident(_key(table))}, {fields}{meta}"
         f" FROM {quote_ident(table.name)} WHERE {rowid} BETWEEN ? AND ?"
     )
 
@@ -138,6 +154,7 @@ class _Rows:
         self.render = canon.reference_canon(job.table, zone=job.zone, strip_nul=job.strip_nul)
         self.read = ref.source_row_reader(job.table, zone=job.zone, strip_nul=job.strip_nul)
         self.json_at = json_columns(job.table)
+        self.key_at = job.table.column_names.index(_key(job.table))
         self.meta = [
             _cached(ref.source_reader(job.table.columns[i], zone=job.zone, strip_nul=job.strip_nul))
             for i in self.json_at
@@ -177,11 +194,15 @@ class _Rows:
             out.differs = True  # deleted while verify ran: the merge will say
             return None
         values = self.read(found)  # raises Unreadable
-        if values[0] in self.job.skipped:
+        key = values[self.key_at]
+        if key is None:
+            out.differs = True  # a NULL key: the merge compares such rows
+            return None
+        if key in self.job.skipped:
             out.skipped += 1
-            return str(values[0]), None
+            return str(key), None
         meta = [values[i] for i in self.json_at]
-        return str(values[0]), (self.render(found), meta)
+        return str(key), (self.render(found), meta)
 
     def judge(self, expected: Expected, record: asyncpg.Record | None, out: RangeCheck) -> None:
         want = expected[1]

@@ -47,7 +47,10 @@ def open_reader(path: str, busy_timeout: float = 10.0) -> sqlite3.Connection:
 def rowid_ranges(
     path: str, table: Table, parts: int, busy_timeout: float = 10.0
 ) -> list[tuple[int, int]]:
-    """``parts`` contiguous row id ranges covering every row of ``table`` (none when empty)."""
+    """``parts`` contiguous row id ranges covering every row of ``table`` (none when empty or
+    a WITHOUT ROWID table)."""
+    if table.without_rowid:
+        return []
     conn = open_reader(path, busy_timeout)
     try:
         rowid = table.rowid_sql()
