@@ -59,10 +59,15 @@ def source_field_sql(col: Column) -> str:
     """SQLite's expression for one canonical value; NULL when SQL cannot render it exactly
     (the reference reader then renders the row)."""
     c = quote_ident(col.name)
-    if col.kind in TEXT_KINDS:  # numbers and blobs: the reference renders them
-        value = f"CASE WHEN typeof({c}) = 'text' THEN {c} END"
-        if col.kind is Kind.KEY:
-            value = f"nullif({value}, '')"
+    if col.kind in TEXT_KINDS:
+        # As stored: a number comes back as a number, which the reader refuses to join (the
+        # reference renders the row); text and blobs as their bytes, which the reference's
+        # UTF-8 decode gives back (or, not UTF-8, no target value has).
+        value = f"CASE WHEN length({c}) THEN {c} END" if col.kind is Kind.KEY else c  # not empty
+        if not _plain(col):
+            kinds = "('text', 'integer')"  # a float or blob turned text by SQLite differs
+            return f"CASE WHEN {c} IS NULL THEN 'N' WHEN typeof({c}) IN {kinds} THEN 'T' || {c} END"
+        return value
     elif col.kind is Kind.INTEGER:
         value = f"CASE WHEN typeof({c}) = 'integer' THEN CAST({c} AS TEXT) END"
     else:

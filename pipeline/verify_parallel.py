@@ -174,7 +174,7 @@ class _Rows:
             return (text, None) if text else None
         fields = row[2 : 2 + self.fields]
         try:
-            if None in fields or (joined := b"\x00".join(fields)).count(0) != self.fields - 1:
+            if (joined := scan.canonical(fields)) is None:
                 return self._by_reference(src, rowid, out)
             meta = [read(v) for read, v in zip(self.meta, row[2 + self.fields :], strict=True)]
         except ref.Unreadable:

@@ -171,6 +171,16 @@ def quick_range(job: QuickJob) -> QuickSum:
     return out
 
 
+def canonical(fields: Sequence[Any]) -> bytes | None:
+    """The canonical text of values SQL rendered, or None when it could not render one (a
+    NULL, a number where text is stored) or a text holds NUL."""
+    try:
+        text = b"\x00".join(fields)
+    except TypeError:
+        return None
+    return text if text.count(0) == len(fields) - 1 else None
+
+
 def _digests(page: list[Any], seps: int, slow: list[int]) -> bytes:
     """The md5 of each row's canonical text (rowid, then its values), concatenated; the row ids
     of the rows SQL could not render go to ``slow``."""
@@ -180,7 +190,7 @@ def _digests(page: list[Any], seps: int, slow: list[int]) -> bytes:
         fields = row[1:]
         try:
             text = join(fields)
-        except TypeError:  # NULL: SQL could not render a value
+        except TypeError:  # NULL or a number: SQL did not render a value
             slow.append(row[0])
             continue
         if text.count(0) != seps:  # NUL inside a text
@@ -197,7 +207,7 @@ def _keyed_digests(
     the keys of the others kept when ``job.want_keys``."""
     kept = []
     for row in page:
-        if None in row[2:] or b"\x00".join(row[2:]).count(0) != seps:
+        if canonical(row[2:]) is None:
             slow.append(row[0])
             continue
         key = row[1].decode("utf-8", "surrogateescape")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from flux_migrate.core.schema import SQLITE_DDL, TargetNames, quote_ident
 from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline.reference import Unreadable
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import verify_quick, verify_rows
@@ -307,3 +308,65 @@ async def test_the_scan_agrees_with_the_merge_on_any_table(tmp_path: Path, pg_ds
     assert counts == {t: (r.matched, r.quarantined, r.ok) for t, r in scanned.items()}
     assert (40, 1, True) == counts["notes"]
     assert all(q.ok for q in await verify_quick(config, workers=2))
+
+
+SOURCE_VALUES = st.one_of(
+    st.none(),
+    TEXT,
+    st.sampled_from(["", "a\x00b", "2024-01-01T00:00:00+00:00", "2024-01-01T24:00:00+00:00"]),
+    instant_texts(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.sampled_from([0.30000000000000004, 1e16, 1.0, -0.0, b"ab", b"\xff", 7]),
+    st.binary(max_size=6),
+)
+CANONICAL = INSTANTS.map(datetime.isoformat)  # the shape SQL passes through
+ROWS = st.tuples(
+    st.one_of(TEXT.filter(bool), SOURCE_VALUES),
+    SOURCE_VALUES,
+    st.one_of(CANONICAL, CANONICAL, instant_texts(), SOURCE_VALUES),
+    st.one_of(CANONICAL, CANONICAL, CANONICAL, SOURCE_VALUES),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(ROWS, min_size=1, max_size=12),
+    encoding=st.sampled_from(["UTF-8", "UTF-16le"]),
+)
+def test_what_sql_renders_is_what_the_reference_reads(
+    tmp_path_factory: pytest.TempPathFactory, values: list[tuple[Any, ...]], encoding: str
+) -> None:
+    """For any stored values (numbers, blobs, NULL, NUL, any instant shape, a UTF-16 file), a
+    row SQLite's SQL renders in the canonical form has exactly the reference reader's
+    canonical text, or one no target row can have (not UTF-8, where the reference refuses)."""
+    from flux_migrate.core.schema import SESSIONS
+    from flux_migrate.pipeline import verify_scan as scan
+
+    path = tmp_path_factory.mktemp("canon") / "s.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA encoding = '{encoding}'")
+    db.execute("CREATE TABLE sessions (id, title, created_at, updated_at, metadata)")
+    db.executemany(
+        "INSERT INTO sessions (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)", values
+    )
+    db.commit()
+    db.close()
+    read = canon.reference_canon(SESSIONS)
+    conn = scan.open_reader(str(path))
+    try:
+        rendered = conn.execute(canon.source_select(SESSIONS, with_key=False), (-1, 10**9))
+        for row in rendered.fetchall():
+            text = scan.canonical(row[1:])
+            if text is None:
+                continue
+            raw = conn.execute(canon.raw_select(SESSIONS), (row[0],)).fetchone()
+            try:
+                expected = read(raw)
+            except Unreadable:
+                with pytest.raises(UnicodeDecodeError):
+                    text.decode("utf-8")
+                continue
+            assert expected == text, raw
+    finally:
+        conn.close()
