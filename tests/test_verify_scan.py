@@ -23,6 +23,7 @@ from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from tests.dirty import app_db
+from tests.support import cli
 
 pytestmark = pytest.mark.anyio
 
@@ -270,8 +271,10 @@ async def test_the_scan_agrees_with_the_merge_on_quarantined_rows(
         None, sqlite_path=db.path, postgres_dsn=pg_dsn, strip_nul=True, names=TargetNames()
     )
     assert "completed" == (await migrate(config)).status
+    before = db.path.read_bytes()
     merged = await verify_rows(config, workers=1)
     scanned = await verify_rows(config, workers=2)
+    assert before == db.path.read_bytes()  # read-only: the source is never written
     assert [False, False] == [r.scanned for r in merged]
     assert [True, True] == [r.scanned for r in scanned]
     assert [(r.matched, r.quarantined, r.ok) for r in merged] == [
@@ -370,3 +373,10 @@ def test_what_sql_renders_is_what_the_reference_reads(
             assert expected == text, raw
     finally:
         conn.close()
+
+
+def test_verify_takes_one_or_more_workers(tmp_path: Path) -> None:
+    """`verify --workers 0` is refused with one sentence and exit 2, before anything is read."""
+    done = cli("verify", "--workers", "0", "--sqlite-path", str(tmp_path / "none.sqlite"))
+    assert 2 == done.returncode
+    assert "--workers: give 1 or more workers" in done.stderr
