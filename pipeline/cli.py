@@ -173,6 +173,11 @@ def _add_run(sub: Any) -> None:
     _common(run)
     _jsonl_sources(run)
     run.add_argument("--batch-size", type=int, help="rows per COPY + checkpoint (default 10000)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="processes converting SQLite batches beside the loader (default: the CPU count)",
+    )
     run.add_argument("--report-json", type=path_arg, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.add_argument(
@@ -393,7 +398,11 @@ def _confirm_restart(
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: migrate or resume, print the summary; exit 0, or 3 when rows stay quarantined."""
     settings, databases = _sources(
-        args, batch_size=args.batch_size, on_conflict=args.on_conflict, jsonl_final=args.final
+        args,
+        batch_size=args.batch_size,
+        on_conflict=args.on_conflict,
+        jsonl_final=args.final,
+        workers=args.workers,
     )
     check_report_path(args.report_json)
     show_inventory(args, settings, databases)

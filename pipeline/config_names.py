@@ -30,6 +30,7 @@ KNOWN: dict[str, Any] = {
     "load": {
         "batch_size": None,
         "buffer_batches": None,
+        "workers": None,
         "retry_seconds": None,
         "defer_constraints": None,
         "single_transaction": None,

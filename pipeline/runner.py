@@ -28,6 +28,7 @@ from flux_migrate.core.mapping import Mapping, to_toml
 from flux_migrate.core.schema import Table
 from flux_migrate.core.source import check_source, count_between, source_snapshot
 from flux_migrate.core.target import Target, connect
+from flux_migrate.pipeline.convert_pool import ConverterPool
 from flux_migrate.pipeline.duplicates import build_primary_keys
 from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
@@ -85,6 +86,7 @@ class Run:
     report: RunReport
     progress: Progress
     stop: StopFlag
+    pool: ConverterPool | None = None  # converter processes (--workers above 1)
 
     @property
     def schema(self) -> str:
@@ -171,8 +173,13 @@ async def _migrate(
                 report=report,
                 progress=progress,
                 stop=stop,
+                pool=ConverterPool(settings.workers) if settings.workers > 1 else None,
             )
-            await _run_tables(run)
+            try:
+                await _run_tables(run)
+            finally:
+                if run.pool is not None:
+                    run.pool.close()
             await _finish(run)
             await _run_jsonl(run)
 
@@ -338,8 +345,10 @@ async def _run_table(run: Run, table: Table) -> None:
         await _set_finished(run, table)
         return
     log.info("table_started", table=table.name, rows=total, after_rowid=after)
+    # A small table, or one read in key order, is converted here: processes cost more.
+    pooled = total >= 2 * run.settings.batch_size and not table.without_rowid
     try:
-        await _stream_table(run, ctx, after, total, missing)
+        await _stream_table(run, ctx, after, total, missing, run.pool if pooled else None)
     except BaseException:
         await _count_best_effort(run, table, start)
         raise
@@ -460,7 +469,12 @@ def _load_context(
 
 
 async def _stream_table(
-    run: Run, ctx: LoadContext, after: int, total: int, missing: set[str]
+    run: Run,
+    ctx: LoadContext,
+    after: int,
+    total: int,
+    missing: set[str],
+    pool: ConverterPool | None,
 ) -> None:
     """Stream the table from ``after``; when the server lost commits (the checkpoint is behind
     a batch), stream again from where the checkpoint stands."""
@@ -484,6 +498,7 @@ async def _stream_table(
                     after_key=after_key,
                     progress=run.progress,
                     missing_parents=missing,
+                    pool=pool,
                 )
                 return
             except CheckpointRewound as rewound:

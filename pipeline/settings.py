@@ -23,6 +23,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 # with about a quarter of the memory; see docs/benchmark.md.
 DEFAULT_BATCH_SIZE = 10_000
 ON_CONFLICT = ("error", "skip", "update")
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """The converter processes of a run when neither the config nor --workers says: the
+    FLUX_MIGRATE_WORKERS environment variable, else the machine's CPU count."""
+    named = os.environ.get("FLUX_MIGRATE_WORKERS", "").strip()
+    if named:
+        try:
+            return int(named)
+        except ValueError:
+            raise ConfigError(
+                f"FLUX_MIGRATE_WORKERS must be a whole number, not {named!r}."
+            ) from None
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,8 @@ class Settings:
     retry_seconds: float = 60.0
     defer_constraints: bool = True
     busy_timeout: float = 10.0  # seconds to wait for a lock the app holds on the SQLite file
+    # Converter processes of `run` ([load] workers, --workers; 1: convert in the run's process).
+    workers: int = field(default_factory=default_workers)
     # Benchmark only: one transaction per table instead of one commit per batch (no resume).
     single_transaction: bool = False
     # The tables to load: from the config file's [[table]]s, or discovered when the run starts.
@@ -129,6 +146,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         ("source", "busy_timeout", "busy_timeout", get.seconds),
         ("load", "batch_size", "batch_size", get.integer),
         ("load", "buffer_batches", "buffer_batches", get.integer),
+        ("load", "workers", "workers", get.integer),
         ("load", "retry_seconds", "retry_seconds", get.seconds),
         ("load", "defer_constraints", "defer_constraints", get.flag),
         ("load", "single_transaction", "single_transaction", get.flag),
@@ -288,6 +306,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{what} must be a number of seconds from 0 to 86400, not {seconds}.")
     if not 1 <= settings.buffer_batches <= 16:
         raise ConfigError("buffer_batches must be between 1 and 16.")
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, not {settings.workers}.")
     if settings.on_conflict not in ON_CONFLICT:
         raise ConfigError(f"--on-conflict must be one of {', '.join(ON_CONFLICT)}.")
     for name in (settings.names.schema, settings.names.sessions, settings.names.messages):

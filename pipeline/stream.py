@@ -4,6 +4,8 @@ bounded buffer between them; logs and progress of each committed batch."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import AsyncIterator
 
 import aiosqlite
@@ -13,6 +15,7 @@ from anyio.abc import ObjectSendStream
 
 from flux_migrate.core.errors import single_error
 from flux_migrate.core.target import Target
+from flux_migrate.pipeline.convert_pool import ConverterPool, pooled_batches, range_job, refill
 from flux_migrate.pipeline.progress import Progress
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.batch import Batch
@@ -85,28 +88,37 @@ async def migrate_table(
     after_key: str | None = None,
     progress: Progress,
     missing_parents: set[str],
+    pool: ConverterPool | None = None,
 ) -> None:
     """Stream one table from rowid ``after`` to ``upto`` (a WITHOUT ROWID table: from the
-    position ``after`` at key ``after_key``); SQLite reading overlaps the COPY.
+    position ``after`` at key ``after_key``); SQLite reading overlaps the COPY. With ``pool``
+    the batches are read and converted in its worker processes, else in this process.
 
     Returns early, after a committed batch, when the stop flag is set. Raises
     CheckpointRewound when the server lost commits (the caller streams again from there).
     """
-    chain = transform(
-        extract(
-            src,
+    if pool is None:
+        chain = transform(
+            extract(
+                src,
+                ctx.table,
+                after_rowid=after,
+                upto_rowid=upto,
+                batch_size=settings.batch_size,
+                after_key=after_key,
+            ),
             ctx.table,
-            after_rowid=after,
-            upto_rowid=upto,
-            batch_size=settings.batch_size,
-            after_key=after_key,
-        ),
-        ctx.table,
-        naive_timezone=settings.naive_timezone,
-        strip_nul=settings.strip_nul,
-        missing_parents=missing_parents,
-        text_as_bytes=True,
-    )
+            naive_timezone=settings.naive_timezone,
+            strip_nul=settings.strip_nul,
+            missing_parents=missing_parents,
+            text_as_bytes=True,
+        )
+    else:
+        job = range_job(settings, ctx.table, missing_parents)
+        chain = pooled_batches(
+            pool, src, job, after=after, upto=upto, batch_size=settings.batch_size
+        )
+        ctx = dataclasses.replace(ctx, refill=functools.partial(refill, job))
     batches = BatchLog(ctx, progress)
     send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
     try:

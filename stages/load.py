@@ -6,7 +6,7 @@ import base64
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,9 @@ class LoadContext:
     # Re-converts a batch strictly (text decoded and validated in Python) when PostgreSQL
     # refused the optimistic one, so bad rows get their transform reason, not a server error.
     strict: Callable[[Batch], Batch] | None = None
+    # Reads again the source rows of a batch that arrived without them (``ids`` set: converted
+    # in a worker process), for ``strict``: the rare batch PostgreSQL refused.
+    refill: Callable[[Batch], Awaitable[Batch]] | None = None
     single_transaction: bool = False
     overridden: bool = False  # sync left digest_rows entries for the table (see write_digests)
 
@@ -108,24 +111,34 @@ def quarantine_records(
     ]
 
 
+def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], list[str]]:
+    """The rowids of source rows ``raw`` and their keys as a digest pack holds them (no keys
+    for a table without a one-column key: it gets no digests)."""
+    at = key_position(table.column_names, table.primary_key)
+    keys = [] if at is None else [key_of(r[at + 1]) or "" for r in raw]
+    return [r[0] for r in raw], keys
+
+
 async def write_digests(
     conn: asyncpg.Connection,
     ctx: LoadContext,
     raw: list[tuple[Any, ...]],
     skipped: set[str] | None = None,
     values: list[int] | None = None,
+    ids: tuple[list[int], list[str]] | None = None,
 ) -> None:
     """Record the digests of the source rows ``raw`` just written to the target (all but the
     ``skipped`` keys) as one pack; none for a table without a one-column key. ``values`` are
-    the rows' digests when transform computed them already."""
+    the rows' digests when transform computed them already, ``ids`` the rows' digest_ids when
+    ``raw`` was not kept (then ``values`` are required)."""
     table = ctx.table
-    at = key_position(table.column_names, table.primary_key)
-    if at is None or not raw:
+    if key_position(table.column_names, table.primary_key) is None:
+        return
+    rowids, keys = ids if ids is not None else digest_ids(table, raw)
+    if not rowids:
         return
     if values is None:
         values = digests(raw, len(table.column_names))
-    keys = [key_of(r[at + 1]) or "" for r in raw]
-    rowids = [r[0] for r in raw]
     if skipped or rowids != sorted(rowids):  # a pack holds its rows in rowid order
         kept = sorted(
             (i for i, k in enumerate(keys) if not skipped or k not in skipped),
@@ -158,10 +171,11 @@ async def _copy(
     rows: list[tuple[Any, ...]],
     raw: list[tuple[Any, ...]],
     values: list[int] | None = None,
+    ids: tuple[list[int], list[str]] | None = None,
 ) -> set[str]:
     """Write ``rows`` and the digests of their source rows ``raw`` (same positions; ``values``
-    when computed already), in the current (sub)transaction; return the keys left alone
-    because they already existed (skip mode)."""
+    when computed already, ``ids`` when ``raw`` was not kept), in the current (sub)transaction;
+    return the keys left alone because they already existed (skip mode)."""
     if ctx.on_conflict == "error":
         await conn.copy_records_to_table(
             ctx.names.table(ctx.table.name),
@@ -169,7 +183,7 @@ async def _copy(
             columns=ctx.table.column_names,
             schema_name=ctx.names.schema,
         )
-        await write_digests(conn, ctx, raw, values=values)
+        await write_digests(conn, ctx, raw, values=values, ids=ids)
         return set()
     stage = quote_ident(ctx.stage_table)
     target = ctx.names.qualified(ctx.table.name)
@@ -197,7 +211,7 @@ async def _copy(
     skipped = {
         k for k in (row_key(ctx.table, row) for row in rows) if k is not None and k not in done
     }
-    await write_digests(conn, ctx, raw, skipped, values)
+    await write_digests(conn, ctx, raw, skipped, values, ids)
     return skipped
 
 
@@ -301,7 +315,7 @@ async def _write_rows(
         return [], set()
     if isolate:
         return await copy_isolating(conn, ctx, batch.rows, batch.raw)
-    return [], await _copy(conn, ctx, batch.rows, batch.raw, batch.digests)
+    return [], await _copy(conn, ctx, batch.rows, batch.raw, batch.digests, batch.ids)
 
 
 async def _write_bookkeeping(
@@ -315,11 +329,12 @@ async def _write_bookkeeping(
     """Record the skipped keys and the rejects, and advance the checkpoint past the batch."""
     schema, table = ctx.names.schema, ctx.table.name
     if skipped:
+        rowids = batch.ids[0] if batch.ids is not None else [r[0] for r in batch.raw]
         await bookkeeping.write_skipped(
             conn,
             [
-                (ctx.run_id, schema, table, row[0], source[0])
-                for row, source in zip(batch.rows, batch.raw, strict=True)
+                (ctx.run_id, schema, table, row[0], rowid)
+                for row, rowid in zip(batch.rows, rowids, strict=True)
                 if row[0] in skipped
             ],
         )
@@ -367,6 +382,8 @@ async def load(
                 except Exception as exc:
                     if classify(exc) is not ErrorClass.DATA:
                         raise
+                if batch.ids is not None and ctx.refill is not None:
+                    batch = await ctx.refill(batch)
                 return await commit_batch(conn, ctx, batch, isolate=True)
 
             result = await target.retrying(

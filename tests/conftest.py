@@ -20,6 +20,10 @@ import pytest
 
 from flux_migrate.pipeline.sample import generate
 
+# One converter process (the run converts in its own process) unless a test asks for more:
+# starting worker processes would slow every run of the suite. Subprocesses inherit it.
+os.environ.setdefault("FLUX_MIGRATE_WORKERS", "1")
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:

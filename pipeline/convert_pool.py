@@ -1,0 +1,265 @@
+"""Converter processes: a table's batches extracted and transformed in worker processes, fed in
+order to the run's one loader.
+
+The coordinator cuts the table into the sequential reader's batches (batch k covers the rowids
+after batch k-1's last one up to the ``batch_size``-th one after it, found by one query walking
+the rowid b-tree), hands them to the pool a few at a time (at most IN_FLIGHT per worker, so
+memory stays flat) and yields them strictly in order. Each worker reads its batch on a
+read-only connection of its own and runs the same extract and transform code as the in-process
+path; it ships back the converted rows, rejects, digests and the rows' rowids and keys, not the
+raw values (a batch PostgreSQL refuses is read again here, see ``refill``). The checkpoint
+chain is the loader's, unchanged, so exactly-once and resume do not depend on the workers.
+
+Workers die with the coordinator (``die_with_parent``) and ignore the signals meant for it. A
+worker that dies (killed, out of memory) loses nothing: its batch and every later one are
+converted in this process instead, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import sqlite3
+from array import array
+from collections.abc import AsyncGenerator, Collection
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import tzinfo
+from typing import Any
+
+import aiosqlite
+import anyio
+import structlog
+
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.pipeline.settings import Settings
+from flux_migrate.pipeline.sync_plan import die_with_parent
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract import (
+    fetch_rows,
+    keyset_sql,
+    mark_orphans,
+    orphan_rowids,
+    page_batch,
+    read_failure,
+    select_sql,
+    source_uri,
+)
+from flux_migrate.stages.load import digest_ids
+from flux_migrate.stages.transform import transform_batch
+
+log = structlog.get_logger("flux_migrate")
+
+IN_FLIGHT = 2  # batches handed to the pool ahead of the loader, per worker
+_SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    """One batch to convert: the rows of ``table`` with ``lo < rowid <= hi``, and how."""
+
+    uri: str
+    busy_timeout: float
+    table: Table
+    lo: int
+    hi: int
+    orphans: array[int] | None  # the orphan rowids in the range; None: the per-row check
+    naive_timezone: tzinfo
+    strip_nul: bool
+    missing_parents: Collection[str]
+
+
+def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any, ...]]:
+    """The source rows of the job's range in rowid order, as extract reads them (orphans
+    flagged), on a read-only connection opened for the call."""
+    table = job.table
+    per_row = per_row_check or job.orphans is None
+    sql = select_sql(table, orphan_flag=per_row) + keyset_sql(table)
+    db = sqlite3.connect(job.uri, uri=True, timeout=job.busy_timeout)
+    try:
+        db.text_factory = bytes
+        every = min(job.hi - job.lo, 2**62)  # the most rowids the range can hold: no limit
+        rows: list[tuple[Any, ...]] = db.execute(sql, (job.lo, job.hi, every)).fetchall()
+    finally:
+        db.close()
+    return rows if per_row else mark_orphans(rows, job.orphans or ())
+
+
+def convert_range(job: RangeJob) -> Batch | None:
+    """In a worker (or, after a worker died, in a thread): the job's batch read, converted and
+    stripped of its raw values (None when the range holds no row now)."""
+    rows = read_range(job)
+    if not rows:
+        return None
+    batch = transform_batch(
+        page_batch(job.table, 0, job.lo, rows),
+        job.table,
+        naive_timezone=job.naive_timezone,
+        strip_nul=job.strip_nul,
+        missing_parents=job.missing_parents,
+        text_as_bytes=True,
+    )
+    return dataclasses.replace(batch, raw=[], ids=digest_ids(job.table, batch.raw))
+
+
+class ConverterPool:
+    """The run's converter processes: started when a table first needs them, shut down by
+    ``close``; after a worker died, every batch is converted in this process."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.broken = False
+
+    def submit(self, job: RangeJob) -> concurrent.futures.Future[Batch | None] | None:
+        """Hand ``job`` to a worker; None when the pool is broken (convert it here)."""
+        if self.broken:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=_SPAWN,
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            )
+        try:
+            return self._pool.submit(convert_range, job)
+        except BrokenProcessPool:
+            self._lost()
+            return None
+
+    async def result(
+        self, job: RangeJob, future: concurrent.futures.Future[Batch | None] | None
+    ) -> Batch | None:
+        """The converted batch of ``job``: the worker's, else converted in a thread here."""
+        try:
+            if future is not None:
+                try:
+                    return await asyncio.wrap_future(future)
+                except BrokenProcessPool:
+                    self._lost()
+            return await anyio.to_thread.run_sync(convert_range, job)
+        except sqlite3.OperationalError as exc:
+            raise read_failure(job.table, job.lo, exc) from None
+
+    def _lost(self) -> None:
+        if not self.broken:
+            log.warning("converter_worker_lost", action="converting in the coordinator")
+        self.broken = True
+
+    def close(self) -> None:
+        """Stop the workers: queued batches are dropped, running ones finish (one batch at
+        most each). Blocks for that long."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+async def batch_ranges(
+    src: aiosqlite.Connection, table: Table, after: int, upto: int, batch_size: int
+) -> AsyncGenerator[tuple[int, int], None]:
+    """The sequential reader's batches of the rowids in (``after``, ``upto``]: each ends at
+    the ``batch_size``-th rowid after the previous end, the last one at ``upto``."""
+    rowid = table.rowid_sql()
+    sql = (
+        f"SELECT {rowid} FROM {quote_ident(table.name)} WHERE {rowid} > ? AND {rowid} <= ?"
+        f" ORDER BY {rowid} LIMIT 1 OFFSET ?"
+    )
+    lo = after
+    while lo < upto:
+        try:
+            found = await fetch_rows(src, sql, (lo, upto, batch_size - 1))
+        except sqlite3.OperationalError as exc:
+            raise read_failure(table, lo, exc) from None
+        hi = int(found[0][0]) if found else upto
+        yield lo, hi
+        lo = hi
+
+
+def range_job(settings: Settings, table: Table, missing_parents: Collection[str]) -> RangeJob:
+    """The conversion of ``table``'s batches as the in-process path does it (no range yet)."""
+    return RangeJob(
+        uri=source_uri(settings.require_source()),
+        busy_timeout=settings.busy_timeout,
+        table=table,
+        lo=0,
+        hi=0,
+        orphans=None,
+        naive_timezone=settings.naive_timezone,
+        strip_nul=settings.strip_nul,
+        missing_parents=frozenset(missing_parents),
+    )
+
+
+async def pooled_batches(
+    pool: ConverterPool,
+    src: aiosqlite.Connection,
+    job: RangeJob,
+    *,
+    after: int,
+    upto: int,
+    batch_size: int,
+) -> AsyncGenerator[Batch, None]:
+    """The table's converted batches from rowid ``after`` to ``upto``, in order, converted by
+    the pool's workers as ``job`` says: the batches extract + transform yield (except that a
+    batch whose rows all vanished meanwhile is left out, each starting where the one before
+    ended). On close or cancellation the batches not yet started are dropped."""
+    try:
+        orphans = await orphan_rowids(src, job.table, after, upto)
+    except sqlite3.OperationalError as exc:
+        raise read_failure(job.table, after, exc) from None
+    job = dataclasses.replace(job, orphans=orphans)
+    ranges = batch_ranges(src, job.table, after, upto, batch_size)
+    batches = _in_order(pool, job, ranges)
+    seq, last = 0, after
+    async with contextlib.aclosing(ranges), contextlib.aclosing(batches):
+        async for batch in batches:
+            seq += 1
+            yield dataclasses.replace(batch, seq=seq, after_rowid=last)
+            last = batch.last_rowid
+
+
+async def _in_order(
+    pool: ConverterPool, job: RangeJob, ranges: AsyncGenerator[tuple[int, int], None]
+) -> AsyncGenerator[Batch, None]:
+    """The converted batches of ``ranges`` in order, at most IN_FLIGHT per worker handed out
+    ahead; ranges holding no row now are left out."""
+    queue: collections.deque[tuple[RangeJob, Any]] = collections.deque()
+    try:
+        async for lo, hi in ranges:
+            ranged = _ranged(job, lo, hi)
+            queue.append((ranged, pool.submit(ranged)))
+            if len(queue) < pool.workers * IN_FLIGHT:
+                continue
+            if (batch := await pool.result(*queue.popleft())) is not None:
+                yield batch
+        while queue:
+            if (batch := await pool.result(*queue.popleft())) is not None:
+                yield batch
+    finally:
+        for _job, future in queue:
+            if future is not None:
+                future.cancel()
+
+
+def _ranged(job: RangeJob, lo: int, hi: int) -> RangeJob:
+    """``job`` for the rowids in (``lo``, ``hi``], with the orphan rowids among them."""
+    orphans = job.orphans
+    if orphans:
+        orphans = orphans[bisect.bisect_right(orphans, lo) : bisect.bisect_right(orphans, hi)]
+    return dataclasses.replace(job, lo=lo, hi=hi, orphans=orphans)
+
+
+async def refill(job: RangeJob, batch: Batch) -> Batch:
+    """``batch`` (converted by a worker, without its raw values) with the source rows of its
+    loaded rows read again, orphans checked per row: what a strict re-conversion needs."""
+    ranged = dataclasses.replace(job, lo=batch.after_rowid, hi=batch.last_rowid)
+    rows = await anyio.to_thread.run_sync(lambda: read_range(ranged, per_row_check=True))
+    wanted = set(batch.ids[0] if batch.ids is not None else ())
+    return dataclasses.replace(batch, raw=[r for r in rows if r[0] in wanted], ids=None)

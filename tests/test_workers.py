@@ -1,0 +1,202 @@
+"""Converter processes (`run --workers N`): the same target, quarantine and checkpoints for every
+N; killing the coordinator, a worker, or stopping with a signal loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from flux_migrate.core.schema import quote_ident
+from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.settings import load_settings
+from tests.conftest import _admin, with_database
+from tests.dirty import app_db
+from tests.generic_db import varied_db
+from tests.support import assert_app_tables_equal, cli, start_cli
+from tests.test_zero_loss import CASES
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def second_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """Another brand-new database on the test server, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+    try:
+        yield with_database(pg_server_dsn, name)
+    finally:
+        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _dirty_app(path: Path) -> Path:
+    """An app database of good rows with every bad value of test_zero_loss among them, a
+    deleted session's messages (orphans), NULLs, and a value only PostgreSQL refuses."""
+    db = app_db(path, good_sessions=20, messages_each=6)
+    for table, column, value, _reason in CASES:
+        if value is None:  # NOT NULL in the app's schema
+            continue
+        if table == "sessions":
+            s = db.session(**{column: value})
+            db.message(s["id"])
+        else:
+            values = {"session_id": db.sessions[len(db.messages) % 20]["id"], column: value}
+            db.message(**values)
+    db.message("0badc0de-0000-4000-8000-000000000000")
+    db.message(db.sessions[3]["id"], metadata=None, content="")
+    for _ in range(30):
+        db.message(db.sessions[5]["id"])
+    return db.write()
+
+
+async def _state(dsn: str) -> dict[str, Any]:
+    """Every table of the target schema, the quarantine and the checkpoints' counts."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = [
+            r["t"]
+            for r in await conn.fetch(
+                "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )
+        ]
+        state: dict[str, Any] = {
+            t: sorted(str(tuple(r)) for r in await conn.fetch(f"SELECT * FROM {quote_ident(t)}"))
+            for t in tables
+        }
+        state["quarantine"] = sorted(
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT source_table, source_key, source_rowid, reason, stage, raw::text"
+                " FROM flux_migrate.quarantine"
+            )
+        )
+        state["checkpoints"] = sorted(
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT source_table, last_rowid, extracted, loaded, quarantined, skipped,"
+                " status FROM flux_migrate.checkpoints"
+            )
+        )
+    finally:
+        await conn.close()
+    return state
+
+
+@pytest.mark.parametrize("source", ["app", "generic"])
+async def test_one_and_two_workers_load_the_same(
+    tmp_path: Path, pg_dsn: str, second_dsn: str, source: str
+) -> None:
+    """With 1 and with 2 converter processes, the target tables, the quarantine (raw values,
+    reasons, stages) and the checkpoints' counts are identical, bad rows and orphans included."""
+    path = tmp_path / "src.sqlite"
+    _dirty_app(path) if source == "app" else varied_db(path)
+    states = []
+    for workers, dsn in ((1, pg_dsn), (2, second_dsn)):
+        settings = load_settings(sqlite_path=path, postgres_dsn=dsn, batch_size=7, workers=workers)
+        await migrate(settings)
+        states.append(await _state(dsn))
+    assert states[0] == states[1]
+    reasons = {q[3] for q in states[0]["quarantine"]}
+    assert (
+        {"rejected_by_server", "orphan_message"} if source == "app" else {"type_mismatch"}
+    ) <= reasons
+
+
+def _args(path: Path, dsn: str, *extra: str) -> list[str]:
+    return ["run", "--sqlite-path", str(path), "--postgres-dsn", dsn, "--batch-size", "50",
+            "--log-format", "json", "--no-progress", "--workers", "2", *extra]  # fmt: skip
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The converter processes among ``pid``'s children (multiprocessing's spawned workers)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"spawn_main" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _run_until(args: list[str], batches: int) -> tuple[Any, list[int]]:
+    """Start the CLI, wait for ``batches`` committed batches, return it and its workers."""
+    proc = start_cli(*args)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if '"batch_loaded"' in line:
+            seen += 1
+            if seen >= batches:
+                break
+    workers = _workers_of(proc.pid)
+    assert 2 == len(workers), "the run converts in two worker processes"
+    return proc, workers
+
+
+@pytest.mark.parametrize("batches", [2, 25])
+async def test_coordinator_killed_workers_exit_and_rerun_loads_exactly_once(
+    sample_db: Path, pg_dsn: str, batches: int
+) -> None:
+    """SIGKILL of the run (in sessions, in messages): its workers exit within two seconds,
+    and a rerun leaves every source row in the target exactly once."""
+    proc, workers = _run_until(_args(sample_db, pg_dsn), batches)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 2
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [] == [w for w in workers if _alive(w)]
+    rerun = cli(*_args(sample_db, pg_dsn))
+    assert 0 == rerun.returncode, rerun.stderr
+    await assert_app_tables_equal(sample_db, pg_dsn)
+
+
+async def test_worker_killed_the_run_goes_on_and_loads_exactly_once(
+    sample_db: Path, pg_dsn: str
+) -> None:
+    """SIGKILL of a worker mid-table: the run converts the rest itself, says so once, exits 0
+    and loads every source row exactly once."""
+    proc, workers = _run_until(_args(sample_db, pg_dsn), 8)
+    os.kill(workers[0], signal.SIGKILL)
+    assert proc.stderr is not None
+    rest = proc.stderr.read()
+    assert 0 == proc.wait(timeout=120), rest
+    assert 1 == rest.count('"converter_worker_lost"')
+    await assert_app_tables_equal(sample_db, pg_dsn)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_signal_stops_at_a_boundary_with_two_workers(
+    sample_db: Path, pg_dsn: str, signum: int
+) -> None:
+    """SIGINT/SIGTERM with 2 workers: exit 130/143 at a batch boundary, no worker left behind,
+    and the rerun completes the table exactly once."""
+    proc, workers = _run_until(_args(sample_db, pg_dsn), 10)
+    proc.send_signal(signum)
+    assert proc.stderr is not None
+    rest = proc.stderr.read()
+    assert (130 if signum == signal.SIGINT else 143) == proc.wait(timeout=60), rest
+    assert [] == [w for w in workers if _alive(w)]
+    rerun = cli(*_args(sample_db, pg_dsn))
+    assert 0 == rerun.returncode, rerun.stderr
+    await assert_app_tables_equal(sample_db, pg_dsn)
