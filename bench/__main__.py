@@ -3,6 +3,7 @@
 Contenders (each into a fresh database, each run as its own process so that its peak RSS and
 CPU seconds are its own):
   flux       `flux-migrate run` as a user runs it (checkpoints, quarantine checks, keys)
+  flux-wN    the same with `--workers N` (not in the default list: for the scaling figures)
   original   the app's original approach: read all, executemany INSERT in batches of 100
   ceiling    the same data already transformed into a binary COPY file, then only COPY FROM
              that file plus the key and index build
@@ -364,6 +365,8 @@ def main() -> None:
                 if not args.no_extras:
                     for kind, cmd in verify_cmds(source, dsn).items():
                         checks.setdefault(kind, []).append(measure(cmd).wall / m.wall)
+            elif name.startswith("flux-w"):  # flux-w1, flux-w2: a given number of workers
+                m = measure(flux_cmd(source, dsn, "--workers", name.removeprefix("flux-w")))
             elif name == "original":
                 m = measure([PY, "-m", "bench.original", str(source), dsn])
             elif name == "ceiling":

@@ -24,11 +24,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 DEFAULT_BATCH_SIZE = 10_000
 ON_CONFLICT = ("error", "skip", "update")
 MAX_WORKERS = 64
+DEFAULT_MAX_WORKERS = 4
 
 
 def default_workers() -> int:
     """The converter processes of a run when neither the config nor --workers says: the
-    FLUX_MIGRATE_WORKERS environment variable, else the machine's CPU count."""
+    FLUX_MIGRATE_WORKERS environment variable, else the CPUs this process may use, at most
+    DEFAULT_MAX_WORKERS (the one loader takes no more: see docs/benchmark.md)."""
     named = os.environ.get("FLUX_MIGRATE_WORKERS", "").strip()
     if named:
         try:
@@ -37,7 +39,8 @@ def default_workers() -> int:
             raise ConfigError(
                 f"FLUX_MIGRATE_WORKERS must be a whole number, not {named!r}."
             ) from None
-    return os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, DEFAULT_MAX_WORKERS))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from flux_migrate.core.errors import ConfigError
 from flux_migrate.core.schema import quote_ident
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
@@ -200,3 +201,21 @@ async def test_signal_stops_at_a_boundary_with_two_workers(
     rerun = cli(*_args(sample_db, pg_dsn))
     assert 0 == rerun.returncode, rerun.stderr
     await assert_app_tables_equal(sample_db, pg_dsn)
+
+
+def test_workers_setting_comes_from_flag_config_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers beats [load] workers, which beats FLUX_MIGRATE_WORKERS; 0 or a word is refused
+    with a sentence."""
+    config = tmp_path / "c.toml"
+    config.write_text("[load]\nworkers = 3\n")
+    monkeypatch.setenv("FLUX_MIGRATE_WORKERS", "2")
+    assert 2 == load_settings().workers
+    assert 3 == load_settings(config).workers
+    assert 1 == load_settings(config, workers=1).workers
+    with pytest.raises(ConfigError, match="--workers must be between 1 and"):
+        load_settings(workers=0)
+    monkeypatch.setenv("FLUX_MIGRATE_WORKERS", "many")
+    with pytest.raises(ConfigError, match="FLUX_MIGRATE_WORKERS must be a whole number"):
+        load_settings()
