@@ -64,8 +64,9 @@ async def _exactly_once(source: Path, dsn: str) -> None:
     assert len(source_rows(source, "sessions")) + len(source_rows(source, "messages")) == total
 
 
+@pytest.mark.parametrize("workers", [1, 2])  # converting in 2 processes too
 async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(
-    sample_db: Path, pg_dsn: str
+    sample_db: Path, pg_dsn: str, workers: int
 ) -> None:
     """Every connection dropped in the middle of the messages: the batch is retried with backoff
     and the run completes by itself with each row once."""
@@ -78,7 +79,11 @@ async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(
 
     try:
         settings = load_settings(
-            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100
+            None,
+            sqlite_path=sample_db,
+            postgres_dsn=proxy.proxied_dsn,
+            batch_size=100,
+            workers=workers,
         )
         with capture_logs() as logs:
             report = await migrate(settings, progress=AfterBatches(8, blip))
@@ -89,8 +94,9 @@ async def test_connection_lost_mid_run_is_retried_and_the_run_finishes(
     await _exactly_once(sample_db, pg_dsn)
 
 
+@pytest.mark.parametrize("workers", [1, 2])  # converting in 2 processes too
 async def test_server_restart_mid_run_is_survived(
-    sample_db: Path, pg_dsn: str, restart_server: Any
+    sample_db: Path, pg_dsn: str, restart_server: Any, workers: int
 ) -> None:
     """The real test server restarted in the middle of a run: the run carries on by itself.
     (Against TEST_POSTGRES_DSN, which may not be restarted, the server's connections are cut.)"""
@@ -106,7 +112,11 @@ async def test_server_restart_mid_run_is_survived(
 
     try:
         settings = load_settings(
-            None, sqlite_path=sample_db, postgres_dsn=proxy.proxied_dsn, batch_size=100
+            None,
+            sqlite_path=sample_db,
+            postgres_dsn=proxy.proxied_dsn,
+            batch_size=100,
+            workers=workers,
         )
         with ignore_asyncpg_orphaned_waiters(), capture_logs() as logs:
             report = await migrate(settings, progress=AfterBatches(6, outage))
@@ -231,8 +241,9 @@ async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) 
     assert "Another flux-migrate run" in done.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])  # converting in 2 processes too
 async def test_a_lost_commit_reply_is_accounted_once(
-    sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    sample_db: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     """When a batch commits but its reply is lost, the retry finds it committed, loads nothing
     twice, and the run's accounting still adds up."""
@@ -249,7 +260,9 @@ async def test_a_lost_commit_reply_is_accounted_once(
         return result
 
     monkeypatch.setattr(flux_migrate.stages.load, "commit_batch", commit_then_lose_reply)
-    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
+    settings = load_settings(
+        None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100, workers=workers
+    )
     with capture_logs() as logs:
         report = await migrate(settings)
     assert report.status == "completed"
@@ -262,7 +275,10 @@ async def test_a_lost_commit_reply_is_accounted_once(
     await _exactly_once(sample_db, pg_dsn)
 
 
-async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # converting in 2 processes too
+async def test_commits_lost_by_the_server_are_redone(
+    sample_db: Path, pg_dsn: str, workers: int
+) -> None:
     """If the server loses its latest commits (a crash before they were flushed: batches commit
     without waiting for the WAL flush), the run rewinds to the checkpoint it finds and streams
     those rows again: each row ends loaded once and the report still adds up."""
@@ -298,7 +314,9 @@ async def test_commits_lost_by_the_server_are_redone(sample_db: Path, pg_dsn: st
         finally:
             await conn.close()
 
-    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100)
+    settings = load_settings(
+        None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=100, workers=workers
+    )
     with capture_logs() as logs:
         # Blocks the loop while it runs, so nothing commits meanwhile.
         lose = AfterBatches(
