@@ -3,35 +3,35 @@ order to the run's one loader.
 
 The coordinator cuts the table into the sequential reader's batches (batch k covers the rowids
 after batch k-1's last one up to the ``batch_size``-th one after it, found by one query walking
-the rowid b-tree), hands them to the pool a few at a time (at most IN_FLIGHT per worker, so
-memory stays flat) and yields them strictly in order. Each worker reads its batch on a
+the rowid b-tree), hands batch k to worker k mod N (at most IN_FLIGHT per worker ahead of the
+loader, so memory stays flat) and yields them strictly in order. Each worker reads its batch on a
 read-only connection of its own and runs the same extract and transform code as the in-process
 path; it ships back the converted rows, rejects, digests and the rows' rowids and keys, not the
 raw values (a batch PostgreSQL refuses is read again here, see ``refill``). The checkpoint
 chain is the loader's, unchanged, so exactly-once and resume do not depend on the workers.
 
-Workers die with the coordinator (``die_with_parent``) and ignore the signals meant for it. A
-worker that dies (killed, out of memory) loses nothing: its batch and every later one are
-converted in this process instead, and the run goes on.
+Workers die with the coordinator (``die_with_parent``) and ignore the terminal's SIGINT. Each
+has a pipe of its own (not a shared result queue, which a worker killed mid-reply leaves
+half-written for everyone): a worker that dies (killed, out of memory) loses nothing, its
+batches are converted in this process instead, and the run goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sqlite3
 from array import array
 from collections.abc import AsyncGenerator, Collection
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, cast
 
 import aiosqlite
 import anyio
@@ -130,57 +130,114 @@ def _instants_as_micros(table: Table, rows: list[tuple[Any, ...]]) -> list[tuple
     return out
 
 
+def _serve(conn: Connection, parent: int) -> None:
+    """A converter process: convert each job received on ``conn`` and send back ("ok", batch)
+    or ("error", exception), until ``conn`` closes. It dies with ``parent`` and ignores the
+    terminal's SIGINT (the run stops at a batch boundary)."""
+    die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", convert_range(job))
+        except Exception as exc:  # noqa: BLE001 - sent to the coordinator, which raises it
+            reply = ("error", exc if isinstance(exc, sqlite3.Error) else RuntimeError(repr(exc)))
+        try:
+            conn.send(reply)
+        except OSError:
+            return
+
+
+@dataclass
+class _Converter:
+    """One converter process and the coordinator's end of its pipe."""
+
+    process: Any
+    conn: Connection
+    lost: bool = False
+
+    def receive(self) -> tuple[str, Any]:
+        """The next reply (blocks; EOFError when the process died)."""
+        reply: tuple[str, Any] = self.conn.recv()
+        return reply
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A job handed out: the converter converting it (None: convert it here)."""
+
+    job: RangeJob
+    converter: _Converter | None
+
+
 class ConverterPool:
-    """The run's converter processes: started when a table first needs them, shut down by
-    ``close``; after a worker died, every batch is converted in this process."""
+    """The run's converter processes, each with a pipe of its own (a converter dying in the
+    middle of a reply spoils only its own pipe): started when a table first needs them, the
+    k-th batch of a table handed to converter k mod N, stopped by ``close``."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self.broken = False
+        self._converters: list[_Converter] = []
 
-    def submit(self, job: RangeJob) -> concurrent.futures.Future[Batch | None] | None:
-        """Hand ``job`` to a worker; None when the pool is broken (convert it here)."""
-        if self.broken:
-            return None
-        if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_SPAWN,
-                initializer=die_with_parent,
-                initargs=(os.getpid(),),
-            )
-        try:
-            return self._pool.submit(convert_range, job)
-        except BrokenProcessPool:
-            self._lost()
-            return None
+    def submit(self, k: int, job: RangeJob) -> Ticket:
+        """Hand ``job`` (the table's k-th batch) to converter k mod N."""
+        if not self._converters:
+            self._converters = [_start(os.getpid()) for _ in range(self.workers)]
+        converter = self._converters[k % self.workers]
+        if not converter.lost:
+            try:
+                converter.conn.send(job)
+                return Ticket(job, converter)
+            except OSError:
+                self._lost(converter)
+        return Ticket(job, None)
 
-    async def result(
-        self, job: RangeJob, future: concurrent.futures.Future[Batch | None] | None
-    ) -> Batch | None:
-        """The converted batch of ``job``: the worker's, else converted in a thread here."""
+    async def result(self, ticket: Ticket) -> Batch | None:
+        """The converted batch of ``ticket``: its converter's, else converted in a thread here
+        (the converter died). Blocks until its converter replies (a batch's work at most)."""
+        converter = ticket.converter
+        if converter is not None and not converter.lost:
+            try:
+                kind, value = await anyio.to_thread.run_sync(converter.receive)
+            except (EOFError, OSError):
+                self._lost(converter)
+            else:
+                if kind == "ok":
+                    return cast("Batch | None", value)
+                if isinstance(value, sqlite3.OperationalError):
+                    raise read_failure(ticket.job.table, ticket.job.lo, value) from None
+                raise value
         try:
-            if future is not None:
-                try:
-                    return await asyncio.wrap_future(future)
-                except BrokenProcessPool:
-                    self._lost()
-            return await anyio.to_thread.run_sync(convert_range, job)
+            return await anyio.to_thread.run_sync(convert_range, ticket.job)
         except sqlite3.OperationalError as exc:
-            raise read_failure(job.table, job.lo, exc) from None
+            raise read_failure(ticket.job.table, ticket.job.lo, exc) from None
 
-    def _lost(self) -> None:
-        if not self.broken:
-            log.warning("converter_worker_lost", action="converting in the coordinator")
-        self.broken = True
+    def _lost(self, converter: _Converter) -> None:
+        converter.lost = True
+        log.warning("converter_worker_lost", action="converting its batches in the coordinator")
 
     def close(self) -> None:
-        """Stop the workers: queued batches are dropped, running ones finish (one batch at
-        most each). Blocks for that long."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the converters: each finishes the batch it converts (its reply is dropped) and
+        exits when its pipe closes; one still there after 5 s is killed. Blocks that long."""
+        converters, self._converters = self._converters, []
+        for c in converters:
+            c.conn.close()
+        for c in converters:
+            c.process.join(timeout=5)
+            if c.process.is_alive():
+                c.process.kill()
+                c.process.join()
+
+
+def _start(parent: int) -> _Converter:
+    ours, theirs = _SPAWN.Pipe(duplex=True)
+    process = _SPAWN.Process(target=_serve, args=(theirs, parent), daemon=True)
+    process.start()
+    theirs.close()  # only the converter holds its end: its death is an EOF here
+    return _Converter(process, ours)
 
 
 async def batch_ranges(
@@ -252,22 +309,22 @@ async def _in_order(
 ) -> AsyncGenerator[Batch, None]:
     """The converted batches of ``ranges`` in order, at most IN_FLIGHT per worker handed out
     ahead; ranges holding no row now are left out."""
-    queue: collections.deque[tuple[RangeJob, Any]] = collections.deque()
+    queue: collections.deque[Ticket] = collections.deque()
     try:
+        k = 0
         async for lo, hi in ranges:
-            ranged = _ranged(job, lo, hi)
-            queue.append((ranged, pool.submit(ranged)))
+            queue.append(pool.submit(k, _ranged(job, lo, hi)))
+            k += 1
             if len(queue) < pool.workers * IN_FLIGHT:
                 continue
-            if (batch := await pool.result(*queue.popleft())) is not None:
+            if (batch := await pool.result(queue.popleft())) is not None:
                 yield batch
         while queue:
-            if (batch := await pool.result(*queue.popleft())) is not None:
+            if (batch := await pool.result(queue.popleft())) is not None:
                 yield batch
     finally:
-        for _job, future in queue:
-            if future is not None:
-                future.cancel()
+        if queue:  # replies still coming: converters with a clean pipe for the next table
+            pool.close()
 
 
 def _ranged(job: RangeJob, lo: int, hi: int) -> RangeJob:

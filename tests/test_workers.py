@@ -18,6 +18,7 @@ import pytest
 from flux_migrate.core.errors import ConfigError
 from flux_migrate.core.schema import quote_ident
 from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import load_settings
 from tests.conftest import _admin, with_database
 from tests.dirty import app_db
@@ -173,17 +174,19 @@ async def test_coordinator_killed_workers_exit_and_rerun_loads_exactly_once(
 
 
 async def test_worker_killed_the_run_goes_on_and_loads_exactly_once(
-    sample_db: Path, pg_dsn: str
+    tmp_path: Path, pg_dsn: str
 ) -> None:
-    """SIGKILL of a worker mid-table: the run converts the rest itself, says so once, exits 0
-    and loads every source row exactly once."""
-    proc, workers = _run_until(_args(sample_db, pg_dsn), 8)
+    """SIGKILL of a worker mid-table (whatever it was doing, a reply half sent included): the
+    run converts that worker's batches itself, says so once, exits 0 and loads every source
+    row exactly once."""
+    source = generate(tmp_path / "mid.sqlite", sessions=1500, messages_per_session=10, seed=7)
+    proc, workers = _run_until(_args(source, pg_dsn), 8)
     os.kill(workers[0], signal.SIGKILL)
     assert proc.stderr is not None
     rest = proc.stderr.read()
     assert 0 == proc.wait(timeout=120), rest
     assert 1 == rest.count('"converter_worker_lost"')
-    await assert_app_tables_equal(sample_db, pg_dsn)
+    await assert_app_tables_equal(source, pg_dsn)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
