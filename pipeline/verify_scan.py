@@ -161,7 +161,9 @@ def quick_range(job: QuickJob) -> QuickSum:
             out.rows += len(page)
             rows = [r for r in page if r[0] not in job.quarantined] if job.quarantined else page
             digests = (
-                _keyed_digests(rows, job, seps, slow, out) if keyed else _digests(rows, seps, slow)
+                _keyed_digests(rows, job, seps, slow, out)
+                if keyed
+                else _digests(rows, seps, slow, job.strip_nul)
             )
             out.count += len(digests) // 16
             out.checksum += _signed_sum(digests)
@@ -181,22 +183,26 @@ def canonical(fields: Sequence[Any]) -> bytes | None:
     return text if text.count(0) == len(fields) - 1 else None
 
 
-def _digests(page: list[Any], seps: int, slow: list[int]) -> bytes:
+def _digests(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True) -> bytes:
     """The md5 of each row's canonical text (rowid, then its values), concatenated; the row ids
-    of the rows SQL could not render go to ``slow``."""
+    of the rows SQL could not render go to ``slow``.
+
+    A text holding NUL is the reference's to render only when ``strip_nul`` (it removes them);
+    otherwise the reference refuses such a row, and its text, with more NULs than separators,
+    is one no target row has (PostgreSQL text holds no NUL): hashed as it is, it differs."""
     md5, join = hashlib.md5, b"\x00".join
-    out = []
+    out: list[bytes] = []
+    append = out.append
     for row in page:
-        fields = row[1:]
         try:
-            text = join(fields)
+            text = join(row[1:])
         except TypeError:  # NULL or a number: SQL did not render a value
             slow.append(row[0])
             continue
-        if text.count(0) != seps:  # NUL inside a text
+        if strip_nul and text.count(0) != seps:
             slow.append(row[0])
             continue
-        out.append(md5(text).digest())
+        append(md5(text).digest())
     return b"".join(out)
 
 
