@@ -278,7 +278,7 @@ def _add_views(sub: Any) -> None:
         "--workers",
         type=_workers,
         default=None,
-        help="processes reading the source (default: the CPU count; 1 reads it in this one)",
+        help="processes reading the source (default: the CPUs it may use; 1 reads it in this one)",
     )
     add_verify_api_arguments(verify)
 

@@ -488,7 +488,7 @@ async def verify_rows(
     settings: Settings, *, limit: int = 10, workers: int | None = None
 ) -> list[TableVerify]:
     """Compare every row of every table; see TableVerify for the counts. The app's large
-    tables are read by ``workers`` processes (default: the CPU count, see verify_parallel)."""
+    tables are read by ``workers`` processes (default: the CPUs it may use, see verify_parallel)."""
     path = settings.require_source()
     scanner = scan.Scanner(workers)
     async with open_source(path, busy_timeout=settings.busy_timeout) as src:
@@ -641,7 +641,7 @@ def _md5(text: str) -> str:
 
 async def verify_quick(settings: Settings, *, workers: int | None = None) -> list[QuickVerify]:
     """Per table: row counts and an order-independent checksum of keys, text and timestamps
-    (see verify_canon), the source read by ``workers`` processes (default: the CPU count);
+    (see verify_canon), the source read by ``workers`` processes (default: the CPUs it may use);
     the tables the canonical form covers are read at the same time, each target aggregate on
     a connection of its own."""
     path = settings.require_source()

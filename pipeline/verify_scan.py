@@ -65,12 +65,19 @@ def rowid_ranges(
     return [(a, min(a + step - 1, hi)) for a in range(lo, hi + 1, step)]
 
 
+def _cpus() -> int:
+    """The CPUs this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Scanner:
     """Runs range jobs in worker processes (``workers`` > 1) or in this process."""
 
     def __init__(self, workers: int | None = None) -> None:
         self.explicit = workers is not None
-        self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        self.workers = max(1, workers if workers is not None else _cpus())
         self._pool: Executor | None = None
         self._lock = threading.Lock()  # tables are scanned from several threads at once
 
