@@ -29,8 +29,9 @@ DEFAULT_MAX_WORKERS = 4
 
 def default_workers() -> int:
     """The converter processes of a run when neither the config nor --workers says: the
-    FLUX_MIGRATE_WORKERS environment variable, else the CPUs this process may use, at most
-    DEFAULT_MAX_WORKERS (the one loader takes no more: see docs/benchmark.md)."""
+    FLUX_MIGRATE_WORKERS environment variable, else the CPUs this process may use less two
+    (the loader's and PostgreSQL's), from 1 to DEFAULT_MAX_WORKERS: on 2 cores converter
+    processes cost more CPU than they free (measured in docs/benchmark.md, "Workers")."""
     named = os.environ.get("FLUX_MIGRATE_WORKERS", "").strip()
     if named:
         try:
@@ -40,7 +41,7 @@ def default_workers() -> int:
                 f"FLUX_MIGRATE_WORKERS must be a whole number, not {named!r}."
             ) from None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, DEFAULT_MAX_WORKERS))
+    return max(1, min((cpus or 1) - 2, DEFAULT_MAX_WORKERS))
 
 
 @dataclass(frozen=True)
