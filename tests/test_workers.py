@@ -93,20 +93,42 @@ async def _state(dsn: str) -> dict[str, Any]:
     return state
 
 
+class _Lines:
+    """A live display that records its lines: which tables started, and the rows they advanced."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.rows: dict[str, int] = {}
+
+    def start(self, table: str, total: int) -> None:
+        self.started.append(table)
+
+    def advance(self, table: str, rows: int, quarantined: int = 0) -> None:
+        self.rows[table] = self.rows.get(table, 0) + rows
+
+    def finish(self, table: str) -> None:
+        pass
+
+
 @pytest.mark.parametrize("source", ["app", "generic"])
 async def test_one_and_two_workers_load_the_same(
     tmp_path: Path, pg_dsn: str, second_dsn: str, source: str
 ) -> None:
     """With 1 and with 2 converter processes, the target tables, the quarantine (raw values,
-    reasons, stages) and the checkpoints' counts are identical, bad rows and orphans included."""
+    reasons, stages), the checkpoints' counts and the live display (one line per table, the
+    same rows) are identical, bad rows and orphans included."""
     path = tmp_path / "src.sqlite"
     _dirty_app(path) if source == "app" else varied_db(path)
-    states = []
+    states, lines = [], []
     for workers, dsn in ((1, pg_dsn), (2, second_dsn)):
         settings = load_settings(sqlite_path=path, postgres_dsn=dsn, batch_size=7, workers=workers)
-        await migrate(settings)
+        display = _Lines()
+        await migrate(settings, progress=display)
         states.append(await _state(dsn))
+        lines.append((display.started, display.rows))
     assert states[0] == states[1]
+    assert lines[0] == lines[1]
+    assert len(set(lines[1][0])) == len(lines[1][0]), "one line per table"
     reasons = {q[3] for q in states[0]["quarantine"]}
     assert (
         {"rejected_by_server", "orphan_message"} if source == "app" else {"type_mismatch"}
@@ -160,7 +182,8 @@ async def test_coordinator_killed_workers_exit_and_rerun_loads_exactly_once(
     sample_db: Path, pg_dsn: str, batches: int
 ) -> None:
     """SIGKILL of the run (in sessions, in messages): its workers exit within two seconds,
-    and a rerun leaves every source row in the target exactly once."""
+    and a rerun (with 2 workers, or with 1) leaves every source row in the target exactly
+    once."""
     proc, workers = _run_until(_args(sample_db, pg_dsn), batches)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -168,7 +191,7 @@ async def test_coordinator_killed_workers_exit_and_rerun_loads_exactly_once(
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [] == [w for w in workers if _alive(w)]
-    rerun = cli(*_args(sample_db, pg_dsn))
+    rerun = cli(*_args(sample_db, pg_dsn)[:-2], "--workers", "1" if batches > 2 else "2")
     assert 0 == rerun.returncode, rerun.stderr
     await assert_app_tables_equal(sample_db, pg_dsn)
 
