@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import operator
 import os
 import sqlite3
 import sys
@@ -180,6 +181,11 @@ def quick_range(job: QuickJob) -> QuickSum:
     return out
 
 
+_VALUES = operator.itemgetter(slice(1, None))  # a row without its row id
+_JOIN = b"\x00".join
+_DIGEST = operator.methodcaller("digest")
+
+
 def canonical(fields: Sequence[Any]) -> bytes | None:
     """The canonical text of values SQL rendered, or None when it could not render one (a
     NULL, a number where text is stored) or a text holds NUL."""
@@ -197,7 +203,14 @@ def _digests(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True
     A text holding NUL is the reference's to render only when ``strip_nul`` (it removes them);
     otherwise the reference refuses such a row, and its text, with more NULs than separators,
     is one no target row has (PostgreSQL text holds no NUL): hashed as it is, it differs."""
-    md5, join = hashlib.md5, b"\x00".join
+    if not strip_nul:  # the whole page in C, unless a row is not rendered
+        try:
+            texts = list(map(_JOIN, map(_VALUES, page)))
+        except TypeError:
+            pass  # NULL or a number somewhere: row by row below
+        else:
+            return b"".join(map(_DIGEST, map(hashlib.md5, texts)))
+    md5, join = hashlib.md5, _JOIN
     out: list[bytes] = []
     append = out.append
     for row in page:
