@@ -116,15 +116,20 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.close()
 
 
+def fresh_database(server_dsn: str) -> Iterator[str]:
+    """A DSN to a brand-new empty database on the server, dropped when the generator ends."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    try:
+        yield with_database(server_dsn, name)
+    finally:
+        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture
 def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
     """A DSN to a brand-new empty database, dropped after the test (usable by sync tests too)."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
-    try:
-        yield with_database(pg_server_dsn, name)
-    finally:
-        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from fresh_database(pg_server_dsn)
 
 
 @pytest.fixture(scope="session")

@@ -173,3 +173,12 @@ async def assert_app_tables_equal(path: Path, dsn: str) -> None:
     """The app's two tables hold in PostgreSQL exactly what they hold in SQLite."""
     for table in ("sessions", "messages"):
         assert source_rows(path, table) == await target_rows(dsn, table)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (neither gone nor a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -17,7 +17,7 @@ import pytest
 
 from flux_migrate.core.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from flux_migrate.pipeline.sync_plan import CHUNK
-from tests.support import ROOT, cli
+from tests.support import ROOT, alive, cli
 
 ROWS = 3 * CHUNK + 1000  # four ranges: read by worker processes
 
@@ -39,14 +39,6 @@ def _children(pid: int) -> set[int]:
         with open(task / "children") as f:
             found |= {int(p) for p in f.read().split()}
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subprocess.Popen[str]:
@@ -111,8 +103,8 @@ def test_a_signalled_sync_leaves_no_worker_behind(
         name = signal.Signals(signum).name
         assert f"Stopped by {name} at a batch boundary" in err, err[-2000:]
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(p) for p in workers)
+    assert not any(alive(p) for p in workers)
     rerun = cli("sync", *args, timeout=300)
     assert EXIT_OK == rerun.returncode, rerun.stdout + rerun.stderr

@@ -3,11 +3,9 @@ N; killing the coordinator, a worker, or stopping with a signal loses and duplic
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,10 @@ from flux_migrate.core.schema import quote_ident
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import load_settings
-from tests.conftest import _admin, with_database
+from tests.conftest import fresh_database
 from tests.dirty import app_db
 from tests.generic_db import varied_db
-from tests.support import assert_app_tables_equal, cli, start_cli
+from tests.support import alive, assert_app_tables_equal, cli, start_cli
 from tests.test_zero_loss import CASES
 
 pytestmark = pytest.mark.anyio
@@ -32,12 +30,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def second_dsn(pg_server_dsn: str) -> Iterator[str]:
     """Another brand-new database on the test server, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
-    try:
-        yield with_database(pg_server_dsn, name)
-    finally:
-        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from fresh_database(pg_server_dsn)
 
 
 def _dirty_app(path: Path) -> Path:
@@ -154,14 +147,6 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def _run_until(args: list[str], batches: int) -> tuple[Any, list[int]]:
     """Start the CLI, wait for ``batches`` committed batches, return it and its workers."""
     proc = start_cli(*args)
@@ -188,9 +173,9 @@ async def test_coordinator_killed_workers_exit_and_rerun_loads_exactly_once(
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 2
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [] == [w for w in workers if _alive(w)]
+    assert [] == [w for w in workers if alive(w)]
     rerun = cli(*_args(sample_db, pg_dsn)[:-2], "--workers", "1" if batches > 2 else "2")
     assert 0 == rerun.returncode, rerun.stderr
     await assert_app_tables_equal(sample_db, pg_dsn)
@@ -223,7 +208,7 @@ async def test_signal_stops_at_a_boundary_with_two_workers(
     assert proc.stderr is not None
     rest = proc.stderr.read()
     assert (130 if signum == signal.SIGINT else 143) == proc.wait(timeout=60), rest
-    assert [] == [w for w in workers if _alive(w)]
+    assert [] == [w for w in workers if alive(w)]
     rerun = cli(*_args(sample_db, pg_dsn))
     assert 0 == rerun.returncode, rerun.stderr
     await assert_app_tables_equal(sample_db, pg_dsn)
