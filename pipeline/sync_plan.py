@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -26,8 +27,9 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -37,6 +39,7 @@ import asyncpg
 
 from flux_migrate.core import bookkeeping
 from flux_migrate.core.digest import digests, key_position
+from flux_migrate.core.errors import RuntimeFailure
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
@@ -178,11 +181,42 @@ async def plan_table(
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
     count, ranges = await _ranges(src, table, chunk)
-    uri, timeout = source_uri(path), busy_timeout
-    loop = asyncio.get_running_loop()
     progress = progress or NoProgress()
     progress.start(table.name, count)
-    # A table of one range is read in a thread: starting worker processes costs more.
+    after = -(2**63)  # the first window takes every digest below it too
+    scan = _scanned(ranges, (source_uri(path), sql, ncols, at, busy_timeout))
+    async with contextlib.aclosing(scan):
+        async for n, (rowids, values, keys) in scan:
+            last, hi = n == len(ranges) - 1, ranges[n][1]
+            window = await stored.window(after, None if last else hi)
+            _merge_window(rowids, values, keys, window, plan, src_odd, stored_odd)
+            plan.scanned += len(rowids)
+            progress.advance(table.name, len(rowids))
+            if len(rowids):
+                plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
+            after = hi
+            if stop is not None:
+                stop.check()
+    progress.finish(table.name)
+    if not ranges:  # an empty source table: every stored digest is a delete
+        window = await stored.window(-(2**63), None)
+        _merge_window(array("q"), array("q"), [], window, plan, src_odd, stored_odd)
+    _resolve_by_key(plan, src_odd, stored_odd)
+    if plan.deletes:  # a stale second entry of a key the source still holds is no delete
+        present = await source_rowids(src, table, table.primary_key[0], plan.deletes)
+        plan.deletes = [k for k in plan.deletes if k not in present]
+    return plan
+
+
+async def _scanned(
+    ranges: Sequence[tuple[int, int]], args: tuple[str, str, int, int, float]
+) -> AsyncGenerator[tuple[int, tuple[array[int], array[int], list[str]]], None]:
+    """Each range read and digested by scan_range (``args``: uri, sql, columns, key position,
+    busy timeout), in order, at most WORKERS ranges read ahead so memory stays bounded; in
+    worker processes, or in a thread for a table of one range (starting processes costs
+    more). A worker that dies (killed, out of memory) ends the sync with one sentence."""
+    uri, sql, ncols, at, timeout = args
+    loop = asyncio.get_running_loop()
     pool: Executor = (
         ProcessPoolExecutor(
             max_workers=WORKERS,
@@ -193,46 +227,34 @@ async def plan_table(
         if len(ranges) > 1
         else ThreadPoolExecutor(max_workers=1)
     )
+    jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
+
+    def submit(k: int) -> None:
+        if k < len(ranges):
+            lo, hi = ranges[k]
+            jobs[k] = loop.run_in_executor(pool, scan_range, uri, sql, lo, hi, ncols, at, timeout)
+
     try:
-        jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
-
-        def submit(k: int) -> None:
-            if k < len(ranges):
-                lo, hi = ranges[k]
-                jobs[k] = loop.run_in_executor(
-                    pool, scan_range, uri, sql, lo, hi, ncols, at, timeout
-                )
-
-        for k in range(WORKERS):  # at most WORKERS ranges read ahead: memory stays bounded
+        for k in range(WORKERS):
             submit(k)
-        after = -(2**63)  # the first window takes every digest below it too
-        for n, (_lo, hi) in enumerate(ranges):
-            last = n == len(ranges) - 1
-            window = await stored.window(after, None if last else hi)
-            rowids_b, values_b, keys = await jobs.pop(n)
+        for n in range(len(ranges)):
+            try:
+                rowids_b, values_b, keys = await jobs.pop(n)
+            except BrokenProcessPool:
+                raise RuntimeFailure(
+                    "A process reading the source for sync ended abruptly (killed, or out of"
+                    " memory); nothing was written. Run sync again."
+                ) from None
             submit(n + WORKERS)
             rowids, values = array("q"), array("q")
             rowids.frombytes(rowids_b)
             values.frombytes(values_b)
-            _merge_window(rowids, values, keys, window, plan, src_odd, stored_odd)
-            plan.scanned += len(rowids)
-            progress.advance(table.name, len(rowids))
-            if len(rowids):
-                plan.last_rowid, plan.last_key = rowids[-1], keys[-1]
-            after = hi
-            if stop is not None:
-                stop.check()
+            yield n, (rowids, values, keys)
     finally:
+        for job in jobs.values():  # read ahead, not needed now: retrieved, never reported
+            if not job.cancel() and not job.cancelled():
+                job.exception()
         pool.shutdown(wait=True, cancel_futures=True)
-    progress.finish(table.name)
-    if not ranges:  # an empty source table: every stored digest is a delete
-        window = await stored.window(-(2**63), None)
-        _merge_window(array("q"), array("q"), [], window, plan, src_odd, stored_odd)
-    _resolve_by_key(plan, src_odd, stored_odd)
-    if plan.deletes:  # a stale second entry of a key the source still holds is no delete
-        present = await source_rowids(src, table, table.primary_key[0], plan.deletes)
-        plan.deletes = [k for k in plan.deletes if k not in present]
-    return plan
 
 
 async def source_rowids(

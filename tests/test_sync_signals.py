@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_migrate.core.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
+from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from flux_migrate.pipeline.sync_plan import CHUNK
 from tests.support import ROOT, alive, cli
 
@@ -102,6 +102,28 @@ def test_a_signalled_sync_leaves_no_worker_behind(
     if signum != signal.SIGKILL:
         name = signal.Signals(signum).name
         assert f"Stopped by {name} at a batch boundary" in err, err[-2000:]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers)
+    rerun = cli("sync", *args, timeout=300)
+    assert EXIT_OK == rerun.returncode, rerun.stdout + rerun.stderr
+
+
+def test_a_scan_worker_killed_ends_the_sync_with_a_sentence(big_source: Path, pg_dsn: str) -> None:
+    """A worker process of sync's scan killed (as the OOM killer would): sync exits 1 with one
+    sentence saying nothing was written and to run it again, no traceback, no worker left;
+    the rerun completes."""
+    args = ["--sqlite-path", str(big_source), "--postgres-dsn", pg_dsn]
+    ran = cli("run", *args, timeout=300)
+    assert ran.returncode == EXIT_OK, ran.stderr
+    proc = _start_sync(big_source, pg_dsn, ignore_sigint=False)
+    workers = _workers(proc)
+    os.kill(min(workers), signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert EXIT_FAILURE == proc.returncode, err[-2000:]
+    assert "ended abruptly (killed, or out of memory); nothing was written" in err, err[-2000:]
+    assert "Traceback" not in err and "never retrieved" not in err, err[-2000:]
     deadline = time.monotonic() + 10
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
