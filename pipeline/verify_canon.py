@@ -56,25 +56,28 @@ def _plain(col: Column) -> bool:
 
 
 def source_field_sql(col: Column) -> str:
-    """SQLite's expression for one canonical value; NULL when SQL cannot render it exactly
-    (the reference reader then renders the row)."""
+    """SQLite's expression for one canonical value; NULL (or a number) when SQL cannot render
+    it exactly: the reference reader then renders the row."""
     c = quote_ident(col.name)
     if col.kind in TEXT_KINDS:
-        # As stored: a number comes back as a number, which the reader refuses to join (the
-        # reference renders the row); text and blobs as their bytes, which the reference's
-        # UTF-8 decode gives back (or, not UTF-8, no target value has).
-        value = f"CASE WHEN length({c}) THEN {c} END" if col.kind is Kind.KEY else c  # not empty
-        if not _plain(col):
-            kinds = "('text', 'integer')"  # a float or blob turned text by SQLite differs
-            return f"CASE WHEN {c} IS NULL THEN 'N' WHEN typeof({c}) IN {kinds} THEN 'T' || {c} END"
-        return value
-    elif col.kind is Kind.INTEGER:
+        return _text_sql(col, c)
+    if col.kind is Kind.INTEGER:
         value = f"CASE WHEN typeof({c}) = 'integer' THEN CAST({c} AS TEXT) END"
     else:
         value = f"CASE WHEN typeof({c}) = 'text' AND {_ISO_SHAPE.format(c=c)} THEN {c} END"
     if _plain(col):
         return value
     return f"CASE WHEN {c} IS NULL THEN 'N' ELSE 'T' || {value} END"
+
+
+def _text_sql(col: Column, c: str) -> str:
+    """Text as stored: a number comes back as a number, which the reader refuses to join (the
+    reference renders the row); text and blobs as their bytes, which the reference's UTF-8
+    decode gives back (or, not UTF-8, no target value has). A key must not be empty."""
+    if not _plain(col):
+        kinds = "('text', 'integer')"  # a float or blob turned text by SQLite would differ
+        return f"CASE WHEN {c} IS NULL THEN 'N' WHEN typeof({c}) IN {kinds} THEN 'T' || {c} END"
+    return f"CASE WHEN length({c}) THEN {c} END" if col.kind is Kind.KEY else c
 
 
 def source_select(table: Table, *, with_key: bool) -> str:
