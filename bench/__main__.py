@@ -474,8 +474,8 @@ def main() -> None:
             f" {ch['messages_deleted_with_them']:,} messages, {ch['sessions_new']:,} new"
             f" sessions): bulk run {sy['bulk_run_wall_s']} s, idle sync {sy['idle_sync_wall_s']} s,"
             f" final sync {sy['final_sync_wall_s']} s = {sy['final_vs_bulk_pct']}% of the bulk"
-            f" run; peak RSS {sy['final_sync_rss_mb']} MB (main process); verify --quick exit"
-            f" {sy['verify_quick_exit']}.",
+            f" run; peak RSS {sy['final_sync_rss_mb']} MB (sync and its scan processes"
+            f" together); verify --quick exit {sy['verify_quick_exit']}.",
         ]
     if "checkpoint_cost" in extras:
         cc = extras["checkpoint_cost"]
