@@ -80,6 +80,8 @@ def print_table(
         table.add_row(*(Text(printable(cell)) for cell in row))
     console = Console(file=out, highlight=False)
     if console.is_terminal:
+        if console.measure(table).maximum >= console.width:
+            table.padding = (0, 1, 0, 0)  # columns two apart, not three, before any header wraps
         console.print(table)
         return
     plain = Console(file=io.StringIO(), width=100_000, color_system=None)

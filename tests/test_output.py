@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,30 @@ def test_a_resumed_run_shows_what_every_run_loaded(
     assert header.split()[-2:] == ["total", "loaded"], out
     messages = next(r for r in out.splitlines() if r.startswith("messages"))
     assert ["5", "5", f"{total + 5:,}"] == [messages.split()[i] for i in (1, 2, -1)], out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("table", "scanned", "insert", "update", "delete", "conflicts", "quarantined", "seconds"),
+        ("table", "matched", "different", "missing", "extra", "quarantined", "skipped", "result"),
+    ],
+    ids=["sync", "verify"],
+)
+def test_wide_tables_fit_an_80_column_terminal_unwrapped(
+    monkeypatch: pytest.MonkeyPatch, header: tuple[str, ...]
+) -> None:
+    """sync's and verify's tables on an 80-column terminal: every line within 80 columns and
+    every header name whole on the header line (none folded onto a second line)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    out = _Terminal()
+    row = ("messages", "1,050,274", *("12,345" for _ in header[2:-1]), "MISMATCH")
+    print_table([header, row], out, align="l" + "r" * (len(header) - 2) + "l")
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[0].split() == list(header), lines
