@@ -23,7 +23,6 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -41,7 +40,7 @@ import structlog
 from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.core.target import instant_micros
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.pipeline.sync_plan import die_with_parent
+from flux_migrate.pipeline.workers import SPAWN, die_with_parent
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract import (
     fetch_rows,
@@ -59,7 +58,6 @@ from flux_migrate.stages.transform import transform_batch
 log = structlog.get_logger("flux_migrate")
 
 IN_FLIGHT = 2  # batches handed to the pool ahead of the loader, per worker
-_SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
 
 
 @dataclass(frozen=True)
@@ -246,8 +244,8 @@ class ConverterPool:
 
 
 def _start(parent: int) -> _Converter:
-    ours, theirs = _SPAWN.Pipe(duplex=True)
-    process = _SPAWN.Process(target=_serve, args=(theirs, parent), daemon=True)
+    ours, theirs = SPAWN.Pipe(duplex=True)
+    process = SPAWN.Process(target=_serve, args=(theirs, parent), daemon=True)
     process.start()
     theirs.close()  # only the converter holds its end: its death is an EOF here
     return _Converter(process, ours)

@@ -18,14 +18,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import ctypes
-import multiprocessing
 import os
-import signal
 import sqlite3
-import sys
-import threading
-import time
 from array import array
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -39,18 +33,17 @@ import asyncpg
 
 from flux_migrate.core import bookkeeping
 from flux_migrate.core.digest import digests, key_position
-from flux_migrate.core.errors import RuntimeFailure
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.workers import SPAWN, die_with_parent, worker_lost
 from flux_migrate.stages.extract import fetch_rows, source_uri, variable_limit
 from flux_migrate.stages.transform import key_of
 
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
 WORKERS = 2
 PAGE = 5_000  # rows a worker holds at a time
-_SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
 
 
 Stored = tuple[int, str | None]  # a key's stored digest, and its pack's xmin (None: digest_rows)
@@ -77,31 +70,6 @@ class TablePlan:
     @property
     def changes(self) -> int:
         return len(self.inserts) + len(self.updates) + len(self.deletes)
-
-
-def die_with_parent(parent: int) -> None:
-    """A worker's initializer: the worker dies when ``parent`` does, however it dies (SIGKILL
-    too: PR_SET_PDEATHSIG on Linux, and a watchdog on the parent's pid elsewhere), ignores the
-    SIGINT/SIGTERM meant for its parent (which stops at a boundary), and holds none of its
-    parent's output open (so a pipe reading the parent's output ends with it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    quiet = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(quiet, fd)
-    os.close(quiet)
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() != parent:  # it died before the line above took effect
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
 
 
 def scan_range(
@@ -220,7 +188,7 @@ async def _scanned(
     pool: Executor = (
         ProcessPoolExecutor(
             max_workers=WORKERS,
-            mp_context=_SPAWN,
+            mp_context=SPAWN,
             initializer=die_with_parent,
             initargs=(os.getpid(),),
         )
@@ -241,10 +209,7 @@ async def _scanned(
             try:
                 rowids_b, values_b, keys = await jobs.pop(n)
             except BrokenProcessPool:
-                raise RuntimeFailure(
-                    "A process reading the source for sync ended abruptly (killed, or out of"
-                    " memory); nothing was written. Run sync again."
-                ) from None
+                raise worker_lost("sync") from None
             submit(n + WORKERS)
             rowids, values = array("q"), array("q")
             rowids.frombytes(rowids_b)

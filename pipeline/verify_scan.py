@@ -10,7 +10,6 @@ this process. The source is never written: every connection is opened with ``mod
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import operator
 import os
 import sqlite3
@@ -19,6 +18,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from pathlib import Path
@@ -28,6 +28,7 @@ from urllib.parse import quote
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline.workers import SPAWN, die_with_parent, worker_lost
 
 PAGE = 20_000  # rows per fetchmany
 SMALL = 50_000  # row ids: below this span a table is read in this process (unless told)
@@ -98,10 +99,17 @@ class Scanner:
             return [fn(job) for job in jobs]
         with self._lock:
             if self._pool is None:
-                context = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=SPAWN,
+                    initializer=die_with_parent,
+                    initargs=(os.getpid(),),
+                )
             pool = self._pool
-        return list(pool.map(fn, jobs))
+        try:
+            return list(pool.map(fn, jobs))
+        except BrokenProcessPool:
+            raise worker_lost("verify") from None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,3 +183,29 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            found |= {int(p) for p in f.read().split()}
+    return found
+
+
+def worker_processes(proc: subprocess.Popen[str], least: int = 2) -> set[int]:
+    """The worker processes of a command (its multiprocessing children, not the resource
+    tracker), once it has started ``least`` of them (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = set()
+        for p in _children(proc.pid):
+            with contextlib.suppress(FileNotFoundError):
+                line = Path(f"/proc/{p}/cmdline").read_bytes()
+                if b"multiprocessing" in line and b"resource_tracker" not in line:
+                    found.add(p)
+        if len(found) >= least:
+            return found
+        assert proc.poll() is None, "the command ended before it started its workers"
+        time.sleep(0.005)
+    raise AssertionError("no worker processes seen")

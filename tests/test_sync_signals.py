@@ -17,7 +17,7 @@ import pytest
 
 from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
 from flux_migrate.pipeline.sync_plan import CHUNK
-from tests.support import ROOT, alive, cli
+from tests.support import ROOT, alive, cli, worker_processes
 
 ROWS = 3 * CHUNK + 1000  # four ranges: read by worker processes
 
@@ -31,14 +31,6 @@ def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     db.commit()
     db.close()
     return path
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with open(task / "children") as f:
-            found |= {int(p) for p in f.read().split()}
-    return found
 
 
 def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subprocess.Popen[str]:
@@ -57,23 +49,6 @@ def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subproc
         )
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _workers(proc: subprocess.Popen[str]) -> set[int]:
-    """The sync's worker processes, once it has started them (within 60 s)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = {
-            p
-            for p in _children(proc.pid)
-            if b"multiprocessing" in Path(f"/proc/{p}/cmdline").read_bytes()
-            and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
-        }
-        if len(found) >= 2:
-            return found
-        assert proc.poll() is None, "sync ended before it started its workers"
-        time.sleep(0.005)
-    raise AssertionError("no worker processes seen")
 
 
 @pytest.mark.parametrize(
@@ -95,7 +70,7 @@ def test_a_signalled_sync_leaves_no_worker_behind(
     ran = cli("run", *args, timeout=300)
     assert ran.returncode == EXIT_OK, ran.stderr
     proc = _start_sync(big_source, pg_dsn, ignore_sigint=ignore_sigint)
-    workers = _workers(proc)
+    workers = worker_processes(proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)  # the pipes end: no worker holds them
     assert code == proc.returncode, err[-2000:]
@@ -118,7 +93,7 @@ def test_a_scan_worker_killed_ends_the_sync_with_a_sentence(big_source: Path, pg
     ran = cli("run", *args, timeout=300)
     assert ran.returncode == EXIT_OK, ran.stderr
     proc = _start_sync(big_source, pg_dsn, ignore_sigint=False)
-    workers = _workers(proc)
+    workers = worker_processes(proc)
     os.kill(min(workers), signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert EXIT_FAILURE == proc.returncode, err[-2000:]

@@ -5,7 +5,10 @@ duplicated) fails both, whether the source is read by one process or by two."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,14 +19,16 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK
 from flux_migrate.core.schema import SQLITE_DDL, TargetNames, quote_ident
 from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline.reference import Unreadable
 from flux_migrate.pipeline.runner import migrate
+from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from tests.dirty import app_db
-from tests.support import cli
+from tests.support import alive, cli, start_cli, worker_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -380,3 +385,28 @@ def test_verify_takes_one_or_more_workers(tmp_path: Path) -> None:
     done = cli("verify", "--workers", "0", "--sqlite-path", str(tmp_path / "none.sqlite"))
     assert 2 == done.returncode
     assert "--workers: give 1 or more workers" in done.stderr
+
+
+@pytest.mark.parametrize("killed", ["a_worker", "verify"])
+def test_verify_workers_die_with_it_and_a_lost_one_is_a_sentence(
+    tmp_path: Path, pg_dsn: str, killed: str
+) -> None:
+    """verify's reader processes share sync's and run's rules: verify killed -9, they are gone
+    within seconds; one of them killed on its own, verify exits 1 with one sentence (nothing
+    was written, run it again), no traceback, and none is left behind."""
+    path = tmp_path / "chat.sqlite"
+    generate(path, sessions=300, seed=7)
+    args = ["--sqlite-path", str(path), "--postgres-dsn", pg_dsn]
+    assert EXIT_OK == cli("run", *args).returncode
+    proc = start_cli("verify", *args, "--workers", "2")
+    workers = worker_processes(proc)
+    os.kill(proc.pid if killed == "verify" else min(workers), signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    if killed == "a_worker":
+        assert EXIT_FAILURE == proc.returncode, err[-2000:]
+        assert "ended abruptly (killed, or out of memory); nothing was written" in err, err
+        assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [] == [p for p in workers if alive(p)]

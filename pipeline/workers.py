@@ -1,0 +1,52 @@
+"""What every worker process of flux-migrate shares (sync's scan, run's converters, verify's
+readers): started with ``spawn`` (never a fork of a process running threads), dying with the
+command that started it, and, when one ends abruptly, a sentence instead of an internal
+error."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+from flux_migrate.core.errors import RuntimeFailure
+
+SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: the worker dies when ``parent`` does, however it dies (SIGKILL
+    too: PR_SET_PDEATHSIG on Linux, and a watchdog on the parent's pid elsewhere), ignores the
+    SIGINT/SIGTERM meant for its parent (which stops at a boundary), and holds none of its
+    parent's output open (so a pipe reading the parent's output ends with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(quiet, fd)
+    os.close(quiet)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def worker_lost(command: str) -> RuntimeFailure:
+    """The error of a command whose read-only worker process ended abruptly (killed, or out of
+    memory): nothing was written, running the command again is the way on."""
+    return RuntimeFailure(
+        f"A process reading the source for {command} ended abruptly (killed, or out of"
+        f" memory); nothing was written. Run {command} again."
+    )
