@@ -186,6 +186,6 @@ def lossless_json(raw: bytes) -> bool | None:
             value = ref.json_value(text)
     except (UnicodeDecodeError, orjson.JSONDecodeError, ref.Unreadable):
         return None
-    if "\\u0000" in text or ("{" in text and has_duplicate_keys(text)):
+    if "\\u0000" in text or ("{" in text and has_duplicate_keys(text, value)):
         return None
     return isinstance(value, dict | list)

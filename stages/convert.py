@@ -224,9 +224,48 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def has_duplicate_keys(text: str) -> bool:
+# The end of an object key: a closing quote, whitespace, a colon (any whitespace, not only
+# JSON's four: a parser more lenient than JSON can then only raise the count).
+_KEY_END = re.compile(r'"\s*:')
+_UNPARSED: Any = object()
+
+
+def _object_keys(value: Any) -> int:
+    """How many keys the objects of a parsed JSON value hold together."""
+    if isinstance(value, dict):
+        inner = [v for v in value.values() if isinstance(v, dict | list)]
+        return len(value) + sum(_object_keys(v) for v in inner)
+    if isinstance(value, list):
+        return sum(_object_keys(v) for v in value if isinstance(v, dict | list))
+    return 0
+
+
+def _no_key_lost(text: str, value: Any) -> bool:
+    """True when ``value``, parsed from the valid JSON ``text``, kept every key the text
+    writes. Each key's closing quote starts one _KEY_END match, and a match never swallows
+    another quote; any other match (a quote inside a string, escaped or opening, followed by
+    ':') only raises the count. So equal counts mean no object dropped a repeated key."""
+    if value is _UNPARSED:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return False
+    try:
+        # An object whose text has one '{' holds no other object: its keys are all.
+        flat = type(value) is dict and text.count("{") == 1
+        keys = len(value) if flat else _object_keys(value)
+        return len(_KEY_END.findall(text)) == keys
+    except RecursionError:
+        return False
+
+
+def has_duplicate_keys(text: str, value: Any = _UNPARSED) -> bool:
     """Whether valid JSON text holds an object with the same key twice (jsonb keeps only the
-    last). Exact; fast when no key name repeats anywhere and none is escaped."""
+    last). Exact. ``value`` is the text already parsed, when the caller has it. Counting keys
+    clears almost every text; where the count differs, the key names are compared, and where
+    one repeats or is escaped the text is parsed again, key by key."""
+    if _no_key_lost(text, value):
+        return False
     keys = [m[1] for m in _STRING_TOKEN.finditer(text) if m[2]]
     if len(set(keys)) == len(keys) and not any("\\" in k for k in keys):
         return False
@@ -266,7 +305,7 @@ def _parse_object(raw: Raw, column: str, strip_nul: bool) -> tuple[dict[str, Any
             raise Rejected(
                 "json_too_deep", f"column {column} is nested too deeply to parse"
             ) from None
-    if has_duplicate_keys(text):
+    if has_duplicate_keys(text, value):
         raise Rejected("json_duplicate_key", f"column {column} holds an object with a key twice")
     return value, text
 

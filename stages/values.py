@@ -195,12 +195,12 @@ def json_value(column: str) -> Converter:
         source = decode_text(raw, column)
         assert source is not None
         try:
-            orjson.loads(source)
+            value = orjson.loads(source)
         except orjson.JSONDecodeError:
             raise Rejected("invalid_json", f"column {column} is not valid JSON") from None
         if "\\u0000" in source:
             raise Rejected("json_nul_character", f"column {column} contains \\u0000")
-        if "{" in source and has_duplicate_keys(source):
+        if "{" in source and has_duplicate_keys(source, value):
             raise Rejected(
                 "json_duplicate_key",
                 f"column {column} holds an object with a key twice; jsonb would keep one",

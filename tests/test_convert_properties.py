@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from flux_migrate.stages.convert import (
     Rejected,
     convert_key,
     decode_text,
+    has_duplicate_keys,
     json_object_text,
     parse_json_object,
     parse_timestamp,
@@ -230,3 +232,68 @@ def test_deep_metadata_with_nul_is_rejected_not_crashed(depth: int) -> None:
     with pytest.raises(Rejected) as info:
         json_object_text(raw)
     assert info.value.reason in {"json_nul_character", "json_too_deep"}
+
+
+# JSON written token by token, objects as lists of pairs so that a key can repeat: few key
+# names (repeats are common), names with quotes, backslashes, colons and non-ASCII, string
+# values that begin with a colon, any JSON whitespace around every token, and names written
+# plainly or wholly as \u escapes (two spellings of one key).
+_names = st.sampled_from(["a", "b", "", ":", '"', "\\", "a:", '":', "é", "😀", " a"])
+_spaces = st.text(st.sampled_from(" \t\n\r"), max_size=2)
+
+
+def _escaped(name: str) -> str:
+    units = name.encode("utf-16-be")
+    return (
+        '"' + "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)) + '"'
+    )
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn, depth: int = 0) -> str:
+    pad = lambda: draw(_spaces)  # noqa: E731
+    kind = draw(
+        st.sampled_from(["object", "object", "array", "scalar"] if depth < 3 else ["scalar"])
+    )
+    if kind == "scalar":
+        scalar = draw(
+            st.one_of(st.integers(), st.sampled_from([": x", ":", "x", '"', "\\"]), st.none())
+        )
+        return json.dumps(scalar, ensure_ascii=draw(st.booleans()))
+    items = draw(st.lists(_json_texts(depth + 1), max_size=4))
+    if kind == "array":
+        return "[" + ",".join(pad() + i + pad() for i in items) + "]"
+    pairs = []
+    for item in items:
+        name = draw(_names)
+        key = _escaped(name) if draw(st.booleans()) else json.dumps(name, ensure_ascii=False)
+        pairs.append(pad() + key + pad() + ":" + pad() + item + pad())
+    return "{" + ",".join(pairs) + "}"
+
+
+def _repeats_a_key(text: str) -> bool:
+    found = False
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal found
+        found = found or len({k for k, _ in items}) != len(items)
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return found
+
+
+@given(_json_texts())
+def test_a_repeated_key_is_found_however_it_is_written(text: str) -> None:
+    """has_duplicate_keys agrees with a parser that sees every pair, with or without the
+    parsed value at hand, and metadata holding a repeated key is never loaded."""
+    repeated = _repeats_a_key(text)
+    assert has_duplicate_keys(text) == repeated
+    assert has_duplicate_keys(text, orjson.loads(text)) == repeated
+    if text.lstrip().startswith("{"):
+        if repeated:
+            with pytest.raises(Rejected) as caught:
+                json_object_text(text.encode())
+            assert caught.value.reason == "json_duplicate_key"
+        else:
+            assert json.loads(json_object_text(text.encode())) == json.loads(text)
