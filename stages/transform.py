@@ -14,6 +14,7 @@ import anyio
 from flux_migrate.core.digest import digests
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.columns import batch_converter
 from flux_migrate.stages.convert import Raw, Rejected
 from flux_migrate.stages.values import row_converter
 
@@ -84,8 +85,41 @@ def transform_batch(
 ) -> Batch:
     """Convert one extracted batch; rows that fail a converter become rejects with a reason.
 
-    Rejects already on the batch are kept (a batch re-converted strictly after a refused COPY).
+    A batch without a rejected row is converted column by column (the hot path), any other
+    row by row: both give the same rows. Rejects already on the batch are kept (a batch
+    re-converted strictly after a refused COPY).
     """
+    plain = _plain_batch(
+        batch.raw,
+        table,
+        naive_timezone=naive_timezone,
+        strip_nul=strip_nul,
+        text_as_bytes=text_as_bytes,
+        missing_parents=missing_parents,
+    )
+    if plain is None:
+        return transform_rows(
+            batch,
+            table,
+            naive_timezone=naive_timezone,
+            strip_nul=strip_nul,
+            missing_parents=missing_parents,
+            text_as_bytes=text_as_bytes,
+        )
+    digested = digests(batch.raw, len(table.column_names))  # in the worker thread
+    return dataclasses.replace(batch, rows=plain, rejects=list(batch.rejects), digests=digested)
+
+
+def transform_rows(
+    batch: Batch,
+    table: Table,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    missing_parents: Collection[str] = (),
+    text_as_bytes: bool = False,
+) -> Batch:
+    """transform_batch row by row: each rejected row becomes a reject with its reason."""
     convert = row_converter(
         table,
         naive_timezone=naive_timezone,
@@ -121,6 +155,31 @@ def transform_batch(
         sources.append(raw_row)
     digested = digests(sources, ncols)  # here, in the worker thread, not in the load loop
     return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects, digests=digested)
+
+
+def _plain_batch(
+    raw: list[tuple[Raw, ...]],
+    table: Table,
+    *,
+    naive_timezone: tzinfo,
+    strip_nul: bool,
+    text_as_bytes: bool,
+    missing_parents: Collection[str],
+) -> list[tuple[object, ...]] | None:
+    """The batch's rows converted column by column (stages/columns.py) when no row is
+    rejected: no value refused, no orphan flagged, no parent quarantined; else None."""
+    ncols = len(table.column_names)
+    if table.parent_column is None and table.foreign_keys and missing_parents:
+        return None  # a generic child's quarantined parents: named row by row
+    if (table.parent_column is not None or table.foreign_keys) and any(r[ncols + 1] for r in raw):
+        return None
+    rows = batch_converter(
+        table, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
+    )(raw)
+    if rows is None or not rows or table.parent_column is None or not missing_parents:
+        return rows
+    at = table.column_names.index(table.parent_column)
+    return rows if set(missing_parents).isdisjoint(r[at] for r in rows) else None
 
 
 async def transform(
