@@ -9,12 +9,11 @@ match stream the lines appended since, else reconcile the whole file by ``id``; 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from flux_migrate.core.errors import (
     ConfigError,
     RuntimeFailure,
     TargetError,
-    single_error,
 )
 from flux_migrate.core.jsonl_bookkeeping import (
     EMPTY_DIGEST,
@@ -57,6 +55,8 @@ from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.report import RunReport, TableReport, record_completion, record_failure
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
+from flux_migrate.pipeline.stream import BatchLog, read_checkpoint, stream_table, until_streamed
+from flux_migrate.stages import jsonl_load
 from flux_migrate.stages.convert import Rejected
 from flux_migrate.stages.jsonl import (
     EVIDENCE_LINES,
@@ -69,12 +69,10 @@ from flux_migrate.stages.jsonl import (
     read_complete_lines,
     transform_jsonl,
 )
-from flux_migrate.stages.jsonl_load import JsonlBatchResult, JsonlLoadContext, load_jsonl
+from flux_migrate.stages.jsonl_load import JsonlBatchResult, JsonlLoadContext
 from flux_migrate.stages.jsonl_values import parse_line
-from flux_migrate.stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
-QUARANTINE_LOG_LIMIT = 50
 
 
 @dataclass
@@ -248,39 +246,54 @@ def last_line_end(path: Path, size: int) -> int:
     return 0
 
 
-async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
-    found = await target.retrying(
-        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
-    )
-    return found[table]
+@dataclass
+class _FileRun:
+    """One JSONL file in one run: where it goes, and where its counts and events go."""
 
+    target: Target
+    settings: Settings
+    jf: JsonlFile
+    run_id: str
+    progress: Progress
+    stop: StopFlag
+    treport: TableReport
+    outcome: JsonlOutcome = field(default_factory=JsonlOutcome)
+    log: Any = None
 
-async def _pump(
-    source: AsyncIterator[ConvertedBatch], send: anyio.abc.ObjectSendStream[ConvertedBatch]
-) -> None:
-    async with send, contextlib.aclosing(source):  # type: ignore[type-var]
-        try:
-            async for item in source:
-                await send.send(item)
-        except anyio.BrokenResourceError:
-            return
+    def __post_init__(self) -> None:
+        self.log = log.bind(run_id=self.run_id, table=self.jf.table)
+
+    @property
+    def schema(self) -> str:
+        return self.settings.names.schema
+
+    @property
+    def table(self) -> str:
+        return self.jf.table
+
+    def count(self, result: JsonlBatchResult) -> None:
+        """Add a committed batch to the file's outcome and counts; say the columns it added."""
+        outcome, treport = self.outcome, self.treport
+        for column in result.added:
+            outcome.columns_added.append(column.name)
+            self.log.warning("column_added", column=column.name, type=column.pg_type)
+        outcome.conflicts += result.conflicts
+        outcome.inserted += result.inserted
+        outcome.updated += result.updated
+        outcome.unchanged += result.unchanged
+        treport.loaded += result.loaded
+        treport.quarantined += result.quarantined_count
+        treport.extracted += result.batch.extracted
 
 
 async def _resume_or_reconcile(
-    target: Target,
-    schema: str,
-    jf: JsonlFile,
-    table: Table,
-    checkpoint: ckpt.Checkpoint,
-    meta: JsonlMeta,
-    size: int,
-    outcome: JsonlOutcome,
-    tlog: Any,
+    f: _FileRun, table: Table, checkpoint: ckpt.Checkpoint, meta: JsonlMeta, size: int
 ) -> tuple[int, Any, JsonlMeta]:
     """Where to read from: the checkpoint's offset while the bytes before it are unchanged;
     else (the file was rewritten) offset 0 with a reconcile by id begun (TargetError when the
     records have no id). Returns the offset, the running digest of the bytes before it, and
     the file's bookkeeping."""
+    jf = f.jf
     offset = checkpoint.last_rowid
     digest, seen = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
     if seen >= offset and digest.hexdigest() == (checkpoint.last_key or EMPTY_DIGEST):
@@ -298,32 +311,27 @@ async def _resume_or_reconcile(
         retained=meta.retained,
         rewrites=meta.rewrites + 1,
     )
-    tlog.warning("file_rewritten", before_offset=offset, reconcile_until=until)
-    await target.retrying(
-        lambda c: begin_reconcile(c, schema, jf.table, meta), what="starting a reconcile"
+    f.log.warning("file_rewritten", before_offset=offset, reconcile_until=until)
+    await f.target.retrying(
+        lambda c: begin_reconcile(c, f.schema, jf.table, meta), what="starting a reconcile"
     )
-    outcome.rewritten = True
+    f.outcome.rewritten = True
     return 0, hashlib.sha256(), meta
 
 
-async def _finish_reconcile(
-    target: Target,
-    schema: str,
-    jf: JsonlFile,
-    meta: JsonlMeta,
-    outcome: JsonlOutcome,
-    tlog: Any,
-    run_id: str,
-) -> None:
+async def _finish_reconcile(f: _FileRun, meta: JsonlMeta) -> None:
     """The whole rewritten file is read: report (and for a snapshot delete) records gone."""
-    gone, sample, deleted = await target.retrying(
-        lambda c: finish_reconcile(c, schema, jf.table, meta, snapshot=jf.snapshot, run_id=run_id),
+    jf, outcome = f.jf, f.outcome
+    gone, sample, deleted = await f.target.retrying(
+        lambda c: finish_reconcile(
+            c, f.schema, jf.table, meta, snapshot=jf.snapshot, run_id=f.run_id
+        ),
         what="finishing the reconcile",
     )
     outcome.reconciled, outcome.gone, outcome.gone_sample = True, gone, sample
     outcome.deleted = deleted
     outcome.kept_unsure = jf.snapshot and gone > deleted
-    tlog.info(
+    f.log.info(
         "file_reconciled",
         inserted=outcome.inserted,
         updated=outcome.updated,
@@ -343,97 +351,74 @@ async def run_jsonl_table(
     stop: StopFlag,
 ) -> JsonlOutcome:
     """Migrate one JSONL file (the caller holds the schema's lock); fills report.tables."""
-    schema = settings.names.schema
-    outcome = JsonlOutcome()
     treport = report.tables[jf.table] = TableReport()
-    tlog = log.bind(run_id=run_id, table=jf.table)
+    f = _FileRun(target, settings, jf, run_id, progress, stop, treport)
     size = file_size(jf.path)
     prepared = await target.retrying(
-        lambda c: prepare_jsonl_table(c, schema, jf, run_id, limit=size),
+        lambda c: prepare_jsonl_table(c, f.schema, jf, run_id, limit=size),
         what=f"preparing table {jf.table}",
     )
     if prepared is None:
         treport.up_to_date = True
-        tlog.info("table_up_to_date", reason="no complete record yet")
-        return outcome
+        f.log.info("table_up_to_date", reason="no complete record yet")
+        return f.outcome
     checkpoint, table = prepared
     meta = JsonlMeta.loads(checkpoint.fingerprint) or JsonlMeta(file=jf.path.name)
-    offset, digest, meta = await _resume_or_reconcile(
-        target, schema, jf, table, checkpoint, meta, size, outcome, tlog
-    )
-    start = await _checkpoint(target, schema, jf.table)
+    offset, digest, meta = await _resume_or_reconcile(f, table, checkpoint, meta, size)
+    start = await read_checkpoint(target, f.schema, jf.table)
     started = time.monotonic()
-    complete = await _complete_end(jf, size, settings.jsonl_final, outcome, tlog)
+    complete = await _complete_end(f, size)
     if complete > offset:
         lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
-        tlog.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
+        f.log.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
         progress.start(jf.table, lines)
         try:
-            while True:
-                try:
-                    await _stream(target, settings, jf, table, run_id, meta, offset, digest,
-                                  size, outcome, treport, progress, stop, tlog)  # fmt: skip
-                    break
-                except CheckpointRewound as rewound:
-                    tlog.warning("checkpoint_rewound", to_offset=rewound.rowid)
-                    offset = rewound.rowid
-                    digest, _ = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
-                    columns, pk = await target.retrying(
-                        lambda c: read_jsonl_columns(c, schema, jf.table), what="reading columns"
-                    )
-                    table = table_from_catalog(jf.table, columns, pk)
+            await _stream_file(f, table, meta, offset, digest, size)
         finally:
             treport.seconds = time.monotonic() - started
             progress.finish(jf.table)
     else:
         treport.up_to_date = True
-        tlog.info("table_up_to_date", last_offset=offset)
+        f.log.info("table_up_to_date", last_offset=offset)
     stop.check()
-    await _close_table(target, schema, jf, run_id, meta, start, outcome, treport, tlog)
-    return outcome
+    await _close_table(f, meta, start)
+    return f.outcome
 
 
-async def _complete_end(
-    jf: JsonlFile, size: int, final: bool, outcome: JsonlOutcome, tlog: Any
-) -> int:
+async def _complete_end(f: _FileRun, size: int) -> int:
     """Where the complete lines end: ``size`` with --final, else after the last newline; a
     record-looking last line without newline is said as waiting."""
-    complete = size if final else await anyio.to_thread.run_sync(last_line_end, jf.path, size)
-    if complete < size and await anyio.to_thread.run_sync(_has_record_bytes, jf.path, complete):
-        outcome.waiting = (complete, size - complete)
-        tlog.warning("line_waiting", offset=complete, bytes=size - complete)
+    path = f.jf.path
+    if f.settings.jsonl_final:
+        complete = size
+    else:
+        complete = await anyio.to_thread.run_sync(last_line_end, path, size)
+    if complete < size and await anyio.to_thread.run_sync(_has_record_bytes, path, complete):
+        f.outcome.waiting = (complete, size - complete)
+        f.log.warning("line_waiting", offset=complete, bytes=size - complete)
     return complete
 
 
-async def _close_table(
-    target: Target,
-    schema: str,
-    jf: JsonlFile,
-    run_id: str,
-    meta: JsonlMeta,
-    start: ckpt.Checkpoint,
-    outcome: JsonlOutcome,
-    treport: TableReport,
-    tlog: Any,
-) -> None:
+async def _close_table(f: _FileRun, meta: JsonlMeta, start: ckpt.Checkpoint) -> None:
     """Finish a reconcile the run completed, then the table's counts from its checkpoint."""
-    end = await _checkpoint(target, schema, jf.table)
+    treport = f.treport
+    end = await read_checkpoint(f.target, f.schema, f.table)
     if meta.reconcile_until is not None and end.last_rowid >= meta.reconcile_until:
-        await _finish_reconcile(target, schema, jf, meta, outcome, tlog, run_id)
+        await _finish_reconcile(f, meta)
         treport.up_to_date = False
-        end = await _checkpoint(target, schema, jf.table)
+        end = await read_checkpoint(f.target, f.schema, f.table)
     treport.extracted = end.extracted - start.extracted
     treport.loaded = end.loaded - start.loaded
     treport.quarantined = end.quarantined - start.quarantined
     treport.skipped = end.skipped - start.skipped
-    if outcome.reconciled:  # lines the table already held unchanged were not loaded again
-        same = min(outcome.unchanged, treport.loaded)
+    if f.outcome.reconciled:  # lines the table already held unchanged were not loaded again
+        same = min(f.outcome.unchanged, treport.loaded)
         treport.loaded, treport.skipped = treport.loaded - same, treport.skipped + same
-    await target.retrying(
-        lambda c: ckpt.set_status(c, schema, jf.table, "finished", run_id),
+    await f.target.retrying(
+        lambda c: ckpt.set_status(c, f.schema, f.table, "finished", f.run_id),
         what="recording status",
     )
-    tlog.info(
+    f.log.info(
         "table_completed",
         extracted=treport.extracted,
         loaded=treport.loaded,
@@ -442,96 +427,58 @@ async def _close_table(
     )
 
 
-async def _stream(
-    target: Target,
-    settings: Settings,
-    jf: JsonlFile,
-    table: Table,
-    run_id: str,
-    meta: JsonlMeta,
-    offset: int,
-    digest: Any,
-    size: int,
-    outcome: JsonlOutcome,
-    treport: TableReport,
-    progress: Progress,
-    stop: StopFlag,
-    tlog: Any,
+async def _stream_file(
+    f: _FileRun, table: Table, meta: JsonlMeta, offset: int, digest: Any, size: int
 ) -> None:
+    """Stream the file's complete lines from ``offset`` (``digest``: of the bytes before it)
+    up to ``size``; when the server lost commits (the checkpoint is behind a batch), stream
+    again from the checkpoint's offset, for the table's columns as they stand there."""
+    jf, settings = f.jf, f.settings
     ctx = JsonlLoadContext(
-        schema=settings.names.schema,
+        schema=f.schema,
         table=jf.table,
-        run_id=run_id,
+        run_id=f.run_id,
         reconcile_until=meta.reconcile_until,
-        stop=stop,
+        stop=f.stop,
     )
-    logged = 0
 
-    def on_batch(result: JsonlBatchResult) -> None:
-        nonlocal logged
-        batch = result.batch
-        if result.already:
-            tlog.info("batch_already_committed", seq=batch.seq, last_offset=batch.last_rowid)
-        for column in result.added:
-            outcome.columns_added.append(column.name)
-            tlog.warning("column_added", column=column.name, type=column.pg_type)
-        outcome.conflicts += result.conflicts
-        outcome.inserted += result.inserted
-        outcome.updated += result.updated
-        outcome.unchanged += result.unchanged
-        treport.loaded += result.loaded
-        treport.quarantined += result.quarantined_count
-        treport.extracted += batch.extracted
-        for reject in result.quarantined:
-            if logged < QUARANTINE_LOG_LIMIT:
-                tlog.warning(
-                    "row_quarantined",
-                    key=reject.key,
-                    offset=reject.rowid,
-                    reason=reject.reason,
-                    stage=reject.stage,
-                )
-            logged += 1
-        tlog.debug(
-            "batch_loaded",
-            seq=batch.seq,
-            rows=batch.extracted,
-            loaded=result.loaded,
-            quarantined=result.quarantined_count,
-            last_offset=batch.last_rowid,
+    async def stream() -> None:
+        chain = transform_jsonl(
+            extract_jsonl(
+                jf.path,
+                jf.table,
+                after_offset=offset,
+                digest=digest,
+                limit=size,
+                batch_size=settings.batch_size,
+                final=settings.jsonl_final,
+            ),
+            table,
+            naive_timezone=settings.naive_timezone,
+            evidence=functools.partial(key_evidence, jf.path, limit=size),
         )
-        progress.advance(jf.table, batch.extracted, result.quarantined_count)
+        batches = BatchLog(f.run_id, jf.table, f.progress, position="offset")
+        commit = functools.partial(_commit, ctx)
+        await stream_table(chain, commit, f.target, batches, buffer_batches=settings.buffer_batches,
+                           stop=f.stop, on_commit=f.count)  # fmt: skip
 
-    def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
-        tlog.warning(
-            "batch_retried", attempt=attempt, error=type(exc).__name__, wait_s=round(delay, 2)
+    async def rewind(to: int) -> None:
+        nonlocal offset, digest, table
+        f.log.warning("checkpoint_rewound", to_offset=to)
+        offset = to
+        digest, _ = await anyio.to_thread.run_sync(fingerprint_prefix, jf.path, offset)
+        columns, pk = await f.target.retrying(
+            lambda c: read_jsonl_columns(c, f.schema, jf.table), what="reading columns"
         )
+        table = table_from_catalog(jf.table, columns, pk)
 
-    chain = transform_jsonl(
-        extract_jsonl(
-            jf.path,
-            jf.table,
-            after_offset=offset,
-            digest=digest,
-            limit=size,
-            batch_size=settings.batch_size,
-            final=settings.jsonl_final,
-        ),
-        table,
-        naive_timezone=settings.naive_timezone,
-        evidence=functools.partial(key_evidence, jf.path, limit=size),
-    )
-    send, receive = anyio.create_memory_object_stream[ConvertedBatch](settings.buffer_batches)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, chain, send)
-            async with receive:
-                await load_jsonl(receive, target, ctx, on_batch=on_batch, on_retry=on_retry)
-                tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise single_error(group) from None
-    if logged > QUARANTINE_LOG_LIMIT:
-        tlog.warning("rows_quarantined_not_logged", count=logged - QUARANTINE_LOG_LIMIT)
+    await until_streamed(stream, rewind)
+
+
+async def _commit(
+    ctx: JsonlLoadContext, conn: asyncpg.Connection, converted: ConvertedBatch
+) -> JsonlBatchResult:
+    return await jsonl_load.commit_jsonl_batch(conn, ctx, converted)
 
 
 # ---------------------------------------------------------------- accounting and whole runs

@@ -9,6 +9,7 @@ order and keeps the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiosqlite
 import anyio
+import asyncpg
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
@@ -28,7 +30,7 @@ from flux_migrate.core.mapping import Mapping, to_toml
 from flux_migrate.core.schema import Table
 from flux_migrate.core.source import check_source, count_between, source_snapshot
 from flux_migrate.core.target import Target, connect
-from flux_migrate.pipeline.convert_pool import ConverterPool
+from flux_migrate.pipeline.convert_pool import ConverterPool, pooled_batches, range_job, refill
 from flux_migrate.pipeline.duplicates import build_primary_keys
 from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
@@ -52,10 +54,17 @@ from flux_migrate.pipeline.requeue import requeue
 from flux_migrate.pipeline.resume_point import resume_point
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.stream import QUARANTINE_LOG_LIMIT, migrate_table
-from flux_migrate.stages.extract import count_after_key, open_source
-from flux_migrate.stages.load import CheckpointRewound, LoadContext
-from flux_migrate.stages.transform import parent_key_entry, transform_batch
+from flux_migrate.pipeline.stream import (
+    QUARANTINE_LOG_LIMIT,
+    BatchLog,
+    read_checkpoint,
+    stream_table,
+    until_streamed,
+)
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract import count_after_key, extract, open_source
+from flux_migrate.stages.load import BatchResult, LoadContext, commit
+from flux_migrate.stages.transform import parent_key_entry, transform, transform_batch
 
 __all__ = [
     "QUARANTINE_LOG_LIMIT",
@@ -63,7 +72,6 @@ __all__ = [
     "check_accounting",
     "make_durable",
     "migrate",
-    "migrate_table",
     "settings_fingerprint",
 ]
 
@@ -330,7 +338,7 @@ async def _run_table(run: Run, table: Table) -> None:
         if treport.requeued:  # rows loaded now are parents the new rows may name
             missing = await _missing_parents(run, table)
             ctx = _load_context(run, table, checkpoint, missing, overridden)
-    start = await _checkpoint(run.target, run.schema, table.name)
+    start = await read_checkpoint(run.target, run.schema, table.name)
     if table.without_rowid:  # keyset on the key: no rowid to be reused, see _key_bound
         after, total = await _key_bound(run, start)
     else:
@@ -485,39 +493,79 @@ async def _stream_table(
     try:
         after_key = None
         if ctx.table.without_rowid:
-            after_key = (await _checkpoint(run.target, run.schema, table)).last_key
-        while True:
-            try:
-                await migrate_table(
-                    run.src,
-                    run.target,
-                    ctx,
-                    settings=run.settings,
-                    after=after,
-                    upto=run.bounds[table],
-                    after_key=after_key,
-                    progress=run.progress,
-                    missing_parents=missing,
-                    pool=pool,
-                )
-                return
-            except CheckpointRewound as rewound:
-                log.warning("checkpoint_rewound", table=table, to_rowid=rewound.rowid)
-                after = rewound.rowid
-                if ctx.table.without_rowid:  # the key the checkpoint went back to
-                    c = await _checkpoint(run.target, run.schema, table)
-                    after, _ = await _key_bound(run, c)
-                    after_key = c.last_key
+            after_key = (await read_checkpoint(run.target, run.schema, table)).last_key
+
+        async def stream() -> None:
+            await _stream_from(run, ctx, after, after_key, missing, pool)
+
+        async def rewind(rowid: int) -> None:
+            nonlocal after, after_key
+            log.warning("checkpoint_rewound", table=table, to_rowid=rowid)
+            after = rowid
+            if ctx.table.without_rowid:  # the key the checkpoint went back to
+                c = await read_checkpoint(run.target, run.schema, table)
+                after, _ = await _key_bound(run, c)
+                after_key = c.last_key
+
+        await until_streamed(stream, rewind)
     finally:
         treport.seconds = time.monotonic() - started
         run.progress.finish(table)
 
 
-async def _checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
-    found = await target.retrying(
-        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+async def _stream_from(
+    run: Run,
+    ctx: LoadContext,
+    after: int,
+    after_key: str | None,
+    missing: set[str],
+    pool: ConverterPool | None,
+) -> None:
+    """Stream the table from rowid ``after`` (a WITHOUT ROWID table: from the position
+    ``after`` at key ``after_key``) to the run's bound; SQLite reading overlaps the COPY. With
+    ``pool`` the batches are read and converted in its worker processes, else in this one.
+
+    Returns early, after a committed batch, when the stop flag is set. Raises
+    CheckpointRewound when the server lost commits (the caller streams again from there).
+    """
+    settings, table = run.settings, ctx.table
+    upto = run.bounds[table.name]
+    chain: AsyncIterator[Batch]
+    if pool is None:
+        chain = transform(
+            extract(
+                run.src,
+                table,
+                after_rowid=after,
+                upto_rowid=upto,
+                batch_size=settings.batch_size,
+                after_key=after_key,
+            ),
+            table,
+            naive_timezone=settings.naive_timezone,
+            strip_nul=settings.strip_nul,
+            missing_parents=missing,
+            text_as_bytes=True,
+        )
+    else:
+        job = range_job(settings, table, missing)
+        chain = pooled_batches(
+            pool, run.src, job, after=after, upto=upto, batch_size=settings.batch_size
+        )
+        ctx = dataclasses.replace(ctx, refill=functools.partial(refill, job))
+    await stream_table(
+        chain,
+        functools.partial(_commit, ctx),
+        run.target,
+        BatchLog(ctx.run_id, table.name, run.progress, position="rowid"),
+        buffer_batches=settings.buffer_batches,
+        stop=ctx.stop,
+        single_transaction=ctx.single_transaction,
     )
-    return found[table]
+
+
+async def _commit(ctx: LoadContext, conn: asyncpg.Connection, batch: Batch) -> BatchResult:
+    return await commit(conn, ctx, batch)
 
 
 def _record_counts(treport: TableReport, start: ckpt.Checkpoint, end: ckpt.Checkpoint) -> None:
@@ -529,7 +577,7 @@ def _record_counts(treport: TableReport, start: ckpt.Checkpoint, end: ckpt.Check
 
 
 async def _count_from_checkpoint(run: Run, table: Table, start: ckpt.Checkpoint) -> None:
-    end = await _checkpoint(run.target, run.schema, table.name)
+    end = await read_checkpoint(run.target, run.schema, table.name)
     _record_counts(run.report.tables[table.name], start, end)
 
 

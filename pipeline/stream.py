@@ -1,27 +1,24 @@
-"""One table's stream: extract -> transform in a producer task, load as the consumer, with a
-bounded buffer between them; logs and progress of each committed batch."""
+"""One table's stream, for any kind of source: its batches (a SQLite rowid range, a JSONL
+file's byte range) come from a producer task through a bounded buffer to the consumer, which
+commits each batch with its checkpoint; logs and progress of each committed batch."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
-import aiosqlite
 import anyio
+import asyncpg
 import structlog
 from anyio.abc import ObjectSendStream
 
+from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import single_error
 from flux_migrate.core.target import Target
-from flux_migrate.pipeline.convert_pool import ConverterPool, pooled_batches, range_job, refill
 from flux_migrate.pipeline.progress import Progress
-from flux_migrate.pipeline.settings import Settings
-from flux_migrate.stages.batch import Batch
-from flux_migrate.stages.extract import extract
-from flux_migrate.stages.load import BatchResult, LoadContext, load
-from flux_migrate.stages.transform import transform
+from flux_migrate.stages.batch import Batch, Reject
+from flux_migrate.stages.load import CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 
@@ -29,27 +26,59 @@ log = structlog.get_logger("flux_migrate")
 QUARANTINE_LOG_LIMIT = 50
 
 
+class Sequenced(Protocol):
+    """A batch as the stream sees it: its sequence number within the table's stream."""
+
+    @property
+    def seq(self) -> int: ...
+
+
+class Committed(Protocol):
+    """What committing one batch did, whatever its source."""
+
+    @property
+    def batch(self) -> Batch: ...
+    @property
+    def loaded(self) -> int: ...
+    @property
+    def quarantined(self) -> list[Reject]: ...
+    @property
+    def quarantined_count(self) -> int: ...
+    @property
+    def skipped(self) -> int: ...
+    @property
+    def already(self) -> bool: ...
+
+
+B = TypeVar("B", bound=Sequenced)
+R = TypeVar("R", bound=Committed)
+
+
 class BatchLog:
     """The log and progress of one table's committed batches: each batch's counts (debug),
-    the first QUARANTINE_LOG_LIMIT quarantined rows, retries."""
+    the first QUARANTINE_LOG_LIMIT quarantined rows, retries. ``position`` names the source
+    position in the events: ``rowid`` (SQLite) or ``offset`` (a JSONL file's bytes)."""
 
-    def __init__(self, ctx: LoadContext, progress: Progress) -> None:
-        self.table = ctx.table.name
-        self.log = log.bind(run_id=ctx.run_id, table=self.table)
+    def __init__(self, run_id: str, table: str, progress: Progress, *, position: str) -> None:
+        self.table = table
+        self.log = log.bind(run_id=run_id, table=table)
         self.progress = progress
+        self.position = position
         self.quarantined = 0
 
-    def on_batch(self, result: BatchResult) -> None:
+    def on_batch(self, result: Committed) -> None:
         """Log a committed batch, its first quarantined rows, and advance the progress."""
         batch = result.batch
+        last = {f"last_{self.position}": batch.last_rowid}
         if result.already:
-            self.log.info("batch_already_committed", seq=batch.seq, last_rowid=batch.last_rowid)
+            self.log.info("batch_already_committed", seq=batch.seq, **last)
         for reject in result.quarantined:
             if self.quarantined < QUARANTINE_LOG_LIMIT:
+                at: dict[str, Any] = {self.position: reject.rowid}
                 self.log.warning(
                     "row_quarantined",
                     key=reject.key,
-                    rowid=reject.rowid,
+                    **at,
                     reason=reject.reason,
                     stage=reject.stage,
                 )
@@ -61,7 +90,7 @@ class BatchLog:
             loaded=result.loaded,
             quarantined=result.quarantined_count,
             skipped=result.skipped,
-            last_rowid=batch.last_rowid,
+            **last,
         )
         self.progress.advance(self.table, batch.extracted, result.quarantined_count)
 
@@ -77,56 +106,34 @@ class BatchLog:
             )
 
 
-async def migrate_table(
-    src: aiosqlite.Connection,
+async def stream_table(
+    source: AsyncIterator[B],
+    commit: Callable[[asyncpg.Connection, B], Awaitable[R]],
     target: Target,
-    ctx: LoadContext,
+    batches: BatchLog,
     *,
-    settings: Settings,
-    after: int,
-    upto: int,
-    after_key: str | None = None,
-    progress: Progress,
-    missing_parents: set[str],
-    pool: ConverterPool | None = None,
+    buffer_batches: int,
+    stop: Callable[[], bool],
+    on_commit: Callable[[R], None] | None = None,
+    single_transaction: bool = False,
 ) -> None:
-    """Stream one table from rowid ``after`` to ``upto`` (a WITHOUT ROWID table: from the
-    position ``after`` at key ``after_key``); SQLite reading overlaps the COPY. With ``pool``
-    the batches are read and converted in its worker processes, else in this process.
+    """Commit every batch of ``source`` with ``commit`` (one transaction holding the batch and
+    its checkpoint), reading ahead at most ``buffer_batches`` batches in a producer task;
+    ``on_commit`` (if given), then ``batches``, hear of each committed batch.
 
-    Returns early, after a committed batch, when the stop flag is set. Raises
-    CheckpointRewound when the server lost commits (the caller streams again from there).
+    Returns when the source is done, or early after a committed batch once ``stop()`` says so.
+    Transient failures retry the batch (safe: the checkpoint says whether it committed).
+    Raises CheckpointRewound when the server lost commits (the caller streams again from
+    there). On cancellation the producer is cancelled, the source closed, and the open
+    transaction abandoned (the server rolls it back); every batch reported is committed.
     """
-    if pool is None:
-        chain = transform(
-            extract(
-                src,
-                ctx.table,
-                after_rowid=after,
-                upto_rowid=upto,
-                batch_size=settings.batch_size,
-                after_key=after_key,
-            ),
-            ctx.table,
-            naive_timezone=settings.naive_timezone,
-            strip_nul=settings.strip_nul,
-            missing_parents=missing_parents,
-            text_as_bytes=True,
-        )
-    else:
-        job = range_job(settings, ctx.table, missing_parents)
-        chain = pooled_batches(
-            pool, src, job, after=after, upto=upto, batch_size=settings.batch_size
-        )
-        ctx = dataclasses.replace(ctx, refill=functools.partial(refill, job))
-    batches = BatchLog(ctx, progress)
-    send, receive = anyio.create_memory_object_stream[Batch](settings.buffer_batches)
+    send, receive = anyio.create_memory_object_stream[B](buffer_batches)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_pump, chain, send)
+            tg.start_soon(_pump, source, send)
             async with receive:
-                await load(
-                    receive, target, ctx, on_batch=batches.on_batch, on_retry=batches.on_retry
+                await _commit_each(
+                    receive, commit, target, batches, stop, on_commit, single_transaction
                 )
                 tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
     except BaseExceptionGroup as group:
@@ -134,11 +141,63 @@ async def migrate_table(
     batches.close()
 
 
-async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
-    """Move batches from the extract/transform chain into the bounded buffer, then close it."""
+async def _commit_each(
+    source: AsyncIterator[B],
+    commit: Callable[[asyncpg.Connection, B], Awaitable[R]],
+    target: Target,
+    batches: BatchLog,
+    stop: Callable[[], bool],
+    on_commit: Callable[[R], None] | None,
+    single_transaction: bool,
+) -> None:
+    """The consumer: commit each batch (retrying), report it, stop at a boundary when asked."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(contextlib.aclosing(source))  # type: ignore[type-var]
+        if single_transaction:  # benchmark baseline: batches become savepoints, one commit
+            await stack.enter_async_context((await target.conn()).transaction())
+        async for batch in source:
+
+            async def attempt(conn: asyncpg.Connection, batch: B = batch) -> R:
+                return await commit(conn, batch)
+
+            result = await target.retrying(
+                attempt,
+                what=f"loading {batches.table} batch {batch.seq}",
+                on_retry=batches.on_retry,
+            )
+            if on_commit is not None:
+                on_commit(result)
+            batches.on_batch(result)
+            if stop():
+                return  # stop at a batch boundary: everything reported is committed
+
+
+async def _pump(source: AsyncIterator[B], send: ObjectSendStream[B]) -> None:
+    """Move batches from the source into the bounded buffer, then close it."""
     async with send, contextlib.aclosing(source):  # type: ignore[type-var]
         try:
             async for batch in source:
                 await send.send(batch)
         except anyio.BrokenResourceError:
             return  # the consumer stopped (at a boundary, or failing: it reports why)
+
+
+async def until_streamed(
+    stream: Callable[[], Awaitable[None]], rewind: Callable[[int], Awaitable[None]]
+) -> None:
+    """Run ``stream``; when the server lost commits (the checkpoint is behind a batch), let
+    ``rewind`` move the source back to the checkpoint's position, and stream again."""
+    while True:
+        try:
+            await stream()
+            return
+        except CheckpointRewound as rewound:
+            await rewind(rewound.rowid)
+
+
+async def read_checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
+    """The table's checkpoint as committed now."""
+    found = await target.retrying(
+        lambda c: ckpt.read_checkpoints(c, schema), what="reading checkpoints"
+    )
+    return found[table]

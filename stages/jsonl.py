@@ -303,6 +303,10 @@ class ConvertedBatch:
     added: tuple[Column, ...]
     ids: list[str | None]
 
+    @property
+    def seq(self) -> int:
+        return self.batch.seq
+
 
 def key_of_record(record: dict[str, Any] | None) -> str | None:
     value = None if record is None else record.get("id")

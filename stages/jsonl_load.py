@@ -8,9 +8,8 @@ by ``id`` through a staging table, and an id met twice in the file is quarantine
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,6 @@ from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
 from flux_migrate.core.jsonl_bookkeeping import mark_seen, ours, record_write, seen_before
 from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import Column, qualified, quote_ident
-from flux_migrate.core.target import Target
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_value_to_json
 from flux_migrate.stages.jsonl import ConvertedBatch
@@ -68,6 +66,11 @@ class JsonlBatchResult:
     @property
     def quarantined_count(self) -> int:
         return len(self.quarantined) + self.already_quarantined
+
+    @property
+    def skipped(self) -> int:
+        """Lines not loaded because PostgreSQL holds their id as someone else wrote it."""
+        return len(self.conflicts)
 
 
 def jsonl_quarantine_records(ctx: JsonlLoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
@@ -352,35 +355,3 @@ async def _drop_duplicates(
         else:
             keep.append(i)
     return [rows[i] for i in keep], [raw[i] for i in keep], [ids[i] for i in keep], duplicates
-
-
-async def load_jsonl(
-    source: AsyncIterator[ConvertedBatch],
-    target: Target,
-    ctx: JsonlLoadContext,
-    *,
-    on_batch: Callable[[JsonlBatchResult], None],
-    on_retry: Callable[[int, BaseException, float], None] | None = None,
-) -> None:
-    """Consume converted batches and commit each with its checkpoint; returns when the source
-    is done, or after a committed batch once ``ctx.stop()`` says so.
-
-    Transient failures retry the batch (safe: the checkpoint says whether it committed). On
-    cancellation the open transaction is abandoned and rolled back by the server.
-    """
-    async with contextlib.aclosing(source):  # type: ignore[type-var]
-        async for converted in source:
-
-            async def attempt(
-                conn: asyncpg.Connection, converted: ConvertedBatch = converted
-            ) -> JsonlBatchResult:
-                return await commit_jsonl_batch(conn, ctx, converted)
-
-            result = await target.retrying(
-                attempt,
-                what=f"loading {ctx.table} batch {converted.batch.seq}",
-                on_retry=on_retry,
-            )
-            on_batch(result)
-            if ctx.stop():
-                return

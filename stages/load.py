@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ from flux_migrate.core import bookkeeping
 from flux_migrate.core.digest import digests, key_position
 from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
 from flux_migrate.core.schema import Table, TargetNames, quote_ident
-from flux_migrate.core.target import Target
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_to_json
 from flux_migrate.stages.transform import key_of, key_sql, row_key
@@ -355,40 +353,14 @@ async def _write_bookkeeping(
     )
 
 
-async def load(
-    source: AsyncIterator[Batch],
-    target: Target,
-    ctx: LoadContext,
-    *,
-    on_batch: Callable[[BatchResult], None],
-    on_retry: Callable[[int, BaseException, float], None] | None = None,
-) -> None:
-    """Consume batches and commit each with its checkpoint; returns when the source is done.
-
-    Transient failures retry the batch (safe: the checkpoint says whether it committed).
-    On cancellation the open transaction is abandoned and rolled back by the server; every
-    batch reported through ``on_batch`` is committed.
-    """
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(contextlib.aclosing(source))  # type: ignore[type-var]
-        if ctx.single_transaction:  # benchmark baseline: batches become savepoints, one commit
-            await stack.enter_async_context((await target.conn()).transaction())
-        async for batch in source:
-
-            async def attempt(conn: asyncpg.Connection, batch: Batch = batch) -> BatchResult:
-                """Commit the batch; when PostgreSQL refuses a value, again isolating bad rows."""
-                try:
-                    return await commit_batch(conn, ctx, batch, isolate=False)
-                except Exception as exc:
-                    if classify(exc) is not ErrorClass.DATA:
-                        raise
-                if batch.ids is not None and ctx.refill is not None:
-                    batch = await ctx.refill(batch)
-                return await commit_batch(conn, ctx, batch, isolate=True)
-
-            result = await target.retrying(
-                attempt, what=f"loading {ctx.table.name} batch {batch.seq}", on_retry=on_retry
-            )
-            on_batch(result)
-            if ctx.stop():
-                return  # stop at a batch boundary: everything reported is committed
+async def commit(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch) -> BatchResult:
+    """Commit one batch with its checkpoint; when PostgreSQL refuses a value, again with the
+    batch re-converted strictly and the refused rows isolated into the quarantine."""
+    try:
+        return await commit_batch(conn, ctx, batch, isolate=False)
+    except Exception as exc:
+        if classify(exc) is not ErrorClass.DATA:
+            raise
+    if batch.ids is not None and ctx.refill is not None:
+        batch = await ctx.refill(batch)
+    return await commit_batch(conn, ctx, batch, isolate=True)

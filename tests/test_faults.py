@@ -16,8 +16,10 @@ from structlog.testing import capture_logs
 
 from flux_migrate.core.catalog import MIGRATION_LOCK_KEY
 from flux_migrate.core.errors import RuntimeFailure
+from flux_migrate.core.jsonl_schema import JsonlFile
+from flux_migrate.pipeline.jsonl_run import migrate_jsonl
 from flux_migrate.pipeline.runner import migrate
-from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.settings import Settings, load_settings
 from tests.proxy import FlakyProxy
 from tests.support import (
     cli,
@@ -27,6 +29,8 @@ from tests.support import (
     start_cli,
     target_rows,
 )
+from tests.test_jsonl import feedback_record
+from tests.test_jsonl import line as jsonl_line
 
 pytestmark = pytest.mark.anyio
 
@@ -330,3 +334,119 @@ async def test_commits_lost_by_the_server_are_redone(
         report.tables["messages"].loaded,
     )
     await _exactly_once(sample_db, pg_dsn)
+
+
+# ---------------------------------------------------------------- the same faults, a JSONL file
+
+
+def _feedback_file(path: Path, n: int) -> list[bytes]:
+    """A feedback file of ``n`` lines, every ninth not JSON; returns its lines."""
+    lines = [
+        b"not json\n" if k % 9 == 4 else jsonl_line(feedback_record(k, 1 + k % 4)) for k in range(n)
+    ]
+    path.write_bytes(b"".join(lines))
+    return lines
+
+
+async def _jsonl_exactly_once(dsn: str, lines: list[bytes]) -> None:
+    """Each good line once in the table, each bad one once in the quarantine at its offset."""
+    offsets = [sum(map(len, lines[:k])) for k in range(len(lines))]
+    good = sorted(json.loads(ln)["id"] for ln in lines if ln != b"not json\n")
+    bad = [at for at, ln in zip(offsets, lines, strict=True) if ln == b"not json\n"]
+    assert good == await fetchval(dsn, "SELECT array_agg(id ORDER BY id) FROM feedback")
+    assert bad == await fetchval(
+        dsn, "SELECT array_agg(source_rowid ORDER BY source_rowid) FROM flux_migrate.quarantine"
+    )
+    counts = await fetchval(
+        dsn,
+        "SELECT ARRAY[last_rowid, extracted, loaded, quarantined] FROM flux_migrate.checkpoints"
+        " WHERE source_table = 'feedback'",
+    )
+    assert [sum(map(len, lines)), len(lines), len(good), len(bad)] == counts
+
+
+async def test_jsonl_commits_lost_by_the_server_are_redone(tmp_path: Path, pg_dsn: str) -> None:
+    """If the server loses a JSONL file's latest commits, the run rewinds to the checkpoint's
+    offset and reads those lines again: each line ends loaded or quarantined once, and the
+    report adds up."""
+    import asyncio
+    import hashlib
+
+    import asyncpg
+
+    path = tmp_path / "feedback.jsonl"
+    lines = _feedback_file(path, 600)
+    data = path.read_bytes()
+    offsets = [sum(map(len, lines[:k])) for k in range(len(lines) + 1)]
+    boundaries = offsets[::50]
+
+    async def lose_last_two_batches() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            last = await conn.fetchval(
+                "SELECT last_rowid FROM flux_migrate.checkpoints WHERE source_table = 'feedback'"
+            )
+            back = boundaries[boundaries.index(last) - 2]
+            lost = [ln for at, ln in zip(offsets, lines, strict=False) if back <= at < last]
+            ids = [json.loads(ln)["id"] for ln in lost if ln != b"not json\n"]
+            async with conn.transaction():
+                await conn.execute("DELETE FROM feedback WHERE id = ANY($1::text[])", ids)
+                await conn.execute(
+                    "DELETE FROM flux_migrate.quarantine WHERE source_rowid >= $1", back
+                )
+                await conn.execute(
+                    "UPDATE flux_migrate.checkpoints SET last_rowid = $1, last_key = $2,"
+                    " extracted = extracted - $3, loaded = loaded - $4,"
+                    " quarantined = quarantined - $5 WHERE source_table = 'feedback'",
+                    back,
+                    hashlib.sha256(data[:back]).hexdigest(),
+                    len(lost),
+                    len(ids),
+                    len(lost) - len(ids),
+                )
+        finally:
+            await conn.close()
+
+    settings = Settings(postgres_dsn=pg_dsn, batch_size=50)
+    with capture_logs() as logs:
+        # Blocks the loop while it runs, so nothing commits meanwhile.
+        lose = AfterBatches(6, lambda: asyncio.run(lose_last_two_batches()), wait=True)
+        report, _ = await migrate_jsonl(settings, [JsonlFile(path, "feedback")], progress=lose)
+    rewound = [e for e in logs if e["event"] == "checkpoint_rewound"]
+    assert [boundaries[4]] == [e["to_offset"] for e in rewound]
+    t = report.tables["feedback"]
+    assert (600, 600 - 600 // 9 - 1, 600 // 9 + 1) == (t.extracted, t.loaded, t.quarantined)
+    await _jsonl_exactly_once(pg_dsn, lines)
+
+
+async def test_jsonl_lost_commit_reply_is_accounted_once(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a JSONL batch commits but its reply is lost, the retry finds it committed, loads
+    and quarantines nothing twice, and the run's accounting still adds up."""
+    import flux_migrate.stages.jsonl_load
+
+    path = tmp_path / "feedback.jsonl"
+    lines = _feedback_file(path, 600)
+    real = flux_migrate.stages.jsonl_load.commit_jsonl_batch
+    calls = {"n": 0}
+
+    async def commit_then_lose_reply(conn: Any, ctx: Any, converted: Any) -> Any:
+        result = await real(conn, ctx, converted)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise ConnectionResetError("reply lost after commit")
+        return result
+
+    monkeypatch.setattr(
+        flux_migrate.stages.jsonl_load, "commit_jsonl_batch", commit_then_lose_reply
+    )
+    settings = Settings(postgres_dsn=pg_dsn, batch_size=50)
+    with capture_logs() as logs:
+        report, _ = await migrate_jsonl(settings, [JsonlFile(path, "feedback")])
+    assert report.status == "completed"
+    already = [e for e in logs if e["event"] == "batch_already_committed"]
+    assert [5] == [e["seq"] for e in already]
+    t = report.tables["feedback"]
+    assert (600, 600 - 600 // 9 - 1, 600 // 9 + 1) == (t.extracted, t.loaded, t.quarantined)
+    await _jsonl_exactly_once(pg_dsn, lines)

@@ -6,11 +6,14 @@ import json
 import shutil
 import signal
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flux_migrate.pipeline.sample import generate
+from tests.conftest import fresh_database
 from tests.support import cli, fetchval, kill_after, start_cli
 from tests.test_jsonl import correction, feedback_record, line
 
@@ -129,6 +132,69 @@ async def test_sigkill_mid_file_then_rerun_loads_each_line_once(
     assert sorted(r["id"] for r in records) == ids
     offset = await fetchval(pg_dsn, "SELECT last_rowid FROM flux_migrate.checkpoints")
     assert path.stat().st_size == offset
+
+
+@pytest.fixture
+def reference_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """Another brand-new database on the test server, for an uninterrupted run to compare with."""
+    yield from fresh_database(pg_server_dsn)
+
+
+def _feedback_with_bad_lines(path: Path, n: int) -> None:
+    """A feedback file of ``n`` lines among which some are not JSON, some hold a value that
+    does not convert, and some repeat an earlier id (refused by PostgreSQL on load)."""
+    lines = []
+    for k in range(n):
+        record = feedback_record(k, 1 + k % 4)
+        if k % 7 == 5:
+            lines.append(b"not json\n")
+            continue
+        if k % 11 == 7:
+            record["created_at"] = "the day before yesterday"
+        if k % 13 == 9:
+            record["id"] = feedback_record(k - 9, 1)["id"]
+        lines.append(line(record))
+    path.write_bytes(b"".join(lines))
+
+
+async def _migrated_state(dsn: str) -> tuple[Any, ...]:
+    """The table, the quarantine and the checkpoint a JSONL run of feedback.jsonl leaves."""
+    table = await fetchval(
+        dsn, "SELECT array_agg(row_to_json(t)::text ORDER BY id) FROM feedback t"
+    )
+    quarantine = await fetchval(
+        dsn,
+        "SELECT array_agg(ROW(source_table, source_key, source_rowid, reason, detail, stage,"
+        " raw::text)::text ORDER BY source_rowid, reason) FROM flux_migrate.quarantine",
+    )
+    checkpoint = await fetchval(
+        dsn,
+        "SELECT ROW(last_rowid, last_key, extracted, loaded, quarantined, skipped)::text"
+        " FROM flux_migrate.checkpoints WHERE source_table = 'feedback'",
+    )
+    return table, quarantine, checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batches", [1, 2])
+async def test_sigkill_after_one_or_two_batches_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, pg_dsn: str, reference_dsn: str, batches: int
+) -> None:
+    """Killed after 1 or 2 committed batches of a file with bad lines, a rerun leaves the
+    table, the quarantine and the checkpoint exactly as one uninterrupted run does: no line
+    lost, none loaded or quarantined twice."""
+    path = tmp_path / "feedback.jsonl"
+    _feedback_with_bad_lines(path, 600)
+    args = ["run", "--jsonl", str(path), "--batch-size", "20", "--log-format", "json"]
+    args += ["--no-progress"]
+    assert 3 == cli(*args, "--postgres-dsn", reference_dsn).returncode
+    expected = await _migrated_state(reference_dsn)
+    kill_after([*args, "--postgres-dsn", pg_dsn], "batch_loaded", batches)
+    offset = await fetchval(pg_dsn, "SELECT last_rowid FROM flux_migrate.checkpoints")
+    assert 0 < offset < path.stat().st_size
+    rerun = cli(*args, "--postgres-dsn", pg_dsn)
+    assert 3 == rerun.returncode, rerun.stderr
+    assert expected == await _migrated_state(pg_dsn)
 
 
 async def test_a_missing_jsonl_file_is_refused_before_anything_is_written(
