@@ -69,8 +69,9 @@ from flux_migrate.stages.jsonl import (
     read_complete_lines,
     transform_jsonl,
 )
-from flux_migrate.stages.jsonl_load import JsonlBatchResult, JsonlLoadContext
+from flux_migrate.stages.jsonl_load import JsonlLoadContext
 from flux_migrate.stages.jsonl_values import parse_line
+from flux_migrate.stages.load import BatchResult
 
 log = structlog.get_logger("flux_migrate")
 
@@ -271,7 +272,7 @@ class _FileRun:
     def table(self) -> str:
         return self.jf.table
 
-    def count(self, result: JsonlBatchResult) -> None:
+    def count(self, result: BatchResult) -> None:
         """Add a committed batch to the file's outcome and counts; say the columns it added."""
         outcome, treport = self.outcome, self.treport
         for column in result.added:
@@ -477,7 +478,7 @@ async def _stream_file(
 
 async def _commit(
     ctx: JsonlLoadContext, conn: asyncpg.Connection, converted: ConvertedBatch
-) -> JsonlBatchResult:
+) -> BatchResult:
     return await jsonl_load.commit_jsonl_batch(conn, ctx, converted)
 
 

@@ -17,8 +17,7 @@ from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import single_error
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import Progress
-from flux_migrate.stages.batch import Batch, Reject
-from flux_migrate.stages.load import CheckpointRewound
+from flux_migrate.stages.load import BatchResult, CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 
@@ -33,25 +32,7 @@ class Sequenced(Protocol):
     def seq(self) -> int: ...
 
 
-class Committed(Protocol):
-    """What committing one batch did, whatever its source."""
-
-    @property
-    def batch(self) -> Batch: ...
-    @property
-    def loaded(self) -> int: ...
-    @property
-    def quarantined(self) -> list[Reject]: ...
-    @property
-    def quarantined_count(self) -> int: ...
-    @property
-    def skipped(self) -> int: ...
-    @property
-    def already(self) -> bool: ...
-
-
 B = TypeVar("B", bound=Sequenced)
-R = TypeVar("R", bound=Committed)
 
 
 class BatchLog:
@@ -66,7 +47,7 @@ class BatchLog:
         self.position = position
         self.quarantined = 0
 
-    def on_batch(self, result: Committed) -> None:
+    def on_batch(self, result: BatchResult) -> None:
         """Log a committed batch, its first quarantined rows, and advance the progress."""
         batch = result.batch
         last = {f"last_{self.position}": batch.last_rowid}
@@ -108,13 +89,13 @@ class BatchLog:
 
 async def stream_table(
     source: AsyncIterator[B],
-    commit: Callable[[asyncpg.Connection, B], Awaitable[R]],
+    commit: Callable[[asyncpg.Connection, B], Awaitable[BatchResult]],
     target: Target,
     batches: BatchLog,
     *,
     buffer_batches: int,
     stop: Callable[[], bool],
-    on_commit: Callable[[R], None] | None = None,
+    on_commit: Callable[[BatchResult], None] | None = None,
     single_transaction: bool = False,
 ) -> None:
     """Commit every batch of ``source`` with ``commit`` (one transaction holding the batch and
@@ -143,11 +124,11 @@ async def stream_table(
 
 async def _commit_each(
     source: AsyncIterator[B],
-    commit: Callable[[asyncpg.Connection, B], Awaitable[R]],
+    commit: Callable[[asyncpg.Connection, B], Awaitable[BatchResult]],
     target: Target,
     batches: BatchLog,
     stop: Callable[[], bool],
-    on_commit: Callable[[R], None] | None,
+    on_commit: Callable[[BatchResult], None] | None,
     single_transaction: bool,
 ) -> None:
     """The consumer: commit each batch (retrying), report it, stop at a boundary when asked."""
@@ -157,7 +138,7 @@ async def _commit_each(
             await stack.enter_async_context((await target.conn()).transaction())
         async for batch in source:
 
-            async def attempt(conn: asyncpg.Connection, batch: B = batch) -> R:
+            async def attempt(conn: asyncpg.Connection, batch: B = batch) -> BatchResult:
                 return await commit(conn, batch)
 
             result = await target.retrying(

@@ -8,7 +8,6 @@ by ``id`` through a staging table, and an id met twice in the file is quarantine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,14 @@ import orjson
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
-from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
+from flux_migrate.core.errors import ErrorClass, classify
 from flux_migrate.core.jsonl_bookkeeping import mark_seen, ours, record_write, seen_before
 from flux_migrate.core.jsonl_schema import add_column_sql
-from flux_migrate.core.schema import Column, qualified, quote_ident
+from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_value_to_json
 from flux_migrate.stages.jsonl import ConvertedBatch
-from flux_migrate.stages.load import CheckpointRewound
+from flux_migrate.stages.load import BatchResult, check_position
 
 log = structlog.get_logger("flux_migrate")
 
@@ -45,32 +44,6 @@ class JsonlLoadContext:
 
     def reconciling(self, batch: Batch) -> bool:
         return self.reconcile_until is not None
-
-
-@dataclass
-class JsonlBatchResult:
-    """What one committed batch did; ``already`` means an earlier attempt had committed it."""
-
-    batch: Batch
-    loaded: int
-    quarantined: list[Reject]
-    added: tuple[Column, ...] = ()
-    inserted: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    already: bool = False
-    already_quarantined: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind) left alone
-
-    @property
-    def quarantined_count(self) -> int:
-        return len(self.quarantined) + self.already_quarantined
-
-    @property
-    def skipped(self) -> int:
-        """Lines not loaded because PostgreSQL holds their id as someone else wrote it."""
-        return len(self.conflicts)
 
 
 def jsonl_quarantine_records(ctx: JsonlLoadContext, rejects: list[Reject]) -> list[tuple[Any, ...]]:
@@ -191,32 +164,15 @@ def _upsert_into(ctx: JsonlLoadContext, columns: tuple[str, ...], stage: str) ->
 
 async def commit_jsonl_batch(
     conn: asyncpg.Connection, ctx: JsonlLoadContext, converted: ConvertedBatch
-) -> JsonlBatchResult:
+) -> BatchResult:
     """One transaction: check the checkpoint, add new columns, write the rows (COPY, or upsert
     in a reconcile pass), quarantine rejects, advance the checkpoint to the batch's offset."""
     batch = converted.batch
     schema, table = ctx.schema, ctx.table
     async with conn.transaction():
-        state = await ckpt.lock_checkpoint(conn, schema, table)
-        if state is None:
-            raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
-        current = state["last_rowid"]
-        if current == batch.last_rowid:  # an earlier attempt committed it; its reply was lost
-            done = json.loads(state["last_batch"])
-            return JsonlBatchResult(
-                batch,
-                int(done.get("loaded", 0)),
-                [],
-                already=True,
-                already_quarantined=int(done.get("quarantined", 0)),
-            )
-        if current < batch.after_rowid:
-            raise CheckpointRewound(current)
-        if current != batch.after_rowid:
-            raise RuntimeFailure(
-                f"The checkpoint of table {table} moved during the run; another flux-migrate"
-                " run may be writing to this target. Stop it and rerun."
-            )
+        committed = await check_position(conn, schema, table, batch)
+        if committed is not None:  # an earlier attempt committed it; its reply was lost
+            return committed
         for column in converted.added:
             await conn.execute(add_column_sql(schema, table, column))
         w = await _write_rows(conn, ctx, converted)
@@ -234,14 +190,15 @@ async def commit_jsonl_batch(
             skipped=len(w.conflicts),
             run_id=ctx.run_id,
         )
-    return JsonlBatchResult(
+    return BatchResult(
         batch,
         w.loaded,
         w.rejects,
-        converted.added,
-        w.inserted,
-        w.updated,
-        w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
+        skipped=len(w.conflicts),
+        added=converted.added,
+        inserted=w.inserted,
+        updated=w.updated,
+        unchanged=w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
         conflicts=w.conflicts,
     )
 

@@ -6,7 +6,7 @@ import base64
 import json
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -15,7 +15,7 @@ import orjson
 from flux_migrate.core import bookkeeping
 from flux_migrate.core.digest import digests, key_position
 from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
-from flux_migrate.core.schema import Table, TargetNames, quote_ident
+from flux_migrate.core.schema import Column, Table, TargetNames, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_to_json
 from flux_migrate.stages.transform import key_of, key_sql, row_key
@@ -58,7 +58,10 @@ class LoadContext:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What one committed batch did; ``already`` means an earlier attempt had committed it."""
+    """What one committed batch did, whatever its source; ``already`` means an earlier attempt
+    had committed it. A JSONL batch also says the columns it added, the rows its upsert
+    inserted, updated or found unchanged (a reconcile pass), and the ids it left as someone
+    else wrote them in PostgreSQL (``conflicts``, counted as skipped)."""
 
     batch: Batch
     loaded: int
@@ -66,6 +69,11 @@ class BatchResult:
     skipped: int = 0
     already: bool = False
     already_quarantined: int = 0  # counted by the attempt that committed it (rejects not kept)
+    added: tuple[Column, ...] = ()
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind) left alone
 
     @property
     def quarantined_count(self) -> int:
@@ -259,7 +267,7 @@ async def commit_batch(
     split off into the quarantine; without it, a refused row fails the whole batch.
     """
     async with conn.transaction():
-        committed = await _check_checkpoint(conn, ctx, batch)
+        committed = await check_position(conn, ctx.names.schema, ctx.table.name, batch)
         if committed is not None:
             return committed
         if isolate and ctx.strict is not None:
@@ -271,16 +279,17 @@ async def commit_batch(
     return BatchResult(batch, loaded, rejects, skipped=len(skipped))
 
 
-async def _check_checkpoint(
-    conn: asyncpg.Connection, ctx: LoadContext, batch: Batch
+async def check_position(
+    conn: asyncpg.Connection, schema: str, table: str, batch: Batch
 ) -> BatchResult | None:
-    """Lock the table's checkpoint; the batch's result when an earlier attempt committed it
-    (its reply was lost), None when the checkpoint stands right before the batch.
+    """Lock the table's checkpoint and check it against the batch's source position, a rowid
+    or a JSONL file's byte offset (its check value, the row's key or the digest of the bytes
+    before it, goes with it in ``last_key``): the batch's result when an earlier attempt
+    committed it (its reply was lost), None when the checkpoint stands right before the batch.
 
     Raises CheckpointRewound when the checkpoint is behind the batch, RuntimeFailure when it is
     gone or elsewhere (another run writing)."""
-    table = ctx.table.name
-    state = await bookkeeping.lock_checkpoint(conn, ctx.names.schema, table)
+    state = await bookkeeping.lock_checkpoint(conn, schema, table)
     if state is None:
         raise RuntimeFailure(f"The checkpoint of table {table} disappeared during the run.")
     current = state["last_rowid"]
