@@ -97,7 +97,14 @@ _plain_texts = st.text(st.characters(blacklist_characters="\x00", blacklist_cate
 _ODD_TEXTS = [None, b"a\x00", b"\xc3", b"", 3, 2.5, "str"]
 _odd_texts = st.sampled_from(_ODD_TEXTS)
 _plain_json = st.sampled_from([b"{}", b'{"model": "gpt-4o", "tokens": 637}', b'{"a": {"b": [1]}}'])
-_ODD_JSON = [b"[]", b"null", b"NaN", b'{"a": 1, "a": 2}', b'{"a": "\\u0000"}', b"{", None, b"", 5]
+_ODD_JSON = [
+    *(b"[]", b"null", b"NaN", b'{"a": NaN}', b"{", None, b"", 5, 1.5, "{}", b" {}", b"{} "),
+    *(b'{"a": 1, "a": 2}', b'{"a": {"b": 1, "b": 2}}', b'{"a": 1, "\\u0061": 2}'),
+    *(b'{"a": "\\u0000"}', b'{"a": "\\\\u0000"}', b'{"a": 1e5}', b'{"a": 1.5E-3}'),
+    *(b'{"a": 12345678901234567890}', b'{"a": "12345678901234567890"}', b'[{"a": 1}]'),
+    *(b'{"\xe9": 1}', '{"é": "٣e5"}'.encode(), b'{"a": "x\\"y"}', b"[" * 1100 + b"]" * 1100),
+    b'{"a": ' * 1100 + b"1" + b"}" * 1100,
+]
 _odd_json = st.sampled_from(_ODD_JSON)
 
 
