@@ -1,15 +1,18 @@
-"""The end of a run: the accounting check, and the one synchronous commit that makes the run's
-commits durable."""
+"""The end of a run: the accounting check (of SQLite and JSONL tables alike), and the one
+synchronous commit that makes the run's commits durable."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import anyio
 import asyncpg
 
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import RuntimeFailure, is_driver_error, is_lost_connection
+from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, foreign_rows
+from flux_migrate.core.schema import TargetNames, qualified
 from flux_migrate.pipeline.report import RunReport
 from flux_migrate.pipeline.settings import Settings
 
@@ -48,23 +51,66 @@ async def _touch(conn: asyncpg.Connection, schema: str) -> bool:
     return True
 
 
-async def check_accounting(conn: asyncpg.Connection, settings: Settings, report: RunReport) -> None:
-    """Every row read is loaded, quarantined or skipped; the target holds what was loaded."""
+async def check_accounting(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    report: RunReport,
+    tables: Iterable[str] | None = None,
+) -> None:
+    """Every row (or line) each of ``tables`` (default: the report's) read is loaded,
+    quarantined or skipped, and the table holds the rows loaded into it: a SQLite table, unless
+    it held rows before, exactly its checkpoint's count; a JSONL table that count plus the
+    records gone from its file that it keeps (rows someone else wrote there are said in a
+    note). RuntimeFailure when not."""
     names = settings.names
     current = await ckpt.read_checkpoints(conn, names.schema)
-    for name, t in report.tables.items():
+    for name in list(report.tables) if tables is None else tables:
+        t, c = report.tables.get(name), current.get(name)
+        if t is None or c is None:
+            continue
         if t.extracted != t.loaded + t.quarantined + t.skipped:
             raise RuntimeFailure(
                 f"Accounting failed for {name}: read {t.extracted} but loaded {t.loaded},"
                 f" quarantined {t.quarantined}, skipped {t.skipped}; please report this."
             )
-        c = current[name]
-        if c.extracted != c.loaded + c.quarantined + c.skipped:
-            raise RuntimeFailure(f"The checkpoint of {name} does not add up; please report this.")
-        if not c.preexisting_rows:
-            in_target = await conn.fetchval(f"SELECT count(*) FROM {names.qualified(name)}")
-            if in_target != c.loaded:
-                raise RuntimeFailure(
-                    f"Table {names.qualified(name)} holds {in_target} rows but flux-migrate"
-                    f" loaded {c.loaded}; something else wrote to it."
-                )
+        meta = JsonlMeta.loads(c.fingerprint)
+        if meta is None:
+            await _check_sqlite_table(conn, names, name, c)
+        elif meta.reconcile_until is None:  # else a reconcile not finished (a torn last line)
+            await _check_jsonl_table(conn, names.schema, c, meta, report)
+
+
+async def _check_sqlite_table(
+    conn: asyncpg.Connection, names: TargetNames, name: str, c: ckpt.Checkpoint
+) -> None:
+    if c.extracted != c.loaded + c.quarantined + c.skipped:
+        raise RuntimeFailure(f"The checkpoint of {name} does not add up; please report this.")
+    if not c.preexisting_rows:
+        in_target = await conn.fetchval(f"SELECT count(*) FROM {names.qualified(name)}")
+        if in_target != c.loaded:
+            raise RuntimeFailure(
+                f"Table {names.qualified(name)} holds {in_target} rows but flux-migrate"
+                f" loaded {c.loaded}; something else wrote to it."
+            )
+
+
+async def _check_jsonl_table(
+    conn: asyncpg.Connection, schema: str, c: ckpt.Checkpoint, meta: JsonlMeta, report: RunReport
+) -> None:
+    name = c.source_table
+    in_target = await conn.fetchval(f"SELECT count(*) FROM {qualified(schema, name)}")
+    expected = c.loaded + meta.retained
+    if in_target == expected:
+        return
+    foreign = await foreign_rows(conn, schema, name)
+    if in_target - foreign <= expected <= in_target:
+        report.notes.append(
+            f"{name}: {foreign:,} row(s) were written or changed by someone else in"
+            " PostgreSQL; flux-migrate leaves them as they are."
+        )
+        return
+    raise RuntimeFailure(
+        f"Table {qualified(schema, name)} holds {in_target} rows but flux-migrate"
+        f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); rows it wrote"
+        " were deleted by someone else. Reload it with --restart --yes."
+    )

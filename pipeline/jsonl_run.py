@@ -25,7 +25,6 @@ import structlog
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import (
     ConfigError,
-    RuntimeFailure,
     TargetError,
 )
 from flux_migrate.core.jsonl_bookkeeping import (
@@ -36,7 +35,6 @@ from flux_migrate.core.jsonl_bookkeeping import (
     clear_jsonl_table,
     ensure_jsonl_bookkeeping,
     finish_reconcile,
-    foreign_rows,
     is_jsonl_fingerprint,
     read_jsonl_columns,
 )
@@ -49,7 +47,7 @@ from flux_migrate.core.jsonl_schema import (
 )
 from flux_migrate.core.schema import Column, Kind, Table, qualified, quote_ident
 from flux_migrate.core.target import Target, connect
-from flux_migrate.pipeline.finish import make_durable
+from flux_migrate.pipeline.finish import check_accounting, make_durable
 from flux_migrate.pipeline.preflight import take_migration_lock
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.report import RunReport, TableReport, record_completion, record_failure
@@ -528,43 +526,6 @@ def outcome_notes(jf: JsonlFile, o: JsonlOutcome) -> list[str]:
     return notes
 
 
-async def check_jsonl_accounting(
-    conn: asyncpg.Connection, schema: str, files: Sequence[JsonlFile], report: RunReport
-) -> None:
-    """Every line read is loaded or quarantined; the table holds the loaded records plus the
-    ones gone from the file that it keeps."""
-    current = await ckpt.read_checkpoints(conn, schema)
-    for jf in files:
-        t = report.tables.get(jf.table)
-        c = current.get(jf.table)
-        if t is None or c is None:
-            continue
-        if t.extracted != t.loaded + t.quarantined + t.skipped:
-            raise RuntimeFailure(
-                f"Accounting failed for {jf.table}: read {t.extracted} but loaded {t.loaded},"
-                f" quarantined {t.quarantined}; please report this."
-            )
-        meta = JsonlMeta.loads(c.fingerprint)
-        if meta is None or meta.reconcile_until is not None:
-            continue  # a reconcile pass not finished yet (a torn last line): checked after it
-        in_target = await conn.fetchval(f"SELECT count(*) FROM {qualified(schema, jf.table)}")
-        expected = c.loaded + meta.retained
-        if in_target == expected:
-            continue
-        foreign = await foreign_rows(conn, schema, jf.table)
-        if in_target - foreign <= expected <= in_target:
-            report.notes.append(
-                f"{jf.table}: {foreign:,} row(s) were written or changed by someone else in"
-                " PostgreSQL; flux-migrate leaves them as they are."
-            )
-            continue
-        raise RuntimeFailure(
-            f"Table {qualified(schema, jf.table)} holds {in_target} rows but flux-migrate"
-            f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); rows it wrote"
-            " were deleted by someone else. Reload it with --restart --yes."
-        )
-
-
 async def run_jsonl_tables(
     target: Target,
     settings: Settings,
@@ -584,7 +545,7 @@ async def run_jsonl_tables(
         report.notes += outcome_notes(jf, outcomes[jf.table])
         report.conflicts += [(jf.table, k, kind) for k, kind in outcomes[jf.table].conflicts]
     await target.retrying(
-        lambda c: check_jsonl_accounting(c, settings.names.schema, files, report),
+        lambda c: check_accounting(c, settings, report, [jf.table for jf in files]),
         what="checking the accounting",
     )
     return outcomes

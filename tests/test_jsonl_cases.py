@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flux_migrate.core.errors import Interrupted
+from flux_migrate.core.errors import Interrupted, RuntimeFailure
 from flux_migrate.pipeline.jsonl_run import JsonlFile, JsonlOutcome, migrate_jsonl
 from flux_migrate.pipeline.jsonl_verify import verify_jsonl
 from flux_migrate.pipeline.report import RunReport
@@ -603,3 +603,32 @@ async def test_an_appended_id_someone_else_inserted_is_a_conflict_not_a_quaranti
         report.tables["corrections"].quarantined,
         report.tables["corrections"].skipped,
     )
+
+
+async def test_the_accounting_notes_rows_someone_else_wrote_and_fails_on_rows_they_deleted(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """At the end of a JSONL run, rows someone else wrote into the table are said in a note and
+    left alone; rows flux-migrate loaded that someone else deleted fail the run, saying to
+    reload the table."""
+    path = tmp_path / "corrections.jsonl"
+    jf = JsonlFile.of(path)
+    path.write_bytes(b"".join(line(correction(n)) for n in range(3)))
+    await run(pg_dsn, jf)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("INSERT INTO corrections (id, status) VALUES ('x1', 'made in pg')")
+        report, _ = await run(pg_dsn, jf)
+        assert [
+            "corrections: 1 row(s) were written or changed by someone else in PostgreSQL;"
+            " flux-migrate leaves them as they are."
+        ] == [n for n in report.notes if "someone else" in n]
+        await conn.execute("DELETE FROM corrections WHERE id IN ('x1', 'c1')")
+        with pytest.raises(RuntimeFailure) as failed:
+            await run(pg_dsn, jf)
+    finally:
+        await conn.close()
+    assert (
+        'Table "public"."corrections" holds 2 rows but flux-migrate loaded 3 (and keeps 0 gone from'
+        " the file); rows it wrote were deleted by someone else. Reload it with --restart --yes."
+    ) == str(failed.value)

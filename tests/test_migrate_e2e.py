@@ -173,3 +173,27 @@ def test_missing_dsn_exits_2(sample_db: Path) -> None:
     done = cli("run", "--sqlite-path", str(sample_db))
     assert done.returncode == 2
     assert "POSTGRES_DSN" in done.stderr
+
+
+async def test_a_row_someone_else_writes_into_a_filled_table_fails_the_accounting(
+    sample_db: Path, pg_dsn: str
+) -> None:
+    """A row written by someone else into a table flux-migrate created and filled makes the
+    next run's accounting fail (exit 1) with a sentence naming the table and both counts."""
+    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--no-progress"]
+    assert 0 == cli(*args).returncode
+    loaded = await fetchval(pg_dsn, "SELECT count(*) FROM sessions")
+    await fetchval(
+        pg_dsn,
+        'INSERT INTO sessions SELECT (jsonb_populate_record(s, \'{"id": "someone-else"}\')).*'
+        " FROM sessions s LIMIT 1 RETURNING 1",
+    )
+    done = cli(*args)
+    assert (
+        1,
+        f'Table "public"."sessions" holds {loaded + 1} rows but flux-migrate loaded {loaded};'
+        " something else wrote to it.",
+    ) == (
+        done.returncode,
+        done.stderr.strip().splitlines()[-1].removeprefix("flux-migrate: error: "),
+    )
