@@ -8,7 +8,7 @@ by ``id`` through a staging table, and an id met twice in the file is quarantine
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,14 +17,13 @@ import orjson
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
-from flux_migrate.core.errors import ErrorClass, classify
 from flux_migrate.core.jsonl_bookkeeping import mark_seen, ours, record_write, seen_before
 from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_value_to_json
 from flux_migrate.stages.jsonl import ConvertedBatch
-from flux_migrate.stages.load import BatchResult, check_position
+from flux_migrate.stages.load import BatchResult, check_position, refusal, split_on_refusal
 
 log = structlog.get_logger("flux_migrate")
 
@@ -65,46 +64,10 @@ def jsonl_quarantine_records(ctx: JsonlLoadContext, rejects: list[Reject]) -> li
     ]
 
 
-def _refused(exc: BaseException, offset: int, line: bytes, key: str | None) -> Reject:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    duplicate = getattr(exc, "sqlstate", None) == "23505"
-    return Reject(
-        offset,
-        key,
-        (line,),
-        "duplicate_key" if duplicate else "rejected_by_server",
-        f"PostgreSQL refused the line: {message}",
-        "load",
-    )
-
-
 Written = tuple[int, int, list[str]]  # inserted, updated, ids left alone as conflicts
 CHANGED_IN_BOTH = "changed_in_both"  # the file holds another version of a row changed in PG
 INSERTED_IN_BOTH = "inserted_in_both"  # an appended id someone else inserted in PostgreSQL
-Apply = Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Any]
-
-
-async def _isolating(
-    conn: asyncpg.Connection,
-    apply: Apply,
-    rows: list[tuple[Any, ...]],
-    raw: list[tuple[Any, ...]],
-    ids: list[str | None],
-) -> tuple[list[Reject], list[Any]]:
-    """Run ``apply`` on ``rows`` in a savepoint, splitting on refusal; return the refused rows
-    and the results of the parts that went through."""
-    try:
-        async with conn.transaction():
-            return [], [await apply(conn, rows)]
-    except Exception as exc:
-        if classify(exc) is not ErrorClass.DATA:
-            raise
-        if len(rows) == 1:
-            return [_refused(exc, raw[0][0], raw[0][1], ids[0])], []
-    mid = len(rows) // 2
-    left, lres = await _isolating(conn, apply, rows[:mid], raw[:mid], ids[:mid])
-    right, rres = await _isolating(conn, apply, rows[mid:], raw[mid:], ids[mid:])
-    return left + right, lres + rres
+Apply = Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Awaitable[Written]]
 
 
 def _copy_into(ctx: JsonlLoadContext, columns: tuple[str, ...]) -> Apply:
@@ -160,6 +123,27 @@ def _upsert_into(ctx: JsonlLoadContext, columns: tuple[str, ...], stage: str) ->
         return inserted, len(written) - inserted, conflicts
 
     return upsert
+
+
+async def _isolate(
+    conn: asyncpg.Connection,
+    apply: Apply,
+    rows: list[tuple[Any, ...]],
+    raw: list[tuple[Any, ...]],
+    ids: list[str | None],
+) -> tuple[list[Reject], list[Written]]:
+    """Run ``apply`` on ``rows`` splitting on refusal; a refused line is quarantined with its
+    bytes, offset and id."""
+
+    def refuse(exc: BaseException, i: int) -> Reject:
+        reason, message = refusal(exc)
+        detail = f"PostgreSQL refused the line: {message}"
+        return Reject(raw[i][0], ids[i], (raw[i][1],), reason, detail, "load")
+
+    async def part(conn: asyncpg.Connection, at: slice) -> Written:
+        return await apply(conn, rows[at])
+
+    return await split_on_refusal(conn, len(rows), part, refuse)
 
 
 async def commit_jsonl_batch(
@@ -237,7 +221,7 @@ async def _write_rows(
             apply = _upsert_into(ctx, converted.table.column_names, stage)
         else:
             apply = _copy_into(ctx, converted.table.column_names)
-        refused, results = await _isolating(conn, apply, rows, raw, ids)
+        refused, results = await _isolate(conn, apply, rows, raw, ids)
         out.inserted = sum(r[0] for r in results)
         out.updated = sum(r[1] for r in results) if reconciling else 0
         out.conflicts = [(key, CHANGED_IN_BOTH) for r in results for key in r[2]]

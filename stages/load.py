@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -221,6 +221,43 @@ async def _copy(
     return skipped
 
 
+T = TypeVar("T")
+
+
+async def split_on_refusal(
+    conn: asyncpg.Connection,
+    count: int,
+    apply: Callable[[asyncpg.Connection, slice], Awaitable[T]],
+    refuse: Callable[[BaseException, int], Reject],
+) -> tuple[list[Reject], list[T]]:
+    """Run ``apply`` on the rows ``0..count`` in a savepoint; when PostgreSQL refuses a value,
+    on each half again, down to single rows, which ``refuse`` turns into rejects. Returns the
+    rejects and the results of the parts that went through, in row order."""
+
+    async def part(lo: int, hi: int) -> tuple[list[Reject], list[T]]:
+        try:
+            async with conn.transaction():  # a savepoint inside the batch transaction
+                return [], [await apply(conn, slice(lo, hi))]
+        except Exception as exc:
+            if classify(exc) is not ErrorClass.DATA:
+                raise
+            if hi - lo == 1:
+                return [refuse(exc, lo)], []
+        mid = lo + (hi - lo) // 2
+        left, left_done = await part(lo, mid)
+        right, right_done = await part(mid, hi)
+        return left + right, left_done + right_done
+
+    return await part(0, count)
+
+
+def refusal(exc: BaseException) -> tuple[str, str]:
+    """The reason code of a row PostgreSQL refused, and the first line of its message."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    duplicate = getattr(exc, "sqlstate", None) == "23505"  # the key is loaded already
+    return ("duplicate_key" if duplicate else "rejected_by_server"), message
+
+
 async def copy_isolating(
     conn: asyncpg.Connection,
     ctx: LoadContext,
@@ -229,33 +266,21 @@ async def copy_isolating(
 ) -> tuple[list[Reject], set[str]]:
     """COPY ``rows`` inside savepoints, splitting on refusal; return the refused rows (and the
     keys skipped as existing)."""
-    try:
-        async with conn.transaction():  # a savepoint inside the batch transaction
-            skipped = await _copy(conn, ctx, rows, raw)
-        return [], skipped
-    except Exception as exc:
-        if classify(exc) is not ErrorClass.DATA:
-            raise
-        if len(rows) == 1:
-            ncols = len(ctx.table.column_names)
-            source = raw[0]
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            column = _COLUMN_IN_CONTEXT.search(getattr(exc, "context", None) or "")
-            where = f"column {column.group(1)}" if column else "the row"
-            duplicate = getattr(exc, "sqlstate", None) == "23505"  # the key is loaded already
-            reject = Reject(
-                source[0],
-                row_key(ctx.table, source[1 : ncols + 1]),
-                tuple(source[1 : ncols + 1]),
-                "duplicate_key" if duplicate else "rejected_by_server",
-                f"PostgreSQL refused {where}: {message}",
-                "load",
-            )
-            return [reject], set()
-    mid = len(rows) // 2
-    left, left_skipped = await copy_isolating(conn, ctx, rows[:mid], raw[:mid])
-    right, right_skipped = await copy_isolating(conn, ctx, rows[mid:], raw[mid:])
-    return left + right, left_skipped | right_skipped
+    ncols = len(ctx.table.column_names)
+
+    def refuse(exc: BaseException, i: int) -> Reject:
+        values = tuple(raw[i][1 : ncols + 1])
+        reason, message = refusal(exc)
+        column = _COLUMN_IN_CONTEXT.search(getattr(exc, "context", None) or "")
+        where = f"column {column.group(1)}" if column else "the row"
+        detail = f"PostgreSQL refused {where}: {message}"
+        return Reject(raw[i][0], row_key(ctx.table, values), values, reason, detail, "load")
+
+    async def copy(conn: asyncpg.Connection, part: slice) -> set[str]:
+        return await _copy(conn, ctx, rows[part], raw[part])
+
+    rejects, skipped = await split_on_refusal(conn, len(rows), copy, refuse)
+    return rejects, set().union(*skipped)
 
 
 async def commit_batch(
