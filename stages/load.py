@@ -233,22 +233,30 @@ async def split_on_refusal(
     """Run ``apply`` on the rows ``0..count`` in a savepoint; when PostgreSQL refuses a value,
     on each half again, down to single rows, which ``refuse`` turns into rejects. Returns the
     rejects and the results of the parts that went through, in row order."""
+    return await _split(conn, 0, count, apply, refuse)
 
-    async def part(lo: int, hi: int) -> tuple[list[Reject], list[T]]:
-        try:
-            async with conn.transaction():  # a savepoint inside the batch transaction
-                return [], [await apply(conn, slice(lo, hi))]
-        except Exception as exc:
-            if classify(exc) is not ErrorClass.DATA:
-                raise
-            if hi - lo == 1:
-                return [refuse(exc, lo)], []
-        mid = lo + (hi - lo) // 2
-        left, left_done = await part(lo, mid)
-        right, right_done = await part(mid, hi)
-        return left + right, left_done + right_done
 
-    return await part(0, count)
+async def _split(
+    conn: asyncpg.Connection,
+    lo: int,
+    hi: int,
+    apply: Callable[[asyncpg.Connection, slice], Awaitable[T]],
+    refuse: Callable[[BaseException, int], Reject],
+) -> tuple[list[Reject], list[T]]:
+    # A module function, not a closure calling itself: such a closure is a reference cycle
+    # that would keep each batch's rows alive until the garbage collector runs.
+    try:
+        async with conn.transaction():  # a savepoint inside the batch transaction
+            return [], [await apply(conn, slice(lo, hi))]
+    except Exception as exc:
+        if classify(exc) is not ErrorClass.DATA:
+            raise
+        if hi - lo == 1:
+            return [refuse(exc, lo)], []
+    mid = lo + (hi - lo) // 2
+    left, left_done = await _split(conn, lo, mid, apply, refuse)
+    right, right_done = await _split(conn, mid, hi, apply, refuse)
+    return left + right, left_done + right_done
 
 
 def refusal(exc: BaseException) -> tuple[str, str]:
