@@ -55,10 +55,10 @@ from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.stream import BatchLog, read_checkpoint, stream_table, until_streamed
 from flux_migrate.stages import jsonl_load
+from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.convert import Rejected
 from flux_migrate.stages.jsonl import (
     EVIDENCE_LINES,
-    ConvertedBatch,
     count_lines,
     extract_jsonl,
     file_size,
@@ -474,10 +474,8 @@ async def _stream_file(
     await until_streamed(stream, rewind)
 
 
-async def _commit(
-    ctx: JsonlLoadContext, conn: asyncpg.Connection, converted: ConvertedBatch
-) -> BatchResult:
-    return await jsonl_load.commit_jsonl_batch(conn, ctx, converted)
+async def _commit(ctx: JsonlLoadContext, conn: asyncpg.Connection, batch: Batch) -> BatchResult:
+    return await jsonl_load.commit_jsonl_batch(conn, ctx, batch)
 
 
 # ---------------------------------------------------------------- accounting and whole runs

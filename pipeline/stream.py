@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import anyio
 import asyncpg
@@ -17,22 +17,13 @@ from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import single_error
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import Progress
+from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.load import BatchResult, CheckpointRewound
 
 log = structlog.get_logger("flux_migrate")
 
 # Log at most this many quarantined rows per table and run; the rest are counted.
 QUARANTINE_LOG_LIMIT = 50
-
-
-class Sequenced(Protocol):
-    """A batch as the stream sees it: its sequence number within the table's stream."""
-
-    @property
-    def seq(self) -> int: ...
-
-
-B = TypeVar("B", bound=Sequenced)
 
 
 class BatchLog:
@@ -88,8 +79,8 @@ class BatchLog:
 
 
 async def stream_table(
-    source: AsyncIterator[B],
-    commit: Callable[[asyncpg.Connection, B], Awaitable[BatchResult]],
+    source: AsyncIterator[Batch],
+    commit: Callable[[asyncpg.Connection, Batch], Awaitable[BatchResult]],
     target: Target,
     batches: BatchLog,
     *,
@@ -108,7 +99,7 @@ async def stream_table(
     there). On cancellation the producer is cancelled, the source closed, and the open
     transaction abandoned (the server rolls it back); every batch reported is committed.
     """
-    send, receive = anyio.create_memory_object_stream[B](buffer_batches)
+    send, receive = anyio.create_memory_object_stream[Batch](buffer_batches)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_pump, source, send)
@@ -123,8 +114,8 @@ async def stream_table(
 
 
 async def _commit_each(
-    source: AsyncIterator[B],
-    commit: Callable[[asyncpg.Connection, B], Awaitable[BatchResult]],
+    source: AsyncIterator[Batch],
+    commit: Callable[[asyncpg.Connection, Batch], Awaitable[BatchResult]],
     target: Target,
     batches: BatchLog,
     stop: Callable[[], bool],
@@ -138,7 +129,7 @@ async def _commit_each(
             await stack.enter_async_context((await target.conn()).transaction())
         async for batch in source:
 
-            async def attempt(conn: asyncpg.Connection, batch: B = batch) -> BatchResult:
+            async def attempt(conn: asyncpg.Connection, batch: Batch = batch) -> BatchResult:
                 return await commit(conn, batch)
 
             result = await target.retrying(
@@ -153,7 +144,7 @@ async def _commit_each(
                 return  # stop at a batch boundary: everything reported is committed
 
 
-async def _pump(source: AsyncIterator[B], send: ObjectSendStream[B]) -> None:
+async def _pump(source: AsyncIterator[Batch], send: ObjectSendStream[Batch]) -> None:
     """Move batches from the source into the bounded buffer, then close it."""
     async with send, contextlib.aclosing(source):  # type: ignore[type-var]
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flux_migrate.core.schema import Column
 from flux_migrate.stages.convert import Raw
 
 
@@ -46,3 +47,9 @@ class Batch:
     # The source rowids and digest-pack keys of ``rows`` (load.digest_ids) of a batch that
     # arrives without ``raw`` (converted in a worker process); None when ``raw`` is there.
     ids: tuple[list[int], list[str]] | None = None
+    # A JSONL batch, converted: the target columns of ``rows`` (the table's, as the batches
+    # before it and this one left it), the columns this batch added for keys first seen in it,
+    # and each row's id (same positions as ``rows``; None for a record without one).
+    columns: tuple[str, ...] = ()
+    added_columns: tuple[Column, ...] = ()
+    record_ids: list[str | None] | None = None

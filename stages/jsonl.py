@@ -15,7 +15,7 @@ import functools
 import hashlib
 import os
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
@@ -293,21 +293,6 @@ def key_evidence(path: Path, firsts: dict[str, int], *, limit: int) -> dict[str,
 # ---------------------------------------------------------------- a batch
 
 
-@dataclass(frozen=True)
-class ConvertedBatch:
-    """A converted batch, the table it was converted for (with the columns it added) and the
-    ids of its rows (same positions as ``batch.rows``)."""
-
-    batch: Batch
-    table: Table
-    added: tuple[Column, ...]
-    ids: list[str | None]
-
-    @property
-    def seq(self) -> int:
-        return self.batch.seq
-
-
 def key_of_record(record: dict[str, Any] | None) -> str | None:
     value = None if record is None else record.get("id")
     if value is None or isinstance(value, dict | list):
@@ -358,9 +343,10 @@ def _parse_all(batch: Batch) -> tuple[list[tuple[int, bytes, dict[str, Any]]], l
 
 def convert_jsonl_batch(
     batch: Batch, table: Table, *, naive_timezone: tzinfo = UTC, evidence: Evidence | None = None
-) -> ConvertedBatch:
+) -> tuple[Batch, Table]:
     """Parse and convert one batch of lines for ``table``; keys that are not columns yet become
-    new columns (typed by ``evidence``), returned in ``added``."""
+    new columns (typed by ``evidence``), in the batch's ``added_columns``. Returns the batch
+    and the table as it leaves it (with those columns)."""
     records, rejects = _parse_all(batch)
     added = _new_columns(records, set(table.column_names), evidence)
     if added:
@@ -385,8 +371,16 @@ def convert_jsonl_batch(
         rows.append(row)
         raw.append((offset, line))
         ids.append(None if id_at is None else str(row[id_at]))
-    converted = replace(batch, raw=raw, rows=rows, rejects=rejects)
-    return ConvertedBatch(converted, table, added, ids)
+    converted = replace(
+        batch,
+        raw=raw,
+        rows=rows,
+        rejects=rejects,
+        columns=table.column_names,
+        added_columns=added,
+        record_ids=ids,
+    )
+    return converted, table
 
 
 _EXACT_KINDS = (Kind.REAL, Kind.NUMERIC, Kind.JSON_VALUE)
@@ -398,13 +392,13 @@ async def transform_jsonl(
     *,
     naive_timezone: tzinfo = UTC,
     evidence: Evidence | None = None,
-) -> AsyncGenerator[ConvertedBatch, None]:
+) -> AsyncGenerator[Batch, None]:
     """Yield each upstream batch converted (in a worker thread), each for the table as the
     batches before it left it (with the columns they added); closes its upstream when closed or
     cancelled."""
     async with contextlib.aclosing(source):
         async for batch in source:
-            converted = await anyio.to_thread.run_sync(
+            converted, table = await anyio.to_thread.run_sync(
                 functools.partial(
                     convert_jsonl_batch,
                     batch,
@@ -413,5 +407,4 @@ async def transform_jsonl(
                     evidence=evidence,
                 )
             )
-            table = converted.table
             yield converted

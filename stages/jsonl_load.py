@@ -22,7 +22,6 @@ from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_value_to_json
-from flux_migrate.stages.jsonl import ConvertedBatch
 from flux_migrate.stages.load import BatchResult, check_position, refusal, split_on_refusal
 
 log = structlog.get_logger("flux_migrate")
@@ -147,19 +146,18 @@ async def _isolate(
 
 
 async def commit_jsonl_batch(
-    conn: asyncpg.Connection, ctx: JsonlLoadContext, converted: ConvertedBatch
+    conn: asyncpg.Connection, ctx: JsonlLoadContext, batch: Batch
 ) -> BatchResult:
     """One transaction: check the checkpoint, add new columns, write the rows (COPY, or upsert
     in a reconcile pass), quarantine rejects, advance the checkpoint to the batch's offset."""
-    batch = converted.batch
     schema, table = ctx.schema, ctx.table
     async with conn.transaction():
         committed = await check_position(conn, schema, table, batch)
         if committed is not None:  # an earlier attempt committed it; its reply was lost
             return committed
-        for column in converted.added:
+        for column in batch.added_columns:
             await conn.execute(add_column_sql(schema, table, column))
-        w = await _write_rows(conn, ctx, converted)
+        w = await _write_rows(conn, ctx, batch)
         if w.rejects:
             await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, w.rejects))
         await ckpt.advance_checkpoint(
@@ -179,7 +177,7 @@ async def commit_jsonl_batch(
         w.loaded,
         w.rejects,
         skipped=len(w.conflicts),
-        added=converted.added,
+        added=batch.added_columns,
         inserted=w.inserted,
         updated=w.updated,
         unchanged=w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
@@ -196,15 +194,13 @@ class _Writes:
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (id, kind)
 
 
-async def _write_rows(
-    conn: asyncpg.Connection, ctx: JsonlLoadContext, converted: ConvertedBatch
-) -> _Writes:
+async def _write_rows(conn: asyncpg.Connection, ctx: JsonlLoadContext, batch: Batch) -> _Writes:
     """Write a batch's rows: COPY on append; in a reconcile pass an upsert by id that skips
     ids loaded before (duplicates), leaves rows changed by someone else (conflicts, recorded)
     and records every id met."""
-    batch = converted.batch
     schema, table = ctx.schema, ctx.table
-    rows, raw, ids = batch.rows, batch.raw, converted.ids
+    rows, raw = batch.rows, batch.raw
+    ids: list[str | None] = list(batch.record_ids or [None] * len(rows))
     out = _Writes(rejects=list(batch.rejects))
     reconciling = ctx.reconciling(batch)
     if reconciling and rows:
@@ -218,9 +214,9 @@ async def _write_rows(
                 f"CREATE TEMP TABLE {quote_ident(stage)}"
                 f" (LIKE {qualified(schema, table)}) ON COMMIT DROP"
             )
-            apply = _upsert_into(ctx, converted.table.column_names, stage)
+            apply = _upsert_into(ctx, batch.columns, stage)
         else:
-            apply = _copy_into(ctx, converted.table.column_names)
+            apply = _copy_into(ctx, batch.columns)
         refused, results = await _isolate(conn, apply, rows, raw, ids)
         out.inserted = sum(r[0] for r in results)
         out.updated = sum(r[1] for r in results) if reconciling else 0
