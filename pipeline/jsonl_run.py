@@ -176,45 +176,55 @@ async def prepare_jsonl_table(
                 f"Table {target} was dropped after flux-migrate started filling it from"
                 f" {jf.path}; rerun with --restart --yes to start over."
             )
-    else:
-        table: Table | None = None
-        if exists and await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {target})"):
-            raise TargetError(
-                f"Table {target} already holds rows that flux-migrate did not write; empty it,"
-                f" or name the JSONL table otherwise ({_rename_hint(jf)})."
-            )
-        if not exists:
-            table = profile_for(jf.path.stem, jf.table) or await anyio.to_thread.run_sync(
-                lambda: infer_table(jf.path, jf.table, limit=limit)
-            )
-            if table is None:
-                return None
-        async with conn.transaction():
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-            if not exists and table is not None:
-                await conn.execute(create_jsonl_table_sql(schema, table))
-            await ckpt.create_checkpoint(
-                conn,
-                target_schema=schema,
-                source_table=jf.table,
-                target_table=jf.table,
-                created_table=not exists,
-                preexisting_rows=False,
-                constraints_pending=False,
-                fingerprint=JsonlMeta(file=jf.path.name).dumps(),
-                run_id=run_id,
-            )
-            await conn.execute(
-                f"UPDATE {ckpt.CHECKPOINTS} SET last_key = $3"
-                " WHERE target_schema = $1 AND source_table = $2 AND last_key IS NULL",
-                schema,
-                jf.table,
-                EMPTY_DIGEST,
-            )
+    elif not await _create_jsonl_table(conn, schema, jf, run_id, exists=exists, limit=limit):
+        return None
     checkpoint = (await ckpt.read_checkpoints(conn, schema))[jf.table]
     await adopt_rows(conn, schema, jf.table)
     columns, pk = await read_jsonl_columns(conn, schema, jf.table)
     return checkpoint, table_from_catalog(jf.table, columns, pk)
+
+
+async def _create_jsonl_table(
+    conn: asyncpg.Connection, schema: str, jf: JsonlFile, run_id: str, *, exists: bool, limit: int
+) -> bool:
+    """The file's first run: its table (unless one ``exists``, empty) and its checkpoint;
+    False while a file without a profile has no complete line yet."""
+    target = qualified(schema, jf.table)
+    table: Table | None = None
+    if exists and await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {target})"):
+        raise TargetError(
+            f"Table {target} already holds rows that flux-migrate did not write; empty it,"
+            f" or name the JSONL table otherwise ({_rename_hint(jf)})."
+        )
+    if not exists:
+        table = profile_for(jf.path.stem, jf.table) or await anyio.to_thread.run_sync(
+            lambda: infer_table(jf.path, jf.table, limit=limit)
+        )
+        if table is None:
+            return False
+    async with conn.transaction():
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+        if not exists and table is not None:
+            await conn.execute(create_jsonl_table_sql(schema, table))
+        await ckpt.create_checkpoint(
+            conn,
+            target_schema=schema,
+            source_table=jf.table,
+            target_table=jf.table,
+            created_table=not exists,
+            preexisting_rows=False,
+            constraints_pending=False,
+            fingerprint=JsonlMeta(file=jf.path.name).dumps(),
+            run_id=run_id,
+        )
+        await conn.execute(
+            f"UPDATE {ckpt.CHECKPOINTS} SET last_key = $3"
+            " WHERE target_schema = $1 AND source_table = $2 AND last_key IS NULL",
+            schema,
+            jf.table,
+            EMPTY_DIGEST,
+        )
+    return True
 
 
 # ---------------------------------------------------------------- one file
@@ -458,8 +468,15 @@ async def _stream_file(
         )
         batches = BatchLog(f.run_id, jf.table, f.progress, position="offset")
         commit = functools.partial(_commit, ctx)
-        await stream_table(chain, commit, f.target, batches, buffer_batches=settings.buffer_batches,
-                           stop=f.stop, on_commit=f.count)  # fmt: skip
+        await stream_table(
+            chain,
+            commit,
+            f.target,
+            batches,
+            buffer_batches=settings.buffer_batches,
+            stop=f.stop,
+            on_commit=f.count,
+        )
 
     async def rewind(to: int) -> None:
         nonlocal offset, digest, table

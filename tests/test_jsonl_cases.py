@@ -12,10 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flux_migrate.core.errors import Interrupted, RuntimeFailure
+from flux_migrate.core.errors import Interrupted, RuntimeFailure, TargetError
 from flux_migrate.pipeline.jsonl_run import JsonlFile, JsonlOutcome, migrate_jsonl
 from flux_migrate.pipeline.jsonl_verify import verify_jsonl
 from flux_migrate.pipeline.report import RunReport
+from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.verify import TableVerify
@@ -632,3 +633,48 @@ async def test_the_accounting_notes_rows_someone_else_wrote_and_fails_on_rows_th
         'Table "public"."corrections" holds 2 rows but flux-migrate loaded 3 (and keeps 0 gone from'
         " the file); rows it wrote were deleted by someone else. Reload it with --restart --yes."
     ) == str(failed.value)
+
+
+async def test_a_jsonl_table_flux_migrate_does_not_own_is_refused_with_what_to_do(
+    tmp_path: Path, pg_dsn: str, sample_db: Path
+) -> None:
+    """A JSONL file's table that holds rows flux-migrate did not write, that was dropped after
+    flux-migrate began filling it, or that a SQLite table fills, is refused with what to do;
+    an existing empty table is filled."""
+    path = tmp_path / "corrections.jsonl"
+    jf = JsonlFile.of(path)
+    path.write_bytes(b"".join(line(correction(n)) for n in range(3)))
+    hint = 'table = "NAME" under [jsonl.corrections] in the config file'
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("CREATE TABLE corrections (id text PRIMARY KEY, status text)")
+        await conn.execute("INSERT INTO corrections VALUES ('theirs', 'made in pg')")
+        with pytest.raises(TargetError) as refused:
+            await run(pg_dsn, jf)
+        assert (
+            'Table "public"."corrections" already holds rows that flux-migrate did not write;'
+            f" empty it, or name the JSONL table otherwise ({hint})."
+        ) == str(refused.value)
+        await conn.execute("DELETE FROM corrections")
+        report, _ = await run(pg_dsn, jf)
+        assert 3 == report.tables["corrections"].loaded
+        assert 3 == await conn.fetchval("SELECT count(*) FROM corrections")
+        await conn.execute("DROP TABLE corrections")
+        with pytest.raises(TargetError) as refused:
+            await run(pg_dsn, jf)
+        assert (
+            'Table "public"."corrections" was dropped after flux-migrate started filling it'
+            f" from {path}; rerun with --restart --yes to start over."
+        ) == str(refused.value)
+    finally:
+        await conn.close()
+    settings = Settings(sqlite_path=sample_db, postgres_dsn=pg_dsn)
+    assert "completed" == (await migrate(settings)).status
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_bytes(line({"id": "s1"}))
+    with pytest.raises(TargetError) as refused:
+        await run(pg_dsn, JsonlFile.of(sessions))
+    assert (
+        'Table "public"."sessions" is filled from a SQLite table of the same name; name the'
+        ' JSONL table otherwise (table = "NAME" under [jsonl.sessions] in the config file).'
+    ) == str(refused.value)
