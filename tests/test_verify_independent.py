@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 import flux_migrate.core.target
+import flux_migrate.stages.columns
 import flux_migrate.stages.values
 from flux_migrate.core.schema import SQLITE_DDL, Column, Kind
 from flux_migrate.pipeline.reference import (
@@ -33,8 +34,10 @@ Wrap = Callable[[Column, Any], Any]
 
 @pytest.fixture
 def broken_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Kind, Wrap], None]]:
-    """Make the load's converter for one kind of column change every value it returns."""
+    """Make the load's converters for one kind of column change every value they return: the
+    per-value one (the row path) and the column-wise one (the column path)."""
     original = flux_migrate.stages.values.any_column_converter
+    original_column = flux_migrate.stages.columns._column_converter
 
     def install(kind: Kind, change: Wrap) -> None:
         def any_column_converter(column: Column, **options: Any) -> Any:
@@ -43,13 +46,30 @@ def broken_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Kind, Wra
                 return convert
             return lambda raw: change(column, convert(raw))
 
+        def column_converter(column: Column, **options: Any) -> Any:
+            convert = original_column(column, **options)
+            if column.kind is not kind:
+                return convert
+
+            def changed(values: Any) -> Any:
+                found = convert(values)
+                return None if found is None else [change(column, v) for v in found]
+
+            return changed
+
         monkeypatch.setattr(
             flux_migrate.stages.values, "any_column_converter", any_column_converter
         )
-        flux_migrate.stages.values.row_converter.cache_clear()
+        monkeypatch.setattr(flux_migrate.stages.columns, "_column_converter", column_converter)
+        _clear_caches()
 
     yield install
+    _clear_caches()
+
+
+def _clear_caches() -> None:
     flux_migrate.stages.values.row_converter.cache_clear()
+    flux_migrate.stages.columns.batch_converter.cache_clear()
 
 
 def _counts(results: list[TableVerify]) -> list[tuple[str, int, int, int, int]]:
