@@ -137,6 +137,28 @@ async def test_a_snapshot_keeps_a_record_whose_new_line_is_quarantined(
     )
 
 
+@pytest.mark.parametrize("snapshot", [True, False])
+async def test_a_rewrite_of_a_file_repeating_an_id_in_one_batch_reconciles(
+    tmp_path: Path, pg_dsn: str, snapshot: bool
+) -> None:
+    """A rewritten file whose batch holds an id on several lines (the later ones quarantined
+    as duplicates) reconciles, and so does the run after it: the reconcile records each id it
+    met once (it failed with PostgreSQL's 21000 on every rerun, the file stuck)."""
+    path = tmp_path / "corrections.jsonl"
+    jf = JsonlFile.of(path, snapshot=snapshot)
+    repeats = [correction(1), correction(0, "b"), correction(0, "c")]
+    path.write_bytes(b"".join(line(r) for r in [correction(0, "a"), *repeats]))
+    await run(pg_dsn, jf)
+    path.write_bytes(b"".join(line(r) for r in [correction(0, "z"), *repeats]))
+    for _ in range(2):
+        report, _ = await run(pg_dsn, jf)
+        assert "completed" == report.status
+    rows = await fetchval(pg_dsn, "SELECT json_object_agg(id, status ORDER BY id) FROM corrections")
+    assert {"c0": "z", "c1": "pending"} == json.loads(rows)
+    found = await quarantine(pg_dsn)
+    assert [("c0", "duplicate_key")] * 2 == [(key, reason) for _, key, reason in found]
+
+
 # ---------------------------------------------------------------- 2: long lines
 
 

@@ -165,7 +165,9 @@ async def mark_seen(
     conn: asyncpg.Connection, schema: str, table: str, ids: list[str], *, loaded: bool = True
 ) -> None:
     """Record ``ids`` as met by the reconcile pass, loaded or only on quarantined lines (in the
-    batch's transaction)."""
+    batch's transaction). An id may come more than once (a file's lines repeating it): it is
+    recorded once, as ON CONFLICT DO UPDATE cannot touch one row twice in a statement."""
+    ids = list(dict.fromkeys(ids))
     await conn.execute(
         f"INSERT INTO {JSONL_SEEN} AS s (target_schema, source_table, id, loaded)"
         " SELECT $1, $2, unnest($3::text[]), $4"
