@@ -53,7 +53,14 @@ from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.report import RunReport, TableReport, record_completion, record_failure
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.stream import BatchLog, read_checkpoint, stream_table, until_streamed
+from flux_migrate.pipeline.stream import (
+    BatchLog,
+    read_checkpoint,
+    record_counts,
+    showing,
+    stream_table,
+    until_streamed,
+)
 from flux_migrate.stages import jsonl_load
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.convert import Rejected
@@ -380,12 +387,8 @@ async def run_jsonl_table(
     if complete > offset:
         lines = await anyio.to_thread.run_sync(count_lines, jf.path, offset, size)
         f.log.info("table_started", after_offset=offset, bytes=size - offset, lines=lines)
-        progress.start(jf.table, lines)
-        try:
+        with showing(progress, jf.table, lines, treport, started=started):
             await _stream_file(f, table, meta, offset, digest, size)
-        finally:
-            treport.seconds = time.monotonic() - started
-            progress.finish(jf.table)
     else:
         treport.up_to_date = True
         f.log.info("table_up_to_date", last_offset=offset)
@@ -416,10 +419,7 @@ async def _close_table(f: _FileRun, meta: JsonlMeta, start: ckpt.Checkpoint) -> 
         await _finish_reconcile(f, meta)
         treport.up_to_date = False
         end = await read_checkpoint(f.target, f.schema, f.table)
-    treport.extracted = end.extracted - start.extracted
-    treport.loaded = end.loaded - start.loaded
-    treport.quarantined = end.quarantined - start.quarantined
-    treport.skipped = end.skipped - start.skipped
+    record_counts(treport, start, end)
     if f.outcome.reconciled:  # lines the table already held unchanged were not loaded again
         same = min(f.outcome.unchanged, treport.loaded)
         treport.loaded, treport.skipped = treport.loaded - same, treport.skipped + same

@@ -58,6 +58,8 @@ from flux_migrate.pipeline.stream import (
     QUARANTINE_LOG_LIMIT,
     BatchLog,
     read_checkpoint,
+    record_counts,
+    showing,
     stream_table,
     until_streamed,
 )
@@ -488,9 +490,7 @@ async def _stream_table(
     a batch), stream again from where the checkpoint stands."""
     table = ctx.table.name
     treport = run.report.tables[table]
-    started = time.monotonic()
-    run.progress.start(table, total)
-    try:
+    with showing(run.progress, table, total, treport, started=time.monotonic()):
         after_key = None
         if ctx.table.without_rowid:
             after_key = (await read_checkpoint(run.target, run.schema, table)).last_key
@@ -508,9 +508,6 @@ async def _stream_table(
                 after_key = c.last_key
 
         await until_streamed(stream, rewind)
-    finally:
-        treport.seconds = time.monotonic() - started
-        run.progress.finish(table)
 
 
 async def _stream_from(
@@ -568,17 +565,9 @@ async def _commit(ctx: LoadContext, conn: asyncpg.Connection, batch: Batch) -> B
     return await commit(conn, ctx, batch)
 
 
-def _record_counts(treport: TableReport, start: ckpt.Checkpoint, end: ckpt.Checkpoint) -> None:
-    """What the checkpoints say this run did: exact even when lost commits were redone."""
-    treport.extracted = end.extracted - start.extracted
-    treport.loaded = end.loaded - start.loaded
-    treport.quarantined = end.quarantined - start.quarantined
-    treport.skipped = end.skipped - start.skipped
-
-
 async def _count_from_checkpoint(run: Run, table: Table, start: ckpt.Checkpoint) -> None:
     end = await read_checkpoint(run.target, run.schema, table.name)
-    _record_counts(run.report.tables[table.name], start, end)
+    record_counts(run.report.tables[table.name], start, end)
 
 
 async def _count_best_effort(run: Run, table: Table, start: ckpt.Checkpoint) -> None:
@@ -589,7 +578,7 @@ async def _count_best_effort(run: Run, table: Table, start: ckpt.Checkpoint) -> 
         with contextlib.suppress(Exception):  # the run's own error is what gets raised
             conn = await run.target.conn()
             found = await ckpt.read_checkpoints(conn, run.schema)
-            _record_counts(run.report.tables[table.name], start, found[table.name])
+            record_counts(run.report.tables[table.name], start, found[table.name])
 
 
 async def _set_finished(run: Run, table: Table) -> None:

@@ -5,7 +5,8 @@ commits each batch with its checkpoint; logs and progress of each committed batc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -17,6 +18,7 @@ from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import single_error
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import Progress
+from flux_migrate.pipeline.report import TableReport
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.load import BatchResult, CheckpointRewound
 
@@ -165,6 +167,28 @@ async def until_streamed(
             return
         except CheckpointRewound as rewound:
             await rewind(rewound.rowid)
+
+
+@contextlib.contextmanager
+def showing(
+    progress: Progress, table: str, total: int, treport: TableReport, *, started: float
+) -> Iterator[None]:
+    """The table's line in the live display while it streams, and its seconds (since
+    ``started``, a time.monotonic()) in the report, however the stream ends."""
+    progress.start(table, total)
+    try:
+        yield
+    finally:
+        treport.seconds = time.monotonic() - started
+        progress.finish(table)
+
+
+def record_counts(treport: TableReport, start: ckpt.Checkpoint, end: ckpt.Checkpoint) -> None:
+    """What the checkpoints say this run did: exact even when lost commits were redone."""
+    treport.extracted = end.extracted - start.extracted
+    treport.loaded = end.loaded - start.loaded
+    treport.quarantined = end.quarantined - start.quarantined
+    treport.skipped = end.skipped - start.skipped
 
 
 async def read_checkpoint(target: Target, schema: str, table: str) -> ckpt.Checkpoint:
