@@ -22,9 +22,17 @@ def die_with_parent(parent: int) -> None:
     """A worker's initializer: the worker dies when ``parent`` does, however it dies (SIGKILL
     too: PR_SET_PDEATHSIG on Linux, and a watchdog on the parent's pid elsewhere), ignores the
     SIGINT/SIGTERM meant for its parent (which stops at a boundary), and holds none of its
-    parent's output open (so a pipe reading the parent's output ends with it)."""
+    parent's output open (so a pipe reading the parent's output ends with it).
+
+    A SIGTERM the parent itself sends still ends the worker: that is how the standard
+    library's pool ends the other workers when one died, and joins them; a worker ignoring
+    it left the parent waiting for ever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # told apart by the sender's pid
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread after this
+        threading.Thread(target=_terminated_by, args=(parent,), daemon=True).start()
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     quiet = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(quiet, fd)
@@ -35,6 +43,12 @@ def die_with_parent(parent: int) -> None:
     if os.getppid() != parent:  # it died before the line above took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _terminated_by(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(1)
 
 
 def _watch_parent(parent: int) -> None:

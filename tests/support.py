@@ -97,8 +97,9 @@ def cli(
     )
 
 
-def start_cli(*args: str) -> subprocess.Popen[str]:
-    """Start `python -m pipeline ARGS` with JSON logs on stderr, for tests that kill it."""
+def start_cli(*args: str, session: bool = False) -> subprocess.Popen[str]:
+    """Start `python -m pipeline ARGS` with JSON logs on stderr, for tests that kill it; with
+    ``session``, in a process group of its own (one a test may signal as a whole)."""
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_DSN"}
     return subprocess.Popen(
         [sys.executable, "-m", "flux_migrate.pipeline", *args],
@@ -107,6 +108,7 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=session,
     )
 
 
@@ -195,14 +197,18 @@ def _children(pid: int) -> set[int]:
 
 def worker_processes(proc: subprocess.Popen[str], least: int = 2) -> set[int]:
     """The worker processes of a command (its multiprocessing children, not the resource
-    tracker), once it has started ``least`` of them (within 60 s)."""
+    tracker), once ``least`` of them are up: past their start and their initializer
+    (die_with_parent points their stderr at /dev/null), within 60 s. A worker killed while
+    another is still starting meets a race inside the standard library's pool, which prints
+    tracebacks of its own; these tests are about a worker dying in its work."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         found = set()
         for p in _children(proc.pid):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 line = Path(f"/proc/{p}/cmdline").read_bytes()
-                if b"multiprocessing" in line and b"resource_tracker" not in line:
+                ready = os.readlink(f"/proc/{p}/fd/2") == os.devnull
+                if b"multiprocessing" in line and b"resource_tracker" not in line and ready:
                     found.add(p)
         if len(found) >= least:
             return found

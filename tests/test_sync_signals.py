@@ -33,7 +33,9 @@ def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subprocess.Popen[str]:
+def _start_sync(
+    path: Path, dsn: str, *, ignore_sigint: bool = False, session: bool = False
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_DSN"}
     # as a script's `cmd &` starts it: SIGINT ignored, which the child inherits
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
@@ -46,6 +48,7 @@ def _start_sync(path: Path, dsn: str, *, ignore_sigint: bool = False) -> subproc
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=session,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -105,3 +108,26 @@ def test_a_scan_worker_killed_ends_the_sync_with_a_sentence(big_source: Path, pg
     assert not any(alive(p) for p in workers)
     rerun = cli("sync", *args, timeout=300)
     assert EXIT_OK == rerun.returncode, rerun.stdout + rerun.stderr
+
+
+def test_sigterm_to_the_whole_group_stops_the_sync_at_a_boundary(
+    big_source: Path, pg_dsn: str
+) -> None:
+    """SIGTERM to the sync's whole process group (as a service manager stops it) while its
+    workers scan: they ignore a SIGTERM their sync did not send (the one it sends, when its
+    pool breaks, ends them), so the sync stops at a boundary with 143 and its sentence, not a
+    lost worker; none is left behind."""
+    args = ["--sqlite-path", str(big_source), "--postgres-dsn", pg_dsn]
+    ran = cli("run", *args, timeout=300)
+    assert ran.returncode == EXIT_OK, ran.stderr
+    proc = _start_sync(big_source, pg_dsn, session=True)
+    workers = worker_processes(proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert EXIT_SIGTERM == proc.returncode, err[-2000:]
+    assert "Stopped by SIGTERM at a batch boundary" in err, err[-2000:]
+    assert "ended abruptly" not in err, err[-2000:]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers)

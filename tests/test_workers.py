@@ -147,9 +147,9 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
-def _run_until(args: list[str], batches: int) -> tuple[Any, list[int]]:
+def _run_until(args: list[str], batches: int, *, session: bool = False) -> tuple[Any, list[int]]:
     """Start the CLI, wait for ``batches`` committed batches, return it and its workers."""
-    proc = start_cli(*args)
+    proc = start_cli(*args, session=session)
     assert proc.stderr is not None
     seen = 0
     for line in proc.stderr:
@@ -208,6 +208,27 @@ async def test_signal_stops_at_a_boundary_with_two_workers(
     assert proc.stderr is not None
     rest = proc.stderr.read()
     assert (130 if signum == signal.SIGINT else 143) == proc.wait(timeout=60), rest
+    assert [] == [w for w in workers if alive(w)]
+    rerun = cli(*_args(sample_db, pg_dsn))
+    assert 0 == rerun.returncode, rerun.stderr
+    await assert_app_tables_equal(sample_db, pg_dsn)
+
+
+async def test_sigterm_to_the_whole_group_stops_at_a_boundary_with_two_workers(
+    sample_db: Path, pg_dsn: str
+) -> None:
+    """SIGTERM to the run's whole process group (as a service manager stops it): the workers
+    ignore a SIGTERM their run did not send, so the run stops at a batch boundary with 143
+    rather than losing a worker, none is left behind, and the rerun loads exactly once."""
+    proc, workers = _run_until(_args(sample_db, pg_dsn), 10, session=True)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.stderr is not None
+    rest = proc.stderr.read()
+    assert 143 == proc.wait(timeout=60), rest
+    assert "ended abruptly" not in rest and "converter_worker_lost" not in rest, rest
+    deadline = time.monotonic() + 5
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [] == [w for w in workers if alive(w)]
     rerun = cli(*_args(sample_db, pg_dsn))
     assert 0 == rerun.returncode, rerun.stderr
