@@ -16,6 +16,8 @@ import time
 from flux_migrate.core.errors import RuntimeFailure
 
 SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
+# Whether a worker can tell who sent it a signal (Linux: sigtimedwait's si_pid).
+_SENDER_KNOWN = hasattr(signal, "sigtimedwait")
 
 
 def die_with_parent(parent: int) -> None:
@@ -28,9 +30,8 @@ def die_with_parent(parent: int) -> None:
     library's pool ends the other workers when one died, and joins them; a worker ignoring
     it left the parent waiting for ever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # told apart by the sender's pid
+    if _SENDER_KNOWN:  # SIGTERM waits for the watchdog, which asks who sent it
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread after this
-        threading.Thread(target=_terminated_by, args=(parent,), daemon=True).start()
     else:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     quiet = os.open(os.devnull, os.O_RDWR)
@@ -45,15 +46,16 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
-def _terminated_by(parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(1)
-
-
 def _watch_parent(parent: int) -> None:
+    """The worker's watchdog: it ends the worker once ``parent`` is gone (checked each second)
+    or, where the sender of a signal can be known, when ``parent`` sends it SIGTERM."""
     while os.getppid() == parent:
-        time.sleep(1.0)
+        if not _SENDER_KNOWN:
+            time.sleep(1.0)
+            continue
+        told = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        if told is not None and told.si_pid == parent:
+            break
     os._exit(1)
 
 
