@@ -82,6 +82,17 @@ def _mapped(convert: Callable[[Raw], Any]) -> ColumnConverter:
     return column
 
 
+def _fast_check(column: Column, *, text_as_bytes: bool) -> ColumnConverter | None:
+    """The C-speed check of a column's kind, if it has one."""
+    if column.kind is Kind.KEY:
+        return _keys
+    if column.kind in (Kind.TEXT, Kind.NULLABLE_TEXT) and text_as_bytes:
+        return _texts_as_bytes
+    if column.kind is Kind.TIMESTAMP:
+        return _utc_instants
+    return None
+
+
 def _column_converter(
     column: Column, *, naive_timezone: tzinfo, strip_nul: bool, text_as_bytes: bool
 ) -> ColumnConverter:
@@ -91,16 +102,9 @@ def _column_converter(
         column, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
     )
     mapped = _mapped(per_value)
-    fast: Callable[[Sequence[Raw]], Sequence[Any] | None] | None = None
-    if column.kind is Kind.KEY:
-        fast = _keys
-    elif column.kind in (Kind.TEXT, Kind.NULLABLE_TEXT) and text_as_bytes:
-        fast = _texts_as_bytes
-    elif column.kind is Kind.TIMESTAMP:
-        fast = _utc_instants
-    if fast is None:
+    check = _fast_check(column, text_as_bytes=text_as_bytes)
+    if check is None:
         return mapped
-    check = fast
 
     def column_values(values: Sequence[Raw]) -> Sequence[Any] | None:
         found = check(values)
