@@ -103,6 +103,21 @@ class QuickVerify:
         return "KEYS PENDING" if self.rows_ok else "MISMATCH"
 
 
+def _range_job(
+    settings: Settings, path: str, table: Table, quarantined: set[int], skipped: set[str]
+) -> dict[str, Any]:
+    """What every range job (verify_scan.RangeJob) of one table shares, as its fields."""
+    return {
+        "path": path,
+        "table": table,
+        "quarantined": frozenset(quarantined),
+        "skipped": frozenset(skipped),
+        "zone": settings.naive_timezone,
+        "strip_nul": settings.strip_nul,
+        "busy_timeout": settings.busy_timeout,
+    }
+
+
 async def _bookkeeping(
     conn: asyncpg.Connection, schema: str, table: str
 ) -> tuple[set[int], set[str], bool]:
@@ -532,14 +547,11 @@ async def _scan_table(
     if table.generic:
         skipped = set()  # keys only the app's tables skip
     qualified = settings.names.qualified(table.name)
+    common = _range_job(settings, path, table, quarantined, skipped)
     jobs = [
-        parallel.FullJob(
-            settings.require_dsn(), qualified, path, table, lo, hi, frozenset(quarantined),
-            frozenset(skipped), settings.naive_timezone, settings.strip_nul,
-            settings.busy_timeout,
-        )
+        parallel.FullJob(dsn=settings.require_dsn(), qualified=qualified, lo=lo, hi=hi, **common)
         for lo, hi in ranges
-    ]  # fmt: skip
+    ]
     total = parallel.RangeCheck()
     for part in await anyio.to_thread.run_sync(scanner.map, parallel.full_range, jobs):
         total.add(part)
@@ -704,21 +716,8 @@ async def _quick_canon(
     the target's by one aggregate (run at the same time unless only the source's keys count)."""
     path = str(settings.require_source())
     ranges = scanner.ranges(path, table, settings.busy_timeout)
-    jobs = [
-        scan.QuickJob(
-            path,
-            table,
-            lo,
-            hi,
-            frozenset(quarantined),
-            frozenset(skipped),
-            preexisting,
-            settings.naive_timezone,
-            settings.strip_nul,
-            settings.busy_timeout,
-        )
-        for lo, hi in ranges
-    ]
+    common = _range_job(settings, path, table, quarantined, skipped)
+    jobs = [scan.QuickJob(want_keys=preexisting, lo=lo, hi=hi, **common) for lo, hi in ranges]
     source = scan.QuickSum()
     target: tuple[int, int] = (0, 0)
 

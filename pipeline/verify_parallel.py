@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, tzinfo
 from typing import Any
 
 import asyncpg
@@ -32,21 +31,12 @@ PAGE = 5000  # source rows per target lookup
 _CACHE_LIMIT = 50_000  # distinct metadata texts remembered per worker
 
 
-@dataclass(frozen=True)
-class FullJob:
+@dataclass(frozen=True, kw_only=True)
+class FullJob(scan.RangeJob):
     """One range of one table for the full comparison."""
 
     dsn: str
     qualified: str  # the target table, quoted
-    path: str
-    table: Table
-    lo: int
-    hi: int
-    quarantined: frozenset[int] = frozenset()
-    skipped: frozenset[str] = frozenset()
-    zone: tzinfo = UTC
-    strip_nul: bool = False
-    busy_timeout: float = 10.0
 
 
 @dataclass

@@ -121,8 +121,8 @@ class Scanner:
 
 
 @dataclass(frozen=True)
-class QuickJob:
-    """One range of one table for the quick's checksum."""
+class RangeJob:
+    """One rowid range of one table for a worker reading the source (either verify)."""
 
     path: str
     table: Table
@@ -130,10 +130,16 @@ class QuickJob:
     hi: int
     quarantined: frozenset[int] = frozenset()
     skipped: frozenset[str] = frozenset()
-    want_keys: bool = False  # return the keys of the rows counted (a table that held rows)
     zone: tzinfo = UTC
     strip_nul: bool = False
     busy_timeout: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuickJob(RangeJob):
+    """One range of one table for the quick's checksum."""
+
+    want_keys: bool = False  # return the keys of the rows counted (a table that held rows)
 
 
 @dataclass
