@@ -9,7 +9,7 @@ REPEAT ?= 3
 KEEP ?=
 CODE := flux_migrate pipeline stages tests bench
 
-.PHONY: help install demo test bench bench-memory lint clean
+.PHONY: help install bytecode demo test bench bench-memory lint clean
 
 help:
 	@echo "make demo   - migrate a generated sample database into a real PostgreSQL"
@@ -26,17 +26,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Compiled once here, so that each command the tests (or you) start does not compile the
+# project's modules again where PYTHONDONTWRITEBYTECODE is set (about 0.25 s per start).
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q flux_migrate flux_migrate/pipeline flux_migrate/stages >/dev/null
+
+demo: bytecode
 	$(BIN)/flux-migrate demo $(if $(KEEP),--keep-server,)
 
-test: lint
+test: lint bytecode
 	$(BIN)/python -m pytest -q
 
 $(VENV)/.bench-stamp: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $@
 
-bench: $(VENV)/.bench-stamp
+bench: $(VENV)/.bench-stamp bytecode
 	$(BIN)/python -m bench --sessions $(SIZE) --repeat $(REPEAT)
 
 lint: $(STAMP)

@@ -66,8 +66,14 @@ async def check_accounting(
     current = await ckpt.read_checkpoints(conn, names.schema)
     for name in list(report.tables) if tables is None else tables:
         t, c = report.tables.get(name), current.get(name)
-        if t is None or c is None:
+        if t is None or (c is None and not t.extracted):  # e.g. a JSONL file with no line yet
             continue
+        if c is None:  # written before the table's first batch, never removed by a run
+            raise RuntimeFailure(
+                f"The checkpoint of {name} (target schema {names.schema}) vanished from"
+                " flux_migrate.checkpoints during the run; something else changed"
+                " flux-migrate's bookkeeping."
+            )
         if t.extracted != t.loaded + t.quarantined + t.skipped:
             raise RuntimeFailure(
                 f"Accounting failed for {name}: read {t.extracted} but loaded {t.loaded},"

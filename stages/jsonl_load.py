@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from flux_migrate.core import bookkeeping as ckpt
+from flux_migrate.core.errors import RuntimeFailure
 from flux_migrate.core.jsonl_bookkeeping import mark_seen, ours, record_write, seen_before
 from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import qualified, quote_ident
@@ -200,7 +201,13 @@ async def _write_rows(conn: asyncpg.Connection, ctx: JsonlLoadContext, batch: Ba
     and records every id met."""
     schema, table = ctx.schema, ctx.table
     rows, raw = batch.rows, batch.raw
-    ids: list[str | None] = list(batch.record_ids or [None] * len(rows))
+    if batch.record_ids is None or len(batch.record_ids) != len(rows):
+        # a JSONL batch is converted by convert_jsonl_batch, which keeps each row's id: without
+        # them a reconcile would record no id as seen and could not drop or skip a thing
+        raise RuntimeFailure(
+            f"A batch of {table} arrived without its records' ids; please report this."
+        )
+    ids: list[str | None] = list(batch.record_ids)
     out = _Writes(rejects=list(batch.rejects))
     reconciling = ctx.reconciling(batch)
     if reconciling and rows:

@@ -197,3 +197,36 @@ async def test_a_row_someone_else_writes_into_a_filled_table_fails_the_accountin
         done.returncode,
         done.stderr.strip().splitlines()[-1].removeprefix("flux-migrate: error: "),
     )
+
+
+async def test_a_checkpoint_gone_before_the_accounting_fails_it_naming_the_table(
+    sample_db: Path, pg_dsn: str
+) -> None:
+    """A table that read rows this run but whose checkpoint someone deleted fails the
+    accounting with a sentence (it used to be passed over), while a table that read nothing and
+    has no checkpoint (a JSONL file without a line yet) is passed over."""
+    import asyncpg
+
+    from flux_migrate.core.errors import RuntimeFailure
+    from flux_migrate.pipeline.finish import check_accounting
+    from flux_migrate.pipeline.report import RunReport, TableReport
+    from tests.support import app_settings
+
+    args = ["run", "--sqlite-path", str(sample_db), "--postgres-dsn", pg_dsn, "--no-progress"]
+    assert 0 == cli(*args).returncode
+    loaded = await fetchval(pg_dsn, "SELECT count(*) FROM sessions")
+    report = RunReport(run_id="r")
+    report.tables["sessions"] = TableReport(extracted=loaded, loaded=loaded)
+    report.tables["nothing_yet"] = TableReport()
+    settings = app_settings(sample_db, pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await check_accounting(conn, settings, report)  # as the run left it: passes
+        await conn.execute(
+            "DELETE FROM flux_migrate.checkpoints WHERE target_schema = 'public'"
+            " AND source_table = 'sessions'"
+        )
+        with pytest.raises(RuntimeFailure, match="The checkpoint of sessions .* vanished"):
+            await check_accounting(conn, settings, report)
+    finally:
+        await conn.close()
