@@ -34,8 +34,10 @@ bytecode: $(STAMP)
 demo: bytecode
 	$(BIN)/flux-migrate demo $(if $(KEEP),--keep-server,)
 
+# One test process per core (at most 4), each with its own throwaway PostgreSQL unless
+# TEST_POSTGRES_DSN names one; a test file stays in one process (its module fixtures).
 test: lint bytecode
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 $(VENV)/.bench-stamp: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'

@@ -48,7 +48,22 @@ def _embedded_dsn() -> str:
     if not _EMBEDDED:
         workdir = Path(tempfile.mkdtemp(prefix="flux-test-pg-"))
         _EMBEDDED.append(start_server(workdir / "pgdata", cleanup_mode="delete"))
+        asyncio.run(_throwaway_settings(dsn_for(_EMBEDDED[0])))
     return dsn_for(_EMBEDDED[0])
+
+
+async def _throwaway_settings(dsn: str) -> None:
+    """The session's own server keeps nothing past the session, so it need not survive a crash
+    of the machine: no fsync, no full-page images (a database created and dropped per test costs
+    a fifth). Commits stay synchronous: a commit acknowledged before a test kills or restarts
+    the server is still there after it, as on any server."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ALTER SYSTEM SET fsync = off")
+        await conn.execute("ALTER SYSTEM SET full_page_writes = off")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
 
 
 def pytest_sessionfinish() -> None:
@@ -119,11 +134,31 @@ async def _admin(dsn: str, sql: str) -> None:
 def fresh_database(server_dsn: str) -> Iterator[str]:
     """A DSN to a brand-new empty database on the server, dropped when the generator ends."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"{_strategy(server_dsn)}'))
     try:
         yield with_database(server_dsn, name)
     finally:
         asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+_STRATEGY: dict[str, str] = {}
+
+
+def _strategy(server_dsn: str) -> str:
+    """Copy the template's files (PostgreSQL 15+; 4x quicker for an empty database than
+    through the WAL, the default), once the server's version is known."""
+    if server_dsn not in _STRATEGY:
+
+        async def version() -> int:
+            conn = await asyncpg.connect(server_dsn)
+            try:
+                return int(await conn.fetchval("SHOW server_version_num"))
+            finally:
+                await conn.close()
+
+        new_enough = asyncio.run(version()) >= 150000
+        _STRATEGY[server_dsn] = " STRATEGY FILE_COPY" if new_enough else ""
+    return _STRATEGY[server_dsn]
 
 
 @pytest.fixture
