@@ -21,15 +21,11 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import os
-import signal
 import sqlite3
-from array import array
 from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass
-from datetime import tzinfo
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -37,129 +33,17 @@ import aiosqlite
 import anyio
 import structlog
 
-from flux_migrate.core.schema import Kind, Table, quote_ident
-from flux_migrate.core.target import instant_micros
+from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.pipeline.convert_worker import RangeJob, convert_range, read_range, serve
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.pipeline.workers import SPAWN, die_with_parent
+from flux_migrate.pipeline.workers import SPAWN
 from flux_migrate.stages.batch import Batch
-from flux_migrate.stages.extract import (
-    fetch_rows,
-    keyset_sql,
-    mark_orphans,
-    orphan_rowids,
-    page_batch,
-    read_failure,
-    select_sql,
-    source_uri,
-)
-from flux_migrate.stages.load import digest_ids
-from flux_migrate.stages.transform import transform_batch
+from flux_migrate.stages.extract import fetch_rows, orphan_rowids, read_failure
+from flux_migrate.stages.extract_sql import source_uri
 
 log = structlog.get_logger("flux_migrate")
 
 IN_FLIGHT = 2  # batches handed to the pool ahead of the loader, per worker
-
-
-@dataclass(frozen=True)
-class RangeJob:
-    """One batch to convert: the rows of ``table`` with ``lo < rowid <= hi``, and how."""
-
-    uri: str
-    busy_timeout: float
-    table: Table
-    lo: int
-    hi: int
-    orphans: array[int] | None  # the orphan rowids in the range; None: the per-row check
-    naive_timezone: tzinfo
-    strip_nul: bool
-    missing_parents: Collection[str]
-
-
-def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any, ...]]:
-    """The source rows of the job's range in rowid order, as extract reads them (orphans
-    flagged), on a read-only connection opened for the call."""
-    table = job.table
-    per_row = per_row_check or job.orphans is None
-    sql = select_sql(table, orphan_flag=per_row) + keyset_sql(table)
-    db = sqlite3.connect(job.uri, uri=True, timeout=job.busy_timeout)
-    try:
-        db.text_factory = bytes
-        every = min(job.hi - job.lo, 2**62)  # the most rowids the range can hold: no limit
-        rows: list[tuple[Any, ...]] = db.execute(sql, (job.lo, job.hi, every)).fetchall()
-    finally:
-        db.close()
-    return rows if per_row else mark_orphans(rows, job.orphans or ())
-
-
-def convert_range(job: RangeJob) -> Batch | None:
-    """In a worker (or, after a worker died, in a thread): the job's batch read, converted and
-    stripped of its raw values (None when the range holds no row now)."""
-    rows = read_range(job)
-    if not rows:
-        return None
-    batch = transform_batch(
-        page_batch(job.table, 0, job.lo, rows),
-        job.table,
-        naive_timezone=job.naive_timezone,
-        strip_nul=job.strip_nul,
-        missing_parents=job.missing_parents,
-        text_as_bytes=True,
-    )
-    del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
-    batch = dataclasses.replace(batch, raw=[], ids=digest_ids(job.table, batch.raw))
-    _instants_as_micros(job.table, batch.rows)
-    return batch
-
-
-def _instants_as_micros(table: Table, rows: list[tuple[Any, ...]]) -> None:
-    """Replace, in ``rows`` (in place: one row's copy at a time), the instants of timestamp
-    columns outside the key by their instant_micros (what the load's timestamptz encoder sends
-    either way), cheaper to ship than datetimes."""
-    at = [
-        i
-        for i, c in enumerate(table.columns)
-        if i > 0 and c.kind in (Kind.TIMESTAMP, Kind.INSTANT) and c.name not in table.primary_key
-    ]
-    if not at:
-        return
-    for n, row in enumerate(rows):
-        values = list(row)
-        for i in at:
-            if values[i] is not None:
-                values[i] = instant_micros(values[i])
-        rows[n] = tuple(values)
-
-
-def _serve(conn: Connection, parent: int) -> None:
-    """A converter process: convert each job received on ``conn`` and send back ("ok", batch)
-    or ("error", exception), until ``conn`` closes. It dies with ``parent`` and ignores the
-    terminal's SIGINT (the run stops at a batch boundary)."""
-    die_with_parent(parent)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            reply: tuple[str, Any] = ("ok", convert_range(job))
-        except Exception as exc:  # noqa: BLE001 - sent to the coordinator, which raises it
-            reply = ("error", exc if isinstance(exc, sqlite3.Error) else RuntimeError(repr(exc)))
-        try:
-            conn.send(reply)
-        except OSError:
-            return
-        del job, reply
-        _trim()  # the batch's memory back to the system between batches
-
-
-def _trim() -> None:
-    """Return the C allocator's free memory to the system (glibc's malloc_trim; nothing
-    elsewhere): a converter's resident memory then falls back between batches."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -245,7 +129,7 @@ class ConverterPool:
 
 def _start(parent: int) -> _Converter:
     ours, theirs = SPAWN.Pipe(duplex=True)
-    process = SPAWN.Process(target=_serve, args=(theirs, parent), daemon=True)
+    process = SPAWN.Process(target=serve, args=(theirs, parent), daemon=True)
     process.start()
     theirs.close()  # only the converter holds its end: its death is an EOF here
     return _Converter(process, ours)

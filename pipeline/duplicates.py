@@ -40,7 +40,7 @@ from flux_migrate.pipeline.report import RunReport
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.convert import raw_to_json
-from flux_migrate.stages.extract import select_sql
+from flux_migrate.stages.extract_sql import select_sql
 from flux_migrate.stages.transform import key_of, transform_batch
 
 log = structlog.get_logger("flux_migrate")

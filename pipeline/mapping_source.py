@@ -30,7 +30,8 @@ from flux_migrate.core.mapping import (
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.core.target_rules import schema_problems
 from flux_migrate.pipeline.evidence import table_evidence
-from flux_migrate.stages.extract import require_source_file, source_uri
+from flux_migrate.stages.extract import require_source_file
+from flux_migrate.stages.extract_sql import source_uri
 
 
 async def recorded_mapping_of(conn: asyncpg.Connection, schema: str) -> Mapping | None:

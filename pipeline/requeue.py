@@ -15,7 +15,8 @@ from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.batch import Batch
-from flux_migrate.stages.extract import fetch_rows, select_sql, variable_limit
+from flux_migrate.stages.extract import fetch_rows, variable_limit
+from flux_migrate.stages.extract_sql import select_sql
 from flux_migrate.stages.load import LoadContext, copy_isolating
 from flux_migrate.stages.transform import row_key, transform_batch
 

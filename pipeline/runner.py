@@ -555,7 +555,8 @@ async def _stream_from(
         functools.partial(_commit, ctx),
         run.target,
         BatchLog(ctx.run_id, table.name, run.progress, position="rowid"),
-        buffer_batches=settings.buffer_batches,
+        # With converter processes the batches they hold are the read-ahead: one here.
+        buffer_batches=settings.buffer_batches if pool is None else 1,
         stop=ctx.stop,
         single_transaction=ctx.single_transaction,
     )

@@ -38,7 +38,8 @@ from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.workers import SPAWN, die_with_parent, worker_lost
-from flux_migrate.stages.extract import fetch_rows, source_uri, variable_limit
+from flux_migrate.stages.extract import fetch_rows, variable_limit
+from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.transform import key_of
 
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)

@@ -16,7 +16,7 @@ from flux_migrate.core.catalog import table_exists
 from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.stages.extract import key_types_sql
+from flux_migrate.stages.extract_sql import key_types_sql
 from flux_migrate.stages.transform import row_key
 
 PAGE = 5000

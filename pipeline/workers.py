@@ -12,8 +12,10 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from flux_migrate.core.errors import RuntimeFailure
+if TYPE_CHECKING:
+    from flux_migrate.core.errors import RuntimeFailure
 
 SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
 # Whether a worker can tell who sent it a signal (Linux: sigtimedwait's si_pid).
@@ -62,6 +64,8 @@ def _watch_parent(parent: int) -> None:
 def worker_lost(command: str) -> RuntimeFailure:
     """The error of a command whose read-only worker process ended abruptly (killed, or out of
     memory): nothing was written, running the command again is the way on."""
+    from flux_migrate.core.errors import RuntimeFailure  # here: workers import no driver
+
     return RuntimeFailure(
         f"A process reading the source for {command} ended abruptly (killed, or out of"
         f" memory); nothing was written. Run {command} again."

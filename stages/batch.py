@@ -44,7 +44,7 @@ class Batch:
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     digests: list[int] | None = None  # of ``raw`` (core.digest), when transform computed them
-    # The source rowids and digest-pack keys of ``rows`` (load.digest_ids) of a batch that
+    # The source rowids and digest-pack keys of ``rows`` (transform.digest_ids) of a batch that
     # arrives without ``raw`` (converted in a worker process); None when ``raw`` is there.
     ids: tuple[list[int], list[str]] | None = None
     # A JSONL batch, converted: the target columns of ``rows`` (the table's, as the batches

@@ -18,7 +18,7 @@ from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
 from flux_migrate.core.schema import Column, Table, TargetNames, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_to_json
-from flux_migrate.stages.transform import key_of, key_sql, row_key
+from flux_migrate.stages.transform import digest_ids, key_of, key_sql, row_key
 
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
 
@@ -115,14 +115,6 @@ def quarantine_records(
         )
         for r in rejects
     ]
-
-
-def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], list[str]]:
-    """The rowids of source rows ``raw`` and their keys as a digest pack holds them (no keys
-    for a table without a one-column key: it gets no digests)."""
-    at = key_position(table.column_names, table.primary_key)
-    keys = [] if at is None else [key_of(r[at + 1]) or "" for r in raw]
-    return [r[0] for r in raw], keys
 
 
 async def write_digests(

@@ -8,10 +8,9 @@ import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from datetime import UTC, tzinfo
+from typing import Any
 
-import anyio
-
-from flux_migrate.core.digest import digests
+from flux_migrate.core.digest import digests, key_position
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.columns import batch_converter
@@ -192,11 +191,13 @@ async def transform(
     text_as_bytes: bool = False,
 ) -> AsyncGenerator[Batch, None]:
     """Yield each upstream batch converted; closes its upstream when closed or cancelled."""
+    from anyio import to_thread  # here: a converter process imports no event loop (memory)
+
     async with contextlib.aclosing(source):  # type: ignore[type-var]
         async for batch in source:
             # In a worker thread: the event loop keeps feeding COPY while a batch converts
             # (the GIL is handed over every few ms), so PostgreSQL does not sit idle.
-            converted = await anyio.to_thread.run_sync(
+            converted = await to_thread.run_sync(
                 functools.partial(
                     transform_batch,
                     batch,
@@ -208,3 +209,11 @@ async def transform(
                 )
             )
             yield converted
+
+
+def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], list[str]]:
+    """The rowids of source rows ``raw`` and their keys as a digest pack holds them (no keys
+    for a table without a one-column key: it gets no digests)."""
+    at = key_position(table.column_names, table.primary_key)
+    keys = [] if at is None else [key_of(r[at + 1]) or "" for r in raw]
+    return [r[0] for r in raw], keys

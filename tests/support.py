@@ -21,7 +21,7 @@ import asyncpg
 
 from flux_migrate.core.schema import TABLES, TargetNames
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.stages.extract import source_uri
+from flux_migrate.stages.extract_sql import source_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -137,3 +137,23 @@ def test_the_package_links_point_at_the_root_folders() -> None:
     """``flux_migrate/pipeline`` and ``flux_migrate/stages`` are the root folders, not copies."""
     for room in ("pipeline", "stages"):
         assert (ROOT / PACKAGE / room).resolve() == (ROOT / room).resolve()
+
+
+def test_a_converter_process_imports_no_event_loop_driver_or_logger() -> None:
+    """What a run's converter process imports (the main module again, as multiprocessing's
+    spawn does, then the module of its function) holds no asyncio, driver or logger: each of
+    them costs every converter ~20 MB of resident memory (the run's memory goal)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import runpy, sys\n"
+        "runpy.run_module('flux_migrate.pipeline.__main__', run_name='__mp_main__')\n"
+        "import flux_migrate.pipeline.convert_worker\n"
+        "heavy = ('asyncio', 'anyio', 'asyncpg', 'aiosqlite', 'structlog', 'ssl', 'rich')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == [], done.stdout

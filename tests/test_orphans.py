@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from flux_migrate.core.schema import MESSAGES, Table, quote_ident
 from flux_migrate.pipeline.mapping_source import resolve_mapping
 from flux_migrate.stages import extract as extract_module
-from flux_migrate.stages.extract import extract, fetch_rows, open_source, page_batch
+from flux_migrate.stages.extract import extract, fetch_rows, open_source
+from flux_migrate.stages.extract_sql import page_batch
 from flux_migrate.stages.transform import transform_batch
 
 pytestmark = pytest.mark.anyio

@@ -14,6 +14,7 @@ import structlog
 
 from flux_migrate.core.dsn import dsn_location, redact
 from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify, translate
+from flux_migrate.core.instant import PG_EPOCH, instant_micros
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")
@@ -44,16 +45,7 @@ async def accept_text_bytes(conn: asyncpg.Connection) -> None:
         )
 
 
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_ONE_MICROSECOND = timedelta(microseconds=1)
 _PG_INFINITY = 2**63 - 1
-
-
-def instant_micros(value: datetime) -> int:
-    """An aware instant as PostgreSQL's timestamptz holds it: microseconds since 2000-01-01 UTC."""
-    if value.tzinfo is None:
-        raise TypeError("a naive datetime has no instant; flux-migrate sends only aware ones")
-    return (value - _PG_EPOCH) // _ONE_MICROSECOND
 
 
 def _instant_to_wire(value: datetime | int) -> tuple[int]:
@@ -70,7 +62,7 @@ def _instant_from_wire(value: tuple[int]) -> datetime:
         return datetime.max.replace(tzinfo=UTC)
     if micros == -_PG_INFINITY - 1:
         return datetime.min.replace(tzinfo=UTC)
-    return _PG_EPOCH + timedelta(microseconds=micros)
+    return PG_EPOCH + timedelta(microseconds=micros)
 
 
 async def send_instants_exactly(conn: asyncpg.Connection) -> None:

@@ -1,0 +1,17 @@
+"""An instant as PostgreSQL's timestamptz holds it (its binary wire form): what the load's
+encoder sends and what a converter process ships instead of a datetime. Imports nothing else
+of the project."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+def instant_micros(value: datetime) -> int:
+    """An aware instant as PostgreSQL's timestamptz holds it: microseconds since 2000-01-01 UTC."""
+    if value.tzinfo is None:
+        raise TypeError("a naive datetime has no instant; flux-migrate sends only aware ones")
+    return (value - PG_EPOCH) // _ONE_MICROSECOND

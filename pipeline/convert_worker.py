@@ -1,0 +1,126 @@
+"""A converter process of the run (see convert_pool): reads one rowid range of a table on a
+read-only connection of its own, converts it with the in-process path's extract and transform
+code and sends the batch back. It imports no event loop, driver or logger (about 20 MB less
+resident memory per process than the coordinator's modules)."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import signal
+import sqlite3
+from array import array
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import tzinfo
+from multiprocessing.connection import Connection
+from typing import Any
+
+from flux_migrate.core.instant import instant_micros
+from flux_migrate.core.schema import Kind, Table
+from flux_migrate.pipeline.workers import die_with_parent
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract_sql import keyset_sql, mark_orphans, page_batch, select_sql
+from flux_migrate.stages.transform import digest_ids, transform_batch
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    """One batch to convert: the rows of ``table`` with ``lo < rowid <= hi``, and how."""
+
+    uri: str
+    busy_timeout: float
+    table: Table
+    lo: int
+    hi: int
+    orphans: array[int] | None  # the orphan rowids in the range; None: the per-row check
+    naive_timezone: tzinfo
+    strip_nul: bool
+    missing_parents: Collection[str]
+
+
+def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any, ...]]:
+    """The source rows of the job's range in rowid order, as extract reads them (orphans
+    flagged), on a read-only connection opened for the call."""
+    table = job.table
+    per_row = per_row_check or job.orphans is None
+    sql = select_sql(table, orphan_flag=per_row) + keyset_sql(table)
+    db = sqlite3.connect(job.uri, uri=True, timeout=job.busy_timeout)
+    try:
+        db.text_factory = bytes
+        every = min(job.hi - job.lo, 2**62)  # the most rowids the range can hold: no limit
+        rows: list[tuple[Any, ...]] = db.execute(sql, (job.lo, job.hi, every)).fetchall()
+    finally:
+        db.close()
+    return rows if per_row else mark_orphans(rows, job.orphans or ())
+
+
+def convert_range(job: RangeJob) -> Batch | None:
+    """In a worker (or, after a worker died, in a thread): the job's batch read, converted and
+    stripped of its raw values (None when the range holds no row now)."""
+    rows = read_range(job)
+    if not rows:
+        return None
+    batch = transform_batch(
+        page_batch(job.table, 0, job.lo, rows),
+        job.table,
+        naive_timezone=job.naive_timezone,
+        strip_nul=job.strip_nul,
+        missing_parents=job.missing_parents,
+        text_as_bytes=True,
+    )
+    del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
+    batch = dataclasses.replace(batch, raw=[], ids=digest_ids(job.table, batch.raw))
+    _instants_as_micros(job.table, batch.rows)
+    return batch
+
+
+def _instants_as_micros(table: Table, rows: list[tuple[Any, ...]]) -> None:
+    """Replace, in ``rows`` (in place: one row's copy at a time), the instants of timestamp
+    columns outside the key by their instant_micros (what the load's timestamptz encoder sends
+    either way), cheaper to ship than datetimes."""
+    at = [
+        i
+        for i, c in enumerate(table.columns)
+        if i > 0 and c.kind in (Kind.TIMESTAMP, Kind.INSTANT) and c.name not in table.primary_key
+    ]
+    if not at:
+        return
+    for n, row in enumerate(rows):
+        values = list(row)
+        for i in at:
+            if values[i] is not None:
+                values[i] = instant_micros(values[i])
+        rows[n] = tuple(values)
+
+
+def serve(conn: Connection, parent: int) -> None:
+    """A converter process: convert each job received on ``conn`` and send back ("ok", batch)
+    or ("error", exception), until ``conn`` closes. It dies with ``parent`` and ignores the
+    terminal's SIGINT (the run stops at a batch boundary)."""
+    die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", convert_range(job))
+        except Exception as exc:  # noqa: BLE001 - sent to the coordinator, which raises it
+            reply = ("error", exc if isinstance(exc, sqlite3.Error) else RuntimeError(repr(exc)))
+        try:
+            conn.send(reply)
+        except OSError:
+            return
+        del job, reply
+        _trim()  # the batch's memory back to the system between batches
+
+
+def _trim() -> None:
+    """Return the C allocator's free memory to the system (glibc's malloc_trim; nothing
+    elsewhere): a converter's resident memory then falls back between batches."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
