@@ -97,8 +97,8 @@ def main() -> int:
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute("DROP SCHEMA IF EXISTS flux_bench_jsonl CASCADE")
-            if await conn.fetchval("SELECT to_regclass('flux_migrate.checkpoints') IS NOT NULL"):
-                for table in ("checkpoints", "quarantine", "jsonl_seen"):
+            for table in ("checkpoints", "quarantine", "jsonl_seen"):  # each made when needed
+                if await conn.fetchval(f"SELECT to_regclass('flux_migrate.{table}') IS NOT NULL"):
                     await conn.execute(
                         f"DELETE FROM flux_migrate.{table} WHERE target_schema = 'flux_bench_jsonl'"
                     )
