@@ -330,3 +330,23 @@ async def test_duplicate_id_is_quarantined_and_the_first_arrival_kept(
         " FROM flux_migrate.quarantine",
     )
     assert ["duplicate_key:file_rewritten", "duplicate_key:open"] == reasons
+
+
+async def test_a_jsonl_batch_without_its_records_ids_is_refused_before_writing(pg_dsn: str) -> None:
+    """A JSONL batch that lost its records' ids (only convert_jsonl_batch builds them today) is
+    refused with a sentence before a row is written: a reconcile could not record or skip ids."""
+    from flux_migrate.core.errors import RuntimeFailure
+    from flux_migrate.stages.batch import Batch
+    from flux_migrate.stages.jsonl_load import JsonlLoadContext, _write_rows
+
+    ctx = JsonlLoadContext(schema="public", table="feedback", run_id="r")
+    raw = [(0, b'{"id": "a"}'), (12, b'{"id": "b"}')]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        for ids in (None, ["a"]):  # none, or not one per row
+            batch = Batch(table="feedback", seq=1, after_rowid=0, last_rowid=24, extracted=2,
+                          raw=raw, rows=[("a",), ("b",)], columns=("id",), record_ids=ids)  # fmt: skip
+            with pytest.raises(RuntimeFailure, match="arrived without its records' ids"):
+                await _write_rows(conn, ctx, batch)
+    finally:
+        await conn.close()
