@@ -344,8 +344,10 @@ async def test_a_jsonl_batch_without_its_records_ids_is_refused_before_writing(p
     conn = await asyncpg.connect(pg_dsn)
     try:
         for ids in (None, ["a"]):  # none, or not one per row
-            batch = Batch(table="feedback", seq=1, after_rowid=0, last_rowid=24, extracted=2,
-                          raw=raw, rows=[("a",), ("b",)], columns=("id",), record_ids=ids)  # fmt: skip
+            batch = Batch(
+                table="feedback", seq=1, after_rowid=0, last_rowid=24, extracted=2, raw=raw,
+                rows=[("a",), ("b",)], columns=("id",), record_ids=ids,
+            )  # fmt: skip
             with pytest.raises(RuntimeFailure, match="arrived without its records' ids"):
                 await _write_rows(conn, ctx, batch)
     finally:
