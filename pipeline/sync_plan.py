@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import os
 import sqlite3
 from array import array
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -37,7 +36,7 @@ from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.workers import SPAWN, die_with_parent, worker_lost
+from flux_migrate.pipeline.workers import worker_lost, worker_pool
 from flux_migrate.stages.extract import fetch_rows, variable_limit
 from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.transform import key_of
@@ -186,16 +185,7 @@ async def _scanned(
     more). A worker that dies (killed, out of memory) ends the sync with one sentence."""
     uri, sql, ncols, at, timeout = args
     loop = asyncio.get_running_loop()
-    pool: Executor = (
-        ProcessPoolExecutor(
-            max_workers=WORKERS,
-            mp_context=SPAWN,
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
-        )
-        if len(ranges) > 1
-        else ThreadPoolExecutor(max_workers=1)
-    )
+    pool: Executor = worker_pool(WORKERS) if len(ranges) > 1 else ThreadPoolExecutor(max_workers=1)
     jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
 
     def submit(k: int) -> None:

@@ -17,7 +17,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
@@ -28,7 +28,7 @@ from urllib.parse import quote
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_canon as canon
-from flux_migrate.pipeline.workers import SPAWN, die_with_parent, worker_lost
+from flux_migrate.pipeline.workers import worker_lost, worker_pool
 
 PAGE = 20_000  # rows per fetchmany
 SMALL = 50_000  # row ids: below this span a table is read in this process (unless told)
@@ -99,12 +99,7 @@ class Scanner:
             return [fn(job) for job in jobs]
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=SPAWN,
-                    initializer=die_with_parent,
-                    initargs=(os.getpid(),),
-                )
+                self._pool = worker_pool(self.workers)
             pool = self._pool
         try:
             return list(pool.map(fn, jobs))

@@ -15,6 +15,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
     from flux_migrate.core.errors import RuntimeFailure
 
 SPAWN = multiprocessing.get_context("spawn")  # no fork of a process running threads
@@ -46,6 +48,26 @@ def die_with_parent(parent: int) -> None:
     if os.getppid() != parent:  # it died before the line above took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A standard-library pool of ``workers`` processes (spawned, dying with this one), all of
+    them started now, before its first job.
+
+    Left to itself the pool starts a spawned process per job submitted while its manager thread
+    already runs; when one dies in that window, the manager terminates the processes it knows
+    and then joins all of them, the one still being started included, which it never
+    terminated: the command waited for ever (or printed the pool's own traceback when the list
+    changed under it). Started up front, every process is known before the manager runs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=SPAWN, initializer=die_with_parent, initargs=(os.getpid(),)
+    )
+    launch = getattr(pool, "_launch_processes", None)  # the pool's own: what it does under fork
+    if launch is not None:
+        launch()
+    return pool
 
 
 def _watch_parent(parent: int) -> None:

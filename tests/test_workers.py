@@ -251,3 +251,28 @@ def test_workers_setting_comes_from_flag_config_or_environment(
     monkeypatch.setenv("FLUX_MIGRATE_WORKERS", "many")
     with pytest.raises(ConfigError, match="FLUX_MIGRATE_WORKERS must be a whole number"):
         load_settings()
+
+
+def test_a_worker_pool_starts_every_process_before_its_first_job() -> None:
+    """sync's and verify's process pools know all their processes before the first job: a
+    process started per job while the pool's manager already ran, then one of them killed,
+    left the manager joining a process it never terminated (verify hung, 2 early kills in 80);
+    here a killed process breaks the pool at once and every process ends."""
+    import threading
+    from concurrent.futures.process import BrokenProcessPool
+
+    from flux_migrate.pipeline.workers import worker_pool
+
+    pool = worker_pool(2)
+    processes = list(pool._processes.values())  # noqa: SLF001 - what the manager will know
+    assert len(processes) == 2
+    os.kill(processes[0].pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        list(pool.map(abs, range(-4, 4)))
+    closing = threading.Thread(target=pool.shutdown, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive(), "the pool's shutdown hung"
+    for p in processes:
+        p.join(timeout=10)
+    assert [p.exitcode is not None for p in processes] == [True, True]
