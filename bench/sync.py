@@ -31,10 +31,14 @@ def app_changes(path: Path, *, seed: int = 11) -> dict[str, int]:
     db = sqlite3.connect(path)
     try:
         keys = [r[0] for r in db.execute("SELECT id FROM sessions ORDER BY rowid")][16:]
-        picked = rng.sample(keys, RENAMED + APPENDED + DELETED)
-        renamed = picked[:RENAMED]
-        appended = picked[RENAMED : RENAMED + APPENDED]
-        deleted = picked[RENAMED + APPENDED :]
+        # a small database (make bench SIZE=2000) changes at most a fifth of its sessions each way
+        n_renamed, n_appended, n_deleted = (
+            min(n, len(keys) // 5) for n in (RENAMED, APPENDED, DELETED)
+        )
+        picked = rng.sample(keys, n_renamed + n_appended + n_deleted)
+        renamed = picked[:n_renamed]
+        appended = picked[n_renamed : n_renamed + n_appended]
+        deleted = picked[n_renamed + n_appended :]
         db.executemany(
             "UPDATE sessions SET title = ?, updated_at = ? WHERE id = ?",
             [(f"renamed {i}", now, k) for i, k in enumerate(renamed)],
@@ -60,9 +64,9 @@ def app_changes(path: Path, *, seed: int = 11) -> dict[str, int]:
     finally:
         db.close()
     return {
-        "sessions_renamed": RENAMED,
-        "messages_appended": APPENDED,
-        "sessions_deleted": DELETED,
+        "sessions_renamed": len(renamed),
+        "messages_appended": len(appended),
+        "sessions_deleted": len(deleted),
         "messages_deleted_with_them": gone,
         "sessions_new": NEW,
     }
