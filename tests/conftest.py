@@ -57,13 +57,12 @@ async def _throwaway_settings(dsn: str) -> None:
     of the machine: no fsync, no full-page images (a database created and dropped per test costs
     a fifth). Commits stay synchronous: a commit acknowledged before a test kills or restarts
     the server is still there after it, as on any server."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("ALTER SYSTEM SET fsync = off")
-        await conn.execute("ALTER SYSTEM SET full_page_writes = off")
-        await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
+    await _admin(
+        dsn,
+        "ALTER SYSTEM SET fsync = off",
+        "ALTER SYSTEM SET full_page_writes = off",
+        "SELECT pg_reload_conf()",
+    )
 
 
 def pytest_sessionfinish() -> None:
@@ -123,10 +122,12 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
-async def _admin(dsn: str, sql: str) -> None:
+async def _admin(dsn: str, *statements: str) -> None:
+    """Run ``statements`` one after the other on a connection of their own."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(sql)
+        for sql in statements:
+            await conn.execute(sql)
     finally:
         await conn.close()
 

@@ -44,6 +44,7 @@ import asyncpg
 import pytest
 
 from flux_migrate.core.schema import TABLES
+from tests.conftest import _admin
 from tests.support import ROOT
 
 GUIDE = ROOT / "docs" / "operations.md"
@@ -353,15 +354,6 @@ def password_server(suffix: str) -> Iterator[PasswordServer]:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user, timeout=60)
         server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
-
-
-async def _admin(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
