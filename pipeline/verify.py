@@ -131,11 +131,16 @@ async def _bookkeeping(
     return quarantined, skipped, pre
 
 
-async def _quarantined_keys(conn: asyncpg.Connection, schema: str, table: Table) -> set[str]:
-    """A WITHOUT ROWID table's unresolved quarantined keys (its rowids are only positions)."""
+async def _quarantined_rows(
+    conn: asyncpg.Connection, schema: str, table: Table
+) -> set[tuple[Any, ...]]:
+    """A WITHOUT ROWID table's unresolved quarantined rows, known by their raw values (its
+    rowids are only positions, and two rows can share a key once converted)."""
     if not table.without_rowid or not await ckpt.bookkeeping_exists(conn):
         return set()
-    return await ckpt.unresolved_keys(conn, schema, table.name)
+    found = await ckpt.unresolved_raw(conn, schema, table.name)
+    known = (generic.stored_identity(table, raw) for raw in found)
+    return {row for row in known if row is not None}
 
 
 async def _source_pages(
@@ -439,8 +444,8 @@ async def verify_generic_table(
     """Compare the multisets of canonical rows; rows on one side only that share a key with a
     row on the other side count as different, the rest as missing or extra."""
     quarantined, _, preexisting = await _bookkeeping(conn, settings.names.schema, table.name)
-    keys = await _quarantined_keys(conn, settings.names.schema, table)
-    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, keys)
+    raws = await _quarantined_rows(conn, settings.names.schema, table)
+    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, raws)
     have = await generic.target_rows(conn, settings, table)
     result = TableVerify(table.name, quarantined=len(quarantined), extra_allowed=preexisting)
     result.matched = sum((want & have).values())
@@ -626,8 +631,8 @@ async def _quick_generic(
     preexisting: bool,
 ) -> QuickVerify:
     """Counts and an order-independent checksum of the canonical rows of a generic table."""
-    keys = await _quarantined_keys(conn, settings.names.schema, table)
-    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, keys)
+    raws = await _quarantined_rows(conn, settings.names.schema, table)
+    want, unaccounted = await generic.source_rows(src, settings, table, quarantined, raws)
     have = await generic.target_rows(conn, settings, table)
     if preexisting:  # rows the table held before are not the source's: compare the source's
         have = Counter({row: n for row, n in have.items() if row in want})

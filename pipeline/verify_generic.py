@@ -5,6 +5,8 @@ the source, not the load's converters); rows without a key are compared as whole
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import Counter
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -17,7 +19,6 @@ from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.stages.extract_sql import key_types_sql
-from flux_migrate.stages.transform import row_key
 
 PAGE = 5000
 
@@ -49,16 +50,60 @@ def _scan_sql(table: Table) -> str:
     return f"SELECT {first}, {cols} FROM {quote_ident(table.name)} AS t"
 
 
+def raw_identity(values: Iterable[Any]) -> tuple[Any, ...]:
+    """A source row's raw values as the quarantine keeps them apart: text and blobs as their
+    bytes, numbers tagged with their storage class (1 is not 1.0), NULL."""
+    return tuple(_tagged(v) for v in values)
+
+
+def _tagged(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ("b", value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return ("b", value)
+    if isinstance(value, float):
+        return ("f", repr(value))
+    return ("i", value)
+
+
+def stored_identity(table: Table, raw_json: str) -> tuple[Any, ...] | None:
+    """The raw_identity of a quarantined row from the raw values the quarantine holds (JSON:
+    integers as numbers, reals as {"float": repr}, text as a string or, when it is not UTF-8,
+    holds NUL or the server is not UTF8, as {"base64": its bytes}); None when a column of the
+    mapping is not among them (that row then excuses no source row)."""
+    found = json.loads(raw_json)
+    if not isinstance(found, dict) or any(c not in found for c in table.column_names):
+        return None
+    out: list[Any] = []
+    for name in table.column_names:
+        value = found[name]
+        if isinstance(value, dict):
+            if "float" in value:
+                out.append(("f", repr(float(value["float"]))))
+            else:
+                out.append(("b", base64.b64decode(value.get("base64", ""))))
+        elif isinstance(value, str):
+            out.append(("b", value.encode("utf-8")))
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            out.append(None if value is None else ("i", value))
+        else:
+            return None
+    return tuple(out)
+
+
 async def source_rows(
     src: aiosqlite.Connection,
     settings: Settings,
     table: Table,
     quarantined: set[int],
-    quarantined_keys: Collection[str] = (),
+    quarantined_rows: Collection[tuple[Any, ...]] = (),
 ) -> tuple[Counter[tuple[Any, ...]], int]:
     """The canonical source rows the target must hold (as a multiset), and how many rows are
-    neither loadable nor quarantined. Quarantined rows are known by rowid, or by key in a
-    WITHOUT ROWID table (``quarantined_keys``)."""
+    neither loadable nor quarantined. Quarantined rows are known by rowid, or in a WITHOUT
+    ROWID table by their raw values (``quarantined_rows``, see stored_identity): not by key,
+    which another row, loaded, can share once converted (an integer 1 and a text '1')."""
     read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
     rows: Counter[tuple[Any, ...]] = Counter()
     unaccounted = 0
@@ -66,7 +111,7 @@ async def source_rows(
         while page := await cursor.fetchmany(PAGE):
             for raw in page:
                 if table.without_rowid:
-                    if row_key(table, raw[1:]) in quarantined_keys:
+                    if quarantined_rows and raw_identity(raw[1:]) in quarantined_rows:
                         continue
                 elif raw[0] in quarantined:
                     continue
