@@ -56,8 +56,9 @@ def rowid_ranges(
     conn = open_reader(path, busy_timeout)
     try:
         rowid = table.rowid_sql()
-        lo, hi = conn.execute(
-            f"SELECT min({rowid}), max({rowid}) FROM {quote_ident(table.name)}"
+        name = quote_ident(table.name)
+        lo, hi = conn.execute(  # one aggregate per SELECT reads the b-tree's edge, not the table
+            f"SELECT (SELECT min({rowid}) FROM {name}), (SELECT max({rowid}) FROM {name})"
         ).fetchone()
     finally:
         conn.close()

@@ -105,7 +105,12 @@ async def _bound(conn: aiosqlite.Connection, path: Path, table: Table) -> int:
         sql = f"SELECT count(*), NULL FROM {name}"
     else:
         rowid = table.rowid_sql()
-        sql = f"SELECT coalesce(max({rowid}), {BEFORE_FIRST_ROWID}), min({rowid}) FROM {name}"
+        # One aggregate per SELECT: SQLite reads min or max alone from the b-tree's edge, both
+        # in one SELECT by scanning the table.
+        sql = (
+            f"SELECT coalesce((SELECT max({rowid}) FROM {name}), {BEFORE_FIRST_ROWID}),"
+            f" (SELECT min({rowid}) FROM {name})"
+        )
     async with conn.execute(sql) as cur:
         row = await cur.fetchone()
     if row is not None and row[1] == BEFORE_FIRST_ROWID:
