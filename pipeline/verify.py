@@ -133,14 +133,14 @@ async def _bookkeeping(
 
 async def _quarantined_rows(
     conn: asyncpg.Connection, schema: str, table: Table
-) -> set[tuple[Any, ...]]:
-    """A WITHOUT ROWID table's unresolved quarantined rows, known by their raw values (its
-    rowids are only positions, and two rows can share a key once converted)."""
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """A WITHOUT ROWID table's unresolved quarantined rows: the position the load read each
+    at (its "rowid") and its raw values (two rows can share a key once converted)."""
     if not table.without_rowid or not await ckpt.bookkeeping_exists(conn):
-        return set()
+        return []
     found = await ckpt.unresolved_raw(conn, schema, table.name)
-    known = (generic.stored_identity(table, raw) for raw in found)
-    return {row for row in known if row is not None}
+    known = ((at, generic.stored_identity(table, raw)) for at, raw in found)
+    return [(at, row) for at, row in known if row is not None]
 
 
 async def _source_pages(
@@ -638,7 +638,8 @@ async def _quick_generic(
         have = Counter({row: n for row, n in have.items() if row in want})
 
     def checksum(rows: Counter[tuple[Any, ...]]) -> int:
-        return sum(int(_md5(repr(r))[:15], 16) * n for r, n in rows.items()) % (1 << 60)
+        total = sum(int(_md5(generic.canonical_text(r))[:15], 16) * n for r, n in rows.items())
+        return total % (1 << 60)
 
     return QuickVerify(
         table.name,

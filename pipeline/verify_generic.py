@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aiosqlite
@@ -34,6 +36,38 @@ def frozen(value: Any) -> Any:
     return value
 
 
+def canonical_text(row: tuple[Any, ...]) -> str:
+    """A canonical row as text that is the same exactly when the rows are equal as the full
+    verify compares them (Python's ``==``: 10, 10.0 and Decimal('1E+1') are one number; an
+    instant is one whatever its offset): what ``verify --quick`` hashes."""
+    return repr(_canonical(row))
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float | Decimal):
+        return ("num", _exact(Decimal(value)))  # Decimal of a float is exact
+    if isinstance(value, datetime) and value.utcoffset() is not None:
+        return ("instant", value.astimezone(UTC).isoformat())
+    if isinstance(value, tuple):
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
+def _exact(number: Decimal) -> str:
+    """A number's exact value as digits and exponent, trailing zeros dropped (no rounding to
+    a context's precision, as ``normalize`` would)."""
+    if not number.is_finite():
+        return "NaN" if number.is_nan() else ("-inf" if number < 0 else "inf")
+    if number.is_zero():
+        return "0"
+    sign, digits, exponent = number.as_tuple()
+    text = "".join(map(str, digits)).rstrip("0")
+    exponent = int(exponent) + len(digits) - len(text)
+    return f"{'-' if sign else ''}{text}e{exponent}"
+
+
 def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(
         frozen(v) if c.kind in (Kind.JSON, Kind.JSON_VALUE) else v
@@ -46,8 +80,11 @@ def _scan_sql(table: Table) -> str:
     plain scan: no keyset, no bound, nothing shared with extract's paging, so a row the load
     never read (at any rowid) is still seen here."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
-    first = key_types_sql(table) if table.without_rowid else table.rowid_sql("t")
-    return f"SELECT {first}, {cols} FROM {quote_ident(table.name)} AS t"
+    scan = f"{cols} FROM {quote_ident(table.name)} AS t"
+    if not table.without_rowid:
+        return f"SELECT {table.rowid_sql('t')}, {scan}"
+    keys = ", ".join(f"t.{quote_ident(c)}" for c in table.primary_key)
+    return f"SELECT {key_types_sql(table)}, {scan} ORDER BY {keys}"  # the load's positions
 
 
 def raw_identity(values: Iterable[Any]) -> tuple[Any, ...]:
@@ -98,28 +135,71 @@ async def source_rows(
     settings: Settings,
     table: Table,
     quarantined: set[int],
-    quarantined_rows: Collection[tuple[Any, ...]] = (),
+    quarantined_rows: Collection[tuple[int, tuple[Any, ...]]] = (),
 ) -> tuple[Counter[tuple[Any, ...]], int]:
     """The canonical source rows the target must hold (as a multiset), and how many rows are
-    neither loadable nor quarantined. Quarantined rows are known by rowid, or in a WITHOUT
-    ROWID table by their raw values (``quarantined_rows``, see stored_identity): not by key,
-    which another row, loaded, can share once converted (an integer 1 and a text '1')."""
+    neither loadable nor quarantined. Quarantined rows are known by rowid; in a WITHOUT ROWID
+    table by the position the load read them at and their raw values (``quarantined_rows``,
+    see stored_identity), not by key, which a loaded row can share once converted (an
+    integer 1 and a text '1')."""
     read = ref.source_row_reader(table, zone=settings.naive_timezone, strip_nul=settings.strip_nul)
     rows: Counter[tuple[Any, ...]] = Counter()
     unaccounted = 0
+    aside = _Aside(quarantined_rows)
+
+    def add(raw: Sequence[Any]) -> None:
+        nonlocal unaccounted
+        try:
+            rows[_row(table, read(tuple(raw[1:])))] += 1
+        except ref.Unreadable:
+            unaccounted += 1
+
     async with src.execute(_scan_sql(table)) as cursor:
         while page := await cursor.fetchmany(PAGE):
             for raw in page:
                 if table.without_rowid:
-                    if quarantined_rows and raw_identity(raw[1:]) in quarantined_rows:
+                    if aside.takes(raw):
                         continue
                 elif raw[0] in quarantined:
                     continue
-                try:
-                    rows[_row(table, read(raw[1:]))] += 1
-                except ref.Unreadable:
-                    unaccounted += 1
+                add(raw)
+    for rest in aside.left():
+        add(rest)
     return rows, unaccounted
+
+
+class _Aside:
+    """Sets a WITHOUT ROWID table's quarantined rows aside during a scan in key order: a row
+    at the position a quarantined row with its raw values was read at; the other rows with
+    those values (positions move when rows are inserted before them) wait to the end, where
+    the last of them make up the quarantined rows still unmatched."""
+
+    def __init__(self, quarantined: Collection[tuple[int, tuple[Any, ...]]]) -> None:
+        self.at = set(quarantined)
+        self.open = Counter(row for _, row in quarantined)
+        self.waiting: dict[tuple[Any, ...], list[Sequence[Any]]] = {}
+        self.position = 0
+
+    def takes(self, raw: Sequence[Any]) -> bool:
+        """Whether the next row of the scan is set aside (quarantined) or kept to decide later."""
+        self.position += 1
+        if not self.open:
+            return False
+        row = raw_identity(raw[1:])
+        if self.open[row] <= 0:
+            return False
+        if (self.position, row) in self.at:
+            self.open[row] -= 1
+            return True
+        self.waiting.setdefault(row, []).append(raw)
+        return True
+
+    def left(self) -> list[Sequence[Any]]:
+        """The waiting rows that are not quarantined after all."""
+        out: list[Sequence[Any]] = []
+        for row, raws in self.waiting.items():
+            out += raws[: max(0, len(raws) - self.open[row])]
+        return out
 
 
 async def target_rows(

@@ -321,16 +321,16 @@ async def unresolved_keys(
 
 async def unresolved_raw(
     conn: asyncpg.Connection, target_schema: str, source_table: str
-) -> list[str]:
-    """The raw values (JSON text, column -> value) of a table's rows that are quarantined and
-    not since loaded."""
+) -> list[tuple[int, str]]:
+    """The source rowid and raw values (JSON text, column -> value) of a table's rows that are
+    quarantined and not since loaded."""
     rows = await conn.fetch(
-        f"SELECT raw::text AS raw FROM {QUARANTINE} WHERE target_schema = $1"
+        f"SELECT source_rowid, raw::text AS raw FROM {QUARANTINE} WHERE target_schema = $1"
         " AND source_table = $2 AND resolved_at IS NULL",
         target_schema,
         source_table,
     )
-    return [r["raw"] for r in rows]
+    return [(r["source_rowid"], r["raw"]) for r in rows]
 
 
 async def unresolved_rowids(
