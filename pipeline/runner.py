@@ -348,7 +348,7 @@ async def _run_table(run: Run, table: Table) -> None:
             lambda c: resume_point(run.src, c, run.settings.names, checkpoint, table),
             what="finding where to resume",
         )
-        total = await count_between(run.src, table, after, run.bounds[table.name])
+        total = await count_between(run.src, table, after, run.bounds[table.name], by_index=True)
     if total == 0:
         treport.up_to_date = True
         log.info("table_up_to_date", table=table.name, last_rowid=after)

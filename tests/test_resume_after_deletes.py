@@ -8,10 +8,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from flux_migrate.core.source import count_between
+from flux_migrate.pipeline.mapping_source import resolve_mapping
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.stages.extract import open_source
 from tests.support import cli, fetchval, source_rows, target_rows
 
 pytestmark = pytest.mark.anyio
@@ -130,3 +135,48 @@ async def test_a_different_database_is_still_refused(tmp_path: Path, pg_dsn: str
     refused = cli("run", "--sqlite-path", str(other), "--postgres-dsn", pg_dsn)
     assert 2 == refused.returncode
     assert "different SQLite database" in refused.stderr
+
+
+_INDEXES = [
+    "",
+    "CREATE INDEX t_v ON t (v)",
+    "CREATE INDEX t_v ON t (v) WHERE v > 0",  # partial: holds only some rows
+    "CREATE INDEX t_v ON t (abs(v))",
+]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rowids=st.lists(st.integers(min_value=-50, max_value=50), unique=True, max_size=30),
+    index=st.sampled_from(_INDEXES),
+    alias=st.booleans(),
+    after=st.integers(min_value=-60, max_value=60),
+    width=st.integers(min_value=0, max_value=120),
+)
+async def test_the_count_of_a_rowid_range_along_an_index_is_the_tables_own(
+    tmp_path_factory: pytest.TempPathFactory,
+    rowids: list[int],
+    index: str,
+    alias: bool,
+    after: int,
+    width: int,
+) -> None:
+    """The rows a table holds in a row id range, counted along its smallest index (the run's
+    start) or in the table (its end-of-table witness), are the rows there: any range, sparse
+    and negative row ids, a partial or an expression index, or none."""
+    path = tmp_path_factory.mktemp("count") / "t.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE t ({'id INTEGER PRIMARY KEY, ' if alias else ''}v INTEGER)")
+    if index:
+        db.execute(index)
+    db.executemany("INSERT INTO t (rowid, v) VALUES (?, ?)", [(r, r % 7 - 3) for r in rowids])
+    db.commit()
+    db.close()
+    (table,) = resolve_mapping(path, None, 5.0)[0].tables
+    upto = after + width
+    expected = sum(after < r <= upto for r in rowids)
+    async with open_source(path) as src:
+        assert expected == await count_between(src, table, after, upto)
+        assert expected == await count_between(src, table, after, upto, by_index=True)

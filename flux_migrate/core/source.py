@@ -140,12 +140,35 @@ async def sample_matches(
     return False
 
 
-async def count_between(conn: aiosqlite.Connection, table: Table, after: int, upto: int) -> int:
-    """How many rows of ``table`` have ``after < rowid <= upto``."""
-    rowid = table.rowid_sql()
+async def count_between(
+    conn: aiosqlite.Connection, table: Table, after: int, upto: int, *, by_index: bool = False
+) -> int:
+    """How many rows of ``table`` have ``after < rowid <= upto``, counted in the table itself.
+
+    ``by_index`` (where the count is not the run's witness of what it read): over half the
+    table's row ids or more, the row id test is kept from choosing the access path (``+``),
+    and SQLite counts along its smallest index, which holds every row's row id in far fewer
+    pages than the table (0.08 s instead of 0.34 s for the 1M bench messages)."""
+    rowid, name = table.rowid_sql(), quote_ident(table.name)
+    if not by_index:
+        return await _count(
+            conn, f"SELECT count(*) FROM {name} WHERE {rowid} > ? AND {rowid} <= ?", after, upto
+        )
     async with conn.execute(
-        f"SELECT count(*) FROM {quote_ident(table.name)} WHERE {rowid} > ? AND {rowid} <= ?",
-        (after, upto),
+        f"SELECT (SELECT min({rowid}) FROM {name}), (SELECT max({rowid}) FROM {name})"
     ) as cur:
+        edges = await cur.fetchone()
+    if edges is None or edges[0] is None:
+        return 0
+    lo, hi = int(edges[0]), int(edges[1])
+    wide = 2 * (min(upto, hi) - max(after, lo - 1)) >= hi - lo + 1
+    test = f"+{rowid}" if wide else rowid
+    return await _count(
+        conn, f"SELECT count(*) FROM {name} WHERE {test} > ? AND {test} <= ?", after, upto
+    )
+
+
+async def _count(conn: aiosqlite.Connection, sql: str, *args: int) -> int:
+    async with conn.execute(sql, args) as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
