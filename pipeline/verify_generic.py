@@ -20,7 +20,6 @@ from flux_migrate.core.catalog import table_exists
 from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline.settings import Settings
-from flux_migrate.stages.extract_sql import key_types_sql
 
 PAGE = 5000
 
@@ -76,7 +75,7 @@ def _row(table: Table, values: Iterable[Any]) -> tuple[Any, ...]:
 
 
 def _scan_sql(table: Table) -> str:
-    """Every source row (its rowid, or a WITHOUT ROWID table's key types, first), in one
+    """Every source row (its rowid first, NULL in a WITHOUT ROWID table), in one
     plain scan: no keyset, no bound, nothing shared with extract's paging, so a row the load
     never read (at any rowid) is still seen here."""
     cols = ", ".join(f"t.{quote_ident(c)}" for c in table.column_names)
@@ -84,7 +83,7 @@ def _scan_sql(table: Table) -> str:
     if not table.without_rowid:
         return f"SELECT {table.rowid_sql('t')}, {scan}"
     keys = ", ".join(f"t.{quote_ident(c)}" for c in table.primary_key)
-    return f"SELECT {key_types_sql(table)}, {scan} ORDER BY {keys}"  # the load's positions
+    return f"SELECT NULL, {scan} ORDER BY {keys}"  # in key order: the load's positions
 
 
 def raw_identity(values: Iterable[Any]) -> tuple[Any, ...]:
@@ -175,8 +174,8 @@ class _Aside:
     the last of them make up the quarantined rows still unmatched."""
 
     def __init__(self, quarantined: Collection[tuple[int, tuple[Any, ...]]]) -> None:
-        self.at = set(quarantined)
-        self.open = Counter(row for _, row in quarantined)
+        self.at = set(quarantined)  # a row quarantined again by a rerun counts once
+        self.open = Counter(row for _, row in self.at)
         self.waiting: dict[tuple[Any, ...], list[Sequence[Any]]] = {}
         self.position = 0
 
