@@ -636,6 +636,8 @@ async def _quick_generic(
     have = await generic.target_rows(conn, settings, table)
     if preexisting:  # rows the table held before are not the source's: compare the source's
         have = Counter({row: n for row, n in have.items() if row in want})
+    for row in _previous_versions(table, have - want, await _open_keys(conn, settings, table)):
+        del have[row]  # a quarantined source row's previous version, kept by sync (as verify)
 
     def checksum(rows: Counter[tuple[Any, ...]]) -> int:
         total = sum(int(_md5(generic.canonical_text(r))[:15], 16) * n for r, n in rows.items())
@@ -699,8 +701,8 @@ async def _quick_one(
     conn = await open_target(settings)
     try:
         quarantined, skipped, pre = await _bookkeeping(conn, settings.names.schema, table.name)
-        if table.generic and pre:
-            return
+        if table.generic and (pre or (quarantined and len(table.primary_key) == 1)):
+            return  # compared as verify does it: previous versions of quarantined rows aside
         skip = set() if table.generic else skipped  # keys only the app's tables skip
         found[table.name] = await _quick_canon(
             conn, settings, table, scanner, quarantined, skip, pre
@@ -723,6 +725,11 @@ async def _quick_canon(
     path = str(settings.require_source())
     ranges = scanner.ranges(path, table, settings.busy_timeout)
     common = _range_job(settings, path, table, quarantined, skipped)
+    aside = set(skipped)  # target rows left out: those of skipped keys, and of quarantined rows
+    if quarantined and not table.generic:  # (their previous versions, kept by sync)
+        aside |= await anyio.to_thread.run_sync(
+            scan.quarantined_keys, path, table, quarantined, settings.busy_timeout
+        )
     jobs = [scan.QuickJob(want_keys=preexisting, lo=lo, hi=hi, **common) for lo, hi in ranges]
     source = scan.QuickSum()
     target: tuple[int, int] = (0, 0)
@@ -733,11 +740,11 @@ async def _quick_canon(
 
     if preexisting:
         await read_source()
-        target = await _target_sum(conn, settings, table, skipped, source.keys)
+        target = await _target_sum(conn, settings, table, aside, source.keys)
     else:
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_source)
-            target = await _target_sum(conn, settings, table, skipped, None)
+            target = await _target_sum(conn, settings, table, aside, None)
     return QuickVerify(
         table.name,
         source.count,
@@ -754,13 +761,14 @@ async def _target_sum(
     conn: asyncpg.Connection,
     settings: Settings,
     table: Table,
-    skipped: set[str],
+    aside: set[str],
     keys: list[str] | None,
 ) -> tuple[int, int]:
-    """The target table's count and checksum (only the rows with ``keys`` when given)."""
+    """The target table's count and checksum, rows whose key is in ``aside`` left out (only
+    the rows with ``keys`` when given)."""
     if not await table_exists(conn, settings.names, table.name):
         return 0, 0
     qualified = settings.names.qualified(table.name)
     sql = canon.target_checksum_sql(table, qualified, only_keys=keys is not None)
-    rec = await conn.fetchrow(sql, list(skipped), *([keys] if keys is not None else []))
+    rec = await conn.fetchrow(sql, list(aside), *([keys] if keys is not None else []))
     return int(rec[0]), int(rec[1])

@@ -152,6 +152,40 @@ class QuickSum:
         self.keys += other.keys
 
 
+def quarantined_keys(
+    path: str, table: Table, quarantined: set[int], busy_timeout: float = 10.0
+) -> set[str]:
+    """The keys (first column, as text) of the source rows at the ``quarantined`` row ids that
+    no other source row holds: a target row with such a key is a quarantined row's previous
+    version, which sync keeps, and the full verify sets it aside too."""
+    key, rowid, name = (
+        quote_ident(table.column_names[0]),
+        table.rowid_sql(),
+        quote_ident(table.name),
+    )
+    ids = sorted(quarantined)
+    held: dict[str, bool] = {}  # key -> held by quarantined rows only
+    conn = open_reader(path, busy_timeout)
+    try:
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            marks = ", ".join("?" for _ in chunk)
+            sql = (
+                f"SELECT {key}, {rowid} FROM {name} WHERE {key} IN"
+                f" (SELECT {key} FROM {name} WHERE {rowid} IN ({marks}))"
+            )
+            for value, found in conn.execute(sql, chunk):
+                text = (
+                    value.decode("utf-8", "surrogateescape")
+                    if isinstance(value, bytes)
+                    else str(value)
+                )
+                held[text] = held.get(text, True) and found in quarantined
+    finally:
+        conn.close()
+    return {k for k, only in held.items() if only}
+
+
 def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:
     cursor = conn.execute(sql, args)
     while page := cursor.fetchmany(PAGE):

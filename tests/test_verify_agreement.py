@@ -19,18 +19,18 @@ pytestmark = pytest.mark.anyio
 VERIFIES = (("verify",), ("verify", "--quick"), ("verify", "--api"))
 
 
-def _verdicts(db: Path, dsn: str) -> dict[str, int]:
+def _verdicts(db: Path, dsn: str, forms: tuple[tuple[str, ...], ...] = VERIFIES) -> dict[str, int]:
     """The exit code of each verify form."""
     out = {}
-    for form in VERIFIES:
+    for form in forms:
         done = cli(*form, "--sqlite-path", str(db), "--postgres-dsn", dsn)
         assert done.returncode in (0, 1), done.stdout + done.stderr
         out[" ".join(form)] = done.returncode
     return out
 
 
-def _all(code: int) -> dict[str, int]:
-    return {" ".join(form): code for form in VERIFIES}
+def _all(code: int, forms: tuple[tuple[str, ...], ...] = VERIFIES) -> dict[str, int]:
+    return {" ".join(form): code for form in forms}
 
 
 async def _execute(dsn: str, *sql: str) -> None:
@@ -85,3 +85,39 @@ async def test_the_three_verifies_agree_after_on_conflict_skip(tmp_path: Path, p
     assert _all(0) == _verdicts(db.path, pg_dsn)
     await _execute(pg_dsn, "UPDATE messages SET role = 'assistant' WHERE role = 'user'")
     assert _all(1) == _verdicts(db.path, pg_dsn)
+
+
+@pytest.mark.parametrize("app", [True, False], ids=["app tables", "another table"])
+async def test_the_three_verifies_agree_on_a_row_sync_quarantined(
+    tmp_path: Path, pg_dsn: str, app: bool
+) -> None:
+    """The app changes a loaded row into one that cannot load: sync quarantines it and keeps
+    its previous version in PostgreSQL. All three verifies pass (verify --quick counted the
+    previous version and said MISMATCH, verify --api compared it with the session's new
+    messages); all three fail once another loaded row is changed. (--api is for the app.)"""
+    forms = VERIFIES if app else VERIFIES[:2]
+    if app:
+        db = app_db(tmp_path / "app.sqlite", good_sessions=3)
+        db.write()
+        path, bad = db.path, "UPDATE messages SET created_at = 'soon' WHERE rowid = 2"
+        change = "UPDATE messages SET content = 'changed' WHERE content <> 'changed'"
+    else:
+        path = tmp_path / "kv.sqlite"
+        src = sqlite3.connect(path)
+        src.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, n INTEGER, at DATETIME)")
+        src.executemany(
+            "INSERT INTO kv VALUES (?, ?, ?)", [(f"k{i}", i, GOOD_TS) for i in range(20)]
+        )
+        src.commit()
+        src.close()
+        bad, change = "UPDATE kv SET at = 'soon' WHERE k = 'k3'", "UPDATE kv SET n = n + 1"
+    args = ("--sqlite-path", str(path), "--postgres-dsn", pg_dsn, "--no-progress")
+    assert 0 == cli("run", *args).returncode
+    edit = sqlite3.connect(path)
+    edit.execute(bad)
+    edit.commit()
+    edit.close()
+    assert 3 == cli("sync", *args[:4]).returncode
+    assert _all(0, forms) == _verdicts(path, pg_dsn, forms)
+    await _execute(pg_dsn, change)
+    assert _all(1, forms) == _verdicts(path, pg_dsn, forms)
