@@ -701,8 +701,8 @@ async def _quick_one(
     conn = await open_target(settings)
     try:
         quarantined, skipped, pre = await _bookkeeping(conn, settings.names.schema, table.name)
-        if table.generic and (pre or (quarantined and len(table.primary_key) == 1)):
-            return  # compared as verify does it: previous versions of quarantined rows aside
+        if table.generic and (pre or (quarantined and not canon.keyed_by_text(table))):
+            return  # compared as verify does it (previous versions of quarantined rows aside)
         skip = set() if table.generic else skipped  # keys only the app's tables skip
         found[table.name] = await _quick_canon(
             conn, settings, table, scanner, quarantined, skip, pre
@@ -726,7 +726,7 @@ async def _quick_canon(
     ranges = scanner.ranges(path, table, settings.busy_timeout)
     common = _range_job(settings, path, table, quarantined, skipped)
     aside = set(skipped)  # target rows left out: those of skipped keys, and of quarantined rows
-    if quarantined and not table.generic:  # (their previous versions, kept by sync)
+    if quarantined and len(table.primary_key) == 1:  # (their previous versions, kept by sync)
         aside |= await anyio.to_thread.run_sync(
             scan.quarantined_keys, path, table, quarantined, settings.busy_timeout
         )

@@ -43,6 +43,22 @@ def compared(table: Table) -> tuple[Column, ...]:
     return tuple(c for c in table.columns if c.kind is not Kind.JSON)
 
 
+def key_column(table: Table) -> str:
+    """The column the quick names rows by (skipped, quarantined, held before): a one-column
+    primary key, else the first column (the app's tables: id)."""
+    return table.primary_key[0] if len(table.primary_key) == 1 else table.column_names[0]
+
+
+def keyed_by_text(table: Table) -> bool:
+    """Whether the quick can set a quarantined row's previous version aside by its key's text
+    (a one-column key of text or integers), or need not (verify sets previous versions aside
+    only under a one-column key)."""
+    if len(table.primary_key) != 1:
+        return True
+    kinds = {c.name: c.kind for c in table.columns}
+    return kinds.get(table.primary_key[0]) in (*TEXT_KINDS, Kind.INTEGER)
+
+
 def fast(table: Table) -> bool:
     """Whether the quick's canonical form covers the table (else it keeps the full path)."""
     if table.generic and table.without_rowid:
@@ -83,7 +99,7 @@ def _text_sql(col: Column, c: str) -> str:
 def source_select(table: Table, *, with_key: bool) -> str:
     """Row id, (the raw key,) then each canonical value, over a row id range (?, ?)."""
     fields = ", ".join(source_field_sql(c) for c in compared(table))
-    key = f"{quote_ident(table.column_names[0])}, " if with_key else ""
+    key = f"{quote_ident(key_column(table))}, " if with_key else ""
     rowid = table.rowid_sql()
     return (
         f"SELECT {rowid}, {key}{fields} FROM {quote_ident(table.name)}"
@@ -146,7 +162,7 @@ def target_checksum_sql(table: Table, qualified: str, *, only_keys: bool = False
     """Count and checksum of the target table; rows whose key is in $1 left out, and with
     ``only_keys`` only the rows whose key is in $2."""
     joined = " || '\\x00'::bytea || ".join(target_field_sql(c) for c in compared(table))
-    key = quote_ident(table.column_names[0])
+    key = quote_ident(key_column(table))
     where = f" WHERE NOT ({key}::text = ANY($1::text[]))"
     if only_keys:
         where += f" AND {key}::text = ANY($2::text[])"

@@ -155,14 +155,12 @@ class QuickSum:
 def quarantined_keys(
     path: str, table: Table, quarantined: set[int], busy_timeout: float = 10.0
 ) -> set[str]:
-    """The keys (first column, as text) of the source rows at the ``quarantined`` row ids that
-    no other source row holds: a target row with such a key is a quarantined row's previous
-    version, which sync keeps, and the full verify sets it aside too."""
-    key, rowid, name = (
-        quote_ident(table.column_names[0]),
-        table.rowid_sql(),
-        quote_ident(table.name),
-    )
+    """The keys (verify_canon.key_column, as PostgreSQL prints text and integers) of the source
+    rows at the ``quarantined`` row ids that no other source row holds: a target row with
+    such a key is a quarantined row's previous version, which sync keeps, and the full verify
+    sets it aside too."""
+    key, rowid = quote_ident(canon.key_column(table)), table.rowid_sql()
+    name = quote_ident(table.name)
     ids = sorted(quarantined)
     held: dict[str, bool] = {}  # key -> held by quarantined rows only
     conn = open_reader(path, busy_timeout)
@@ -175,15 +173,19 @@ def quarantined_keys(
                 f" (SELECT {key} FROM {name} WHERE {rowid} IN ({marks}))"
             )
             for value, found in conn.execute(sql, chunk):
-                text = (
-                    value.decode("utf-8", "surrogateescape")
-                    if isinstance(value, bytes)
-                    else str(value)
-                )
+                text = _key_text(value)
                 held[text] = held.get(text, True) and found in quarantined
     finally:
         conn.close()
     return {k for k, only in held.items() if only}
+
+
+def _key_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # an integer key SQLite holds as a real loads as that integer
+    return str(value)
 
 
 def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:
