@@ -155,37 +155,30 @@ class QuickSum:
 def quarantined_keys(
     path: str, table: Table, quarantined: set[int], busy_timeout: float = 10.0
 ) -> set[str]:
-    """The keys (verify_canon.key_column, as PostgreSQL prints text and integers) of the source
-    rows at the ``quarantined`` row ids that no other source row holds: a target row with
-    such a key is a quarantined row's previous version, which sync keeps, and the full verify
-    sets it aside too."""
-    key, rowid = quote_ident(canon.key_column(table)), table.rowid_sql()
-    name = quote_ident(table.name)
+    """The keys (verify_canon.key_column, as text) of the source rows at the ``quarantined``
+    row ids whose text no other source row's key has (1, '1' and x'31' are one key once
+    loaded): a target row with such a key is a quarantined row's previous version, which sync
+    keeps, and the full verify sets it aside too. A key set aside wrongly can only make the
+    target's count smaller than the source's: a MISMATCH, never a pass."""
+    key = f"CAST({quote_ident(canon.key_column(table))} AS TEXT)"
+    rowid, name = table.rowid_sql(), quote_ident(table.name)
     ids = sorted(quarantined)
-    held: dict[str, bool] = {}  # key -> held by quarantined rows only
+    found: set[bytes] = set()
     conn = open_reader(path, busy_timeout)
     try:
         for at in range(0, len(ids), 500):
             chunk = ids[at : at + 500]
             marks = ", ".join("?" for _ in chunk)
-            sql = (
-                f"SELECT {key}, {rowid} FROM {name} WHERE {key} IN"
-                f" (SELECT {key} FROM {name} WHERE {rowid} IN ({marks}))"
-            )
-            for value, found in conn.execute(sql, chunk):
-                text = _key_text(value)
-                held[text] = held.get(text, True) and found in quarantined
+            sql = f"SELECT {key} FROM {name} WHERE {rowid} IN ({marks})"
+            found.update(text for (text,) in conn.execute(sql, chunk) if text is not None)
+        if found:  # one pass over every key: another row may hold the same text
+            for page in _pages(conn, f"SELECT {key}, {rowid} FROM {name}", ()):
+                found.difference_update(
+                    text for text, at_rowid in page if text in found and at_rowid not in quarantined
+                )
     finally:
         conn.close()
-    return {k for k, only in held.items() if only}
-
-
-def _key_text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # an integer key SQLite holds as a real loads as that integer
-    return str(value)
+    return {text.decode("utf-8", "surrogateescape") for text in found}
 
 
 def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:
