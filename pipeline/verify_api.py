@@ -20,10 +20,14 @@ read-only connection: nothing is ever written to it (no column, no index).
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+import anyio
 
 from flux_migrate.core import bookkeeping
 from flux_migrate.core.errors import ConfigError
@@ -32,7 +36,7 @@ from flux_migrate.core.source import check_source
 from flux_migrate.core.target import connect
 from flux_migrate.memory.base import Memory
 from flux_migrate.memory.postgres import PostgresMemory
-from flux_migrate.memory.sqlite import SQLiteMemory
+from flux_migrate.memory.sqlite import SQLiteMemory, decode_lenient
 from flux_migrate.stages.extract import open_source
 
 _COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")
@@ -138,8 +142,10 @@ async def compare_api(
         await check_source(src, path)
     names = names or TargetNames(schema=schema)
     result = ApiComparison(max_reported=max_reported)
-    quarantined = await _quarantined_keys(dsn, names)
+    quarantined, rowids = await _quarantined_keys(dsn, names)
     result.quarantined = sum(len(keys) for keys in quarantined.values())
+    for table, ids in rowids.items():  # the keys as the SQLite backend spells them too
+        quarantined[table] |= await anyio.to_thread.run_sync(_keys_at, path, table, ids)
     async with (
         SQLiteMemory(path, read_only=True) as lite,
         PostgresMemory(dsn, names=names, min_size=1, max_size=2, create_tables=False) as pg,
@@ -161,15 +167,19 @@ async def compare_api(
 HELD_BEFORE = "held before"  # a marker: the sessions table held rows before flux-migrate wrote
 
 
-async def _quarantined_keys(dsn: str, names: TargetNames) -> dict[str, set[str | None]]:
+async def _quarantined_keys(
+    dsn: str, names: TargetNames
+) -> tuple[dict[str, set[str | None]], dict[str, list[int]]]:
     """The source keys whose target rows are expected to differ, by source table, as `verify`
     counts them: quarantined and not loaded since, or skipped (`--on-conflict skip` left the
-    target's own row)."""
+    target's own row); and the row ids of the quarantined ones (a key that is not UTF-8 or
+    holds NUL is kept escaped in the quarantine: see _keys_at)."""
     out: dict[str, set[str | None]] = {"sessions": set(), "messages": set()}
+    rowids: dict[str, list[int]] = {"sessions": [], "messages": []}
     conn = await connect(dsn)
     try:
         if not await bookkeeping.bookkeeping_exists(conn):
-            return out
+            return out, rowids
         rows = await bookkeeping.quarantined_keys(conn, names.schema)
         for table in ("sessions", "messages"):
             skipped = await bookkeeping.skipped_keys(conn, names.schema, table)
@@ -184,7 +194,27 @@ async def _quarantined_keys(dsn: str, names: TargetNames) -> dict[str, set[str |
         keys.add(r["source_key"])
         if r["source_key"] in (None, ""):
             keys.update((None, ""))  # a row without a key: whichever way SQLite shows it
-    return out
+        if r["source_table"] in rowids:
+            rowids[r["source_table"]].append(r["source_rowid"])
+    return out, rowids
+
+
+def _keys_at(path: Path, table: str, rowids: list[int]) -> set[str | None]:
+    """The keys of the source rows at ``rowids`` as the SQLite backend reads them (bytes that
+    are not UTF-8 replaced, NUL kept), read-only."""
+    uri = "file:" + quote(path.resolve().as_posix()) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.text_factory = decode_lenient
+        found: set[str | None] = set()
+        for at in range(0, len(rowids), 500):
+            chunk = rowids[at : at + 500]
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT id FROM {table} WHERE rowid IN ({marks})"  # noqa: S608 - our names
+            found.update(row[0] for row in conn.execute(sql, chunk))
+    finally:
+        conn.close()
+    return found
 
 
 PAGES_CHECKED = 10  # pages of get_sessions compared with the full order, plus the last page

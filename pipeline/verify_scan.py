@@ -178,7 +178,15 @@ def quarantined_keys(
                 )
     finally:
         conn.close()
-    return {text.decode("utf-8", "surrogateescape") for text in found}
+    return {t.decode() for t in found if b"\x00" not in t and _utf8(t)}  # none other in PG
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:

@@ -121,3 +121,18 @@ async def test_the_three_verifies_agree_on_a_row_sync_quarantined(
     assert _all(0, forms) == _verdicts(path, pg_dsn, forms)
     await _execute(pg_dsn, change)
     assert _all(1, forms) == _verdicts(path, pg_dsn, forms)
+
+
+async def test_the_three_verifies_agree_on_quarantined_keys_postgresql_cannot_hold(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Rows quarantined under keys that are not UTF-8 or hold NUL (no PostgreSQL text can):
+    all three verifies pass, none fails on sending such a key to PostgreSQL."""
+    db = app_db(tmp_path / "app.sqlite", good_sessions=2)
+    db.session(id=b"\xff\xfe-not-utf8")
+    db.message(db.sessions[0]["id"], id="nul\x00key")
+    db.message(db.sessions[0]["id"], id=b"\xc3")
+    db.write()
+    args = ("--sqlite-path", str(db.path), "--postgres-dsn", pg_dsn, "--no-progress")
+    assert 3 == cli("run", *args).returncode
+    assert _all(0) == _verdicts(db.path, pg_dsn)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from flux_migrate.core.schema import TargetNames
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
-from flux_migrate.pipeline.verify import verify_rows
+from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from flux_migrate.stages.convert import REASONS, raw_value_from_json
 from tests.dirty import GOOD_TS, app_db, new_id
 
@@ -256,3 +256,5 @@ async def test_any_mix_ends_loaded_or_quarantined_exactly_once(
     conn.close()
     results = await verify_rows(settings)
     assert all(r.ok for r in results), results
+    quick = await verify_quick(settings)
+    assert all(q.ok for q in quick), quick

@@ -347,12 +347,13 @@ async def unresolved_rowids(
 
 
 async def quarantined_keys(conn: asyncpg.Connection, target_schema: str) -> list[asyncpg.Record]:
-    """Every (``source_table``, ``source_key``) quarantined into a schema and not loaded since
-    (a row fixed in the source and loaded is resolved: it must match like any other)."""
+    """Every (``source_table``, ``source_key``, ``source_rowid``) quarantined into a schema and
+    not loaded since (a row fixed in the source and loaded is resolved: it must match like any
+    other)."""
     return list(
         await conn.fetch(
-            f"SELECT DISTINCT source_table, source_key FROM {QUARANTINE} WHERE target_schema = $1"
-            " AND resolved_at IS NULL",
+            f"SELECT DISTINCT source_table, source_key, source_rowid FROM {QUARANTINE}"
+            " WHERE target_schema = $1 AND resolved_at IS NULL",
             target_schema,
         )
     )

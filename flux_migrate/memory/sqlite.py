@@ -52,7 +52,7 @@ _READ = read_sql(
 )
 
 
-def _decode_text(raw: bytes) -> str:
+def decode_lenient(raw: bytes) -> str:
     # Invalid UTF-8 would otherwise fail the whole fetch, again on every retry.
     return raw.decode("utf-8", errors="replace")
 
@@ -134,7 +134,7 @@ class SQLiteMemory(MemoryBase):
             else:
                 conn = await aiosqlite.connect(self.path, isolation_level=None)
             try:
-                conn.text_factory = _decode_text
+                conn.text_factory = decode_lenient
                 await conn.execute("PRAGMA busy_timeout=5000")
                 if self.read_only:
                     self._conn = conn
