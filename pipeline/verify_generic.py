@@ -9,7 +9,7 @@ import base64
 import json
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -47,11 +47,16 @@ def _canonical(value: Any) -> Any:
         return ("bool", value)
     if isinstance(value, int | float | Decimal):
         return ("num", _exact(Decimal(value)))  # Decimal of a float is exact
-    if isinstance(value, datetime) and value.utcoffset() is not None:
-        return ("instant", value.astimezone(UTC).isoformat())
+    offset = value.utcoffset() if isinstance(value, datetime) else None
+    if offset is not None:  # microseconds since 0001-01-01 UTC: no overflow at either end
+        return ("instant", (value.replace(tzinfo=None) - _YEAR_ONE + -offset) // _MICRO)
     if isinstance(value, tuple):
         return tuple(_canonical(v) for v in value)
     return value
+
+
+_YEAR_ONE = datetime(1, 1, 1)
+_MICRO = timedelta(microseconds=1)
 
 
 def _exact(number: Decimal) -> str:

@@ -6,7 +6,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
-from datetime import UTC, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -382,6 +382,8 @@ def test_the_quick_of_another_table_hashes_equal_values_alike_and_others_apart(
     quick said MISMATCH), an instant is one whatever its offset, and 40 digits are not
     rounded to 28."""
     assert (generic.canonical_text((a,)) == generic.canonical_text((b,))) == (a == b)
+    edge = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5, minutes=30)))  # before year 1 UTC
+    assert generic.canonical_text((edge,)) != generic.canonical_text((edge.replace(tzinfo=UTC),))
     assert generic.canonical_text((Decimal(10**39 + 1),)) != generic.canonical_text(
         (Decimal(10**39),)
     )
