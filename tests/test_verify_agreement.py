@@ -127,7 +127,8 @@ async def test_the_three_verifies_agree_on_quarantined_keys_postgresql_cannot_ho
     tmp_path: Path, pg_dsn: str
 ) -> None:
     """Rows quarantined under keys that are not UTF-8 or hold NUL (no PostgreSQL text can):
-    all three verifies pass, none fails on sending such a key to PostgreSQL."""
+    all three verifies pass, none fails on sending such a key to PostgreSQL, the parallel
+    scan of a large table (forced here by --workers 2) neither (it failed on the NUL)."""
     db = app_db(tmp_path / "app.sqlite", good_sessions=2)
     db.session(id=b"\xff\xfe-not-utf8")
     db.message(db.sessions[0]["id"], id="nul\x00key")
@@ -136,3 +137,6 @@ async def test_the_three_verifies_agree_on_quarantined_keys_postgresql_cannot_ho
     args = ("--sqlite-path", str(db.path), "--postgres-dsn", pg_dsn, "--no-progress")
     assert 3 == cli("run", *args).returncode
     assert _all(0) == _verdicts(db.path, pg_dsn)
+    for form in (("verify",), ("verify", "--quick")):
+        scanned = cli(*form, "--workers", "2", *args[:4])
+        assert 0 == scanned.returncode, scanned.stdout + scanned.stderr
