@@ -171,11 +171,14 @@ def quarantined_keys(
             marks = ", ".join("?" for _ in chunk)
             sql = f"SELECT {key} FROM {name} WHERE {rowid} IN ({marks})"
             found.update(text for (text,) in conn.execute(sql, chunk) if text is not None)
-        if found:  # one pass over every key: another row may hold the same text
-            for page in _pages(conn, f"SELECT {key}, {rowid} FROM {name}", ()):
-                found.difference_update(
-                    text for text, at_rowid in page if text in found and at_rowid not in quarantined
-                )
+        texts = sorted(found)
+        for at in range(0, len(texts), 900):  # other rows with the same text: SQLite filters
+            part = texts[at : at + 900]  # (900: under the oldest SQLite's bound on parameters)
+            marks = ", ".join("CAST(? AS TEXT)" for _ in part)
+            sql = f"SELECT {key}, {rowid} FROM {name} WHERE {key} IN ({marks})"
+            found.difference_update(
+                text for text, at_rowid in conn.execute(sql, part) if at_rowid not in quarantined
+            )
     finally:
         conn.close()
     return {t.decode() for t in found if b"\x00" not in t and _utf8(t)}  # none other in PG
