@@ -20,12 +20,10 @@ read-only connection: nothing is ever written to it (no column, no index).
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import anyio
 
@@ -37,6 +35,7 @@ from flux_migrate.core.target import connect
 from flux_migrate.memory.base import Memory
 from flux_migrate.memory.postgres import PostgresMemory
 from flux_migrate.memory.sqlite import SQLiteMemory, decode_lenient
+from flux_migrate.pipeline.verify_scan import open_reader, rows_in
 from flux_migrate.stages.extract import open_source
 
 _COMPARED_SESSION_FIELDS = ("id", "title", "metadata", "created_at", "updated_at", "message_count")
@@ -202,19 +201,13 @@ async def _quarantined_keys(
 def _keys_at(path: Path, table: str, rowids: list[int]) -> set[str | None]:
     """The keys of the source rows at ``rowids`` as the SQLite backend reads them (bytes that
     are not UTF-8 replaced, NUL kept), read-only."""
-    uri = "file:" + quote(path.resolve().as_posix()) + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    conn = open_reader(str(path))
     try:
         conn.text_factory = decode_lenient
-        found: set[str | None] = set()
-        for at in range(0, len(rowids), 500):
-            chunk = rowids[at : at + 500]
-            marks = ", ".join("?" for _ in chunk)
-            sql = f"SELECT id FROM {table} WHERE rowid IN ({marks})"  # noqa: S608 - our names
-            found.update(row[0] for row in conn.execute(sql, chunk))
+        sql = f"SELECT id FROM {table} WHERE rowid IN ({{marks}})"  # noqa: S608 - our names
+        return {row[0] for row in rows_in(conn, sql, rowids)}
     finally:
         conn.close()
-    return found
 
 
 PAGES_CHECKED = 10  # pages of get_sessions compared with the full order, plus the last page

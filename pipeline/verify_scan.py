@@ -162,23 +162,14 @@ def quarantined_keys(
     target's count smaller than the source's: a MISMATCH, never a pass."""
     key = f"CAST({quote_ident(canon.key_column(table))} AS TEXT)"
     rowid, name = table.rowid_sql(), quote_ident(table.name)
-    ids = sorted(quarantined)
     found: set[bytes] = set()
     conn = open_reader(path, busy_timeout)
     try:
-        for at in range(0, len(ids), 500):
-            chunk = ids[at : at + 500]
-            marks = ", ".join("?" for _ in chunk)
-            sql = f"SELECT {key} FROM {name} WHERE {rowid} IN ({marks})"
-            found.update(text for (text,) in conn.execute(sql, chunk) if text is not None)
-        texts = sorted(found)
-        for at in range(0, len(texts), 900):  # other rows with the same text: SQLite filters
-            part = texts[at : at + 900]  # (900: under the oldest SQLite's bound on parameters)
-            marks = ", ".join("CAST(? AS TEXT)" for _ in part)
-            sql = f"SELECT {key}, {rowid} FROM {name} WHERE {key} IN ({marks})"
-            found.difference_update(
-                text for text, at_rowid in conn.execute(sql, part) if at_rowid not in quarantined
-            )
+        at_rowids = f"SELECT {key} FROM {name} WHERE {rowid} IN ({{marks}})"
+        found.update(t for (t,) in rows_in(conn, at_rowids, sorted(quarantined)) if t is not None)
+        same_text = f"SELECT {key}, {rowid} FROM {name} WHERE {key} IN ({{marks}})"
+        shared = rows_in(conn, same_text, sorted(found), mark="CAST(? AS TEXT)")  # SQLite filters
+        found.difference_update(text for text, at in shared if at not in quarantined)
     finally:
         conn.close()
     return {t.decode() for t in found if b"\x00" not in t and _utf8(t)}  # none other in PG
@@ -190,6 +181,16 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def rows_in(
+    conn: sqlite3.Connection, sql: str, values: Sequence[Any], *, mark: str = "?"
+) -> Iterator[Any]:
+    """The rows of ``sql``, whose ``{marks}`` is an IN list, for all ``values``: one query per
+    900 of them (under the oldest SQLite's bound on parameters, 999)."""
+    for at in range(0, len(values), 900):
+        part = values[at : at + 900]
+        yield from conn.execute(sql.format(marks=", ".join(mark for _ in part)), part)
 
 
 def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterator[list[Any]]:
