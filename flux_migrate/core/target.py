@@ -111,10 +111,15 @@ class Target:
             conn.terminate()
 
     async def close(self) -> None:
+        """Close the connection politely; one whose server went away meanwhile (a restart
+        right after the last commit: broken pipe) is dropped instead of failing the command."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             with anyio.move_on_after(5, shield=True):
-                await conn.close()
+                try:
+                    await conn.close()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pass  # terminated below
             if not conn.is_closed():
                 conn.terminate()
 
