@@ -25,6 +25,7 @@ from flux_migrate.core.target import connect
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline import verify_generic as generic
+from flux_migrate.pipeline import verify_hash
 from flux_migrate.pipeline import verify_parallel as parallel
 from flux_migrate.pipeline import verify_scan as scan
 from flux_migrate.pipeline.mapping_source import recorded_mapping_of, resolve_mapping
@@ -659,11 +660,13 @@ def _md5(text: str) -> str:
     return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
-async def verify_quick(settings: Settings, *, workers: int | None = None) -> list[QuickVerify]:
+async def verify_quick(
+    settings: Settings, *, workers: int | None = None, row_hash: str | None = None
+) -> list[QuickVerify]:
     """Per table: row counts and an order-independent checksum of keys, text and timestamps
     (see verify_canon), the source read by ``workers`` processes (default: the CPUs it may use);
     the tables the canonical form covers are read at the same time, each target aggregate on
-    a connection of its own."""
+    a connection of its own. ``row_hash`` (verify_hash) defaults to the server's best."""
     path = settings.require_source()
     found: dict[str, QuickVerify] = {}
     scanner = scan.Scanner(workers)
@@ -672,10 +675,11 @@ async def verify_quick(settings: Settings, *, workers: int | None = None) -> lis
         try:
             tables = await _tables(settings, path, conn)
             await check_source(src, path, tables)
+            kind = row_hash or verify_hash.choose(conn.get_server_version().major)
             async with anyio.create_task_group() as tg:
                 for table in tables:
                     if canon.fast(table):
-                        tg.start_soon(_quick_one, settings, table, scanner, found)
+                        tg.start_soon(_quick_one, settings, table, scanner, kind, found)
             for table in tables:
                 if table.name not in found:
                     quarantined, _, pre = await _bookkeeping(
@@ -693,7 +697,11 @@ async def verify_quick(settings: Settings, *, workers: int | None = None) -> lis
 
 
 async def _quick_one(
-    settings: Settings, table: Table, scanner: scan.Scanner, found: dict[str, QuickVerify]
+    settings: Settings,
+    table: Table,
+    scanner: scan.Scanner,
+    row_hash: str,
+    found: dict[str, QuickVerify],
 ) -> None:
     """The quick's canonical counts and checksums of one table, on a connection of its own
     (nothing put in ``found`` for a table outside the app that held rows before: see
@@ -705,7 +713,7 @@ async def _quick_one(
             return  # compared as verify does it (previous versions of quarantined rows aside)
         skip = set() if table.generic else skipped  # keys only the app's tables skip
         found[table.name] = await _quick_canon(
-            conn, settings, table, scanner, quarantined, skip, pre
+            conn, settings, table, scanner, row_hash, quarantined, skip, pre
         )
     finally:
         await conn.close()
@@ -716,6 +724,7 @@ async def _quick_canon(
     settings: Settings,
     table: Table,
     scanner: scan.Scanner,
+    row_hash: str,
     quarantined: set[int],
     skipped: set[str],
     preexisting: bool,
@@ -730,7 +739,10 @@ async def _quick_canon(
         aside |= await anyio.to_thread.run_sync(
             scan.quarantined_keys, path, table, quarantined, settings.busy_timeout
         )
-    jobs = [scan.QuickJob(want_keys=preexisting, lo=lo, hi=hi, **common) for lo, hi in ranges]
+    jobs = [
+        scan.QuickJob(want_keys=preexisting, row_hash=row_hash, lo=lo, hi=hi, **common)
+        for lo, hi in ranges
+    ]
     source = scan.QuickSum()
     target: tuple[int, int] = (0, 0)
 
@@ -740,11 +752,11 @@ async def _quick_canon(
 
     if preexisting:
         await read_source()
-        target = await _target_sum(conn, settings, table, aside, source.keys)
+        target = await _target_sum(conn, settings, table, row_hash, aside, source.keys)
     else:
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_source)
-            target = await _target_sum(conn, settings, table, aside, None)
+            target = await _target_sum(conn, settings, table, row_hash, aside, None)
     return QuickVerify(
         table.name,
         source.count,
@@ -761,6 +773,7 @@ async def _target_sum(
     conn: asyncpg.Connection,
     settings: Settings,
     table: Table,
+    row_hash: str,
     aside: set[str],
     keys: list[str] | None,
 ) -> tuple[int, int]:
@@ -769,6 +782,6 @@ async def _target_sum(
     if not await table_exists(conn, settings.names, table.name):
         return 0, 0
     qualified = settings.names.qualified(table.name)
-    sql = canon.target_checksum_sql(table, qualified, only_keys=keys is not None)
+    sql = canon.target_checksum_sql(table, qualified, row_hash, only_keys=keys is not None)
     rec = await conn.fetchrow(sql, list(aside), *([keys] if keys is not None else []))
-    return int(rec[0]), int(rec[1])
+    return int(rec[0]), verify_hash.target_value(rec[1:])

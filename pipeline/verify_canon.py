@@ -3,12 +3,12 @@
 A row's canonical form is its compared values joined by NUL (which no compared value holds):
 keys and text as UTF-8, a nullable value as ``T`` + text or ``N`` for NULL, an instant as
 Python's ``isoformat()`` of it in UTC (``2024-01-01T00:00:00.5+00:00`` with 0 or 6 fraction
-digits), an integer in decimal. The table's checksum is the sum of the first 64 bits of each
-row's MD5, a signed big-endian integer: order-independent, and computed in C on both sides
-(PostgreSQL: one aggregate; SQLite: hashlib over rows whose canonical values SQLite's own SQL
-yields). Metadata (JSON) and the kinds below that SQL cannot render exactly are left to the
-full `verify`; a row SQL cannot render (a value of another storage class, another instant
-shape, NUL in text) is rendered by verification's own reference reader (pipeline/reference.py).
+digits), an integer in decimal. The table's checksum is a sum over the rows' hashes
+(verify_hash): order-independent, and computed in C on both sides (PostgreSQL: one aggregate;
+SQLite: the hash over rows whose canonical values SQLite's own SQL yields). Metadata (JSON)
+and the kinds below that SQL cannot render exactly are left to the full `verify`; a row SQL
+cannot render (a value of another storage class, another instant shape, NUL in text) is
+rendered by verification's own reference reader (pipeline/reference.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from flux_migrate.core.schema import Column, Kind, Table, quote_ident
 from flux_migrate.pipeline import reference as ref
+from flux_migrate.pipeline import verify_hash
 
 TEXT_KINDS = (Kind.KEY, Kind.TEXT, Kind.NULLABLE_TEXT)
 # The kinds a table may have for the quick's canonical form (JSON of the app's tables aside).
@@ -158,16 +159,12 @@ def target_field_sql(col: Column) -> str:
     return f"coalesce('\\x54'::bytea || {value}, '\\x4e'::bytea)"
 
 
-def target_checksum_sql(table: Table, qualified: str, *, only_keys: bool = False) -> str:
-    """Count and checksum of the target table; rows whose key is in $1 left out, and with
-    ``only_keys`` only the rows whose key is in $2."""
+def target_checksum_sql(table: Table, qualified: str, kind: str, *, only_keys: bool = False) -> str:
+    """Count and checksum parts (verify_hash) of the target table; rows whose key is in $1
+    left out, and with ``only_keys`` only the rows whose key is in $2."""
     joined = " || '\\x00'::bytea || ".join(target_field_sql(c) for c in compared(table))
     key = quote_ident(key_column(table))
     where = f" WHERE NOT ({key}::text = ANY($1::text[]))"
     if only_keys:
         where += f" AND {key}::text = ANY($2::text[])"
-    return (
-        "SELECT count(*), coalesce(sum(('x' || substr(md5("
-        + joined
-        + f"), 1, 16))::bit(64)::bigint), 0) FROM {qualified}{where}"
-    )
+    return verify_hash.target_sql(kind, joined, qualified, where)

@@ -9,13 +9,10 @@ this process. The source is never written: every connection is opened with ``mod
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import os
 import sqlite3
-import sys
 import threading
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +25,7 @@ from urllib.parse import quote
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline import verify_hash
 from flux_migrate.pipeline.workers import worker_lost, worker_pool
 
 PAGE = 20_000  # rows per fetchmany
@@ -136,6 +134,7 @@ class QuickJob(RangeJob):
     """One range of one table for the quick's checksum."""
 
     want_keys: bool = False  # return the keys of the rows counted (a table that held rows)
+    row_hash: str = verify_hash.MD5  # the hash the checksum sums (verify_hash)
 
 
 @dataclass
@@ -199,14 +198,6 @@ def _pages(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Iterato
         yield page
 
 
-def _signed_sum(digests: bytes) -> int:
-    """The sum of the first 8 bytes of each 16-byte digest, read as big-endian signed."""
-    values = array("q", digests)[::2]
-    if sys.byteorder == "little":
-        values.byteswap()
-    return sum(values)
-
-
 def quick_range(job: QuickJob) -> QuickSum:
     """Count and checksum of one range's canonical rows (see verify_canon)."""
     out = QuickSum()
@@ -219,13 +210,13 @@ def quick_range(job: QuickJob) -> QuickSum:
         for page in _pages(conn, sql, (job.lo, job.hi)):
             out.rows += len(page)
             rows = [r for r in page if r[0] not in job.quarantined] if job.quarantined else page
-            digests = (
-                _keyed_digests(rows, job, seps, slow, out)
+            texts = (
+                _keyed_texts(rows, job, seps, slow, out)
                 if keyed
-                else _digests(rows, seps, slow, job.strip_nul)
+                else _texts(rows, seps, slow, job.strip_nul)
             )
-            out.count += len(digests) // 16
-            out.checksum += _signed_sum(digests)
+            out.count += len(texts)
+            out.checksum += verify_hash.page_sum(job.row_hash, texts)
         _quick_by_reference(conn, job, slow, out)
     finally:
         conn.close()
@@ -234,7 +225,6 @@ def quick_range(job: QuickJob) -> QuickSum:
 
 _VALUES = operator.itemgetter(slice(1, None))  # a row without its row id
 _JOIN = b"\x00".join
-_DIGEST = operator.methodcaller("digest")
 
 
 def canonical(fields: Sequence[Any]) -> bytes | None:
@@ -247,21 +237,19 @@ def canonical(fields: Sequence[Any]) -> bytes | None:
     return text if text.count(0) == len(fields) - 1 else None
 
 
-def _digests(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True) -> bytes:
-    """The md5 of each row's canonical text (rowid, then its values), concatenated; the row ids
-    of the rows SQL could not render go to ``slow``.
+def _texts(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True) -> list[bytes]:
+    """The canonical text of each row (rowid, then its values); the row ids of the rows SQL
+    could not render go to ``slow``.
 
     A text holding NUL is the reference's to render only when ``strip_nul`` (it removes them);
     otherwise the reference refuses such a row, and its text, with more NULs than separators,
     is one no target row has (PostgreSQL text holds no NUL): hashed as it is, it differs."""
     if not strip_nul:  # the whole page in C, unless a row is not rendered
         try:
-            texts = list(map(_JOIN, map(_VALUES, page)))
+            return list(map(_JOIN, map(_VALUES, page)))
         except TypeError:
             pass  # NULL or a number somewhere: row by row below
-        else:
-            return b"".join(map(_DIGEST, map(hashlib.md5, texts)))
-    md5, join = hashlib.md5, _JOIN
+    join = _JOIN
     out: list[bytes] = []
     append = out.append
     for row in page:
@@ -273,14 +261,14 @@ def _digests(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True
         if strip_nul and text.count(0) != seps:
             slow.append(row[0])
             continue
-        append(md5(text).digest())
-    return b"".join(out)
+        append(text)
+    return out
 
 
-def _keyed_digests(
+def _keyed_texts(
     page: list[Any], job: QuickJob, seps: int, slow: list[int], out: QuickSum
-) -> bytes:
-    """As _digests for rows laid out rowid, raw key, values: rows with a skipped key left out,
+) -> list[bytes]:
+    """As _texts for rows laid out rowid, raw key, values: rows with a skipped key left out,
     the keys of the others kept when ``job.want_keys``."""
     kept = []
     for row in page:
@@ -293,7 +281,7 @@ def _keyed_digests(
         if job.want_keys:
             out.keys.append(key)
         kept.append((row[0], *row[2:]))
-    return _digests(kept, seps, slow)
+    return _texts(kept, seps, slow)
 
 
 def _quick_by_reference(
@@ -318,4 +306,4 @@ def _quick_by_reference(
         if job.want_keys and key is not None:
             out.keys.append(str(key))
         out.count += 1
-        out.checksum += int.from_bytes(hashlib.md5(text).digest()[:8], "big", signed=True)
+        out.checksum += verify_hash.page_sum(job.row_hash, [text])

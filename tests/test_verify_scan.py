@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK
 from flux_migrate.core.schema import SQLITE_DDL, TargetNames, quote_ident
 from flux_migrate.pipeline import verify_canon as canon
+from flux_migrate.pipeline import verify_hash
 from flux_migrate.pipeline.reference import Unreadable
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sample import generate
@@ -37,6 +38,7 @@ INSTANTS = st.datetimes(
     min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
 )
 CHANGES = ("key", "text", "instant", "delete", "duplicate")
+HASHES = st.sampled_from([None, verify_hash.MD5])  # None: the server's (CRC-32C on 18)
 
 
 @st.composite
@@ -134,11 +136,14 @@ async def _change(dsn: str, qualified: str, key: str, change: str, sets: dict[st
         await conn.close()
 
 
-async def _both_ok(config: Settings, workers: int) -> list[tuple[bool, bool]]:
-    """Each table's full and quick verdicts; with two workers, the full one of a table that
-    passes comes from the parallel scan, and of one that fails from the merge."""
+async def _both_ok(
+    config: Settings, workers: int, row_hash: str | None = None
+) -> list[tuple[bool, bool]]:
+    """Each table's full and quick verdicts (the quick with ``row_hash``, else the server's);
+    with two workers, the full one of a table that passes comes from the parallel scan, and of
+    one that fails from the merge."""
     full = await verify_rows(config, workers=workers)
-    quick = await verify_quick(config, workers=workers)
+    quick = await verify_quick(config, workers=workers, row_hash=row_hash)
     for f in full:
         assert (workers > 1 and f.ok) == f.scanned, f
     return [(f.ok, q.ok) for f, q in zip(full, quick, strict=True)]
@@ -150,27 +155,34 @@ async def _both_ok(config: Settings, workers: int) -> list[tuple[bool, bool]]:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
-@given(rows=app_rows(), change=st.sampled_from(CHANGES), workers=st.sampled_from([1, 2]))
+@given(
+    rows=app_rows(),
+    change=st.sampled_from(CHANGES),
+    workers=st.sampled_from([1, 2]),
+    row_hash=HASHES,
+)
 async def test_one_change_in_an_app_table_fails_verify_and_quick(
     tmp_path_factory: pytest.TempPathFactory,
     pg_dsn: str,
     rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]],
     change: str,
     workers: int,
+    row_hash: str | None,
 ) -> None:
     """An unchanged app database passes verify and verify --quick; one changed message (key,
-    content, created_at by 1 µs, deleted or duplicated) fails both for messages only."""
+    content, created_at by 1 µs, deleted or duplicated) fails both for messages only (the
+    quick with either hash)."""
     path = tmp_path_factory.mktemp("app") / "app.sqlite"
     _write_app(path, *rows)
     config = await _settings(path, pg_dsn)
-    assert [(True, True), (True, True)] == await _both_ok(config, workers)
+    assert [(True, True), (True, True)] == await _both_ok(config, workers, row_hash)
     sets = {
         "key": "id = left(id, 35) || 'z'",
         "text": "content = content || 'é'",
         "instant": "created_at = created_at + interval '1 microsecond'",
     }
     await _change(pg_dsn, config.names.qualified("messages"), "id", change, sets)
-    assert [(True, True), (False, False)] == await _both_ok(config, workers)
+    assert [(True, True), (False, False)] == await _both_ok(config, workers, row_hash)
 
 
 GENERIC_DDL = "CREATE TABLE notes (k TEXT PRIMARY KEY, body TEXT, n INTEGER, at DATETIME)"
@@ -202,6 +214,7 @@ def generic_rows(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     rows=generic_rows(),
     change=st.sampled_from((*CHANGES, "integer")),
     workers=st.sampled_from([1, 2]),
+    row_hash=HASHES,
 )
 async def test_one_change_in_any_table_fails_verify_and_quick(
     tmp_path_factory: pytest.TempPathFactory,
@@ -209,6 +222,7 @@ async def test_one_change_in_any_table_fails_verify_and_quick(
     rows: list[tuple[Any, ...]],
     change: str,
     workers: int,
+    row_hash: str | None,
 ) -> None:
     """The same law for a table of any other shape (the quick's canonical form covers it)."""
     path = tmp_path_factory.mktemp("any") / "notes.sqlite"
@@ -223,7 +237,7 @@ async def test_one_change_in_any_table_fails_verify_and_quick(
         loaded = await conn.fetchval(f"SELECT count(*) FROM {config.names.qualified('notes')}")
     finally:
         await conn.close()
-    assert [(True, True)] == await _both_ok(config, workers)
+    assert [(True, True)] == await _both_ok(config, workers, row_hash)
     if not loaded:
         return  # every row quarantined: nothing to change
     sets = {
@@ -233,7 +247,7 @@ async def test_one_change_in_any_table_fails_verify_and_quick(
         "instant": "at = coalesce(at + interval '1 microsecond', now())",
     }
     await _change(pg_dsn, config.names.qualified("notes"), "k", change, sets)
-    assert [(False, False)] == await _both_ok(config, workers)
+    assert [(False, False)] == await _both_ok(config, workers, row_hash)
 
 
 async def test_the_quick_covers_the_app_and_plain_tables(tmp_path: Path, pg_dsn: str) -> None:
