@@ -1,5 +1,5 @@
 """Load a JSONL table: one transaction per batch holds the new columns, the rows, the rejects
-and the checkpoint advance (the load stage's protocol, with byte offsets for rowids).
+and the checkpoint advance (the load stage's commit_in_order, with byte offsets for rowids).
 
 Appended lines are COPied; during a reconcile pass (the file was rewritten) rows are upserted
 by ``id`` through a staging table, and an id met twice in the file is quarantined as
@@ -23,7 +23,7 @@ from flux_migrate.core.jsonl_schema import add_column_sql
 from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_value_to_json
-from flux_migrate.stages.load import BatchResult, check_position, refusal, split_on_refusal
+from flux_migrate.stages.load import BatchResult, commit_in_order, refusal, split_on_refusal
 
 log = structlog.get_logger("flux_migrate")
 
@@ -149,41 +149,29 @@ async def _isolate(
 async def commit_jsonl_batch(
     conn: asyncpg.Connection, ctx: JsonlLoadContext, batch: Batch
 ) -> BatchResult:
-    """One transaction: check the checkpoint, add new columns, write the rows (COPY, or upsert
-    in a reconcile pass), quarantine rejects, advance the checkpoint to the batch's offset."""
-    schema, table = ctx.schema, ctx.table
-    async with conn.transaction():
-        committed = await check_position(conn, schema, table, batch)
-        if committed is not None:  # an earlier attempt committed it; its reply was lost
-            return committed
+    """One transaction (load.commit_in_order): add new columns, write the rows (COPY, or
+    upsert in a reconcile pass), quarantine rejects; the checkpoint advances to the batch's
+    offset."""
+
+    async def write(conn: asyncpg.Connection, batch: Batch) -> BatchResult:
         for column in batch.added_columns:
-            await conn.execute(add_column_sql(schema, table, column))
+            await conn.execute(add_column_sql(ctx.schema, ctx.table, column))
         w = await _write_rows(conn, ctx, batch)
         if w.rejects:
             await ckpt.write_quarantine(conn, jsonl_quarantine_records(ctx, w.rejects))
-        await ckpt.advance_checkpoint(
-            conn,
-            schema,
-            table,
-            last_rowid=batch.last_rowid,
-            last_key=batch.last_key,
-            extracted=batch.extracted,
-            loaded=w.loaded,
-            quarantined=len(w.rejects),
+        return BatchResult(
+            batch,
+            w.loaded,
+            w.rejects,
             skipped=len(w.conflicts),
-            run_id=ctx.run_id,
+            added=batch.added_columns,
+            inserted=w.inserted,
+            updated=w.updated,
+            unchanged=w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
+            conflicts=w.conflicts,
         )
-    return BatchResult(
-        batch,
-        w.loaded,
-        w.rejects,
-        skipped=len(w.conflicts),
-        added=batch.added_columns,
-        inserted=w.inserted,
-        updated=w.updated,
-        unchanged=w.loaded - w.inserted - w.updated if ctx.reconciling(batch) else 0,
-        conflicts=w.conflicts,
-    )
+
+    return await commit_in_order(conn, ctx.schema, ctx.table, ctx.run_id, batch, write)
 
 
 @dataclass

@@ -286,22 +286,53 @@ async def copy_isolating(
 async def commit_batch(
     conn: asyncpg.Connection, ctx: LoadContext, batch: Batch, *, isolate: bool
 ) -> BatchResult:
-    """One transaction: check the checkpoint, COPY the rows, quarantine rejects, advance.
+    """One transaction (commit_in_order): COPY the rows, record skipped keys and rejects.
 
     With ``isolate`` the batch is first re-converted strictly and rows PostgreSQL refuses are
     split off into the quarantine; without it, a refused row fails the whole batch.
     """
-    async with conn.transaction():
-        committed = await check_position(conn, ctx.names.schema, ctx.table.name, batch)
-        if committed is not None:
-            return committed
+
+    async def write(conn: asyncpg.Connection, batch: Batch) -> BatchResult:
         if isolate and ctx.strict is not None:
             batch = ctx.strict(batch)
         refused, skipped = await _write_rows(conn, ctx, batch, isolate=isolate)
         rejects = batch.rejects + refused
+        await _write_bookkeeping(conn, ctx, batch, rejects, skipped)
         loaded = len(batch.rows) - len(refused) - len(skipped)
-        await _write_bookkeeping(conn, ctx, batch, rejects, skipped, loaded)
-    return BatchResult(batch, loaded, rejects, skipped=len(skipped))
+        return BatchResult(batch, loaded, rejects, skipped=len(skipped))
+
+    return await commit_in_order(conn, ctx.names.schema, ctx.table.name, ctx.run_id, batch, write)
+
+
+async def commit_in_order(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    run_id: str,
+    batch: Batch,
+    write: Callable[[asyncpg.Connection, Batch], Awaitable[BatchResult]],
+) -> BatchResult:
+    """A batch of either source, in one transaction: check the checkpoint against the batch's
+    position (an earlier attempt's result when that attempt committed it), ``write`` the rows
+    and their rejects, then move the checkpoint past the batch with the counts it returns."""
+    async with conn.transaction():
+        committed = await check_position(conn, schema, table, batch)
+        if committed is not None:
+            return committed
+        done = await write(conn, batch)
+        await bookkeeping.advance_checkpoint(
+            conn,
+            schema,
+            table,
+            last_rowid=done.batch.last_rowid,
+            last_key=key_of(done.batch.last_key),
+            extracted=done.batch.extracted,
+            loaded=done.loaded,
+            quarantined=len(done.quarantined),
+            skipped=done.skipped,
+            run_id=run_id,
+        )
+    return done
 
 
 async def check_position(
@@ -356,9 +387,8 @@ async def _write_bookkeeping(
     batch: Batch,
     rejects: list[Reject],
     skipped: set[str],
-    loaded: int,
 ) -> None:
-    """Record the skipped keys and the rejects, and advance the checkpoint past the batch."""
+    """Record the skipped keys and the rejects."""
     schema, table = ctx.names.schema, ctx.table.name
     if skipped:
         rowids = batch.ids[0] if batch.ids is not None else [r[0] for r in batch.raw]
@@ -373,18 +403,6 @@ async def _write_bookkeeping(
     if rejects:
         records = quarantine_records(ctx, rejects, ascii_only=not server_is_utf8(conn))
         await bookkeeping.write_quarantine(conn, records)
-    await bookkeeping.advance_checkpoint(
-        conn,
-        schema,
-        table,
-        last_rowid=batch.last_rowid,
-        last_key=key_of(batch.last_key),
-        extracted=batch.extracted,
-        loaded=loaded,
-        quarantined=len(rejects),
-        skipped=len(skipped),
-        run_id=ctx.run_id,
-    )
 
 
 async def commit(conn: asyncpg.Connection, ctx: LoadContext, batch: Batch) -> BatchResult:
