@@ -176,7 +176,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument(
         "--workers",
         type=int,
-        help="processes converting SQLite batches beside the loader (default: CPUs less 2, 1-4)",
+        help="processes converting SQLite batches beside the loader (default: the CPUs, 1-2)",
     )
     run.add_argument("--report-json", type=path_arg, help="write the run's report to this file")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")

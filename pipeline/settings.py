@@ -24,14 +24,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 DEFAULT_BATCH_SIZE = 10_000
 ON_CONFLICT = ("error", "skip", "update")
 MAX_WORKERS = 64
-DEFAULT_MAX_WORKERS = 4
+DEFAULT_MAX_WORKERS = 2
 
 
 def default_workers() -> int:
     """The converter processes of a run when neither the config nor --workers says: the
-    FLUX_MIGRATE_WORKERS environment variable, else the CPUs this process may use less two
-    (the loader's and PostgreSQL's), from 1 to DEFAULT_MAX_WORKERS: on 2 cores converter
-    processes cost more CPU than they free (measured in docs/benchmark.md, "Workers")."""
+    FLUX_MIGRATE_WORKERS environment variable, else the CPUs this process may use, from 1 to
+    DEFAULT_MAX_WORKERS: two converters keep one loader busy and stay under 300 MB with it;
+    on 2 cores they finish a 1M run about an eighth sooner for a sixth more CPU, and on a
+    machine the app keeps busy `--workers 1` can be the faster (docs/benchmark.md, "Workers")."""
     named = os.environ.get("FLUX_MIGRATE_WORKERS", "").strip()
     if named:
         try:
@@ -41,7 +42,7 @@ def default_workers() -> int:
                 f"FLUX_MIGRATE_WORKERS must be a whole number, not {named!r}."
             ) from None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min((cpus or 1) - 2, DEFAULT_MAX_WORKERS))
+    return max(1, min(cpus or 1, DEFAULT_MAX_WORKERS))
 
 
 @dataclass(frozen=True)
