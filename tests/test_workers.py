@@ -251,6 +251,10 @@ def test_workers_setting_comes_from_flag_config_or_environment(
     monkeypatch.setenv("FLUX_MIGRATE_WORKERS", "many")
     with pytest.raises(ConfigError, match="FLUX_MIGRATE_WORKERS must be a whole number"):
         load_settings()
+    monkeypatch.delenv("FLUX_MIGRATE_WORKERS")
+    for cpus, expected in ((1, 1), (2, 2), (16, 2)):  # the CPUs it may use, from 1 to 2
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert expected == load_settings().workers
 
 
 def test_a_worker_pool_starts_every_process_before_its_first_job() -> None:
