@@ -315,7 +315,10 @@ def target_select(table: Table) -> str:
     return ", ".join(parts)
 
 
-SESSION_SETTINGS = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3"
+SESSION_SETTINGS = (
+    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3;"
+    " SET standard_conforming_strings = on"  # its SQL writes '\\x00' for a byte
+)
 
 
 def target_value(kind: Kind, value: Any) -> Any:
