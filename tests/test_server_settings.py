@@ -12,9 +12,11 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
 
+from flux_migrate.core.target import Target, connect
 from tests.support import cli
 
 pytestmark = pytest.mark.anyio
@@ -88,3 +90,35 @@ async def test_every_command_agrees_under_a_hostile_database_default(
     for form in VERIFIES:
         done = cli(*form, *where)
         assert 1 == done.returncode, (form, done.stdout + done.stderr)
+
+
+async def test_own_connections_undo_the_database_timeouts(pg_dsn: str) -> None:
+    """A statement or idle-in-transaction timeout set for the app's queries does not cancel
+    flux-migrate's own statements (a batch, a key build, verify's aggregate), on the loader's
+    connection and on the others alike, as pg_dump's sessions do."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '100ms'")
+        await conn.execute(
+            f"ALTER DATABASE \"{name}\" SET idle_in_transaction_session_timeout = '100ms'"
+        )
+    finally:
+        await conn.close()
+    plain = await asyncpg.connect(pg_dsn)  # the app's connection keeps the database's default
+    try:
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await plain.execute("SELECT pg_sleep(0.3)")
+    finally:
+        await plain.close()
+    target = Target(pg_dsn)
+    own = [await connect(pg_dsn), await target.conn()]
+    try:
+        for conn in own:
+            await conn.execute("SELECT pg_sleep(0.3)")
+            async with conn.transaction():
+                await anyio.sleep(0.3)
+                assert 1 == await conn.fetchval("SELECT 1")
+    finally:
+        await own[0].close()
+        await target.close()

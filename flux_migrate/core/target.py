@@ -20,12 +20,25 @@ T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")
 
 
+# What flux-migrate's own connections undo of the database's or role's defaults, as pg_dump
+# does: a timeout meant for the app's queries would cancel a batch or a key build again on
+# every retry (a statement timeout is a transient failure) until the run gave up.
+OWN_SESSION = "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0"
+
+
 async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
-    """Open one connection; raises MigrateError with a sentence on failure (no password shown)."""
+    """Open one connection (OWN_SESSION set); raises MigrateError with a sentence on failure
+    (no password shown)."""
     try:
-        return await asyncpg.connect(dsn, timeout=timeout)
+        conn = await asyncpg.connect(dsn, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - translated into one sentence for the user
         raise translate(exc, dsn_location(dsn), connecting=True) from None
+    try:
+        await conn.execute(OWN_SESSION)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
 
 
 def _text_to_wire(value: str | bytes) -> bytes:
@@ -99,8 +112,13 @@ class Target:
                 )
             except (ValueError, TypeError, asyncpg.ClientConfigurationError) as exc:
                 raise translate(exc, self.location, connecting=True) from None
-            await accept_text_bytes(conn)
-            await send_instants_exactly(conn)
+            try:
+                await conn.execute(OWN_SESSION)
+                await accept_text_bytes(conn)
+                await send_instants_exactly(conn)
+            except BaseException:
+                conn.terminate()
+                raise
             self._conn = conn
         return self._conn
 
