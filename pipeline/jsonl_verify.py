@@ -56,10 +56,27 @@ def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _RepeatedKey  # a record holding a key twice has no one meaning: not loadable
+    return found
+
+
 def read_record(line: bytes) -> dict[str, Any] | None:
-    """A line as a JSON object with exact numbers, or None when it is not one."""
+    """A line as a JSON object with exact numbers, or None when it is not one (not JSON, not
+    an object, or an object in it holds a key twice)."""
     try:
-        value = json.loads(line.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constant)
+        value = json.loads(
+            line.decode("utf-8"),
+            parse_float=Decimal,
+            parse_constant=_no_constant,
+            object_pairs_hook=_object,
+        )
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

@@ -230,13 +230,13 @@ _KEY_END = re.compile(r'"\s*:')
 _UNPARSED: Any = object()
 
 
-def _object_keys(value: Any) -> int:
+def object_keys(value: Any) -> int:
     """How many keys the objects of a parsed JSON value hold together."""
     if isinstance(value, dict):
         inner = [v for v in value.values() if isinstance(v, dict | list)]
-        return len(value) + sum(_object_keys(v) for v in inner)
+        return len(value) + sum(object_keys(v) for v in inner)
     if isinstance(value, list):
-        return sum(_object_keys(v) for v in value if isinstance(v, dict | list))
+        return sum(object_keys(v) for v in value if isinstance(v, dict | list))
     return 0
 
 
@@ -253,7 +253,7 @@ def _no_key_lost(text: str, value: Any) -> bool:
     try:
         # An object whose text has one '{' holds no other object: its keys are all.
         flat = type(value) is dict and text.count("{") == 1
-        keys = len(value) if flat else _object_keys(value)
+        keys = len(value) if flat else object_keys(value)
         return len(_KEY_END.findall(text)) == keys
     except RecursionError:
         return False

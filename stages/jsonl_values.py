@@ -20,7 +20,13 @@ import orjson
 
 from flux_migrate.core.jsonl_schema import JSONL_PG_TYPES
 from flux_migrate.core.schema import NAME_MAX_BYTES, Column, Kind
-from flux_migrate.stages.convert import Rejected, decode_text, parse_timestamp
+from flux_migrate.stages.convert import (
+    Rejected,
+    decode_text,
+    has_duplicate_keys,
+    object_keys,
+    parse_timestamp,
+)
 
 _INT64 = 2**63
 _FLOAT_EXACT = 2**53
@@ -65,13 +71,39 @@ def parse_line(line: bytes) -> dict[str, Any]:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
         value = _loads_exact(_decode(line), exact=False)
-    return _checked(value)
+    return _unique_keys(line, _checked(value))
 
 
 def parse_exact(line: bytes) -> dict[str, Any]:
     """The line as :func:`parse_line` reads it, but every non-integer number a Decimal with the
     file's digits."""
-    return _checked(_loads_exact(_decode(line), exact=True))
+    return _unique_keys(line, _checked(_loads_exact(_decode(line), exact=True)))
+
+
+# The end of an object key in the line's bytes (convert._KEY_END on text: in UTF-8 no byte of
+# another character is a quote, a colon or ASCII whitespace, so the matches are the same).
+_KEY_END = re.compile(rb'"\s*:')
+
+
+def _unique_keys(line: bytes, value: dict[str, Any]) -> dict[str, Any]:
+    """``value``, parsed from ``line``, unless an object of the line holds a key twice: the
+    parser kept only the last, and so would jsonb (Rejected json_duplicate_key, as for a
+    SQLite JSON column). Counting key ends clears almost every line without decoding it."""
+    if b'" ' in line or b'"\t' in line or b'"\r' in line:
+        written = len(_KEY_END.findall(line))
+    else:  # no quote followed by whitespace: every key end is a quote and a colon
+        written = line.count(b'":')
+    try:
+        if written == (len(value) if line.count(b"{") == 1 else object_keys(value)):
+            return value
+    except RecursionError:
+        pass  # judged below
+    if has_duplicate_keys(line.decode("utf-8"), value):
+        raise Rejected(
+            "json_duplicate_key",
+            "an object in the line holds a key twice; the table (and jsonb) would keep only one",
+        )
+    return value
 
 
 def _checked(value: Any) -> dict[str, Any]:

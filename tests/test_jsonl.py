@@ -30,6 +30,10 @@ LINE_CASES = [
     (b'{"' + b"k" * 64 + b'": 1}', "unusable_key_name"),
     (b'{"a\\u0000b": 1}', "unusable_key_name"),
     (b'{"\\ud800": 1}', "invalid_utf8"),
+    (b'{"id": "a", "n": 1, "n": 2}', "json_duplicate_key"),
+    (b'{"id": "a", "d": {"k": [{"z": 1, "z": 1}]}}', "json_duplicate_key"),
+    (b'{"id": "a", "\\u006e": 1, "n": 2}', "json_duplicate_key"),
+    (b'{"id": "a" ,"n" :1,\t"n"\t: 1}', "json_duplicate_key"),
 ]
 
 
