@@ -27,14 +27,20 @@ import sqlite3
 from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, cast
+from typing import Any
 
 import aiosqlite
 import anyio
 import structlog
 
 from flux_migrate.core.schema import Table, quote_ident
-from flux_migrate.pipeline.convert_worker import RangeJob, convert_range, read_range, serve
+from flux_migrate.pipeline.convert_worker import (
+    RangeJob,
+    convert_range,
+    read_range,
+    serve,
+    unpack,
+)
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.workers import SPAWN
 from flux_migrate.stages.batch import Batch
@@ -101,7 +107,7 @@ class ConverterPool:
                 self._lost(converter)
             else:
                 if kind == "ok":
-                    return cast("Batch | None", value)
+                    return None if value is None else unpack(value)
                 if isinstance(value, sqlite3.OperationalError):
                     raise read_failure(ticket.job.table, ticket.job.lo, value) from None
                 raise value

@@ -10,7 +10,7 @@ import dataclasses
 import signal
 import sqlite3
 from array import array
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from multiprocessing.connection import Connection
@@ -56,8 +56,20 @@ def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any,
 
 
 def convert_range(job: RangeJob) -> Batch | None:
-    """In a worker (or, after a worker died, in a thread): the job's batch read, converted and
-    stripped of its raw values (None when the range holds no row now)."""
+    """After a worker died, in a thread of the coordinator: the job's batch as a converter
+    process sends it (convert_packed), unpacked."""
+    packed = convert_packed(job)
+    return None if packed is None else unpack(packed)
+
+
+# A converted batch as a converter sends it: the batch without its rows, and its rows column
+# by column (a third of the pickling of as many tuples; instants as their microseconds).
+Packed = tuple[Batch, list[Sequence[Any]]]
+
+
+def convert_packed(job: RangeJob) -> Packed | None:
+    """The job's batch read, converted and stripped of its raw values, packed (None when the
+    range holds no row now)."""
     rows = read_range(job)
     if not rows:
         return None
@@ -70,28 +82,26 @@ def convert_range(job: RangeJob) -> Batch | None:
         text_as_bytes=True,
     )
     del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
-    batch = dataclasses.replace(batch, raw=[], ids=digest_ids(job.table, batch.raw))
-    _instants_as_micros(job.table, batch.rows)
-    return batch
+    columns: list[Sequence[Any]] = list(zip(*batch.rows, strict=True))
+    _instants_as_micros(job.table, columns)
+    stripped = dataclasses.replace(batch, rows=[], raw=[], ids=digest_ids(job.table, batch.raw))
+    return stripped, columns
 
 
-def _instants_as_micros(table: Table, rows: list[tuple[Any, ...]]) -> None:
-    """Replace, in ``rows`` (in place: one row's copy at a time), the instants of timestamp
-    columns outside the key by their instant_micros (what the load's timestamptz encoder sends
-    either way), cheaper to ship than datetimes."""
-    at = [
-        i
-        for i, c in enumerate(table.columns)
-        if i > 0 and c.kind in (Kind.TIMESTAMP, Kind.INSTANT) and c.name not in table.primary_key
-    ]
-    if not at:
-        return
-    for n, row in enumerate(rows):
-        values = list(row)
-        for i in at:
-            if values[i] is not None:
-                values[i] = instant_micros(values[i])
-        rows[n] = tuple(values)
+def unpack(packed: Packed) -> Batch:
+    """The batch a converter packed, with its rows as tuples again."""
+    batch, columns = packed
+    return dataclasses.replace(batch, rows=list(zip(*columns, strict=True)))
+
+
+def _instants_as_micros(table: Table, columns: list[Sequence[Any]]) -> None:
+    """Replace, in ``columns``, the instants of timestamp columns outside the key by their
+    instant_micros (what the load's timestamptz encoder sends either way), cheaper to ship
+    than datetimes."""
+    instants = (Kind.TIMESTAMP, Kind.INSTANT)
+    for i, c in enumerate(table.columns[: len(columns)]):
+        if i and c.kind in instants and c.name not in table.primary_key:
+            columns[i] = [None if v is None else instant_micros(v) for v in columns[i]]
 
 
 def serve(conn: Connection, parent: int) -> None:
@@ -106,7 +116,7 @@ def serve(conn: Connection, parent: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, Any] = ("ok", convert_range(job))
+            reply: tuple[str, Any] = ("ok", convert_packed(job))
         except Exception as exc:  # noqa: BLE001 - sent to the coordinator, which raises it
             reply = ("error", exc if isinstance(exc, sqlite3.Error) else RuntimeError(repr(exc)))
         try:
