@@ -337,7 +337,8 @@ def _parse_all(batch: Batch) -> tuple[list[tuple[int, bytes, dict[str, Any]]], l
         try:
             records.append((offset, line, parse_line(line)))
         except Rejected as exc:
-            rejects.append(Reject(offset, None, (line,), exc.reason, exc.detail, "transform"))
+            key = key_of_record(getattr(exc, "record", None))  # known for some (RejectedLine)
+            rejects.append(Reject(offset, key, (line,), exc.reason, exc.detail, "transform"))
     return records, rejects
 
 

@@ -98,12 +98,37 @@ def _unique_keys(line: bytes, value: dict[str, Any]) -> dict[str, Any]:
             return value
     except RecursionError:
         pass  # judged below
-    if has_duplicate_keys(line.decode("utf-8"), value):
-        raise Rejected(
+    text = line.decode("utf-8")
+    if has_duplicate_keys(text, value):
+        raise RejectedLine(
             "json_duplicate_key",
             "an object in the line holds a key twice; the table (and jsonb) would keep only one",
+            record=_record_id(text),
         )
     return value
+
+
+class RejectedLine(Rejected):
+    """A line rejected whole whose record's id is known (``record``: {"id": value}, else None):
+    the quarantine keeps the id, and a reconcile knows the record is still in the file."""
+
+    def __init__(self, reason: str, detail: str, *, record: dict[str, Any] | None) -> None:
+        super().__init__(reason, detail)
+        self.record = record
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return pairs
+
+
+def _record_id(text: str) -> dict[str, Any] | None:
+    """The line's id, when its object names ``id`` exactly once (a repeated id has none)."""
+    try:
+        top = json.loads(text, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return None
+    ids = [v for k, v in top if k == "id"] if isinstance(top, list) else []
+    return {"id": ids[0]} if len(ids) == 1 and not isinstance(ids[0], list) else None
 
 
 def _checked(value: Any) -> dict[str, Any]:

@@ -306,6 +306,35 @@ async def test_rewritten_snapshot_deletes_records_gone_from_it(tmp_path: Path, p
     assert {"c0": "rejected", "c3": "pending"} == {k: v["status"] for k, v in actual.items()}
 
 
+async def test_a_snapshot_line_with_a_repeated_key_keeps_its_record_and_its_id(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A rewritten snapshot whose line for c1 now holds a key twice: the line is quarantined
+    as json_duplicate_key with its id, c1 stays as it was (its record is still in the file),
+    and the records truly gone are deleted all the same; a line whose id itself repeats is
+    quarantined without an id, and then nothing is deleted (it may be any record)."""
+    path = tmp_path / "corrections.jsonl"
+    path.write_bytes(b"".join(line(correction(n)) for n in range(4)))
+    await run(pg_dsn, JsonlFile.of(path, snapshot=True))
+    repeated = json.dumps(correction(1, "rejected"))[:-1] + ', "status": "pending"}\n'
+    path.write_bytes(line(correction(3)) + repeated.encode())
+    _, outcomes = await run(pg_dsn, JsonlFile.of(path, snapshot=True))
+    assert (2, 2) == (outcomes["corrections"].gone, outcomes["corrections"].deleted)
+    actual = await rows(pg_dsn, "corrections")
+    assert {"c1": "pending", "c3": "pending"} == {k: v["status"] for k, v in actual.items()}
+    quarantined = await fetchval(
+        pg_dsn,
+        "SELECT string_agg(source_key || ':' || reason, ',') FROM flux_migrate.quarantine"
+        " WHERE resolved_at IS NULL",
+    )
+    assert "c1:json_duplicate_key" == quarantined
+    both_ids = json.dumps(correction(2))[:-1] + ', "id": "c9"}\n'
+    path.write_bytes(line(correction(3)) + both_ids.encode())
+    _, outcomes = await run(pg_dsn, JsonlFile.of(path, snapshot=True))
+    assert 0 == outcomes["corrections"].deleted
+    assert {"c1", "c3"} == set(await rows(pg_dsn, "corrections"))
+
+
 async def test_duplicate_id_is_quarantined_and_the_first_arrival_kept(
     tmp_path: Path, pg_dsn: str
 ) -> None:
