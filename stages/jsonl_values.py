@@ -71,13 +71,26 @@ def parse_line(line: bytes) -> dict[str, Any]:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
         value = _loads_exact(_decode(line), exact=False)
-    return _unique_keys(line, _checked(value))
+    return _record(line, value)
 
 
 def parse_exact(line: bytes) -> dict[str, Any]:
     """The line as :func:`parse_line` reads it, but every non-integer number a Decimal with the
     file's digits."""
-    return _unique_keys(line, _checked(_loads_exact(_decode(line), exact=True)))
+    return _record(line, _loads_exact(_decode(line), exact=True))
+
+
+def _record(line: bytes, value: Any) -> dict[str, Any]:
+    """``value``, parsed from ``line``, when it is a usable record (an object whose keys can be
+    columns, none twice); an object rejected whole keeps its id (RejectedLine) where it has
+    one."""
+    try:
+        return _unique_keys(line, _checked(value))
+    except Rejected as exc:
+        if not isinstance(value, dict) or isinstance(exc, RejectedLine):
+            raise
+        record = _record_id(line.decode("utf-8"))
+        raise RejectedLine(exc.reason, exc.detail, record=record) from None
 
 
 # The end of an object key in the line's bytes (convert._KEY_END on text: in UTF-8 no byte of

@@ -306,18 +306,28 @@ async def test_rewritten_snapshot_deletes_records_gone_from_it(tmp_path: Path, p
     assert {"c0": "rejected", "c3": "pending"} == {k: v["status"] for k, v in actual.items()}
 
 
-async def test_a_snapshot_line_with_a_repeated_key_keeps_its_record_and_its_id(
-    tmp_path: Path, pg_dsn: str
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        (', "status": "pending"}', "json_duplicate_key"),
+        (', "": 1}', "unusable_key_name"),
+        (', "xmin": 1}', "unusable_key_name"),
+        (', "\\ud800": 1}', "invalid_utf8"),
+    ],
+)
+async def test_a_snapshot_line_rejected_whole_keeps_its_record_and_its_id(
+    tmp_path: Path, pg_dsn: str, tail: str, reason: str
 ) -> None:
-    """A rewritten snapshot whose line for c1 now holds a key twice: the line is quarantined
-    as json_duplicate_key with its id, c1 stays as it was (its record is still in the file),
-    and the records truly gone are deleted all the same; a line whose id itself repeats is
-    quarantined without an id, and then nothing is deleted (it may be any record)."""
+    """A rewritten snapshot whose line for c1 is now rejected whole (a key twice, a key that
+    cannot be a column): the line is quarantined with its id, c1 stays as it was (its record
+    is still in the file), and the records truly gone are deleted all the same; a line whose
+    id itself repeats is quarantined without an id, and then nothing is deleted (it may be
+    any record)."""
     path = tmp_path / "corrections.jsonl"
     path.write_bytes(b"".join(line(correction(n)) for n in range(4)))
     await run(pg_dsn, JsonlFile.of(path, snapshot=True))
-    repeated = json.dumps(correction(1, "rejected"))[:-1] + ', "status": "pending"}\n'
-    path.write_bytes(line(correction(3)) + repeated.encode())
+    bad = json.dumps(correction(1, "rejected"))[:-1] + tail + "\n"
+    path.write_bytes(line(correction(3)) + bad.encode())
     _, outcomes = await run(pg_dsn, JsonlFile.of(path, snapshot=True))
     assert (2, 2) == (outcomes["corrections"].gone, outcomes["corrections"].deleted)
     actual = await rows(pg_dsn, "corrections")
@@ -327,7 +337,7 @@ async def test_a_snapshot_line_with_a_repeated_key_keeps_its_record_and_its_id(
         "SELECT string_agg(source_key || ':' || reason, ',') FROM flux_migrate.quarantine"
         " WHERE resolved_at IS NULL",
     )
-    assert "c1:json_duplicate_key" == quarantined
+    assert f"c1:{reason}" == quarantined
     both_ids = json.dumps(correction(2))[:-1] + ', "id": "c9"}\n'
     path.write_bytes(line(correction(3)) + both_ids.encode())
     _, outcomes = await run(pg_dsn, JsonlFile.of(path, snapshot=True))
