@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import sqlite3
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -698,6 +699,10 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(f"flux-migrate: error: {redact(inner.message)}", file=sys.stderr)
                 return inner.exit_code
             exc = inner if isinstance(inner, Exception) else exc
+        if isinstance(exc, sqlite3.Error):  # the source failed mid-read (a damaged page, I/O)
+            failure = errors.translate(exc, "the SQLite file")
+            print(f"flux-migrate: error: {redact(failure.message)}", file=sys.stderr)
+            return failure.exit_code
         print(
             f"flux-migrate: internal error: {type(exc).__name__}: {redact(str(exc))}"
             " (set FLUX_DEBUG=1 for the traceback and please report it).",

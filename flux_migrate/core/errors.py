@@ -223,7 +223,8 @@ def translate(exc: BaseException, where: str, *, connecting: bool = False) -> Mi
         )
     if isinstance(exc, sqlite3.Error):
         return RuntimeFailure(
-            f"Reading the SQLite file failed ({exc}); fix the cause and rerun to resume."
+            f"Reading the SQLite file failed ({exc}); fix the cause (or use a good copy) and"
+            " run the command again: a run resumes where it stopped, and verify writes nothing."
         )
     return RuntimeFailure(f"The run failed: {type(exc).__name__}: {redact(str(exc))}.")
 
