@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from flux_migrate.core.dsn import normalize_dsn
 from flux_migrate.core.errors import ConfigError
 from flux_migrate.core.jsonl_schema import JsonlFile
-from flux_migrate.core.mapping import Mapping, MappingError, read_mapping
+from flux_migrate.core.mapping import Mapping, MappingError, ignored_yet_mapped, read_mapping
 from flux_migrate.core.schema import TABLES, Table, TargetNames
 from flux_migrate.pipeline.config_names import check_names
 
@@ -202,9 +202,16 @@ def jsonl_settings(get: _TypedConfig, paths: list[Path] | None) -> tuple[JsonlFi
 def _mapping_of(data: dict[str, Any], path: Path, where: str) -> Mapping:
     """The mapping in a parsed TOML table (``where``: its section, for the message)."""
     try:
-        return read_mapping(data)
+        mapping = read_mapping(data)
     except MappingError as exc:
         raise ConfigError(f"The mapping{where} in {path} is not usable: {exc}.") from None
+    both = ignored_yet_mapped(mapping)
+    if both:
+        raise ConfigError(
+            f"The mapping{where} in {path} both places and ignores {', '.join(both)}; remove"
+            " its [[table]] entry or column to leave it out, or its [ignore] entry to load it."
+        )
+    return mapping
 
 
 def _names(get: _TypedConfig, section: str, key: str) -> tuple[str, ...]:

@@ -470,6 +470,18 @@ def unplaced(schema: SourceSchema, mapping: Mapping) -> list[str]:
     return problems
 
 
+def ignored_yet_mapped(mapping: Mapping) -> list[str]:
+    """The tables and columns a mapping file both places and lists under [ignore]: which one
+    it means cannot be told (a column left out on purpose, for its contents, must not load)."""
+    mapped = {t.name: set(t.column_names) for t in mapping.tables}
+    out = [f"table {name}" for name in mapping.ignored_tables if name in mapped]
+    for entry in mapping.ignored_columns:
+        table, dot, column = entry.partition(".")
+        if dot and column in mapped.get(table, ()):
+            out.append(f"column {entry}")
+    return out
+
+
 def _keyset_problems(t: Table, found: SourceTable) -> list[str]:
     """A generic table is read as SQLite stores it: by rowid, or (WITHOUT ROWID) in the order
     of its own primary key, which the mapping must then keep."""
