@@ -27,6 +27,7 @@ from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, read_jsonl_columns
 from flux_migrate.core.jsonl_schema import JsonlFile
 from flux_migrate.core.schema import qualified, quote_ident
 from flux_migrate.core.target import connect
+from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.verify import TableVerify
 
@@ -52,21 +53,6 @@ def file_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
             offset += len(raw)
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
-class _RepeatedKey(ValueError):
-    pass
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise _RepeatedKey  # a record holding a key twice has no one meaning: not loadable
-    return found
-
-
 def read_record(line: bytes) -> dict[str, Any] | None:
     """A line as a JSON object with exact numbers, or None when it is not one (not JSON, not
     an object, or an object in it holds a key twice)."""
@@ -74,8 +60,8 @@ def read_record(line: bytes) -> dict[str, Any] | None:
         value = json.loads(
             line.decode("utf-8"),
             parse_float=Decimal,
-            parse_constant=_no_constant,
-            object_pairs_hook=_object,
+            parse_constant=ref.refuse_constant,
+            object_pairs_hook=ref.unique_object,
         )
     except (ValueError, RecursionError):
         return None

@@ -159,8 +159,9 @@ def _epoch_micros(raw: int | float, unit: str) -> int:
     return round(Decimal(raw) * scale)  # the double's exact value, to the microsecond
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice (jsonb would keep only the last)."""
+def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (jsonb would keep only the last): the
+    ``object_pairs_hook`` of verify's JSON readings (SQLite values and JSONL lines alike)."""
     found = dict(pairs)
     if len(found) != len(pairs):
         raise ValueError("duplicate key")
@@ -173,8 +174,8 @@ def _json(text: str) -> Any:
             text,
             parse_float=Decimal,
             parse_int=Decimal,
-            parse_constant=_refuse,
-            object_pairs_hook=_object,
+            parse_constant=refuse_constant,
+            object_pairs_hook=unique_object,
         )
     except RecursionError:
         raise Unreadable("JSON nested too deeply") from None
@@ -182,7 +183,8 @@ def _json(text: str) -> Any:
         raise Unreadable("not valid JSON") from None
 
 
-def _refuse(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """The ``parse_constant`` of verify's JSON readings: NaN and Infinity are not JSON."""
     raise ValueError(name)
 
 
