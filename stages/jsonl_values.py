@@ -24,7 +24,7 @@ from flux_migrate.stages.convert import (
     Rejected,
     decode_text,
     has_duplicate_keys,
-    object_keys,
+    no_key_lost,
     parse_timestamp,
 )
 
@@ -87,38 +87,22 @@ def _record(line: bytes, value: Any) -> dict[str, Any]:
     try:
         return _unique_keys(line, _checked(value))
     except Rejected as exc:
-        if not isinstance(value, dict) or isinstance(exc, RejectedLine):
+        if not isinstance(value, dict):
             raise
         record = _record_id(line.decode("utf-8"))
         raise RejectedLine(exc.reason, exc.detail, record=record) from None
-
-
-# The end of an object key in the line's bytes (convert._KEY_END on text: in UTF-8 no byte of
-# another character is a quote, a colon or ASCII whitespace, so the matches are the same).
-_KEY_END = re.compile(rb'"\s*:')
 
 
 def _unique_keys(line: bytes, value: dict[str, Any]) -> dict[str, Any]:
     """``value``, parsed from ``line``, unless an object of the line holds a key twice: the
     parser kept only the last, and so would jsonb (Rejected json_duplicate_key, as for a
     SQLite JSON column). Counting key ends clears almost every line without decoding it."""
-    if b'" ' in line or b'"\t' in line or b'"\r' in line:
-        written = len(_KEY_END.findall(line))
-    else:  # no quote followed by whitespace: every key end is a quote and a colon
-        written = line.count(b'":')
-    try:
-        if written == (len(value) if line.count(b"{") == 1 else object_keys(value)):
-            return value
-    except RecursionError:
-        pass  # judged below
-    text = line.decode("utf-8")
-    if has_duplicate_keys(text, value):
-        raise RejectedLine(
-            "json_duplicate_key",
-            "an object in the line holds a key twice; the table (and jsonb) would keep only one",
-            record=_record_id(text),
-        )
-    return value
+    if no_key_lost(line, value) or not has_duplicate_keys(line.decode("utf-8"), value):
+        return value
+    raise Rejected(
+        "json_duplicate_key",
+        "an object in the line holds a key twice; the table (and jsonb) would keep only one",
+    )
 
 
 class RejectedLine(Rejected):
