@@ -33,8 +33,17 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - translated into one sentence for the user
         raise translate(exc, dsn_location(dsn), connecting=True) from None
+    return await own_session(conn)
+
+
+async def own_session(
+    conn: asyncpg.Connection, *steps: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> asyncpg.Connection:
+    """``conn`` with OWN_SESSION set, then ``steps`` run on it; terminated if one fails."""
     try:
         await conn.execute(OWN_SESSION)
+        for step in steps:
+            await step(conn)
     except BaseException:
         conn.terminate()
         raise
@@ -112,14 +121,7 @@ class Target:
                 )
             except (ValueError, TypeError, asyncpg.ClientConfigurationError) as exc:
                 raise translate(exc, self.location, connecting=True) from None
-            try:
-                await conn.execute(OWN_SESSION)
-                await accept_text_bytes(conn)
-                await send_instants_exactly(conn)
-            except BaseException:
-                conn.terminate()
-                raise
-            self._conn = conn
+            self._conn = await own_session(conn, accept_text_bytes, send_instants_exactly)
         return self._conn
 
     async def drop(self) -> None:
