@@ -162,8 +162,12 @@ async def batch_ranges(
         lo = hi
 
 
-def range_job(settings: Settings, table: Table, missing_parents: Collection[str]) -> RangeJob:
-    """The conversion of ``table``'s batches as the in-process path does it (no range yet)."""
+def range_job(
+    settings: Settings, table: Table, missing_parents: Collection[str], *, payload: bool
+) -> RangeJob:
+    """The conversion of ``table``'s batches as the in-process path does it (no range yet);
+    with ``payload`` a batch comes as its binary COPY payload where the table has one (for a
+    plain COPY into the table: an upsert needs the rows' keys)."""
     return RangeJob(
         uri=source_uri(settings.require_source()),
         busy_timeout=settings.busy_timeout,
@@ -174,6 +178,7 @@ def range_job(settings: Settings, table: Table, missing_parents: Collection[str]
         naive_timezone=settings.naive_timezone,
         strip_nul=settings.strip_nul,
         missing_parents=frozenset(missing_parents),
+        payload=payload,
     )
 
 

@@ -21,7 +21,8 @@ from flux_migrate.core.schema import Kind, Table
 from flux_migrate.pipeline.workers import die_with_parent
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract_sql import keyset_sql, mark_orphans, page_batch, select_sql
-from flux_migrate.stages.transform import digest_ids, transform_batch
+from flux_migrate.stages.transform import digest_ids, transform_columns
+from flux_migrate.stages.wire import payload_encoder
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class RangeJob:
     naive_timezone: tzinfo
     strip_nul: bool
     missing_parents: Collection[str]
+    payload: bool = False  # ship a batch as its binary COPY payload where the table has one
 
 
 def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any, ...]]:
@@ -63,7 +65,8 @@ def convert_range(job: RangeJob) -> Batch | None:
 
 
 # A converted batch as a converter sends it: the batch without its rows, and its rows column
-# by column (a third of the pickling of as many tuples; instants as their microseconds).
+# by column (a third of the pickling of as many tuples; instants as their microseconds), or
+# none when the batch carries them as its binary COPY payload (stages/wire.py).
 Packed = tuple[Batch, list[Sequence[Any]]]
 
 
@@ -73,7 +76,7 @@ def convert_packed(job: RangeJob) -> Packed | None:
     rows = read_range(job)
     if not rows:
         return None
-    batch = transform_batch(
+    batch, plain = transform_columns(
         page_batch(job.table, 0, job.lo, rows),
         job.table,
         naive_timezone=job.naive_timezone,
@@ -82,15 +85,22 @@ def convert_packed(job: RangeJob) -> Packed | None:
         text_as_bytes=True,
     )
     del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
-    columns: list[Sequence[Any]] = list(zip(*batch.rows, strict=True))
-    _instants_as_micros(job.table, columns)
+    count = len(batch.rows) if plain is None else len(batch.raw)
+    columns: list[Sequence[Any]] = list(zip(*batch.rows, strict=True)) if plain is None else plain
     stripped = dataclasses.replace(batch, rows=[], raw=[], ids=digest_ids(job.table, batch.raw))
+    encode = payload_encoder(job.table) if job.payload and count else None
+    payload = None if encode is None else encode(columns)
+    if payload is not None:
+        return dataclasses.replace(stripped, payload=payload, payload_rows=count), []
+    _instants_as_micros(job.table, columns)
     return stripped, columns
 
 
 def unpack(packed: Packed) -> Batch:
     """The batch a converter packed, with its rows as tuples again."""
     batch, columns = packed
+    if batch.payload is not None:
+        return batch
     return dataclasses.replace(batch, rows=list(zip(*columns, strict=True)))
 
 

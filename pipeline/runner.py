@@ -545,7 +545,7 @@ async def _stream_from(
             text_as_bytes=True,
         )
     else:
-        job = range_job(settings, table, missing)
+        job = range_job(settings, table, missing, payload=ctx.on_conflict == "error")
         chain = pooled_batches(
             pool, run.src, job, after=after, upto=upto, batch_size=settings.batch_size
         )

@@ -53,3 +53,12 @@ class Batch:
     columns: tuple[str, ...] = ()
     added_columns: tuple[Column, ...] = ()
     record_ids: list[str | None] | None = None
+    # The rows as one binary COPY payload (stages/wire.py), built by a converter process in
+    # place of ``rows`` (then empty): ``payload_rows`` rows.
+    payload: bytes | None = None
+    payload_rows: int = 0
+
+    @property
+    def row_count(self) -> int:
+        """How many converted rows the batch carries, as ``rows`` or as its payload."""
+        return self.payload_rows if self.payload is not None else len(self.rows)

@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
+import orjson
+
 from flux_migrate.core.schema import KEY_MAX_LENGTH, Column, Kind, Table
-from flux_migrate.stages.convert import Raw, Rejected
+from flux_migrate.stages.convert import Raw, Rejected, object_keys
 from flux_migrate.stages.values import any_column_converter
 
 ColumnConverter = Callable[[Sequence[Raw]], Sequence[Any] | None]
@@ -68,6 +70,43 @@ def _utc_instants(values: Sequence[Raw]) -> Sequence[Any] | None:
     return found
 
 
+# What makes a JSON object column go value by value (the per-value converter decides): a NUL
+# escape; an integer beyond 64 bits (orjson would read a float) or a number in exponent form
+# (rewritten positionally), found as "0"*19, "0e0" or "0e+0" once every digit reads 0, E reads
+# e and - reads +; a quote followed by whitespace (the key count below needs none).
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789E-", b"0000000000e+")
+_ONE_BY_ONE = (b"\\u0000", b'" ', b'"\t', b'"\n', b'"\r')
+_ONE_BY_ONE_NUMBERS = (b"0" * 19, b"0e0", b"0e+0")
+
+
+def _json_objects(values: Sequence[Raw]) -> Sequence[Any] | None:
+    """JSON object text in which every object keeps every key it writes, as its text; else
+    None. Each key written ends in '":' (no whitespace before the colon, checked), and other
+    '":' only raise the count, so a column's count of '":' is at least the keys its objects
+    hold together, and equal only where no object lost a repeated key."""
+    if not _all_bytes(values) or b"" in values:
+        return None
+    joined = b"\x00".join(values)  # type: ignore[arg-type]  # NUL: inside no pattern above, nor a '{' or '":'
+    if any(p in joined for p in _ONE_BY_ONE):
+        return None
+    numbers = joined.translate(_DIGITS_AS_ZERO)
+    if any(p in numbers for p in _ONE_BY_ONE_NUMBERS):
+        return None
+    try:
+        texts = list(map(bytes.decode, values))  # type: ignore[arg-type]
+        parsed = list(map(orjson.loads, values))  # type: ignore[arg-type]
+    except (UnicodeDecodeError, orjson.JSONDecodeError):
+        return None
+    if set(map(type, parsed)) != {dict}:
+        return None
+    flat = joined.count(b"{") == len(values)  # one '{' each: no object holds another
+    try:
+        keys = sum(map(len, parsed)) if flat else sum(map(object_keys, parsed))
+    except RecursionError:
+        return None
+    return texts if keys == joined.count(b'":') else None
+
+
 def _zone_id(value: datetime) -> int:
     return id(value.tzinfo)
 
@@ -90,6 +129,8 @@ def _fast_check(column: Column, *, text_as_bytes: bool) -> ColumnConverter | Non
         return _texts_as_bytes
     if column.kind is Kind.TIMESTAMP:
         return _utc_instants
+    if column.kind is Kind.JSON:
+        return _json_objects
     return None
 
 
@@ -120,10 +161,11 @@ def batch_converter(
     naive_timezone: tzinfo = UTC,
     strip_nul: bool = False,
     text_as_bytes: bool = False,
-) -> Callable[[list[tuple[Raw, ...]]], list[tuple[Any, ...]] | None]:
+) -> Callable[[list[tuple[Raw, ...]]], list[Sequence[Any]] | None]:
     """Rows read by extract (rowid first, then the table's columns, then anything more) as
-    COPY-ready tuples, converted column by column; None when any value would be rejected.
-    The same tuples the row path (values.row_converter) gives, value for value."""
+    COPY-ready values, converted column by column and returned column by column (one
+    sequence per table column); None when any value would be rejected. Zipped, the same
+    tuples the row path (values.row_converter) gives, value for value."""
     converters = [
         _column_converter(
             c, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
@@ -131,9 +173,9 @@ def batch_converter(
         for c in table.columns
     ]
 
-    def convert(raw_rows: list[tuple[Raw, ...]]) -> list[tuple[Any, ...]] | None:
+    def convert(raw_rows: list[tuple[Raw, ...]]) -> list[Sequence[Any]] | None:
         if not raw_rows:
-            return []
+            return [[] for _ in converters]
         columns = list(zip(*raw_rows, strict=True))
         out = []
         for i, column_values in enumerate(converters):
@@ -141,6 +183,6 @@ def batch_converter(
             if found is None:
                 return None
             out.append(found)
-        return list(zip(*out, strict=True))
+        return out
 
     return convert

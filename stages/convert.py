@@ -233,13 +233,13 @@ _KEY_END_BYTES = re.compile(rb'"\s*:')
 _UNPARSED: Any = object()
 
 
-def _object_keys(value: Any) -> int:
+def object_keys(value: Any) -> int:
     """How many keys the objects of a parsed JSON value hold together."""
     if isinstance(value, dict):
         inner = [v for v in value.values() if isinstance(v, dict | list)]
-        return len(value) + sum(_object_keys(v) for v in inner)
+        return len(value) + sum(object_keys(v) for v in inner)
     if isinstance(value, list):
-        return sum(_object_keys(v) for v in value if isinstance(v, dict | list))
+        return sum(object_keys(v) for v in value if isinstance(v, dict | list))
     return 0
 
 
@@ -262,7 +262,7 @@ def no_key_lost(text: str | bytes, value: Any) -> bool:
         else:
             flat = type(value) is dict and text.count("{") == 1
             ends = len(_KEY_END.findall(text))
-        return ends == (len(value) if flat else _object_keys(value))
+        return ends == (len(value) if flat else object_keys(value))
     except RecursionError:
         return False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -163,6 +163,17 @@ def server_is_utf8(conn: asyncpg.Connection) -> bool:
     return str(getattr(conn.get_settings(), "server_encoding", "UTF8")).upper() == "UTF8"
 
 
+# A payload goes to the server in messages of this size: PostgreSQL converts one while the
+# next is on its way (it reads a whole message before it starts on it).
+PAYLOAD_CHUNK = 1 << 20
+
+
+async def _chunks(payload: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(payload)
+    for at in range(0, len(view), PAYLOAD_CHUNK):
+        yield view[at : at + PAYLOAD_CHUNK]
+
+
 async def _copy(
     conn: asyncpg.Connection,
     ctx: LoadContext,
@@ -170,17 +181,30 @@ async def _copy(
     raw: list[tuple[Any, ...]],
     values: list[int] | None = None,
     ids: tuple[list[int], list[str]] | None = None,
+    payload: bytes | None = None,
 ) -> set[str]:
-    """Write ``rows`` and the digests of their source rows ``raw`` (same positions; ``values``
-    when computed already, ``ids`` when ``raw`` was not kept), in the current (sub)transaction;
-    return the keys left alone because they already existed (skip mode)."""
+    """Write ``rows`` (or the same rows as one binary COPY ``payload``) and the digests of
+    their source rows ``raw`` (same positions; ``values`` when computed already, ``ids`` when
+    ``raw`` was not kept), in the current (sub)transaction; return the keys left alone
+    because they already existed (skip mode)."""
+    if payload is not None and ctx.on_conflict != "error":
+        raise RuntimeFailure("internal error: a COPY payload reached an upsert; please report it")
     if ctx.on_conflict == "error":
-        await conn.copy_records_to_table(
-            ctx.names.table(ctx.table.name),
-            records=rows,
-            columns=ctx.table.column_names,
-            schema_name=ctx.names.schema,
-        )
+        if payload is None:
+            await conn.copy_records_to_table(
+                ctx.names.table(ctx.table.name),
+                records=rows,
+                columns=ctx.table.column_names,
+                schema_name=ctx.names.schema,
+            )
+        else:
+            await conn.copy_to_table(
+                ctx.names.table(ctx.table.name),
+                source=_chunks(payload),
+                columns=ctx.table.column_names,
+                schema_name=ctx.names.schema,
+                format="binary",
+            )
         await write_digests(conn, ctx, raw, values=values, ids=ids)
         return set()
     stage = quote_ident(ctx.stage_table)
@@ -298,7 +322,7 @@ async def commit_batch(
         refused, skipped = await _write_rows(conn, ctx, batch, isolate=isolate)
         rejects = batch.rejects + refused
         await _write_bookkeeping(conn, ctx, batch, rejects, skipped)
-        loaded = len(batch.rows) - len(refused) - len(skipped)
+        loaded = batch.row_count - len(refused) - len(skipped)
         return BatchResult(batch, loaded, rejects, skipped=len(skipped))
 
     return await commit_in_order(conn, ctx.names.schema, ctx.table.name, ctx.run_id, batch, write)
@@ -374,11 +398,17 @@ async def _write_rows(
 ) -> tuple[list[Reject], set[str]]:
     """COPY the batch's rows; return the rows refused (only with ``isolate``) and the keys
     skipped as existing."""
-    if not batch.rows:
+    if not batch.row_count:
         return [], set()
     if isolate:
+        if batch.payload is not None:  # the strict re-conversion gives rows, never a payload
+            raise RuntimeFailure(
+                "internal error: a COPY payload cannot be split row by row; please report it"
+            )
         return await copy_isolating(conn, ctx, batch.rows, batch.raw)
-    return [], await _copy(conn, ctx, batch.rows, batch.raw, batch.digests, batch.ids)
+    return [], await _copy(
+        conn, ctx, batch.rows, batch.raw, batch.digests, batch.ids, batch.payload
+    )
 
 
 async def _write_bookkeeping(

@@ -88,7 +88,32 @@ def transform_batch(
     row by row: both give the same rows. Rejects already on the batch are kept (a batch
     re-converted strictly after a refused COPY).
     """
-    plain = _plain_batch(
+    converted, columns = transform_columns(
+        batch,
+        table,
+        naive_timezone=naive_timezone,
+        strip_nul=strip_nul,
+        missing_parents=missing_parents,
+        text_as_bytes=text_as_bytes,
+    )
+    if columns is None:
+        return converted
+    return dataclasses.replace(converted, rows=list(zip(*columns, strict=True)))
+
+
+def transform_columns(
+    batch: Batch,
+    table: Table,
+    *,
+    naive_timezone: tzinfo = UTC,
+    strip_nul: bool = False,
+    missing_parents: Collection[str] = (),
+    text_as_bytes: bool = False,
+) -> tuple[Batch, list[Sequence[Any]] | None]:
+    """transform_batch, but a batch converted column by column comes without its rows: they
+    come beside it, column by column (what a COPY payload is built from). A batch with a
+    rejected row comes with its rows and None."""
+    plain = _plain_columns(
         batch.raw,
         table,
         naive_timezone=naive_timezone,
@@ -97,7 +122,7 @@ def transform_batch(
         missing_parents=missing_parents,
     )
     if plain is None:
-        return transform_rows(
+        converted = transform_rows(
             batch,
             table,
             naive_timezone=naive_timezone,
@@ -105,8 +130,12 @@ def transform_batch(
             missing_parents=missing_parents,
             text_as_bytes=text_as_bytes,
         )
+        return converted, None
     digested = digests(batch.raw, len(table.column_names))  # in the worker thread
-    return dataclasses.replace(batch, rows=plain, rejects=list(batch.rejects), digests=digested)
+    converted = dataclasses.replace(
+        batch, rows=[], rejects=list(batch.rejects), digests=digested, payload=None
+    )
+    return converted, plain
 
 
 def transform_rows(
@@ -153,10 +182,12 @@ def transform_rows(
         rows.append(row)
         sources.append(raw_row)
     digested = digests(sources, ncols)  # here, in the worker thread, not in the load loop
-    return dataclasses.replace(batch, raw=sources, rows=rows, rejects=rejects, digests=digested)
+    return dataclasses.replace(
+        batch, raw=sources, rows=rows, rejects=rejects, digests=digested, payload=None
+    )
 
 
-def _plain_batch(
+def _plain_columns(
     raw: list[tuple[Raw, ...]],
     table: Table,
     *,
@@ -164,21 +195,21 @@ def _plain_batch(
     strip_nul: bool,
     text_as_bytes: bool,
     missing_parents: Collection[str],
-) -> list[tuple[object, ...]] | None:
-    """The batch's rows converted column by column (stages/columns.py) when no row is
+) -> list[Sequence[Any]] | None:
+    """The batch's values converted column by column (stages/columns.py) when no row is
     rejected: no value refused, no orphan flagged, no parent quarantined; else None."""
     ncols = len(table.column_names)
     if table.parent_column is None and table.foreign_keys and missing_parents:
         return None  # a generic child's quarantined parents: named row by row
     if (table.parent_column is not None or table.foreign_keys) and any(r[ncols + 1] for r in raw):
         return None
-    rows = batch_converter(
+    columns = batch_converter(
         table, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
     )(raw)
-    if rows is None or not rows or table.parent_column is None or not missing_parents:
-        return rows
+    if columns is None or not raw or table.parent_column is None or not missing_parents:
+        return columns
     at = table.column_names.index(table.parent_column)
-    return rows if set(missing_parents).isdisjoint(r[at] for r in rows) else None
+    return columns if set(missing_parents).isdisjoint(columns[at]) else None
 
 
 async def transform(

@@ -92,6 +92,8 @@ _plain_json = st.sampled_from([b"{}", b'{"model": "gpt-4o", "tokens": 637}', b'{
 _ODD_JSON = [
     *(b"[]", b"null", b"NaN", b'{"a": NaN}', b"{", None, b"", 5, 1.5, "{}", b" {}", b"{} "),
     *(b'{"a": 1, "a": 2}', b'{"a": {"b": 1, "b": 2}}', b'{"a": 1, "\\u0061": 2}'),
+    *(b'{"a": [{"b": 1, "b": 2}]}', b'{"a": 1 , "a": 2}', b'{"a": "x\\":", "a": 2}'),
+    *(b'{"a": "1e5"}', b'{"a": "\xff"}', b'{"a": 1}\x00', b'{"a": -1E+5}', b'{"a": 1}{}'),
     *(b'{"a": "\\u0000"}', b'{"a": "\\\\u0000"}', b'{"a": 1e5}', b'{"a": 1.5E-3}'),
     *(b'{"a": 12345678901234567890}', b'{"a": "12345678901234567890"}', b'[{"a": 1}]'),
     *(b'{"\xe9": 1}', '{"é": "٣e5"}'.encode(), b'{"a": "x\\"y"}', b"[" * 1100 + b"]" * 1100),
@@ -204,6 +206,7 @@ def test_plain_batches_take_the_column_path(
     not only the per-value converters behind it."""
     table, (batch, _) = drawn
     checks = {Kind.KEY: columns._keys, Kind.TIMESTAMP: columns._utc_instants}
+    checks |= {Kind.JSON: columns._json_objects}
     checks |= {Kind.TEXT: columns._texts_as_bytes, Kind.NULLABLE_TEXT: columns._texts_as_bytes}
     for i, column in enumerate(table.columns):
         if column.kind in checks:
