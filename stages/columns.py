@@ -14,6 +14,7 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, tzinfo
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -65,7 +66,7 @@ def _utc_instants(values: Sequence[Raw]) -> Sequence[Any] | None:
         found = list(map(datetime.fromisoformat, map(bytes.decode, values)))  # type: ignore[arg-type]
     except ValueError:  # the right shape, an impossible date or time
         return None
-    if set(map(_zone_id, found)) != {id(UTC)}:  # what the per-value path returns as is
+    if set(map(id, map(_ZONE, found))) != {id(UTC)}:  # what the per-value path returns as is
         return None
     return found
 
@@ -107,8 +108,7 @@ def _json_objects(values: Sequence[Raw]) -> Sequence[Any] | None:
     return texts if keys == joined.count(b'":') else None
 
 
-def _zone_id(value: datetime) -> int:
-    return id(value.tzinfo)
+_ZONE = attrgetter("tzinfo")
 
 
 def _mapped(convert: Callable[[Raw], Any]) -> ColumnConverter:

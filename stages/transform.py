@@ -8,6 +8,7 @@ import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from datetime import UTC, tzinfo
+from operator import itemgetter
 from typing import Any
 
 from flux_migrate.core.digest import digests, key_position
@@ -201,7 +202,9 @@ def _plain_columns(
     ncols = len(table.column_names)
     if table.parent_column is None and table.foreign_keys and missing_parents:
         return None  # a generic child's quarantined parents: named row by row
-    if (table.parent_column is not None or table.foreign_keys) and any(r[ncols + 1] for r in raw):
+    if (table.parent_column is not None or table.foreign_keys) and any(
+        map(itemgetter(ncols + 1), raw)
+    ):
         return None
     columns = batch_converter(
         table, naive_timezone=naive_timezone, strip_nul=strip_nul, text_as_bytes=text_as_bytes
@@ -246,5 +249,12 @@ def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], lis
     """The rowids of source rows ``raw`` and their keys as a digest pack holds them (no keys
     for a table without a one-column key: it gets no digests)."""
     at = key_position(table.column_names, table.primary_key)
-    keys = [] if at is None else [key_of(r[at + 1]) or "" for r in raw]
-    return [r[0] for r in raw], keys
+    rowids = [r[0] for r in raw]
+    if at is None:
+        return rowids, []
+    found = [r[at + 1] for r in raw]
+    if set(map(type, found)) == {bytes}:  # ASCII without NUL: key_of is the plain decode
+        joined = b"".join(found)
+        if joined.isascii() and b"\x00" not in joined:
+            return rowids, list(map(bytes.decode, found))
+    return rowids, [key_of(k) or "" for k in found]
