@@ -4,18 +4,27 @@ kinds with more than one wire form get no payload."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from array import array
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flux_migrate.core.errors import RuntimeFailure
 from flux_migrate.core.instant import instant_micros
-from flux_migrate.core.schema import Column, Kind, Table, TargetNames, create_table_sql
+from flux_migrate.core.schema import TABLES, Column, Kind, Table, TargetNames, create_table_sql
 from flux_migrate.core.target import Target
-from flux_migrate.stages import wire
+from flux_migrate.pipeline.convert_worker import RangeJob, convert_packed
+from flux_migrate.stages import load, wire
+from flux_migrate.stages.batch import Batch
+from flux_migrate.stages.extract_sql import source_uri
+from flux_migrate.stages.load import LoadContext
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +189,44 @@ def test_a_value_text_cannot_encode_gives_no_payload() -> None:
     assert encode is not None
     assert encode([["a"], ["\ud800"]]) is None
     assert encode([["a"], ["ok"]]) is not None
+
+
+def test_a_converter_ships_the_app_tables_as_payloads(sample_db: Path) -> None:
+    """The hot path stays the payload's: a converter job for either app table (as a run with
+    converter processes hands it out) comes back with its rows as one payload, counted, and
+    as columns when the run asked for rows (an upsert)."""
+    for table in TABLES:
+        job = RangeJob(
+            uri=source_uri(sample_db),
+            busy_timeout=5,
+            table=table,
+            lo=0,
+            hi=200,
+            orphans=array("q"),
+            naive_timezone=UTC,
+            strip_nul=False,
+            missing_parents=frozenset(),
+            payload=True,
+        )
+        packed = convert_packed(job)
+        assert packed is not None
+        batch, columns = packed
+        assert batch.payload is not None and batch.payload.startswith(wire.SIGNATURE)
+        assert batch.row_count == batch.payload_rows == 200 and columns == [] and not batch.rows
+        as_rows = convert_packed(dataclasses.replace(job, payload=False))
+        assert as_rows is not None and as_rows[0].payload is None
+        assert len(as_rows[1]) == len(table.columns) and len(as_rows[1][0]) == 200
+
+
+async def test_a_payload_is_never_split_row_by_row(pg_dsn: str) -> None:
+    """A payload batch that reached the row-by-row split (a refused batch not re-converted
+    into rows) is an internal error, not a batch loaded as empty."""
+    table = TABLES[0]
+    ctx = LoadContext(table=table, names=TargetNames(), run_id="r")
+    batch = Batch(table.name, 1, 0, 1, 1, payload=b"x", payload_rows=1)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        with pytest.raises(RuntimeFailure, match="internal error"):
+            await load._write_rows(conn, ctx, batch, isolate=True)
+    finally:
+        await conn.close()
