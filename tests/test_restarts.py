@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,44 @@ class Restarts:
                     faults.soon("during the key build (async)")
             return await real_execute(self, query, *args, **kw)
 
+        real_payload_copy = asyncpg.Connection.copy_to_table
+
+        async def after_first_chunk(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for i, chunk in _numbered(chunks):
+                if i == 1:
+                    faults.now("during COPY")  # the first chunk is already on the wire
+                yield chunk
+            faults.now("during COPY")  # a one-chunk payload: sent, the COPY not yet ended
+
+        async def payload_copy(self: Any, table_name: str, *, source: Any, **kw: Any) -> Any:
+            """The COPY of a payload a converter process built (run --workers 2)."""
+            if kw.get("schema_name") == "public":
+                faults.copies += 1
+                if faults.copies in (3, 12):
+                    source = _once(after_first_chunk(source), faults)
+                elif faults.copies == 7:
+                    faults.soon("during COPY (async)")
+            return await real_payload_copy(self, table_name, source=source, **kw)
+
         monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", copy)
+        monkeypatch.setattr(asyncpg.Connection, "copy_to_table", payload_copy)
         monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+
+
+async def _numbered(chunks: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    i = 0
+    async for chunk in chunks:
+        yield i, chunk
+        i += 1
+
+
+async def _once(chunks: AsyncIterator[Any], faults: Restarts) -> AsyncIterator[Any]:
+    """The chunks, restarting the server at most once for this COPY (during its sending)."""
+    before = len(faults.done)
+    async for chunk in chunks:
+        if len(faults.done) > before:  # restarted: this COPY fails with the connection
+            return
+        yield chunk
 
 
 class BetweenBatches:
@@ -113,16 +149,24 @@ class BetweenBatches:
             self.faults.now("between batches")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_server_restarts_anywhere_in_a_run_are_survived_exactly(
-    sample_db: Path, pg_dsn: str, restart_server: Any, monkeypatch: pytest.MonkeyPatch
+    sample_db: Path,
+    pg_dsn: str,
+    restart_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
 ) -> None:
     """Restarts during COPY, between batches, around checkpoint commits and during the key
-    build: the run completes by itself and the target equals the source, each row once."""
+    build: the run completes by itself and the target equals the source, each row once; in
+    one process (rows COPYed as records) and with 2 converter processes (COPY payloads)."""
     if restart_server is None:
         pytest.fail("this test needs the embedded server (it restarts it)")
     faults = Restarts(restart_server)
     faults.install(monkeypatch)
-    settings = load_settings(None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=150)
+    settings = load_settings(
+        None, sqlite_path=sample_db, postgres_dsn=pg_dsn, batch_size=150, workers=workers
+    )
     with ignore_asyncpg_orphaned_waiters(), capture_logs() as logs:
         report = await migrate(settings, progress=BetweenBatches(faults, {2, 10, 21}))
         for worker in faults.threads:
