@@ -6,9 +6,11 @@ after batch k-1's last one up to the ``batch_size``-th one after it, found by on
 the rowid b-tree), hands batch k to worker k mod N (at most IN_FLIGHT per worker ahead of the
 loader, so memory stays flat) and yields them strictly in order. Each worker reads its batch on a
 read-only connection of its own and runs the same extract and transform code as the in-process
-path; it ships back the converted rows, rejects, digests and the rows' rowids and keys, not the
-raw values (a batch PostgreSQL refuses is read again here, see ``refill``). The checkpoint
-chain is the loader's, unchanged, so exactly-once and resume do not depend on the workers.
+path; it ships back the converted rows (for a plain COPY, as the batch's binary COPY payload,
+stages/wire.py, which the loader sends as it is), rejects, digests and the rows' rowids and
+keys, not the raw values (a batch PostgreSQL refuses is read again here, see ``refill``). The
+checkpoint chain is the loader's, unchanged, so exactly-once and resume do not depend on the
+workers.
 
 Workers die with the coordinator (``die_with_parent``) and ignore the terminal's SIGINT. Each
 has a pipe of its own (not a shared result queue, which a worker killed mid-reply leaves
