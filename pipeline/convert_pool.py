@@ -40,6 +40,7 @@ from flux_migrate.pipeline.convert_worker import (
     RangeJob,
     convert_range,
     read_range,
+    receive,
     serve,
     unpack,
 )
@@ -64,8 +65,7 @@ class _Converter:
 
     def receive(self) -> tuple[str, Any]:
         """The next reply (blocks; EOFError when the process died)."""
-        reply: tuple[str, Any] = self.conn.recv()
-        return reply
+        return receive(self.conn)
 
 
 @dataclass(frozen=True)

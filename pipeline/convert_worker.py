@@ -131,10 +131,32 @@ def serve(conn: Connection, parent: int) -> None:
         except Exception as exc:  # noqa: BLE001 - sent to the coordinator, which raises it
             reply = ("error", exc if isinstance(exc, sqlite3.Error) else RuntimeError(repr(exc)))
         try:
-            conn.send(reply)
+            send(conn, reply)
         except OSError:
             return
         del job, reply
+
+
+def send(conn: Connection, reply: tuple[str, Any]) -> None:
+    """Send ``reply``; a batch's payload goes after it as a message of its own ("payload"),
+    not pickled: the coordinator then holds it once, not as its pickle and a copy."""
+    kind, value = reply
+    payload = value[0].payload if kind == "ok" and value is not None else None
+    if payload is None:
+        conn.send(reply)
+        return
+    conn.send(("payload", (dataclasses.replace(value[0], payload=b""), value[1])))
+    conn.send_bytes(payload)
+
+
+def receive(conn: Connection) -> tuple[str, Any]:
+    """The reply ``send`` sent, its payload back in its batch (blocks; EOFError when the
+    process died, even between the two messages)."""
+    kind, value = conn.recv()
+    if kind != "payload":
+        return kind, value
+    batch, columns = value
+    return "ok", (dataclasses.replace(batch, payload=conn.recv_bytes()), columns)
 
 
 # glibc's mallopt parameters: the heap is never trimmed, and blocks up to 32 MB (a batch's
