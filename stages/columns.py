@@ -35,17 +35,24 @@ def _all_bytes(values: Sequence[Raw]) -> bool:
     return set(map(type, values)) == {bytes}
 
 
-def _keys(values: Sequence[Raw]) -> Sequence[Any] | None:
-    """ASCII keys of 1..KEY_MAX_LENGTH bytes without NUL, decoded; else None."""
+def ascii_texts(values: Sequence[Raw]) -> list[str] | None:
+    """Values that are all ASCII bytes without NUL, decoded (what every text converter and
+    transform.key_of make of such bytes); else None."""
     if not _all_bytes(values):
-        return None
-    sizes = set(map(len, values))  # type: ignore[arg-type]
-    if min(sizes) < 1 or max(sizes) > KEY_MAX_LENGTH:
         return None
     joined = b"".join(values)  # type: ignore[arg-type]
     if not joined.isascii() or b"\x00" in joined:
         return None
     return list(map(bytes.decode, values))  # type: ignore[arg-type]
+
+
+def _keys(values: Sequence[Raw]) -> Sequence[Any] | None:
+    """ASCII keys of 1..KEY_MAX_LENGTH bytes without NUL, decoded; else None."""
+    texts = ascii_texts(values)
+    if texts is None:
+        return None
+    sizes = set(map(len, texts))
+    return texts if min(sizes) >= 1 and max(sizes) <= KEY_MAX_LENGTH else None
 
 
 def _texts_as_bytes(values: Sequence[Raw]) -> Sequence[Any] | None:

@@ -14,7 +14,7 @@ from typing import Any
 from flux_migrate.core.digest import digests, key_position
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
-from flux_migrate.stages.columns import batch_converter
+from flux_migrate.stages.columns import ascii_texts, batch_converter
 from flux_migrate.stages.convert import Raw, Rejected
 from flux_migrate.stages.values import row_converter
 
@@ -253,8 +253,5 @@ def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], lis
     if at is None:
         return rowids, []
     found = [r[at + 1] for r in raw]
-    if set(map(type, found)) == {bytes}:  # ASCII without NUL: key_of is the plain decode
-        joined = b"".join(found)
-        if joined.isascii() and b"\x00" not in joined:
-            return rowids, list(map(bytes.decode, found))
-    return rowids, [key_of(k) or "" for k in found]
+    texts = ascii_texts(found)  # key_of of ASCII bytes without NUL is their plain decode
+    return rowids, texts if texts is not None else [key_of(k) or "" for k in found]
