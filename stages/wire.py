@@ -20,7 +20,7 @@ from enum import Enum
 from itertools import chain, repeat
 from typing import Any
 
-from flux_migrate.core.instant import PG_EPOCH, instant_micros
+from flux_migrate.core.instant import PG_EPOCH, shipped_micros
 from flux_migrate.core.schema import Column, Kind, Table
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # the signature, no flags, no extension
@@ -94,18 +94,11 @@ def _field(data: bytes) -> bytes:
 
 
 def _instants(values: Sequence[Any]) -> Items:
-    kinds = set(map(type, values))
-    if kinds == {datetime}:  # aware ones (a naive one cannot be subtracted: no payload)
-        micros: Sequence[int] = [(v - PG_EPOCH) // _MICROSECOND for v in values]
-    elif kinds == {int}:  # as a converter ships them (core.instant.instant_micros)
-        micros = values
-    else:
-        return [[NULL if v is None else _INSTANT(8, _micros(v)) for v in values]]
+    if set(map(type, values)) != {datetime}:  # NULLs, or instants a converter made ints
+        return [[NULL if v is None else _INSTANT(8, shipped_micros(v)) for v in values]]
+    # aware instants, as transform makes them (a naive one cannot be subtracted: no payload)
+    micros = [(v - PG_EPOCH) // _MICROSECOND for v in values]
     return [list(map(_INSTANT, repeat(8, len(micros)), micros))]
-
-
-def _micros(value: datetime | int) -> int:
-    return value if type(value) is int else instant_micros(value)  # type: ignore[arg-type]
 
 
 def _jsonb(values: Sequence[Any]) -> Items:

@@ -15,3 +15,8 @@ def instant_micros(value: datetime) -> int:
     if value.tzinfo is None:
         raise TypeError("a naive datetime has no instant; flux-migrate sends only aware ones")
     return (value - PG_EPOCH) // _ONE_MICROSECOND
+
+
+def shipped_micros(value: datetime | int) -> int:
+    """instant_micros of an aware instant, or the int a converter process made of one."""
+    return value if type(value) is int else instant_micros(value)  # type: ignore[arg-type]

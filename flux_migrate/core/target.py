@@ -14,7 +14,7 @@ import structlog
 
 from flux_migrate.core.dsn import dsn_location, redact
 from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify, translate
-from flux_migrate.core.instant import PG_EPOCH, instant_micros
+from flux_migrate.core.instant import PG_EPOCH, shipped_micros
 
 T = TypeVar("T")
 log = structlog.get_logger("flux_migrate")
@@ -73,9 +73,7 @@ _PG_INFINITY = 2**63 - 1
 def _instant_to_wire(value: datetime | int) -> tuple[int]:
     """A timestamptz parameter: an aware datetime, or already its instant_micros (an int, as
     converter processes ship them: an int pickles ten times faster than a datetime)."""
-    if type(value) is int:
-        return (value,)
-    return (instant_micros(value),)  # type: ignore[arg-type]
+    return (shipped_micros(value),)
 
 
 def _instant_from_wire(value: tuple[int]) -> datetime:
