@@ -58,6 +58,7 @@ class Restarts:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         real_copy = asyncpg.Connection.copy_records_to_table
+        real_payload_copy = asyncpg.Connection.copy_to_table
         real_execute = asyncpg.Connection.execute
         faults = self
 
@@ -67,14 +68,31 @@ class Restarts:
                     faults.now("during COPY")  # the first rows are already on the wire
                 yield record
 
+        async def after_first_chunk(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for chunk in chunks:
+                yield chunk
+                break
+            faults.now("during COPY")  # the first chunk is on the wire, the COPY not ended
+
+        def mid_copy(kw: dict[str, Any]) -> bool:
+            """Count a COPY into the app's tables; True when this one is to be cut halfway."""
+            if kw.get("schema_name") != "public":
+                return False
+            faults.copies += 1
+            if faults.copies == 7:
+                faults.soon("during COPY (async)")
+            return faults.copies in (3, 12)
+
         async def copy(self: Any, table_name: str, *, records: Any, **kw: Any) -> Any:
-            if kw.get("schema_name") == "public":
-                faults.copies += 1
-                if faults.copies in (3, 12):
-                    records = halfway(list(records))
-                elif faults.copies == 7:
-                    faults.soon("during COPY (async)")
+            if mid_copy(kw):
+                records = halfway(list(records))
             return await real_copy(self, table_name, records=records, **kw)
+
+        async def payload_copy(self: Any, table_name: str, *, source: Any, **kw: Any) -> Any:
+            """The COPY of a payload a converter process built (run --workers 2)."""
+            if mid_copy(kw):
+                source = after_first_chunk(source)
+            return await real_payload_copy(self, table_name, source=source, **kw)
 
         async def execute(self: Any, query: str, *args: Any, **kw: Any) -> Any:
             if query == ADVANCE_SQL:
@@ -91,44 +109,9 @@ class Restarts:
                     faults.soon("during the key build (async)")
             return await real_execute(self, query, *args, **kw)
 
-        real_payload_copy = asyncpg.Connection.copy_to_table
-
-        async def after_first_chunk(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for i, chunk in _numbered(chunks):
-                if i == 1:
-                    faults.now("during COPY")  # the first chunk is already on the wire
-                yield chunk
-            faults.now("during COPY")  # a one-chunk payload: sent, the COPY not yet ended
-
-        async def payload_copy(self: Any, table_name: str, *, source: Any, **kw: Any) -> Any:
-            """The COPY of a payload a converter process built (run --workers 2)."""
-            if kw.get("schema_name") == "public":
-                faults.copies += 1
-                if faults.copies in (3, 12):
-                    source = _once(after_first_chunk(source), faults)
-                elif faults.copies == 7:
-                    faults.soon("during COPY (async)")
-            return await real_payload_copy(self, table_name, source=source, **kw)
-
         monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", copy)
         monkeypatch.setattr(asyncpg.Connection, "copy_to_table", payload_copy)
         monkeypatch.setattr(asyncpg.Connection, "execute", execute)
-
-
-async def _numbered(chunks: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
-    i = 0
-    async for chunk in chunks:
-        yield i, chunk
-        i += 1
-
-
-async def _once(chunks: AsyncIterator[Any], faults: Restarts) -> AsyncIterator[Any]:
-    """The chunks, restarting the server at most once for this COPY (during its sending)."""
-    before = len(faults.done)
-    async for chunk in chunks:
-        if len(faults.done) > before:  # restarted: this COPY fails with the connection
-            return
-        yield chunk
 
 
 class BetweenBatches:
