@@ -62,6 +62,9 @@ def _texts_as_bytes(values: Sequence[Raw]) -> Sequence[Any] | None:
     return values
 
 
+_ZONE = attrgetter("tzinfo")
+
+
 def _utc_instants(values: Sequence[Raw]) -> Sequence[Any] | None:
     """Timestamps all in the UTC shape above, as aware datetimes; else None."""
     if not _all_bytes(values):
@@ -113,9 +116,6 @@ def _json_objects(values: Sequence[Raw]) -> Sequence[Any] | None:
     except RecursionError:
         return None
     return texts if keys == joined.count(b'":') else None
-
-
-_ZONE = attrgetter("tzinfo")
 
 
 def _mapped(convert: Callable[[Raw], Any]) -> ColumnConverter:
