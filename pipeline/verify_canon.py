@@ -5,12 +5,13 @@ keys and text as UTF-8, a nullable value as ``T`` + text or ``N`` for NULL, an i
 PostgreSQL prints it in UTC with DateStyle ISO (``2024-01-01 00:00:00.5+00``: the fraction's
 trailing zeros dropped, none without a fraction), an integer in decimal. PostgreSQL's own text
 form costs its side the least (``::text``, 0.14 s per million rows, where ``to_char`` twice
-took 1 s); SQLite rebuilds it from the stored text with a few string functions. The table's checksum is a sum over the rows' hashes
-(verify_hash): order-independent, and computed in C on both sides (PostgreSQL: one aggregate;
-SQLite: the hash over rows whose canonical values SQLite's own SQL yields). Metadata (JSON)
-and the kinds below that SQL cannot render exactly are left to the full `verify`; a row SQL
-cannot render (a value of another storage class, another instant shape, NUL in text) is
-rendered by verification's own reference reader (pipeline/reference.py).
+took 1 s); SQLite rebuilds it from the stored text with a few string functions. The table's
+checksum is a sum over the rows' hashes (verify_hash): order-independent, and computed in C on
+both sides (PostgreSQL: one aggregate; SQLite: the hash over rows whose canonical values
+SQLite's own SQL yields). Metadata (JSON) and the kinds below that SQL cannot render exactly
+are left to the full `verify`; a row SQL cannot render (a value of another storage class,
+another instant shape, NUL in text) is rendered by verification's own reference reader
+(pipeline/reference.py).
 """
 
 from __future__ import annotations
