@@ -44,10 +44,11 @@ from flux_migrate.pipeline.convert_worker import (
     serve,
     unpack,
 )
+from flux_migrate.pipeline.orphans_ahead import OrphansAhead, range_orphans
 from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.workers import SPAWN
 from flux_migrate.stages.batch import Batch
-from flux_migrate.stages.extract import fetch_rows, orphan_rowids, read_failure
+from flux_migrate.stages.extract import fetch_rows, read_failure
 from flux_migrate.stages.extract_sql import source_uri
 
 log = structlog.get_logger("flux_migrate")
@@ -192,13 +193,15 @@ async def pooled_batches(
     after: int,
     upto: int,
     batch_size: int,
+    ahead: OrphansAhead | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """The table's converted batches from rowid ``after`` to ``upto``, in order, converted by
     the pool's workers as ``job`` says: the batches extract + transform yield (except that a
     batch whose rows all vanished meanwhile is left out, each starting where the one before
-    ended). On close or cancellation the batches not yet started are dropped."""
+    ended). On close or cancellation the batches not yet started are dropped. The orphan set
+    is the one ``ahead`` found, where it found one."""
     try:
-        orphans = await orphan_rowids(src, job.table, after, upto)
+        orphans = await range_orphans(src, job.table, after, upto, ahead)
     except sqlite3.OperationalError as exc:
         raise read_failure(job.table, after, exc) from None
     job = dataclasses.replace(job, orphans=orphans)

@@ -41,6 +41,7 @@ from flux_migrate.pipeline.mapping_source import (
     recorded_mapping_of,
     resolve_mapping,
 )
+from flux_migrate.pipeline.orphans_ahead import OrphansAhead
 from flux_migrate.pipeline.preflight import (
     check_fingerprint,
     clear_target,
@@ -65,6 +66,7 @@ from flux_migrate.pipeline.stream import (
 )
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract import count_after_key, extract, open_source
+from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.load import BatchResult, LoadContext, commit
 from flux_migrate.stages.transform import parent_key_entry, transform, transform_batch
 
@@ -97,6 +99,7 @@ class Run:
     progress: Progress
     stop: StopFlag
     pool: ConverterPool | None = None  # converter processes (--workers above 1)
+    ahead: OrphansAhead | None = None  # with them, the orphan sets of tables not read yet
 
     @property
     def schema(self) -> str:
@@ -173,6 +176,8 @@ async def _migrate(
         bounds, identity = await source_snapshot(src, path, settings.tables)
         async with holding_migration_lock(target.dsn, target, settings.names.schema):
             checkpoints = await _prepare(src, target, settings, identity, report, restart)
+            workers = settings.workers > 1
+            ahead = _orphans_ahead(settings, checkpoints, bounds) if workers else None
             run = Run(
                 src=src,
                 target=target,
@@ -183,15 +188,30 @@ async def _migrate(
                 report=report,
                 progress=progress,
                 stop=stop,
-                pool=ConverterPool(settings.workers) if settings.workers > 1 else None,
+                pool=ConverterPool(settings.workers) if workers else None,
+                ahead=ahead,
             )
             try:
                 await _run_tables(run)
             finally:
                 if run.pool is not None:
                     run.pool.close()
+                if run.ahead is not None:
+                    run.ahead.close()
             await _finish(run)
             await _run_jsonl(run)
+
+
+def _orphans_ahead(
+    settings: Settings, checkpoints: dict[str, ckpt.Checkpoint], bounds: dict[str, int]
+) -> OrphansAhead:
+    """The orphan sets of the tables no run has read yet, found while the tables before them
+    load (pipeline/orphans_ahead.py)."""
+    ahead = OrphansAhead(source_uri(settings.require_source()), settings.busy_timeout)
+    for table in settings.tables:
+        if checkpoints[table.name].extracted == 0:
+            ahead.start(table, bounds[table.name])
+    return ahead
 
 
 async def resolve_run_mapping(
@@ -547,7 +567,13 @@ async def _stream_from(
     else:
         job = range_job(settings, table, missing, payload=ctx.on_conflict == "error")
         chain = pooled_batches(
-            pool, run.src, job, after=after, upto=upto, batch_size=settings.batch_size
+            pool,
+            run.src,
+            job,
+            after=after,
+            upto=upto,
+            batch_size=settings.batch_size,
+            ahead=run.ahead,
         )
         ctx = dataclasses.replace(ctx, refill=functools.partial(refill, job))
     await stream_table(

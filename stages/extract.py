@@ -75,22 +75,46 @@ async def orphan_rowids(
 ) -> array[int] | None:
     """The sorted rowids in (``after``, ``upto``] of the rows orphan_sql finds orphaned, by one
     anti-join (empty for a table without parents). None for a WITHOUT ROWID table or when
-    there are more than ORPHAN_SET_LIMIT: then each page is read with the per-row check.
+    there are more than ORPHAN_SET_LIMIT: then each page is read with the per-row check."""
+    sql = orphan_rowids_sql(table)
+    if sql is None:
+        return _without_query(table)
+    return orphan_set(await fetch_rows(conn, sql, (after, upto, ORPHAN_SET_LIMIT + 1)))
 
-    The range is walked in whatever order SQLite finds cheapest (the ``+`` keeps the rowid
-    bounds from forcing rowid order: an index on the child column makes the parent lookups
-    follow each other), then sorted here."""
+
+def orphan_rowids_now(
+    conn: sqlite3.Connection, table: Table, after: int, upto: int
+) -> array[int] | None:
+    """orphan_rowids on a connection of the calling thread's own (text as bytes)."""
+    sql = orphan_rowids_sql(table)
+    if sql is None:
+        return _without_query(table)
+    return orphan_set(conn.execute(sql, (after, upto, ORPHAN_SET_LIMIT + 1)).fetchall())
+
+
+def _without_query(table: Table) -> array[int] | None:
+    """No orphan for a table without parents; None (the per-row check) for a WITHOUT ROWID
+    table with parents."""
+    return array("q") if orphan_sql(table) is None else None
+
+
+def orphan_rowids_sql(table: Table) -> str | None:
+    """The anti-join of orphan_rowids over a range (?, ?], at most ? rows (None: the table has
+    no parents, or no rowid). The range is walked in whatever order SQLite finds cheapest
+    (the ``+`` keeps the rowid bounds from forcing rowid order: an index on the child column
+    makes the parent lookups follow each other); orphan_set sorts the rowids."""
     check = orphan_sql(table)
-    if check is None:
-        return array("q")
-    if table.without_rowid:
+    if check is None or table.without_rowid:
         return None
     rowid = table.rowid_sql("t")
-    sql = (
+    return (
         f"SELECT {rowid} FROM {quote_ident(table.name)} AS t"
         f" WHERE +{rowid} > ? AND +{rowid} <= ? AND ({check}) LIMIT ?"
     )
-    rows = await fetch_rows(conn, sql, (after, upto, ORPHAN_SET_LIMIT + 1))
+
+
+def orphan_set(rows: Sequence[Sequence[Any]]) -> array[int] | None:
+    """The sorted rowids the anti-join found; None when they are more than ORPHAN_SET_LIMIT."""
     if len(rows) > ORPHAN_SET_LIMIT:
         return None
     return array("q", sorted(r[0] for r in rows))
