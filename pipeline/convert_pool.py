@@ -39,6 +39,7 @@ from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.pipeline.convert_worker import (
     RangeJob,
     convert_range,
+    keep_memory,
     read_range,
     receive,
     serve,
@@ -89,6 +90,7 @@ class ConverterPool:
     def submit(self, k: int, job: RangeJob) -> Ticket:
         """Hand ``job`` (the table's k-th batch) to converter k mod N."""
         if not self._converters:
+            keep_memory()  # this process too: it receives every payload and sends it on
             self._converters = [_start(os.getpid()) for _ in range(self.workers)]
         converter = self._converters[k % self.workers]
         if not converter.lost:

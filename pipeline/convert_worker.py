@@ -169,7 +169,9 @@ def keep_memory() -> None:
     given back to the system and touched again costs a page fault, and on a virtual machine
     a fault the host serves: with glibc's defaults a converter faulted in 1.7 GB for 480k
     messages (436k faults, sys 1.5 s), with this 0.3 GB (80k faults), 0.72x the CPU. Its
-    resident memory stays at the largest batch's instead of falling between batches."""
+    resident memory stays at the largest batch's instead of falling between batches. The
+    run's own process calls it too when it starts converters: on a 1M run it then faulted
+    in 0.11 GB instead of 0.63 GB (29k faults against 163k), 0.4 s less system time."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
