@@ -36,9 +36,7 @@ _ISO_SHAPE = (
 # one to_char, 6 fraction digits, none when they are all zero. 0.4 s per million rows where
 # to_char twice and date_part took 0.55-0.96 s; PostgreSQL's own ``::text`` costs less, but
 # SQLite rebuilding this text in its shape cost 0.8 s, on the readers, which set the pace.
-_PG_ISO = (
-    "replace(to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), '.000000+', '+')"
-)
+_PG_ISO = "replace(to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), '.000000+', '+')"
 
 
 def compared(table: Table) -> tuple[Column, ...]:
