@@ -3,7 +3,6 @@ table's start would find, for any part of the range, and only once."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +17,18 @@ from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import load_settings
 from flux_migrate.stages.extract import open_source, orphan_rowids
 from flux_migrate.stages.extract_sql import source_uri
+from tests.test_orphans import _app_db
 
 pytestmark = pytest.mark.anyio
 
 ROWS = 60
 
 
-def _source(path: Path, named: list[int]) -> None:
-    """Sessions s0-s4, then one message per entry of ``named`` naming session s<n> (s5-s9:
-    absent, orphans), rowids 1..len(named)."""
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT, created_at TEXT,"
-               " updated_at TEXT, metadata TEXT, user_id TEXT)")  # fmt: skip
-    db.execute("CREATE TABLE messages (id TEXT PRIMARY KEY, session_id TEXT, role TEXT,"
-               " content TEXT, metadata TEXT, created_at TEXT)")  # fmt: skip
-    t = "2024-01-01T00:00:00+00:00"
-    sessions = [(f"s{i}", t, t) for i in range(5)]
-    db.executemany("INSERT INTO sessions VALUES (?, '', ?, ?, '{}', '')", sessions)
-    db.executemany(
-        "INSERT INTO messages VALUES (?, ?, 'user', 'hi', '{}', ?)",
-        [(f"m{n}", f"s{s}", t) for n, s in enumerate(named)],
-    )
-    db.commit()
-    db.close()
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ahead") / "s.sqlite"
-    _source(path, [(n * 7) % 10 for n in range(ROWS)])  # half the messages name absent ones
+    # sessions s0-s4; message n names s<(7n mod 10)>: half of them name an absent session
+    _app_db(path, [f"s{i}" for i in range(5)], [], [f"s{(n * 7) % 10}" for n in range(ROWS)])
     return path
 
 
