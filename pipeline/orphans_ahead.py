@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from array import array
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import Optional
+from typing import TypeAlias
 
 import aiosqlite
 import anyio
@@ -30,7 +30,7 @@ import anyio
 from flux_migrate.core.schema import BEFORE_FIRST_ROWID, Table
 from flux_migrate.stages.extract import orphan_rowids, orphan_rowids_now, orphan_rowids_sql
 
-Orphans = Optional["array[int]"]  # None: too many, each row is checked as it is read
+Orphans: TypeAlias = "array[int] | None"  # None: too many, each row is checked as it is read
 
 
 class OrphansAhead:
