@@ -8,11 +8,14 @@ the set of each child table no run has read yet, one table after another, over t
 whole range up to the run's bound, while the sessions load. The table's start takes the part
 of its range the run reads (any resume point lies inside).
 
-A set found earlier is as exact as one found at the table's start: the app may add or remove
-parents in between either way. A row flagged wrongly is quarantined as an orphan and retried
-by the next run; a row whose parent vanished is set aside when its foreign key is built
-(pipeline/key_repair.py). A set not found (the source busy, the thread stopped) is found at
-the table's start, as without this.
+The set is used only when nothing was written to the source since it was found (SQLite's
+``PRAGMA data_version``, read before the anti-join and again at the table's start, on the same
+connection): then it is the set an anti-join at the start would find. The order of the run
+matters here: found at the table's start, after its parents were read, a parent the app
+deleted before the run read it makes its rows orphans; found earlier, their rows would be
+loaded without the parent and the foreign key could not be built. A set not found, or found
+before a write (the app is writing: a catch-up, not a quiet bulk run), is found at the table's
+start, as without this.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sqlite3
 import threading
 from array import array
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import aiosqlite
 import anyio
@@ -33,15 +36,21 @@ from flux_migrate.stages.extract import orphan_rowids, orphan_rowids_now, orphan
 Orphans: TypeAlias = "array[int] | None"  # None: too many, each row is checked as it is read
 
 
+class _Found(NamedTuple):
+    conn: sqlite3.Connection  # kept open: its data_version tells whether the source changed
+    version: int  # the source's data_version before the anti-join
+    orphans: Orphans
+
+
 class OrphansAhead:
     """Orphan sets found in a thread ahead of the tables' starts (see the module)."""
 
     def __init__(self, uri: str, busy_timeout: float) -> None:
         self._uri, self._busy_timeout = uri, busy_timeout
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="flux-orphans-ahead")
-        self._found: dict[str, tuple[int, Future[Orphans]]] = {}
+        self._found: dict[str, tuple[int, Future[_Found]]] = {}
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None  # the one in use: close interrupts it
+        self._conn: sqlite3.Connection | None = None  # the one querying: close interrupts it
         self._closed = False
 
     def start(self, table: Table, upto: int) -> None:
@@ -51,7 +60,7 @@ class OrphansAhead:
             return
         self._found[table.name] = (upto, self._executor.submit(self._find, table, upto))
 
-    def _find(self, table: Table, upto: int) -> Orphans:
+    def _find(self, table: Table, upto: int) -> _Found:
         with self._lock:
             if self._closed:
                 raise sqlite3.OperationalError("interrupted")
@@ -59,34 +68,59 @@ class OrphansAhead:
                 self._uri, uri=True, timeout=self._busy_timeout, check_same_thread=False
             )
         try:
-            return orphan_rowids_now(conn, table, BEFORE_FIRST_ROWID, upto)
+            version = _data_version(conn)
+            return _Found(conn, version, orphan_rowids_now(conn, table, BEFORE_FIRST_ROWID, upto))
+        except BaseException:
+            conn.close()
+            raise
         finally:
             with self._lock:
                 self._conn = None
-            conn.close()
 
     async def take(self, table: Table, after: int, upto: int) -> tuple[Orphans] | None:
         """The orphan rowids in (``after``, ``upto``] from the set found ahead (waiting for it
-        if need be), once; None when there is none for that bound or it failed."""
+        if need be), once; None when there is none for that bound, it failed, or something
+        was written to the source since (SQLite's data_version): then the set is found again."""
         entry = self._found.pop(table.name, None)
         if entry is None or entry[0] != upto:
             return None
-        future = entry[1]
         try:
-            found = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+            found = await anyio.to_thread.run_sync(entry[1].result, abandon_on_cancel=True)
+            unchanged = await anyio.to_thread.run_sync(_unchanged, found)
         except (sqlite3.Error, CancelledError):
             return None
-        if found is None:
+        if not unchanged:
+            return None
+        if found.orphans is None:
             return (None,)
-        return (found[bisect.bisect_right(found, after) : bisect.bisect_right(found, upto)],)
+        orphans = found.orphans
+        return (orphans[bisect.bisect_right(orphans, after) : bisect.bisect_right(orphans, upto)],)
 
     def close(self) -> None:
-        """Stop: a query under way is interrupted, the ones queued are dropped."""
+        """Stop: a query under way is interrupted, the ones queued are dropped, the sets not
+        taken let go."""
         with self._lock:
             self._closed = True
             if self._conn is not None:
                 self._conn.interrupt()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for _, future in self._found.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().conn.close()
+        self._found.clear()
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _unchanged(found: _Found) -> bool:
+    """Whether no other connection committed to the source since the set was found (the
+    connection is closed)."""
+    try:
+        return _data_version(found.conn) == found.version
+    finally:
+        found.conn.close()
 
 
 async def range_orphans(

@@ -3,6 +3,7 @@ table's start would find, for any part of the range, and only once."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,27 @@ async def test_a_fresh_run_takes_the_set_found_ahead(
     report = await migrate(settings)
     assert report.tables["messages"].loaded == ROWS // 2
     assert report.tables["messages"].quarantined == ROWS // 2
+
+
+async def test_a_set_found_before_a_write_is_found_again(tmp_path: Path) -> None:
+    """A parent the app deletes after the set was found, before the table starts (say while
+    the run reads the parents): the set found ahead is not used, and the one found at the
+    start has the deleted parent's rows as orphans, so none of them is loaded without it."""
+    path = tmp_path / "s.sqlite"
+    _app_db(path, [f"s{i}" for i in range(5)], [], [f"s{n % 5}" for n in range(ROWS)])
+    ahead = OrphansAhead(source_uri(path), 5.0)
+    try:
+        ahead.start(MESSAGES, ROWS)
+        async with open_source(path) as src:
+            before = await orphan_rowids(src, MESSAGES, 0, ROWS)
+            assert before is not None and list(before) == []
+            ahead._found["messages"][1].result(timeout=10)  # the set is found: none
+            app = sqlite3.connect(path)
+            app.execute("DELETE FROM sessions WHERE id = 's3'")
+            app.commit()
+            app.close()
+            found = await range_orphans(src, MESSAGES, 0, ROWS, ahead)
+        assert found is not None
+        assert list(found) == [n + 1 for n in range(ROWS) if n % 5 == 3]
+    finally:
+        ahead.close()
