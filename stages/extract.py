@@ -85,7 +85,7 @@ async def orphan_rowids(
 def orphan_rowids_now(
     conn: sqlite3.Connection, table: Table, after: int, upto: int
 ) -> array[int] | None:
-    """orphan_rowids on a connection of the calling thread's own (text as bytes)."""
+    """orphan_rowids on a plain sqlite3 connection (a thread's own: pipeline/orphans_ahead)."""
     sql = orphan_rowids_sql(table)
     if sql is None:
         return _without_query(table)
