@@ -15,12 +15,12 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import Enum
 from itertools import chain, repeat
 from typing import Any
 
-from flux_migrate.core.instant import PG_EPOCH, shipped_micros
+from flux_migrate.core.instant import aware_micros, shipped_micros
 from flux_migrate.core.schema import Column, Kind, Table
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # the signature, no flags, no extension
@@ -29,7 +29,6 @@ NULL = b"\xff\xff\xff\xff"
 _LENGTH = struct.Struct(">i").pack
 _INSTANT = struct.Struct(">iq").pack  # the length (8), then the microseconds
 _DOUBLE = struct.Struct(">id").pack
-_MICROSECOND = timedelta(microseconds=1)
 _TRUE, _FALSE = b"\x00\x00\x00\x01\x01", b"\x00\x00\x00\x01\x00"
 
 
@@ -96,8 +95,7 @@ def _field(data: bytes) -> bytes:
 def _instants(values: Sequence[Any]) -> Items:
     if set(map(type, values)) != {datetime}:  # NULLs, or instants a converter made ints
         return [[NULL if v is None else _INSTANT(8, shipped_micros(v)) for v in values]]
-    # aware instants, as transform makes them (a naive one cannot be subtracted: no payload)
-    micros = [(v - PG_EPOCH) // _MICROSECOND for v in values]
+    micros = aware_micros(values)  # as transform makes them (a naive one: TypeError, no payload)
     return [list(map(_INSTANT, repeat(8, len(micros)), micros))]
 
 
