@@ -85,11 +85,10 @@ class OrphansAhead:
         if entry is None or entry[0] != upto:
             return None
         try:
-            found = await anyio.to_thread.run_sync(entry[1].result, abandon_on_cancel=True)
-            unchanged = await anyio.to_thread.run_sync(_unchanged, found)
+            found = await anyio.to_thread.run_sync(_if_unchanged, entry[1], abandon_on_cancel=True)
         except (sqlite3.Error, CancelledError):
             return None
-        if not unchanged:
+        if found is None:
             return None
         if found.orphans is None:
             return (None,)
@@ -114,11 +113,12 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-def _unchanged(found: _Found) -> bool:
-    """Whether no other connection committed to the source since the set was found (the
-    connection is closed)."""
+def _if_unchanged(future: Future[_Found]) -> _Found | None:
+    """The set ``future`` found (waiting for it) if no other connection committed to the
+    source since; its connection closed either way."""
+    found = future.result()
     try:
-        return _data_version(found.conn) == found.version
+        return found if _data_version(found.conn) == found.version else None
     finally:
         found.conn.close()
 
