@@ -5,6 +5,7 @@ duplicated) fails both, whether the source is read by one process or by two."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -16,11 +17,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK
-from flux_migrate.core.schema import SQLITE_DDL, TargetNames, quote_ident
+from flux_migrate.core.schema import SESSIONS, SQLITE_DDL, TargetNames, quote_ident
 from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline import verify_hash
 from flux_migrate.pipeline.reference import Unreadable
@@ -343,26 +344,88 @@ SOURCE_VALUES = st.one_of(
     st.binary(max_size=6),
 )
 CANONICAL = INSTANTS.map(datetime.isoformat)  # the shape SQL passes through
-ROWS = st.tuples(
-    st.one_of(TEXT.filter(bool), SOURCE_VALUES),
-    SOURCE_VALUES,
-    st.one_of(CANONICAL, CANONICAL, instant_texts(), SOURCE_VALUES),
-    st.one_of(CANONICAL, CANONICAL, CANONICAL, SOURCE_VALUES),
+
+
+# The app's sessions, and the same with a nullable instant (N, or T and the instant).
+CANON_TABLES = (
+    SESSIONS,
+    dataclasses.replace(
+        SESSIONS,
+        columns=tuple(
+            dataclasses.replace(c, not_null=False) if c.name == "updated_at" else c
+            for c in SESSIONS.columns
+        ),
+    ),
+)
+ODD_INSTANTS = st.sampled_from(
+    [
+        "2024-01-01T00:00:00.000000+00:00",  # an all-zero fraction: PostgreSQL prints none
+        "2024-01-01T23:59:59.999999+00:00",
+        "2024-01-01T20:00:00+00:00",
+        "2024-01-01T19:00:00+00:00\n",
+        "2024-01-01T19:00:00+00:00\n2024-01-01T19:00:00+00:00",  # two lines of the right shape
+        "2024-01-01T19:00:00+00:00\x00x",
+        "2024-01-01\nT19:00:00+00:00",
+        "٢٠٢٤-01-01T00:00:00+00:00",  # another script's digits: the reference reads 2024
+        "2024-01-01T0é:00:00+00:00",
+        "2024-01-01T00:00:00.1234é+00:00",  # 32 bytes, 31 characters
+        "2024-01-01T00:00:00.1234567+00:00",
+        "2024-01-01T00:00:00.12345+00:00",
+        "2024-01-01t00:00:00+00:00",
+    ]
 )
 
 
-@settings(max_examples=50, deadline=None)
+def _rendered(conn: sqlite3.Connection, table: Any, *, shape: bool) -> dict[int, bytes]:
+    """The canonical text of each row the scan renders (row id to text): its instants
+    checked in SQL (``shape``, the full verify's) or by instant_checks (the quick's)."""
+    from flux_migrate.pipeline import verify_scan as scan
+
+    rows = conn.execute(canon.source_select(table, with_key=False, shape=shape), (-1, 10**9))
+    page = rows.fetchall()
+    if not shape:
+        checks = canon.instant_checks(table, first=1)
+        slow: list[int] = []
+        kept = scan.shaped(page, checks, slow)
+        one_by_one = [r for row in page for r in scan.shaped([row], checks, [])]
+        assert kept == one_by_one  # the page at once and row by row keep the same rows
+        assert sorted(slow) == sorted({r[0] for r in page} - {r[0] for r in kept})
+        page = kept
+    return {row[0]: text for row in page if (text := scan.canonical(row[1:])) is not None}
+
+
+@settings(max_examples=60, deadline=None)
 @given(
-    values=st.lists(ROWS, min_size=1, max_size=12),
+    values=st.lists(
+        st.tuples(
+            st.one_of(TEXT.filter(bool), SOURCE_VALUES),
+            SOURCE_VALUES,
+            st.one_of(CANONICAL, CANONICAL, instant_texts(), SOURCE_VALUES, ODD_INSTANTS),
+            st.one_of(CANONICAL, CANONICAL, CANONICAL, SOURCE_VALUES, ODD_INSTANTS),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
     encoding=st.sampled_from(["UTF-8", "UTF-16le"]),
+    table=st.sampled_from(CANON_TABLES),
+)
+@example(  # every odd shape, in both instant columns, a canonical one beside it
+    values=[("k", None, "2024-01-01T00:00:00+00:00", odd) for odd in ODD_INSTANTS.elements]
+    + [("k", None, odd, None) for odd in ODD_INSTANTS.elements],
+    encoding="UTF-8",
+    table=CANON_TABLES[1],
 )
 def test_what_sql_renders_is_what_the_reference_reads(
-    tmp_path_factory: pytest.TempPathFactory, values: list[tuple[Any, ...]], encoding: str
+    tmp_path_factory: pytest.TempPathFactory,
+    values: list[tuple[Any, ...]],
+    encoding: str,
+    table: Any,
 ) -> None:
     """For any stored values (numbers, blobs, NULL, NUL, any instant shape, a UTF-16 file), a
-    row SQLite's SQL renders in the canonical form has exactly the reference reader's
-    canonical text, or one no target row can have (not UTF-8, where the reference refuses)."""
-    from flux_migrate.core.schema import SESSIONS
+    row the scan renders in the canonical form has exactly the reference reader's canonical
+    text, or one no target row can have (not UTF-8, where the reference refuses); the same
+    rows and texts whether the instants' shape is checked in SQL (verify) or in Python, a
+    page at once or row by row (the quick)."""
     from flux_migrate.pipeline import verify_scan as scan
 
     path = tmp_path_factory.mktemp("canon") / "s.sqlite"
@@ -374,15 +437,13 @@ def test_what_sql_renders_is_what_the_reference_reads(
     )
     db.commit()
     db.close()
-    read = canon.reference_canon(SESSIONS)
+    read = canon.reference_canon(table)
     conn = scan.open_reader(str(path))
     try:
-        rendered = conn.execute(canon.source_select(SESSIONS, with_key=False), (-1, 10**9))
-        for row in rendered.fetchall():
-            text = scan.canonical(row[1:])
-            if text is None:
-                continue
-            raw = conn.execute(canon.raw_select(SESSIONS), (row[0],)).fetchone()
+        by_sql = _rendered(conn, table, shape=True)
+        quick = _rendered(conn, table, shape=False)
+        for rowid, text in {**by_sql, **quick}.items():
+            raw = conn.execute(canon.raw_select(table), (rowid,)).fetchone()
             try:
                 expected = read(raw)
             except Unreadable:
@@ -390,6 +451,7 @@ def test_what_sql_renders_is_what_the_reference_reads(
                     text.decode("utf-8")
                 continue
             assert expected == text, raw
+        assert quick == by_sql
     finally:
         conn.close()
 
