@@ -11,6 +11,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sync import sync
@@ -332,3 +334,16 @@ async def test_a_key_stored_twice_leaves_no_phantom_delete(
     report = await sync(app_settings(path, pg_dsn))
     assert report.idle and [] == report.conflicts
     await assert_app_tables_equal(path, pg_dsn)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text() | st.text(st.characters(categories=["Cs", "Cc", "Lo"])))
+    | st.lists(st.text()).map(tuple)
+)
+def test_a_packs_keys_read_back_as_written(keys: list[str] | tuple[str, ...]) -> None:
+    """Any keys (NUL, any script, lone surrogates, none) come back from the pack's JSON, as
+    sync reads them, exactly as the load wrote them."""
+    from flux_migrate.core.bookkeeping import keys_json
+
+    assert list(keys) == json.loads(keys_json(keys))
