@@ -362,6 +362,7 @@ ODD_INSTANTS = st.sampled_from(
         "2024-01-01T00:00:00.000000+00:00",  # an all-zero fraction: PostgreSQL prints none
         "2024-01-01T23:59:59.999999+00:00",
         "2024-01-01T20:00:00+00:00",
+        "2024-01-01T24:00:00+00:00",  # PostgreSQL prints the next day
         "2024-01-01T19:00:00+00:00\n",
         "2024-01-01T19:00:00+00:00\n2024-01-01T19:00:00+00:00",  # two lines of the right shape
         "2024-01-01T19:00:00+00:00\x00x",

@@ -501,10 +501,11 @@ def keys_json(keys: Sequence[str]) -> bytes:
     """A pack's keys as a JSON array (read back by json.loads): orjson's, a tenth of the
     json module's time (0.14 ms against 1.8 ms per 10k keys, on the load's one connection
     between two COPYs), or the json module's for a key orjson refuses (a lone surrogate)."""
+    listed = keys if type(keys) is list else list(keys)
     try:
-        return orjson.dumps(keys if type(keys) is list else list(keys))
+        return orjson.dumps(listed)
     except orjson.JSONEncodeError:
-        return json.dumps(list(keys)).encode("ascii")
+        return json.dumps(listed).encode("ascii")
 
 
 def _int64s(values: Sequence[int]) -> bytes:
