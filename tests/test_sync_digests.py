@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sync import sync
 from flux_migrate.pipeline.sync_apply import TableSync
+from flux_migrate.stages.transform import key_of
 from tests.support import app_copy, app_settings, assert_app_tables_equal, source_rows, target_rows
 
 
@@ -336,14 +337,19 @@ async def test_a_key_stored_twice_leaves_no_phantom_delete(
     await assert_app_tables_equal(path, pg_dsn)
 
 
+# A key as the load records it (stages/transform.key_of: text, or any bytes with what is not
+# UTF-8 backslash-escaped), and lone low surrogates, which key_of never makes but orjson
+# refuses: they take the json module's path. (A high and a low surrogate side by side would
+# read back as one character: key_of makes neither.)
+_LOW_SURROGATES = st.text(st.characters(min_codepoint=0xDC00, max_codepoint=0xDFFF), min_size=1)
+PACK_KEYS = st.text() | st.binary().map(key_of) | _LOW_SURROGATES
+
+
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.text() | st.text(st.characters(categories=["Cs", "Cc", "Lo"])))
-    | st.lists(st.text(st.characters(categories=["Cs", "Ll"]))).map(tuple)
-)
+@given(st.lists(PACK_KEYS) | st.lists(PACK_KEYS).map(tuple))
 def test_a_packs_keys_read_back_as_written(keys: list[str] | tuple[str, ...]) -> None:
-    """Any keys (NUL, any script, lone surrogates, none) come back from the pack's JSON, as
-    sync reads them, exactly as the load wrote them."""
+    """Any keys a pack holds (NUL, any script, bytes that were not UTF-8, none) come back from
+    the pack's JSON, as sync reads them, exactly as the load wrote them."""
     from flux_migrate.core.bookkeeping import keys_json
 
     assert list(keys) == json.loads(keys_json(keys))
