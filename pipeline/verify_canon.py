@@ -141,7 +141,7 @@ def instant_checks(table: Table, *, first: int) -> tuple[InstantCheck, ...]:
     check (_ISO_SHAPE) passes it and it holds no NUL."""
     checks = []
     for i, col in enumerate(compared(table)):
-        if col.kind in TEXT_KINDS or col.kind is Kind.INTEGER:
+        if col.kind not in ref.INSTANT_KINDS:
             continue
         line = _ISO_BYTES if _plain(col) else rb"N|T" + _ISO_BYTES
         lines = rb"(?:(?:" + line + rb")\n)*(?:" + line + rb")"

@@ -241,9 +241,13 @@ def shaped(rows: list[Any], checks: Sequence[canon.InstantCheck], slow: list[int
             and check.lines.fullmatch(lines) is not None
         ):
             continue
-        off = {r[0] for r, v in zip(rows, column, strict=True) if not _one(check, v)}
-        slow.extend(r[0] for r in rows if r[0] in off)
-        rows = [r for r in rows if r[0] not in off]
+        kept = []
+        for row, value in zip(rows, column, strict=True):
+            if _one(check, value):
+                kept.append(row)
+            else:
+                slow.append(row[0])
+        rows = kept
     return rows
 
 
