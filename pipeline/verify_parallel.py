@@ -15,8 +15,10 @@ which names the rows and columns that differ, so the report does not depend on t
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import asyncpg
@@ -29,6 +31,9 @@ from flux_migrate.pipeline import verify_scan as scan
 
 PAGE = 5000  # source rows per target lookup
 _CACHE_LIMIT = 50_000  # distinct metadata texts remembered per worker
+_FIRST = operator.itemgetter(0)  # an expectation's key; what it wants' canonical bytes
+_SECOND = operator.itemgetter(1)  # a source row's raw key; a target row's canonical bytes
+_JOIN = b"\x00".join
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,8 +89,9 @@ def target_select(table: Table, qualified: str) -> str:
 
 
 def source_select(table: Table) -> str:
-    """Row id, raw key, canonical values, then raw metadata, over a row id range."""
-    fields = ", ".join(canon.source_field_sql(c) for c in canon.compared(table))
+    """Row id, raw key, canonical values, then raw metadata, over a row id range (the
+    instants' shape is left to verify_canon.instant_checks, checked a page at a time)."""
+    fields = ", ".join(canon.source_field_sql(c, shape=False) for c in canon.compared(table))
     meta = "".join(f", {quote_ident(table.columns[i].name)}" for i in json_columns(table))
     rowid = table.rowid_sql()
     return (
@@ -109,14 +115,12 @@ async def _check_range(job: FullJob) -> RangeCheck:
         lookup = target_select(job.table, job.qualified)
         cursor = src.execute(source_select(job.table), (job.lo, job.hi))
         while not out.differs and (page := cursor.fetchmany(PAGE)):
-            expected = [rows.expect(src, row, out) for row in page]
+            expected = rows.expect_page(src, page, out)
             # A key holding NUL cannot be sent, nor can a target row have it (neither can one
             # that is not UTF-8: expect gives it no key).
             keys = [e[0] for e in expected if e is not None and "\x00" not in e[0]]
             found = {} if not keys else await _found(conn, lookup, keys, out)
-            for e in expected:
-                if e is not None and e[1] is not None:
-                    rows.judge(e, found.get(e[0]), out)
+            rows.judge_page([e for e in expected if e is not None and e[1] is not None], found, out)
     finally:
         src.close()
         await conn.close()
@@ -148,10 +152,59 @@ class _Rows:
         self.json_at = json_columns(job.table)
         self.key_at = job.table.column_names.index(_key(job.table))
         self.meta = [
-            _cached(ref.source_reader(job.table.columns[i], zone=job.zone, strip_nul=job.strip_nul))
+            _Cached(ref.source_reader(job.table.columns[i], zone=job.zone, strip_nul=job.strip_nul))
             for i in self.json_at
         ]
-        self.target_meta: Callable[[Any], Any] = _cached(_target_meta)
+        self.target_meta = _Cached(_target_meta)
+        self.checks = canon.instant_checks(job.table, first=2)
+        self.values = operator.itemgetter(slice(2, 2 + self.fields))
+
+    def expect_page(self, src: Any, page: list[Any], out: RangeCheck) -> list[Expected | None]:
+        """``expect`` of each row of a page, the rows off the instants' canonical shape read by
+        the reference; the page's plain rows (UTF-8 keys, values SQL rendered without NUL,
+        metadata the reference reads, no skipped key) a column at a time, any other page row
+        by row."""
+        quarantined = self.job.quarantined
+        if quarantined:
+            held = [r for r in page if r[0] in quarantined]
+            page = [r for r in page if r[0] not in quarantined]
+        else:
+            held = []
+        slow: list[int] = []
+        page = scan.shaped(page, self.checks, slow)
+        out_rows = [self.expect(src, row, out) for row in held]
+        out_rows += [self._referenced(src, rowid, out) for rowid in slow]
+        plain = self._plain(page)
+        out_rows += plain if plain is not None else [self.expect(src, row, out) for row in page]
+        return out_rows
+
+    def _plain(self, page: list[Any]) -> list[Expected | None] | None:
+        """The page's expectations a column at a time, or None when a row is not plain."""
+        if not page:
+            return []
+        try:
+            keys = list(map(bytes.decode, map(_SECOND, page)))
+            texts = list(map(_JOIN, map(self.values, page)))
+        except (TypeError, UnicodeDecodeError):  # a number or NULL, a key not UTF-8
+            return None
+        if "" in keys or not self.job.skipped.isdisjoint(keys):
+            return None
+        if sum(map(bytes.count, texts, repeat(b"\x00"))) != (self.fields - 1) * len(texts):
+            return None  # a value holding NUL (every text has at least the separators)
+        at = 2 + self.fields
+        try:
+            metas = [read.column([r[at + j] for r in page]) for j, read in enumerate(self.meta)]
+        except ref.Unreadable:
+            return None
+        rows_meta = list(map(list, zip(*metas, strict=True))) if metas else [[]] * len(texts)
+        return list(zip(keys, zip(texts, rows_meta, strict=True), strict=True))
+
+    def _referenced(self, src: Any, rowid: int, out: RangeCheck) -> Expected | None:
+        try:
+            return self._by_reference(src, rowid, out)
+        except ref.Unreadable:
+            out.differs = True
+            return None
 
     def expect(self, src: Any, row: tuple[Any, ...], out: RangeCheck) -> Expected | None:
         """The key to look up and the expected canonical bytes and metadata (None: the row
@@ -196,35 +249,56 @@ class _Rows:
         meta = [values[i] for i in self.json_at]
         return str(key), (self.render(found), meta)
 
-    def judge(self, expected: Expected, record: asyncpg.Record | None, out: RangeCheck) -> None:
-        want = expected[1]
-        assert want is not None
-        if (
-            record is None
-            or record[1] is None
-            or bytes(record[1]) != want[0]
-            or [self.target_meta(v) for v in list(record)[2:]] != want[1]
-        ):
+    def judge_page(
+        self, wanted: list[Expected], found: dict[str, asyncpg.Record], out: RangeCheck
+    ) -> None:
+        """``judge`` of each expected row, a column at a time: all matched, or differs."""
+        try:
+            records = list(map(found.__getitem__, map(_FIRST, wanted)))
+        except KeyError:  # no target row has the key
             out.differs = True
-        else:
-            out.matched += 1
+            return
+        wants = [e[1] for e in wanted if e[1] is not None]  # all of them: the caller's filter
+        if list(map(_SECOND, records)) != list(map(_FIRST, wants)):
+            out.differs = True
+            return
+        for j in range(len(self.json_at)):
+            got = self.target_meta.column([r[2 + j] for r in records])
+            if got != [w[1][j] for w in wants]:
+                out.differs = True
+                return
+        out.matched += len(wanted)
 
 
 def _target_meta(text: Any) -> Any:
     return ref.target_value(Kind.JSON, text)
 
 
-def _cached(read: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``read`` remembering its answers for repeated inputs (metadata repeats a lot)."""
-    seen: dict[Any, Any] = {}
+_MISSING = object()
 
-    def cached(raw: Any) -> Any:
+
+class _Cached:
+    """``read`` remembering its answers for repeated inputs (metadata repeats a lot)."""
+
+    def __init__(self, read: Callable[[Any], Any]) -> None:
+        self.read = read
+        self.seen: dict[Any, Any] = {}
+
+    def __call__(self, raw: Any) -> Any:
+        seen = self.seen
         if raw in seen:
             return seen[raw]
-        value = read(raw)
+        value = self.read(raw)
         if len(seen) >= _CACHE_LIMIT:
             seen.clear()
         seen[raw] = value
         return value
 
-    return cached
+    def column(self, raws: list[Any]) -> list[Any]:
+        """The answers for a column of inputs: those remembered looked up at once, the others
+        read one by one."""
+        got = list(map(self.seen.get, raws, repeat(_MISSING)))
+        for i, value in enumerate(got):
+            if value is _MISSING:
+                got[i] = self(raws[i])
+        return got

@@ -6,6 +6,7 @@ duplicated) fails both, whether the source is read by one process or by two."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -39,6 +40,12 @@ INSTANTS = st.datetimes(
     min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
 )
 CHANGES = ("key", "text", "instant", "delete", "duplicate")
+APP_CHANGES = (*CHANGES, "metadata")
+METADATA = st.dictionaries(
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=4),
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | TEXT,
+    max_size=3,
+).map(json.dumps)
 HASHES = st.sampled_from([None, verify_hash.MD5])  # None: the server's (CRC-32C on 18)
 
 
@@ -72,6 +79,7 @@ def app_rows(draw: st.DrawFn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ..
             draw(st.sampled_from(["user", "assistant"])),
             draw(TEXT),
             draw(instant_texts()),
+            draw(METADATA),
         )
         for _ in range(draw(st.integers(1, 5)))
     ]
@@ -87,7 +95,8 @@ def _write_app(
         "INSERT INTO sessions (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)", sessions
     )
     db.executemany(
-        "INSERT INTO messages (id, session_id, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO messages (id, session_id, role, content, created_at, metadata)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
         messages,
     )
     db.commit()
@@ -156,9 +165,21 @@ async def _both_ok(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
+@example(  # the metadata of one message of two changed, read by the parallel scan
+    rows=(
+        [("s1", None, "2024-01-01T00:00:00+00:00", "2024-01-01T00:00:00+00:00")],
+        [
+            ("m1", "s1", "user", "hi", "2024-01-01T00:00:01+00:00", '{"model": "a", "n": 1}'),
+            ("m2", "s1", "assistant", "ho", "2024-01-01T00:00:02Z", '{"model": "a", "n": 1}'),
+        ],
+    ),
+    change="metadata",
+    workers=2,
+    row_hash=None,
+)
 @given(
     rows=app_rows(),
-    change=st.sampled_from(CHANGES),
+    change=st.sampled_from(APP_CHANGES),
     workers=st.sampled_from([1, 2]),
     row_hash=HASHES,
 )
@@ -172,7 +193,8 @@ async def test_one_change_in_an_app_table_fails_verify_and_quick(
 ) -> None:
     """An unchanged app database passes verify and verify --quick; one changed message (key,
     content, created_at by 1 µs, deleted or duplicated) fails both for messages only (the
-    quick with either hash)."""
+    quick with either hash); changed metadata fails the full verify (the quick leaves
+    metadata to it), from the parallel scan as from the merge."""
     path = tmp_path_factory.mktemp("app") / "app.sqlite"
     _write_app(path, *rows)
     config = await _settings(path, pg_dsn)
@@ -181,9 +203,11 @@ async def test_one_change_in_an_app_table_fails_verify_and_quick(
         "key": "id = left(id, 35) || 'z'",
         "text": "content = content || 'é'",
         "instant": "created_at = created_at + interval '1 microsecond'",
+        "metadata": """metadata = metadata || '{"changed": true}'::jsonb""",
     }
     await _change(pg_dsn, config.names.qualified("messages"), "id", change, sets)
-    assert [(True, True), (False, False)] == await _both_ok(config, workers, row_hash)
+    quick = change == "metadata"  # not in the quick's canonical form (verify_canon)
+    assert [(True, True), (False, quick)] == await _both_ok(config, workers, row_hash)
 
 
 GENERIC_DDL = "CREATE TABLE notes (k TEXT PRIMARY KEY, body TEXT, n INTEGER, at DATETIME)"
