@@ -33,7 +33,6 @@ PAGE = 5000  # source rows per target lookup
 _CACHE_LIMIT = 50_000  # distinct metadata texts remembered per worker
 _FIRST = operator.itemgetter(0)  # an expectation's key; what it wants' canonical bytes
 _SECOND = operator.itemgetter(1)  # a source row's raw key; a target row's canonical bytes
-_JOIN = b"\x00".join
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,13 +183,13 @@ class _Rows:
             return []
         try:
             keys = list(map(bytes.decode, map(_SECOND, page)))
-            texts = list(map(_JOIN, map(self.values, page)))
         except (TypeError, UnicodeDecodeError):  # a number or NULL, a key not UTF-8
             return None
         if "" in keys or not self.job.skipped.isdisjoint(keys):
             return None
-        if sum(map(bytes.count, texts, repeat(b"\x00"))) != (self.fields - 1) * len(texts):
-            return None  # a value holding NUL (every text has at least the separators)
+        texts = scan.canonical_page(map(self.values, page), self.fields)
+        if texts is None:
+            return None
         at = 2 + self.fields
         try:
             metas = [read.column([r[at + j] for r in page]) for j, read in enumerate(self.meta)]

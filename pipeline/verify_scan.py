@@ -13,11 +13,12 @@ import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -267,6 +268,19 @@ def canonical(fields: Sequence[Any]) -> bytes | None:
     except TypeError:
         return None
     return text if text.count(0) == len(fields) - 1 else None
+
+
+def canonical_page(rows_fields: Iterable[Sequence[Any]], count: int) -> list[bytes] | None:
+    """canonical of each row's ``count`` fields, or None as soon as one row has none: the
+    same test, a page at once (every text holds at least the separators, so their sum is
+    exact only when no text holds NUL)."""
+    try:
+        texts = list(map(_JOIN, rows_fields))
+    except TypeError:
+        return None
+    if sum(map(bytes.count, texts, repeat(b"\x00"))) != (count - 1) * len(texts):
+        return None
+    return texts
 
 
 def _texts(page: list[Any], seps: int, slow: list[int], strip_nul: bool = True) -> list[bytes]:
