@@ -27,19 +27,11 @@ TEXT_KINDS = (Kind.KEY, Kind.TEXT, Kind.NULLABLE_TEXT)
 # The kinds a table may have for the quick's canonical form (JSON of the app's tables aside).
 CANON_KINDS = (*TEXT_KINDS, Kind.TIMESTAMP, Kind.INSTANT, Kind.INTEGER)
 
-# Instants already in the canonical shape (ASCII digits, no 24:00, no all-zero fraction):
-# SQLite passes them through. A loaded instant has a valid date and time, so its digits are
-# PostgreSQL's. Another script's digits ("٢٠٢٤", which the reference reader reads as 2024, the
-# load quarantines) fail the shape: the reference renders such a row, as the quick's check.
-_D = "[0-9]"
-_ISO_SHAPE = (
-    "(({c} GLOB '####-##-##T[01]#:##:##*' OR {c} GLOB '####-##-##T2[0-3]:##:##*')"
-    " AND (substr({c}, 20) = '+00:00' OR (length({c}) = 32 AND {c} GLOB '*.######+00:00'"
-    " AND substr({c}, 20, 7) != '.000000')))"
-).replace("#", _D)
-# The same shape for the quick's reader, which checks it in Python at C speed (one regex over
-# a page's column; in SQL it cost the readers 0.7 µs a row). Its text is ASCII without NUL,
-# so GLOB, substr and length read what the regex reads.
+# Instants already in the canonical shape (ASCII digits, no 24:00, no all-zero fraction): the
+# readers pass them through, checked in Python at C speed (one regex over a page's column;
+# as GLOBs in SQLite it cost the readers 0.7 µs a row). A loaded instant has a valid date and
+# time, so its digits are PostgreSQL's. Another script's digits ("٢٠٢٤", which the reference
+# reader reads as 2024, the load quarantines) fail the shape: the reference renders such a row.
 _ISO_BYTES = rb"\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):\d\d:\d\d(?:\+00:00|\.(?!000000)\d{6}\+00:00)"
 # PostgreSQL's rendering of the same (the connection uses TimeZone UTC, see SESSION_SETTINGS):
 # one to_char, 6 fraction digits, none when they are all zero. 0.4 s per million rows where
@@ -85,18 +77,17 @@ def _plain(col: Column) -> bool:
     return not col.nullable or col.kind is Kind.KEY or col.null_as is not None
 
 
-def source_field_sql(col: Column, *, shape: bool = True) -> str:
+def source_field_sql(col: Column) -> str:
     """SQLite's expression for one canonical value; NULL (or a number) when SQL cannot render
-    it exactly: the reference reader then renders the row. Without ``shape`` an instant's
-    text is not checked here: the caller checks it with instant_checks."""
+    it exactly: the reference reader then renders the row. An instant's text is not checked
+    here: the caller checks its shape with instant_checks."""
     c = quote_ident(col.name)
     if col.kind in TEXT_KINDS:
         return _text_sql(col, c)
     if col.kind is Kind.INTEGER:
         value = f"CASE WHEN typeof({c}) = 'integer' THEN CAST({c} AS TEXT) END"
     else:
-        shaped = f" AND {_ISO_SHAPE.format(c=c)}" if shape else ""
-        value = f"CASE WHEN typeof({c}) = 'text'{shaped} THEN {c} END"
+        value = f"CASE WHEN typeof({c}) = 'text' THEN {c} END"
     if _plain(col):
         return value
     return f"CASE WHEN {c} IS NULL THEN 'N' ELSE 'T' || {value} END"
@@ -112,10 +103,10 @@ def _text_sql(col: Column, c: str) -> str:
     return f"CASE WHEN length({c}) THEN {c} END" if col.kind is Kind.KEY else c
 
 
-def source_select(table: Table, *, with_key: bool, shape: bool = True) -> str:
-    """Row id, (the raw key,) then each canonical value, over a row id range (?, ?); without
-    ``shape`` the instants' shape is left to instant_checks."""
-    fields = ", ".join(source_field_sql(c, shape=shape) for c in compared(table))
+def source_select(table: Table, *, with_key: bool) -> str:
+    """Row id, (the raw key,) then each canonical value, over a row id range (?, ?); the
+    instants' shape is left to instant_checks."""
+    fields = ", ".join(source_field_sql(c) for c in compared(table))
     key = f"{quote_ident(key_column(table))}, " if with_key else ""
     rowid = table.rowid_sql()
     return (
@@ -126,9 +117,9 @@ def source_select(table: Table, *, with_key: bool, shape: bool = True) -> str:
 
 @dataclass(frozen=True)
 class InstantCheck:
-    """The canonical shape of one instant column's values, where source_select(shape=False)
-    puts them in a row: ``one`` for a value, ``lines`` for a page's values joined by
-    newlines (a nullable column's value is N, or T and the instant)."""
+    """The canonical shape of one instant column's values, where source_select puts them in a
+    row: ``one`` for a value, ``lines`` for a page's values joined by newlines (a nullable
+    column's value is N, or T and the instant)."""
 
     at: int
     one: re.Pattern[bytes]
@@ -136,9 +127,9 @@ class InstantCheck:
 
 
 def instant_checks(table: Table, *, first: int) -> tuple[InstantCheck, ...]:
-    """The checks of the instant columns in a row of source_select(shape=False) whose
-    canonical values start at index ``first``: a value passes exactly where the SQL shape
-    check (_ISO_SHAPE) passes it and it holds no NUL."""
+    """The checks of the instant columns in a row of source_select whose canonical values
+    start at index ``first``: a value passes when it is text in the canonical shape
+    (_ISO_BYTES), nothing before or after it."""
     checks = []
     for i, col in enumerate(compared(table)):
         if col.kind not in ref.INSTANT_KINDS:

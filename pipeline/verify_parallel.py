@@ -90,7 +90,7 @@ def target_select(table: Table, qualified: str) -> str:
 def source_select(table: Table) -> str:
     """Row id, raw key, canonical values, then raw metadata, over a row id range (the
     instants' shape is left to verify_canon.instant_checks, checked a page at a time)."""
-    fields = ", ".join(canon.source_field_sql(c, shape=False) for c in canon.compared(table))
+    fields = ", ".join(canon.source_field_sql(c) for c in canon.compared(table))
     meta = "".join(f", {quote_ident(table.columns[i].name)}" for i in json_columns(table))
     rowid = table.rowid_sql()
     return (

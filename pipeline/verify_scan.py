@@ -205,7 +205,7 @@ def quick_range(job: QuickJob) -> QuickSum:
     conn = open_reader(job.path, job.busy_timeout)
     try:
         keyed = job.want_keys or bool(job.skipped)
-        sql = canon.source_select(job.table, with_key=keyed, shape=False)
+        sql = canon.source_select(job.table, with_key=keyed)
         checks = canon.instant_checks(job.table, first=2 if keyed else 1)
         seps = len(canon.compared(job.table)) - 1
         slow: list[int] = []

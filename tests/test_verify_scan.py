@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from flux_migrate.core.errors import EXIT_FAILURE, EXIT_OK
-from flux_migrate.core.schema import SESSIONS, SQLITE_DDL, TargetNames, quote_ident
+from flux_migrate.core.schema import SESSIONS, SQLITE_DDL, Kind, TargetNames, quote_ident
 from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline import verify_hash
 from flux_migrate.pipeline.reference import Unreadable
@@ -401,14 +401,35 @@ ODD_INSTANTS = st.sampled_from(
 )
 
 
-def _rendered(conn: sqlite3.Connection, table: Any, *, shape: bool) -> dict[int, bytes]:
+# The canonical instant shape written as SQLite once checked it (GLOBs over ASCII digits, no
+# 24:00, no all-zero fraction): an oracle written another way for the readers' regex.
+_SQL_SHAPE = (
+    "(({c} GLOB '####-##-##T[01]#:##:##*' OR {c} GLOB '####-##-##T2[0-3]:##:##*')"
+    " AND (substr({c}, 20) = '+00:00' OR (length({c}) = 32 AND {c} GLOB '*.######+00:00'"
+    " AND substr({c}, 20, 7) != '.000000')))"
+).replace("#", "[0-9]")
+
+
+def _rendered(conn: sqlite3.Connection, table: Any, *, by_sql: bool) -> dict[int, bytes]:
     """The canonical text of each row the scan renders (row id to text): its instants
-    checked in SQL (``shape``, the full verify's) or by instant_checks (the quick's)."""
+    checked by instant_checks, a page at once and row by row (which must agree), or, with
+    ``by_sql``, by the SQL oracle above."""
     from flux_migrate.pipeline import verify_scan as scan
 
-    rows = conn.execute(canon.source_select(table, with_key=False, shape=shape), (-1, 10**9))
-    page = rows.fetchall()
-    if not shape:
+    page = conn.execute(canon.source_select(table, with_key=False), (-1, 10**9)).fetchall()
+    if by_sql:
+        tests = []
+        for col in canon.compared(table):
+            if col.kind in (Kind.TIMESTAMP, Kind.INSTANT):
+                c = quote_ident(col.name)
+                shaped = f"(typeof({c}) = 'text' AND {_SQL_SHAPE.format(c=c)})"
+                nullable = col.nullable and col.null_as is None  # rendered N when NULL
+                tests.append(f"({c} IS NULL OR {shaped})" if nullable else shaped)
+        where = " AND ".join(tests) or "1"
+        sql = f"SELECT rowid FROM {quote_ident(table.name)} WHERE {where}"
+        passing = {r[0] for r in conn.execute(sql)}
+        page = [row for row in page if row[0] in passing]
+    else:
         checks = canon.instant_checks(table, first=1)
         slow: list[int] = []
         kept = scan.shaped(page, checks, slow)
@@ -449,8 +470,8 @@ def test_what_sql_renders_is_what_the_reference_reads(
     """For any stored values (numbers, blobs, NULL, NUL, any instant shape, a UTF-16 file), a
     row the scan renders in the canonical form has exactly the reference reader's canonical
     text, or one no target row can have (not UTF-8, where the reference refuses); the same
-    rows and texts whether the instants' shape is checked in SQL (verify) or in Python, a
-    page at once or row by row (the quick)."""
+    rows and texts whether the instants' shape is checked by the readers' regex, a page at
+    once or row by row, or by SQL GLOBs written independently."""
     from flux_migrate.pipeline import verify_scan as scan
 
     path = tmp_path_factory.mktemp("canon") / "s.sqlite"
@@ -465,8 +486,8 @@ def test_what_sql_renders_is_what_the_reference_reads(
     read = canon.reference_canon(table)
     conn = scan.open_reader(str(path))
     try:
-        by_sql = _rendered(conn, table, shape=True)
-        quick = _rendered(conn, table, shape=False)
+        by_sql = _rendered(conn, table, by_sql=True)
+        quick = _rendered(conn, table, by_sql=False)
         for rowid, text in {**by_sql, **quick}.items():
             raw = conn.execute(canon.raw_select(table), (rowid,)).fetchone()
             try:
