@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,12 @@ import pytest
 
 from flux_migrate.core.errors import ConfigError
 from flux_migrate.core.schema import quote_ident
+from flux_migrate.pipeline.convert_worker import receive, send
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import load_settings
+from flux_migrate.pipeline.workers import SPAWN
+from flux_migrate.stages.batch import Batch
 from tests.conftest import fresh_database
 from tests.dirty import app_db
 from tests.generic_db import varied_db
@@ -280,3 +284,32 @@ def test_a_worker_pool_starts_every_process_before_its_first_job() -> None:
     for p in processes:
         p.join(timeout=10)
     assert [p.exitcode is not None for p in processes] == [True, True]
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_535, 3_000_017])
+def test_a_payload_crosses_the_pipe_byte_for_byte(size: int) -> None:
+    """A batch's payload goes over the converter's pipe as bare bytes (convert_worker.send);
+    what the coordinator reads back (receive) is the same batch, the same bytes, whatever its
+    size against the socket's buffer, and the message after it is read whole."""
+    ours, theirs = SPAWN.Pipe(duplex=True)
+    payload = os.urandom(size)
+    batch = Batch("messages", 1, 0, 9, 9, payload=payload, payload_rows=3)
+    sender = threading.Thread(target=lambda: [send(theirs, ("ok", (batch, []))), theirs.send(7)])
+    sender.start()
+    kind, (got, columns) = receive(ours)
+    assert ours.recv() == 7  # the stream is in step after the payload
+    sender.join()
+    assert (kind, columns, got) == ("ok", [], batch)
+    assert bytes(got.payload) == payload
+
+
+def test_a_converter_dying_in_the_middle_of_a_payload_is_an_eof() -> None:
+    """A converter killed while its payload is on the way leaves the coordinator an EOFError
+    (its batch is then converted in the coordinator), never a short payload."""
+    ours, theirs = SPAWN.Pipe(duplex=True)
+    batch = Batch("messages", 1, 0, 9, 9, payload=b"", payload_rows=3)
+    theirs.send(("payload", (batch, [], 1000)))
+    os.write(theirs.fileno(), b"x" * 999)
+    theirs.close()
+    with pytest.raises(EOFError):
+        receive(ours)
