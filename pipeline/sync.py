@@ -50,6 +50,7 @@ from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.sync_apply import CHILD_ROWS_KEPT, Applier, TableSync
 from flux_migrate.pipeline.sync_cycles import delete_together
 from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
+from flux_migrate.pipeline.sync_scan import ScanPool
 from flux_migrate.stages.extract import fetch_rows, open_source
 
 log = structlog.get_logger("flux_migrate")
@@ -174,22 +175,27 @@ async def _rounds(
     for n in range(ROUNDS):
         this = report if n == 0 else SyncReport(report.run_id, dry_run=report.dry_run)
         started_at = await _data_version(src)
-        for table in tables:
-            stop.check()
-            started = time.monotonic()
-            this.plans[table.name] = await plan_table(
-                src,
-                target,
-                settings.names.schema,
-                table,
-                path=path,
-                busy_timeout=settings.busy_timeout,
-                progress=progress,
-                stop=stop,
-            )
-            this.tables[table.name] = TableSync(
-                scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
-            )
+        scanners = ScanPool()  # the scan's workers, started once for all the tables, not each
+        try:
+            for table in tables:
+                stop.check()
+                started = time.monotonic()
+                this.plans[table.name] = await plan_table(
+                    src,
+                    target,
+                    settings.names.schema,
+                    table,
+                    path=path,
+                    busy_timeout=settings.busy_timeout,
+                    progress=progress,
+                    stop=stop,
+                    scanners=scanners,
+                )
+                this.tables[table.name] = TableSync(
+                    scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
+                )
+        finally:
+            scanners.close()  # before the writes: their memory is not held while they run
         await _apply(src, target, settings, this, tables, stop, progress)
         if await _data_version(src) != started_at:
             await _wait_on_kept(target, settings.names.schema, this)

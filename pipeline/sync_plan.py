@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import sqlite3
 from array import array
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -31,19 +29,18 @@ import aiosqlite
 import asyncpg
 
 from flux_migrate.core import bookkeeping
-from flux_migrate.core.digest import digests, key_position
+from flux_migrate.core.digest import key_position
 from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.workers import worker_lost, worker_pool
+from flux_migrate.pipeline.sync_scan import WORKERS, ScanPool, scan_range
+from flux_migrate.pipeline.workers import worker_lost
 from flux_migrate.stages.extract import fetch_rows, variable_limit
 from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.transform import key_of
 
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
-WORKERS = 2
-PAGE = 5_000  # rows a worker holds at a time
 
 
 Stored = tuple[int, str | None]  # a key's stored digest, and its pack's xmin (None: digest_rows)
@@ -70,26 +67,6 @@ class TablePlan:
     @property
     def changes(self) -> int:
         return len(self.inserts) + len(self.updates) + len(self.deletes)
-
-
-def scan_range(
-    uri: str, sql: str, lo: int, hi: int, ncols: int, at: int, busy_timeout: float
-) -> tuple[bytes, bytes, list[str]]:
-    """In a worker process: the rowids, digests (both as int64 arrays) and keys of the source
-    rows with ``lo <= rowid <= hi``, in rowid order, read on a read-only connection of its own."""
-    rowids, values = array("q"), array("q")
-    keys: list[str] = []
-    db = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
-    try:
-        db.text_factory = bytes
-        cursor = db.execute(sql, (lo, hi))
-        while rows := cursor.fetchmany(PAGE):  # a page at a time: the worker's memory is small
-            rowids.extend(r[0] for r in rows)
-            values.extend(digests(rows, ncols))
-            keys.extend(key_of(r[at + 1]) or "" for r in rows)
-    finally:
-        db.close()
-    return rowids.tobytes(), values.tobytes(), keys
 
 
 async def _ranges(
@@ -120,9 +97,10 @@ async def plan_table(
     *,
     path: Path,
     busy_timeout: float = 10.0,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     progress: Progress | None = None,
     stop: StopFlag | None = None,
+    scanners: ScanPool | None = None,
 ) -> TablePlan:
     """Merge the table's source rows with its stored digests; return what changed.
 
@@ -148,12 +126,17 @@ async def plan_table(
     stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
-    count, ranges = await _ranges(src, table, chunk)
+    count, ranges = await _ranges(src, table, chunk or CHUNK)
     progress = progress or NoProgress()
     progress.start(table.name, count)
     after = -(2**63)  # the first window takes every digest below it too
-    scan = _scanned(ranges, (source_uri(path), sql, ncols, at, busy_timeout))
-    async with contextlib.aclosing(scan):
+    own = scanners is None
+    pool = ScanPool() if scanners is None else scanners
+    scan = _scanned(ranges, (source_uri(path), sql, ncols, at, busy_timeout), pool)
+    async with contextlib.AsyncExitStack() as stack:
+        if own:
+            stack.callback(pool.close)
+        await stack.enter_async_context(contextlib.aclosing(scan))
         async for n, (rowids, values, keys) in scan:
             last, hi = n == len(ranges) - 1, ranges[n][1]
             window = await stored.window(after, None if last else hi)
@@ -177,7 +160,7 @@ async def plan_table(
 
 
 async def _scanned(
-    ranges: Sequence[tuple[int, int]], args: tuple[str, str, int, int, float]
+    ranges: Sequence[tuple[int, int]], args: tuple[str, str, int, int, float], scanners: ScanPool
 ) -> AsyncGenerator[tuple[int, tuple[array[int], array[int], list[str]]], None]:
     """Each range read and digested by scan_range (``args``: uri, sql, columns, key position,
     busy timeout), in order, at most WORKERS ranges read ahead so memory stays bounded; in
@@ -185,7 +168,7 @@ async def _scanned(
     more). A worker that dies (killed, out of memory) ends the sync with one sentence."""
     uri, sql, ncols, at, timeout = args
     loop = asyncio.get_running_loop()
-    pool: Executor = worker_pool(WORKERS) if len(ranges) > 1 else ThreadPoolExecutor(max_workers=1)
+    pool = scanners.executor(len(ranges))
     jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
 
     def submit(k: int) -> None:
@@ -210,7 +193,8 @@ async def _scanned(
         for job in jobs.values():  # read ahead, not needed now: retrieved, never reported
             if not job.cancel() and not job.cancelled():
                 job.exception()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if not scanners.shared(pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def source_rowids(

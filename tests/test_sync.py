@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flux_migrate.core.errors import EXIT_CONFLICTS, EXIT_OK
+from flux_migrate.pipeline import sync_plan
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.sync import sync
 from tests.support import (
@@ -53,11 +54,14 @@ def _app_changes(path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("chunk", [sync_plan.CHUNK, 37], ids=["in_a_thread", "worker_processes"])
 async def test_sync_applies_every_kind_of_change_then_idles(
-    sample_db: Path, pg_dsn: str, tmp_path: Path
+    sample_db: Path, pg_dsn: str, tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inserts, updates of any column and deletes on both tables reach the target; a second
-    sync finds nothing to do."""
+    sync finds nothing to do. Read as one range per table (in a thread), or as ranges of 37
+    rows, which the sync's worker processes read for both tables, in both syncs."""
+    monkeypatch.setattr(sync_plan, "CHUNK", chunk)
     path = app_copy(sample_db, tmp_path)
     await migrate(app_settings(path, pg_dsn))
     _app_changes(path)
