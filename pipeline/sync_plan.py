@@ -177,18 +177,18 @@ async def _scanned(
             jobs[k] = loop.run_in_executor(pool, scan_range, uri, sql, lo, hi, ncols, at, timeout)
 
     try:
-        for k in range(WORKERS):
-            submit(k)
-        for n in range(len(ranges)):
-            try:
+        try:
+            for k in range(WORKERS):
+                submit(k)
+            for n in range(len(ranges)):
                 rowids_b, values_b, keys = await jobs.pop(n)
-            except BrokenProcessPool:
-                raise worker_lost("sync") from None
-            submit(n + WORKERS)
-            rowids, values = array("q"), array("q")
-            rowids.frombytes(rowids_b)
-            values.frombytes(values_b)
-            yield n, (rowids, values, keys)
+                submit(n + WORKERS)
+                rowids, values = array("q"), array("q")
+                rowids.frombytes(rowids_b)
+                values.frombytes(values_b)
+                yield n, (rowids, values, keys)
+        except BrokenProcessPool:  # awaiting a range, or handing one to a pool broken already
+            raise worker_lost("sync") from None
     finally:
         for job in jobs.values():  # read ahead, not needed now: retrieved, never reported
             if not job.cancel() and not job.cancelled():

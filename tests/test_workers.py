@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -313,3 +314,46 @@ def test_a_converter_dying_in_the_middle_of_a_payload_is_an_eof() -> None:
     theirs.close()
     with pytest.raises(EOFError):
         receive(ours)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("when", ["before_its_first_range", "while_a_range_is_read"])
+async def test_a_sync_worker_killed_between_tables_is_one_sentence(
+    tmp_path: Path, when: str
+) -> None:
+    """sync's scan workers serve every table of a round (sync_scan.ScanPool). One killed while
+    a table is read, or after, before the next table hands its first range to the pool, ends
+    the scan with the sentence of a lost worker (RuntimeFailure: exit 1), never the pool's
+    own error (which the command printed as an internal error)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from flux_migrate.core.errors import RuntimeFailure
+    from flux_migrate.pipeline.sync_plan import _scanned
+    from flux_migrate.pipeline.sync_scan import ScanPool
+
+    path = tmp_path / "t.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)")
+    db.executemany("INSERT INTO t VALUES (?, ?)", [(f"k{i}", "x" * 10) for i in range(40)])
+    db.commit()
+    db.close()
+    sql = "SELECT rowid, id, v FROM t WHERE rowid >= ? AND rowid <= ? ORDER BY rowid"
+    args = (f"file:{path}?mode=ro", sql, 2, 0, 5.0)
+    ranges = [(1, 10), (11, 20), (21, 30), (31, 40)]
+    scanners = ScanPool()
+    try:
+        pool = scanners.executor(len(ranges))
+        if when == "while_a_range_is_read":
+            pool.submit(time.sleep, 30)  # the first range waits behind this one
+        for process in list(pool._processes.values()):  # noqa: SLF001 - the pool's own
+            os.kill(process.pid, signal.SIGKILL)
+        if when == "before_its_first_range":
+            with pytest.raises(BrokenProcessPool):  # the pool knows it is broken
+                for _ in range(200):
+                    pool.submit(abs, -1).result(timeout=10)
+                    time.sleep(0.05)
+        with pytest.raises(RuntimeFailure, match="ended abruptly"):
+            async for _ in _scanned(ranges, args, scanners):
+                pass
+    finally:
+        scanners.close()
