@@ -1,10 +1,10 @@
 """Sync's source scan in worker processes: a rowid range of a table read and digested on a
-read-only connection of its own, and the one pool of such workers a sync command keeps for
-all its tables.
+read-only connection of its own, and the one pool of such workers a sync round keeps for all
+its tables.
 
 A spawned worker imports the module of the function it runs; this one imports no event loop,
 driver or logger, so a worker is ready in about 0.1 s instead of the 0.3 s sync_plan's
-modules took, and a sync starts its workers once, not once per table (pipeline/sync_plan.py
+modules took, and a round starts its workers once, not once per table (pipeline/sync_plan.py
 merges what they read)."""
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def scan_range(
 
 
 class ScanPool:
-    """The worker processes of one sync command, started when a table first has more than one
-    range to read and kept for the next tables and rounds; ``close`` stops them. A table of one
-    range is read in a thread of its own (starting processes would cost more)."""
+    """The worker processes of one sync round, started when a table first has more than one
+    range to read and kept for the round's next tables; ``close`` stops them (sync closes them
+    before the round's writes). A table of one range is read in a thread of its own (starting
+    processes would cost more)."""
 
     def __init__(self) -> None:
         self._pool: Executor | None = None
