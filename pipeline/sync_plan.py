@@ -97,10 +97,9 @@ async def plan_table(
     *,
     path: Path,
     busy_timeout: float = 10.0,
-    chunk: int | None = None,
     progress: Progress | None = None,
     stop: StopFlag | None = None,
-    scanners: ScanPool | None = None,
+    scanners: ScanPool,
 ) -> TablePlan:
     """Merge the table's source rows with its stored digests; return what changed.
 
@@ -110,7 +109,7 @@ async def plan_table(
     process reads the stored digests of the same range and merges. Blocks until the whole table
     is read; writes nothing. ``stop`` is checked after each range (Interrupted: the workers
     are told to stop, the ranges being read finish). Cancellation leaves nothing behind (it
-    only reads).
+    only reads). The worker processes are ``scanners``' (the round's: its caller closes them).
     """
     at = key_position(table.column_names, table.primary_key)
     assert at is not None, table.name
@@ -126,17 +125,12 @@ async def plan_table(
     stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
-    count, ranges = await _ranges(src, table, chunk or CHUNK)
+    count, ranges = await _ranges(src, table, CHUNK)
     progress = progress or NoProgress()
     progress.start(table.name, count)
     after = -(2**63)  # the first window takes every digest below it too
-    own = scanners is None
-    pool = ScanPool() if scanners is None else scanners
-    scan = _scanned(ranges, (source_uri(path), sql, ncols, at, busy_timeout), pool)
-    async with contextlib.AsyncExitStack() as stack:
-        if own:
-            stack.callback(pool.close)
-        await stack.enter_async_context(contextlib.aclosing(scan))
+    scan = _scanned(ranges, (source_uri(path), sql, ncols, at, busy_timeout), scanners)
+    async with contextlib.aclosing(scan):
         async for n, (rowids, values, keys) in scan:
             last, hi = n == len(ranges) - 1, ranges[n][1]
             window = await stored.window(after, None if last else hi)
