@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flux_migrate.core.errors import RuntimeFailure
+from flux_migrate.core.errors import MigrateError, RuntimeFailure
 from flux_migrate.core.schema import SQLITE_DDL
 from flux_migrate.pipeline.runner import migrate
 from flux_migrate.pipeline.settings import Settings, load_settings
@@ -531,11 +531,14 @@ async def test_a_type_is_decided_on_every_value_not_a_sample(tmp_path: Path, pg_
 # ---------------------------------------------------------------- accounting and sync
 
 
+@pytest.mark.parametrize("skipped", ["a", "z"])
 async def test_a_row_the_reader_skips_fails_the_run_by_its_count(
-    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, skipped: str
 ) -> None:
     """A reader that misses rows (here: pages that start at rowid 0, the old bug) is caught
-    by the run's own comparison with SQLite's count(*): the run fails naming the table."""
+    by the run's own comparison with SQLite's count(*): the run fails naming the table, and
+    the table is not recorded as finished. Whether it is the first table (counted before the
+    next one starts) or the last (counted while the keys are built)."""
     import flux_migrate.stages.extract as extract
 
     original = extract.keyset_sql
@@ -544,14 +547,53 @@ async def test_a_row_the_reader_skips_fails_the_run_by_its_count(
         return original(table).replace(" WHERE ", " WHERE t.rowid > 0 AND ", 1)
 
     monkeypatch.setattr(extract, "keyset_sql", skipping)
+    other = "z" if skipped == "a" else "a"
     path = _db(
         tmp_path / "skip.sqlite",
-        "CREATE TABLE k (id INTEGER PRIMARY KEY, v TEXT);",
-        {"INSERT INTO k VALUES (?, ?)": [(-1, "a"), (0, "b"), (1, "c")]},
+        f"CREATE TABLE {skipped} (id INTEGER PRIMARY KEY, v TEXT);"
+        f" CREATE TABLE {other} (id INTEGER PRIMARY KEY, v TEXT);",
+        {
+            f"INSERT INTO {skipped} VALUES (?, ?)": [(-1, "a"), (0, "b"), (1, "c")],
+            f"INSERT INTO {other} VALUES (?, ?)": [(1, "d"), (2, "e")],
+        },
     )
     settings = load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn)
-    with pytest.raises(RuntimeFailure, match="Accounting failed for k: SQLite counts 3 rows"):
+    with pytest.raises(
+        RuntimeFailure, match=f"Accounting failed for {skipped}: SQLite counts 3 rows"
+    ):
         await migrate(settings)
+    status = dict(await _rows(pg_dsn, "SELECT source_table, status FROM flux_migrate.checkpoints"))
+    assert status[skipped] != "finished"
+    # Tables load in name order: "a" first, and the run stops before "z" is read.
+    assert (status[other] == "finished") == (other == "a")
+
+
+@pytest.mark.parametrize("failing", ["a", "z"])
+async def test_a_witness_count_that_fails_fails_the_run(
+    tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """The count that witnesses a table's rows failing (here: SQLite refusing it) fails the
+    run with that failure, whether it ran before the next table or beside the key build; the
+    table is not recorded as finished."""
+    import flux_migrate.pipeline.runner as runner
+
+    original = runner.count_between
+
+    async def count(conn: Any, table: Any, after: int, upto: int, **kw: Any) -> int:
+        if table.name == failing and not kw.get("by_index"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return await original(conn, table, after, upto, **kw)
+
+    monkeypatch.setattr(runner, "count_between", count)
+    path = _db(
+        tmp_path / "witness.sqlite",
+        "CREATE TABLE a (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE z (id INTEGER PRIMARY KEY);",
+        {"INSERT INTO a VALUES (?, ?)": [(1, "a"), (2, "b")], "INSERT INTO z VALUES (?)": [(7,)]},
+    )
+    with pytest.raises(MigrateError, match="disk I/O error"):
+        await migrate(load_settings(None, sqlite_path=path, postgres_dsn=pg_dsn))
+    status = dict(await _rows(pg_dsn, "SELECT source_table, status FROM flux_migrate.checkpoints"))
+    assert status[failing] != "finished"
 
 
 async def test_sync_and_verify_agree_on_rows_at_negative_rowids(
