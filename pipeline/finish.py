@@ -1,5 +1,6 @@
-"""The end of a run: the accounting check (of SQLite and JSONL tables alike), and the one
-synchronous commit that makes the run's commits durable."""
+"""The end of a run: the accounting check (of SQLite and JSONL tables alike), autovacuum given
+back to the tables the run loaded, and the one synchronous commit that makes the run's
+commits durable."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import asyncpg
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import RuntimeFailure, is_driver_error, is_lost_connection
 from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, foreign_rows
-from flux_migrate.core.schema import TargetNames, qualified
+from flux_migrate.core.schema import TargetNames, qualified, resume_autovacuum_sql
 from flux_migrate.pipeline.report import RunReport
 from flux_migrate.pipeline.settings import Settings
 
@@ -120,3 +121,21 @@ async def _check_jsonl_table(
         f" loaded {c.loaded} (and keeps {meta.retained} gone from the file); rows it wrote"
         " were deleted by someone else. Reload it with --restart --yes."
     )
+
+
+async def resume_autovacuum(
+    conn: asyncpg.Connection, names: TargetNames, checkpoints: dict[str, ckpt.Checkpoint]
+) -> None:
+    """Give autovacuum back to each table flux-migrate created and paused it on
+    (schema.pause_autovacuum_sql, whose words are looked for): once its rows are loaded and its
+    keys built. A table someone else created, one already given back, or one whose autovacuum
+    someone turned off in other words, is left as it is."""
+    for c in checkpoints.values():
+        if not c.created_table:
+            continue
+        options = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)",
+            names.qualified(c.source_table),
+        )
+        if options and "autovacuum_enabled=false" in options:
+            await conn.execute(resume_autovacuum_sql(c.source_table, names))

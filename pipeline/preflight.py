@@ -21,6 +21,7 @@ from flux_migrate.core.schema import (
     constraints,
     create_table_sql,
     drop_retired_user_index_sql,
+    pause_autovacuum_sql,
     pg_identifier,
     quote_ident,
 )
@@ -180,6 +181,7 @@ async def _start_table(
     has_rows = False
     if created:
         await conn.execute(create_table_sql(table, names))
+        await conn.execute(pause_autovacuum_sql(table.name, names))
     else:
         has_rows = await _has_rows(conn, settings, table)
         if has_rows and not await conn.fetchval(UNIQUE_ID_SQL, names.qualified(table.name)):

@@ -32,7 +32,7 @@ from flux_migrate.core.source import check_source, count_between, source_snapsho
 from flux_migrate.core.target import Target, connect
 from flux_migrate.pipeline.convert_pool import ConverterPool, pooled_batches, range_job, refill
 from flux_migrate.pipeline.duplicates import build_primary_keys
-from flux_migrate.pipeline.finish import check_accounting, make_durable
+from flux_migrate.pipeline.finish import check_accounting, make_durable, resume_autovacuum
 from flux_migrate.pipeline.jsonl_run import check_jsonl_sources, migrate_jsonl, run_jsonl_tables
 from flux_migrate.pipeline.key_repair import remove_orphans, repair_key
 from flux_migrate.pipeline.keys import build_constraints
@@ -302,7 +302,8 @@ async def _run_tables(run: Run) -> Streamed | None:
 async def _finish(run: Run, last: Streamed | None) -> None:
     """Build the deferred keys while the last table's witness count runs on the source (0.3 s
     of a 1M-message table, which would otherwise wait for it), conclude that table, check that
-    every row is accounted for, count what stays quarantined."""
+    every row is accounted for, give the tables their autovacuum back, count what stays
+    quarantined."""
     present: list[int | None | Exception] = []
     try:
         async with anyio.create_task_group() as tg:
@@ -315,6 +316,9 @@ async def _finish(run: Run, last: Streamed | None) -> None:
         await _conclude(run, last, present[0])
     await run.target.retrying(
         lambda c: check_accounting(c, run.settings, run.report), what="checking the accounting"
+    )
+    await run.target.retrying(
+        lambda c: resume_autovacuum(c, run.settings.names, final), what="resuming autovacuum"
     )
     _record_totals(run, final)
 

@@ -224,9 +224,29 @@ async def test_signal_stops_at_a_batch_boundary_and_a_rerun_resumes(
         + report["tables"].get("messages", {"loaded": 0})["loaded"]
         == in_target
     )
+    # Autovacuum waits while the tables load (every batch commits), and comes back with the
+    # run that finishes them.
+    assert await _autovacuum_paused(pg_dsn) == {"sessions": True, "messages": True}
     rerun = cli(*args[:-2])
     assert rerun.returncode == 0, rerun.stderr
     await _exactly_once(sample_db, pg_dsn)
+    assert await _autovacuum_paused(pg_dsn) == {"sessions": False, "messages": False}
+
+
+async def _autovacuum_paused(dsn: str) -> dict[str, bool]:
+    """Whether each app table (and its TOAST table) has autovacuum turned off."""
+    found = {}
+    for table in ("sessions", "messages"):
+        options = await fetchval(
+            dsn,
+            "SELECT array_to_string(c.reloptions, ',') || ';'"
+            " || coalesce(array_to_string(t.reloptions, ','), '')"
+            " FROM pg_class c LEFT JOIN pg_class t ON t.oid = c.reltoastrelid"
+            f" WHERE c.oid = 'public.{table}'::regclass",
+        )
+        found[table] = options == "autovacuum_enabled=false;autovacuum_enabled=false"
+        assert found[table] or options is None, options
+    return found
 
 
 async def test_a_second_concurrent_run_is_refused(sample_db: Path, pg_dsn: str) -> None:

@@ -74,8 +74,14 @@ async def test_on_conflict_skip_leaves_existing_rows_and_counts_them(
     clash = db.sessions[0]["id"]
     db.write()
     await _prefill_target(pg_dsn, clash, "kept as it was")
+    # The owner's own storage settings on tables flux-migrate did not create stay as they are
+    # (a run gives autovacuum back only to the tables it created and paused).
+    await _execute(pg_dsn, "ALTER TABLE sessions SET (autovacuum_enabled = false)")
     settings = load_settings(None, sqlite_path=db.path, postgres_dsn=pg_dsn, on_conflict="skip")
     report = await migrate(settings)
+    options = "SELECT reloptions::text FROM pg_class WHERE oid = $1::regclass"
+    assert await fetchval(pg_dsn, options, "sessions") == "{autovacuum_enabled=false}"
+    assert await fetchval(pg_dsn, options, "messages") is None
     assert (
         report.tables["sessions"].skipped,
         report.tables["sessions"].loaded,
