@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from enum import Enum
 from itertools import chain, repeat
 from typing import Any
@@ -78,12 +77,15 @@ def _wire(column: Column) -> Wire | None:
 
 
 def _texts(values: Sequence[Any]) -> Items:
-    kinds = set(map(type, values))
-    if kinds == {bytes}:
-        data: Sequence[bytes] = values
-    elif kinds == {str}:
+    # All bytes, or all str: the unbound methods refuse any other value (TypeError, in C)
+    # with no type test per value; a NULL among them, value by value.
+    try:
+        return [list(map(_LENGTH, map(bytes.__len__, values))), values]
+    except TypeError:
+        pass
+    try:
         data = list(map(str.encode, values))
-    else:
+    except TypeError:
         return [[NULL if v is None else _field(_utf8(v)) for v in values]]
     return [list(map(_LENGTH, map(len, data))), data]
 
@@ -93,16 +95,18 @@ def _field(data: bytes) -> bytes:
 
 
 def _instants(values: Sequence[Any]) -> Items:
-    if set(map(type, values)) != {datetime}:  # NULLs, or instants a converter made ints
+    try:  # all aware datetimes, as transform makes them: anything else cannot be subtracted
+        micros = aware_micros(values)
+    except TypeError:  # NULLs, instants a converter made ints (a naive one: no payload)
         return [[NULL if v is None else _INSTANT(8, shipped_micros(v)) for v in values]]
-    micros = aware_micros(values)  # as transform makes them (a naive one: TypeError, no payload)
     return [list(map(_INSTANT, repeat(8, len(micros)), micros))]
 
 
 def _jsonb(values: Sequence[Any]) -> Items:
-    if set(map(type, values)) != {str}:
+    try:
+        data = list(map(str.encode, values))  # all str (else TypeError, as in _texts)
+    except TypeError:
         return [[NULL if v is None else _field(b"\x01" + _utf8(v)) for v in values]]
-    data = list(map(str.encode, values))
     return [[_LENGTH(len(d) + 1) for d in data], [b"\x01"] * len(data), data]
 
 
