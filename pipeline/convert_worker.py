@@ -88,7 +88,9 @@ def convert_packed(job: RangeJob) -> Packed | None:
     del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
     count = len(batch.rows) if plain is None else len(batch.raw)
     columns: list[Sequence[Any]] = list(zip(*batch.rows, strict=True)) if plain is None else plain
-    stripped = dataclasses.replace(batch, rows=[], raw=[], ids=digest_ids(job.table, batch.raw))
+    converted = None if job.strip_nul else plain  # its keys are the pack's (digest_ids)
+    ids = digest_ids(job.table, batch.raw, converted)
+    stripped = dataclasses.replace(batch, rows=[], raw=[], ids=ids)
     encode = payload_encoder(job.table) if job.payload and count else None
     payload = None if encode is None else encode(columns)
     if payload is not None:

@@ -12,7 +12,7 @@ from operator import itemgetter
 from typing import Any
 
 from flux_migrate.core.digest import digests, key_position
-from flux_migrate.core.schema import Table, quote_ident
+from flux_migrate.core.schema import Kind, Table, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.columns import ascii_texts, batch_converter
 from flux_migrate.stages.convert import Raw, Rejected
@@ -245,13 +245,20 @@ async def transform(
             yield converted
 
 
-def digest_ids(table: Table, raw: list[tuple[Any, ...]]) -> tuple[list[int], list[str]]:
+def digest_ids(
+    table: Table, raw: list[tuple[Any, ...]], plain: list[Sequence[Any]] | None = None
+) -> tuple[list[int], list[str]]:
     """The rowids of source rows ``raw`` and their keys as a digest pack holds them (no keys
-    for a table without a one-column key: it gets no digests)."""
+    for a table without a one-column key: it gets no digests). ``plain``: the rows' values
+    converted column by column (transform_columns) without stripping NUL: a KEY column's
+    converted values are then exactly these keys (text decoded as UTF-8, and no NUL: that
+    row would have been rejected), so they are taken as they are."""
     at = key_position(table.column_names, table.primary_key)
     rowids = [r[0] for r in raw]
     if at is None:
         return rowids, []
+    if plain is not None and table.columns[at].kind is Kind.KEY:
+        return rowids, list(plain[at])
     found = [r[at + 1] for r in raw]
     texts = ascii_texts(found)  # key_of of ASCII bytes without NUL is their plain decode
     return rowids, texts if texts is not None else [key_of(k) or "" for k in found]
