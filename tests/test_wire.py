@@ -230,3 +230,23 @@ async def test_a_payload_is_never_split_row_by_row(pg_dsn: str) -> None:
             await load._write_rows(conn, ctx, batch, isolate=True)
     finally:
         await conn.close()
+
+
+async def test_the_loader_sends_payloads_through_a_wide_socket_buffer(pg_dsn: str) -> None:
+    """The loader's connection takes a COPY chunk whole into the kernel: its socket's send
+    buffer is SEND_BUFFER (as far as the system allows; Linux reports it doubled)."""
+    import socket
+
+    from flux_migrate.core import target as target_module
+
+    allowed = target_module.SEND_BUFFER
+    limit = Path("/proc/sys/net/core/wmem_max")
+    if limit.exists():
+        allowed = min(allowed, int(limit.read_text()))
+    target = Target(pg_dsn)
+    try:
+        conn = await target.conn()
+        sock = conn._transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= allowed
+    finally:
+        await target.close()

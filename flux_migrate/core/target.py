@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -85,6 +87,23 @@ def _instant_from_wire(value: tuple[int]) -> datetime:
     return PG_EPOCH + timedelta(microseconds=micros)
 
 
+# The loader's socket send buffer. A 1 MB chunk of a COPY payload rarely fits the default
+# (208 KB on Linux): the event loop then keeps the rest in its own buffer and moves it down
+# after each partial send. With this the kernel takes each chunk whole: 0.30 against 0.80-0.88
+# ms of the run's CPU per MB sent (850 MB at the 1M bench: about 0.5 CPU-s).
+SEND_BUFFER = 4 << 20
+
+
+async def widen_send_buffer(conn: asyncpg.Connection) -> None:
+    """Give ``conn``'s socket a SEND_BUFFER send buffer (the system may cap it); nothing where
+    the socket cannot be reached."""
+    transport = getattr(conn, "_transport", None)  # asyncpg keeps its asyncio transport here
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
 async def send_instants_exactly(conn: asyncpg.Connection) -> None:
     """Send every timestamptz as its microseconds since 2000-01-01 UTC: asyncpg's own encoder
     sends datetime.min and datetime.max (0001-01-01T00:00:00Z, 9999-12-31T23:59:59.999999Z,
@@ -119,7 +138,9 @@ class Target:
                 )
             except (ValueError, TypeError, asyncpg.ClientConfigurationError) as exc:
                 raise translate(exc, self.location, connecting=True) from None
-            self._conn = await own_session(conn, accept_text_bytes, send_instants_exactly)
+            self._conn = await own_session(
+                conn, accept_text_bytes, send_instants_exactly, widen_send_buffer
+            )
         return self._conn
 
     async def drop(self) -> None:
