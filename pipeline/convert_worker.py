@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import os
 import signal
 import sqlite3
@@ -124,6 +125,7 @@ def serve(conn: Connection, parent: int) -> None:
     die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     keep_memory()
+    collect_between_batches()
     while True:
         try:
             job = conn.recv()
@@ -138,6 +140,18 @@ def serve(conn: Connection, parent: int) -> None:
         except OSError:
             return
         del job, reply
+        gc.collect()
+
+
+def collect_between_batches() -> None:
+    """No cyclic garbage collection in the middle of a batch: a batch allocates tens of
+    thousands of tuples and lists, each few hundred of them a collection (784 for 20 batches
+    of 10k messages, 8% of the converter's CPU, traversing the batch's live rows again and
+    again). The modules' objects are frozen out of every collection, and the converter
+    collects once after each batch, when the batch is gone: only what a batch left in a
+    reference cycle, if anything, is left to find."""
+    gc.freeze()
+    gc.disable()
 
 
 def send(conn: Connection, reply: tuple[str, Any]) -> None:
