@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import gc
 import os
 import signal
 import sqlite3
@@ -20,7 +19,7 @@ from typing import Any
 
 from flux_migrate.core.instant import instant_micros
 from flux_migrate.core.schema import Kind, Table
-from flux_migrate.pipeline.workers import die_with_parent
+from flux_migrate.pipeline.workers import worker_started
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract_sql import keyset_sql, mark_orphans, page_batch, select_sql
 from flux_migrate.stages.transform import digest_ids, transform_columns
@@ -122,10 +121,9 @@ def serve(conn: Connection, parent: int) -> None:
     """A converter process: convert each job received on ``conn`` and send back ("ok", batch)
     or ("error", exception), until ``conn`` closes. It dies with ``parent`` and ignores the
     terminal's SIGINT (the run stops at a batch boundary)."""
-    die_with_parent(parent)
+    worker_started(parent)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     keep_memory()
-    collect_between_batches()
     while True:
         try:
             job = conn.recv()
@@ -140,18 +138,6 @@ def serve(conn: Connection, parent: int) -> None:
         except OSError:
             return
         del job, reply
-        gc.collect()
-
-
-def collect_between_batches() -> None:
-    """No cyclic garbage collection in the middle of a batch: a batch allocates tens of
-    thousands of tuples and lists, each few hundred of them a collection (784 for 20 batches
-    of 10k messages, 8% of the converter's CPU, traversing the batch's live rows again and
-    again). The modules' objects are frozen out of every collection, and the converter
-    collects once after each batch, when the batch is gone: only what a batch left in a
-    reference cycle, if anything, is left to find."""
-    gc.freeze()
-    gc.disable()
 
 
 def send(conn: Connection, reply: tuple[str, Any]) -> None:

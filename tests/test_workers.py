@@ -357,3 +357,23 @@ async def test_a_sync_worker_killed_between_tables_is_one_sentence(
                 pass
     finally:
         scanners.close()
+
+
+def _collection_settings() -> tuple[int, bool]:
+    import gc
+
+    return gc.get_threshold()[0], gc.get_freeze_count() > 0
+
+
+def test_pool_workers_collect_rarely() -> None:
+    """A pool worker (verify's and sync's readers) starts as every worker does: its modules
+    frozen out of collections, its young generation collected every 50,000 allocations, not
+    Python's 700 (which traversed each page's live rows again and again)."""
+    from flux_migrate.pipeline import workers
+
+    pool = workers.worker_pool(1)
+    try:
+        threshold, frozen = pool.submit(_collection_settings).result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert (threshold, frozen) == (workers._YOUNG_COLLECTION_EVERY, True)
