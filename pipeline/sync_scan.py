@@ -16,6 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 from flux_migrate.core.digest import digests
 from flux_migrate.pipeline.workers import worker_pool
+from flux_migrate.stages.columns import ascii_texts
 from flux_migrate.stages.transform import key_of
 
 WORKERS = 2
@@ -36,7 +37,9 @@ def scan_range(
         while rows := cursor.fetchmany(PAGE):  # a page at a time: the worker's memory is small
             rowids.extend(r[0] for r in rows)
             values.extend(digests(rows, ncols))
-            keys.extend(key_of(r[at + 1]) or "" for r in rows)
+            found = [r[at + 1] for r in rows]
+            texts = ascii_texts(found)  # key_of of ASCII bytes without NUL: their decode
+            keys.extend(texts if texts is not None else (key_of(k) or "" for k in found))
     finally:
         db.close()
     return rowids.tobytes(), values.tobytes(), keys
