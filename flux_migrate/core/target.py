@@ -89,8 +89,8 @@ def _instant_from_wire(value: tuple[int]) -> datetime:
 
 # The loader's socket send buffer. A 1 MB chunk of a COPY payload rarely fits the default
 # (208 KB on Linux): the event loop then keeps the rest in its own buffer and moves it down
-# after each partial send. With this the kernel takes each chunk whole: 0.30 against 0.80-0.88
-# ms of the run's CPU per MB sent (850 MB at the 1M bench: about 0.5 CPU-s).
+# after each partial send. With this the kernel takes each chunk whole: 0.30-0.34 against
+# 0.80-0.92 ms of the run's CPU per MB sent (850 MB at the 1M bench: about 0.5 CPU-s).
 SEND_BUFFER = 4 << 20
 
 
