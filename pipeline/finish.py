@@ -13,7 +13,12 @@ import asyncpg
 from flux_migrate.core import bookkeeping as ckpt
 from flux_migrate.core.errors import RuntimeFailure, is_driver_error, is_lost_connection
 from flux_migrate.core.jsonl_bookkeeping import JsonlMeta, foreign_rows
-from flux_migrate.core.schema import TargetNames, qualified, resume_autovacuum_sql
+from flux_migrate.core.schema import (
+    AUTOVACUUM_PAUSED,
+    TargetNames,
+    qualified,
+    resume_autovacuum_sql,
+)
 from flux_migrate.pipeline.report import RunReport
 from flux_migrate.pipeline.settings import Settings
 
@@ -137,5 +142,5 @@ async def resume_autovacuum(
             "SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)",
             names.qualified(c.source_table),
         )
-        if options and "autovacuum_enabled=false" in options:
+        if options and AUTOVACUUM_PAUSED in options:
             await conn.execute(resume_autovacuum_sql(c.source_table, names))

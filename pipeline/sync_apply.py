@@ -31,7 +31,7 @@ from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.sync_plan import Stored, source_rowids, source_rows_by, source_rows_of
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.load import LoadContext, quarantine_records
-from flux_migrate.stages.transform import key_of, transform_batch
+from flux_migrate.stages.transform import key_of, pack_keys, transform_batch
 
 log = structlog.get_logger("flux_migrate")
 
@@ -187,7 +187,7 @@ class Applier:
 
     async def _upsert(self, conn: asyncpg.Connection, batch: Batch) -> _Upserted:
         schema, name, at = self.names.schema, self.table.name, self.at
-        keys = [key_of(r[at + 1]) or "" for r in batch.raw]
+        keys = pack_keys([r[at + 1] for r in batch.raw])
         values = digests(batch.raw, len(self.table.column_names))
         own, deferred = await self.ownership(conn, keys, "NO KEY UPDATE")
         inserts: list[int] = []

@@ -16,8 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 from flux_migrate.core.digest import digests
 from flux_migrate.pipeline.workers import worker_pool
-from flux_migrate.stages.columns import ascii_texts
-from flux_migrate.stages.transform import key_of
+from flux_migrate.stages.transform import pack_keys
 
 WORKERS = 2
 PAGE = 5_000  # rows a worker holds at a time
@@ -37,9 +36,7 @@ def scan_range(
         while rows := cursor.fetchmany(PAGE):  # a page at a time: the worker's memory is small
             rowids.extend(r[0] for r in rows)
             values.extend(digests(rows, ncols))
-            found = [r[at + 1] for r in rows]
-            texts = ascii_texts(found)  # key_of of ASCII bytes without NUL: their decode
-            keys.extend(texts if texts is not None else (key_of(k) or "" for k in found))
+            keys.extend(pack_keys([r[at + 1] for r in rows]))
     finally:
         db.close()
     return rowids.tobytes(), values.tobytes(), keys

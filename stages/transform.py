@@ -259,6 +259,11 @@ def digest_ids(
         return rowids, []
     if plain is not None and table.columns[at].kind is Kind.KEY:
         return rowids, list(plain[at])
-    found = [r[at + 1] for r in raw]
-    texts = ascii_texts(found)  # key_of of ASCII bytes without NUL is their plain decode
-    return rowids, texts if texts is not None else [key_of(k) or "" for k in found]
+    return rowids, pack_keys([r[at + 1] for r in raw])
+
+
+def pack_keys(raw_keys: list[Raw]) -> list[str]:
+    """Raw one-column keys as a digest pack holds them: key_of of each ("" for NULL), those
+    of a list of ASCII bytes without NUL decoded at once (key_of makes their plain decode)."""
+    texts = ascii_texts(raw_keys)
+    return texts if texts is not None else [key_of(k) or "" for k in raw_keys]

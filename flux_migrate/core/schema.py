@@ -368,6 +368,9 @@ def create_table_sql(table: Table, names: TargetNames) -> str:
 # page writes, beside the COPY; again at each fifth more rows on a larger table), then is
 # cancelled by the key build's lock. The run that finishes the tables gives it back.
 _AUTOVACUUM = ("autovacuum_enabled", "toast.autovacuum_enabled")
+# How the table's options read (pg_class.reloptions) once pause_autovacuum_sql has run:
+# PostgreSQL keeps an option as written.
+AUTOVACUUM_PAUSED = "autovacuum_enabled=false"
 
 
 def pause_autovacuum_sql(table: str, names: TargetNames) -> str:
