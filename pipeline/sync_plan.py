@@ -34,7 +34,13 @@ from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.core.target import Target
 from flux_migrate.pipeline.progress import NoProgress, Progress
 from flux_migrate.pipeline.stop import StopFlag
-from flux_migrate.pipeline.sync_scan import WORKERS, ScanPool, scan_range
+from flux_migrate.pipeline.sync_scan import (
+    WORKERS,
+    ScanPool,
+    ShippedKeys,
+    received_keys,
+    scan_range,
+)
 from flux_migrate.pipeline.workers import worker_lost
 from flux_migrate.stages.extract import fetch_rows, variable_limit
 from flux_migrate.stages.extract_sql import source_uri
@@ -163,7 +169,7 @@ async def _scanned(
     uri, sql, ncols, at, timeout = args
     loop = asyncio.get_running_loop()
     pool = scanners.executor(len(ranges))
-    jobs: dict[int, asyncio.Future[tuple[bytes, bytes, list[str]]]] = {}
+    jobs: dict[int, asyncio.Future[tuple[bytes, bytes, ShippedKeys]]] = {}
 
     def submit(k: int) -> None:
         if k < len(ranges):
@@ -180,7 +186,7 @@ async def _scanned(
                 rowids, values = array("q"), array("q")
                 rowids.frombytes(rowids_b)
                 values.frombytes(values_b)
-                yield n, (rowids, values, keys)
+                yield n, (rowids, values, received_keys(keys))
         except BrokenProcessPool:  # awaiting a range, or handing one to a pool broken already
             raise worker_lost("sync") from None
     finally:

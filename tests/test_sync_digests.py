@@ -353,3 +353,29 @@ def test_a_packs_keys_read_back_as_written(keys: list[str] | tuple[str, ...]) ->
     from flux_migrate.core.bookkeeping import keys_json
 
     assert list(keys) == json.loads(keys_json(keys))
+
+
+# A one-column key as SQLite hands it to sync's scan: text (as its bytes, ASCII or not, NUL
+# and empty included), an integer, a float, NULL.
+_RAW_KEYS = (
+    st.binary(max_size=6)
+    | st.text(alphabet="ab-0\x00", max_size=6).map(str.encode)
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.none()
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_RAW_KEYS, max_size=8) | st.lists(st.text("ab-0", max_size=4).map(str.encode)))
+def test_a_scans_keys_arrive_as_pack_keys_makes_them(raw: list[object]) -> None:
+    """The keys a scan worker sends (one joined text for ASCII keys without NUL, the list
+    otherwise) arrive as the pack's own keys of the same raw values: an unchanged row is
+    recognised whatever its key, and a list of plain keys takes the joined form."""
+    from flux_migrate.pipeline.sync_scan import received_keys, shipped_keys
+    from flux_migrate.stages.transform import pack_keys
+
+    sent = shipped_keys(list(raw))
+    assert received_keys(sent) == pack_keys(list(raw))
+    plain = all(type(k) is bytes and k.isascii() and b"\x00" not in k for k in raw)
+    assert isinstance(sent, bytes) == (plain and bool(raw))
