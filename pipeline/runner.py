@@ -68,6 +68,7 @@ from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract import count_after_key, extract, open_source
 from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.load import BatchResult, LoadContext, commit
+from flux_migrate.stages.page_hints import YoungPages, worthwhile
 from flux_migrate.stages.transform import parent_key_entry, transform, transform_batch
 
 __all__ = [
@@ -100,6 +101,7 @@ class Run:
     stop: StopFlag
     pool: ConverterPool | None = None  # converter processes (--workers above 1)
     ahead: OrphansAhead | None = None  # with them, the orphan sets of tables not read yet
+    young_pages: bool = False  # the server gains from hint bits set early (stages/page_hints)
 
     @property
     def schema(self) -> str:
@@ -190,6 +192,7 @@ async def _migrate(
                 stop=stop,
                 pool=ConverterPool(settings.workers) if workers else None,
                 ahead=ahead,
+                young_pages=await target.retrying(worthwhile, what="reading server settings"),
             )
             try:
                 last = await _run_tables(run)
@@ -633,6 +636,8 @@ async def _stream_from(
             ahead=run.ahead,
         )
         ctx = dataclasses.replace(ctx, refill=functools.partial(refill, job))
+    young = _young_pages(run, ctx)
+    ctx = dataclasses.replace(ctx, young_pages=young)
     await stream_table(
         chain,
         functools.partial(_commit, ctx),
@@ -642,7 +647,17 @@ async def _stream_from(
         buffer_batches=settings.buffer_batches if pool is None else 1,
         stop=ctx.stop,
         single_transaction=ctx.single_transaction,
+        after_commit=None if young is None else young.after_commit,
     )
+
+
+def _young_pages(run: Run, ctx: LoadContext) -> YoungPages | None:
+    """The table's young pages (stages/page_hints) where reading them saves the key build a
+    write of the table to the WAL: a table this run made, its keys built after the load."""
+    pending = run.checkpoints[ctx.table.name].constraints_pending
+    if not run.young_pages or not pending or ctx.single_transaction:
+        return None
+    return YoungPages(run.settings.names.qualified(ctx.table.name))
 
 
 async def _commit(ctx: LoadContext, conn: asyncpg.Connection, batch: Batch) -> BatchResult:

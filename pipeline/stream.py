@@ -90,10 +90,12 @@ async def stream_table(
     stop: Callable[[], bool],
     on_commit: Callable[[BatchResult], None] | None = None,
     single_transaction: bool = False,
+    after_commit: Callable[[Target, int], Awaitable[None]] | None = None,
 ) -> None:
     """Commit every batch of ``source`` with ``commit`` (one transaction holding the batch and
     its checkpoint), reading ahead at most ``buffer_batches`` batches in a producer task;
-    ``on_commit`` (if given), then ``batches``, hear of each committed batch.
+    ``on_commit`` (if given), then ``batches``, hear of each committed batch, and then
+    ``after_commit`` (if given) with the target and the batch's number.
 
     Returns when the source is done, or early after a committed batch once ``stop()`` says so.
     Transient failures retry the batch (safe: the checkpoint says whether it committed).
@@ -107,7 +109,14 @@ async def stream_table(
             tg.start_soon(_pump, source, send)
             async with receive:
                 await _commit_each(
-                    receive, commit, target, batches, stop, on_commit, single_transaction
+                    receive,
+                    commit,
+                    target,
+                    batches,
+                    stop,
+                    on_commit,
+                    single_transaction,
+                    after_commit,
                 )
                 tg.cancel_scope.cancel()  # stopped early: the reader may still be waiting to send
     except BaseExceptionGroup as group:
@@ -123,6 +132,7 @@ async def _commit_each(
     stop: Callable[[], bool],
     on_commit: Callable[[BatchResult], None] | None,
     single_transaction: bool,
+    after_commit: Callable[[Target, int], Awaitable[None]] | None,
 ) -> None:
     """The consumer: commit each batch (retrying), report it, stop at a boundary when asked."""
     async with contextlib.AsyncExitStack() as stack:
@@ -142,6 +152,8 @@ async def _commit_each(
             if on_commit is not None:
                 on_commit(result)
             batches.on_batch(result)
+            if after_commit is not None:
+                await after_commit(target, batch.seq)
             if stop():
                 return  # stop at a batch boundary: everything reported is committed
 

@@ -18,6 +18,7 @@ from flux_migrate.core.errors import ErrorClass, RuntimeFailure, classify
 from flux_migrate.core.schema import Column, Table, TargetNames, quote_ident
 from flux_migrate.stages.batch import Batch, Reject
 from flux_migrate.stages.convert import raw_to_json
+from flux_migrate.stages.page_hints import YoungPages
 from flux_migrate.stages.transform import digest_ids, key_of, key_sql, row_key
 
 _COLUMN_IN_CONTEXT = re.compile(r"column (\w+)")
@@ -50,6 +51,7 @@ class LoadContext:
     refill: Callable[[Batch], Awaitable[Batch]] | None = None
     single_transaction: bool = False
     overridden: bool = False  # sync left digest_rows entries for the table (see write_digests)
+    young_pages: YoungPages | None = None  # where some batches commit synchronously
 
     @property
     def stage_table(self) -> str:
@@ -325,7 +327,10 @@ async def commit_batch(
         loaded = batch.row_count - len(refused) - len(skipped)
         return BatchResult(batch, loaded, rejects, skipped=len(skipped))
 
-    return await commit_in_order(conn, ctx.names.schema, ctx.table.name, ctx.run_id, batch, write)
+    flush = ctx.young_pages is not None and ctx.young_pages.flushes(batch.seq)
+    return await commit_in_order(
+        conn, ctx.names.schema, ctx.table.name, ctx.run_id, batch, write, flush=flush
+    )
 
 
 async def commit_in_order(
@@ -335,11 +340,16 @@ async def commit_in_order(
     run_id: str,
     batch: Batch,
     write: Callable[[asyncpg.Connection, Batch], Awaitable[BatchResult]],
+    *,
+    flush: bool = False,
 ) -> BatchResult:
     """A batch of either source, in one transaction: check the checkpoint against the batch's
     position (an earlier attempt's result when that attempt committed it), ``write`` the rows
-    and their rejects, then move the checkpoint past the batch with the counts it returns."""
+    and their rejects, then move the checkpoint past the batch with the counts it returns.
+    With ``flush`` the commit waits for the WAL to reach the disk (stages/page_hints)."""
     async with conn.transaction():
+        if flush:
+            await conn.execute("SET LOCAL synchronous_commit = on")
         committed = await check_position(conn, schema, table, batch)
         if committed is not None:
             return committed
