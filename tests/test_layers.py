@@ -143,9 +143,6 @@ def test_a_converter_process_imports_no_event_loop_driver_or_logger() -> None:
     """What a run's converter process imports (the main module again, as multiprocessing's
     spawn does, then the module of its function) holds no asyncio, driver or logger: each of
     them costs every converter ~20 MB of resident memory (the run's memory goal)."""
-    import subprocess
-    import sys
-
     probe = (
         "import runpy, sys\n"
         "runpy.run_module('flux_migrate.pipeline.__main__', run_name='__mp_main__')\n"
@@ -153,25 +150,27 @@ def test_a_converter_process_imports_no_event_loop_driver_or_logger() -> None:
         "heavy = ('asyncio', 'anyio', 'asyncpg', 'aiosqlite', 'structlog', 'ssl', 'rich')\n"
         "print(' '.join(m for m in heavy if m in sys.modules))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout.split() == [], done.stdout
+    assert _printed(probe) == []
 
 
 def test_the_migration_commands_start_without_the_memory_backends() -> None:
     """The command line imports the app's memory backends only for the commands that use them
     (``check``, ``verify --api``): every other command (run, verify, sync) would pay 0.09 s of
     start-up for them, a part of `verify --quick`'s and an idle sync's few seconds."""
-    import subprocess
-    import sys
-
     probe = (
         "import sys\n"
         "import flux_migrate.pipeline.cli\n"
         "print(' '.join(m for m in sys.modules if m.startswith('flux_migrate.memory')))\n"
     )
+    assert _printed(probe) == []
+
+
+def _printed(probe: str) -> list[str]:
+    """The words ``probe`` prints, run by a fresh interpreter (nothing imported before it)."""
+    import subprocess
+    import sys
+
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
-    assert done.stdout.split() == [], done.stdout
+    return done.stdout.split()
