@@ -101,7 +101,7 @@ class Run:
     stop: StopFlag
     pool: ConverterPool | None = None  # converter processes (--workers above 1)
     ahead: OrphansAhead | None = None  # with them, the orphan sets of tables not read yet
-    young_pages: bool = False  # the server gains from hint bits set early (stages/page_hints)
+    early_hints: bool = False  # the server gains from hint bits set early (stages/page_hints)
 
     @property
     def schema(self) -> str:
@@ -192,7 +192,7 @@ async def _migrate(
                 stop=stop,
                 pool=ConverterPool(settings.workers) if workers else None,
                 ahead=ahead,
-                young_pages=await target.retrying(worthwhile, what="reading server settings"),
+                early_hints=await target.retrying(worthwhile, what="reading server settings"),
             )
             try:
                 last = await _run_tables(run)
@@ -655,7 +655,7 @@ def _young_pages(run: Run, ctx: LoadContext) -> YoungPages | None:
     """The table's young pages (stages/page_hints) where reading them saves the key build a
     write of the table to the WAL: a table this run made, its keys built after the load."""
     pending = run.checkpoints[ctx.table.name].constraints_pending
-    if not run.young_pages or not pending or ctx.single_transaction:
+    if not run.early_hints or not pending or ctx.single_transaction:
         return None
     return YoungPages(run.settings.names.qualified(ctx.table.name))
 

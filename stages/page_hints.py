@@ -6,7 +6,7 @@ bit), the first time a query reads the row after the commit is on disk. With dat
 (PostgreSQL 18's default) or ``wal_log_hints``, the first such change to a page after a
 checkpoint writes the whole page to the WAL. A bulk load passes checkpoints, so the first
 reader of the table, the primary key's build, rewrote the table into the WAL (docs/benchmark.md:
-for the 1M bench messages the primary key took 2.6-3.1 s, 1.8 s with this).
+for the 1M bench messages the primary key took 2.3-3.6 s, 1.6-1.9 s with this).
 
 So while a table the run created loads (its keys are built after the load), every EVERY-th
 batch commits synchronously, and right after that commit the loader reads the pages written

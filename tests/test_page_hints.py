@@ -46,8 +46,9 @@ async def test_the_rows_of_batches_read_are_hinted_before_the_key_build(
     stop = StopFlag()
     settings = app_settings(app_copy(sample_db, tmp_path), pg_dsn, batch_size=300)
     batches = 2 * EVERY  # the last of them commits synchronously and is read after
-    stopping = AfterBatches(batches, lambda: stop.request(signal.SIGINT), table="messages")
-    stopping.wait = True  # the flag is up before the loader looks at it
+    stopping = AfterBatches(  # waited for: the flag is up before the loader looks at it
+        batches, lambda: stop.request(signal.SIGINT), table="messages", wait=True
+    )
     with pytest.raises(Interrupted):
         await migrate(settings, progress=stopping, stop=stop)
     conn = await asyncpg.connect(pg_dsn)
