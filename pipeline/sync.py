@@ -49,7 +49,7 @@ from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.sync_apply import CHILD_ROWS_KEPT, Applier, TableSync
 from flux_migrate.pipeline.sync_cycles import delete_together
-from flux_migrate.pipeline.sync_plan import TablePlan, plan_table
+from flux_migrate.pipeline.sync_plan import RangesAhead, TablePlan, plan_table
 from flux_migrate.pipeline.sync_scan import ScanPool
 from flux_migrate.stages.extract import fetch_rows, open_source
 
@@ -176,6 +176,7 @@ async def _rounds(
         this = report if n == 0 else SyncReport(report.run_id, dry_run=report.dry_run)
         started_at = await _data_version(src)
         scanners = ScanPool()  # the scan's workers, started once for all the tables, not each
+        ahead = RangesAhead(src, tables, scanners)
         try:
             for table in tables:
                 stop.check()
@@ -190,11 +191,13 @@ async def _rounds(
                     progress=progress,
                     stop=stop,
                     scanners=scanners,
+                    ahead=ahead,
                 )
                 this.tables[table.name] = TableSync(
                     scanned=this.plans[table.name].scanned, seconds=time.monotonic() - started
                 )
         finally:
+            ahead.close()
             scanners.close()  # before the writes: their memory is not held while they run
         await _apply(src, target, settings, this, tables, stop, progress)
         if await _data_version(src) != started_at:

@@ -49,6 +49,7 @@ from flux_migrate.stages.transform import key_of
 CHUNK = 100_000  # source rowids per worker job (and per window of the merge)
 
 
+Ranges = tuple[int, list[tuple[int, int]]]  # a table's row count and rowid ranges (_ranges)
 Stored = tuple[int, str | None]  # a key's stored digest, and its pack's xmin (None: digest_rows)
 Override = tuple[int, str, int]  # a live digest_rows entry: rowid, key, digest
 
@@ -95,6 +96,49 @@ async def _ranges(
     ]
 
 
+class RangesAhead:
+    """The count and rowid ranges of a round's tables (_ranges), asked of the source from the
+    round's start, one table after another: a table's count, a walk of its smallest b-tree
+    (0.2 s for the 950k bench messages), runs while the tables before it are read, and the
+    scan's worker processes start as soon as a table will need them (about 0.15 s), not when
+    its turn comes. ``close`` cancels what is still being asked (a round that ends early)."""
+
+    def __init__(self, src: aiosqlite.Connection, tables: Sequence[Table], scanners: ScanPool):
+        loop = asyncio.get_running_loop()
+        self._found: dict[str, asyncio.Future[Ranges]] = {}
+        for table in tables:
+            self._found[table.name] = found = loop.create_future()
+            found.add_done_callback(_retrieved)  # a failure nobody awaited is no warning
+        self._asking = asyncio.ensure_future(self._ask(src, tables, scanners))
+
+    async def _ask(
+        self, src: aiosqlite.Connection, tables: Sequence[Table], scanners: ScanPool
+    ) -> None:
+        for table in tables:  # in turn: queued together, a count's fetch would wait on the next
+            found = self._found[table.name]
+            try:
+                count, ranges = await _ranges(src, table, CHUNK)
+                if len(ranges) > 1:
+                    scanners.executor(len(ranges))  # the processes start now
+            except Exception as exc:  # noqa: BLE001 - raised where the table's plan asks
+                found.set_exception(exc)
+                continue
+            found.set_result((count, ranges))
+
+    async def of(self, table: Table) -> Ranges:
+        return await asyncio.shield(self._found[table.name])
+
+    def close(self) -> None:
+        self._asking.cancel()
+        for found in self._found.values():
+            found.cancel()
+
+
+def _retrieved(found: asyncio.Future[Ranges]) -> None:
+    if not found.cancelled():
+        found.exception()
+
+
 async def plan_table(
     src: aiosqlite.Connection,
     target: Target,
@@ -106,6 +150,7 @@ async def plan_table(
     progress: Progress | None = None,
     stop: StopFlag | None = None,
     scanners: ScanPool,
+    ahead: RangesAhead | None = None,
 ) -> TablePlan:
     """Merge the table's source rows with its stored digests; return what changed.
 
@@ -115,7 +160,8 @@ async def plan_table(
     process reads the stored digests of the same range and merges. Blocks until the whole table
     is read; writes nothing. ``stop`` is checked after each range (Interrupted: the workers
     are told to stop, the ranges being read finish). Cancellation leaves nothing behind (it
-    only reads). The worker processes are ``scanners``' (the round's: its caller closes them).
+    only reads). The worker processes are ``scanners``' (the round's: its caller closes them);
+    the table's ranges are ``ahead``'s when given (asked at the round's start).
     """
     at = key_position(table.column_names, table.primary_key)
     assert at is not None, table.name
@@ -131,7 +177,7 @@ async def plan_table(
     stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
-    count, ranges = await _ranges(src, table, CHUNK)
+    count, ranges = await (ahead.of(table) if ahead else _ranges(src, table, CHUNK))
     progress = progress or NoProgress()
     progress.start(table.name, count)
     after = -(2**63)  # the first window takes every digest below it too

@@ -4,7 +4,9 @@ reference: the same updates and the same rows set aside, for any source and stor
 from __future__ import annotations
 
 from array import array
+from pathlib import Path
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -155,3 +157,52 @@ def test_window_assembly_matches_the_reference(
     want.sort(key=lambda e: e[0])
     got = list(zip(window.rowids, window.keys, window.digests, window.pairs, strict=True))
     assert want == got
+
+
+@pytest.mark.anyio
+async def test_ranges_asked_ahead_are_each_tables_own_and_a_failure_is_the_plans(
+    tmp_path: Path,
+) -> None:
+    """The ranges a round asks for ahead are, table by table, those its plan would ask for
+    itself (every rowid in one range, no range empty of ids); a table the source cannot
+    count raises its own error where its plan asks, the others are unaffected; the scan's
+    processes are started for a table of several ranges before its turn; close cancels."""
+    import sqlite3
+
+    import aiosqlite
+
+    from flux_migrate.pipeline.sync_scan import ScanPool
+
+    path = tmp_path / "s.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE big (id TEXT PRIMARY KEY)")
+    db.execute("CREATE TABLE small (id TEXT PRIMARY KEY)")
+    db.execute("CREATE TABLE empty (id TEXT PRIMARY KEY)")
+    db.executemany("INSERT INTO big VALUES (?)", [(str(i),) for i in range(250)])
+    db.executemany("INSERT INTO small VALUES (?)", [(str(i),) for i in range(7)])
+    db.commit()
+    db.close()
+    tables = [Table(n, (Column("id", Kind.TEXT),)) for n in ("small", "gone", "big", "empty")]
+    scanners = ScanPool()
+    held = sync_plan.CHUNK
+    sync_plan.CHUNK = 100
+    try:
+        async with aiosqlite.connect(path) as src:
+            ahead = sync_plan.RangesAhead(src, tables, scanners)
+            try:
+                for table in tables:
+                    if table.name == "gone":
+                        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+                            await ahead.of(table)
+                        continue
+                    mine = await sync_plan._ranges(src, table, sync_plan.CHUNK)
+                    assert await ahead.of(table) == mine
+                assert (await ahead.of(tables[2]))[0] == 250
+                assert len((await ahead.of(tables[2]))[1]) == 3
+                assert scanners._pool is not None  # started for "big", before its scan
+            finally:
+                ahead.close()
+                ahead.close()  # twice: nothing left to cancel, no error
+    finally:
+        sync_plan.CHUNK = held
+        scanners.close()
