@@ -136,6 +136,15 @@ _ENCODE: dict[Wire, Callable[[Sequence[Any]], Items]] = {
 }
 
 
+def joined(payloads: Sequence[bytes]) -> bytes:
+    """One payload of the rows of ``payloads`` (each as payload_encoder makes it), in order."""
+    if len(payloads) == 1:
+        return payloads[0]
+    head, tail = len(SIGNATURE), len(TRAILER)
+    parts: list[bytes | memoryview] = [memoryview(p)[head:-tail] for p in payloads]
+    return b"".join([SIGNATURE, *parts, TRAILER])
+
+
 @functools.lru_cache(maxsize=64)
 def payload_encoder(table: Table) -> Callable[[Sequence[Sequence[Any]]], bytes | None] | None:
     """The encoder of ``table``'s converted columns (one sequence of values per column, in

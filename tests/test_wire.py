@@ -250,3 +250,92 @@ async def test_the_loader_sends_payloads_through_a_wide_socket_buffer(pg_dsn: st
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= allowed
     finally:
         await target.close()
+
+
+@pytest.fixture(scope="module")
+def uneven_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated app source (~600 messages) with rows the column path does not convert
+    here and there: an instant no reader takes, a session that is not there."""
+    import sqlite3
+
+    from flux_migrate.pipeline.sample import generate
+
+    path = generate(tmp_path_factory.mktemp("pieces") / "chat.sqlite", sessions=60, seed=5)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE messages SET created_at = 'not a time' WHERE rowid % 97 = 0")
+    db.execute("UPDATE messages SET session_id = 'nobody' WHERE rowid % 89 = 0")
+    db.execute("UPDATE sessions SET created_at = 'never' WHERE rowid % 23 = 0")
+    db.commit()
+    db.close()
+    return path
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    table=st.sampled_from(TABLES),
+    lo=st.integers(-3, 650),
+    span=st.integers(0, 700),
+    piece=st.integers(1, 300),
+    strip_nul=st.booleans(),
+    orphans=st.none()
+    | st.lists(st.integers(0, 700), max_size=6).map(lambda r: array("q", sorted(set(r)))),
+    missing=st.sets(st.sampled_from(["nobody", "x"]), max_size=1),
+)
+def test_a_batch_converted_piece_by_piece_is_the_batch_converted_at_once(
+    uneven_source: Path,
+    table: Table,
+    lo: int,
+    span: int,
+    piece: int,
+    strip_nul: bool,
+    orphans: array[int] | None,
+    missing: set[str],
+) -> None:
+    """A converter's batch built piece by piece (payload, rowids, keys, digests, checkpoint,
+    counts) is byte for byte the batch converted at once, for any range, piece size, orphan
+    list and quarantined parents; a piece the column path does not convert sends the whole
+    batch the old way, and the result is the same."""
+    from flux_migrate.pipeline import convert_worker as cw
+
+    job = RangeJob(
+        uri=source_uri(uneven_source),
+        busy_timeout=5,
+        table=table,
+        lo=lo,
+        hi=lo + span,
+        orphans=orphans,
+        naive_timezone=UTC,
+        strip_nul=strip_nul,
+        missing_parents=frozenset(missing),
+        payload=True,
+    )
+    held = cw.PIECE
+    try:
+        cw.PIECE = piece
+        pieced = cw.convert_packed(job)
+    finally:
+        cw.PIECE = held
+    assert pieced == cw._converted_whole(job)
+
+
+def test_a_clean_range_is_converted_piece_by_piece(sample_db: Path) -> None:
+    """The piece by piece path is the one a clean range takes (not the whole batch's)."""
+    from flux_migrate.pipeline import convert_worker as cw
+
+    job = RangeJob(
+        uri=source_uri(sample_db),
+        busy_timeout=5,
+        table=TABLES[1],
+        lo=0,
+        hi=1000,
+        orphans=array("q"),
+        naive_timezone=UTC,
+        strip_nul=False,
+        missing_parents=frozenset(),
+        payload=True,
+    )
+    encode = wire.payload_encoder(TABLES[1])
+    assert encode is not None
+    streamed = cw._streamed(job, encode)
+    assert streamed is not cw._AS_A_WHOLE and streamed == cw._converted_whole(job)
+    assert streamed is not None and streamed[0].payload_rows == 1000
