@@ -168,6 +168,19 @@ def app_copy(sample_db: Path, tmp_path: Path) -> Path:
     return path
 
 
+def generated_with(path: Path, sessions: int, seed: int, *changes: str) -> Path:
+    """A generated app source at ``path`` with the SQL ``changes`` applied (rows made odd)."""
+    from flux_migrate.pipeline.sample import generate
+
+    generate(path, sessions=sessions, seed=seed)
+    db = sqlite3.connect(path)
+    for change in changes:
+        db.execute(change)
+    db.commit()
+    db.close()
+    return path
+
+
 def app_settings(path: Path, dsn: str, batch_size: int = 10_000) -> Settings:
     return Settings(sqlite_path=path, postgres_dsn=dsn, batch_size=batch_size)
 

@@ -31,7 +31,7 @@ from flux_migrate.pipeline.sample import generate
 from flux_migrate.pipeline.settings import Settings, load_settings
 from flux_migrate.pipeline.verify import verify_quick, verify_rows
 from tests.dirty import app_db
-from tests.support import alive, cli, start_cli, worker_processes
+from tests.support import alive, cli, generated_with, start_cli, worker_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -538,15 +538,13 @@ def test_verify_workers_die_with_it_and_a_lost_one_is_a_sentence(
 def odd_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated app source (~1,000 messages) where every 37th message needs the reference
     reader (an instant in another shape, text stored as an integer)."""
-    path = generate(tmp_path_factory.mktemp("pages") / "chat.sqlite", sessions=100, seed=3)
-    db = sqlite3.connect(path)
-    db.execute(
-        "UPDATE messages SET created_at = replace(created_at, '+00:00', 'Z') WHERE rowid % 37 = 0"
+    return generated_with(
+        tmp_path_factory.mktemp("pages") / "chat.sqlite",
+        100,
+        3,
+        "UPDATE messages SET created_at = replace(created_at, '+00:00', 'Z') WHERE rowid % 37 = 0",
+        "UPDATE messages SET content = 12345 WHERE rowid % 37 = 1",
     )
-    db.execute("UPDATE messages SET content = 12345 WHERE rowid % 37 = 1")
-    db.commit()
-    db.close()
-    return path
 
 
 @settings(max_examples=30, deadline=None)

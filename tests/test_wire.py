@@ -25,6 +25,7 @@ from flux_migrate.stages import load, wire
 from flux_migrate.stages.batch import Batch
 from flux_migrate.stages.extract_sql import source_uri
 from flux_migrate.stages.load import LoadContext
+from tests.support import generated_with
 
 pytestmark = pytest.mark.anyio
 
@@ -196,18 +197,7 @@ def test_a_converter_ships_the_app_tables_as_payloads(sample_db: Path) -> None:
     converter processes hands it out) comes back with its rows as one payload, counted, and
     as columns when the run asked for rows (an upsert)."""
     for table in TABLES:
-        job = RangeJob(
-            uri=source_uri(sample_db),
-            busy_timeout=5,
-            table=table,
-            lo=0,
-            hi=200,
-            orphans=array("q"),
-            naive_timezone=UTC,
-            strip_nul=False,
-            missing_parents=frozenset(),
-            payload=True,
-        )
+        job = _job(sample_db, table, 0, 200)
         packed = convert_packed(job)
         assert packed is not None
         batch, columns = packed
@@ -256,18 +246,27 @@ async def test_the_loader_sends_payloads_through_a_wide_socket_buffer(pg_dsn: st
 def uneven_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated app source (~600 messages) with rows the column path does not convert
     here and there: an instant no reader takes, a session that is not there."""
-    import sqlite3
+    return generated_with(
+        tmp_path_factory.mktemp("pieces") / "chat.sqlite",
+        60,
+        5,
+        "UPDATE messages SET created_at = 'not a time' WHERE rowid % 97 = 0",
+        "UPDATE messages SET session_id = 'nobody' WHERE rowid % 89 = 0",
+        "UPDATE sessions SET created_at = 'never' WHERE rowid % 23 = 0",
+    )
 
-    from flux_migrate.pipeline.sample import generate
 
-    path = generate(tmp_path_factory.mktemp("pieces") / "chat.sqlite", sessions=60, seed=5)
-    db = sqlite3.connect(path)
-    db.execute("UPDATE messages SET created_at = 'not a time' WHERE rowid % 97 = 0")
-    db.execute("UPDATE messages SET session_id = 'nobody' WHERE rowid % 89 = 0")
-    db.execute("UPDATE sessions SET created_at = 'never' WHERE rowid % 23 = 0")
-    db.commit()
-    db.close()
-    return path
+def _job(source: Path, table: Table, lo: int, hi: int, **how: Any) -> RangeJob:
+    """A converter's job as a run with converter processes hands it out (payload asked)."""
+    fields: dict[str, Any] = {
+        "orphans": array("q"),
+        "naive_timezone": UTC,
+        "strip_nul": False,
+        "missing_parents": frozenset(),
+        "payload": True,
+    }
+    fields.update(how)
+    return RangeJob(uri=source_uri(source), busy_timeout=5, table=table, lo=lo, hi=hi, **fields)
 
 
 @settings(max_examples=40, deadline=None)
@@ -297,17 +296,14 @@ def test_a_batch_converted_piece_by_piece_is_the_batch_converted_at_once(
     batch the old way, and the result is the same."""
     from flux_migrate.pipeline import convert_worker as cw
 
-    job = RangeJob(
-        uri=source_uri(uneven_source),
-        busy_timeout=5,
-        table=table,
-        lo=lo,
-        hi=lo + span,
+    job = _job(
+        uneven_source,
+        table,
+        lo,
+        lo + span,
         orphans=orphans,
-        naive_timezone=UTC,
         strip_nul=strip_nul,
         missing_parents=frozenset(missing),
-        payload=True,
     )
     held = cw.PIECE
     try:
@@ -322,18 +318,7 @@ def test_a_clean_range_is_converted_piece_by_piece(sample_db: Path) -> None:
     """The piece by piece path is the one a clean range takes (not the whole batch's)."""
     from flux_migrate.pipeline import convert_worker as cw
 
-    job = RangeJob(
-        uri=source_uri(sample_db),
-        busy_timeout=5,
-        table=TABLES[1],
-        lo=0,
-        hi=1000,
-        orphans=array("q"),
-        naive_timezone=UTC,
-        strip_nul=False,
-        missing_parents=frozenset(),
-        payload=True,
-    )
+    job = _job(sample_db, TABLES[1], 0, 1000)
     encode = wire.payload_encoder(TABLES[1])
     assert encode is not None
     streamed = cw._streamed(job, encode)
