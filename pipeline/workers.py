@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Executor, ProcessPoolExecutor
 
     from flux_migrate.core.errors import RuntimeFailure
 
@@ -91,6 +91,24 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     if launch is not None:
         launch()
     return pool
+
+
+def stop_pool(pool: Executor) -> None:
+    """Shut ``pool`` down (the jobs queued dropped, the ones running finished) and wait until
+    its processes have ended.
+
+    The standard library's shutdown ends the processes through the pool's manager thread,
+    which starts with the first job: the processes of a pool started up front (worker_pool)
+    that never got a job (a sync stopped by Ctrl-C before its first scan) stayed, and the
+    command waited for them for ever as it exited. Those are told to end here (SIGTERM from
+    their parent: their watchdog ends them)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=True, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _watch_parent(parent: int) -> None:

@@ -377,3 +377,20 @@ def test_pool_workers_collect_rarely() -> None:
     finally:
         pool.shutdown()
     assert (threshold, frozen) == (workers._YOUNG_COLLECTION_EVERY, True)
+
+
+@pytest.mark.parametrize("jobs", [0, 1, 3])
+def test_a_pool_closed_ends_its_processes_whether_or_not_it_got_a_job(jobs: int) -> None:
+    """sync's and verify's worker pools, started up front, end their processes when closed
+    even when no job ever reached them (a sync stopped by Ctrl-C before its first scan): the
+    command then exits instead of waiting for them for ever."""
+    from flux_migrate.pipeline.sync_scan import ScanPool
+
+    scanners = ScanPool()
+    pool = scanners.executor(2)
+    processes = list(pool._processes.values())  # type: ignore[attr-defined]
+    assert len(processes) == 2
+    for _ in range(jobs):
+        assert pool.submit(os.getpid).result(timeout=30) != os.getpid()
+    scanners.close()
+    assert [p.pid for p in processes if p.is_alive()] == []
