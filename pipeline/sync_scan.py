@@ -17,7 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from flux_migrate.core.digest import digests
-from flux_migrate.pipeline.workers import stop_pool, worker_pool
+from flux_migrate.pipeline.workers import worker_pool
 from flux_migrate.stages.transform import pack_keys
 
 WORKERS = 2
@@ -102,4 +102,4 @@ class ScanPool:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            stop_pool(pool)
+            pool.shutdown(wait=True, cancel_futures=True)

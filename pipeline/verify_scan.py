@@ -27,7 +27,7 @@ from flux_migrate.core.schema import Table, quote_ident
 from flux_migrate.pipeline import reference as ref
 from flux_migrate.pipeline import verify_canon as canon
 from flux_migrate.pipeline import verify_hash
-from flux_migrate.pipeline.workers import stop_pool, worker_lost, worker_pool
+from flux_migrate.pipeline.workers import worker_lost, worker_pool
 
 # Rows per fetchmany: a page is checked, joined and hashed while its rows are still in the
 # core's cache; 2.2 µs a message row against 3.0 for pages of 20,000 (docs/benchmark.md,
@@ -111,7 +111,7 @@ class Scanner:
 
     def close(self) -> None:
         if self._pool is not None:
-            stop_pool(self._pool)
+            self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
 

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from concurrent.futures import Executor, ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
     from flux_migrate.core.errors import RuntimeFailure
 
@@ -81,34 +81,24 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     already runs; when one dies in that window, the manager terminates the processes it knows
     and then joins all of them, the one still being started included, which it never
     terminated: the command waited for ever (or printed the pool's own traceback when the list
-    changed under it). Started up front, every process is known before the manager runs."""
+    changed under it). Started up front, every process is known before the manager runs.
+
+    The manager thread starts now too, as under fork: it is what ends the processes when the
+    pool shuts down. Left to start with the first job, a pool that never got one (a sync
+    stopped by Ctrl-C before its first scan) kept its processes after shutdown, and the command
+    waited for them for ever as it exited."""
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=SPAWN, initializer=worker_started, initargs=(os.getpid(),)
     )
     launch = getattr(pool, "_launch_processes", None)  # the pool's own: what it does under fork
+    manage = getattr(pool, "_start_executor_manager_thread", None)
     if launch is not None:
         launch()
+    if manage is not None:
+        manage()
     return pool
-
-
-def stop_pool(pool: Executor) -> None:
-    """Shut ``pool`` down (the jobs queued dropped, the ones running finished) and wait until
-    its processes have ended.
-
-    The standard library's shutdown ends the processes through the pool's manager thread,
-    which starts with the first job: the processes of a pool started up front (worker_pool)
-    that never got a job (a sync stopped by Ctrl-C before its first scan) stayed, and the
-    command waited for them for ever as it exited. Those are told to end here (SIGTERM from
-    their parent: their watchdog ends them)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=True, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=10)
 
 
 def _watch_parent(parent: int) -> None:
