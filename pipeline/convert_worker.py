@@ -5,13 +5,14 @@ resident memory per process than the coordinator's modules)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
 import signal
 import sqlite3
 from array import array
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from multiprocessing.connection import Connection
@@ -45,17 +46,25 @@ class RangeJob:
 def read_range(job: RangeJob, *, per_row_check: bool = False) -> list[tuple[Any, ...]]:
     """The source rows of the job's range in rowid order, as extract reads them (orphans
     flagged), on a read-only connection opened for the call."""
-    table = job.table
     per_row = per_row_check or job.orphans is None
-    sql = select_sql(table, orphan_flag=per_row) + keyset_sql(table)
+    with _range_cursor(job, per_row) as cursor:
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    return rows if per_row else mark_orphans(rows, job.orphans or ())
+
+
+@contextlib.contextmanager
+def _range_cursor(job: RangeJob, per_row: bool) -> Iterator[sqlite3.Cursor]:
+    """The cursor over the job's range as extract reads it (rowid order, text as bytes; with
+    ``per_row`` SQL flags each orphan, else the caller does: mark_orphans), on a connection
+    of its own, closed when the block ends."""
+    sql = select_sql(job.table, orphan_flag=per_row) + keyset_sql(job.table)
     db = sqlite3.connect(job.uri, uri=True, timeout=job.busy_timeout)
     try:
         db.text_factory = bytes
         every = min(job.hi - job.lo, 2**62)  # the most rowids the range can hold: no limit
-        rows: list[tuple[Any, ...]] = db.execute(sql, (job.lo, job.hi, every)).fetchall()
+        yield db.execute(sql, (job.lo, job.hi, every))
     finally:
         db.close()
-    return rows if per_row else mark_orphans(rows, job.orphans or ())
 
 
 def convert_range(job: RangeJob) -> Batch | None:
@@ -96,17 +105,12 @@ def _streamed(job: RangeJob, encode: Callable[[Sequence[Sequence[Any]]], bytes |
     _AS_A_WHOLE when a piece needs the row path (a reject, a value the payload cannot hold)."""
     table = job.table
     per_row = job.orphans is None
-    sql = select_sql(table, orphan_flag=per_row) + keyset_sql(table)
     payloads: list[bytes] = []
     rowids: list[int] = []
     keys: list[str] = []
     digested: list[int] = []
     last: Batch | None = None
-    db = sqlite3.connect(job.uri, uri=True, timeout=job.busy_timeout)
-    try:
-        db.text_factory = bytes
-        every = min(job.hi - job.lo, 2**62)  # the most rowids the range can hold: no limit
-        cursor = db.execute(sql, (job.lo, job.hi, every))
+    with _range_cursor(job, per_row) as cursor:
         while rows := cursor.fetchmany(PIECE):
             if not per_row:
                 mark_orphans(rows, job.orphans or ())
@@ -128,8 +132,6 @@ def _streamed(job: RangeJob, encode: Callable[[Sequence[Sequence[Any]]], bytes |
             keys += piece_keys
             digested += batch.digests or []
             last = batch
-    finally:
-        db.close()
     if last is None:
         return None
     count = len(rowids)

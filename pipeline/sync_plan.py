@@ -150,7 +150,7 @@ async def plan_table(
     progress: Progress | None = None,
     stop: StopFlag | None = None,
     scanners: ScanPool,
-    ahead: RangesAhead | None = None,
+    ahead: RangesAhead,
 ) -> TablePlan:
     """Merge the table's source rows with its stored digests; return what changed.
 
@@ -161,7 +161,7 @@ async def plan_table(
     is read; writes nothing. ``stop`` is checked after each range (Interrupted: the workers
     are told to stop, the ranges being read finish). Cancellation leaves nothing behind (it
     only reads). The worker processes are ``scanners``' (the round's: its caller closes them);
-    the table's ranges are ``ahead``'s when given (asked at the round's start).
+    the table's ranges are ``ahead``'s (asked at the round's start).
     """
     at = key_position(table.column_names, table.primary_key)
     assert at is not None, table.name
@@ -177,7 +177,7 @@ async def plan_table(
     stored_odd: dict[str, tuple[int, int, str | None]] = {}  # key -> (rowid, digest, pair)
     stored = _StoredDigests(target, schema, table.name)
     await stored.read_overrides()
-    count, ranges = await (ahead.of(table) if ahead else _ranges(src, table, CHUNK))
+    count, ranges = await ahead.of(table)
     progress = progress or NoProgress()
     progress.start(table.name, count)
     after = -(2**63)  # the first window takes every digest below it too
