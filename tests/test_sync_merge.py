@@ -206,3 +206,66 @@ async def test_ranges_asked_ahead_are_each_tables_own_and_a_failure_is_the_plans
     finally:
         sync_plan.CHUNK = held
         scanners.close()
+
+
+@pytest.mark.anyio
+async def test_the_first_table_needing_processes_is_read_from_the_rounds_start(
+    tmp_path: Path,
+) -> None:
+    """The first table of several ranges has its first WORKERS ranges read by the processes
+    from the round's start, each exactly what scan_range reads of that range; they are handed
+    over once, and its scan yields them rather than reading them again; a table of one range
+    and the tables after the first are not read ahead; close drops what was not handed over."""
+    import asyncio
+    import sqlite3
+
+    import aiosqlite
+
+    from flux_migrate.pipeline.sync_scan import WORKERS, ScanPool, scan_range
+
+    path = tmp_path / "s.sqlite"
+    db = sqlite3.connect(path)
+    for name, rows in (("small", 7), ("big", 250), ("later", 250)):
+        db.execute(f"CREATE TABLE {name} (id TEXT PRIMARY KEY, n INTEGER)")
+        db.executemany(f"INSERT INTO {name} VALUES (?, ?)", [(f"k{i}", i) for i in range(rows)])
+    db.commit()
+    db.close()
+    columns = (Column("id", Kind.KEY), Column("n", Kind.INTEGER))
+    small, big, later = (Table(n, columns, ("id",)) for n in ("small", "big", "later"))
+    args = {t.name: sync_plan.scan_args(t, path, 5.0) for t in (small, big, later)}
+    scanners = ScanPool()
+    held = sync_plan.CHUNK
+    sync_plan.CHUNK = 100
+    try:
+        async with aiosqlite.connect(path) as src:
+            ahead = sync_plan.RangesAhead(src, [small, big, later], scanners, args)
+            try:
+                _, ranges = await ahead.of(big)
+                started = ahead.started(big)
+                assert sorted(started) == list(range(WORKERS))
+                for k, job in started.items():
+                    uri, sql, ncols, at, timeout = args["big"]
+                    lo, hi = ranges[k]
+                    assert await job == scan_range(uri, sql, lo, hi, ncols, at, timeout)
+                assert ahead.started(big) == {}  # handed over once
+                await ahead.of(later)
+                assert ahead.started(later) == {}  # only the first table is read ahead
+                assert ahead.started(small) == {}  # one range: read in a thread at its turn
+            finally:
+                ahead.close()
+            dropped = sync_plan.RangesAhead(src, [big], scanners, args)
+            await dropped.of(big)
+            dropped.close()  # its jobs never handed over: dropped, nothing reported
+            assert dropped.started(big) == {}
+            # the scan takes a handed job as that range's result, without reading it again
+            handed = asyncio.get_running_loop().create_future()
+            handed.set_result((array("q", [-5]).tobytes(), array("q", [-6]).tobytes(), b"mark"))
+            scan = sync_plan._scanned(ranges, args["big"], scanners, {0: handed})
+            seen = [item async for item in scan]
+            assert seen[0] == (0, (array("q", [-5]), array("q", [-6]), ["mark"]))
+            assert [n for n, _ in seen] == list(range(len(ranges)))
+            first = ranges[0][1] - ranges[0][0] + 1
+            assert sum(len(rowids) for _, (rowids, _, _) in seen[1:]) == 250 - first  # the rest
+    finally:
+        sync_plan.CHUNK = held
+        scanners.close()

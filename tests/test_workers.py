@@ -353,7 +353,7 @@ async def test_a_sync_worker_killed_between_tables_is_one_sentence(
                     pool.submit(abs, -1).result(timeout=10)
                     time.sleep(0.05)
         with pytest.raises(RuntimeFailure, match="ended abruptly"):
-            async for _ in _scanned(ranges, args, scanners):
+            async for _ in _scanned(ranges, args, scanners, {}):
                 pass
     finally:
         scanners.close()
