@@ -49,7 +49,7 @@ from flux_migrate.pipeline.settings import Settings
 from flux_migrate.pipeline.stop import StopFlag
 from flux_migrate.pipeline.sync_apply import CHILD_ROWS_KEPT, Applier, TableSync
 from flux_migrate.pipeline.sync_cycles import delete_together
-from flux_migrate.pipeline.sync_plan import RangesAhead, TablePlan, plan_table, scan_args
+from flux_migrate.pipeline.sync_plan import RangesAhead, TablePlan, plan_table
 from flux_migrate.pipeline.sync_scan import ScanPool
 from flux_migrate.stages.extract import fetch_rows, open_source
 
@@ -176,8 +176,7 @@ async def _rounds(
         this = report if n == 0 else SyncReport(report.run_id, dry_run=report.dry_run)
         started_at = await _data_version(src)
         scanners = ScanPool()  # the scan's workers, started once for all the tables, not each
-        args = {t.name: scan_args(t, path, settings.busy_timeout) for t in tables}
-        ahead = RangesAhead(src, tables, scanners, args)
+        ahead = RangesAhead(src, tables, scanners, path=path, busy_timeout=settings.busy_timeout)
         try:
             for table in tables:
                 stop.check()

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 from array import array
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -131,7 +132,9 @@ class RangesAhead:
         src: aiosqlite.Connection,
         tables: Sequence[Table],
         scanners: ScanPool,
-        args: dict[str, ScanArgs] | None = None,
+        *,
+        path: Path,
+        busy_timeout: float,
     ):
         loop = asyncio.get_running_loop()
         self._found: dict[str, asyncio.Future[Ranges]] = {}
@@ -140,14 +143,15 @@ class RangesAhead:
         for table in tables:
             self._found[table.name] = found = loop.create_future()
             found.add_done_callback(_retrieved)  # a failure nobody awaited is no warning
-        self._asking = asyncio.ensure_future(self._ask(src, tables, scanners, args or {}))
+        read = functools.partial(scan_args, path=path, busy_timeout=busy_timeout)
+        self._asking = asyncio.ensure_future(self._ask(src, tables, scanners, read))
 
     async def _ask(
         self,
         src: aiosqlite.Connection,
         tables: Sequence[Table],
         scanners: ScanPool,
-        args: dict[str, ScanArgs],
+        read: Callable[[Table], ScanArgs],
     ) -> None:
         for table in tables:  # in turn: queued together, a count's fetch would wait on the next
             found = self._found[table.name]
@@ -155,9 +159,9 @@ class RangesAhead:
                 count, ranges = await _ranges(src, table, CHUNK)
                 if len(ranges) > 1:
                     pool = scanners.executor(len(ranges))  # the processes start now
-                    if not self._read_ahead and table.name in args:
+                    if not self._read_ahead:
                         self._read_ahead = True
-                        self._started[table.name] = _read_first(pool, ranges, args[table.name])
+                        self._started[table.name] = _read_first(pool, ranges, read(table))
             except Exception as exc:  # noqa: BLE001 - raised where the table's plan asks
                 found.set_exception(exc)
                 continue

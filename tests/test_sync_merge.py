@@ -188,7 +188,7 @@ async def test_ranges_asked_ahead_are_each_tables_own_and_a_failure_is_the_plans
     sync_plan.CHUNK = 100
     try:
         async with aiosqlite.connect(path) as src:
-            ahead = sync_plan.RangesAhead(src, tables, scanners)
+            ahead = sync_plan.RangesAhead(src, tables, scanners, path=path, busy_timeout=5.0)
             try:
                 for table in tables:
                     if table.name == "gone":
@@ -238,7 +238,9 @@ async def test_the_first_table_needing_processes_is_read_from_the_rounds_start(
     sync_plan.CHUNK = 100
     try:
         async with aiosqlite.connect(path) as src:
-            ahead = sync_plan.RangesAhead(src, [small, big, later], scanners, args)
+            ahead = sync_plan.RangesAhead(
+                src, [small, big, later], scanners, path=path, busy_timeout=5.0
+            )
             try:
                 _, ranges = await ahead.of(big)
                 started = ahead.started(big)
@@ -253,7 +255,7 @@ async def test_the_first_table_needing_processes_is_read_from_the_rounds_start(
                 assert ahead.started(small) == {}  # one range: read in a thread at its turn
             finally:
                 ahead.close()
-            dropped = sync_plan.RangesAhead(src, [big], scanners, args)
+            dropped = sync_plan.RangesAhead(src, [big], scanners, path=path, busy_timeout=5.0)
             await dropped.of(big)
             dropped.close()  # its jobs never handed over: dropped, nothing reported
             assert dropped.started(big) == {}
