@@ -114,15 +114,7 @@ def _streamed(job: RangeJob, encode: Callable[[Sequence[Sequence[Any]]], bytes |
         while rows := cursor.fetchmany(PIECE):
             if not per_row:
                 mark_orphans(rows, job.orphans or ())
-            after = job.lo if last is None else last.last_rowid
-            batch, plain = transform_columns(
-                page_batch(table, 0, after, rows),
-                table,
-                naive_timezone=job.naive_timezone,
-                strip_nul=job.strip_nul,
-                missing_parents=job.missing_parents,
-                text_as_bytes=True,
-            )
+            batch, plain = _converted(job, job.lo if last is None else last.last_rowid, rows)
             payload = None if plain is None else encode(plain)
             if plain is None or payload is None or batch.rejects:
                 return _AS_A_WHOLE
@@ -149,19 +141,27 @@ def _streamed(job: RangeJob, encode: Callable[[Sequence[Sequence[Any]]], bytes |
     return whole, []
 
 
-def _converted_whole(job: RangeJob) -> Packed | None:
-    """convert_packed with the whole batch read, then converted at once."""
-    rows = read_range(job)
-    if not rows:
-        return None
-    batch, plain = transform_columns(
-        page_batch(job.table, 0, job.lo, rows),
+def _converted(
+    job: RangeJob, after: int, rows: list[tuple[Any, ...]]
+) -> tuple[Batch, list[Sequence[Any]] | None]:
+    """``rows`` (read after rowid ``after``) converted as the job asks, column by column
+    (transform_columns: None for the columns when a row takes the row path)."""
+    return transform_columns(
+        page_batch(job.table, 0, after, rows),
         job.table,
         naive_timezone=job.naive_timezone,
         strip_nul=job.strip_nul,
         missing_parents=job.missing_parents,
         text_as_bytes=True,
     )
+
+
+def _converted_whole(job: RangeJob) -> Packed | None:
+    """convert_packed with the whole batch read, then converted at once."""
+    rows = read_range(job)
+    if not rows:
+        return None
+    batch, plain = _converted(job, job.lo, rows)
     del rows  # the raw values go as soon as their digest keys are taken: less memory at peak
     count = len(batch.rows) if plain is None else len(batch.raw)
     columns: list[Sequence[Any]] = list(zip(*batch.rows, strict=True)) if plain is None else plain

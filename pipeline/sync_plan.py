@@ -183,14 +183,20 @@ class RangesAhead:
         self._started.clear()
 
 
+def _read(pool: Executor, args: ScanArgs, span: tuple[int, int]) -> asyncio.Future[Scanned]:
+    """One range (``span``: its lowest and highest rowid) handed to ``pool`` to read."""
+    uri, sql, ncols, at, timeout = args
+    lo, hi = span
+    loop = asyncio.get_running_loop()
+    return loop.run_in_executor(pool, scan_range, uri, sql, lo, hi, ncols, at, timeout)
+
+
 def _read_first(pool: Executor, ranges: Sequence[tuple[int, int]], args: ScanArgs) -> Started:
     """The first WORKERS of ``ranges`` handed to ``pool`` to read now."""
-    uri, sql, ncols, at, timeout = args
-    loop = asyncio.get_running_loop()
     jobs: Started = {}
     try:
-        for k, (lo, hi) in enumerate(ranges[:WORKERS]):
-            jobs[k] = loop.run_in_executor(pool, scan_range, uri, sql, lo, hi, ncols, at, timeout)
+        for k, span in enumerate(ranges[:WORKERS]):
+            jobs[k] = _read(pool, args, span)
     except BrokenProcessPool:  # the table's own scan hands them again, and says so
         _drop(jobs)
         return {}
@@ -275,15 +281,12 @@ async def _scanned(
     processes); in worker processes, or in a thread for a table of one range (starting
     processes costs more). A worker that dies (killed, out of memory) ends the sync with one
     sentence."""
-    uri, sql, ncols, at, timeout = args
-    loop = asyncio.get_running_loop()
     pool = scanners.executor(len(ranges))
     jobs: Started = dict(started)
 
     def submit(k: int) -> None:
         if k < len(ranges) and k not in jobs:
-            lo, hi = ranges[k]
-            jobs[k] = loop.run_in_executor(pool, scan_range, uri, sql, lo, hi, ncols, at, timeout)
+            jobs[k] = _read(pool, args, ranges[k])
 
     try:
         try:
